@@ -1,0 +1,280 @@
+"""BlockIndex: the one block-sparse format every pattern producer emits and every kernel consumes."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["BlockIndex"]
+
+HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
+
+
+class BlockIndex:
+    """Block-sparse attention pattern in a FlexAttention-like BCSR layout.
+
+    The query sequence is cut into ``num_q_blocks`` blocks and the key sequence into ``num_k_blocks``
+    blocks of ``block_size`` tokens (block ``b`` covers tokens ``[b*block_size, (b+1)*block_size)``;
+    the last one may be short). For every (batch, head, query block) the index stores
+
+    * ``counts``  int32 ``[batch, heads, num_q_blocks]``: how many key blocks the row attends to;
+    * ``indices`` int32 ``[batch, heads, num_q_blocks, max_count]``: those key blocks, strictly
+      increasing in the first ``counts`` entries; the rest of the row is ``-1`` padding.
+
+    ``batch`` is either the real batch size or 1 (the same pattern for every sample). This is the
+    layout of FlexAttention's ``BlockMask`` (``kv_num_blocks`` / ``kv_indices``) and of
+    FlashAttention-4's block sparsity, so conversions are cheap. Whether a kept block needs
+    masking (padding inside it) is not stored here: it follows from the per-block valid-token counts
+    of the layout, which the kernel reads.
+
+    Construct with :meth:`from_dense` (a bool block mask), :meth:`full`, or directly from tensors.
+    """
+
+    def __init__(self, counts: torch.Tensor, indices: torch.Tensor, block_size: int, num_k_blocks: int):
+        if not isinstance(counts, torch.Tensor) or not isinstance(indices, torch.Tensor):
+            raise TypeError("BlockIndex: counts and indices must be tensors")
+        if counts.dim() != 3:
+            raise ValueError(f"BlockIndex: counts must be [batch, heads, q_blocks], got shape {tuple(counts.shape)}")
+        if indices.dim() != 4 or indices.shape[:3] != counts.shape:
+            raise ValueError(
+                f"BlockIndex: indices must be [batch, heads, q_blocks, max_count] matching counts "
+                f"{tuple(counts.shape)}, got {tuple(indices.shape)}"
+            )
+        if counts.device != indices.device:
+            raise ValueError(f"BlockIndex: counts on {counts.device} but indices on {indices.device}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"BlockIndex: block_size must be a positive int, got {block_size!r}")
+        if not isinstance(num_k_blocks, int) or num_k_blocks < 0:
+            raise ValueError(f"BlockIndex: num_k_blocks must be an int >= 0, got {num_k_blocks!r}")
+        if indices.shape[-1] < 1:  # keep one column so kernels always have a valid pointer
+            indices = torch.full((*counts.shape, 1), -1, dtype=torch.int32, device=counts.device)
+        self.counts = counts.to(torch.int32).contiguous()
+        self.indices = indices.to(torch.int32).contiguous()
+        self.block_size = block_size
+        self.num_k_blocks = num_k_blocks
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_dense(cls, mask: torch.Tensor, block_size: int) -> "BlockIndex":
+        """From a bool block mask ``[batch or 1, heads, q_blocks, k_blocks]`` (True = computed)."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"BlockIndex.from_dense: mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"BlockIndex.from_dense: mask must be bool, got {mask.dtype}")
+        if mask.dim() != 4:
+            raise ValueError(
+                f"BlockIndex.from_dense: mask must be [batch, heads, q_blocks, k_blocks], got shape {tuple(mask.shape)}"
+            )
+        nk = mask.shape[-1]
+        counts = mask.sum(-1, dtype=torch.int32)
+        width = max(int(counts.max()) if counts.numel() else 0, 1)
+        # stable sort of "not kept" puts the kept key blocks first, in increasing order
+        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        keep = torch.arange(width, device=mask.device).view(1, 1, 1, -1) < counts.unsqueeze(-1)
+        indices = torch.where(keep, order, torch.full_like(order, -1)).to(torch.int32)
+        return cls(counts, indices, block_size, nk)
+
+    @classmethod
+    def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,
+             device=None) -> "BlockIndex":
+        """Every query block attends to every key block (dense attention)."""
+        counts = torch.full((batch, heads, num_q_blocks), num_k_blocks, dtype=torch.int32, device=device)
+        idx = torch.arange(max(num_k_blocks, 1), dtype=torch.int32, device=device)
+        if num_k_blocks == 0:
+            idx = idx - 1
+        indices = idx.view(1, 1, 1, -1).expand(batch, heads, num_q_blocks, -1).contiguous()
+        return cls(counts, indices, block_size, num_k_blocks)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.counts.shape[2]
+
+    @property
+    def max_count(self) -> int:
+        return self.indices.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.counts.device
+
+    @property
+    def shape(self):
+        """(batch, heads, q_blocks, k_blocks) of the dense block mask."""
+        return (self.batch, self.num_heads, self.num_q_blocks, self.num_k_blocks)
+
+    def nnz(self) -> int:
+        """Number of computed (query block, key block) pairs over batch and heads."""
+        return int(self.counts.sum())
+
+    def density(self, per_head: bool = False):
+        """Share of computed blocks. ``per_head=True`` gives a float tensor ``[heads]``."""
+        total = max(self.num_q_blocks * self.num_k_blocks, 1)
+        if per_head:
+            return self.counts.double().sum(dim=(0, 2)) / (total * self.batch)
+        return float(self.counts.double().sum()) / (total * self.batch * self.num_heads) if self.num_heads else 0.0
+
+    # ------------------------------------------------------------------ conversions
+    def to(self, device) -> "BlockIndex":
+        return BlockIndex(self.counts.to(device), self.indices.to(device), self.block_size, self.num_k_blocks)
+
+    def entry_mask(self) -> torch.Tensor:
+        """bool ``[batch, heads, q_blocks, max_count]``: which entries of ``indices`` are used."""
+        ar = torch.arange(self.max_count, device=self.device).view(1, 1, 1, -1)
+        return ar < self.counts.unsqueeze(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        """bool block mask ``[batch, heads, q_blocks, k_blocks]``."""
+        nk = self.num_k_blocks
+        out = torch.zeros((*self.counts.shape, nk + 1), dtype=torch.bool, device=self.device)
+        idx = torch.where(self.entry_mask(), self.indices.long(), torch.full_like(self.indices, nk, dtype=torch.long))
+        out.scatter_(-1, idx, True)
+        return out[..., :nk]
+
+    def to_block_mask(self, q_len: Optional[int] = None, kv_len: Optional[int] = None,
+                      q_valid: Optional[torch.Tensor] = None, kv_valid: Optional[torch.Tensor] = None):
+        """FlexAttention ``BlockMask`` with the same kept blocks, for side-by-side checks.
+
+        Blocks whose keys are all valid become "full" blocks (no mask_mod work); blocks with padding
+        (a short last block, or ``kv_valid < block_size``) become partial blocks with a mask_mod
+        that hides the padded keys. ``q_valid`` has no effect on which keys are used (padded query
+        rows are just unused), it is accepted for symmetry.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        bs = self.block_size
+        nk = self.num_k_blocks
+        q_len = self.num_q_blocks * bs if q_len is None else q_len
+        kv_len = nk * bs if kv_len is None else kv_len
+        dev = self.device
+        kv_tokens = torch.full((nk,), bs, dtype=torch.int32, device=dev)
+        if kv_valid is not None:
+            kv_tokens = torch.minimum(kv_tokens, kv_valid.to(dev, torch.int32))
+        tail = kv_len - (nk - 1) * bs
+        if nk and tail < bs:
+            kv_tokens[-1] = min(int(kv_tokens[-1]), tail)
+        block_full = kv_tokens == bs  # [nk]
+        used = self.entry_mask()
+        safe = self.indices.clamp(min=0).long()
+        is_full = used & block_full[safe]
+        is_part = used & ~block_full[safe]
+
+        def compact(sel):
+            cnt = sel.sum(-1, dtype=torch.int32)
+            order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices
+            idx = torch.gather(safe, -1, order).to(torch.int32)
+            width = self.max_count
+            pad = torch.zeros((*idx.shape[:-1], max(nk - width, 0)), dtype=torch.int32, device=dev)
+            return cnt, torch.cat([idx, pad], dim=-1)
+
+        full_cnt, full_idx = compact(is_full)
+        part_cnt, part_idx = compact(is_part)
+        # FlexAttention evaluates mask_mod on partial blocks only when compiled, but its eager path
+        # applies mask_mod alone to every position: so the mask_mod encodes the kept blocks too.
+        dense = self.to_dense()
+        batch_is_one = self.batch == 1
+        kv_tok = kv_tokens
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            blk = kv_idx // bs
+            bb = b * 0 if batch_is_one else b
+            return dense[bb, h, q_idx // bs, blk] & ((kv_idx % bs) < kv_tok[blk])
+
+        return BlockMask.from_kv_blocks(
+            part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=bs, mask_mod=mask_mod,
+            seq_lengths=(q_len, kv_len),
+        )
+
+    # ------------------------------------------------------------------ algebra
+    def _check_compatible(self, other: "BlockIndex") -> None:
+        if not isinstance(other, BlockIndex):
+            raise TypeError(f"expected a BlockIndex, got {type(other).__name__}")
+        if (other.block_size, other.num_heads, other.num_q_blocks, other.num_k_blocks) != (
+            self.block_size, self.num_heads, self.num_q_blocks, self.num_k_blocks
+        ):
+            raise ValueError(f"BlockIndex shapes differ: {self!r} vs {other!r}")
+        if self.batch != other.batch and 1 not in (self.batch, other.batch):
+            raise ValueError(f"BlockIndex batch sizes {self.batch} and {other.batch} do not broadcast")
+
+    def union(self, other: "BlockIndex") -> "BlockIndex":
+        """Blocks kept by either index (batch 1 broadcasts)."""
+        self._check_compatible(other)
+        return BlockIndex.from_dense(self.to_dense() | other.to(self.device).to_dense(), self.block_size)
+
+    __or__ = union
+
+    def intersection(self, other: "BlockIndex") -> "BlockIndex":
+        self._check_compatible(other)
+        return BlockIndex.from_dense(self.to_dense() & other.to(self.device).to_dense(), self.block_size)
+
+    def select_heads(self, heads: HeadSelector) -> "BlockIndex":
+        """Keep some heads (an int, slice, list or index tensor), e.g. one Ulysses rank's heads."""
+        if isinstance(heads, int):
+            heads = slice(heads, heads + 1)
+        if isinstance(heads, slice):
+            c, i = self.counts[:, heads], self.indices[:, heads]
+        else:
+            sel = torch.as_tensor(heads, dtype=torch.long, device=self.device)
+            c, i = self.counts.index_select(1, sel), self.indices.index_select(1, sel)
+        return BlockIndex(c, i, self.block_size, self.num_k_blocks)
+
+    def select_rows(self, start: int, stop: int) -> "BlockIndex":
+        """Keep query blocks ``[start, stop)`` (a ring rank's query shard); key numbering unchanged."""
+        if not 0 <= start <= stop <= self.num_q_blocks:
+            raise ValueError(f"select_rows({start}, {stop}) out of range for {self.num_q_blocks} query blocks")
+        return BlockIndex(self.counts[:, :, start:stop], self.indices[:, :, start:stop], self.block_size,
+                          self.num_k_blocks)
+
+    def select_keys(self, start: int, stop: int) -> "BlockIndex":
+        """Keep key blocks ``[start, stop)`` renumbered from 0 (the key shard a ring step brings)."""
+        if not 0 <= start <= stop <= self.num_k_blocks:
+            raise ValueError(f"select_keys({start}, {stop}) out of range for {self.num_k_blocks} key blocks")
+        sel = self.entry_mask() & (self.indices >= start) & (self.indices < stop)
+        cnt = sel.sum(-1, dtype=torch.int32)
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        idx = torch.gather(self.indices, -1, order) - start
+        keep = torch.arange(width, device=self.device).view(1, 1, 1, -1) < cnt.unsqueeze(-1)
+        idx = torch.where(keep, idx, torch.full_like(idx, -1))
+        return BlockIndex(cnt, idx, self.block_size, stop - start)
+
+    def key_blocks_used(self) -> torch.Tensor:
+        """bool ``[num_k_blocks]``: key blocks that some row attends to."""
+        used = torch.zeros(self.num_k_blocks + 1, dtype=torch.bool, device=self.device)
+        idx = torch.where(self.entry_mask(), self.indices.long(),
+                          torch.full_like(self.indices, self.num_k_blocks, dtype=torch.long))
+        used[idx.reshape(-1)] = True
+        return used[: self.num_k_blocks]
+
+    def digest(self) -> str:
+        """sha256 of the pattern (shape, block size, counts and used indices): equal iff same pattern."""
+        h = hashlib.sha256()
+        h.update(repr((self.shape, self.block_size)).encode())
+        h.update(self.counts.cpu().numpy().tobytes())
+        idx = torch.where(self.entry_mask(), self.indices, torch.full_like(self.indices, -1))
+        width = max(int(self.counts.max()) if self.counts.numel() else 0, 1)
+        h.update(idx[..., :width].contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def equal(self, other: "BlockIndex") -> bool:
+        return isinstance(other, BlockIndex) and self.digest() == other.digest()
+
+    def __repr__(self) -> str:
+        cnt = self.counts.float()
+        return (
+            f"BlockIndex(batch={self.batch}, heads={self.num_heads}, q_blocks={self.num_q_blocks}, "
+            f"k_blocks={self.num_k_blocks}, block_size={self.block_size}, density={self.density():.4f}, "
+            f"per_row min/mean/max={int(cnt.min()) if cnt.numel() else 0}/"
+            f"{float(cnt.mean()) if cnt.numel() else 0:.1f}/{int(cnt.max()) if cnt.numel() else 0}, "
+            f"device={self.device})"
+        )

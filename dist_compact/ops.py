@@ -1,0 +1,275 @@
+"""Public attention ops: input checks, then dispatch to the Triton kernel or the PyTorch path.
+
+Tensor layout for every function here: q, k, v are ``[batch, seqlen, heads, head_dim]`` in block order
+(see :class:`~dist_compact.layout.VideoLayout`); block ``b`` covers tokens
+``[b*block_size, min((b+1)*block_size, seqlen))``; LSE is ``[batch, heads, seqlen]`` float32, natural log.
+
+Backends: ``"triton"`` (the kernel; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (the
+PyTorch gather path of :mod:`dist_compact.reference`), ``"auto"`` (Triton on CUDA and under the
+interpreter, PyTorch otherwise). These ops are forward-only: the methods are training-free.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .block_index import BlockIndex
+from .reference import reference_block_mass, token_valid_mask, torch_block_sparse_attention
+
+__all__ = [
+    "block_sparse_attention",
+    "block_attention_mass",
+    "dense_attention",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_HEAD_DIMS",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_BACKENDS = ("auto", "triton", "torch")
+
+
+def _kernels():
+    # imported lazily: the Triton package is needed only when a kernel runs
+    import dist_compact_kernels
+
+    return dist_compact_kernels
+
+
+def _check_tensor(name: str, x, dtypes=SUPPORTED_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be [batch, seqlen, heads, head_dim] (4-D), got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {x.dtype}; supported: {', '.join(str(d) for d in dtypes)}")
+
+
+def _check_qk(q, k, v=None) -> None:
+    _check_tensor("q", q)
+    _check_tensor("k", k)
+    if v is not None:
+        _check_tensor("v", v)
+    B, _, H, D = q.shape
+    if k.shape[0] != B or k.shape[2] != H or k.shape[3] != D:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim "
+            "(layout [batch, seqlen, heads, head_dim])"
+        )
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    tensors = [q, k] + ([v] if v is not None else [])
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"q, k, v must share one dtype, got {', '.join(str(t.dtype) for t in tensors)}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"q, k, v must be on one device, got {', '.join(str(t.device) for t in tensors)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"empty sequence: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "dist_compact attention ops are forward-only (training-free inference); "
+            "call them under torch.no_grad() / torch.inference_mode()"
+        )
+
+
+def _check_valid(name: str, valid, nblocks: int, block_size: int, device) -> Optional[torch.Tensor]:
+    if valid is None:
+        return None
+    if not isinstance(valid, torch.Tensor) or valid.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor of valid tokens per block")
+    if valid.shape != (nblocks,):
+        raise ValueError(f"{name} must have shape [{nblocks}] (one count per block), got {tuple(valid.shape)}")
+    if valid.device != device:
+        raise ValueError(f"{name} is on {valid.device} but q is on {device}")
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) > block_size):
+        raise ValueError(f"{name} values must lie in [0, {block_size}]")
+    return valid.to(torch.int32).contiguous()
+
+
+def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
+    if block_valid is not None:
+        if not same_len and (q_valid is None or kv_valid is None):
+            raise ValueError("block_valid applies to q and k of one length; pass q_valid / kv_valid instead")
+        q_valid = block_valid if q_valid is None else q_valid
+        kv_valid = block_valid if kv_valid is None else kv_valid
+    return q_valid, kv_valid
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    interp = _kernels().interpreting() if device.type == "cpu" else False
+    if backend == "triton":
+        if device.type != "cuda" and not interp:
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors or TRITON_INTERPRET=1 (tensors are on {device})"
+            )
+        return True
+    return device.type == "cuda" or interp
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: BlockIndex,
+    *,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    block_valid: Optional[torch.Tensor] = None,
+    q_valid: Optional[torch.Tensor] = None,
+    kv_valid: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Block-sparse attention: each query block attends to the key blocks its index row lists.
+
+    Args:
+        q: ``[batch, seq_q, heads, head_dim]``; k, v: ``[batch, seq_k, heads, head_dim]``; block order;
+            fp16 / bf16 / fp32; head_dim in ``SUPPORTED_HEAD_DIMS``.
+        index: :class:`BlockIndex` with ``heads`` heads, batch 1 or ``batch``,
+            ``ceil(seq_q / block_size)`` query blocks and ``ceil(seq_k / block_size)`` key blocks.
+        scale: softmax scale, default ``head_dim ** -0.5``.
+        return_lse: also return the log-sum-exp ``[batch, heads, seq_q]`` float32 (natural log).
+        block_valid: int ``[num_blocks]`` valid tokens at the start of each block (what
+            ``VideoLayout.block_valid`` gives), for q and k alike; ``q_valid`` / ``kv_valid`` set them
+            separately (ring shards). Padded keys are masked, padded query rows return 0 / -inf.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Returns:
+        out ``[batch, seq_q, heads, head_dim]`` in q's dtype, or ``(out, lse)``. A query block with an
+        empty row returns zeros and LSE ``-inf``.
+    """
+    _check_qk(q, k, v)
+    if not isinstance(index, BlockIndex):
+        raise TypeError(f"index must be a BlockIndex, got {type(index).__name__}")
+    B, SQ, H, D = q.shape
+    SK = k.shape[1]
+    bs = index.block_size
+    nq, nk = -(-SQ // bs), -(-SK // bs)
+    if index.num_heads != H:
+        raise ValueError(f"index has {index.num_heads} heads but q has {H}")
+    if index.batch not in (1, B):
+        raise ValueError(f"index batch {index.batch} must be 1 or the batch size {B}")
+    if index.num_q_blocks != nq or index.num_k_blocks != nk:
+        raise ValueError(
+            f"index is for {index.num_q_blocks} query x {index.num_k_blocks} key blocks of {bs}, but "
+            f"seq_q={SQ}, seq_k={SK} give {nq} x {nk}"
+        )
+    if index.device != q.device:
+        raise ValueError(f"index is on {index.device} but q is on {q.device}; use index.to(q.device)")
+    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
+    q_valid = _check_valid("q_valid", q_valid, nq, bs, q.device)
+    kv_valid = _check_valid("kv_valid", kv_valid, nk, bs, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+    if _use_triton(backend, q.device):
+        if bs < 16:
+            raise ValueError(f"the Triton kernel needs block_size >= 16, got {bs}")
+        out, lse = _kernels().block_sparse_fwd(
+            q, k, v, index.counts, index.indices, bs, scale, q_valid, kv_valid, return_lse=return_lse
+        )
+    else:
+        out, lse = torch_block_sparse_attention(q, k, v, index, scale, q_valid, kv_valid, return_lse=True)
+    return (out, lse) if return_lse else out
+
+
+def block_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    block_size: int,
+    *,
+    scale: Optional[float] = None,
+    block_valid: Optional[torch.Tensor] = None,
+    q_valid: Optional[torch.Tensor] = None,
+    kv_valid: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """AdaSpa block attention mass ``[batch, heads, q_blocks, k_blocks]`` float32.
+
+    ``mass[b, h, i, j]`` is the mean over the valid query tokens ``t`` of block ``i`` of
+    ``sum_{s in block j} exp(q_t . k_s * scale - lse[b, h, t])``: with the LSE of dense attention each
+    row sums to 1 (the share of block i's attention that lands in block j). ``lse`` may come from an
+    earlier step ("LSE-cached search"), in which case rows sum only approximately to 1.
+    """
+    _check_qk(q, k)
+    B, SQ, H, D = q.shape
+    SK = k.shape[1]
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, SQ):
+        got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
+        raise ValueError(f"lse must be [batch, heads, seq_q] = {(B, H, SQ)}, got {got}")
+    if lse.device != q.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    nq, nk = -(-SQ // block_size), -(-SK // block_size)
+    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
+    q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
+    kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if _use_triton(backend, q.device):
+        if block_size < 16:
+            raise ValueError(f"the Triton kernel needs block_size >= 16, got {block_size}")
+        return _kernels().block_mass_fwd(q, k, lse, block_size, scale, q_valid, kv_valid)
+    return reference_block_mass(q, k, lse, block_size, scale, q_valid, kv_valid)
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: Optional[int] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    block_valid: Optional[torch.Tensor] = None,
+    q_valid: Optional[torch.Tensor] = None,
+    kv_valid: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+):
+    """Dense attention over the valid tokens of block-ordered q, k, v (same layout and padding rules).
+
+    Without LSE it drops the padding, runs ``scaled_dot_product_attention`` (cuDNN / flash on GPUs)
+    on the real tokens only and scatters back: exact, and as fast as dense gets. With LSE it runs the
+    block-sparse path with a full index (the kernel returns the LSE).
+    """
+    _check_qk(q, k, v)
+    B, SQ, H, D = q.shape
+    SK = k.shape[1]
+    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
+    if (q_valid is not None or kv_valid is not None) and block_size is None:
+        raise ValueError("dense_attention: block_size is required with valid-token counts")
+    if return_lse:
+        bs = block_size or 64
+        nq, nk = -(-SQ // bs), -(-SK // bs)
+        index = BlockIndex.full(1, H, nq, nk, bs, device=q.device)
+        return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
+                                      kv_valid=kv_valid, backend=backend)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if block_size is not None:
+        nq, nk = -(-SQ // block_size), -(-SK // block_size)
+        q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
+        kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+    q_pos = kv_pos = None
+    if q_valid is not None:
+        q_pos = token_valid_mask(SQ, block_size, q_valid, q.device).nonzero().squeeze(1)
+    if kv_valid is not None:
+        kv_pos = token_valid_mask(SK, block_size, kv_valid, q.device).nonzero().squeeze(1)
+    qq = q if q_pos is None else q.index_select(1, q_pos)
+    kk = k if kv_pos is None else k.index_select(1, kv_pos)
+    vv = v if kv_pos is None else v.index_select(1, kv_pos)
+    o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
+    o = o.transpose(1, 2)
+    if q_pos is None:
+        return o.contiguous()
+    out = torch.zeros_like(q)
+    out.index_copy_(1, q_pos, o)
+    return out

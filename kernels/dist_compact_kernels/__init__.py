@@ -1,0 +1,12 @@
+"""Triton kernels of dist_compact (importable as ``dist_compact_kernels``).
+
+Only kernels and their launch functions live here: no configuration, no torch.distributed. The
+public, checked entry points are in :mod:`dist_compact.ops`. The folder ``kernels/`` that holds this
+package deliberately has no ``__init__.py``: a top-level ``kernels`` module of ours would shadow
+Hugging Face's ``kernels`` package, which diffusers and transformers may import.
+"""
+
+from .block_mass import block_mass_fwd
+from .block_sparse_fwd import block_sparse_fwd, interpreting
+
+__all__ = ["block_sparse_fwd", "block_mass_fwd", "interpreting"]

@@ -1,0 +1,171 @@
+"""Block-sparse attention forward with log-sum-exp (Triton).
+
+Layout: q [Z, SEQ_Q, H, HEAD_DIM], k/v [Z, SEQ_K, H, HEAD_DIM] (any strides, last dim contiguous);
+out like q; lse [Z, H, SEQ_Q] float32, natural log. The pattern is BCSR: counts [Zi, H, NQ] int32 and
+indices [Zi, H, NQ, L] int32 (Zi == Z or 1, stride 0 broadcast). One program = one query block of
+BLOCK_SIZE rows for one (z, h); it walks the row's key blocks, each in BLOCK_SIZE // BLOCK_N tiles,
+with the online softmax of FlashAttention in base 2 (log2(e) folded into the scale).
+
+Masking: keys at or beyond SEQ_K, and keys beyond KV_VALID[kb] inside block kb, are masked; the
+EVEN_K specialisation (no per-block valid counts, SEQ_K a multiple of BLOCK_SIZE) skips all of it.
+Rows with nothing visible get 0 and lse = -inf (the running max is made finite before exp2 so an
+all-masked tile cannot produce NaN). Padded query rows (beyond Q_VALID[qb]) are written as 0 / -inf.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["block_sparse_fwd", "interpreting"]
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, O, LSE, COUNTS, INDICES, Q_VALID, KV_VALID,
+    qk_scale,
+    stride_qz, stride_qm, stride_qh,
+    stride_kz, stride_kn, stride_kh,
+    stride_vz, stride_vn, stride_vh,
+    stride_oz, stride_om, stride_oh,
+    stride_lz, stride_lh,
+    stride_cz, stride_ch,
+    stride_iz, stride_ih, stride_iq,
+    H, SEQ_Q, SEQ_K,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_Q_VALID: tl.constexpr,
+    HAS_KV_VALID: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = (pid_zh // H).to(tl.int64)
+    h = (pid_zh % H).to(tl.int64)
+    q_start = pid_m * BLOCK_SIZE
+    offs_m = q_start + tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_rows = SEQ_Q - q_start
+    if HAS_Q_VALID:
+        q_rows = tl.minimum(q_rows, tl.load(Q_VALID + pid_m))
+
+    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    cnt = tl.load(COUNTS + z * stride_cz + h * stride_ch + pid_m)
+    idx_base = INDICES + z * stride_iz + h * stride_ih + pid_m * stride_iq
+    k_base = K + z * stride_kz + h * stride_kh
+    v_base = V + z * stride_vz + h * stride_vh
+
+    m_i = tl.full([BLOCK_SIZE], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
+
+    for j in range(0, cnt):
+        kb = tl.load(idx_base + j)
+        for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
+            start_n = tl.cast(kb, tl.int64) * BLOCK_SIZE + sub * BLOCK_N
+            rows_n = (start_n + offs_n)[:, None]
+            k_ptrs = k_base + rows_n * stride_kn + offs_d[None, :]
+            v_ptrs = v_base + rows_n * stride_vn + offs_d[None, :]
+            if EVEN_K:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                n_ok = SEQ_K - start_n
+                if HAS_KV_VALID:
+                    n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
+                kmask = offs_n < n_ok
+                k = tl.load(k_ptrs, mask=kmask[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            if not EVEN_K:
+                qk = tl.where(kmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # an all-masked tile leaves m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    row_ok = tl.arange(0, BLOCK_SIZE) < q_rows
+    has = row_ok & (l_i > 0.0)
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    out = tl.where(has[:, None], out, 0.0)
+    o_ptrs = O + z * stride_oz + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < SEQ_Q)
+    if RETURN_LSE:
+        # m_i and log2(l_i) are in base 2; times ln(2) gives the natural-log LSE
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + z * stride_lz + h * stride_lh + offs_m, lse, mask=offs_m < SEQ_Q)
+
+
+def _default_config(block_size: int, head_dim: int):
+    """(BLOCK_N, num_warps, num_stages): BLOCK_N = block size and 8 warps for 128x128 tiles measured
+    best among plain configs on an H100 (see BENCHMARKS.md); smaller tiles need fewer warps."""
+    block_n = block_size
+    num_warps = 8 if block_size * head_dim >= 128 * 128 else 4
+    return block_n, num_warps, 3
+
+
+def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
+                     return_lse=True, block_n=None, num_warps=None, num_stages=None):
+    """Launch the kernel. Inputs are assumed checked by the caller (dist_compact.ops).
+
+    Returns (out, lse) with lse None unless return_lse.
+    """
+    Z, SQ, H, D = q.shape
+    SK = k.shape[1]
+    nq = triton.cdiv(SQ, block_size)
+    out = torch.empty_like(q)
+    lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else out
+    bn, nw, ns = _default_config(block_size, D)
+    block_n = block_n or bn
+    num_warps = num_warps or nw
+    num_stages = num_stages or ns
+    upcast = interpreting() and q.dtype != torch.float32
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    even_k = kv_valid is None and SK % block_size == 0
+    dummy = counts
+    grid = (nq, Z * H)
+    _block_sparse_fwd_kernel[grid](
+        q, k, v, out, lse, counts, indices,
+        q_valid if q_valid is not None else dummy,
+        kv_valid if kv_valid is not None else dummy,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
+        indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
+        H, SQ, SK,
+        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
+        RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, (lse if return_lse else None)

@@ -1,0 +1,146 @@
+"""block_sparse_attention / block_attention_mass / dense_attention against the float64 oracle.
+
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py); on a GPU they compile.
+"""
+
+import pytest
+import torch
+
+from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention, dense_attention
+from dist_compact.reference import (
+    reference_attention,
+    reference_block_mass,
+    reference_block_sparse_attention,
+    token_mask,
+)
+from helpers import assert_close_to_golden
+
+# (name, layout or raw seqlen, block size)
+CASES = [
+    ("grid3x5x7-text13-bs16", VideoLayout(3, 5, 7, tile=(1, 4, 4), text_tokens=13), None),
+    ("grid3x5x7-text13before-bs64", VideoLayout(3, 5, 7, tile=(1, 8, 8), text_tokens=13, text_position="before"), None),
+    ("grid2x6x5-notext-bs32", VideoLayout(2, 6, 5, tile=(2, 4, 4)), None),
+    ("raw-seq100-bs32", 100, 32),  # seqlen not a multiple of the block, no per-block counts
+]
+
+
+def _mask(nb, H, density, seed, B=1):
+    g = torch.Generator().manual_seed(seed)
+    if density >= 1.0:
+        m = torch.ones(B, H, nb, nb, dtype=torch.bool)
+    else:
+        m = torch.rand(B, H, nb, nb, generator=g) < density
+    if density < 1.0 and nb > 2:
+        m[0, 0, 0] = False  # empty row
+        m[0, -1, 1] = True  # full row
+    return m
+
+
+def _problem(case, H, D, dtype, density, seed, B=2, index_batch=1):
+    name, spec, bs = case
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(spec, VideoLayout):
+        S, bs, bv = spec.padded_len, spec.block_size, spec.block_valid()
+    else:
+        S, bv = spec, None
+    nb = -(-S // bs)
+    q, k, v = (torch.randn(B, S, H, D, generator=g).to(dtype) for _ in range(3))
+    idx = BlockIndex.from_dense(_mask(nb, H, density, seed, B=index_batch), bs)
+    return q, k, v, idx, bv
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0], ids=["empty", "d0.3", "full"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp32_matches_golden(case, density, backend):
+    q, k, v, idx, bv = _problem(case, H=2, D=32, dtype=torch.float32, density=density, seed=1)
+    out, lse = block_sparse_attention(q, k, v, idx, return_lse=True, block_valid=bv, backend=backend)
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert_close_to_golden(out, ref, atol=2e-5)
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin), "LSE must be -inf exactly where nothing is visible"
+    assert_close_to_golden(lse[fin], rlse[fin], atol=2e-5, what="lse")
+    # rows with nothing visible (empty index rows, padded query rows) are exactly zero
+    assert torch.all(out.transpose(1, 2)[~fin] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])
+def test_low_precision_within_eager_error(case, dtype, head_dim):
+    q, k, v, idx, bv = _problem(case, H=2, D=head_dim, dtype=dtype, density=0.4, seed=2, B=1, index_batch=1)
+    out, lse = block_sparse_attention(q, k, v, idx, return_lse=True, block_valid=bv, backend="triton")
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    mask = token_mask(idx, q.shape[1], k.shape[1], bv, bv)
+    eager, _ = reference_attention(q.float(), k.float(), v.float(), mask)
+    eager = eager.to(dtype)  # what PyTorch eager gives in this dtype (fp32 math, rounded output)
+    assert_close_to_golden(out, ref, eager, k=3.0, atol=1e-3)
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin] - rlse[fin]).abs().max() < 1e-3
+
+
+def test_per_sample_index_and_strided_inputs():
+    case = CASES[0]
+    q, k, v, idx, bv = _problem(case, H=3, D=32, dtype=torch.float32, density=0.5, seed=3, B=2, index_batch=2)
+    # non-contiguous q/k/v: views of a [B, S, 3, H, D] packed qkv tensor
+    qkv = torch.stack([q, k, v], dim=2)
+    qs, ks, vs = qkv.unbind(2)
+    assert not qs.is_contiguous()
+    out = block_sparse_attention(qs, ks, vs, idx, block_valid=bv, backend="triton")
+    ref, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    assert_close_to_golden(out, ref, atol=2e-5)
+
+
+def test_cross_lengths_for_ring_shards():
+    """q and k of different lengths, separate valid counts (a ring step: my queries, another shard)."""
+    lay = VideoLayout(4, 5, 6, tile=(1, 4, 4), text_tokens=5)
+    S, bs, bv = lay.padded_len, lay.block_size, lay.block_valid()
+    nb = lay.num_blocks
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, S, 2, 32, generator=g) for _ in range(3))
+    qs, ks = slice(0, 4 * bs), slice(4 * bs, S)
+    idx = BlockIndex.from_dense(_mask(nb, 2, 0.6, 4), bs).select_rows(0, 4).select_keys(4, nb)
+    out, lse = block_sparse_attention(
+        q[:, qs], k[:, ks], v[:, ks], idx, return_lse=True, q_valid=bv[:4], kv_valid=bv[4:], backend="triton"
+    )
+    ref, rlse = reference_block_sparse_attention(
+        q[:, qs].double(), k[:, ks].double(), v[:, ks].double(), idx, q_valid=bv[:4], kv_valid=bv[4:]
+    )
+    assert_close_to_golden(out, ref, atol=2e-5)
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_mass(case, backend):
+    q, k, v, idx, bv = _problem(case, H=2, D=32, dtype=torch.float32, density=1.0, seed=5, B=1)
+    _, lse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    bs = idx.block_size
+    mass = block_attention_mass(q, k, lse.float(), bs, block_valid=bv, backend=backend)
+    ref = reference_block_mass(q.double(), k.double(), lse, bs, q_valid=bv, kv_valid=bv)
+    assert mass.shape == (1, 2, idx.num_q_blocks, idx.num_k_blocks) and mass.dtype == torch.float32
+    assert (mass - ref).abs().max() < 1e-5
+    # with the dense LSE, every block row that has a valid query sums to 1
+    rows = mass.sum(-1)
+    has_q = (bv > 0) if bv is not None else torch.ones(idx.num_q_blocks, dtype=torch.bool)
+    assert torch.allclose(rows[..., has_q], torch.ones_like(rows[..., has_q]), atol=1e-5)
+    assert torch.all(rows[..., ~has_q] == 0)
+
+
+def test_dense_attention_drops_padding():
+    lay = VideoLayout(3, 5, 7, tile=(1, 4, 4), text_tokens=13)
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, lay.padded_len, 2, 32, generator=g) for _ in range(3))
+    bv = lay.block_valid()
+    full = BlockIndex.full(1, 2, lay.num_blocks, lay.num_blocks, lay.block_size)
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), full, q_valid=bv, kv_valid=bv)
+    out = dense_attention(q, k, v, block_size=lay.block_size, block_valid=bv)
+    assert_close_to_golden(out, ref, atol=2e-5)
+    out2, lse2 = dense_attention(q, k, v, block_size=lay.block_size, block_valid=bv, return_lse=True)
+    assert_close_to_golden(out2, ref, atol=2e-5)
+    fin = torch.isfinite(rlse)
+    assert torch.allclose(lse2[fin].double(), rlse[fin], atol=2e-5)

@@ -1,0 +1,69 @@
+"""Packaging: every package is listed in setup.cfg, and nothing installs a top-level `kernels`."""
+
+import configparser
+import importlib
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cfg():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return cfg
+
+
+def _listed():
+    return {p.strip() for p in _cfg()["options"]["packages"].split() if p.strip()}
+
+
+def test_every_package_is_listed():
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for p in (ROOT / "dist_compact").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    found |= {"dist_compact_kernels"}
+    assert found == _listed(), f"setup.cfg [options] packages must list exactly {sorted(found)}"
+
+
+def test_no_top_level_kernels_module():
+    assert "kernels" not in _listed()
+    assert not (ROOT / "kernels" / "__init__.py").exists(), (
+        "kernels/ must stay a plain folder: a package there would shadow Hugging Face's `kernels`"
+    )
+    mapping = _cfg()["options"]["package_dir"]
+    assert "dist_compact_kernels = kernels/dist_compact_kernels" in mapping
+
+
+def test_kernels_package_imports_beside_a_kernels_module(tmp_path, monkeypatch):
+    """A regular top-level `kernels` package (as Hugging Face's) wins over our plain folder."""
+    fake = tmp_path / "kernels"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("HF_KERNELS = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))  # the repository root first, as when running generate.py
+    import sys
+
+    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    hf = importlib.import_module("kernels")
+    assert getattr(hf, "HF_KERNELS", False)
+    import dist_compact_kernels
+
+    assert hasattr(dist_compact_kernels, "block_sparse_fwd")
+
+
+def test_no_side_effects_at_import(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, dist_compact; print(sorted(os.environ) == sorted(eval(os.environ['SNAP'])))"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["SNAP"] = ""
+    env["SNAP"] = repr(sorted(env))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True" and out.stderr == ""
