@@ -1,0 +1,102 @@
+"""AttentionOps: how one rank computes its part of one attention call.
+
+The schedule / search logic (:mod:`dist_compact.attention`) never talks to torch.distributed. It asks
+an ``AttentionOps`` for the four things it needs, and the parallel layer provides versions of this
+class that communicate (Ulysses: this rank holds some heads of the full sequence; ring: this rank
+holds some query blocks, keys travel). The single-device version is :class:`AttentionOps` itself.
+
+Contract, for every implementation:
+
+* Tensors handed in are this rank's *local* q, k, v ``[batch, seq_local, heads_local, head_dim]`` in
+  block order (see :class:`~dist_compact.layout.VideoLayout`); ``layout`` is always the *global*
+  layout of the whole sequence.
+* :meth:`head_range` / :meth:`q_block_range` say which global heads / query blocks are local.
+* :meth:`localize` cuts a global :class:`BlockIndex` (all heads, all query blocks, global key
+  numbering) down to the local heads and query rows; key numbering stays global.
+* :meth:`attention` takes such a localized index; :meth:`block_mass` returns
+  ``[batch, heads_local, q_blocks_local, num_blocks]`` (all key blocks, global numbering).
+* :meth:`reduce_rows` sums a tensor over the ranks that hold the same heads but other query rows;
+  :meth:`gather_heads` concatenates per-head tensors over the ranks that hold other heads (global
+  head order). Both are identities on one device. Head-adaptive decisions use them so that every
+  rank decides the same thing from global statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .block_index import BlockIndex
+from .layout import VideoLayout
+from .ops import block_attention_mass, block_sparse_attention, dense_attention
+
+__all__ = ["AttentionOps"]
+
+
+class AttentionOps:
+    """Single-device attention ops (also the base class of the parallel versions).
+
+    Args:
+        backend: ``"auto"``, ``"triton"`` or ``"torch"``, passed to the kernels' dispatch.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    # ------------------------------------------------------------------ what is local
+    def head_range(self, num_heads: int) -> Tuple[int, int]:
+        """Global heads ``[start, stop)`` held by this rank."""
+        return (0, num_heads)
+
+    def q_block_range(self, layout: VideoLayout) -> Tuple[int, int]:
+        """Global query blocks ``[start, stop)`` held by this rank."""
+        return (0, layout.num_blocks)
+
+    def localize(self, index: BlockIndex, layout: VideoLayout) -> BlockIndex:
+        """Global index -> this rank's heads and query rows (key numbering unchanged)."""
+        h0, h1 = self.head_range(index.num_heads)
+        r0, r1 = self.q_block_range(layout)
+        if (h0, h1) != (0, index.num_heads):
+            index = index.select_heads(slice(h0, h1))
+        if (r0, r1) != (0, index.num_q_blocks):
+            index = index.select_rows(r0, r1)
+        return index
+
+    # ------------------------------------------------------------------ compute
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex,
+                  layout: VideoLayout, *, return_lse: bool = False, scale: Optional[float] = None):
+        """Block-sparse attention of the local queries with a localized index."""
+        bv = layout.block_valid(q.device)
+        return block_sparse_attention(q, k, v, index, scale=scale, return_lse=return_lse, block_valid=bv,
+                                      backend=self.backend)
+
+    def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, *,
+              return_lse: bool = False, scale: Optional[float] = None):
+        """Dense attention over all valid keys (the fastest dense path when no LSE is needed)."""
+        bv = layout.block_valid(q.device)
+        return dense_attention(q, k, v, block_size=layout.block_size, scale=scale, return_lse=return_lse,
+                               block_valid=bv, backend=self.backend)
+
+    def block_mass(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, layout: VideoLayout, *,
+                   scale: Optional[float] = None) -> torch.Tensor:
+        """Block attention mass of the local query blocks against all key blocks."""
+        bv = layout.block_valid(q.device)
+        return block_attention_mass(q, k, lse, layout.block_size, scale=scale, block_valid=bv,
+                                    backend=self.backend)
+
+    # ------------------------------------------------------------------ global statistics
+    def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks holding the same heads but other query rows (identity on one device)."""
+        return t
+
+    def gather_heads(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Concatenate per-head tensors over ranks holding other heads (identity on one device)."""
+        return t
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(backend={self.backend!r})"
