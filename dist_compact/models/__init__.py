@@ -1,0 +1,1 @@
+"""Models: the embedded tiny video DiT (and its data generator and training)."""

@@ -1,0 +1,1 @@
+"""Sequence parallelism: ParallelConfig, explicit groups, Ulysses, ring, hybrid, coordinator."""

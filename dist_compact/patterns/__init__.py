@@ -1,0 +1,1 @@
+"""Static sparsity patterns (Compact Attention windows) that produce a BlockIndex."""
