@@ -15,6 +15,13 @@ from dist_compact.reference import (
 )
 from helpers import assert_close_to_golden
 
+# On a CUDA machine the same tests check the compiled kernels; on CPU the Triton interpreter runs them.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _on(*xs):
+    return [None if x is None else x.to(DEV) for x in xs]
+
 # (name, layout or raw seqlen, block size)
 CASES = [
     ("grid3x5x7-text13-bs16", VideoLayout(3, 5, 7, tile=(1, 4, 4), text_tokens=13), None),
@@ -54,7 +61,9 @@ def _problem(case, H, D, dtype, density, seed, B=2, index_batch=1):
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_fp32_matches_golden(case, density, backend):
     q, k, v, idx, bv = _problem(case, H=2, D=32, dtype=torch.float32, density=density, seed=1)
-    out, lse = block_sparse_attention(q, k, v, idx, return_lse=True, block_valid=bv, backend=backend)
+    dq, dk, dv, dbv = _on(q, k, v, bv)
+    out, lse = block_sparse_attention(dq, dk, dv, idx.to(DEV), return_lse=True, block_valid=dbv, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
     ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
@@ -71,7 +80,9 @@ def test_fp32_matches_golden(case, density, backend):
 @pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])
 def test_low_precision_within_eager_error(case, dtype, head_dim):
     q, k, v, idx, bv = _problem(case, H=2, D=head_dim, dtype=dtype, density=0.4, seed=2, B=1, index_batch=1)
-    out, lse = block_sparse_attention(q, k, v, idx, return_lse=True, block_valid=bv, backend="triton")
+    dq, dk, dv, dbv = _on(q, k, v, bv)
+    out, lse = block_sparse_attention(dq, dk, dv, idx.to(DEV), return_lse=True, block_valid=dbv, backend="triton")
+    out, lse = out.cpu(), lse.cpu()
     ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
     mask = token_mask(idx, q.shape[1], k.shape[1], bv, bv)
     eager, _ = reference_attention(q.float(), k.float(), v.float(), mask)
@@ -86,10 +97,10 @@ def test_per_sample_index_and_strided_inputs():
     case = CASES[0]
     q, k, v, idx, bv = _problem(case, H=3, D=32, dtype=torch.float32, density=0.5, seed=3, B=2, index_batch=2)
     # non-contiguous q/k/v: views of a [B, S, 3, H, D] packed qkv tensor
-    qkv = torch.stack([q, k, v], dim=2)
+    qkv = torch.stack([q, k, v], dim=2).to(DEV)
     qs, ks, vs = qkv.unbind(2)
     assert not qs.is_contiguous()
-    out = block_sparse_attention(qs, ks, vs, idx, block_valid=bv, backend="triton")
+    out = block_sparse_attention(qs, ks, vs, idx.to(DEV), block_valid=bv.to(DEV), backend="triton").cpu()
     ref, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
     assert_close_to_golden(out, ref, atol=2e-5)
 
@@ -103,9 +114,12 @@ def test_cross_lengths_for_ring_shards():
     q, k, v = (torch.randn(1, S, 2, 32, generator=g) for _ in range(3))
     qs, ks = slice(0, 4 * bs), slice(4 * bs, S)
     idx = BlockIndex.from_dense(_mask(nb, 2, 0.6, 4), bs).select_rows(0, 4).select_keys(4, nb)
+    dq, dk, dv, dbv = _on(q, k, v, bv)
     out, lse = block_sparse_attention(
-        q[:, qs], k[:, ks], v[:, ks], idx, return_lse=True, q_valid=bv[:4], kv_valid=bv[4:], backend="triton"
+        dq[:, qs], dk[:, ks], dv[:, ks], idx.to(DEV), return_lse=True, q_valid=dbv[:4], kv_valid=dbv[4:],
+        backend="triton",
     )
+    out, lse = out.cpu(), lse.cpu()
     ref, rlse = reference_block_sparse_attention(
         q[:, qs].double(), k[:, ks].double(), v[:, ks].double(), idx, q_valid=bv[:4], kv_valid=bv[4:]
     )
@@ -120,7 +134,8 @@ def test_block_mass(case, backend):
     q, k, v, idx, bv = _problem(case, H=2, D=32, dtype=torch.float32, density=1.0, seed=5, B=1)
     _, lse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
     bs = idx.block_size
-    mass = block_attention_mass(q, k, lse.float(), bs, block_valid=bv, backend=backend)
+    dq, dk, dlse, dbv = _on(q, k, lse.float(), bv)
+    mass = block_attention_mass(dq, dk, dlse, bs, block_valid=dbv, backend=backend).cpu()
     ref = reference_block_mass(q.double(), k.double(), lse, bs, q_valid=bv, kv_valid=bv)
     assert mass.shape == (1, 2, idx.num_q_blocks, idx.num_k_blocks) and mass.dtype == torch.float32
     assert (mass - ref).abs().max() < 1e-5
@@ -138,9 +153,12 @@ def test_dense_attention_drops_padding():
     bv = lay.block_valid()
     full = BlockIndex.full(1, 2, lay.num_blocks, lay.num_blocks, lay.block_size)
     ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), full, q_valid=bv, kv_valid=bv)
-    out = dense_attention(q, k, v, block_size=lay.block_size, block_valid=bv)
-    assert_close_to_golden(out, ref, atol=2e-5)
-    out2, lse2 = dense_attention(q, k, v, block_size=lay.block_size, block_valid=bv, return_lse=True)
+    dq, dk, dv, dbv = _on(q, k, v, bv)
+    out = dense_attention(dq, dk, dv, block_size=lay.block_size, block_valid=dbv).cpu()
+    # SDPA on GPUs may use TF32/reduced-precision paths for fp32: allow that error there
+    assert_close_to_golden(out, ref, atol=2e-5 if DEV.type == "cpu" else 2e-3)
+    out2, lse2 = dense_attention(dq, dk, dv, block_size=lay.block_size, block_valid=dbv, return_lse=True)
+    out2, lse2 = out2.cpu(), lse2.cpu()
     assert_close_to_golden(out2, ref, atol=2e-5)
     fin = torch.isfinite(rlse)
     assert torch.allclose(lse2[fin].double(), rlse[fin], atol=2e-5)
