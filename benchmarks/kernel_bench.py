@@ -76,11 +76,53 @@ def check_rows(out, q, k, v, dense_mask, bs, heads, qblocks, scale):
     return max(errs)
 
 
+def mass_rows(rows, shape, q, k, v, bs, scale, ms_cudnn, rep):
+    """Time the pieces of a fused online search: dense pass with LSE (ours, cuDNN) and block mass."""
+    import triton
+
+    from dist_compact import BlockIndex, block_attention_mass, block_sparse_attention
+    from dist_compact.reference import reference_block_mass
+
+    B, S, H, D = q.shape
+    nb = S // bs
+    full = BlockIndex.full(1, H, nb, nb, bs, device=q.device)
+    _, lse = block_sparse_attention(q, k, v, full, return_lse=True)
+    # cuDNN dense attention returning the LSE (a private ATen op; checked against our LSE here)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    try:
+        f = lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False,
+                                                                        scale=scale)
+        res = f()
+        lse_c = res[1].reshape(B, H, S)
+        err = (lse_c.float() - lse).abs().max().item()
+        ms = triton.testing.do_bench(f, warmup=25, rep=rep, return_mode="median")
+        rows.append(dict(shape=shape, impl="cudnn_dense_with_lse", density=1.0, ms=ms,
+                         tflops=4.0 * H * S * S * D / ms / 1e9, err=err, speedup_vs_cudnn=ms_cudnn / ms))
+        print(f"{shape:8s} cudnn+lse      {ms:8.2f} ms  max|lse - ours| = {err:.2e} lse shape {tuple(res[1].shape)}",
+              flush=True)
+    except Exception as e:
+        print(f"{shape} cudnn+lse FAILED: {type(e).__name__}: {e}", flush=True)
+    mass = block_attention_mass(q, k, lse, bs)
+    # check sampled rows against the float64 reference
+    hs = [0, H - 1]
+    r0 = (nb // 2) * bs
+    ref = reference_block_mass(q[:, r0:r0 + bs, hs].double(), k[:, :, hs].double(), lse[:, hs, r0:r0 + bs].double(), bs)
+    err = (mass[:, hs, nb // 2: nb // 2 + 1] - ref).abs().max().item()
+    rowsum = mass.sum(-1)
+    ms = triton.testing.do_bench(lambda: block_attention_mass(q, k, lse, bs), warmup=25, rep=rep, return_mode="median")
+    rows.append(dict(shape=shape, impl="block_mass", density=1.0, ms=ms, tflops=2.0 * H * S * S * D / ms / 1e9,
+                     err=err, speedup_vs_cudnn=ms_cudnn / ms))
+    print(f"{shape:8s} block_mass     {ms:8.2f} ms ({ms / ms_cudnn:.2f} x cuDNN dense) err={err:.2e} "
+          f"row sums in [{rowsum.min().item():.4f}, {rowsum.max().item():.4f}]", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="hunyuan,wan")
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
-    ap.add_argument("--variants", default="default", help="comma list of name=BN:warps:stages, or 'default'")
+    ap.add_argument("--variants", default="default",
+                    help="comma list of name=BN:warps:stages[:tma], or 'default'")
+    ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
@@ -106,8 +148,9 @@ def main(argv=None):
         variants = {}
         for spec in args.variants.split(","):
             name, cfg = spec.split("=")
-            bn, nw, ns = (int(x) for x in cfg.split(":"))
-            variants[name] = (bn, nw, ns)
+            parts = cfg.split(":")
+            bn, nw, ns = (int(x) for x in parts[:3])
+            variants[name] = (bn, nw, ns, "tma" in parts[3:])
 
     rows = []
     bs, D = 128, 128
@@ -145,9 +188,9 @@ def main(argv=None):
                 if cfg is None:
                     fn = lambda: block_sparse_attention(q, k, v, index)
                 else:
-                    bn, nw, ns = cfg
+                    bn, nw, ns, tma = cfg
                     fn = lambda: K.block_sparse_fwd(q, k, v, index.counts, index.indices, bs, scale, return_lse=False,
-                                                    block_n=bn, num_warps=nw, num_stages=ns)[0]
+                                                    block_n=bn, num_warps=nw, num_stages=ns, use_tma=tma)[0]
                 try:
                     fn()  # compile
                     torch.cuda.synchronize()
@@ -178,6 +221,8 @@ def main(argv=None):
                           f"x{ms_cudnn / ms:5.2f} vs cudnn err={err:.2e}", flush=True)
                 except Exception as e:
                     print(f"{shape} flex d={dens:.3f} FAILED: {type(e).__name__}: {e}", flush=True)
+        if args.mass:
+            mass_rows(rows, shape, q, k, v, bs, scale, ms_cudnn, args.rep)
         del q, k, v, qt, kt, vt
         torch.cuda.empty_cache()
 

@@ -13,7 +13,7 @@ HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
 
 
 class BlockIndex:
-    """Block-sparse attention pattern in a FlexAttention-like BCSR layout.
+    """Block-sparse attention pattern in a FlexAttention-like BCSR layout (immutable once built).
 
     The query sequence is cut into ``num_q_blocks`` blocks and the key sequence into ``num_k_blocks``
     blocks of ``block_size`` tokens (block ``b`` covers tokens ``[b*block_size, (b+1)*block_size)``;
@@ -54,6 +54,7 @@ class BlockIndex:
         self.indices = indices.to(torch.int32).contiguous()
         self.block_size = block_size
         self.num_k_blocks = num_k_blocks
+        self._density = None  # cached: an index is immutable once built
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -122,7 +123,10 @@ class BlockIndex:
         total = max(self.num_q_blocks * self.num_k_blocks, 1)
         if per_head:
             return self.counts.double().sum(dim=(0, 2)) / (total * self.batch)
-        return float(self.counts.double().sum()) / (total * self.batch * self.num_heads) if self.num_heads else 0.0
+        if self._density is None:  # one device sync per index, not per call
+            n = total * self.batch * self.num_heads
+            self._density = float(self.counts.double().sum()) / n if n else 0.0
+        return self._density
 
     # ------------------------------------------------------------------ conversions
     def to(self, device) -> "BlockIndex":

@@ -21,6 +21,7 @@ from .block_index import BlockIndex
 from .reference import reference_block_mass, token_valid_mask, torch_block_sparse_attention
 
 __all__ = [
+    "measured_dense_threshold",
     "block_sparse_attention",
     "block_attention_mass",
     "dense_attention",
@@ -101,6 +102,39 @@ def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
     return q_valid, kv_valid
 
 
+def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim: int) -> float:
+    """Index density above which dense cuDNN attention is faster than the block-sparse kernel.
+
+    Measured on an H100 (BENCHMARKS.md, 2026-11-23: our kernel with tensor descriptors at density 1.0
+    took 379 ms vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16; sparse time scales with density,
+    so they cross near 0.76). Other devices and dtypes are unmeasured: 1.0 (only full indices go dense).
+    """
+    device = torch.device(device)
+    if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+            and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)):
+        return 0.75
+    return 1.0
+
+
+def _cudnn_dense_with_lse(q, k, v, scale):
+    """SDPA's cuDNN kernel with its log-sum-exp ([B, H, S] float32), or None when unavailable.
+
+    Uses the ATen op behind SDPA's cuDNN backend (checked against our kernel's LSE in
+    benchmarks/kernel_bench.py); only fp16/bf16 on CUDA.
+    """
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    if op is None:
+        return None
+    try:
+        res = op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True, 0.0, False, False, scale=scale)
+    except RuntimeError:
+        return None
+    B, S, H, _ = q.shape
+    return res[0].transpose(1, 2), res[1].reshape(B, H, S).float()
+
+
 def _use_triton(backend: str, device: torch.device) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -128,6 +162,7 @@ def block_sparse_attention(
     q_valid: Optional[torch.Tensor] = None,
     kv_valid: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    dense_threshold: Optional[float] = 1.0,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Block-sparse attention: each query block attends to the key blocks its index row lists.
 
@@ -142,6 +177,11 @@ def block_sparse_attention(
             ``VideoLayout.block_valid`` gives), for q and k alike; ``q_valid`` / ``kv_valid`` set them
             separately (ring shards). Padded keys are masked, padded query rows return 0 / -inf.
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
+        dense_threshold: on CUDA, an index whose density is at least this runs as dense attention
+            (SDPA/cuDNN over the valid tokens) instead of the kernel. The default 1.0 sends only full
+            indices there, which is exact. A lower value (see :func:`measured_dense_threshold`) also
+            sends near-dense indices, computing a superset of their blocks: faster, and no further
+            from full attention, but no longer the index's exact result. None disables dispatch.
 
     Returns:
         out ``[batch, seq_q, heads, head_dim]`` in q's dtype, or ``(out, lse)``. A query block with an
@@ -170,6 +210,10 @@ def block_sparse_attention(
     kv_valid = _check_valid("kv_valid", kv_valid, nk, bs, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
+    if (dense_threshold is not None and q.device.type == "cuda" and backend == "auto"
+            and index.density() >= dense_threshold):
+        return dense_attention(q, k, v, block_size=bs, scale=scale, return_lse=return_lse, q_valid=q_valid,
+                               kv_valid=kv_valid)
     if _use_triton(backend, q.device):
         if bs < 16:
             raise ValueError(f"the Triton kernel needs block_size >= 16, got {bs}")
@@ -191,6 +235,7 @@ def block_attention_mass(
     block_valid: Optional[torch.Tensor] = None,
     q_valid: Optional[torch.Tensor] = None,
     kv_valid: Optional[torch.Tensor] = None,
+    query_rows: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """AdaSpa block attention mass ``[batch, heads, q_blocks, k_blocks]`` float32.
@@ -199,6 +244,10 @@ def block_attention_mass(
     ``sum_{s in block j} exp(q_t . k_s * scale - lse[b, h, t])``: with the LSE of dense attention each
     row sums to 1 (the share of block i's attention that lands in block j). ``lse`` may come from an
     earlier step ("LSE-cached search"), in which case rows sum only approximately to 1.
+
+    ``query_rows`` (a power of two, 16 <= query_rows <= block_size) averages over that many query rows
+    per block, spread evenly over its valid rows (see ``reference.sampled_query_rows``) instead of all
+    of them: an unbiased estimate at ``query_rows / block_size`` of the cost. None = exact.
     """
     _check_qk(q, k)
     B, SQ, H, D = q.shape
@@ -215,11 +264,18 @@ def block_attention_mass(
     q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
     kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if query_rows is not None:
+        if not isinstance(query_rows, int) or query_rows < 16 or query_rows > block_size or (
+            query_rows & (query_rows - 1)
+        ):
+            raise ValueError(f"query_rows must be a power of two in [16, {block_size}] or None, got {query_rows!r}")
+        if query_rows == block_size:
+            query_rows = None
     if _use_triton(backend, q.device):
         if block_size < 16:
             raise ValueError(f"the Triton kernel needs block_size >= 16, got {block_size}")
-        return _kernels().block_mass_fwd(q, k, lse, block_size, scale, q_valid, kv_valid)
-    return reference_block_mass(q, k, lse, block_size, scale, q_valid, kv_valid)
+        return _kernels().block_mass_fwd(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
+    return reference_block_mass(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
 
 
 def dense_attention(
@@ -237,9 +293,10 @@ def dense_attention(
 ):
     """Dense attention over the valid tokens of block-ordered q, k, v (same layout and padding rules).
 
-    Without LSE it drops the padding, runs ``scaled_dot_product_attention`` (cuDNN / flash on GPUs)
-    on the real tokens only and scatters back: exact, and as fast as dense gets. With LSE it runs the
-    block-sparse path with a full index (the kernel returns the LSE).
+    It drops the padding, runs dense attention on the real tokens only and scatters back: exact, and
+    as fast as dense gets. Without LSE that is ``scaled_dot_product_attention`` (cuDNN / flash on
+    GPUs); with LSE on a GPU it is SDPA's cuDNN kernel asked for its log-sum-exp, and elsewhere (CPU,
+    fp32, no cuDNN) the block-sparse path with a full index.
     """
     _check_qk(q, k, v)
     B, SQ, H, D = q.shape
@@ -247,13 +304,13 @@ def dense_attention(
     q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
     if (q_valid is not None or kv_valid is not None) and block_size is None:
         raise ValueError("dense_attention: block_size is required with valid-token counts")
-    if return_lse:
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if return_lse and (q.device.type != "cuda" or backend != "auto" or q.dtype == torch.float32):
         bs = block_size or 64
         nq, nk = -(-SQ // bs), -(-SK // bs)
         index = BlockIndex.full(1, H, nq, nk, bs, device=q.device)
         return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
-                                      kv_valid=kv_valid, backend=backend)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+                                      kv_valid=kv_valid, backend=backend, dense_threshold=None)
     if block_size is not None:
         nq, nk = -(-SQ // block_size), -(-SK // block_size)
         q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
@@ -266,10 +323,24 @@ def dense_attention(
     qq = q if q_pos is None else q.index_select(1, q_pos)
     kk = k if kv_pos is None else k.index_select(1, kv_pos)
     vv = v if kv_pos is None else v.index_select(1, kv_pos)
-    o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
-    o = o.transpose(1, 2)
+    lse = None
+    if return_lse:
+        res = _cudnn_dense_with_lse(qq, kk, vv, scale)
+        if res is None:  # no cuDNN: our kernel with a full index returns the LSE
+            bs = block_size or 64
+            index = BlockIndex.full(1, H, -(-SQ // bs), -(-SK // bs), bs, device=q.device)
+            return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
+                                          kv_valid=kv_valid, backend=backend, dense_threshold=None)
+        o, lse_c = res
+    else:
+        o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
+        o = o.transpose(1, 2)
     if q_pos is None:
-        return o.contiguous()
+        return (o.contiguous(), lse_c) if return_lse else o.contiguous()
     out = torch.zeros_like(q)
     out.index_copy_(1, q_pos, o)
-    return out
+    if not return_lse:
+        return out
+    lse = torch.full((B, H, SQ), float("-inf"), dtype=torch.float32, device=q.device)
+    lse.index_copy_(2, q_pos, lse_c)
+    return out, lse

@@ -30,6 +30,7 @@ __all__ = [
     "reference_block_sparse_attention",
     "torch_block_sparse_attention",
     "reference_block_mass",
+    "sampled_query_rows",
 ]
 
 
@@ -142,11 +143,34 @@ def torch_block_sparse_attention(q, k, v, index: BlockIndex, scale=None, q_valid
     return (out, lse) if return_lse else out
 
 
-def reference_block_mass(q, k, lse, block_size: int, scale=None, q_valid=None, kv_valid=None):
+def sampled_query_rows(seqlen: int, block_size: int, valid: Optional[torch.Tensor], rows: Optional[int],
+                       device=None) -> torch.Tensor:
+    """bool [seqlen]: the query rows block mass averages over.
+
+    All valid rows when ``rows`` is None; otherwise per block with n valid rows, rows
+    ``floor(i * n / rows)`` for i < rows (all n rows when n <= rows): an even spread.
+    """
+    ok = token_valid_mask(seqlen, block_size, valid, device)
+    if rows is None or rows >= block_size:
+        return ok
+    nb = -(-seqlen // block_size)
+    n = ok.new_zeros(nb * block_size, dtype=torch.long)
+    n[:seqlen] = ok.long()
+    n = n.view(nb, block_size).sum(1)  # valid rows per block (valid rows come first)
+    pick = torch.zeros(nb, block_size, dtype=torch.bool, device=device)
+    i = torch.arange(rows, device=device)
+    off = torch.where((n <= rows).view(-1, 1), i.view(1, -1), (i.view(1, -1) * n.view(-1, 1)) // rows)
+    take = torch.where((n <= rows).view(-1, 1), i.view(1, -1) < n.view(-1, 1), (n > 0).view(-1, 1).expand(-1, rows))
+    pick.scatter_(1, off.clamp(max=block_size - 1), take)
+    return pick.view(-1)[:seqlen] & ok
+
+
+def reference_block_mass(q, k, lse, block_size: int, scale=None, q_valid=None, kv_valid=None, query_rows=None):
     """AdaSpa block attention mass, ``[B, H, q_blocks, k_blocks]`` float32.
 
     ``mass[b, h, i, j] = mean over valid query tokens t of block i of
     sum over valid keys s of block j of exp(q_t . k_s * scale - lse[b, h, t])``.
+    With ``query_rows`` the mean runs over the rows :func:`sampled_query_rows` picks.
 
     With the exact LSE of dense attention, each row sums to 1 over j (the share of the query block's
     attention that key block j receives). Rows of blocks with no valid query (or lse = -inf) are 0.
@@ -158,7 +182,7 @@ def reference_block_mass(q, k, lse, block_size: int, scale=None, q_valid=None, k
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_tok = token_valid_mask(Sk, bs, kv_valid, q.device)
-    q_tok = token_valid_mask(Sq, bs, q_valid, q.device)
+    q_tok = sampled_query_rows(Sq, bs, q_valid, query_rows, q.device)
     lse_c = lse.to(cdtype)
     q_ok = q_tok.view(1, 1, Sq) & torch.isfinite(lse_c)  # [B,H,Sq]
     out = torch.zeros(B, H, nq, nk, dtype=cdtype, device=q.device)

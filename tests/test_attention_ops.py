@@ -146,6 +146,28 @@ def test_block_mass(case, backend):
     assert torch.all(rows[..., ~has_q] == 0)
 
 
+@pytest.mark.parametrize("rows", [16, 32])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_mass_sampled_rows(rows, backend):
+    """Sampled query rows: kernel == float64 reference with the same rows; close to the exact mass."""
+    lay = VideoLayout(3, 5, 7, tile=(1, 8, 8), text_tokens=13)  # blocks of 64 with 35, 28, ... valid rows
+    g = torch.Generator().manual_seed(8)
+    q, k = (torch.randn(1, lay.padded_len, 2, 32, generator=g) for _ in range(2))
+    bv = lay.block_valid()
+    full = BlockIndex.full(1, 2, lay.num_blocks, lay.num_blocks, lay.block_size)
+    _, lse = reference_block_sparse_attention(q.double(), k.double(), k.double(), full, q_valid=bv, kv_valid=bv)
+    dq, dk, dlse, dbv = _on(q, k, lse.float(), bv)
+    mass = block_attention_mass(dq, dk, dlse, lay.block_size, block_valid=dbv, query_rows=rows, backend=backend).cpu()
+    ref = reference_block_mass(q.double(), k.double(), lse, lay.block_size, q_valid=bv, kv_valid=bv, query_rows=rows)
+    exact = reference_block_mass(q.double(), k.double(), lse, lay.block_size, q_valid=bv, kv_valid=bv)
+    assert (mass - ref).abs().max() < 1e-5
+    assert not torch.allclose(ref, exact, atol=1e-6), "sampling must change the statistic on ragged blocks"
+    has_q = bv > 0
+    assert torch.allclose(mass.sum(-1)[..., has_q], torch.ones(1, 2, int(has_q.sum())), atol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        block_attention_mass(dq, dk, dlse, lay.block_size, block_valid=dbv, query_rows=24, backend=backend)
+
+
 def test_dense_attention_drops_padding():
     lay = VideoLayout(3, 5, 7, tile=(1, 4, 4), text_tokens=13)
     g = torch.Generator().manual_seed(6)
@@ -162,3 +184,35 @@ def test_dense_attention_drops_padding():
     assert_close_to_golden(out2, ref, atol=2e-5)
     fin = torch.isfinite(rlse)
     assert torch.allclose(lse2[fin].double(), rlse[fin], atol=2e-5)
+
+
+
+VARIANTS = [
+    dict(use_tma=False),
+    pytest.param(dict(use_tma=True), marks=pytest.mark.skipif(DEV.type != "cuda", reason="TMA needs a GPU")),
+    pytest.param(dict(use_tma=True, num_stages=3),
+                 marks=pytest.mark.skipif(DEV.type != "cuda", reason="TMA needs a GPU")),
+    pytest.param(dict(block_n=32, use_tma=True),
+                 marks=pytest.mark.skipif(DEV.type != "cuda", reason="slow in the interpreter")),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["pointers", "tma", "tma-s3", "tma-bn32"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=[CASES[1][0], CASES[3][0]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_variants_match_golden(case, variant, dtype):
+    """Every kernel variant the launcher can pick (tensor descriptors or pointers, tile configs)."""
+    import dist_compact_kernels as K
+
+    q, k, v, idx, bv = _problem(case, H=3, D=64, dtype=dtype, density=0.5, seed=7, B=2, index_batch=1)
+    dq, dk, dv, dbv = _on(q, k, v, bv)
+    di = idx.to(DEV)
+    out, lse = K.block_sparse_fwd(dq, dk, dv, di.counts, di.indices, idx.block_size, 64 ** -0.5, dbv, dbv,
+                                  return_lse=True, **variant)
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    out, lse = out.cpu(), lse.cpu()
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert_close_to_golden(out, ref, atol=atol)
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[fin] - rlse[fin]).abs().max() < (2e-5 if dtype == torch.float32 else 1e-3)

@@ -71,7 +71,7 @@ def test_bad_valid_counts():
 def test_forward_only():
     q, k, v, idx = _ok()
     q.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="forward-only"):
+    with torch.enable_grad(), pytest.raises(RuntimeError, match="forward-only"):
         block_sparse_attention(q, k, v, idx)
     with torch.no_grad():
         block_sparse_attention(q, k, v, idx, backend="torch")

@@ -7,6 +7,6 @@ Hugging Face's ``kernels`` package, which diffusers and transformers may import.
 """
 
 from .block_mass import block_mass_fwd
-from .block_sparse_fwd import block_sparse_fwd, interpreting
+from .block_sparse_fwd import block_sparse_fwd, interpreting, tma_ok
 
-__all__ = ["block_sparse_fwd", "block_mass_fwd", "interpreting"]
+__all__ = ["block_sparse_fwd", "block_mass_fwd", "interpreting", "tma_ok"]
