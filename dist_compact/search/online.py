@@ -86,6 +86,14 @@ def _flag(x: Optional[torch.Tensor], n: int, default: bool, name: str, device) -
     return x.to(device)
 
 
+def _finite(mass: torch.Tensor) -> torch.Tensor:
+    """float32, >= 0, finite: an LSE-cached search with a much too small cached LSE can overflow
+    the block mass to inf; capping keeps the row's ranking and keeps row sums finite."""
+    m = mass.float()
+    big = torch.finfo(m.dtype).max / (2 * max(m.shape[-1], 1))
+    return torch.nan_to_num(m, nan=0.0, posinf=big).clamp(min=0, max=big)
+
+
 def rank_blocks(mass: torch.Tensor, key_valid: Optional[torch.Tensor] = None,
                 forced_keys: Optional[torch.Tensor] = None) -> RankedMass:
     """Sort each row's key blocks: forced first, then by decreasing mass, empty key blocks last.
@@ -99,7 +107,7 @@ def rank_blocks(mass: torch.Tensor, key_valid: Optional[torch.Tensor] = None,
     nk = mass.shape[-1]
     key_valid = _flag(key_valid, nk, True, "key_valid", mass.device)
     forced = _flag(forced_keys, nk, False, "forced_keys", mass.device) & key_valid
-    m = torch.where(key_valid, mass.float().clamp(min=0), torch.zeros((), device=mass.device))
+    m = torch.where(key_valid, _finite(mass), torch.zeros((), device=mass.device))
     # ranking key: forced blocks +inf, empty blocks -1 (below any real mass, which is >= 0)
     key = torch.where(forced, torch.full_like(m, float("inf")), m)
     key = torch.where(key_valid, key, torch.full_like(m, -1.0))
@@ -184,7 +192,7 @@ def select_blocks(
 
 def kept_mass_share(mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Recall of a mask: each row's kept share of its mass, ``[B, H, NQ]`` (0 for rows of no mass)."""
-    m = mass.float().clamp(min=0)
+    m = _finite(mass)
     total = m.sum(-1)
     kept = (m * mask).sum(-1)
     return torch.where(total > 0, kept / total.clamp(min=torch.finfo(m.dtype).tiny), torch.zeros_like(total))
