@@ -39,6 +39,7 @@ per head in both cases.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -84,6 +85,17 @@ class _Entry:
         if self.lse is not None:
             n += self.lse.numel() * self.lse.element_size()
         return n
+
+
+def _block_mass(ops, q, k, lse, layout, scale, query_rows):
+    if query_rows is None:
+        return ops.block_mass(q, k, lse, layout, scale=scale)
+    if "query_rows" not in inspect.signature(ops.block_mass).parameters:
+        raise TypeError(
+            f"SparsityConfig.mass_query_rows={query_rows} needs {type(ops).__name__}.block_mass(..., query_rows=); "
+            "this ops class computes the exact block mass only (set mass_query_rows=None)"
+        )
+    return ops.block_mass(q, k, lse, layout, scale=scale, query_rows=min(query_rows, layout.block_size))
 
 
 class SparseAttention:
@@ -202,7 +214,7 @@ class SparseAttention:
     def _search(self, q, k, lse, ctx, entry: _Entry) -> None:
         ops, layout = ctx.ops, ctx.layout
         with self._phase(ctx, "block_mass", q):
-            mass = ops.block_mass(q, k, lse, layout, scale=ctx.scale)
+            mass = _block_mass(ops, q, k, lse, layout, ctx.scale, self.config.mass_query_rows)
         with self._phase(ctx, "select", q):
             static_mask = entry.static.to_dense() if entry.static is not None else None
             entry.set_search(online_select(mass, layout, ops, self.config, static_mask=static_mask))

@@ -108,7 +108,11 @@ class SparsityConfig:
             the loaded pattern object to ``SparseAttention``); informational for the library.
         dense_threshold: a head whose density ends above this runs with full rows, and a layer whose
             mean density ends above it runs the dense kernel (faster than block-sparse there).
-            ``1.0`` disables both.
+            ``1.0`` disables both. The default 0.75 is the density where the block-sparse kernel
+            and cuDNN dense attention cross on an H100 (``ops.measured_dense_threshold``).
+        mass_query_rows: sample this many query rows per block (a power of two >= 16) when computing
+            the block mass of a search: about ``mass_query_rows / block_size`` of the exact cost, an
+            unbiased estimate. None = all rows (exact). Needs ``ops.block_mass(..., query_rows=)``.
     """
 
     mode: str = "adaspa"
@@ -124,7 +128,8 @@ class SparsityConfig:
     text_sink: bool = True
     batch_index: str = "shared"
     compact_config: Optional[str] = None
-    dense_threshold: float = 0.85
+    dense_threshold: float = 0.75
+    mass_query_rows: Optional[int] = None
 
     def __post_init__(self) -> None:
         def bad(name, msg):
@@ -179,6 +184,9 @@ class SparsityConfig:
             bad("compact_config", "must be None or a non-empty path string")
         if not (_is_number(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
             bad("dense_threshold", "must be a number in (0, 1]")
+        q = self.mass_query_rows
+        if q is not None and not (_is_int(q) and q >= 16 and q & (q - 1) == 0):
+            bad("mass_query_rows", "must be None or a power of two >= 16")
 
     # ------------------------------------------------------------------ construction
     @classmethod

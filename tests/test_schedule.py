@@ -97,6 +97,8 @@ def test_yaml_lists_become_tuples_and_from_dict():
         ({"batch_index": "each"}, "batch_index must be one of"),
         ({"compact_config": ""}, "compact_config must be None or a non-empty path string"),
         ({"dense_threshold": 0.0}, "dense_threshold must be a number in \\(0, 1\\]"),
+        ({"mass_query_rows": 24}, "mass_query_rows must be None or a power of two >= 16"),
+        ({"mass_query_rows": 8}, "mass_query_rows must be None or a power of two >= 16"),
     ],
     ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else None,
 )

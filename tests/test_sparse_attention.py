@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dist_compact import BlockIndex, VideoLayout
+from dist_compact import BlockIndex, VideoLayout, block_attention_mass
 from dist_compact.attention import SparseAttention
 from dist_compact.context import AttentionContext
 from dist_compact.executor import AttentionOps
@@ -264,6 +264,34 @@ def test_dense_threshold_dispatches_the_dense_kernel():
     ops.log.clear()
     attn(q, k, v, _ctx(LAYOUT, 3, 8, ops, stats))
     assert ops.log == ["dense"] and stats.records[-1].kind == "dense"
+
+
+class SamplingOps(AttentionOps):
+    """Ops whose block mass takes ``query_rows`` (sampled query rows per block)."""
+
+    seen = "unset"
+
+    def block_mass(self, q, k, lse, layout, *, scale=None, query_rows=None):
+        self.seen = query_rows
+        return block_attention_mass(q, k, lse, layout.block_size, scale=scale, query_rows=query_rows,
+                                    block_valid=layout.block_valid(q.device), backend=self.backend)
+
+
+def test_sampled_block_mass():
+    lay = VideoLayout(4, 8, 8, tile=(2, 4, 4), text_tokens=16)  # blocks of 32
+    q, k, v = _structured_qkv(lay, ["local", "temporal", "cross", "global"], seed=14)
+    cfg = SparsityConfig(**{**CFG.__dict__, "sparsity": 0.8, "mass_query_rows": 16})
+    ops = SamplingOps(backend="torch")
+    sampled = SparseAttention(0, cfg)
+    sampled(q, k, v, _ctx(lay, 2, 8, ops))
+    assert ops.seen == 16
+    exact = SparseAttention(0, SparsityConfig(**{**cfg.__dict__, "mass_query_rows": None}))
+    exact(q, k, v, _ctx(lay, 2, 8, ops))
+    assert ops.seen is None
+    a, b = sampled.index.to_dense(), exact.index.to_dense()
+    assert (a & b).sum() >= 0.9 * b.sum()
+    with pytest.raises(TypeError, match="needs AttentionOps.block_mass\\(..., query_rows=\\)"):
+        SparseAttention(0, cfg)(q, k, v, _ctx(lay, 2, 8, AttentionOps(backend="torch")))
 
 
 def test_triton_backend_path():
