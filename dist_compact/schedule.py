@@ -87,8 +87,9 @@ class SparsityConfig:
             ``"adaspa"`` (online search), ``"compact+adaspa"`` (union of both indices).
         dense_steps: warm-up steps that run dense (``step < dense_steps``), in reference steps.
         search_steps: steps of the online searches, strictly increasing, in reference steps, none
-            before ``dense_steps`` (ignored by the modes without online search). With an online mode, steps before the first search run dense
-            (``"adaspa"``) or with the static index alone (``"compact+adaspa"``).
+            before ``dense_steps`` (ignored by the modes without online search). Steps before the
+            first search run dense (``"adaspa"``) or with the static index alone
+            (``"compact+adaspa"``).
         search_kinds: ``"fused"`` or ``"cached"`` for each search step; the first must be
             ``"fused"`` (a cached search reuses the LSE of the last fused search).
         reference_steps: the run length the step numbers are written for (see the module doc).

@@ -167,7 +167,8 @@ class AttentionStats:
         ``search_share`` of the attention time; ``search_overhead_s`` (block mass + selection: the
         work a search adds beyond computing its output) and ``search_overhead_share``;
         ``phase_time_s`` per phase; ``mean_density``: computed share of blocks over all calls (dense
-        calls and fused searches count 1) and ``mean_density_sparse`` over the other calls; ``layers``: per layer the per-head density and recall of its last search.
+        calls and fused searches count 1) and ``mean_density_sparse`` over the other calls;
+        ``layers``: per layer the per-head density and recall of its last search.
         """
         calls = {k: 0 for k in CALL_KINDS}
         times = {k: 0.0 for k in CALL_KINDS}
