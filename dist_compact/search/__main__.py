@@ -1,0 +1,119 @@
+"""Command line for the offline Compact search.
+
+    # search one config from captured block-mass files (one per prompt; merged by union)
+    python -m dist_compact.search search mass_p0.pt mass_p1.pt --out configs/wan_compact.yaml \\
+        --tau 0.9 [--lam 0.05] [--groups 0,1,2-3,4-7,8+] [--merge union|average] [--device cuda] \\
+        [--report reports/wan_compact]
+
+    # recall / density of a config on captures (CSV, PNG heatmaps, summary)
+    python -m dist_compact.search report --config configs/wan_compact.yaml --mass mass_p2.pt --out reports/p2
+
+Mass files come from :class:`dist_compact.search.capture.MassStore.save` (``CaptureAttention`` during
+a dense run of the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional, Tuple
+
+import torch
+
+from .capture import MassStore
+from .config_file import load_config, save_config
+from .offline import SearchSettings, search_stores
+from .quality import evaluate, write_report
+
+
+def parse_groups(text: Optional[str]) -> Optional[Tuple[Tuple[int, Optional[int]], ...]]:
+    """``"0,1,2-3,4+"`` -> ``((0, 0), (1, 1), (2, 3), (4, None))``; ``None`` / ``"each"``: one per distance."""
+    if text is None or text.strip() in ("", "each"):
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if part.endswith("+"):
+                out.append((int(part[:-1]), None))
+            elif "-" in part:
+                lo, hi = part.split("-")
+                out.append((int(lo), int(hi)))
+            else:
+                out.append((int(part), int(part)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"bad group {part!r} in --groups {text!r}: use e.g. 0,1,2-3,4+") from None
+    return tuple(out)
+
+
+def _load_stores(paths: List[str]) -> List[MassStore]:
+    return [MassStore.load(p) for p in paths]
+
+
+def _sum(stores: List[MassStore]) -> MassStore:
+    acc = stores[0]
+    for s in stores[1:]:
+        acc = acc.merged(s)
+    return acc
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dist_compact.search", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("search", help="search a Compact config from captured mass files")
+    s.add_argument("mass", nargs="+", help="MassStore files (.pt), e.g. one per prompt")
+    s.add_argument("--out", required=True, help="config file to write (.yaml / .json)")
+    s.add_argument("--tau", type=float, default=0.9, help="recall floor (default 0.9)")
+    s.add_argument("--lam", type=float, default=None,
+                   help="stop a head when recall lost per density saved exceeds this (default: off)")
+    s.add_argument("--groups", type=parse_groups, default=None,
+                   help="slab-distance groups, e.g. 0,1,2-3,4+ (default: one per distance)")
+    s.add_argument("--merge", choices=("union", "average"), default="union",
+                   help="several files: union of per-file configs (default) or one search on their sum")
+    s.add_argument("--model", default=None, help="model name to record (default: from the mass files)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    s.add_argument("--report", default=None, help="also write a quality report (on all files) to this folder")
+    r = sub.add_parser("report", help="recall / density of a config on captured mass files")
+    r.add_argument("--config", required=True)
+    r.add_argument("--mass", nargs="+", required=True)
+    r.add_argument("--out", required=True, help="folder for quality.csv / quality.png / quality.txt")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "search":
+            stores = _load_stores(args.mass)
+            settings = SearchSettings(tau=args.tau, lam=args.lam, groups=args.groups)
+            config, results = search_stores(stores, settings, device=_device(args.device), model=args.model,
+                                            merge=args.merge)
+            save_config(config, args.out)
+            for path, res in zip(args.mass if args.merge == "union" else ["(sum)"], results):
+                print(f"{path}: {res.summary()}")
+            print(f"wrote {args.out}: {config.num_layers} layers x {config.num_heads} heads")
+            if args.report:
+                rep = evaluate(config, _sum(stores))
+                paths = write_report(rep, args.report)
+                print(rep.summary())
+                print("report: " + ", ".join(paths.values()))
+        else:
+            stores = _load_stores(args.mass)
+            store = _sum(stores)
+            config = load_config(args.config, num_layers=store.num_layers, num_heads=store.num_heads)
+            rep = evaluate(config, store)
+            paths = write_report(rep, args.out)
+            print(rep.summary())
+            print("report: " + ", ".join(paths.values()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
