@@ -1,1 +1,40 @@
-"""Sequence parallelism: ParallelConfig, explicit groups, Ulysses, ring, hybrid, coordinator."""
+"""Sequence parallelism: ParallelConfig, explicit groups, Ulysses, ring, hybrid, coordinator.
+
+Typical use (see :mod:`dist_compact.parallel.plan` for the model side)::
+
+    sp = init_distributed(ParallelConfig(ulysses=2, ring=2))   # torchrun env; one process works too
+    layout = sp.layout_for(layout)
+    attn = sp.wrap(SparseAttention(...))
+
+Nothing here imports yunchang, deepspeed or xfuser; groups are passed explicitly (no singletons).
+"""
+
+from .config import ParallelConfig, ParallelConfigError, ParallelGroups, build_groups
+from .coordinator import Coordinator, ParallelMismatchError
+from .launch import init_distributed
+from .merge import all_reduce_merge, merge_many, merge_partials
+from .plan import ParallelAttention, SequenceParallel
+from .ring import RingOps, RingPlan, ring_bytes, ring_needs
+from .ulysses import UlyssesOps, heads_to_seq, seq_to_heads
+
+__all__ = [
+    "ParallelConfig",
+    "ParallelConfigError",
+    "ParallelGroups",
+    "build_groups",
+    "SequenceParallel",
+    "ParallelAttention",
+    "UlyssesOps",
+    "RingOps",
+    "RingPlan",
+    "ring_needs",
+    "ring_bytes",
+    "seq_to_heads",
+    "heads_to_seq",
+    "merge_partials",
+    "merge_many",
+    "all_reduce_merge",
+    "Coordinator",
+    "ParallelMismatchError",
+    "init_distributed",
+]

@@ -1,0 +1,482 @@
+"""Ring attention with shard skipping: RingOps, the AttentionOps of one ring rank.
+
+Geometry (global layout ``layout``, ring degree ``R``, this rank ``r``): the video blocks are cut
+into ``R`` equal contiguous shards of ``Vr = num_video_blocks / R`` blocks (t-major tile order, so a
+shard is a run of temporal slabs; see ``SequenceParallel.layout_for``). Rank ``r`` holds
+
+    local rows / keys = [video blocks r*Vr .. (r+1)*Vr) | all text blocks]     (text replicated)
+
+* Video query rows: their keys are the rank's own video shard and the text blocks (local), plus any
+  remote video shard ``j`` their index rows touch. Each remote shard is fetched once and the local
+  op runs on (the rows that touch it, that shard) with ``index.select_keys(shard j)``; partial
+  ``(out, lse)`` are combined with :func:`~dist_compact.parallel.merge.merge_partials`.
+* Text query rows are replicated, and usually attend to every video block. Fetching every shard
+  for them would defeat shard skipping, so each rank computes the text rows over its OWN video
+  shard only (and ring rank 0 also over the text keys, so each key is counted once), and the
+  partials are merged across the ring with one :func:`~dist_compact.parallel.merge.all_reduce_merge`
+  (text rows are few: two small all-reduces).
+* Shard skipping: which remote shards a rank needs follows from its (cached) plan; the ranks
+  all-gather these R-bit vectors on every call (a few bytes, on the CPU ``meta_group`` when there is
+  one, so no GPU synchronisation) -- agreeing per call instead of "once per index change" means
+  ranks never disagree on whether an exchange happens (an online search may change some ranks'
+  rows and not others'), so it can never deadlock. Then exactly the needed K/V shards move, all in
+  one ``batch_isend_irecv`` posted before the local shard is computed, so the transfer overlaps
+  with it. With a temporal window of +-w slabs and shards of >= w slabs this is a halo exchange.
+* ``bytes_sent`` / ``bytes_received`` count the point-to-point payload actually moved.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..block_index import BlockIndex
+from ..executor import AttentionOps
+from ..layout import VideoLayout
+from ..ops import block_attention_mass, block_sparse_attention
+from .config import ParallelGroups
+from .merge import all_reduce_merge, merge_partials
+from .ulysses import all_gather_cat
+
+__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "remap_keys", "select_rows_at", "cat_rows"]
+
+
+# ---------------------------------------------------------------------------- index helpers
+def remap_keys(index: BlockIndex, key_map: torch.Tensor, num_k_blocks: int) -> BlockIndex:
+    """Renumber key blocks with ``key_map`` (int64 ``[index.num_k_blocks]``, -1 = drop the key).
+
+    ``key_map`` must be increasing on the kept keys so rows stay strictly increasing.
+    """
+    used = index.entry_mask()
+    km = key_map.to(index.device, torch.long)
+    new = torch.where(used, km[index.indices.clamp(min=0).long()], torch.full_like(index.indices, -1, dtype=torch.long))
+    keep = new >= 0
+    cnt = keep.sum(-1, dtype=torch.int32)
+    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+    idx = torch.gather(new, -1, order)
+    ar = torch.arange(width, device=index.device).view(1, 1, 1, -1)
+    idx = torch.where(ar < cnt.unsqueeze(-1), idx, torch.full_like(idx, -1))
+    return BlockIndex(cnt, idx.to(torch.int32), index.block_size, num_k_blocks)
+
+
+def select_rows_at(index: BlockIndex, rows: torch.Tensor) -> BlockIndex:
+    """Keep the query blocks listed in ``rows`` (any order); key numbering unchanged."""
+    rows = rows.to(index.device, torch.long)
+    c = index.counts.index_select(2, rows)
+    i = index.indices.index_select(2, rows)
+    width = max(int(c.max()) if c.numel() else 0, 1)
+    return BlockIndex(c, i[..., :width], index.block_size, index.num_k_blocks)
+
+
+def cat_rows(a: BlockIndex, b: BlockIndex) -> BlockIndex:
+    """Stack the query rows of two indices with the same heads, keys and batch."""
+    if (a.num_heads, a.num_k_blocks, a.block_size, a.batch) != (b.num_heads, b.num_k_blocks, b.block_size, b.batch):
+        raise ValueError(f"cat_rows: incompatible indices {a!r} and {b!r}")
+    w = max(a.max_count, b.max_count)
+
+    def pad(x: BlockIndex) -> torch.Tensor:
+        if x.max_count == w:
+            return x.indices
+        fill = torch.full((*x.counts.shape, w - x.max_count), -1, dtype=torch.int32, device=x.device)
+        return torch.cat([x.indices, fill], dim=-1)
+
+    return BlockIndex(torch.cat([a.counts, b.counts], 2), torch.cat([pad(a), pad(b)], 2), a.block_size, a.num_k_blocks)
+
+
+def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int) -> torch.Tensor:
+    """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i's video query rows use video shard j (i != j).
+
+    ``index`` is a global index (all query and key blocks) restricted to the heads one ring group
+    sees. This is the traffic :class:`RingOps` predicts; text rows never cause transfers.
+    """
+    nv = layout.num_video_blocks
+    if nv % ring:
+        raise ValueError(f"{nv} video blocks do not split into {ring} ring shards; use SequenceParallel.layout_for")
+    vr = nv // ring
+    used = torch.zeros(ring, ring, dtype=torch.bool)
+    for i in range(ring):
+        sub = index.select_rows(i * vr, (i + 1) * vr)
+        kb = sub.key_blocks_used()[:nv].view(ring, vr).any(-1).cpu()
+        used[i] = kb
+        used[i, i] = False
+    return used
+
+
+def ring_bytes(need: torch.Tensor, shard_bytes: int) -> torch.Tensor:
+    """int64 ``[ring]`` bytes each rank sends: ``shard_bytes`` (K+V of one shard) per rank needing it."""
+    return need.sum(0).to(torch.int64) * shard_bytes
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class RingPlan:
+    """How one rank computes one local index.
+
+    own: every local row against ``[own video shard | text]`` keys (text keys dropped from the text
+        rows unless ring rank 0).
+    remote: shard j -> (row0, row1, sub-index of video rows [row0, row1) against shard j's keys).
+    needs: R bools, the remote shards this rank needs.
+    """
+
+    own: BlockIndex
+    remote: Dict[int, Tuple[int, int, BlockIndex]]
+    needs: List[bool]
+
+
+@dataclass(frozen=True)
+class _Geo:
+    bs: int
+    vr: int  # video blocks per ring shard
+    nv: int  # video blocks
+    nt: int  # text blocks
+    nb: int  # all blocks
+
+    @property
+    def rows(self) -> int:
+        return self.vr + self.nt
+
+
+class _Transfer:
+    """Posted point-to-point exchange of shard tensors; wait per source rank, then for all.
+
+    ``batch_isend_irecv`` returns one work per op on gloo; NCCL may return one for the whole batch,
+    in which case waiting for any source waits for all.
+    """
+
+    def __init__(self, works, n_ops: int, recv_slots: Dict[int, List[int]], bufs: Dict[int, List[torch.Tensor]],
+                 keep: Sequence[torch.Tensor]):
+        self.works = list(works)
+        self.per_op = len(self.works) == n_ops
+        self.recv_slots, self.bufs, self._keep = recv_slots, bufs, keep  # sends stay alive until waited
+
+    def _wait(self, pos: int) -> None:
+        # a gloo work must be waited exactly once: a second wait on a finished recv blocks forever
+        if self.works[pos] is not None:
+            self.works[pos].wait()
+            self.works[pos] = None
+
+    def wait(self, j: int) -> List[torch.Tensor]:
+        if not self.per_op:
+            self.wait_all()
+        else:
+            for pos in self.recv_slots[j]:
+                self._wait(pos)
+        return self.bufs[j]
+
+    def wait_all(self) -> None:
+        for pos in range(len(self.works)):
+            self._wait(pos)
+
+
+class RingOps(AttentionOps):
+    """AttentionOps of one ring rank (see the module docstring); also the hybrid's inner ops.
+
+    Args:
+        groups: this rank's :class:`~dist_compact.parallel.config.ParallelGroups`; with
+            ``ulysses > 1`` (hybrid) the local heads are this rank's Ulysses heads and
+            ``gather_heads`` all-gathers over the Ulysses group.
+        backend: local kernel backend (``"auto"``, ``"triton"``, ``"torch"``).
+
+    Local tensors are ``[B, (Vr + text_blocks) * block_size, heads_local, D]``; a localized index
+    has ``Vr + text_blocks`` query rows (:meth:`q_blocks` gives their global ids) and global keys.
+    """
+
+    _DIGEST_CACHE = 8
+
+    def __init__(self, groups: ParallelGroups, backend: str = "auto"):
+        super().__init__(backend)
+        self.groups = groups
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.calls = 0
+        self._local = weakref.WeakKeyDictionary()  # global index -> (layout, num_heads, local index)
+        self._plans = weakref.WeakKeyDictionary()  # local index -> (layout, plan)
+        self._plans_by_digest: "OrderedDict" = OrderedDict()  # (digest, layout) -> plan
+        self._full: Dict = {}  # (layout, heads, device) -> full local index
+        self._peers: Optional[List[int]] = None
+        self._ready = False
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def ring(self) -> int:
+        return self.groups.config.ring
+
+    @property
+    def rank(self) -> int:
+        return self.groups.ring_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.config.degree
+
+    def _geo(self, layout: VideoLayout) -> _Geo:
+        nv = layout.num_video_blocks
+        if nv % self.ring:
+            raise ValueError(
+                f"{layout} has {nv} video blocks, not divisible by ring={self.ring}; "
+                "pass the layout through SequenceParallel.layout_for first"
+            )
+        return _Geo(layout.block_size, nv // self.ring, nv, layout.num_text_blocks, layout.num_blocks)
+
+    def head_range(self, num_heads: int) -> Tuple[int, int]:
+        u = self.groups.config.ulysses
+        if num_heads % u:
+            raise ValueError(f"{num_heads} heads are not divisible by ulysses={u}")
+        hu = num_heads // u
+        return (self.groups.ulysses_rank * hu, (self.groups.ulysses_rank + 1) * hu)
+
+    def q_block_range(self, layout: VideoLayout) -> Tuple[int, int]:
+        """This rank's video query blocks ``[start, stop)``; the text blocks are local too (:meth:`q_blocks`)."""
+        g = self._geo(layout)
+        return (self.rank * g.vr, (self.rank + 1) * g.vr)
+
+    def q_blocks(self, layout: VideoLayout) -> torch.Tensor:
+        """int64 global ids of the local query blocks: this shard's video blocks, then all text blocks."""
+        g = self._geo(layout)
+        return torch.cat([torch.arange(self.rank * g.vr, (self.rank + 1) * g.vr), torch.arange(g.nv, g.nb)])
+
+    def row_weight(self, layout: VideoLayout) -> torch.Tensor:
+        """float32 per local query block: 1 for video rows; text rows (held by every ring rank) 1
+        on ring rank 0 and 0 elsewhere, so ``reduce_rows(sum(w * stat))`` counts each row once."""
+        g = self._geo(layout)
+        w = torch.ones(g.rows)
+        if self.rank != 0:
+            w[g.vr:] = 0
+        return w
+
+    def _local_valid(self, layout: VideoLayout, device) -> torch.Tensor:
+        g = self._geo(layout)
+        bv = layout.block_valid(device)
+        return torch.cat([bv[self.rank * g.vr:(self.rank + 1) * g.vr], bv[g.nv:]])
+
+    # ------------------------------------------------------------------ index -> plan
+    def localize(self, index: BlockIndex, layout: VideoLayout) -> BlockIndex:
+        """Global index -> this rank's heads and rows (video shard, then text); global key numbering."""
+        if not isinstance(index, BlockIndex):
+            raise TypeError(f"localize: index must be a BlockIndex, got {type(index).__name__}")
+        g = self._geo(layout)
+        if index.num_q_blocks != g.nb or index.num_k_blocks != g.nb:
+            raise ValueError(f"localize: {index!r} is not a global index for {layout} ({g.nb} x {g.nb} blocks)")
+        hit = self._local.get(index)
+        if hit is not None and hit[0] == layout:
+            return hit[1]
+        h0, h1 = self.head_range(index.num_heads)
+        out = index.select_heads(slice(h0, h1)) if (h0, h1) != (0, index.num_heads) else index
+        out = select_rows_at(out, self.q_blocks(layout))
+        self._local[index] = (layout, out)
+        return out
+
+    def _build_plan(self, index: BlockIndex, g: _Geo) -> RingPlan:
+        r0, r1 = self.rank * g.vr, (self.rank + 1) * g.vr
+        kmap = torch.full((g.nb,), -1, dtype=torch.long)
+        kmap[r0:r1] = torch.arange(g.vr)
+        kmap[g.nv:] = g.vr + torch.arange(g.nt)
+        vid = index.select_rows(0, g.vr)
+        own = remap_keys(vid, kmap, g.rows)
+        if g.nt:
+            kmap_t = kmap.clone()
+            if self.rank != 0:
+                kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
+            own = cat_rows(own, remap_keys(index.select_rows(g.vr, g.rows), kmap_t, g.rows))
+        remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
+        for j in range(self.ring):
+            if j == self.rank:
+                continue
+            sub = vid.select_keys(j * g.vr, (j + 1) * g.vr)
+            rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
+            if rows.numel():
+                a, b = int(rows[0]), int(rows[-1]) + 1
+                remote[j] = (a, b, sub.select_rows(a, b))
+        return RingPlan(own, remote, [j in remote for j in range(self.ring)])
+
+    def plan(self, index: BlockIndex, layout: VideoLayout) -> RingPlan:
+        """The cached plan of a localized index (by object, then by digest)."""
+        hit = self._plans.get(index)
+        if hit is not None and hit[0] == layout:
+            return hit[1]
+        key = (index.digest(), layout)
+        plan = self._plans_by_digest.get(key)
+        if plan is None:
+            plan = self._build_plan(index, self._geo(layout))
+            self._plans_by_digest[key] = plan
+            while len(self._plans_by_digest) > self._DIGEST_CACHE:
+                self._plans_by_digest.popitem(last=False)
+        else:
+            self._plans_by_digest.move_to_end(key)
+        self._plans[index] = (layout, plan)
+        return plan
+
+    # ------------------------------------------------------------------ communication
+    def _comm_device(self, group, like: torch.Tensor) -> torch.device:
+        if group is not None and dist.get_backend(group) == "nccl":
+            return like.device if like.is_cuda else torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _ensure_ready(self, like: torch.Tensor) -> None:
+        # NCCL: the first operation on a group must include all of its ranks, but a ring exchange
+        # may leave some ranks out; one tiny all_reduce on first use satisfies that.
+        if self._ready or self.ring == 1:
+            self._ready = True
+            return
+        g = self.groups.ring_group
+        t = torch.zeros(1, device=self._comm_device(g, like))
+        dist.all_reduce(t, group=g)
+        self._peers = [dist.get_global_rank(g, i) for i in range(self.ring)]
+        self._ready = True
+
+    def exchange_needs(self, needs: Sequence[bool], like: torch.Tensor) -> List[List[bool]]:
+        """All-gather every rank's needed-shard bits: ``need[i][j]`` = rank i needs shard j."""
+        if self.ring == 1:
+            return [[False]]
+        g = self.groups.meta_group or self.groups.ring_group
+        t = torch.tensor([bool(x) for x in needs], dtype=torch.uint8, device=self._comm_device(g, like))
+        parts = [torch.empty_like(t) for _ in range(self.ring)]
+        dist.all_gather(parts, t, group=g)
+        return [[bool(x) for x in p.cpu().tolist()] for p in parts]
+
+    def _post(self, tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int]) -> _Transfer:
+        g = self.groups.ring_group
+        sends = [t.contiguous() for t in tensors]
+        ops: List = []
+        for i in send_to:
+            for tag, t in enumerate(sends):
+                ops.append(dist.P2POp(dist.isend, t, self._peers[i], group=g, tag=tag))
+                self.bytes_sent += t.numel() * t.element_size()
+        bufs: Dict[int, List[torch.Tensor]] = {}
+        slots: Dict[int, List[int]] = {}
+        for j in recv_from:
+            bufs[j] = [torch.empty_like(t) for t in sends]
+            slots[j] = []
+            for tag, b in enumerate(bufs[j]):
+                slots[j].append(len(ops))
+                ops.append(dist.P2POp(dist.irecv, b, self._peers[j], group=g, tag=tag))
+                self.bytes_received += b.numel() * b.element_size()
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return _Transfer(works, len(ops), slots, bufs, sends)
+
+    # ------------------------------------------------------------------ compute
+    def _check(self, q, k, v, index: Optional[BlockIndex], g: _Geo, what: str) -> None:
+        want = g.rows * g.bs
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"RingOps.{what}: {name} must be a 4-D [batch, seq, heads, head_dim] tensor")
+            if t.shape[1] != want:
+                raise ValueError(
+                    f"RingOps.{what}: {name} has {t.shape[1]} tokens but this ring rank holds "
+                    f"({g.vr} video + {g.nt} text blocks) x {g.bs} = {want}; shard with SequenceParallel.shard"
+                )
+        if index is not None:
+            if not isinstance(index, BlockIndex):
+                raise TypeError(f"RingOps.{what}: index must be a BlockIndex, got {type(index).__name__}")
+            if index.num_q_blocks != g.rows or index.num_k_blocks != g.nb or index.num_heads != q.shape[2]:
+                raise ValueError(
+                    f"RingOps.{what}: index {index!r} is not localized for this rank (want {q.shape[2]} heads, "
+                    f"{g.rows} query blocks, {g.nb} global key blocks); use ops.localize(index, layout)"
+                )
+
+    def attention(self, q, k, v, index: BlockIndex, layout: VideoLayout, *, return_lse: bool = False,
+                  scale: Optional[float] = None):
+        """Block-sparse attention of the local rows; only the key shards the index uses travel."""
+        g = self._geo(layout)
+        self._check(q, k, v, index, g, "attention")
+        return self._run(q, k, v, self.plan(index, layout), layout, g, return_lse, scale)
+
+    def dense(self, q, k, v, layout: VideoLayout, *, return_lse: bool = False, scale: Optional[float] = None):
+        """Dense attention: a ring over every shard, LSE-merged."""
+        g = self._geo(layout)
+        self._check(q, k, v, None, g, "dense")
+        key = (layout, q.shape[2], str(q.device))
+        full = self._full.get(key)
+        if full is None:
+            full = BlockIndex.full(1, q.shape[2], g.rows, g.nb, g.bs, device=q.device)
+            self._full[key] = full
+        return self._run(q, k, v, self.plan(full, layout), layout, g, return_lse, scale)
+
+    def _run(self, q, k, v, plan: RingPlan, layout: VideoLayout, g: _Geo, return_lse: bool, scale):
+        self._ensure_ready(q)
+        self.calls += 1
+        me, bs, vt = self.rank, g.bs, g.vr * g.bs
+        need = self.exchange_needs(plan.needs, q)
+        send_to = [i for i in range(self.ring) if i != me and need[i][me]]
+        recv_from = [j for j in range(self.ring) if j != me and need[me][j]]
+        if need[me] != plan.needs:
+            raise RuntimeError("RingOps: the exchanged needed-shard bits differ from this rank's plan")
+        tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from)
+        bv = layout.block_valid(q.device)
+        lv = torch.cat([bv[me * g.vr:(me + 1) * g.vr], bv[g.nv:]])
+        # own shard + text first: it overlaps with the transfer just posted
+        out, lse = block_sparse_attention(q, k, v, plan.own, scale=scale, return_lse=True, q_valid=lv,
+                                          kv_valid=lv, backend=self.backend)
+        cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = out.to(cdtype)
+        # nearest shards first: in a halo exchange they are the ones every rank waits for
+        for j in sorted(recv_from, key=lambda j: (abs(j - me), j)):
+            kj, vj = tr.wait(j)
+            a, b, sub = plan.remote[j]
+            oj, lj = block_sparse_attention(q[:, a * bs:b * bs], kj, vj, sub, scale=scale, return_lse=True,
+                                            q_valid=lv[a:b], kv_valid=bv[j * g.vr:(j + 1) * g.vr],
+                                            backend=self.backend)
+            mo, ml = merge_partials(out[:, a * bs:b * bs], lse[:, :, a * bs:b * bs], oj, lj)
+            out[:, a * bs:b * bs] = mo
+            lse[:, :, a * bs:b * bs] = ml.to(lse.dtype)
+        tr.wait_all()
+        if g.nt and self.ring > 1:
+            to, tl = all_reduce_merge(out[:, vt:], lse[:, :, vt:], self.groups.ring_group)
+            out[:, vt:] = to
+            lse[:, :, vt:] = tl.to(lse.dtype)
+        out = out.to(q.dtype)
+        return (out, lse) if return_lse else out
+
+    def block_mass(self, q, k, lse, layout: VideoLayout, *, scale: Optional[float] = None) -> torch.Tensor:
+        """Block mass ``[B, H_local, local rows, num_blocks]``: a ring over every K shard (no V)."""
+        g = self._geo(layout)
+        self._check(q, k, None, None, g, "block_mass")
+        self._ensure_ready(q)
+        me, vt = self.rank, g.vr * g.bs
+        others = [j for j in range(self.ring) if j != me]
+        tr = self._post([k[:, :vt]], others, others)
+        bv = layout.block_valid(q.device)
+        lv = torch.cat([bv[me * g.vr:(me + 1) * g.vr], bv[g.nv:]])
+        B, _, H, _ = q.shape
+        mass = torch.empty((B, H, g.rows, g.nb), dtype=torch.float32, device=q.device)
+
+        def part(kk, kv_valid, c0, c1):
+            mass[..., c0:c1] = block_attention_mass(q, kk, lse, g.bs, scale=scale, q_valid=lv, kv_valid=kv_valid,
+                                                    backend=self.backend)
+
+        part(k[:, :vt], bv[me * g.vr:(me + 1) * g.vr], me * g.vr, (me + 1) * g.vr)
+        if g.nt:
+            part(k[:, vt:], bv[g.nv:], g.nv, g.nb)
+        for j in sorted(others, key=lambda j: (abs(j - me), j)):
+            (kj,) = tr.wait(j)
+            part(kj, bv[j * g.vr:(j + 1) * g.vr], j * g.vr, (j + 1) * g.vr)
+        tr.wait_all()
+        return mass
+
+    # ------------------------------------------------------------------ global statistics
+    def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the ring group (ranks with the same heads, other rows). Weight text rows with
+        :meth:`row_weight` first, or they are counted once per ring rank."""
+        if self.ring == 1:
+            return t
+        t = t.clone()
+        dist.all_reduce(t, group=self.groups.ring_group)
+        return t
+
+    def gather_heads(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return all_gather_cat(t, self.groups.ulysses_group, dim)
+
+    def reset_counters(self) -> None:
+        self.bytes_sent = self.bytes_received = self.calls = 0
+
+    def __repr__(self) -> str:
+        return (f"RingOps({self.groups!r}, backend={self.backend!r}, sent={self.bytes_sent}B, "
+                f"received={self.bytes_received}B)")

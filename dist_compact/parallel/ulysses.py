@@ -1,0 +1,134 @@
+"""Ulysses: all-to-all between sequence shards and head shards, and the head-sharded AttentionOps.
+
+Tensor layout: ``[batch, seq, heads, head_dim]`` in block order. A sequence-parallel rank holds
+``[its video blocks | all text blocks]`` (text replicated, see :mod:`dist_compact.parallel.plan`).
+Over a Ulysses group of ``U`` ranks (``u`` = this rank's position, ``Hu = heads / U``):
+
+* :func:`seq_to_heads`: video ``[B, Vl, H, D]`` on each rank -> ``[B, U*Vl, Hu, D]`` (the group's
+  chunks in rank order = a contiguous range of blocks) by one all-to-all for q, k and v together;
+  text ``[B, T, H, D]`` (replicated) -> this rank's heads ``[B, T, Hu, D]`` by slicing, no traffic.
+  This is how xDiT treats the text of joint attention: replicated, each rank uses its heads' slice.
+* :func:`heads_to_seq`: the inverse for the attention output; the text rows of the output
+  ``[B, T, Hu, D]`` are all-gathered over the heads so every rank again holds the full text.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..executor import AttentionOps
+from ..layout import VideoLayout
+from .config import ParallelGroups
+
+__all__ = ["seq_to_heads", "heads_to_seq", "UlyssesOps", "all_gather_cat"]
+
+
+def all_gather_cat(t: torch.Tensor, group: Optional[dist.ProcessGroup], dim: int) -> torch.Tensor:
+    """Concatenate ``t`` from every rank of ``group`` along ``dim``, in group-rank order."""
+    n = 1 if group is None else dist.get_world_size(group)
+    if n == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def seq_to_heads(tensors: Sequence[torch.Tensor], video_len: int, group: Optional[dist.ProcessGroup],
+                 rank: int, size: int) -> List[torch.Tensor]:
+    """Sequence shards -> head shards for each tensor (one all-to-all for all of them).
+
+    Args:
+        tensors: ``[B, video_len + T, H, D]`` each (same shape): this rank's video tokens, then the
+            replicated text tokens.
+        video_len: local video tokens ``Vl``.
+        group, rank, size: the Ulysses group and this rank's position in it.
+
+    Returns:
+        ``[B, size*video_len + T, H/size, D]`` each: the group's video tokens for this rank's heads,
+        then the text tokens for this rank's heads.
+    """
+    x0 = tensors[0]
+    B, S, H, D = x0.shape
+    if size == 1:
+        return list(tensors)
+    Hu = H // size
+    T = S - video_len
+    n = len(tensors)
+    send = x0.new_empty((size, n, B, video_len, Hu, D))
+    for i, x in enumerate(tensors):
+        # [B, Vl, H, D] -> [size (head chunk = destination), B, Vl, Hu, D]
+        send[:, i].copy_(x[:, :video_len].reshape(B, video_len, size, Hu, D).permute(2, 0, 1, 3, 4))
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    outs = []
+    for i, x in enumerate(tensors):
+        out = x0.new_empty((B, size * video_len + T, Hu, D))
+        # recv[s, i] is rank s's video chunk for my heads; chunks in rank order = sequence order
+        out[:, : size * video_len].view(B, size, video_len, Hu, D).copy_(recv[:, i].transpose(0, 1))
+        if T:
+            out[:, size * video_len:].copy_(x[:, video_len:, rank * Hu:(rank + 1) * Hu])
+        outs.append(out)
+    return outs
+
+
+def heads_to_seq(x: torch.Tensor, video_len: int, group: Optional[dist.ProcessGroup], rank: int,
+                 size: int) -> torch.Tensor:
+    """Head shards -> sequence shards: ``[B, size*Vl + T, Hu, D]`` -> ``[B, Vl + T, size*Hu, D]``."""
+    if size == 1:
+        return x
+    B, S, Hu, D = x.shape
+    H = Hu * size
+    T = S - size * video_len
+    send = x[:, : size * video_len].reshape(B, size, video_len, Hu, D).transpose(0, 1).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    out = x.new_empty((B, video_len + T, H, D))
+    # recv[s] = head chunk s of my video tokens
+    out[:, :video_len].view(B, video_len, size, Hu, D).copy_(recv.permute(1, 2, 0, 3, 4))
+    if T:
+        out[:, video_len:] = all_gather_cat(x[:, size * video_len:], group, dim=2)
+    return out
+
+
+class UlyssesOps(AttentionOps):
+    """AttentionOps of one Ulysses rank: its heads of the whole sequence (after :func:`seq_to_heads`).
+
+    ``head_range`` = this rank's contiguous heads; query rows are all blocks; ``gather_heads``
+    all-gathers over the Ulysses group (global head order); ``reduce_rows`` is the identity.
+    """
+
+    def __init__(self, groups: ParallelGroups, backend: str = "auto"):
+        super().__init__(backend)
+        self.groups = groups
+
+    @property
+    def ulysses(self) -> int:
+        return self.groups.config.ulysses
+
+    def head_range(self, num_heads: int) -> Tuple[int, int]:
+        if num_heads % self.ulysses:
+            raise ValueError(f"{num_heads} heads are not divisible by ulysses={self.ulysses}")
+        hu = num_heads // self.ulysses
+        return (self.groups.ulysses_rank * hu, (self.groups.ulysses_rank + 1) * hu)
+
+    def q_blocks(self, layout: VideoLayout) -> torch.Tensor:
+        """int64 global ids of the local query blocks (all of them here)."""
+        return torch.arange(layout.num_blocks)
+
+    def row_weight(self, layout: VideoLayout) -> torch.Tensor:
+        """float32 per local query block: 1 (no row is held twice in the Ulysses group)."""
+        return torch.ones(layout.num_blocks)
+
+    def gather_heads(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return all_gather_cat(t, self.groups.ulysses_group, dim)
+
+    @property
+    def world_size(self) -> int:
+        return self.groups.config.degree
+
+    def __repr__(self) -> str:
+        return f"UlyssesOps({self.groups!r}, backend={self.backend!r})"

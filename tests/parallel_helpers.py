@@ -1,0 +1,83 @@
+"""Run a function on N gloo processes from inside pytest, with a hard timeout (never hangs CI).
+
+``run_workers(fn, world, tmp_path, *args)`` spawns ``world`` processes; each initialises a gloo
+process group through a FileStore under ``tmp_path`` (no port races), calls
+``fn(rank, world, *args)`` and returns its result (picklable). Any failure, in any rank, fails the
+test with that rank's traceback; past ``timeout`` seconds every process is killed and the test
+fails. ``fn`` must be a module-level function of an importable module (the spawn start method).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+
+
+def _entry(fn, rank, world, store, args, out_q, timeout):
+    import faulthandler
+    import sys
+
+    # a hung rank prints where it is stuck (to the test's captured stderr) before the parent kills it
+    faulthandler.dump_traceback_later(max(timeout - 5.0, 1.0), exit=False, file=sys.stderr)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            res = fn(rank, world, *args)
+            out_q.put(("ok", rank, res))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        out_q.put(("err", rank, traceback.format_exc()))
+
+
+def run_workers(fn, world, tmp_path, *args, timeout=150.0):
+    ctx = mp.get_context("spawn")
+    out_q = ctx.Queue()
+    store = os.path.join(str(tmp_path), f"store_{fn.__name__}_{world}_{time.monotonic_ns()}")
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, store, args, out_q, timeout), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(results) + len(errors) < world:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"{fn.__name__} on {world} processes timed out after {timeout:.0f}s; "
+                    f"finished ranks {sorted(results)}, failed {sorted(errors)}"
+                    + "".join(f"\n--- rank {r} ---\n{e}" for r, e in sorted(errors.items()))
+                )
+            try:
+                kind, rank, payload = out_q.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead and all(i not in results and i not in errors for i in dead):
+                    time.sleep(1.0)  # let a crashing rank's message arrive first
+                    if out_q.empty():
+                        raise AssertionError(f"{fn.__name__}: ranks {dead} died without a report "
+                                             f"(exit codes {[procs[i].exitcode for i in dead]})")
+                continue
+            if kind == "ok":
+                results[rank] = payload
+            else:
+                errors[rank] = payload
+                break  # the others may block on the failed rank: stop now
+    finally:
+        for p in procs:
+            p.join(timeout=2.0 if errors or len(results) < world else 10)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    if errors:
+        r, e = sorted(errors.items())[0]
+        raise AssertionError(f"{fn.__name__} failed on rank {r} of {world}:\n{e}")
+    return [results[r] for r in range(world)]
