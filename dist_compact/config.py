@@ -1,0 +1,514 @@
+"""Run configuration: YAML files + command-line overrides -> frozen, typed, validated dataclasses.
+
+A config file is a mapping of sections (every section and key optional; what is left out keeps
+its default)::
+
+    include: [../models/embedded.yaml]     # optional: files merged first (paths relative to this one)
+    cluster: {nproc: 2, ulysses: 2, ring: 1, device: cpu, backend: gloo}
+    model:   {name: embedded, frames: 16, height: 48, width: 48, tile: [2, 4, 4]}
+    sparsity: {mode: adaspa, sparsity: 0.75}   # dist_compact.schedule.SparsityConfig
+    run:     {prompt: "a red square moving left", seed: 0, steps: 20, guidance: 4.0}
+
+Several files are merged in order (later keys win), then ``--section.key value`` overrides. Every
+value is type-checked against the dataclass field it lands in (an int field takes ``3``, not
+``"3"`` or ``3.5``); unknown sections/keys and bad types are a :class:`ConfigError` that names the
+file (or "command line") and the key; value checks run in each dataclass's ``__post_init__``.
+
+Only launchers and ``generate.py`` read files (:func:`load_run_config`, :func:`parse_generate_args`);
+library functions take the dataclasses or plain arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .schedule import SparsityConfig
+
+__all__ = [
+    "ConfigError",
+    "ClusterConfig",
+    "ModelConfig",
+    "RunOptions",
+    "RunConfig",
+    "DEMO_SPARSITY",
+    "load_yaml",
+    "load_run_config",
+    "parse_override",
+    "parse_generate_args",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file (or command line) and the key."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _choice(obj, name: str, choices: Sequence[str]) -> None:
+    val = getattr(obj, name)
+    if val not in choices:
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {val!r}")
+
+
+def _pos_int(obj, name: str, minimum: int = 1) -> None:
+    val = getattr(obj, name)
+    if not _is_int(val) or val < minimum:
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
+
+
+# ---------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how many processes run.
+
+    Attributes:
+        nproc: processes per node (one per GPU; CPU processes with ``device: cpu``).
+        nnodes: nodes; the world size is ``nproc * nnodes``.
+        ulysses, ring: sequence-parallel degrees; ``ulysses * ring`` must equal the world size.
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        backend: torch.distributed backend: ``"auto"`` (nccl on CUDA, gloo on CPU), ``"gloo"``, ``"nccl"``.
+        master_addr, master_port: rendezvous endpoint for multi-node launches (launchers use them).
+    """
+
+    nproc: int = 1
+    nnodes: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    device: str = "auto"
+    backend: str = "auto"
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        for name in ("nproc", "nnodes", "ulysses", "ring"):
+            _pos_int(self, name)
+        _choice(self, "device", ("auto", "cpu", "cuda"))
+        _choice(self, "backend", ("auto", "gloo", "nccl"))
+        if self.device == "cpu" and self.backend == "nccl":
+            raise ValueError("ClusterConfig.backend 'nccl' needs CUDA devices; use gloo with device: cpu")
+        if not isinstance(self.master_addr, str) or not self.master_addr:
+            raise ValueError(f"ClusterConfig.master_addr must be a non-empty string, got {self.master_addr!r}")
+        if not _is_int(self.master_port) or not 1 <= self.master_port <= 65535:
+            raise ValueError(f"ClusterConfig.master_port must be an int in [1, 65535], got {self.master_port!r}")
+        if self.ulysses * self.ring != self.world_size:
+            raise ValueError(
+                f"ClusterConfig: ulysses x ring = {self.ulysses} x {self.ring} = {self.ulysses * self.ring} "
+                f"must equal the world size nproc x nnodes = {self.nproc} x {self.nnodes} = {self.world_size}"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which DiT runs, at which video size.
+
+    Attributes:
+        name: model name (``"embedded"`` for the shipped tiny DiT; e.g. ``"wan2.1-t2v-14b"``).
+        kind: ``"embedded"`` or ``"diffusers"`` (a diffusers pipeline from a local folder).
+        path: weights: for ``embedded`` a ``.safetensors`` file (None = the shipped weights); for
+            ``diffusers`` the local model folder (required).
+        pipeline: diffusers pipeline class name (``"WanPipeline"``, ``"HunyuanVideoPipeline"``).
+        frames, height, width: video size in pixels / frames.
+        tile: kernel tile ``(t, h, w)`` in latent tokens; ``t*h*w`` is the block size (16..128).
+        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+    """
+
+    name: str = "embedded"
+    kind: str = "embedded"
+    path: Optional[str] = None
+    pipeline: Optional[str] = None
+    frames: int = 16
+    height: int = 48
+    width: int = 48
+    tile: Tuple[int, int, int] = (2, 4, 4)
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"ModelConfig.name must be a non-empty string, got {self.name!r}")
+        _choice(self, "kind", ("embedded", "diffusers"))
+        for name in ("frames", "height", "width"):
+            _pos_int(self, name)
+        object.__setattr__(self, "tile", tuple(self.tile))
+        if len(self.tile) != 3 or not all(_is_int(t) and t >= 1 for t in self.tile):
+            raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
+        vol = self.tile[0] * self.tile[1] * self.tile[2]
+        if vol not in (16, 32, 64, 128):
+            raise ValueError(f"ModelConfig.tile {self.tile} has {vol} tokens; the block size must be 16, 32, 64 or 128")
+        _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        # a diffusers model's path is checked when the model loads (configs/models/*.yaml leave it to
+        # --model-path, and launchers read those files without one)
+        if self.kind == "diffusers" and not self.pipeline:
+            raise ValueError("ModelConfig.pipeline is required for diffusers models (e.g. WanPipeline)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What to generate and where the outputs go.
+
+    Attributes:
+        prompt: the text prompt (the embedded model knows a small vocabulary; see its tokenizer).
+        seed: seed of the initial noise.
+        steps: denoising steps (flow-matching Euler).
+        guidance: classifier-free guidance scale (1.0 = no guidance, one forward per step).
+        shift: timestep shift of the sampler (``t' = shift t / (1 + (shift - 1) t)``, as SD3 / Wan).
+        output_dir: parent folder of the run folders.
+        name: run folder name (default: time, prompt and seed); an existing folder is an error.
+        compare_dense: also run dense attention from the same noise and report PSNR / SSIM.
+        attn_backend: attention kernels: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
+        fps: frames per second of the written videos.
+        progress: show a tqdm bar (rank 0 only).
+    """
+
+    prompt: str = "a red square moving left"
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 4.0
+    shift: float = 1.0
+    output_dir: str = "outputs"
+    name: Optional[str] = None
+    compare_dense: bool = False
+    attn_backend: str = "auto"
+    fps: int = 8
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"RunOptions.prompt must be a string, got {self.prompt!r}")
+        _pos_int(self, "seed", minimum=0)
+        _pos_int(self, "steps")
+        _pos_int(self, "fps")
+        for name, lo in (("guidance", 0.0), ("shift", 0.0)):
+            val = getattr(self, name)
+            if not math.isfinite(val) or val <= lo:
+                raise ValueError(f"RunOptions.{name} must be a finite number > {lo}, got {val!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"RunOptions.output_dir must be a non-empty path, got {self.output_dir!r}")
+        if self.name is not None:
+            bad = set(self.name) & set('/\\:*?"<>|') or self.name in ("", ".", "..") or self.name.startswith(".")
+            if bad:
+                raise ValueError(f"RunOptions.name must be a plain folder name (no / \\ : * ? \" < > |, no leading dot), got {self.name!r}")
+        _choice(self, "attn_backend", ("auto", "triton", "torch"))
+
+
+#: The embedded demo's sparsity: AdaSpa's online schedule (scaled to the run length) at density 0.25.
+DEMO_SPARSITY = SparsityConfig(mode="adaspa", dense_steps=10, search_steps=(10, 30),
+                               search_kinds=("fused", "cached"), reference_steps=50, sparsity=0.75)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: four sections (each a frozen dataclass checked on construction).
+
+    Attributes:
+        cluster: :class:`ClusterConfig`; model: :class:`ModelConfig`;
+        sparsity: :class:`~dist_compact.schedule.SparsityConfig`; run: :class:`RunOptions`;
+        sources: the files (and "command line") this config came from, for messages and reports.
+    """
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: SparsityConfig = field(default_factory=lambda: DEMO_SPARSITY)
+    run: RunOptions = field(default_factory=RunOptions)
+    sources: Tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"RunConfig.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        """Plain, YAML/JSON-ready dict of the four sections (tuples as lists)."""
+        def plain(v):
+            return list(v) if isinstance(v, tuple) else v
+
+        return {name: {f.name: plain(getattr(getattr(self, name), f.name)) for f in fields(getattr(self, name))}
+                for name in _SECTIONS}
+
+    def replace(self, **sections) -> "RunConfig":
+        """A copy with whole sections replaced, or ``section={"key": value}`` updates applied."""
+        new = {}
+        for name, val in sections.items():
+            if name not in _SECTIONS:
+                raise ConfigError(f"RunConfig has no section {name!r}; sections: {list(_SECTIONS)}")
+            if isinstance(val, dict):
+                val = _build_section(name, {**dataclasses.asdict(getattr(self, name)), **val}, {}, "replace()")
+            new[name] = val
+        return dataclasses.replace(self, **new)
+
+
+_SECTIONS = {"cluster": ClusterConfig, "model": ModelConfig, "sparsity": SparsityConfig, "run": RunOptions}
+
+
+# ---------------------------------------------------------------------------------------------- typing
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0]) if len(set(args)) == 1 else 'values'}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value, hint, where: str):
+    """``value`` checked against the type ``hint``; returns it normalised (tuples, floats)."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        errors = []
+        for a in rest:
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if origin in (tuple, list):
+        args = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {len(value)} values {list(value)!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = _is_int(value)
+    elif hint is float:
+        ok = _is_int(value) or isinstance(value, float)
+        if ok:
+            value = float(value)
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _hints(cls) -> Dict[str, Any]:
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k in {f.name for f in fields(cls) if f.init}}
+
+
+def _build_section(name: str, data: Dict[str, Any], origin: Dict[str, str], default_source: str):
+    """Build section ``name`` from ``data`` (keys already known to be valid names)."""
+    cls = _SECTIONS[name]
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{origin.get(key, default_source)}: {name}.{key}"
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key; {name} keys are: {', '.join(sorted(hints))}")
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        # __post_init__ names the field; say which file(s) set this section
+        srcs = sorted(set(origin.values())) or [default_source]
+        raise ConfigError(f"{', '.join(srcs)}: [{name}] {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------- files
+def load_yaml(path, _stack: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
+    """Read a config file and its ``include`` files: ``[(source, {section: {key: value}})]`` in merge order."""
+    import yaml
+
+    p = Path(path)
+    if p.resolve() in _stack:
+        chain = " -> ".join(str(s) for s in (*_stack, p.resolve()))
+        raise ConfigError(f"{p}: include cycle: {chain}")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must be a mapping of sections, got {type(data).__name__}")
+    out: List[Tuple[str, Dict[str, Any]]] = []
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{p}: include: expected a path or a list of paths, got {includes!r}")
+    for inc in includes:
+        out.extend(load_yaml(p.parent / inc, _stack + (p.resolve(),)))
+    for section, body in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{p}: unknown section {section!r}; sections are: include, {', '.join(_SECTIONS)}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{p}: {section}: expected a mapping of keys, got {body!r}")
+    out.append((str(p), data))
+    return out
+
+
+def parse_override(key: str, raw: str) -> Tuple[str, str, Any]:
+    """``("run.steps", "10")`` -> ``("run", "steps", 10)``, the value typed by the field it sets.
+
+    Values are read as YAML scalars / flow lists (``10``, ``0.5``, ``true``, ``null``, ``[1, 8, 8]``,
+    or ``1,8,8``) except for string fields, which take the text as is.
+    """
+    import yaml
+
+    where = f"command line: --{key}"
+    if key.count(".") != 1:
+        raise ConfigError(f"{where}: overrides are --section.key value (sections: {', '.join(_SECTIONS)})")
+    section, name = key.split(".")
+    name = name.replace("-", "_")
+    if section not in _SECTIONS:
+        raise ConfigError(f"{where}: unknown section {section!r}; sections are: {', '.join(_SECTIONS)}")
+    hints = _hints(_SECTIONS[section])
+    if name not in hints:
+        raise ConfigError(f"{where}: unknown key; {section} keys are: {', '.join(sorted(hints))}")
+    hint = hints[name]
+    str_ok = hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint))
+    if str_ok and raw.strip().lower() not in ("null", "none", "~"):
+        return section, name, raw
+    text = raw.strip()
+    if typing.get_origin(hint) in (tuple, list) or (
+        typing.get_origin(hint) is typing.Union
+        and any(typing.get_origin(a) in (tuple, list) for a in typing.get_args(hint))
+    ):
+        if "," in text and not text.startswith("["):
+            text = f"[{text}]"
+    if text.lower() in ("none",):
+        text = "null"
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: cannot read value {raw!r}: {e}") from e
+    return section, name, _coerce(value, hint, where)
+
+
+def load_run_config(paths: Sequence = (), overrides: Sequence[Tuple[str, str]] = ()) -> RunConfig:
+    """Merge config files (in order) and ``--section.key value`` overrides into a :class:`RunConfig`.
+
+    Args:
+        paths: YAML files, later ones win key by key.
+        overrides: ``(dotted_key, raw_value)`` pairs from the command line, applied last.
+    Raises:
+        ConfigError: naming the file (or "command line") and the key.
+    """
+    merged: Dict[str, Dict[str, Any]] = {name: {} for name in _SECTIONS}
+    origin: Dict[str, Dict[str, str]] = {name: {} for name in _SECTIONS}
+    sources: List[str] = []
+    for path in paths:
+        for src, data in load_yaml(path):
+            sources.append(src)
+            for section, body in data.items():
+                hints = _hints(_SECTIONS[section])
+                for key, value in (body or {}).items():
+                    if key not in hints:
+                        raise ConfigError(f"{src}: {section}.{key}: unknown key; {section} keys are: "
+                                          f"{', '.join(sorted(hints))}")
+                    merged[section][key] = _coerce(value, hints[key], f"{src}: {section}.{key}")
+                    origin[section][key] = src
+    for key, raw in overrides:
+        section, name, value = parse_override(key, raw)
+        merged[section][name] = value
+        origin[section][name] = "command line"
+        if "command line" not in sources:
+            sources.append("command line")
+    built = {}
+    for name in _SECTIONS:
+        if name == "sparsity" and not merged[name]:
+            built[name] = DEMO_SPARSITY
+            continue
+        base = dataclasses.asdict(DEMO_SPARSITY) if name == "sparsity" else {}
+        built[name] = _build_section(name, {**base, **merged[name]}, origin[name], "defaults")
+    return RunConfig(sources=tuple(sources), **built)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+#: shortcut flags of generate.py -> the config key they set
+SHORTCUTS = {
+    "prompt": "run.prompt",
+    "seed": "run.seed",
+    "steps": "run.steps",
+    "guidance": "run.guidance",
+    "name": "run.name",
+    "output_dir": "run.output_dir",
+    "model_path": "model.path",
+}
+
+
+def build_parser(prog: str = "generate.py") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Generate a video with sparse attention (default: the embedded tiny DiT).",
+        epilog="Any config key can be set with --section.key value, e.g. --run.steps 10 "
+               "--sparsity.mode dense --cluster.device cpu (sections: cluster, model, sparsity, run).",
+    )
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="config file (repeatable; later files win)")
+    p.add_argument("--prompt", help="text prompt (run.prompt)")
+    p.add_argument("--seed", help="noise seed (run.seed)")
+    p.add_argument("--steps", help="denoising steps (run.steps)")
+    p.add_argument("--guidance", help="classifier-free guidance scale (run.guidance)")
+    p.add_argument("--name", help="run folder name (run.name)")
+    p.add_argument("--output-dir", help="parent folder of run folders (run.output_dir)")
+    p.add_argument("--model-path", help="model weights file / folder (model.path)")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also run dense attention from the same noise; report PSNR / SSIM")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def parse_generate_args(argv: Sequence[str]) -> Tuple[RunConfig, argparse.Namespace]:
+    """generate.py's command line -> (:class:`RunConfig`, the parsed flags)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(list(argv))
+    overrides: List[Tuple[str, str]] = []
+    for flag, key in SHORTCUTS.items():
+        val = getattr(args, flag)
+        if val is not None:
+            overrides.append((key, val))
+    if args.compare_dense:
+        overrides.append(("run.compare_dense", "true"))
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if not tok.startswith("--") or "." not in tok:
+            raise ConfigError(f"command line: unexpected argument {tok!r} (options: see --help; "
+                              "config keys: --section.key value)")
+        if "=" in tok:
+            key, raw = tok[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"command line: {tok} needs a value")
+            key, raw = tok[2:], rest[i + 1]
+            i += 2
+        overrides.append((key, raw))
+    return load_run_config(args.config, overrides), args
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,538 @@
+"""The embedded tiny text-to-video DiT that the project trains and ships (no downloads needed).
+
+Architecture (a small single-stream HunyuanVideo / Wan-style flow-matching DiT, pixel space):
+
+* video ``[B, 3, F, H, W]`` in ``[-1, 1]`` -> patches ``(pt, ph, pw)`` -> linear -> video tokens
+  (raster order ``(frame, row, col)``);
+* prompt -> :class:`WordTokenizer` ids ``[B, L]`` -> embedding + learned position -> text tokens,
+  joined *after* the video tokens (HunyuanVideo's joint attention: every block attends over text and
+  video together);
+* conditioning vector = timestep embedding + pooled text embedding; each block is modulated by it
+  (adaLN with gates, Wan's shared projection plus a per-block offset);
+* q/k RMS norm, 3D RoPE on video tokens (text tokens are not rotated);
+* output: velocity ``noise - x0`` of rectified flow (``x_t = (1 - t) x0 + t noise``, ``t = 1`` is
+  noise), as Wan and HunyuanVideo.
+
+Attention: the block-order forward (:meth:`EmbeddedDiT.forward`) permutes the tokens to the kernel
+block order ONCE (``VideoLayout.to_blocks``, RoPE positions permuted with them through
+``layout.token_positions``), calls ``self.attn[i](q, k, v, ctx)`` in block ``i`` (attention callables
+installed from outside; default :class:`~dist_compact.context.DenseAttention`) and permutes back at
+the end. All other ops are per token, so the order does not change the result. With a sequence
+parallel plan ``sp`` the block-ordered tokens are sharded once after the permutation and gathered
+once before it is undone (docs/design.md, contract 7). :meth:`EmbeddedDiT.forward_plain` is the same
+network in model order with PyTorch SDPA: used for training (it has gradients) and as the oracle of
+the block-order forward in tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..context import AttentionContext, DenseAttention
+from ..layout import VideoLayout
+from .data import VOCAB
+
+__all__ = [
+    "EmbeddedConfig",
+    "EmbeddedDiT",
+    "WordTokenizer",
+    "LocalPlan",
+    "WeightsError",
+    "DEFAULT_WEIGHTS",
+    "load_embedded",
+    "save_embedded",
+    "sha256_of",
+    "rope_tables",
+]
+
+#: the shipped weights (trained by ``python -m dist_compact.models.train``); the checksum is beside it
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded.safetensors"
+_FORMAT = "dist_compact.embedded/1"
+
+
+class WeightsError(RuntimeError):
+    """The weights file is missing, corrupt (checksum mismatch) or not an embedded-model file."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    """Hyper-parameters of :class:`EmbeddedDiT` (stored in the weights file's metadata).
+
+    Attributes:
+        patch: ``(pt, ph, pw)`` pixels per token along (frame, row, col).
+        dim, depth, heads: width, number of blocks, attention heads (``dim // heads`` in 16..128).
+        mlp_ratio: hidden width of the MLP in units of ``dim``.
+        text_len: prompt tokens (padded / refused beyond); vocab_size: tokenizer vocabulary.
+        rope_split: head-dim channels rotated by frame, row, col (even, sum == head_dim).
+        rope_theta: RoPE base.
+        frames, height, width: the video size it was trained on (pixels).
+    """
+
+    patch: Tuple[int, int, int] = (1, 4, 4)
+    dim: int = 192
+    depth: int = 8
+    heads: int = 6
+    mlp_ratio: int = 4
+    text_len: int = 12
+    vocab_size: int = len(VOCAB)
+    rope_split: Tuple[int, int, int] = (8, 12, 12)
+    rope_theta: float = 1000.0
+    in_channels: int = 3
+    frames: int = 16
+    height: int = 48
+    width: int = 48
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch", tuple(self.patch))
+        object.__setattr__(self, "rope_split", tuple(self.rope_split))
+        for name in ("dim", "depth", "heads", "mlp_ratio", "text_len", "vocab_size", "in_channels",
+                     "frames", "height", "width"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+                raise ValueError(f"EmbeddedConfig.{name} must be a positive int, got {val!r}")
+        if len(self.patch) != 3 or not all(isinstance(p, int) and p >= 1 for p in self.patch):
+            raise ValueError(f"EmbeddedConfig.patch must be three positive ints, got {self.patch!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"EmbeddedConfig.dim {self.dim} must be divisible by heads {self.heads}")
+        hd = self.dim // self.heads
+        if hd not in (16, 32, 64, 128):
+            raise ValueError(f"EmbeddedConfig: head_dim {hd} must be one of 16, 32, 64, 128 (kernel sizes)")
+        if len(self.rope_split) != 3 or any(s % 2 or s < 0 for s in self.rope_split) or sum(self.rope_split) != hd:
+            raise ValueError(
+                f"EmbeddedConfig.rope_split {self.rope_split} must be three even ints summing to head_dim {hd}"
+            )
+        if not self.rope_theta > 1:
+            raise ValueError(f"EmbeddedConfig.rope_theta must be > 1, got {self.rope_theta!r}")
+        for name, size, p in (("frames", self.frames, self.patch[0]), ("height", self.height, self.patch[1]),
+                              ("width", self.width, self.patch[2])):
+            if size % p:
+                raise ValueError(f"EmbeddedConfig.{name} {size} must be a multiple of the patch size {p}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.patch[0] * self.patch[1] * self.patch[2]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EmbeddedConfig":
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"EmbeddedConfig: unknown fields {unknown}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------- text
+class WordTokenizer:
+    """Word-level tokenizer over the prompt vocabulary of :mod:`dist_compact.models.data`.
+
+    ``encode(prompt)`` -> int64 ``[text_len]``, padded with id 0 (``<pad>``). The empty prompt is all
+    padding (the unconditional input of classifier-free guidance). A word outside the vocabulary or
+    a prompt longer than ``text_len`` words is an error: the model can only draw what it was taught.
+    """
+
+    def __init__(self, text_len: int, vocab: Sequence[str] = VOCAB):
+        self.text_len = text_len
+        self.vocab = tuple(vocab)
+        self.ids = {w: i for i, w in enumerate(self.vocab)}
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        words = prompt.lower().replace(",", " ").replace(".", " ").split()
+        unknown = [w for w in words if w not in self.ids or w == "<pad>"]
+        if unknown:
+            raise ValueError(
+                f"prompt {prompt!r}: the embedded model does not know the word(s) {unknown}; "
+                f"its vocabulary is: {' '.join(self.vocab[1:])}"
+            )
+        if len(words) > self.text_len:
+            raise ValueError(f"prompt {prompt!r} has {len(words)} words; the embedded model takes at most {self.text_len}")
+        ids = [self.ids[w] for w in words] + [0] * (self.text_len - len(words))
+        return torch.tensor(ids, dtype=torch.int64)
+
+    def batch(self, prompts: Sequence[str]) -> torch.Tensor:
+        """int64 ``[len(prompts), text_len]``."""
+        return torch.stack([self.encode(p) for p in prompts])
+
+
+# ---------------------------------------------------------------------------------------------- rope
+def rope_tables(pos: torch.Tensor, split: Sequence[int], theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[N, head_dim // 2]`` float32 for positions ``pos`` int ``[N, 3]`` (frame, row, col).
+
+    Channel pairs ``(2i, 2i+1)`` of the head dim are rotated; the first ``split[0] // 2`` pairs by the
+    frame index, the next by the row, the last by the column. Rows with a negative position (text,
+    padding) get the identity rotation (cos 1, sin 0).
+    """
+    angles = []
+    for axis, n in enumerate(split):
+        half = n // 2
+        if half == 0:
+            continue
+        freqs = theta ** (-torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+        angles.append(pos[:, axis:axis + 1].to(torch.float64) * freqs.view(1, -1))
+    ang = torch.cat(angles, 1)
+    ang = torch.where((pos < 0).any(1, keepdim=True), torch.zeros_like(ang), ang)
+    return torch.cos(ang).float(), torch.sin(ang).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x [B, S, H, D]`` by ``cos, sin [B|1, S, D/2]`` (computed in fp32)."""
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding ``[B, dim]`` of ``t`` in [0, 1] (scaled by 1000 as in DiT / Wan)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float().view(-1, 1) * 1000.0 * freqs.view(1, -1)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class Block(nn.Module):
+    """Joint text+video transformer block: adaLN-modulated attention and MLP with gates.
+
+    ``x [B, S, dim]`` in any token order; ``mod [B, 6, dim]`` the shared modulation of this forward;
+    ``cos, sin [B|1, S, head_dim/2]`` in the same token order as ``x``; ``attend(q, k, v)`` computes
+    attention on ``[B, S, heads, head_dim]`` tensors.
+    """
+
+    def __init__(self, cfg: EmbeddedConfig):
+        super().__init__()
+        d = cfg.dim
+        self.heads = cfg.heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm = RMSNorm(cfg.head_dim)
+        self.k_norm = RMSNorm(cfg.head_dim)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.mlp_ratio * d, d))
+        # per-block offset of the shared modulation (Wan2.1 style); small so blocks start near identity
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
+
+    def forward(self, x, mod, cos, sin, attend):
+        B, S, D = x.shape
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(1)
+        h = self.norm1(x) * (1 + scale1.unsqueeze(1)) + shift1.unsqueeze(1)
+        q, k, v = self.qkv(h).view(B, S, 3, self.heads, D // self.heads).unbind(2)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        a = attend(q, k, v.contiguous()).reshape(B, S, D)
+        x = x + gate1.unsqueeze(1) * self.proj(a)
+        h = self.norm2(x) * (1 + scale2.unsqueeze(1)) + shift2.unsqueeze(1)
+        return x + gate2.unsqueeze(1) * self.mlp(h)
+
+
+class LocalPlan:
+    """The one-process sequence-parallel plan: every method is the identity (docs/design.md, contract 7)."""
+
+    def layout_for(self, layout: VideoLayout) -> VideoLayout:
+        return layout
+
+    def shard(self, x: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
+        return x
+
+    def wrap(self, attn):
+        return attn
+
+    def __repr__(self) -> str:
+        return "LocalPlan()"
+
+
+# ---------------------------------------------------------------------------------------------- model
+class EmbeddedDiT(nn.Module):
+    """Tiny text-to-video flow-matching DiT (see the module docstring).
+
+    Attributes:
+        config: :class:`EmbeddedConfig`.
+        attn: list of ``depth`` attention callables ``attn(q, k, v, ctx)``; default
+            :class:`DenseAttention`; replace with :meth:`set_attention`.
+        tokenizer: :class:`WordTokenizer` for prompts.
+    """
+
+    def __init__(self, config: Optional[EmbeddedConfig] = None):
+        super().__init__()
+        cfg = config or EmbeddedConfig()
+        if not isinstance(cfg, EmbeddedConfig):
+            raise TypeError(f"config must be an EmbeddedConfig, got {type(cfg).__name__}")
+        self.config = cfg
+        d = cfg.dim
+        self.patch_embed = nn.Linear(cfg.patch_dim, d)
+        self.text_embed = nn.Embedding(cfg.vocab_size, d)
+        self.text_pos = nn.Parameter(torch.randn(1, cfg.text_len, d) * 0.02)
+        self.time_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.pool_mlp = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.mod_proj = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.final = nn.Linear(d, cfg.patch_dim)
+        # adaLN-Zero: the residual branches and the output start at zero, so training starts stable
+        for m in (self.mod_proj[1], self.final_mod[1], self.final):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+        self.attn: List = [DenseAttention(i) for i in range(cfg.depth)]
+        self.tokenizer = WordTokenizer(cfg.text_len)
+
+    def set_attention(self, attns: Sequence) -> None:
+        """Install one attention callable ``attn(q, k, v, ctx)`` per block."""
+        attns = list(attns)
+        if len(attns) != self.config.depth:
+            raise ValueError(f"set_attention: expected {self.config.depth} callables (one per block), got {len(attns)}")
+        if not all(callable(a) for a in attns):
+            raise TypeError("set_attention: every entry must be callable as attn(q, k, v, ctx)")
+        self.attn = attns
+
+    # ------------------------------------------------------------------ shapes
+    def grid(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
+        """Token grid (T, H, W) of a video of ``frames x height x width`` pixels."""
+        pt, ph, pw = self.config.patch
+        for name, size, p in (("frames", frames, pt), ("height", height, ph), ("width", width, pw)):
+            if size % p:
+                raise ValueError(f"video {name} {size} is not a multiple of the model's patch size {p}")
+        return frames // pt, height // ph, width // pw
+
+    def video_layout(self, frames: int, height: int, width: int, tile=(2, 4, 4)) -> VideoLayout:
+        """The :class:`VideoLayout` of a video of that pixel size (text tokens after the video)."""
+        T, H, W = self.grid(frames, height, width)
+        return VideoLayout(T, H, W, tile=tuple(tile), text_tokens=self.config.text_len, text_position="after")
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, F, H, W]`` -> ``[B, T*Hp*Wp, C*pt*ph*pw]`` (raster order of the token grid)."""
+        B, C, Fr, H, W = x.shape
+        pt, ph, pw = self.config.patch
+        T, Hp, Wp = self.grid(Fr, H, W)
+        x = x.reshape(B, C, T, pt, Hp, ph, Wp, pw).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return x.reshape(B, T * Hp * Wp, C * pt * ph * pw)
+
+    def unpatchify(self, tokens: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """Inverse of :meth:`patchify`."""
+        B = tokens.shape[0]
+        pt, ph, pw = self.config.patch
+        T, Hp, Wp = self.grid(frames, height, width)
+        C = self.config.in_channels
+        x = tokens.reshape(B, T, Hp, Wp, C, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(B, C, frames, height, width)
+
+    def _check_inputs(self, x, t, text) -> None:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != cfg.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be [batch, {cfg.in_channels}, frames, height, width], got {got}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"t must be a tensor [batch] = [{B}] of times in [0, 1]")
+        if not isinstance(text, torch.Tensor) or text.shape != (B, cfg.text_len) or text.dtype != torch.int64:
+            raise ValueError(f"text must be int64 token ids [batch, text_len] = [{B}, {cfg.text_len}]")
+
+    def _embed(self, x, t, text):
+        """Model-order tokens ``[B, N + L, dim]`` (video raster, then text) and modulation inputs."""
+        dtype = self.patch_embed.weight.dtype
+        vid = self.patch_embed(self.patchify(x.to(dtype)))
+        txt = self.text_embed(text) + self.text_pos
+        keep = (text != 0).to(dtype).unsqueeze(-1)
+        pooled = (txt * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        cond = self.time_mlp(timestep_embedding(t, self.config.dim).to(dtype)) + self.pool_mlp(pooled)
+        mod = self.mod_proj(cond).view(-1, 6, self.config.dim)
+        return torch.cat([vid, txt], dim=1), cond, mod
+
+    def _head(self, h, cond):
+        shift, scale = self.final_mod(cond).chunk(2, dim=1)
+        return self.final(self.final_norm(h) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1))
+
+    # ------------------------------------------------------------------ forwards
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                ctx: Optional[AttentionContext] = None, sp=None) -> torch.Tensor:
+        """Velocity ``[B, C, F, H, W]`` of video ``x [B, C, F, H, W]`` at times ``t [B]``.
+
+        Args:
+            text: int64 ``[B, text_len]`` token ids (:attr:`tokenizer`).
+            ctx: the :class:`AttentionContext` of this forward; its ``layout`` must describe this
+                video's token grid and ``text_len`` text tokens after it (any tile; with ``sp`` it is
+                ``sp.layout_for(...)`` of that). Default: dense ctx with tile (2, 4, 4).
+            sp: sequence-parallel plan (``layout_for`` / ``shard`` / ``gather``), default one process.
+        """
+        self._check_inputs(x, t, text)
+        B, _, Fr, H, W = x.shape
+        sp = sp if sp is not None else LocalPlan()
+        if ctx is None:
+            ctx = AttentionContext(layout=sp.layout_for(self.video_layout(Fr, H, W)))
+        layout = ctx.layout
+        grid = self.grid(Fr, H, W)
+        if (layout.grid != grid or layout.text_tokens != self.config.text_len or layout.text_position != "after"):
+            raise ValueError(
+                f"ctx.layout {layout} does not match the input: token grid {grid} with "
+                f"{self.config.text_len} text tokens after the video"
+            )
+        seq, cond, mod = self._embed(x, t, text)
+        # ONE permutation per forward: tokens and their RoPE positions go to block order together
+        seq = layout.to_blocks(seq, dim=1)
+        cos, sin = rope_tables(layout.token_positions(x.device), self.config.rope_split, self.config.rope_theta)
+        seq = sp.shard(seq, layout, dim=1)
+        cos = sp.shard(cos.unsqueeze(0), layout, dim=1)
+        sin = sp.shard(sin.unsqueeze(0), layout, dim=1)
+        for i, block in enumerate(self.blocks):
+            attn = self.attn[i]
+            seq = block(seq, mod, cos, sin, lambda q, k, v, _a=attn: _a(q, k, v, ctx))
+        out = self._head(seq, cond)  # per token, so it runs on the shard
+        out = sp.gather(out, layout, dim=1)
+        out = layout.from_blocks(out, dim=1)
+        N = grid[0] * grid[1] * grid[2]
+        return self.unpatchify(out[:, :N], Fr, H, W)
+
+    def forward_plain(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The same network in model order with PyTorch SDPA (never permutes; differentiable).
+
+        Used for training and as the oracle of :meth:`forward` in tests.
+        """
+        self._check_inputs(x, t, text)
+        B, _, Fr, H, W = x.shape
+        T, Hp, Wp = self.grid(Fr, H, W)
+        seq, cond, mod = self._embed(x, t, text)
+        dev = x.device
+        f = torch.arange(T, device=dev).view(T, 1, 1).expand(T, Hp, Wp)
+        r = torch.arange(Hp, device=dev).view(1, Hp, 1).expand(T, Hp, Wp)
+        c = torch.arange(Wp, device=dev).view(1, 1, Wp).expand(T, Hp, Wp)
+        pos = torch.stack([f, r, c], -1).reshape(-1, 3)
+        pos = torch.cat([pos, torch.full((self.config.text_len, 3), -1, device=dev, dtype=pos.dtype)])
+        cos, sin = rope_tables(pos, self.config.rope_split, self.config.rope_theta)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+
+        def sdpa(q, k, v):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return o.transpose(1, 2)
+
+        for block in self.blocks:
+            seq = block(seq, mod, cos, sin, sdpa)
+        out = self._head(seq, cond)
+        return self.unpatchify(out[:, : T * Hp * Wp], Fr, H, W)
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError as e:  # not a core dependency
+        raise ImportError(
+            "reading/writing the embedded model's weights needs the 'safetensors' package: "
+            "pip install -e \".[video]\"  (or: pip install safetensors)"
+        ) from e
+    return st
+
+
+def sha256_of(path: Union[str, os.PathLike]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_embedded(model: EmbeddedDiT, path: Union[str, os.PathLike], dtype=torch.float32,
+                  extra: Optional[dict] = None) -> str:
+    """Write ``path`` (safetensors, config in the metadata) and ``path.sha256``; returns the sha256.
+
+    Written to temporary names and renamed, so a reader never sees a half-written pair.
+    """
+    st = _safetensors()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": _FORMAT, "config": model.config.to_json()}
+    if extra:
+        meta["training"] = json.dumps(extra, sort_keys=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    st.save_file(tensors, str(tmp), metadata=meta)
+    digest = sha256_of(tmp)
+    tmp_sum = tmp.with_name(tmp.name + ".sha256")
+    tmp_sum.write_text(f"{digest}  {path.name}\n")
+    for f in (tmp, tmp_sum):  # safetensors creates 0600 files; weights are for everyone to read
+        os.chmod(f, 0o644)
+    os.replace(tmp, path)
+    os.replace(tmp_sum, _checksum_path(path))
+    return digest
+
+
+def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
+                  dtype: torch.dtype = torch.float32) -> EmbeddedDiT:
+    """Load the embedded model; the file's sha256 must equal the one in ``<path>.sha256``.
+
+    Raises:
+        WeightsError: file or checksum missing, checksum mismatch, or not an embedded-model file.
+        ImportError: the ``safetensors`` package is missing (``pip install -e ".[video]"``).
+    """
+    path = Path(path) if path is not None else DEFAULT_WEIGHTS
+    st = _safetensors()
+    sum_path = _checksum_path(path)
+    if not path.is_file():
+        raise WeightsError(f"embedded model weights not found: {path} (train them with "
+                           f"`python -m dist_compact.models.train`, or reinstall the package)")
+    if not sum_path.is_file():
+        raise WeightsError(f"checksum file missing for {path}: expected {sum_path}")
+    expected = sum_path.read_text().split()
+    if not expected or len(expected[0]) != 64:
+        raise WeightsError(f"checksum file {sum_path} is malformed (want '<sha256 hex>  {path.name}')")
+    actual = sha256_of(path)
+    if actual != expected[0].lower():
+        raise WeightsError(
+            f"checksum mismatch for {path}: sha256 {actual} but {sum_path.name} says {expected[0]}; "
+            "the file is corrupt or was replaced without its checksum (re-download / re-train it)"
+        )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = st.load_file(str(path))
+    except Exception as e:  # a file with a valid checksum should parse; say which file if not
+        raise WeightsError(f"cannot read {path} as safetensors: {e}") from e
+    if meta.get("format") != _FORMAT or "config" not in meta:
+        raise WeightsError(f"{path} is not an embedded-model weights file (metadata format {meta.get('format')!r})")
+    model = EmbeddedDiT(EmbeddedConfig.from_json(meta["config"]))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,337 @@
+"""Run outputs: the run folder (written atomically), videos, images, report.json, PSNR / SSIM.
+
+``outputs/<run>/`` holds
+
+* ``video.mp4`` (imageio-ffmpeg, H.264) and ``video.gif`` - the generated clip (nearest-neighbour
+  upscaled so a 48x48 clip is watchable); with ``compare_dense`` also ``dense.mp4`` / ``dense.gif``;
+* ``latents.pt`` - the final latents ``[1, C, F, H, W]`` float32 (``dense_latents.pt`` too);
+* ``frames.png`` - a grid of all frames (``dense_frames.png`` too); ``density.png`` /
+  ``recall.png`` - heatmaps of the per (layer, head) density and recall (rows = layers,
+  columns = heads; white = no value);
+* ``report.json`` - config, seed, per-step timings, attention statistics (calls, density and recall
+  per layer and head, search overhead) and, with ``compare_dense``, PSNR / SSIM of sparse vs dense;
+* ``logs/rank<r>.log`` - one log per process.
+
+Atomicity: everything is written under ``<output_dir>/.tmp-<name>-<pid>`` and renamed to
+``<output_dir>/<name>`` only when complete (:class:`RunFolder`); a failed run removes the temporary
+folder, so no half-written run folder is ever left.
+
+Video layout for the helpers here: ``[C, F, H, W]`` (or ``[1, C, F, H, W]``) float in ``[-1, 1]``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import shutil
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "RunFolder",
+    "check_writers",
+    "psnr",
+    "ssim",
+    "to_uint8_frames",
+    "frame_grid",
+    "per_layer_head",
+    "heatmap",
+    "write_video",
+    "build_report",
+    "write_outputs",
+]
+
+
+# ---------------------------------------------------------------------------------------------- folder
+def _slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:limit].rstrip("-") or "run"
+
+
+class RunFolder:
+    """A run folder written under a temporary name and renamed when complete.
+
+    Args:
+        output_dir: parent folder (created if missing).
+        name: run folder name; None = ``<YYYYmmdd-HHMMSS>-<prompt slug>-s<seed>`` (made unique).
+    Raises:
+        FileExistsError: ``name`` is given and ``<output_dir>/<name>`` already exists.
+    """
+
+    def __init__(self, output_dir: str, name: Optional[str] = None, *, prompt: str = "", seed: int = 0):
+        os.makedirs(output_dir, exist_ok=True)
+        if name is None:
+            base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-s{seed}"
+            name, n = base, 1
+            while os.path.exists(os.path.join(output_dir, name)):
+                n += 1
+                name = f"{base}-{n}"
+        elif os.path.exists(os.path.join(output_dir, name)):
+            raise FileExistsError(f"run folder {os.path.join(output_dir, name)} already exists; choose another --name")
+        self.name = name
+        self.final = os.path.join(output_dir, name)
+        self.tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
+        os.makedirs(self.tmp)
+        self.done = False
+
+    def commit(self) -> str:
+        """Rename the temporary folder to the final name (atomic on one file system)."""
+        if os.path.exists(self.final):
+            self.discard()
+            raise FileExistsError(f"run folder {self.final} appeared while the run was going; outputs discarded")
+        os.rename(self.tmp, self.final)
+        self.done = True
+        return self.final
+
+    def discard(self) -> None:
+        if not self.done:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.final!r}, done={self.done})"
+
+
+def check_writers() -> None:
+    """Raise one clear ImportError when the [video] extra (imageio, imageio-ffmpeg) is missing."""
+    missing = []
+    for mod in ("imageio", "imageio_ffmpeg"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod.replace("_", "-"))
+    if missing:
+        raise ImportError(
+            f"writing the video needs {', '.join(missing)}: pip install -e \".[video]\" "
+            "(or: pip install imageio imageio-ffmpeg)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- quality
+def _as_unit(x: torch.Tensor) -> torch.Tensor:
+    """``[1, C, F, H, W]`` / ``[C, F, H, W]`` in [-1, 1] -> ``[F, C, H, W]`` float64 in [0, 1]."""
+    if x.dim() == 5:
+        if x.shape[0] != 1:
+            raise ValueError(f"expected one video [1, C, F, H, W], got {tuple(x.shape)}")
+        x = x[0]
+    if x.dim() != 4:
+        raise ValueError(f"expected a video [C, F, H, W], got {tuple(x.shape)}")
+    return ((x.detach().double().cpu() + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos ``[C, F, H, W]`` in [-1, 1], on the [0, 1] scale (inf if equal)."""
+    x, y = _as_unit(a), _as_unit(b)
+    if x.shape != y.shape:
+        raise ValueError(f"psnr: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = float(((x - y) ** 2).mean())
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _gauss(size: int, sigma: float) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma ** 2))
+    return g / g.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM of two videos ``[C, F, H, W]`` in [-1, 1] (Wang et al. 2004, per frame and channel).
+
+    Gaussian window ``window x window`` with ``sigma``, ``C1 = (0.01)^2``, ``C2 = (0.03)^2`` on the
+    [0, 1] scale, valid region only (no padding); the mean over frames, channels and positions.
+    """
+    x, y = _as_unit(a), _as_unit(b)
+    if x.shape != y.shape:
+        raise ValueError(f"ssim: shapes differ {tuple(x.shape)} vs {tuple(y.shape)}")
+    n, c, h, w = x.shape
+    win = min(window, h, w)
+    g = _gauss(win, sigma)
+    k = (g.view(-1, 1) * g.view(1, -1)).expand(c, 1, win, win).contiguous()
+
+    def filt(t):
+        return F.conv2d(t, k, groups=c)
+
+    mx, my = filt(x), filt(y)
+    sxx = filt(x * x) - mx * mx
+    syy = filt(y * y) - my * my
+    sxy = filt(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return float(s.mean())
+
+
+# ---------------------------------------------------------------------------------------------- images
+def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """``[C, F, H, W]`` in [-1, 1] -> uint8 ``[F, H*scale, W*scale, 3]`` (nearest-neighbour upscale)."""
+    x = _as_unit(video)  # [F, C, H, W]
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise ValueError(f"frames must have 1 or 3 channels, got {x.shape[1]}")
+    arr = (x * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    return np.ascontiguousarray(arr)
+
+
+def frame_grid(frames: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> np.ndarray:
+    """uint8 ``[F, H, W, 3]`` -> one image with the frames in rows of ``cols`` (white gaps)."""
+    n, h, w, _ = frames.shape
+    cols = cols or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / cols))
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y:y + h, x:x + w] = frames[i]
+    return out
+
+
+def per_layer_head(stats, num_layers: int, num_heads: int, what: str = "density") -> List[List[Optional[float]]]:
+    """``[layers][heads]`` of the last recorded per-head ``what`` ("density" / "recall"), None if none."""
+    out: List[List[Optional[float]]] = [[None] * num_heads for _ in range(num_layers)]
+    for rec in getattr(stats, "records", []) or []:
+        vals = getattr(rec, what, None)
+        if vals is None or not 0 <= rec.layer < num_layers or len(vals) != num_heads:
+            continue
+        out[rec.layer] = [float(v) for v in vals]
+    return out
+
+
+def heatmap(matrix: Sequence[Sequence[Optional[float]]], cell: int = 24) -> np.ndarray:
+    """uint8 RGB image of a ``[rows][cols]`` matrix in [0, 1] (viridis; None -> white), 1-px grid."""
+    from .png import colormap
+
+    vals = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
+    rgb = colormap(vals, 0.0, 1.0)
+    img = rgb.repeat(cell, axis=0).repeat(cell, axis=1)
+    img[::cell, :] = 255
+    img[:, ::cell] = 255
+    return img
+
+
+def _write_png(path: str, image: np.ndarray) -> None:
+    from .png import write_png
+
+    write_png(path, image)
+
+
+def write_video(stem: str, frames: np.ndarray, fps: int) -> List[str]:
+    """Write ``stem.mp4`` (H.264 through imageio-ffmpeg) and ``stem.gif``; returns the paths."""
+    check_writers()
+    import imageio
+
+    mp4, gif = stem + ".mp4", stem + ".gif"
+    # yuv420p needs even sizes; 16-pixel macro blocks avoid ffmpeg's resize warning
+    imageio.mimwrite(mp4, list(frames), fps=fps, codec="libx264", quality=8, macro_block_size=16,
+                     pixelformat="yuv420p", ffmpeg_log_level="error")
+    try:
+        imageio.mimwrite(gif, list(frames), duration=1000.0 / fps, loop=0)
+    except Exception:  # older imageio / pillow plugins take seconds per frame
+        imageio.mimwrite(gif, list(frames), duration=1.0 / fps)
+    return [mp4, gif]
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _finite(obj):
+    """JSON-safe copy: non-finite floats -> None (report.json stays valid JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _finite(obj.tolist())
+    return obj
+
+
+def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
+    summary = stats.summary() if stats is not None and hasattr(stats, "summary") else None
+    secs = list(res.step_seconds)
+    return {
+        "step_seconds": secs,
+        "total_seconds": sum(secs),
+        "mean_step_seconds": sum(secs) / len(secs) if secs else None,
+        "attention": summary,
+        "density_per_layer_head": per_layer_head(stats, num_layers, num_heads, "density"),
+        "recall_per_layer_head": per_layer_head(stats, num_layers, num_heads, "recall"),
+        "search_overhead_s": None if summary is None else summary.get("search_overhead_s"),
+        "mean_density": None if summary is None else summary.get("mean_density"),
+    }
+
+
+def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sparse, dense=None,
+                 num_layers: int, num_heads: int) -> dict:
+    """The report.json payload (see the module doc); ``sparse`` / ``dense`` are ``(SampleResult, stats)``."""
+    from . import __version__
+
+    rep = {
+        "dist_compact_version": __version__,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "prompt": cfg.run.prompt,
+        "seed": cfg.run.seed,
+        "steps": cfg.run.steps,
+        "config": cfg.to_dict(),
+        "config_sources": list(cfg.sources),
+        "world_size": world,
+        "device": str(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_version": torch.__version__,
+        "model": model_info,
+        "layout": {"repr": repr(layout), "tokens": layout.seq_len, "padded": layout.padded_len,
+                   "blocks": layout.num_blocks, "block_size": layout.block_size, "tile": list(layout.tile)},
+        "sparse": _run_section(sparse[0], sparse[1], num_layers, num_heads),
+    }
+    if dense is not None:
+        rep["dense"] = _run_section(dense[0], dense[1], num_layers, num_heads)
+        a, b = sparse[0].latents, dense[0].latents
+        rep["quality"] = {"psnr_db": psnr(a, b), "ssim": ssim(a, b),
+                          "max_abs_diff": float((a.float() - b.float()).abs().max())}
+        ts, td = rep["sparse"]["total_seconds"], rep["dense"]["total_seconds"]
+        rep["speedup_vs_dense"] = td / ts if ts > 0 else None
+    return rep
+
+
+def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latents: Optional[torch.Tensor] = None,
+                  *, fps: int = 8, sparse_stats=None, num_layers: int = 0, num_heads: int = 0,
+                  scale: Optional[int] = None) -> List[str]:
+    """Write every output file of a run into ``folder`` (the temporary run folder); returns the names."""
+    files: List[str] = []
+    lat = latents.detach().float().cpu()
+    h = lat.shape[-2]
+    scale = scale or max(1, int(round(192 / h)))
+
+    def add(path: str) -> None:
+        files.append(os.path.relpath(path, folder))
+
+    torch.save(lat, os.path.join(folder, "latents.pt"))
+    add(os.path.join(folder, "latents.pt"))
+    frames = to_uint8_frames(lat, scale)
+    for p in write_video(os.path.join(folder, "video"), frames, fps):
+        add(p)
+    _write_png(os.path.join(folder, "frames.png"), frame_grid(to_uint8_frames(lat, max(1, scale // 2))))
+    add(os.path.join(folder, "frames.png"))
+    if dense_latents is not None:
+        dl = dense_latents.detach().float().cpu()
+        torch.save(dl, os.path.join(folder, "dense_latents.pt"))
+        add(os.path.join(folder, "dense_latents.pt"))
+        for p in write_video(os.path.join(folder, "dense"), to_uint8_frames(dl, scale), fps):
+            add(p)
+        _write_png(os.path.join(folder, "dense_frames.png"), frame_grid(to_uint8_frames(dl, max(1, scale // 2))))
+        add(os.path.join(folder, "dense_frames.png"))
+    if num_layers and num_heads:
+        for what in ("density", "recall"):
+            m = report["sparse"][f"{what}_per_layer_head"]
+            if any(v is not None for row in m for v in row):
+                _write_png(os.path.join(folder, f"{what}.png"), heatmap(m))
+                add(os.path.join(folder, f"{what}.png"))
+    report = dict(report, files=sorted(files + ["report.json"]))
+    with open(os.path.join(folder, "report.json"), "w") as f:
+        json.dump(_finite(report), f, indent=1, allow_nan=False)
+    return report["files"]

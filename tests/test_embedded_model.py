@@ -1,0 +1,154 @@
+"""The embedded DiT: shapes, the exactness of its block-order forward, the tokenizer, the weights file."""
+
+import os
+
+import pytest
+import torch
+
+from dist_compact.context import AttentionContext, DenseAttention
+from dist_compact.executor import AttentionOps
+from dist_compact.models.embedded import (
+    DEFAULT_WEIGHTS,
+    EmbeddedConfig,
+    EmbeddedDiT,
+    LocalPlan,
+    WeightsError,
+    WordTokenizer,
+    load_embedded,
+    rope_tables,
+    save_embedded,
+    sha256_of,
+)
+
+SMALL = dict(dim=64, depth=2, heads=2, rope_split=(8, 12, 12), frames=4, height=16, width=16)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = EmbeddedDiT(EmbeddedConfig(**{**SMALL, **kw}))
+    # the adaLN-Zero layers start at zero; randomise them so every path carries signal
+    with torch.no_grad():
+        for p in m.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+def _inputs(m, B=2, frames=4, height=16, width=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, frames, height, width, generator=g)
+    t = torch.rand(B, generator=g)
+    text = m.tokenizer.batch(["a red square moving left", ""][:B] + ["a blue circle bouncing"] * (B - 2))
+    return x, t, text
+
+
+@pytest.mark.parametrize(
+    "frames,height,width,tile",
+    [(4, 16, 16, (2, 4, 4)), (4, 16, 16, (1, 4, 8)), (3, 20, 12, (2, 4, 4)), (5, 24, 28, (4, 2, 4))],
+    ids=["even-2x4x4", "ragged-w-1x4x8", "ragged-all-2x4x4", "ragged-t-4x2x4"],
+)
+def test_block_order_forward_equals_plain_forward(frames, height, width, tile):
+    """The ONE permutation per forward is exact: dense block-order forward == model-order SDPA forward."""
+    m = _model()
+    x, t, text = _inputs(m, frames=frames, height=height, width=width)
+    layout = m.video_layout(frames, height, width, tile)
+    ctx = AttentionContext(layout=layout, ops=AttentionOps("torch"))
+    with torch.no_grad():
+        out = m(x, t, text, ctx)
+        ref = m.forward_plain(x, t, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert ref.abs().max() > 0.1  # a real signal, not zeros
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_attention_is_called_in_block_order_with_the_context():
+    m = _model()
+    x, t, text = _inputs(m)
+    layout = m.video_layout(4, 16, 16, (2, 4, 4))
+    seen = []
+
+    class Spy(DenseAttention):
+        def __call__(self, q, k, v, ctx):
+            seen.append((self.layer, tuple(q.shape), ctx.step))
+            return super().__call__(q, k, v, ctx)
+
+    m.set_attention([Spy(i) for i in range(2)])
+    with torch.no_grad():
+        m(x, t, text, AttentionContext(layout=layout, step=3, num_steps=5, ops=AttentionOps("torch")), sp=LocalPlan())
+    assert seen == [(0, (2, layout.padded_len, 2, 32), 3), (1, (2, layout.padded_len, 2, 32), 3)]
+
+
+def test_bad_inputs():
+    m = _model()
+    x, t, text = _inputs(m)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="ctx.layout"):
+            m(x, t, text, AttentionContext(layout=m.video_layout(8, 16, 16)))
+        with pytest.raises(ValueError, match="multiple of the model's patch"):
+            m(torch.randn(2, 3, 4, 18, 16), t, text)
+        with pytest.raises(ValueError, match="text must be int64"):
+            m(x, t, text[:, :5])
+    with pytest.raises(ValueError, match="one per block"):
+        m.set_attention([DenseAttention(0)])
+    with pytest.raises(ValueError, match="head_dim"):
+        EmbeddedConfig(dim=96, heads=2)
+
+
+def test_rope_identity_for_text_positions():
+    pos = torch.tensor([[0, 0, 0], [3, 2, 1], [-1, -1, -1]])
+    cos, sin = rope_tables(pos, (8, 12, 12), 1000.0)
+    assert cos.shape == (3, 16)
+    assert torch.equal(cos[0], torch.ones(16)) and torch.equal(sin[2], torch.zeros(16))
+    assert not torch.equal(cos[1], torch.ones(16))
+
+
+def test_tokenizer():
+    tok = WordTokenizer(6)
+    ids = tok.encode("A red square, moving left.")
+    assert ids.tolist()[5] == 0 and (ids[:5] > 0).all()
+    assert tok.encode("").eq(0).all()
+    with pytest.raises(ValueError, match="does not know the word"):
+        tok.encode("a red dog")
+    with pytest.raises(ValueError, match="at most 6"):
+        tok.encode("a red square moving left on stripes")
+
+
+def test_weights_roundtrip_and_checksum(tmp_path):
+    m = _model()
+    path = tmp_path / "w.safetensors"
+    digest = save_embedded(m, path)
+    assert digest == sha256_of(path)
+    assert (tmp_path / "w.safetensors.sha256").read_text().split()[0] == digest
+    m2 = load_embedded(path)
+    x, t, text = _inputs(m)
+    with torch.no_grad():
+        assert torch.equal(m.forward_plain(x, t, text), m2.forward_plain(x, t, text))
+    assert m2.config == m.config
+
+
+def test_weights_refused_when_corrupt_or_missing(tmp_path):
+    m = _model()
+    path = tmp_path / "w.safetensors"
+    save_embedded(m, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        load_embedded(path)
+    with pytest.raises(WeightsError, match="not found"):
+        load_embedded(tmp_path / "missing.safetensors")
+    os.remove(tmp_path / "w.safetensors.sha256")
+    with pytest.raises(WeightsError, match="checksum file missing"):
+        load_embedded(path)
+
+
+def test_shipped_weights_load_and_are_small():
+    assert DEFAULT_WEIGHTS.is_file(), "the embedded model's weights must ship with the package"
+    assert DEFAULT_WEIGHTS.stat().st_size <= 20 * 2 ** 20
+    m = load_embedded()
+    assert isinstance(m, EmbeddedDiT) and not m.training
+    cfg = m.config
+    x = torch.zeros(1, 3, cfg.patch[0] * 2, cfg.patch[1] * 2, cfg.patch[2] * 2)
+    with torch.no_grad():
+        out = m.forward_plain(x, torch.ones(1), m.tokenizer.batch(["a red square moving left"]))
+    assert torch.isfinite(out).all()

@@ -1,0 +1,167 @@
+"""generate.py end to end on CPU: outputs written atomically, and each bad input one clear error with no outputs."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+
+from dist_compact.config import load_run_config
+from dist_compact.context import DenseAttention
+from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
+from dist_compact.pipeline import NonFiniteLatentsError, WorldSizeError, build_attention, run_generation
+from dist_compact.report import psnr, ssim
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A small random-weight embedded model (fast on CPU; the pipeline does not care)."""
+    torch.manual_seed(0)
+    m = EmbeddedDiT(EmbeddedConfig(dim=64, depth=2, heads=2, frames=4, height=16, width=16))
+    with torch.no_grad():
+        for p in m.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    path = tmp_path_factory.mktemp("w") / "small.safetensors"
+    save_embedded(m, path)
+    return path
+
+
+def _cfg(out, weights, *extra):
+    over = [("model.path", str(weights)), ("model.frames", "4"), ("model.height", "16"), ("model.width", "24"),
+            ("run.steps", "3"), ("run.output_dir", str(out)), ("run.attn_backend", "torch"),
+            ("run.progress", "false"), ("run.guidance", "2.0")]
+    return load_run_config([], over + list(extra))
+
+
+def _generate_module():
+    spec = importlib.util.spec_from_file_location("generate_main", ROOT / "generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_short_run_writes_all_outputs(tmp_path, weights):
+    out = tmp_path / "outputs"
+    res = run_generation(_cfg(out, weights, ("run.name", "demo"), ("run.compare_dense", "true")))
+    folder = out / "demo"
+    assert res.folder == str(folder) and sorted(os.listdir(out)) == ["demo"]  # no temporary folder left
+    names = set(os.listdir(folder))
+    assert {"video.mp4", "video.gif", "latents.pt", "frames.png", "report.json", "logs", "density.png",
+            "recall.png", "dense.mp4", "dense_latents.pt", "dense_frames.png"} <= names
+    assert os.listdir(folder / "logs") == ["rank0.log"]
+    assert (folder / "video.mp4").stat().st_size > 0 and (folder / "frames.png").read_bytes()[:4] == b"\x89PNG"
+    lat = torch.load(folder / "latents.pt")
+    assert lat.shape == (1, 3, 4, 16, 24) and torch.equal(lat, res.latents)
+    rep = json.loads((folder / "report.json").read_text())
+    assert rep["seed"] == 0 and rep["config"]["run"]["steps"] == 3 and len(rep["sparse"]["step_seconds"]) == 3
+    assert rep["config"]["sparsity"]["mode"] == "adaspa"
+    calls = rep["sparse"]["attention"]["calls"]
+    assert calls["fused_search"] == 2 and calls["cached_search"] == 2  # 3 steps: dense, fused, cached
+    dens = rep["sparse"]["density_per_layer_head"]
+    assert len(dens) == 2 and all(len(row) == 2 and all(0 < d <= 1 for d in row) for row in dens)
+    q = rep["quality"]
+    assert q["psnr_db"] is None or q["psnr_db"] > 10
+    assert -1 <= q["ssim"] <= 1 and rep["speedup_vs_dense"] > 0
+    dense = torch.load(folder / "dense_latents.pt")
+    if q["psnr_db"] is not None:
+        assert abs(q["psnr_db"] - psnr(lat, dense)) < 1e-9
+
+
+def test_same_seed_same_latents_and_dense_mode(tmp_path, weights):
+    a = run_generation(_cfg(tmp_path / "a", weights, ("sparsity.mode", "dense")))
+    b = run_generation(_cfg(tmp_path / "b", weights, ("sparsity.mode", "dense")))
+    assert torch.equal(a.latents, b.latents)
+    assert len(a.report["sparse"]["step_seconds"]) == 3
+    assert a.report["sparse"]["attention"]["calls"]["sparse"] == 0
+
+
+def test_nan_latents_clear_error_and_no_run_folder(tmp_path, weights):
+    out = tmp_path / "outputs"
+
+    class NaNAt(DenseAttention):
+        def __call__(self, q, k, v, ctx):
+            o = super().__call__(q, k, v, ctx)
+            return o * float("nan") if ctx.step == 1 else o
+
+    def factory(n, sparsity, compact, sp):
+        return [NaNAt(i) for i in range(n)]
+
+    with pytest.raises(NonFiniteLatentsError, match=r"step 1 of 3"):
+        run_generation(_cfg(out, weights), attention_factory=factory)
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_corrupt_weights_clear_error(tmp_path, weights, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    (tmp_path / "bad.safetensors.sha256").write_text((weights.parent / (weights.name + ".sha256")).read_text())
+    out = tmp_path / "outputs"
+    with pytest.raises(WeightsError, match="checksum mismatch"):
+        run_generation(_cfg(out, bad))
+    assert not out.exists() or os.listdir(out) == []
+    gen = _generate_module()
+    rc = gen.main(["--model-path", str(bad), "--output-dir", str(out), "--steps", "2"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "checksum mismatch" in err and "Traceback" not in err
+    assert not out.exists() or os.listdir(out) == []
+
+
+def test_world_size_mismatch_clear_error(tmp_path, weights, capsys):
+    out = tmp_path / "outputs"
+    with pytest.raises(WorldSizeError, match=r"asks for 2 processes.*1 were launched.*torchrun --nproc 2"):
+        run_generation(_cfg(out, weights, ("cluster.nproc", "2"), ("cluster.ulysses", "2")))
+    assert not out.exists() or os.listdir(out) == []
+    gen = _generate_module()
+    rc = gen.main(["--config", str(ROOT / "configs/cluster/cpu-demo.yaml"), "--output-dir", str(out)])
+    assert rc == 1 and "1 were launched" in capsys.readouterr().err
+
+
+def test_unknown_prompt_word_and_existing_name(tmp_path, weights):
+    out = tmp_path / "outputs"
+    with pytest.raises(ValueError, match="does not know the word"):
+        run_generation(_cfg(out, weights, ("run.prompt", "a purple elephant")))
+    assert not out.exists() or os.listdir(out) == []
+    (out / "taken").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_generation(_cfg(out, weights, ("run.name", "taken")))
+    assert os.listdir(out) == ["taken"]
+
+
+def test_cli_end_to_end(tmp_path, weights, capsys):
+    out = tmp_path / "outputs"
+    gen = _generate_module()
+    rc = gen.main(["--model-path", str(weights), "--output-dir", str(out), "--steps", "2", "--name", "cli",
+                   "--model.frames", "4", "--model.height", "16", "--model.width", "16",
+                   "--run.attn_backend", "torch", "--run.progress", "false", "--seed", "7"])
+    assert rc == 0 and "wrote" in capsys.readouterr().out
+    rep = json.loads((out / "cli" / "report.json").read_text())
+    assert rep["seed"] == 7 and rep["steps"] == 2
+
+
+def test_attention_factory_modes():
+    from dist_compact.attention import SparseAttention
+    from dist_compact.config import DEMO_SPARSITY
+
+    dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)
+    assert [type(a) for a in dense] == [DenseAttention] * 3
+    sparse = build_attention(2, DEMO_SPARSITY)
+    assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == [0, 1]
+
+
+def test_psnr_ssim():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 4, 32, 32, generator=g) * 1.6 - 0.8
+    assert psnr(x, x) == float("inf") and abs(ssim(x, x) - 1) < 1e-12
+    # a shift of 0.2 on [-1, 1] is 0.1 on [0, 1]: PSNR = 10 log10(1 / 0.01) = 20 dB
+    assert abs(psnr(x, x + 0.2) - 20.0) < 1e-5
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    noisier = (x + 0.4 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert 1 > ssim(x, noisy) > ssim(x, noisier) > -1
+    assert abs(ssim(x, noisy) - ssim(noisy, x)) < 1e-12
+    # SSIM ignores a constant luminance offset less than PSNR does: structure term stays 1
+    assert ssim(x, x + 0.02) > 0.99
