@@ -165,6 +165,7 @@ CASES_2 = [
     ("5x6x7-text13", "mass", "torch", 1, 1),
     ("5x6x7-text13", "dense-entry", "torch", 1, 1),
     ("3x5x9-text20before", "diag", "torch", 1, 1),
+    ("5x6x7-text13", "window", "triton", 1, 1),  # the Triton kernel (interpreter on CPU)
 ]
 
 CASES_4 = [

@@ -148,7 +148,7 @@ class Coordinator:
             for r, d in enumerate(digests):
                 groups.setdefault(d, []).append(r)
             desc = "; ".join(f"ranks {rs}: {d[:12]}" for d, rs in sorted(groups.items(), key=lambda kv: kv[1]))
-            raise ParallelMismatchError(f"{what} differs across ranks ({desc}); every rank must load the same one")
+            raise ParallelMismatchError(f"{what}: not the same on every rank ({desc}); every rank must hold the same one")
         return digest
 
     def check_config(self, config: Any, what: str = "sparsity config") -> str:

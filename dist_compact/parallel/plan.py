@@ -59,6 +59,13 @@ class SequenceParallel:
 
     def __init__(self, config: Optional[ParallelConfig] = None, groups: Optional[ParallelGroups] = None, *,
                  shard_unit: str = "block"):
+        if isinstance(groups, SequenceParallel):
+            raise ParallelConfigError(
+                "SequenceParallel(config, groups): groups must be ParallelGroups; init_distributed(config) "
+                "already returns the SequenceParallel plan, use it directly"
+            )
+        if groups is not None and not isinstance(groups, ParallelGroups):
+            raise ParallelConfigError(f"groups must be ParallelGroups or None, got {type(groups).__name__}")
         if config is None:
             config = groups.config if groups is not None else ParallelConfig()
         if not isinstance(config, ParallelConfig):
