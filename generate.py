@@ -30,13 +30,18 @@ def main(argv=None) -> int:
     from dist_compact.models.embedded import WeightsError
     from dist_compact.pipeline import NonFiniteLatentsError, WorldSizeError, run_generation
 
+    from dist_compact.parallel import ParallelConfigError, ParallelMismatchError
+    from dist_compact.parallel.launch import shutdown
+
     try:
         result = run_generation(cfg)
-    except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, FileExistsError, ImportError,
-            ValueError) as e:
+    except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError,
+            ParallelMismatchError, FileExistsError, ImportError, ValueError) as e:
         # expected failures (bad input, corrupt weights, NaN, wrong world size): one line, no traceback
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     if result.folder:
         q = result.report.get("quality")
         extra = f"; sparse vs dense PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}" if q else ""

@@ -262,30 +262,12 @@ def make_parallel(cluster, device: torch.device, num_heads: int):
         )
     if num_heads % cluster.ulysses:
         raise WorldSizeError(f"the model has {num_heads} heads, not divisible by cluster.ulysses={cluster.ulysses}")
-    try:
-        from .parallel.config import ParallelConfig
-        from .parallel.plan import SequenceParallel
-    except ImportError:  # the parallel layer is optional for one process
-        if world > 1:
-            raise
-        from .models.embedded import LocalPlan
+    from .parallel import ParallelConfig, init_distributed
 
-        return LocalPlan()
-    config = ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring)
-    if world == 1:
-        return SequenceParallel(config)
-    from . import parallel
-
-    init = getattr(parallel, "init_distributed", None)
-    if init is None:
-        from .parallel import launch
-
-        init = launch.init_distributed
     backend = cluster.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
-    groups = init(config, backend=backend)
-    return SequenceParallel(config, groups)
+    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring), backend=backend)
 
 
 def _is_dist() -> bool:
@@ -359,6 +341,13 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
     mcfg = model.config
     text = model.tokenizer.encode(run.prompt).unsqueeze(0).to(device)  # unknown words: error before any output
     sp = make_parallel(cfg.cluster, device, mcfg.heads)
+    if world > 1:
+        from .parallel import Coordinator
+
+        # every rank must run the same config on the same weights, or the shards would disagree
+        coord = Coordinator()
+        coord.check_config(cfg.to_dict(), "run config")
+        coord.check_same("model weights", model_info["sha256"])
     layout = sp.layout_for(model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile))
     compact = load_compact(cfg.sparsity, model=cfg.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same noise on every rank and device

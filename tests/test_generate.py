@@ -165,3 +165,38 @@ def test_psnr_ssim():
     assert abs(ssim(x, noisy) - ssim(noisy, x)) < 1e-12
     # SSIM ignores a constant luminance offset less than PSNR does: structure term stays 1
     assert ssim(x, x + 0.02) > 0.99
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process(tmp_path, weights):
+    """torchrun --nproc 2 generate.py --config configs/cluster/cpu-demo.yaml == one process (fp32, <= 1e-4)."""
+    import subprocess
+    import sys
+
+    common = ["--config", str(ROOT / "configs/cluster/cpu-demo.yaml"), "--model-path", str(weights),
+              "--model.frames", "4", "--model.height", "16", "--model.width", "24", "--steps", "3",
+              "--run.progress", "false", "--seed", "5", "--output-dir", str(tmp_path / "out")]
+    one = run_generation(load_run_config(
+        [ROOT / "configs/cluster/cpu-demo.yaml"],
+        [("model.path", str(weights)), ("model.frames", "4"), ("model.height", "16"), ("model.width", "24"),
+         ("run.steps", "3"), ("run.progress", "false"), ("run.seed", "5"), ("run.output_dir", str(tmp_path / "out")),
+         ("run.name", "one"), ("cluster.nproc", "1"), ("cluster.ulysses", "1")]))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(ROOT / "generate.py"), *common, "--name", "two"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "out" / "two"
+    assert sorted(os.listdir(two / "logs")) == ["rank0.log", "rank1.log"]
+    lat2 = torch.load(two / "latents.pt")
+    assert (lat2 - one.latents).abs().max().item() <= 1e-4
+    rep = json.loads((two / "report.json").read_text())
+    assert rep["world_size"] == 2 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
