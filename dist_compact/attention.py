@@ -49,7 +49,7 @@ import torch
 from .block_index import BlockIndex
 from .context import AttentionContext
 from .schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
-from .search.online import SearchResult, local_query_blocks, online_select
+from .search.online import OnlineSearchResult, local_query_blocks, online_select
 
 __all__ = ["SparseAttention"]
 
@@ -62,13 +62,13 @@ class _Entry:
     static: Optional[BlockIndex] = None  # localized static Compact index
     static_dense: bool = False  # the static index is dense enough to run the dense kernel
     static_density: Optional[torch.Tensor] = None  # [H] all heads
-    search: Optional[SearchResult] = None
+    search: Optional[OnlineSearchResult] = None
     lse: Optional[torch.Tensor] = None
     last_step: int = -1
     _density_list: Optional[List[float]] = None
     _recall_list: Optional[List[float]] = None
 
-    def set_search(self, res: SearchResult) -> None:
+    def set_search(self, res: OnlineSearchResult) -> None:
         self.search = res
         self._density_list = self._recall_list = None
 
@@ -134,7 +134,7 @@ class SparseAttention:
         return None if e is None or e.search is None else e.search.index
 
     @property
-    def last_search(self) -> Optional[SearchResult]:
+    def last_search(self) -> Optional[OnlineSearchResult]:
         e = self._entry
         return None if e is None else e.search
 

@@ -45,7 +45,7 @@ __all__ = [
     "head_budgets",
     "budget_for_density",
     "kept_mass_share",
-    "SearchResult",
+    "OnlineSearchResult",
     "local_query_blocks",
     "online_select",
 ]
@@ -280,7 +280,7 @@ def head_budgets(stats: torch.Tensor, k0: int, num_keys: int, rule: str = "paper
 
 
 @dataclass
-class SearchResult:
+class OnlineSearchResult:
     """What :func:`online_select` found for one layer on this rank.
 
     Attributes:
@@ -335,20 +335,20 @@ def _gather(ops, t: torch.Tensor) -> torch.Tensor:
 
 
 def online_select(mass: torch.Tensor, layout, ops, config, *,
-                  static_mask: Optional[torch.Tensor] = None) -> SearchResult:
+                  static_mask: Optional[torch.Tensor] = None) -> OnlineSearchResult:
     """AdaSpa selection for one layer from this rank's block mass.
 
     Args:
         mass: ``[B, H_local, NQ_local, NK]`` from ``ops.block_mass`` (exact or LSE-cached).
         layout: the global :class:`~dist_compact.layout.VideoLayout`.
-        ops: this rank's :class:`~dist_compact.executor.AttentionOps` (only ``head_range``,
-            ``q_block_range``, ``reduce_rows`` and ``gather_heads`` are used; every rank must call
-            this function together because of the last two).
+        ops: this rank's :class:`~dist_compact.executor.AttentionOps`; only ``head_range``, the
+            local query blocks (:func:`local_query_blocks`), ``reduce_rows`` and ``gather_heads`` are
+            used. Every rank must call this function together (two gathers of per-head sums).
         config: a :class:`~dist_compact.schedule.SparsityConfig` (target, head rule, text sink,
             batch mode, dense threshold).
         static_mask: bool ``[1 or B, H_local, NQ_local, NK]`` of a localized static index, OR-ed in.
 
-    Returns a :class:`SearchResult`. With ``batch_index == "shared"`` the mass is averaged over the
+    Returns a :class:`OnlineSearchResult`. With ``batch_index == "shared"`` the mass is averaged over the
     batch and the index has batch 1.
     """
     _check_mass(mass)
@@ -418,5 +418,5 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     budget = budget_all
     if budget is None and isinstance(top_k, int):
         budget = torch.full((H,), top_k, dtype=torch.long, device=dev)
-    return SearchResult(index=index, density=density.float(), recall=recall.float(), budget=budget,
+    return OnlineSearchResult(index=index, density=density.float(), recall=recall.float(), budget=budget,
                         dense_layer=dense_layer, head_range=(h0, h1))
