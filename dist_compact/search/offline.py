@@ -118,6 +118,7 @@ class SearchResult:
             which stay dense).
         steps: int64 ``[L, H]`` greedy moves taken.
         seconds: wall time of the greedy search.
+        iterations: greedy rounds (every active head takes one move per round).
         recall_trace, density_trace: float64 ``[iterations + 1, L, H]`` when ``trace=True``.
     """
 
@@ -126,6 +127,7 @@ class SearchResult:
     density: torch.Tensor
     steps: torch.Tensor
     seconds: float
+    iterations: int = 0
     recall_trace: Optional[torch.Tensor] = None
     density_trace: Optional[torch.Tensor] = None
 
@@ -157,7 +159,10 @@ def _value(table: torch.Tensor, st: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _candidates(st: torch.Tensor, has0: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All moves of canonical states ``[N, G, 4]`` -> candidates ``[N, G, 6, 4]`` and validity."""
+    """All moves of canonical states ``[N, G, 4]`` -> candidates ``[N, G, 6, 4]`` and validity.
+
+    ``has0`` (bool, broadcastable to ``[N, G]``) marks the groups holding distance 0 (never dropped).
+    """
     a_s, a_t, b_n, b_w = st.unbind(-1)
     empty = a_t < 0
     rect = (a_s == a_t) & (b_n == b_w) & ~empty
@@ -186,7 +191,7 @@ def _candidates(st: torch.Tensor, has0: torch.Tensor) -> Tuple[torch.Tensor, tor
         cross,
         cross,
         rect & (a_t >= 1) & (b_w >= 1),
-        ~empty & ~has0.view(1, -1),
+        ~empty & ~has0,
     ], dim=2)
     return cand, valid
 
@@ -197,6 +202,7 @@ class _Greedy:
     recall: torch.Tensor       # float64 [N]
     density: torch.Tensor      # float64 [N]
     steps: torch.Tensor        # int64 [N]
+    iterations: int            # greedy rounds (all heads move in parallel)
     recall_trace: Optional[torch.Tensor]
     density_trace: Optional[torch.Tensor]
 
@@ -245,25 +251,29 @@ def greedy_search(rel: torch.Tensor, text: torch.Tensor, total: torch.Tensor, pa
     rows = torch.arange(N, device=dev)
     rtr, dtr = [], []
 
+    def moves(st_, S_, C_, Vg_, Cg_, has0_, tot_):
+        """Candidates of states [K, G', 4]: (cand, mass lost, pairs saved, ratio, valid), [K, G', M]."""
+        cand, ok = _candidates(st_, has0_)
+        Vn, Cn = _value(S_, cand, width), _value(C_, cand, width)
+        dV, dC = Vg_.unsqueeze(-1) - Vn, Cg_.unsqueeze(-1) - Cn
+        ratio = (dV / tot_.view(-1, 1, 1)) / (dC.clamp(min=1) / total_pairs)
+        return cand, Vn, Cn, dV, ratio, ok & (dC > 0.5)
+
+    # every group's moves are evaluated once here, then only the group that moved is re-evaluated
+    cand, Vn, Cn, dV, ratio0, ok = moves(st, S, C, Vg, Cg, has0.view(1, G), safe_total)
+    M = cand.shape[2]
+    kept = text + Vg.sum(1)
+
     def snapshot():
-        rtr.append(((text + Vg.sum(1)) / safe_total).cpu())
+        rtr.append((kept / safe_total).cpu())
         dtr.append(((text_pairs + Cg.sum(1)) / total_pairs).cpu())
 
     if trace:
         snapshot()
     it = 0
     while settings.max_steps is None or it < settings.max_steps:
-        it += 1
-        cand, valid = _candidates(st, has0)
-        M = cand.shape[2]
-        Vn = _value(S, cand, width)
-        Cn = _value(C, cand, width)
-        dV = Vg.unsqueeze(-1) - Vn
-        dC = Cg.unsqueeze(-1) - Cn
-        kept = text + Vg.sum(1)
-        valid &= (dC > 0.5) & ((kept.view(N, 1, 1) - dV) >= floor.view(N, 1, 1))
-        ratio = (dV / safe_total.view(N, 1, 1)) / (dC.clamp(min=1) / total_pairs)
-        ratio = torch.where(valid, ratio, torch.full_like(ratio, math.inf)).view(N, G * M)
+        feasible = ok & ((kept.view(N, 1, 1) - dV) >= floor.view(N, 1, 1))
+        ratio = torch.where(feasible, ratio0, torch.full_like(ratio0, math.inf)).view(N, G * M)
         # argmin + gather: Tensor.min(dim) is much slower on CPU float64; ties go to the first move
         arg = ratio.argmin(dim=1)
         best = ratio.gather(1, arg.view(N, 1)).view(N)
@@ -275,14 +285,20 @@ def greedy_search(rel: torch.Tensor, text: torch.Tensor, total: torch.Tensor, pa
         st[n, g] = cand[n, g, m]
         Vg[n, g] = Vn[n, g, m]
         Cg[n, g] = Cn[n, g, m]
+        kept[n] = text[n] + Vg[n].sum(1)
+        sub = moves(st[n, g].unsqueeze(1), S[n, g].unsqueeze(1), C[0, g].unsqueeze(1), Vg[n, g].unsqueeze(1),
+                    Cg[n, g].unsqueeze(1), has0[g].view(-1, 1), safe_total[n])
+        for full, part in zip((cand, Vn, Cn, dV, ratio0, ok), sub):
+            full[n, g] = part.squeeze(1)
         steps[n] += 1
         active = go
+        it += 1
         if trace:
             snapshot()
     recall = (text + Vg.sum(1)) / safe_total
     recall = torch.where(total > 0, recall, torch.full_like(recall, math.nan))
     density = (text_pairs + Cg.sum(1)) / total_pairs
-    return _Greedy(st.cpu(), recall.cpu(), density.cpu(), steps.cpu(),
+    return _Greedy(st.cpu(), recall.cpu(), density.cpu(), steps.cpu(), it,
                    torch.stack(rtr) if trace else None, torch.stack(dtr) if trace else None)
 
 
@@ -340,7 +356,7 @@ def search_store(store: MassStore, settings: SearchSettings = SearchSettings(), 
     lh = lambda t: None if t is None else t.view(-1, L, H)  # noqa: E731
     density = res.density.view(L, H).clone()
     density[~captured] = 1.0
-    return SearchResult(config, res.recall.view(L, H), density, res.steps.view(L, H), seconds,
+    return SearchResult(config, res.recall.view(L, H), density, res.steps.view(L, H), seconds, res.iterations,
                         lh(res.recall_trace), lh(res.density_trace))
 
 
