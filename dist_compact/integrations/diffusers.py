@@ -1,0 +1,699 @@
+"""Our attention inside diffusers' video DiTs (and the embedded model): :func:`sparsify`.
+
+::
+
+    from dist_compact.integrations.diffusers import sparsify, denoising_state
+    pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
+    sparsify(pipe.transformer, SparsityConfig(mode="adaspa", sparsity=0.8))
+    state = denoising_state(pipe.transformer)
+    state.begin(50)
+    video = pipe(prompt, num_inference_steps=50, callback_on_step_end=state.on_step_end).frames
+
+Supported models: diffusers' ``WanTransformer3DModel`` (self-attention sparse; the cross-attention
+to the text stays diffusers' own), ``HunyuanVideoTransformer3DModel`` (joint text + video attention
+of the dual- and single-stream blocks; the text tokens go to their own blocks after the video
+blocks, as our layout's text sink expects; the token refiner's text-only attention stays stock) and
+:class:`~dist_compact.models.embedded.EmbeddedDiT`.
+
+How it is installed (the torchtitan way: hooks and processors on the stock modules, no model code
+copied per model):
+
+* a forward pre-hook on the transformer reads the latent grid from the input ``hidden_states``
+  ``[B, C, F, H, W]`` and the patch size from ``transformer.config`` (``(F/pt, H/ph, W/pw)``
+  tokens), the text token count from ``encoder_attention_mask`` (HunyuanVideo), builds the global
+  :class:`~dist_compact.layout.VideoLayout` (``sp.layout_for`` applied) and the
+  :class:`~dist_compact.context.AttentionContext` of this forward (step from the
+  :class:`DenoisingState`);
+* the video tokens go to block order ONCE per forward, and are sharded there: a hook on the first
+  module that sees them as tokens (Wan: pre-hook of ``blocks[0]``; HunyuanVideo: output of
+  ``x_embedder``) applies ``layout.to_blocks`` then ``sp.shard``; a hook on the ``rope`` output does
+  the same to the rotary tables, so every block sees tokens and their positions in one order. All
+  other ops of these blocks are per token, so the order does not change them. A hook on
+  ``proj_out``'s output gathers (``sp.gather``) and returns to model order (``from_blocks``);
+* the attention modules get our processor: q, k, v exactly as the stock processor (diffusers'
+  projection / norm / ``apply_rotary_emb`` helpers), then ``attn(q, k, v, ctx)`` (DenseAttention or
+  SparseAttention, wrapped by the sequence-parallel plan), then the stock output projections.
+
+Padding. Ragged tiles hold zero tokens after ``to_blocks``; they are masked as keys (``block_valid``),
+their outputs are dropped when leaving block order, so they never reach a real token.
+
+HunyuanVideo text masks. The stock model masks the padded prompt tokens as keys. Here each sample's
+valid prompt length ``l`` (from ``encoder_attention_mask``, valid tokens first) is the layout's
+``text_tokens``; the padded prompt tokens take no part in attention (their rows get zeros; they
+never reach a video token, as in the stock model where they are masked keys). Samples of one batch
+with different lengths run as one attention call per distinct length (exact; e.g. the
+unconditional half of classifier-free guidance).
+
+The denoising step. Schedules (dense warm-up, searches) need the step index; the transformer does
+not know it, so it is read from a :class:`DenoisingState` that the pipeline runner updates:
+``state.begin(num_steps)`` before the pipeline call and ``callback_on_step_end=state.on_step_end``
+(diffusers calls it after every step ``i``; it sets ``step = i + 1``).
+:mod:`dist_compact.integrations.diffusers_pipeline` does both. Without it the step stays 0.
+
+One layout, one set of attention objects: every distinct layout (Wan: one per video size;
+HunyuanVideo: one per prompt length) gets its own per-layer attention objects (so the cached
+indices of a classifier-free-guidance pair do not evict each other), at most ``MAX_LAYOUTS`` of
+them (least recently used dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..context import AttentionContext
+from ..executor import AttentionOps
+from ..layout import VideoLayout
+from ..schedule import SparsityConfig
+
+__all__ = [
+    "sparsify",
+    "unsparsify",
+    "sparsify_handle",
+    "denoising_state",
+    "DenoisingState",
+    "SparsifyHandle",
+    "default_tile",
+    "SUPPORTED_MODELS",
+    "MAX_LAYOUTS",
+]
+
+#: Model classes :func:`sparsify` knows (diffusers' class names, and the embedded model).
+SUPPORTED_MODELS = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "EmbeddedDiT")
+#: Distinct layouts kept with their own attention objects (LRU).
+MAX_LAYOUTS = 4
+#: Tiles of 128 tokens (the kernel's fastest block size, see BENCHMARKS.md) tried by default_tile,
+#: in order of preference at equal padding (compact tiles first: windows stay round).
+_DEFAULT_TILES = ((2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4))
+_ATTR = "_dist_compact_sparsify"
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as e:  # an optional extra
+        raise ImportError(
+            "dist_compact.integrations.diffusers needs diffusers: pip install -e \".[diffusers]\" "
+            "(or: pip install diffusers transformers accelerate)"
+        ) from e
+    return diffusers
+
+
+def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
+    """The 128-token tile with the least padding for a token grid ``(T, H, W)``.
+
+    Ties go to the first of ``(2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4)``. Examples:
+    Wan 480p 21x30x52 -> (1, 16, 8) (15% padding); HunyuanVideo 720p 33x45x80 -> (1, 8, 16) (7%).
+    """
+    T, H, W = grid
+
+    def padded(t):
+        return (-(-T // t[0]) * t[0]) * (-(-H // t[1]) * t[1]) * (-(-W // t[2]) * t[2])
+
+    return min(_DEFAULT_TILES, key=padded)
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclass
+class DenoisingState:
+    """The denoising step the next transformer forward belongs to (mutable; shared by the hooks).
+
+    Attributes:
+        step: 0-based step index of the next forward.
+        num_steps: steps of the run (the schedule of a :class:`SparsityConfig` is scaled to it).
+
+    The pipeline runner calls :meth:`begin` before a run and passes :meth:`on_step_end` as the
+    pipeline's ``callback_on_step_end`` (or sets ``step`` itself). Several transformers (e.g. Wan2.2's
+    two experts) may share one state.
+    """
+
+    step: int = 0
+    num_steps: int = 50
+
+    def begin(self, num_steps: int) -> "DenoisingState":
+        """Start a run of ``num_steps`` steps at step 0."""
+        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+            raise ValueError(f"DenoisingState.begin: num_steps must be an int >= 1, got {num_steps!r}")
+        self.step = 0
+        self.num_steps = num_steps
+        return self
+
+    def on_step_end(self, pipe, step_index: int, timestep, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """diffusers' ``callback_on_step_end``: step ``step_index`` is done, the next is ``+1``."""
+        self.step = int(step_index) + 1
+        return callback_kwargs
+
+    def check(self) -> None:
+        if not (0 <= self.step < self.num_steps):
+            raise ValueError(
+                f"DenoisingState: step {self.step} is outside [0, num_steps={self.num_steps}); call "
+                "state.begin(num_steps) before the run (see dist_compact.integrations.diffusers)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _replace_arg(args: tuple, kwargs: dict, index: int, name: str, fn: Callable) -> Tuple[tuple, dict]:
+    """Apply ``fn`` to the argument given positionally at ``index`` or as ``name=``."""
+    if len(args) > index:
+        args = args[:index] + (fn(args[index]),) + args[index + 1:]
+    elif name in kwargs:
+        kwargs = dict(kwargs, **{name: fn(kwargs[name])})
+    else:
+        raise ValueError(f"dist_compact hook: argument {name!r} not found in the call")
+    return args, kwargs
+
+
+def _get_arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+@dataclass
+class _Group:
+    """Samples of one forward that share a layout (one attention call per layer)."""
+
+    layout: VideoLayout
+    ctx: AttentionContext
+    attns: List[Callable]
+    samples: Optional[torch.Tensor]  # int64 batch indices, None = the whole batch
+
+
+@dataclass
+class _Forward:
+    """What the hooks computed for the forward in progress."""
+
+    video_layout: VideoLayout  # text_tokens = 0; the stream's block order and shards
+    groups: List[_Group]
+
+
+# ---------------------------------------------------------------------------------------------- handle
+class SparsifyHandle:
+    """What :func:`sparsify` installed on one transformer; ``sparsify_handle(model)`` returns it.
+
+    Attributes:
+        kind: ``"wan"``, ``"hunyuan_video"`` or ``"embedded"``.
+        num_layers, num_heads, head_dim: attention layers we run (Wan: self-attention of each block;
+            HunyuanVideo: dual-stream then single-stream blocks), heads and head size.
+        sparsity, compact, sp, tile, backend: as given to :func:`sparsify` (``tile`` None = per grid).
+        state: the :class:`DenoisingState` read at every forward.
+        stats: the :class:`~dist_compact.stats.AttentionStats` recorder (None: no recording).
+        layout: the global layout of the last forward (its first sample group), or None.
+    """
+
+    def __init__(self, model, kind: str, *, num_layers: int, num_heads: int, head_dim: int,
+                 sparsity: SparsityConfig, compact, sp, tile, state: DenoisingState, stats, backend: str,
+                 attention_factory: Optional[Callable] = None):
+        self.model = model
+        self.attention_factory = attention_factory
+        self.kind = kind
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.sparsity = sparsity
+        self.compact = compact
+        self.sp = sp
+        self.tile = tile
+        self.state = state
+        self.stats = stats
+        self.backend = backend
+        self.ops = AttentionOps(backend)
+        self.layout: Optional[VideoLayout] = None
+        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
+        self._fwd: Optional[_Forward] = None
+        self._hooks: List[Any] = []
+        self._restore: List[Tuple[Any, Any]] = []  # (module, original processor)
+        self._restore_embedded: Optional[List[Callable]] = None
+
+    # ------------------------------------------------------------------ attention objects
+    def attentions(self, layout: VideoLayout) -> List[Callable]:
+        """The per-layer attention callables for ``layout`` (built on first use, LRU-bounded)."""
+        attns = self._bank.get(layout)
+        if attns is None:
+            from ..pipeline import build_attention
+
+            factory = self.attention_factory or build_attention
+            compact = self.compact if self.sparsity.uses_compact else None
+            attns = list(factory(self.num_layers, self.sparsity, compact, self.sp))
+            if len(attns) != self.num_layers:
+                raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
+            self._bank[layout] = attns
+            while len(self._bank) > MAX_LAYOUTS:
+                self._bank.popitem(last=False)
+        else:
+            self._bank.move_to_end(layout)
+        return attns
+
+    def reset(self) -> None:
+        """Drop every cached index / LSE (e.g. between videos of different prompts)."""
+        self._bank.clear()
+
+    # ------------------------------------------------------------------ per forward
+    def _video_layout(self, grid: Tuple[int, int, int]) -> VideoLayout:
+        tile = self.tile if self.tile is not None else default_tile(grid)
+        layout = VideoLayout(*grid, tile=tuple(tile))
+        return self.sp.layout_for(layout) if self.sp is not None else layout
+
+    def _ctx(self, layout: VideoLayout) -> AttentionContext:
+        self.state.check()
+        return AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps,
+                                ops=self.ops, stats=self.stats)
+
+    def _begin(self, grid: Tuple[int, int, int], text_lengths: Optional[List[int]] = None) -> _Forward:
+        vlayout = self._video_layout(grid)
+        groups: List[_Group] = []
+        if text_lengths is None:
+            groups.append(_Group(vlayout, self._ctx(vlayout), self.attentions(vlayout), None))
+        else:
+            distinct = sorted(set(text_lengths))
+            for n in distinct:
+                lay = vlayout.with_(text_tokens=n, text_position="after")
+                samples = None
+                if len(distinct) > 1:
+                    samples = torch.tensor([b for b, m in enumerate(text_lengths) if m == n], dtype=torch.int64)
+                groups.append(_Group(lay, self._ctx(lay), self.attentions(lay), samples))
+        self._fwd = _Forward(vlayout, groups)
+        self.layout = groups[0].layout
+        return self._fwd
+
+    def current(self) -> _Forward:
+        if self._fwd is None:
+            raise RuntimeError(
+                "dist_compact: an attention processor ran outside a hooked transformer forward; call the "
+                "transformer itself (its hooks set the layout), not one of its blocks"
+            )
+        return self._fwd
+
+    def _end(self) -> None:
+        self._fwd = None
+
+    # ------------------------------------------------------------------ the attention call
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               video_len: int, text_len: int = 0) -> torch.Tensor:
+        """Attention of this rank's tokens ``[B, video_len + text_len, H, D]`` (video shard in block
+        order, then the ``text_len`` prompt tokens in model order, valid ones first) -> same shape.
+        Prompt tokens past a sample's valid length get zeros."""
+        fwd = self.current()
+        if len(fwd.groups) == 1 and fwd.groups[0].samples is None:
+            return self._attend_group(fwd.groups[0], layer, q, k, v, video_len, text_len)
+        out = torch.zeros_like(q)
+        for g in fwd.groups:
+            idx = g.samples.to(q.device)
+            o = self._attend_group(g, layer, q.index_select(0, idx), k.index_select(0, idx),
+                                   v.index_select(0, idx), video_len, text_len)
+            out.index_copy_(0, idx, o)
+        return out
+
+    def _attend_group(self, g: _Group, layer: int, q, k, v, video_len: int, text_len: int) -> torch.Tensor:
+        layout = g.layout
+        n_txt = layout.text_tokens
+        if n_txt == 0 and text_len == 0:
+            return g.attns[layer](q, k, v, g.ctx)
+        pad = layout.num_text_blocks * layout.block_size - n_txt
+
+        def to_local(x):
+            # this rank's video blocks, then the valid prompt tokens padded to whole text blocks
+            parts = [x[:, :video_len], x[:, video_len:video_len + n_txt]]
+            if pad:
+                parts.append(x.new_zeros(x.shape[0], pad, *x.shape[2:]))
+            return torch.cat(parts, dim=1)
+
+        o = g.attns[layer](to_local(q), to_local(k), to_local(v), g.ctx)
+        parts = [o[:, :video_len + n_txt]]
+        if text_len > n_txt:
+            parts.append(o.new_zeros(o.shape[0], text_len - n_txt, *o.shape[2:]))
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ stream hooks
+    def to_stream(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Model-order video tokens -> this rank's block-order shard (along ``dim``)."""
+        fwd = self.current()
+        lay = fwd.video_layout
+        if x.shape[dim] != lay.seq_len:
+            raise RuntimeError(
+                f"dist_compact: expected {lay.seq_len} video tokens along dim {dim} for {lay}, got "
+                f"{tuple(x.shape)} (was the stream permuted twice?)"
+            )
+        x = lay.to_blocks(x, dim=dim)
+        return self.sp.shard(x, lay, dim=dim) if self.sp is not None else x
+
+    def from_stream(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's block-order shard -> every rank's whole sequence in model order."""
+        lay = self.current().video_layout
+        if self.sp is not None:
+            x = self.sp.gather(x, lay, dim=dim)
+        return lay.from_blocks(x, dim=dim)
+
+    # ------------------------------------------------------------------ removal
+    def remove(self) -> None:
+        """Undo :func:`sparsify`: hooks removed, the stock processors / attention restored."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, proc in self._restore:
+            module.set_processor(proc)
+        self._restore.clear()
+        if self._restore_embedded is not None:
+            self.model.set_attention(self._restore_embedded)
+            self._restore_embedded = None
+        self._bank.clear()
+        self._fwd = None
+        if getattr(self.model, _ATTR, None) is self:
+            delattr(self.model, _ATTR)
+
+    def __repr__(self) -> str:
+        return (f"SparsifyHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
+                f"mode={self.sparsity.mode!r}, sp={self.sp}, tile={self.tile})")
+
+
+# ---------------------------------------------------------------------------------------------- processors
+class WanSparseAttnProcessor:
+    """Processor of a Wan self-attention (``blocks[i].attn1``): stock q/k/v, our attention.
+
+    ``hidden_states``: this rank's ``[B, S_local, C]`` in block order (the hooks put it there);
+    ``rotary_emb``: ``(cos, sin)`` ``[1, S_local, 1, head_dim]`` in the same order.
+    """
+
+    def __init__(self, handle: SparsifyHandle, layer: int):
+        self.handle = handle
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, rotary_emb=None) -> torch.Tensor:
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise RuntimeError("WanSparseAttnProcessor is for self-attention without a mask (blocks[i].attn1)")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            # Wan's tables repeat each frequency for the two channels of a pair, which is what
+            # diffusers' generic helper expects with use_real_unbind_dim=-1: the same rotation
+            cos, sin = rotary_emb[0][0, :, 0], rotary_emb[1][0, :, 0]
+            query = apply_rotary_emb(query, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+            key = apply_rotary_emb(key, (cos, sin), use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+        out = self.handle.attend(self.layer, query, key, value.contiguous(), hidden_states.shape[1])
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class HunyuanVideoSparseAttnProcessor:
+    """Processor of HunyuanVideo's joint attention (dual- and single-stream blocks).
+
+    ``hidden_states``: this rank's video tokens ``[B, V_local, C]`` in block order;
+    ``encoder_hidden_states``: the prompt tokens ``[B, L, C]`` (every rank); ``image_rotary_emb``:
+    ``(cos, sin)`` ``[V_local, head_dim]``. Returns ``(video_out, text_out)`` as the stock processor.
+    """
+
+    def __init__(self, handle: SparsifyHandle, layer: int):
+        self.handle = handle
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        # attention_mask is the stock model's key mask of the padded prompt tokens; the handle
+        # already knows each sample's prompt length from encoder_attention_mask (module doc)
+        video_len = hidden_states.shape[1]
+        text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        joint_inputs = attn.add_q_proj is None and encoder_hidden_states is not None
+        if joint_inputs:  # single-stream block: one projection for video and text
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:  # the video tokens only
+            def rope(x):
+                vid = apply_rotary_emb(x[:, :video_len], image_rotary_emb, sequence_dim=1)
+                return torch.cat([vid, x[:, video_len:]], dim=1) if joint_inputs else vid
+
+            query, key = rope(query), rope(key)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=1)
+            key = torch.cat([key, ek], dim=1)
+            value = torch.cat([value, ev], dim=1)
+        out = self.handle.attend(self.layer, query, key, value.contiguous(), video_len, text_len)
+        out = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return out, None
+        out, enc_out = out[:, :video_len], out[:, video_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[1](attn.to_out[0](out))
+        if getattr(attn, "to_add_out", None) is not None:
+            enc_out = attn.to_add_out(enc_out)
+        return out, enc_out
+
+
+# ---------------------------------------------------------------------------------------------- install
+def _model_kind(model) -> str:
+    name = type(model).__name__
+    from ..models.embedded import EmbeddedDiT
+
+    if isinstance(model, EmbeddedDiT):
+        return "embedded"
+    diffusers = _diffusers()
+    if isinstance(model, diffusers.WanTransformer3DModel) and name == "WanTransformer3DModel":
+        return "wan"
+    if isinstance(model, diffusers.HunyuanVideoTransformer3DModel) and name == "HunyuanVideoTransformer3DModel":
+        return "hunyuan_video"
+    raise TypeError(f"sparsify: unsupported model {name}; supported: {', '.join(SUPPORTED_MODELS)}")
+
+
+def _grid(model, kind: str, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+        raise ValueError(f"sparsify: hidden_states must be [batch, channels, frames, height, width], got {got}")
+    cfg = model.config
+    if kind == "wan":
+        pt, ph, pw = cfg.patch_size
+    else:
+        pt, ph, pw = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
+    _, _, F, H, W = hidden_states.shape
+    # the patch-embedding convolution drops a remainder, and so does the grid
+    grid = (F // pt, H // ph, W // pw)
+    if min(grid) < 1:
+        raise ValueError(f"sparsify: latents {tuple(hidden_states.shape)} are smaller than the patch ({pt}, {ph}, {pw})")
+    return grid
+
+
+def _text_lengths(mask: Optional[torch.Tensor], batch: int, text_len: int) -> List[int]:
+    if mask is None:
+        return [text_len] * batch
+    if mask.dim() != 2 or mask.shape != (batch, text_len):
+        raise ValueError(f"sparsify: encoder_attention_mask must be [batch, text_len] = [{batch}, {text_len}], "
+                         f"got {tuple(mask.shape)}")
+    # the stock model keeps the first sum(mask) prompt tokens of each sample (valid tokens first)
+    return [int(n) for n in mask.sum(dim=1, dtype=torch.int64).tolist()]
+
+
+def _install_diffusers(h: SparsifyHandle, model, kind: str) -> None:
+    hooks = h._hooks
+
+    def pre_forward(module, args, kwargs):
+        hs = _get_arg(args, kwargs, 0, "hidden_states")
+        grid = _grid(model, kind, hs)
+        lengths = None
+        if kind == "hunyuan_video":
+            enc = _get_arg(args, kwargs, 2, "encoder_hidden_states")
+            mask = _get_arg(args, kwargs, 3, "encoder_attention_mask")
+            lengths = _text_lengths(mask, hs.shape[0], enc.shape[1])
+        h._begin(grid, lengths)
+        if kind == "wan":
+            ts = _get_arg(args, kwargs, 1, "timestep")
+            if isinstance(ts, torch.Tensor) and ts.dim() == 2:  # Wan2.2 TI2V: one timestep per token
+                args, kwargs = _replace_arg(args, kwargs, 1, "timestep", lambda t: h.to_stream(t, dim=1))
+        return args, kwargs
+
+    def post_forward(module, args, output):
+        h._end()
+        return output
+
+    hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    hooks.append(model.register_forward_hook(post_forward))
+
+    # rotary tables: Wan [1, S, 1, D] (sequence dim 1), HunyuanVideo [S, D] (dim 0)
+    rope_dim = 1 if kind == "wan" else 0
+    hooks.append(model.rope.register_forward_hook(
+        lambda m, a, out: tuple(h.to_stream(t, dim=rope_dim) for t in out)))
+    if kind == "wan":
+        hooks.append(model.blocks[0].register_forward_pre_hook(
+            lambda m, args, kwargs: _replace_arg(args, kwargs, 0, "hidden_states", h.to_stream), with_kwargs=True))
+    else:
+        hooks.append(model.x_embedder.register_forward_hook(lambda m, a, out: h.to_stream(out)))
+    hooks.append(model.proj_out.register_forward_hook(lambda m, a, out: h.from_stream(out)))
+
+    if kind == "wan":
+        modules = [blk.attn1 for blk in model.blocks]
+        proc_cls = WanSparseAttnProcessor
+    else:
+        modules = [blk.attn for blk in model.transformer_blocks] + [blk.attn for blk in model.single_transformer_blocks]
+        proc_cls = HunyuanVideoSparseAttnProcessor
+    for layer, mod in enumerate(modules):
+        h._restore.append((mod, mod.processor))
+        mod.set_processor(proc_cls(h, layer))
+
+
+def _install_embedded(h: SparsifyHandle, model) -> None:
+    h._restore_embedded = list(model.attn)
+    model.set_attention(h.attentions(None))
+
+    def pre_forward(module, args, kwargs):
+        # the embedded model takes ctx and sp as arguments: supply them when the caller did not
+        if len(args) >= 4 or "ctx" in kwargs:
+            return args, kwargs
+        x = _get_arg(args, kwargs, 0, "x")
+        if not isinstance(x, torch.Tensor) or x.dim() != 5:
+            return args, kwargs  # the model's own input check reports it
+        _, _, F, H, W = x.shape
+        grid = model.grid(F, H, W)
+        tile = h.tile if h.tile is not None else default_tile(grid)
+        layout = model.video_layout(F, H, W, tile=tile)
+        if h.sp is not None:
+            layout = h.sp.layout_for(layout)
+        h.layout = layout
+        kwargs = dict(kwargs, ctx=h._ctx(layout))
+        if len(args) < 5 and "sp" not in kwargs and h.sp is not None:
+            kwargs["sp"] = h.sp
+        return args, kwargs
+
+    h._hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+
+
+def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, compact=None,
+             sequence_parallel=None, tile: Optional[Sequence[int]] = None, state: Optional[DenoisingState] = None,
+             stats=None, backend: str = "auto", attention_factory: Optional[Callable] = None):
+    """Install dist_compact attention on ``transformer`` (in place) and return it.
+
+    Args:
+        transformer: diffusers ``WanTransformer3DModel`` / ``HunyuanVideoTransformer3DModel``, or an
+            :class:`~dist_compact.models.embedded.EmbeddedDiT`.
+        sparsity_config: the :class:`SparsityConfig` (default: ``SparsityConfig()``, AdaSpa's
+            schedule); ``mode="dense"`` gives outputs equal to the stock model.
+        compact: the static pattern object of the Compact modes (``index_for(layer, layout,
+            num_heads)``, e.g. a :class:`~dist_compact.patterns.CompactConfig`), or a config file path;
+            default: ``sparsity_config.compact_config`` loaded when the mode needs one.
+        sequence_parallel: this rank's :class:`~dist_compact.parallel.SequenceParallel` plan (None: one
+            process). Every rank calls the transformer with the same full inputs and gets the full
+            output; inside, each rank holds its shard of the video tokens.
+        tile: kernel tile ``(t, h, w)`` in latent tokens; default :func:`default_tile` of each
+            forward's grid (or the tile a Compact config was searched with).
+        state: the :class:`DenoisingState` to read the step from (default: a new one, see
+            :func:`denoising_state`); share one between the transformers of one pipeline.
+        stats: an :class:`~dist_compact.stats.AttentionStats` to record into (default: a new one).
+        backend: attention kernels, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+        attention_factory: ``factory(num_layers, sparsity, compact, sp) -> [attn, ...]`` replacing
+            :func:`dist_compact.pipeline.build_attention` (which already wraps with ``sp``).
+
+    Calling it again replaces the previous installation; :func:`unsparsify` removes it.
+    """
+    kind = _model_kind(transformer)
+    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
+    if not isinstance(sparsity, SparsityConfig):
+        raise TypeError(f"sparsify: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"sparsify: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if state is None:
+        state = DenoisingState()
+    if not isinstance(state, DenoisingState):
+        raise TypeError(f"sparsify: state must be a DenoisingState, got {type(state).__name__}")
+    if kind == "embedded":
+        cfg = transformer.config
+        num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
+    else:
+        cfg = transformer.config
+        num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
+        if kind == "hunyuan_video" and cfg.image_condition_type == "token_replace":
+            raise ValueError("sparsify: HunyuanVideo with image_condition_type='token_replace' addresses the "
+                             "first frame's tokens by position, which block order moves; not supported")
+    from ..ops import SUPPORTED_HEAD_DIMS
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"sparsify: head_dim {head_dim} of {type(transformer).__name__} is not supported by the "
+                         f"kernels ({SUPPORTED_HEAD_DIMS})")
+    if sequence_parallel is not None:
+        if not all(callable(getattr(sequence_parallel, m, None)) for m in ("layout_for", "shard", "gather", "wrap")):
+            raise TypeError("sparsify: sequence_parallel must be a SequenceParallel plan "
+                            "(layout_for / shard / gather / wrap)")
+        sp_cfg = getattr(sequence_parallel, "config", None)
+        if sp_cfg is not None:
+            sp_cfg.check(num_heads=num_heads)
+    if sparsity.uses_compact:
+        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
+    if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
+        tile = tuple(compact.tile)
+    if tile is not None:
+        tile = tuple(tile)
+        VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
+    if stats is None:
+        from ..stats import AttentionStats
+
+        stats = AttentionStats()
+    old = getattr(transformer, _ATTR, None)
+    if old is not None:
+        old.remove()
+    h = SparsifyHandle(transformer, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                       sparsity=sparsity, compact=compact, sp=sequence_parallel, tile=tile, state=state,
+                       stats=stats, backend=backend, attention_factory=attention_factory)
+    if kind == "embedded":
+        _install_embedded(h, transformer)
+    else:
+        _install_diffusers(h, transformer, kind)
+    object.__setattr__(transformer, _ATTR, h)  # a plain attribute, not a submodule
+    return transformer
+
+
+def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
+    from ..pipeline import load_compact
+
+    if compact is None or isinstance(compact, str):
+        cfg = sparsity if compact is None else dataclasses.replace(sparsity, compact_config=compact)
+        return load_compact(cfg, num_layers=num_layers, num_heads=num_heads)
+    if not callable(getattr(compact, "index_for", None)):
+        raise TypeError("sparsify: compact must have index_for(layer, layout, num_heads) or be a config file path")
+    if hasattr(compact, "check_compatible"):
+        compact.check_compatible(num_layers=num_layers, num_heads=num_heads)
+    return compact
+
+
+def sparsify_handle(transformer) -> Optional[SparsifyHandle]:
+    """The :class:`SparsifyHandle` of a sparsified transformer, or None."""
+    return getattr(transformer, _ATTR, None)
+
+
+def denoising_state(transformer) -> DenoisingState:
+    """The :class:`DenoisingState` a sparsified transformer reads its step from."""
+    h = sparsify_handle(transformer)
+    if h is None:
+        raise ValueError(f"{type(transformer).__name__} is not sparsified (call sparsify first)")
+    return h.state
+
+
+def unsparsify(transformer):
+    """Remove what :func:`sparsify` installed (stock processors back); returns the transformer."""
+    h = sparsify_handle(transformer)
+    if h is not None:
+        h.remove()
+    return transformer
