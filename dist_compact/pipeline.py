@@ -199,6 +199,7 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
                     )
                 _sync(device)
                 result.step_seconds.append(time.perf_counter() - t0)
+                log.info("step %d/%d t=%.4f: %.4f s", i, steps, float(ts[i]), result.step_seconds[-1])
                 if on_step is not None:
                     on_step(i, x)
                 if bar is not None:
@@ -369,8 +370,6 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
             log.info("%s run: sparsity %s", label, sparsity)
             res = sample(model, text, noise, steps=run.steps, layout=layout, guidance=run.guidance,
                          shift=run.shift, ops=ops, stats=stats, sp=sp, progress=run.progress and rank == 0)
-            for i, s in enumerate(res.step_seconds):
-                log.info("%s step %d: %.4f s", label, i, s)
             log.info("%s run: %.3f s total", label, res.total_seconds)
             return res, stats
 
