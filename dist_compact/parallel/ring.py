@@ -182,6 +182,8 @@ class RingOps(AttentionOps):
             ``ulysses > 1`` (hybrid) the local heads are this rank's Ulysses heads and
             ``gather_heads`` all-gathers over the Ulysses group.
         backend: local kernel backend (``"auto"``, ``"triton"``, ``"torch"``).
+        overlap: compute the local shard while the remote shards travel (True), or wait for them
+            first (False; for measuring what the overlap hides).
 
     Local tensors are ``[B, (Vr + text_blocks) * block_size, heads_local, D]``; a localized index
     has ``Vr + text_blocks`` query rows (:meth:`q_blocks` gives their global ids) and global keys.
@@ -189,9 +191,10 @@ class RingOps(AttentionOps):
 
     _DIGEST_CACHE = 8
 
-    def __init__(self, groups: ParallelGroups, backend: str = "auto"):
+    def __init__(self, groups: ParallelGroups, backend: str = "auto", overlap: bool = True):
         super().__init__(backend)
         self.groups = groups
+        self.overlap = overlap
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
@@ -410,6 +413,8 @@ class RingOps(AttentionOps):
         if need[me] != plan.needs:
             raise RuntimeError("RingOps: the exchanged needed-shard bits differ from this rank's plan")
         tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from)
+        if not self.overlap:
+            tr.wait_all()
         bv = layout.block_valid(q.device)
         lv = torch.cat([bv[me * g.vr:(me + 1) * g.vr], bv[g.nv:]])
         # own shard + text first: it overlaps with the transfer just posted
