@@ -149,12 +149,14 @@ def _prefix2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _value(table: torch.Tensor, st: torch.Tensor, width: int) -> torch.Tensor:
-    """Kept amount of staircase states ``st [N, G, M, 4]`` from flat padded prefix sums ``[N, G, K]``."""
+    """Kept amount of staircase states ``st [N, G, M, 4]`` from flat padded prefix sums ``[N or 1, G, K]``.
+
+    Half-extent ``a`` sits at padded row ``a + 1`` (``-1``, an empty window, reads the zero row).
+    """
     a_s, a_t, b_n, b_w = (st[..., i].clamp(min=-1) + 1 for i in range(4))
     N, G, M = st.shape[:3]
-    flat = table.view(table.shape[0], G, -1) if table.dim() == 3 else table
     idx = torch.stack([a_t * width + b_n, a_s * width + b_w, a_s * width + b_n], dim=-1).view(N, G, M * 3)
-    v = torch.gather(flat.expand(N, -1, -1), 2, idx).view(N, G, M, 3)
+    v = torch.gather(table.expand(N, -1, -1), 2, idx).view(N, G, M, 3)
     return v[..., 0] + v[..., 1] - v[..., 2]
 
 
