@@ -31,7 +31,7 @@ yunchang is imported only by :meth:`from_yunchang_globals`.
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist

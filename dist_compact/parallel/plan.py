@@ -32,7 +32,6 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..context import AttentionContext
 from ..executor import AttentionOps
