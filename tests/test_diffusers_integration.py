@@ -356,7 +356,7 @@ def test_main_job_entry_writes_a_run_folder(wan_folder, tmp_path):
                           height=64, width=64, tile=(1, 4, 4), dtype="float32"),
         sparsity=ADASPA,
         run=RunOptions(prompt="a blue circle", steps=2, guidance=3.0, output_dir=str(tmp_path), name="run",
-                       compare_dense=True, attn_backend="torch", progress=False),
+                       compare_dense=True, attn_backend="torch", progress=False, shift=2.0),
     )
     res = run_diffusers_generation(cfg)
     files = {p.name for p in (tmp_path / "run").iterdir()}

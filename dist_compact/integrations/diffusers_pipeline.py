@@ -37,7 +37,7 @@ import torch
 
 from ..schedule import SparsityConfig
 
-__all__ = ["PIPELINES", "DiffusersSample", "load_pipeline", "generate", "run_diffusers_generation"]
+__all__ = ["PIPELINES", "DiffusersSample", "load_pipeline", "set_flow_shift", "generate", "run_diffusers_generation"]
 
 #: Pipeline classes this runner knows; their ``__call__`` take the same core arguments.
 PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
@@ -98,6 +98,15 @@ def load_pipeline(model_path, pipeline: str = "WanPipeline", *, device="cpu", dt
         warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
         pipe = cls.from_pretrained(str(path), torch_dtype=dtypes, local_files_only=True)
     return pipe.to(device)
+
+
+def set_flow_shift(pipe, shift: float) -> None:
+    """Rebuild ``pipe.scheduler`` with flow shift ``shift`` (its ``flow_shift`` or ``shift`` key)."""
+    sched = pipe.scheduler
+    key = next((k for k in ("flow_shift", "shift") if k in sched.config), None)
+    if key is None:
+        raise ValueError(f"{type(sched).__name__} has no flow shift setting (flow_shift / shift); use run.shift 1.0")
+    pipe.scheduler = type(sched).from_config(sched.config, **{key: float(shift)})
 
 
 def _transformers(pipe) -> List[torch.nn.Module]:
@@ -219,7 +228,8 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
     Loads ``cfg.model.pipeline`` from ``cfg.model.path``, runs ``cfg.run.steps`` steps at
     ``cfg.model.frames x height x width`` pixels with ``cfg.sparsity`` (and a dense run with
     ``run.compare_dense``), and writes the run folder (see :mod:`dist_compact.report`) on rank 0.
-    ``run.shift`` is not used: the pipeline's scheduler config (from the weights folder) sets it.
+    ``run.shift`` (when not 1.0) replaces the flow shift of the pipeline's scheduler
+    (``flow_shift`` of UniPC, ``shift`` of FlowMatchEuler); 1.0 keeps the weights folder's setting.
 
     Returns:
         :class:`~dist_compact.pipeline.RunResult` (``latents``: the video ``[1, 3, F, H, W]`` in
@@ -236,6 +246,8 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
     device = _device(cfg.cluster, local_rank)
     dtype = _dtype(mcfg, device)
     pipe = load_pipeline(mcfg.path, mcfg.pipeline, device=device, dtype=dtype)
+    if run.shift != 1.0:
+        set_flow_shift(pipe, run.shift)
     tcfg = pipe.transformer.config
     num_heads = tcfg.num_attention_heads
     num_layers = tcfg.num_layers + getattr(tcfg, "num_single_layers", 0)

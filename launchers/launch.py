@@ -1,0 +1,254 @@
+"""Cluster YAML -> the command that starts the job: plain python, torchrun, multi-node torchrun, SLURM.
+
+::
+
+    python -m launchers --config configs/cluster/1x8-ulysses.yaml --dry-run -- generate.py --prompt "..."
+    python launchers/launch.py --config configs/cluster/2x8-hybrid.yaml --node-rank 1 -- generate.py ...
+    python -m launchers --config configs/cluster/2x8-hybrid.yaml --slurm -- generate.py ... > job.sbatch
+
+What it runs, from the ``cluster`` section (:class:`dist_compact.config.ClusterConfig`; its
+``ulysses x ring`` must equal ``nproc x nnodes``, else one clear error naming the file):
+
+* one process in all (``nproc x nnodes == 1``): ``python SCRIPT ...`` (no torchrun);
+* one node: ``torchrun --standalone --nproc-per-node N SCRIPT ...``;
+* several nodes: ``torchrun --nnodes M --nproc-per-node N --node-rank R --rdzv-backend c10d
+  --rdzv-endpoint ADDR:PORT --rdzv-id ID SCRIPT ...`` (run it on every node with its ``--node-rank``);
+* ``--slurm``: a batch script (``#SBATCH`` one task per node, ``srun`` starting that torchrun on every
+  node, the endpoint = the allocation's first node).
+
+Fallbacks on the launching machine (one node only; GPUs counted with torch, or ``--gpus``):
+
+* no GPU: gloo on CPU processes, the same degrees (``--cluster.device cpu --cluster.backend gloo``);
+* one GPU but a config for more: single-GPU fallback, one plain ``python`` process with degrees 1
+  (``--cluster.nproc 1 --cluster.ulysses 1 --cluster.ring 1``); a note says so on stderr;
+* more than one GPU but fewer than ``nproc``: an error (choose a config for this node).
+
+When SCRIPT is ``generate.py`` the cluster file is passed on as its first ``--config`` (so its
+world-size check agrees with the launch), followed by the fallback overrides; other scripts get
+their arguments unchanged. ``--dry-run`` prints the command (or the batch script) instead of
+running it. Reads files (a launcher); the library never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["LaunchError", "LaunchPlan", "plan_launch", "slurm_script", "load_cluster", "count_gpus", "main"]
+
+
+class LaunchError(ValueError):
+    """A cluster config or launch request that cannot run (the message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One node's launch.
+
+    Attributes:
+        argv: the command, as an argument list.
+        env: environment variables to set for it (on top of the caller's).
+        mode: ``"python"``, ``"torchrun"`` or ``"torchrun-multinode"``.
+        notes: what was decided and why (printed on stderr).
+    """
+
+    argv: Tuple[str, ...]
+    env: Dict[str, str] = field(default_factory=dict)
+    mode: str = "torchrun"
+    notes: Tuple[str, ...] = ()
+
+    def shell(self) -> str:
+        """The command as one shell line (environment assignments first)."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        cmd = " ".join(shlex.quote(a) for a in self.argv)
+        return f"{env} {cmd}" if env else cmd
+
+
+def load_cluster(path: str):
+    """The :class:`~dist_compact.config.ClusterConfig` of a YAML file (its includes merged).
+
+    Raises:
+        LaunchError: the file is missing or malformed, or its degrees do not multiply to
+            ``nproc x nnodes`` (the message names the file).
+    """
+    from dist_compact.config import ConfigError, load_run_config
+
+    try:
+        return load_run_config([path]).cluster
+    except ConfigError as e:
+        raise LaunchError(str(e)) from e
+
+
+def count_gpus() -> int:
+    """CUDA devices visible to this process (0 without torch or CUDA)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _is_generate(script: str) -> bool:
+    return os.path.basename(script) == "generate.py"
+
+
+def _script_args(script_args: Sequence[str], config_path: str, overrides: Sequence[str]) -> List[str]:
+    if not script_args:
+        raise LaunchError("no script to launch: put it after '--', e.g. -- generate.py --prompt '...'")
+    script, rest = script_args[0], list(script_args[1:])
+    if _is_generate(script):
+        return [script, "--config", config_path, *overrides, *rest]
+    return [script, *rest]
+
+
+def plan_launch(cluster, config_path: str, script_args: Sequence[str], *, gpus: Optional[int] = None,
+                node_rank: Optional[int] = None, master_addr: Optional[str] = None,
+                master_port: Optional[int] = None, rdzv_id: str = "dist_compact",
+                python: str = sys.executable) -> LaunchPlan:
+    """The command for this node (see the module doc for the rules).
+
+    Args:
+        cluster: a :class:`~dist_compact.config.ClusterConfig`.
+        config_path: the cluster file (passed on to ``generate.py``).
+        script_args: ``[script, args...]``.
+        gpus: GPUs on this node (default: counted with torch; ignored for multi-node plans).
+        node_rank: this node's rank (required when ``cluster.nnodes > 1``).
+        master_addr, master_port: the rendezvous endpoint (default: the cluster file's).
+        rdzv_id: the rendezvous id shared by all nodes of one job.
+        python: the interpreter for single-process runs.
+    """
+    n, nodes = cluster.nproc, cluster.nnodes
+    notes: List[str] = []
+    overrides: List[str] = []
+    addr = master_addr or cluster.master_addr
+    port = master_port or cluster.master_port
+    if nodes > 1:
+        if node_rank is None:
+            raise LaunchError(f"{config_path}: {nodes} nodes: give this node's --node-rank (0..{nodes - 1}), or "
+                              "use --slurm for a batch script")
+        if not 0 <= node_rank < nodes:
+            raise LaunchError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {config_path}")
+        argv = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(n), "--node-rank", str(node_rank),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}", "--rdzv-id", rdzv_id,
+                *_script_args(script_args, config_path, overrides)]
+        return LaunchPlan(tuple(argv), mode="torchrun-multinode", notes=tuple(notes))
+    if gpus is None:
+        gpus = count_gpus()
+    wants_gpu = cluster.device != "cpu"
+    if wants_gpu and gpus == 0:
+        if cluster.device == "cuda" or cluster.backend == "nccl":
+            overrides += ["--cluster.device", "cpu", "--cluster.backend", "gloo"]
+        if n > 1 or overrides:
+                notes.append(f"no GPU on this machine: {n} CPU process(es) with gloo (same degrees: ulysses "
+                         f"{cluster.ulysses} x ring {cluster.ring})")
+    elif wants_gpu and gpus == 1 and n > 1:
+        overrides += ["--cluster.nproc", "1", "--cluster.ulysses", "1", "--cluster.ring", "1"]
+        notes.append(f"one GPU on this machine but {config_path} asks for {n}: single-GPU fallback, one "
+                     "process with ulysses 1 x ring 1")
+        n = 1
+    elif wants_gpu and 1 < gpus < n:
+        raise LaunchError(f"{config_path} asks for {n} GPUs per node but this node has {gpus}; use a cluster config "
+                          f"with nproc <= {gpus} (e.g. configs/cluster/1x4-ulysses.yaml)")
+    args = _script_args(script_args, config_path, overrides)
+    if n == 1:
+        return LaunchPlan((python, *args), mode="python", notes=tuple(notes))
+    argv = ["torchrun", "--standalone", "--nproc-per-node", str(n), *args]
+    # CPU processes share the cores: one thread each (torchrun's own default, without its warning)
+    env = {"OMP_NUM_THREADS": "1"} if (gpus == 0 or cluster.device == "cpu") else {}
+    return LaunchPlan(tuple(argv), env=env, mode="torchrun", notes=tuple(notes))
+
+
+def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_name: str = "dist_compact",
+                 time_limit: str = "02:00:00", partition: Optional[str] = None, cpus_per_task: int = 16,
+                 master_port: Optional[int] = None) -> str:
+    """A SLURM batch script: one task per node, each running torchrun with c10d rendezvous.
+
+    The rendezvous endpoint is the allocation's first node (``scontrol show hostnames``), the node
+    rank ``$SLURM_NODEID`` and the rendezvous id ``$SLURM_JOB_ID``, all read when the job runs.
+    """
+    n, nodes = cluster.nproc, cluster.nnodes
+    port = master_port or cluster.master_port
+    args = _script_args(script_args, config_path, [])
+    # $VARS stay unquoted so the task's shell expands them; everything else is quoted
+    torchrun = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(n), "--node-rank", '"$SLURM_NODEID"',
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f'"$HEAD_NODE:{port}"', "--rdzv-id", '"$SLURM_JOB_ID"']
+    inner = " ".join(torchrun) + " " + " ".join(shlex.quote(a) for a in args)
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={n}" if cluster.device != "cpu" else "#SBATCH --gpus-per-node=0",
+        f"#SBATCH --cpus-per-task={cpus_per_task}",
+        f"#SBATCH --time={time_limit}",
+    ]
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    lines += [
+        f"# generated by launchers/launch.py from {config_path}: ulysses {cluster.ulysses} x ring {cluster.ring} "
+        f"= {nodes} node(s) x {n} process(es)",
+        "set -euo pipefail",
+        'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "export HEAD_NODE",
+        f"srun --ntasks-per-node=1 bash -c {shlex.quote('exec ' + inner)}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launchers",
+        description="Turn a cluster YAML into the command that starts a job (python / torchrun / SLURM).",
+        epilog="Everything after '--' is the script and its arguments, e.g. -- generate.py --prompt 'a cat'.",
+    )
+    p.add_argument("--config", required=True, metavar="YAML", help="cluster config (configs/cluster/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the command (or batch script), do not run it")
+    p.add_argument("--slurm", action="store_true", help="write a SLURM batch script to stdout (implies no run)")
+    p.add_argument("--node-rank", type=int, help="this node's rank (multi-node configs)")
+    p.add_argument("--master-addr", help="rendezvous host (default: the config's master_addr)")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: the config's master_port)")
+    p.add_argument("--rdzv-id", default="dist_compact", help="rendezvous id, the same on every node")
+    p.add_argument("--gpus", type=int, help="GPUs on this node (default: counted with torch)")
+    p.add_argument("--job-name", default="dist_compact", help="SLURM job name")
+    p.add_argument("--time", default="02:00:00", help="SLURM time limit")
+    p.add_argument("--partition", help="SLURM partition")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:
+        cut = argv.index("--")
+        own, script_args = argv[:cut], argv[cut + 1:]
+    else:
+        own, script_args = argv, []
+    args = build_parser().parse_args(own)
+    try:
+        cluster = load_cluster(args.config)
+        if args.slurm:
+            sys.stdout.write(slurm_script(cluster, args.config, script_args, job_name=args.job_name,
+                                          time_limit=args.time, partition=args.partition,
+                                          master_port=args.master_port))
+            return 0
+        plan = plan_launch(cluster, args.config, script_args, gpus=args.gpus, node_rank=args.node_rank,
+                           master_addr=args.master_addr, master_port=args.master_port, rdzv_id=args.rdzv_id)
+    except LaunchError as e:
+        print(f"launchers: error: {e}", file=sys.stderr)
+        return 2
+    for note in plan.notes:
+        print(f"launchers: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(plan.shell())
+        return 0
+    env = dict(os.environ, **plan.env)
+    return subprocess.call(list(plan.argv), env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""launchers/: the command lines generated for every cluster YAML (dry run), fallbacks, SLURM, errors."""
+
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # launchers/ is run from the repository root, not installed
+
+from launchers.launch import LaunchError, load_cluster, plan_launch, slurm_script  # noqa: E402
+
+CLUSTER = ROOT / "configs" / "cluster"
+GEN = ["generate.py", "--prompt", "a cat"]
+
+
+def plan(name, gpus, **kw):
+    path = f"configs/cluster/{name}.yaml"
+    return plan_launch(load_cluster(str(ROOT / path)), path, GEN, gpus=gpus, python="python", **kw)
+
+
+# (config, gpus on the node) -> the exact command line
+EXPECTED = {
+    ("1x4-ulysses", 8): "torchrun --standalone --nproc-per-node 4 generate.py --config configs/cluster/1x4-ulysses.yaml "
+                        "--prompt 'a cat'",
+    ("1x8-ulysses", 8): "torchrun --standalone --nproc-per-node 8 generate.py --config configs/cluster/1x8-ulysses.yaml "
+                        "--prompt 'a cat'",
+    ("1x8-hybrid", 8): "torchrun --standalone --nproc-per-node 8 generate.py --config configs/cluster/1x8-hybrid.yaml "
+                       "--prompt 'a cat'",
+    # single-GPU fallback: one plain process, degrees 1
+    ("1x8-ulysses", 1): "python generate.py --config configs/cluster/1x8-ulysses.yaml --cluster.nproc 1 "
+                        "--cluster.ulysses 1 --cluster.ring 1 --prompt 'a cat'",
+    # gloo fallback: the same degrees on CPU processes
+    ("1x8-hybrid", 0): "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 8 generate.py --config "
+                       "configs/cluster/1x8-hybrid.yaml --cluster.device cpu --cluster.backend gloo --prompt 'a cat'",
+    ("1x4-ulysses", 0): "OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 4 generate.py --config "
+                        "configs/cluster/1x4-ulysses.yaml --cluster.device cpu --cluster.backend gloo --prompt 'a cat'",
+}
+
+
+@pytest.mark.parametrize("name,gpus", list(EXPECTED), ids=[f"{n}-gpus{g}" for n, g in EXPECTED])
+def test_single_node_command_lines(name, gpus):
+    p = plan(name, gpus)
+    assert p.shell() == EXPECTED[(name, gpus)]
+    assert p.mode == ("python" if gpus == 1 else "torchrun")
+    assert bool(p.notes) == (gpus < 2)
+
+
+@pytest.mark.parametrize("name", ["cpu-demo", "1gpu"])
+def test_main_job_cluster_files(name):
+    """cpu-demo runs 2 gloo processes anywhere; 1gpu is one plain python process."""
+    if not (CLUSTER / f"{name}.yaml").is_file():
+        pytest.skip(f"configs/cluster/{name}.yaml is not in this checkout")
+    for gpus in (0, 1, 8):
+        p = plan(name, gpus)
+        if name == "1gpu":
+            assert p.argv == ("python", "generate.py", "--config", "configs/cluster/1gpu.yaml", "--prompt", "a cat")
+        else:
+            assert p.argv[:4] == ("torchrun", "--standalone", "--nproc-per-node", "2") and not p.notes
+
+
+def test_every_shipped_cluster_file_gives_a_command():
+    for path in sorted(CLUSTER.glob("*.yaml")):
+        cluster = load_cluster(str(path))
+        kw = {"node_rank": 0} if cluster.nnodes > 1 else {}
+        p = plan_launch(cluster, str(path), GEN, gpus=cluster.nproc, **kw)
+        assert "generate.py" in p.argv and str(path) in p.argv
+
+
+def test_two_nodes_use_c10d_rendezvous():
+    p = plan("2x8-hybrid", None, node_rank=1)
+    assert p.shell() == (
+        "torchrun --nnodes 2 --nproc-per-node 8 --node-rank 1 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+        "--rdzv-id dist_compact generate.py --config configs/cluster/2x8-hybrid.yaml --prompt 'a cat'"
+    )
+    p = plan("2x8-hybrid", None, node_rank=0, master_addr="10.0.0.5", master_port=6000, rdzv_id="job7")
+    assert "--rdzv-endpoint 10.0.0.5:6000 --rdzv-id job7" in p.shell()
+    with pytest.raises(LaunchError, match="--node-rank"):
+        plan("2x8-hybrid", None)
+    with pytest.raises(LaunchError, match="outside 0..1"):
+        plan("2x8-hybrid", None, node_rank=2)
+
+
+def test_slurm_script_runs_torchrun_on_every_node():
+    path = "configs/cluster/2x8-hybrid.yaml"
+    text = slurm_script(load_cluster(str(ROOT / path)), path, ["generate.py", "--prompt", "a cat's toy"],
+                        partition="gpu")
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    for want in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu"):
+        assert want in lines
+    srun = [ln for ln in lines if ln.startswith("srun ")]
+    assert len(srun) == 1
+    # what each node's shell runs, with the SLURM variables expanded as bash would
+    words = shlex.split(srun[0])
+    assert words[:4] == ["srun", "--ntasks-per-node=1", "bash", "-c"]
+    env = dict(os.environ, SLURM_NODEID="1", HEAD_NODE="gpu-a01", SLURM_JOB_ID="42")
+    out = subprocess.run(["bash", "-c", words[4].replace("exec torchrun", "printf '%s\\n' torchrun")], env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["torchrun", "--nnodes", "2", "--nproc-per-node", "8", "--node-rank", "1", "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", "gpu-a01:29500", "--rdzv-id", "42", "generate.py", "--config", path,
+                   "--prompt", "a cat's toy"]
+
+
+def test_other_scripts_get_their_arguments_unchanged():
+    p = plan_launch(load_cluster(str(CLUSTER / "1x4-ulysses.yaml")), "c.yaml", ["benchmarks/model_forward.py", "--small"],
+                    gpus=4)
+    assert p.argv == ("torchrun", "--standalone", "--nproc-per-node", "4", "benchmarks/model_forward.py", "--small")
+
+
+def test_degrees_that_do_not_multiply_to_the_gpu_count(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: {nproc: 8, nnodes: 1, ulysses: 4, ring: 1}\n")
+    with pytest.raises(LaunchError, match=r"bad.yaml.*ulysses x ring = 4 x 1 = 4 must equal the world size .* = 8"):
+        load_cluster(str(bad))
+    bad.write_text("cluster: {nproc: 8, nnodes: 2, ulysses: 8, ring: 1}\n")
+    with pytest.raises(LaunchError, match="= 16"):
+        load_cluster(str(bad))
+    # the CLI: one line on stderr, exit code 2, nothing run
+    out = subprocess.run([sys.executable, "-m", "launchers", "--config", str(bad), "--dry-run", "--", *GEN],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("launchers: error: ") and "bad.yaml" in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_too_few_gpus_for_the_node_is_an_error():
+    with pytest.raises(LaunchError, match="asks for 8 GPUs per node but this node has 4"):
+        plan("1x8-ulysses", 4)
+
+
+def test_cli_dry_run_prints_the_command():
+    for argv in (["-m", "launchers"], ["launchers/launch.py"]):
+        out = subprocess.run([sys.executable, *argv, "--config", "configs/cluster/1x8-ulysses.yaml", "--gpus", "8",
+                              "--dry-run", "--", *GEN], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == EXPECTED[("1x8-ulysses", 8)] + "\n"
+    out = subprocess.run([sys.executable, "-m", "launchers", "--config", "configs/cluster/1x8-ulysses.yaml", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and "no script to launch" in out.stderr
