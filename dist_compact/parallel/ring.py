@@ -198,7 +198,7 @@ class RingOps(AttentionOps):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
-        self._local = weakref.WeakKeyDictionary()  # global index -> (layout, num_heads, local index)
+        self._local = weakref.WeakKeyDictionary()  # global index -> (layout, local index)
         self._plans = weakref.WeakKeyDictionary()  # local index -> (layout, plan)
         self._plans_by_digest: "OrderedDict" = OrderedDict()  # (digest, layout) -> plan
         self._full: Dict = {}  # (layout, heads, device) -> full local index
@@ -416,7 +416,7 @@ class RingOps(AttentionOps):
         if not self.overlap:
             tr.wait_all()
         bv = layout.block_valid(q.device)
-        lv = torch.cat([bv[me * g.vr:(me + 1) * g.vr], bv[g.nv:]])
+        lv = self._local_valid(layout, q.device)
         # own shard + text first: it overlaps with the transfer just posted
         out, lse = block_sparse_attention(q, k, v, plan.own, scale=scale, return_lse=True, q_valid=lv,
                                           kv_valid=lv, backend=self.backend)
@@ -449,7 +449,7 @@ class RingOps(AttentionOps):
         others = [j for j in range(self.ring) if j != me]
         tr = self._post([k[:, :vt]], others, others)
         bv = layout.block_valid(q.device)
-        lv = torch.cat([bv[me * g.vr:(me + 1) * g.vr], bv[g.nv:]])
+        lv = self._local_valid(layout, q.device)
         B, _, H, _ = q.shape
         mass = torch.empty((B, H, g.rows, g.nb), dtype=torch.float32, device=q.device)
 
