@@ -2,8 +2,8 @@
 
 Run on the device kinds nvidia-h200-x2 / nvidia-h200-x4 from the repository root:
 
-    torchrun --standalone --nproc-per-node 4 benchmarks/parallel_layer.py --out $OUT
-    torchrun --standalone --nproc-per-node 2 benchmarks/parallel_layer.py --out $OUT
+    PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/parallel_layer.py --out $OUT
+    PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 2 benchmarks/parallel_layer.py --out $OUT
 
 or on a CPU (gloo, tiny shape, PyTorch backend) to check the script itself:
 
@@ -44,7 +44,8 @@ import time
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and dist_compact_kernels, uninstalled
 
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
 from dist_compact.context import AttentionContext  # noqa: E402
