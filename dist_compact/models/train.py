@@ -73,7 +73,8 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         model = load_embedded(args.init, device=device)
         _log(f"initialised from {args.init}")
     else:
-        cfg = EmbeddedConfig(dim=args.dim, depth=args.depth, heads=args.heads)
+        cfg = EmbeddedConfig(dim=args.dim, depth=args.depth, heads=args.heads, frames=args.frames,
+                             height=args.height, width=args.width)
         model = EmbeddedDiT(cfg).to(device)
     model.train()
     cfg = model.config
@@ -91,7 +92,9 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
             step_fn = torch.compile(model.forward_plain)
         except Exception as e:  # compile is an optimisation only
             _log(f"torch.compile unavailable ({e}); training eager")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # scene parameters (small, on the CPU)
+    # noise and times on the device: a CPU randn of a whole batch of videos would stall a GPU step
+    dgen = torch.Generator(device=device).manual_seed(args.seed + 2)
     frames, height, width = cfg.frames, cfg.height, cfg.width
     # fixed validation batch: same videos, noise and times at every evaluation, so its loss is comparable
     vgen = torch.Generator().manual_seed(args.seed + 1)
@@ -135,8 +138,8 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         drop = torch.rand(args.batch_size, generator=gen) < args.cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         text = model.tokenizer.batch(prompts).to(device)
-        t = torch.sigmoid(torch.randn(args.batch_size, generator=gen)).to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.sigmoid(torch.randn(args.batch_size, generator=dgen, device=device))
+        noise = torch.randn(x0.shape, generator=dgen, device=device)
         try:
             with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
                 loss = flow_matching_loss(step_fn, x0, text, t, noise)
@@ -175,7 +178,44 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
     _log(f"done: {step} steps, final val loss (EMA) {log['val'][-1]['loss']:.4f}")
     save(final=True)
+    if args.preview:
+        path = out.with_name(out.stem + ".preview.png")
+        preview(ema, PREVIEW_PROMPTS, path, steps=20, guidance=4.0)
+        _log(f"preview of {len(PREVIEW_PROMPTS)} prompts (rows; every other frame): {path}")
     return log
+
+
+#: prompts of the preview image written after training (one row each)
+PREVIEW_PROMPTS = (
+    "a red square moving left",
+    "a blue circle bouncing on a checkerboard",
+    "a yellow triangle moving up on stripes",
+    "a green circle moving right on a gradient",
+)
+
+
+def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> None:
+    """Sample ``prompts`` with the inference path (block order, DenseAttention) and write a PNG grid."""
+    import numpy as np
+
+    from ..context import DenseAttention
+    from ..pipeline import sample
+    from ..png import write_png
+    from ..report import frame_grid, to_uint8_frames
+
+    cfg = model.config
+    device = next(model.parameters()).device
+    model.set_attention([DenseAttention(i) for i in range(cfg.depth)])
+    layout = model.video_layout(cfg.frames, cfg.height, cfg.width)
+    rows = []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed + i)
+        noise = torch.randn(1, cfg.in_channels, cfg.frames, cfg.height, cfg.width, generator=g).to(device)
+        text = model.tokenizer.batch([p]).to(device)
+        res = sample(model, text, noise, steps=steps, layout=layout, guidance=guidance)
+        frames = to_uint8_frames(res.latents[0, :, ::2], 2)
+        rows.append(frame_grid(frames, cols=frames.shape[0]))
+    write_png(str(path), np.concatenate(rows, axis=0))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,11 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=EmbeddedConfig.dim)
     p.add_argument("--depth", type=int, default=EmbeddedConfig.depth)
     p.add_argument("--heads", type=int, default=EmbeddedConfig.heads)
+    p.add_argument("--frames", type=int, default=EmbeddedConfig.frames, help="training clip length")
+    p.add_argument("--height", type=int, default=EmbeddedConfig.height)
+    p.add_argument("--width", type=int, default=EmbeddedConfig.width)
     p.add_argument("--init", default=None, help="start from these weights (continue training)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     p.add_argument("--save-every", type=float, default=2.0, help="minutes between periodic saves")
-    p.add_argument("--save-margin", type=float, default=10.0, help="seconds kept for the final save")
+    p.add_argument("--save-margin", type=float, default=20.0,
+                   help="seconds kept for the final evaluation, save and preview")
+    p.add_argument("--no-preview", dest="preview", action="store_false",
+                   help="skip the preview PNG of a few prompts written after training")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-batch", type=int, default=16)
