@@ -95,24 +95,24 @@ def load_compact(sparsity: SparsityConfig, *, model: Optional[str] = None, num_l
                  num_heads: Optional[int] = None):
     """The static Compact pattern object for ``sparsity`` (None when its mode uses none).
 
-    Reads ``sparsity.compact_config`` (a searched config file) through :mod:`dist_compact.patterns`.
+    Reads ``sparsity.compact_config`` (a searched config file, see
+    :mod:`dist_compact.search.config_file`) and checks it was searched for this model / layer and
+    head count. A relative path is taken from the working directory, else from the folder of the
+    embedded model's shipped files (``dist_compact/models/weights/``), so shipped configs resolve
+    wherever the package is installed.
     """
     if not sparsity.uses_compact:
         return None
     if not sparsity.compact_config:
         raise ValueError(f"sparsity mode {sparsity.mode!r} needs sparsity.compact_config (a searched config file)")
-    from . import patterns
+    from .models.embedded import DEFAULT_WEIGHTS
+    from .search.config_file import load_config
 
-    loader = getattr(patterns, "load_config", None)
-    if loader is None:
-        raise RuntimeError(
-            "this checkout has no Compact config loader (dist_compact.patterns.load_config); "
-            "use --sparsity.mode adaspa or dense"
-        )
-    compact = loader(sparsity.compact_config)
-    if hasattr(compact, "check_compatible"):
-        compact.check_compatible(model=model, num_layers=num_layers, num_heads=num_heads)
-    return compact
+    path = sparsity.compact_config
+    shipped = os.path.join(str(DEFAULT_WEIGHTS.parent), path)
+    if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(shipped):
+        path = shipped
+    return load_config(path, model=model, num_layers=num_layers, num_heads=num_heads)
 
 
 def _sync(device: torch.device) -> None:
@@ -298,17 +298,7 @@ def _rank_logger(log_dir: str, rank: int) -> logging.Handler:
 
 
 def _load_model(model_cfg, device: torch.device, dtype: torch.dtype):
-    if model_cfg.kind != "embedded":
-        raise NotImplementedError(
-            f"model kind {model_cfg.kind!r} ({model_cfg.name}) runs through dist_compact.integrations, "
-            "which this generate.py does not wire yet; use the embedded model"
-        )
     from .models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
-
-    if model_cfg.path is not None and not os.path.exists(model_cfg.path):
-        from .models.embedded import WeightsError
-
-        raise WeightsError(f"model.path {model_cfg.path} does not exist")
 
     path = model_cfg.path or str(DEFAULT_WEIGHTS)
     model = load_embedded(path, device=device, dtype=dtype)
@@ -328,6 +318,10 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         WorldSizeError, NonFiniteLatentsError, WeightsError, ConfigError-like ValueErrors: each
         before anything is left in ``output_dir``.
     """
+    if cfg.model.kind == "diffusers":
+        from .integrations.diffusers_pipeline import run_diffusers_generation
+
+        return run_diffusers_generation(cfg, attention_factory=attention_factory)
     from . import report as rpt
     from .stats import AttentionStats
 
@@ -350,7 +344,14 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         coord.check_config(cfg.to_dict(), "run config")
         coord.check_same("model weights", model_info["sha256"])
     layout = sp.layout_for(model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile))
-    compact = load_compact(cfg.sparsity, model=cfg.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
+    def _compact():
+        return load_compact(cfg.sparsity, model=cfg.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
+
+    if world > 1 and cfg.sparsity.uses_compact:
+        compact = coord.broadcast_object(load=_compact)  # rank 0 reads the file, every rank gets it
+        coord.check_config(compact, "Compact config")
+    else:
+        compact = _compact()
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same noise on every rank and device
     noise = torch.randn((1, mcfg.in_channels, cfg.model.frames, cfg.model.height, cfg.model.width),
                         generator=gen).to(device)

@@ -200,3 +200,24 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, weights):
     assert (lat2 - one.latents).abs().max().item() <= 1e-4
     rep = json.loads((two / "report.json").read_text())
     assert rep["world_size"] == 2 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
+
+
+def test_compact_and_online_modes_from_a_config_file(tmp_path, weights):
+    from dist_compact.patterns import CompactConfig, HeadPattern
+    from dist_compact.search.config_file import save_config
+
+    cc = CompactConfig.uniform(2, 2, HeadPattern.window(1, 1, max_distance=1), model="embedded")
+    path = tmp_path / "searched.yaml"
+    save_config(cc, path)
+    for mode in ("compact", "compact+adaspa"):
+        res = run_generation(_cfg(tmp_path / mode.replace("+", "-"), weights, ("sparsity.mode", mode),
+                                  ("sparsity.compact_config", str(path)), ("model.frames", "8")))
+        calls = res.report["sparse"]["attention"]["calls"]
+        assert calls["sparse"] + calls["cached_search"] > 0, (mode, calls)
+    wrong = CompactConfig.uniform(3, 2, HeadPattern.window(1, 1), model="embedded")
+    save_config(wrong, tmp_path / "wrong.yaml")
+    out = tmp_path / "wrong-out"
+    with pytest.raises(ValueError, match="wrong.yaml"):
+        run_generation(_cfg(out, weights, ("sparsity.mode", "compact"),
+                            ("sparsity.compact_config", str(tmp_path / "wrong.yaml"))))
+    assert not out.exists() or os.listdir(out) == []
