@@ -251,8 +251,9 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(1)
         h = self.norm1(x) * (1 + scale1.unsqueeze(1)) + shift1.unsqueeze(1)
         q, k, v = self.qkv(h).view(B, S, 3, self.heads, D // self.heads).unbind(2)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        # one dtype for q, k, v: under autocast the norms' fp32 weights would promote q and k to fp32
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
         a = attend(q, k, v.contiguous()).reshape(B, S, D)
         x = x + gate1.unsqueeze(1) * self.proj(a)
         h = self.norm2(x) * (1 + scale2.unsqueeze(1)) + shift2.unsqueeze(1)
