@@ -10,7 +10,9 @@ Contract, for every implementation:
 * Tensors handed in are this rank's *local* q, k, v ``[batch, seq_local, heads_local, head_dim]`` in
   block order (see :class:`~dist_compact.layout.VideoLayout`); ``layout`` is always the *global*
   layout of the whole sequence.
-* :meth:`head_range` / :meth:`q_block_range` say which global heads / query blocks are local.
+* :meth:`head_range` / :meth:`q_blocks` say which global heads / query blocks are local
+  (:meth:`q_block_range` is the contiguous video part; a ring rank also holds every text block);
+  :meth:`row_weight` weights per-row statistics so rows held by several ranks count once.
 * :meth:`localize` cuts a global :class:`BlockIndex` (all heads, all query blocks, global key
   numbering) down to the local heads and query rows; key numbering stays global.
 * :meth:`attention` takes such a localized index; :meth:`block_mass` returns
@@ -53,6 +55,18 @@ class AttentionOps:
         """Global query blocks ``[start, stop)`` held by this rank."""
         return (0, layout.num_blocks)
 
+    def q_blocks(self, layout: VideoLayout) -> torch.Tensor:
+        """int64 global ids of the local query blocks, in local order (ring ranks: their video
+        shard, then every text block)."""
+        r0, r1 = self.q_block_range(layout)
+        return torch.arange(r0, r1)
+
+    def row_weight(self, layout: VideoLayout) -> torch.Tensor:
+        """float32 per local query block: weights with which per-row statistics enter
+        :meth:`reduce_rows`, so rows held by several ranks (the text rows of a ring) count once."""
+        r0, r1 = self.q_block_range(layout)
+        return torch.ones(r1 - r0)
+
     def localize(self, index: BlockIndex, layout: VideoLayout) -> BlockIndex:
         """Global index -> this rank's heads and query rows (key numbering unchanged)."""
         h0, h1 = self.head_range(index.num_heads)
@@ -79,11 +93,14 @@ class AttentionOps:
                                block_valid=bv, backend=self.backend)
 
     def block_mass(self, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, layout: VideoLayout, *,
-                   scale: Optional[float] = None) -> torch.Tensor:
-        """Block attention mass of the local query blocks against all key blocks."""
+                   scale: Optional[float] = None, query_rows: Optional[int] = None) -> torch.Tensor:
+        """Block attention mass of the local query blocks against all key blocks.
+
+        ``query_rows``: sample that many query rows per block (see ``ops.block_attention_mass``).
+        """
         bv = layout.block_valid(q.device)
         return block_attention_mass(q, k, lse, layout.block_size, scale=scale, block_valid=bv,
-                                    backend=self.backend)
+                                    query_rows=query_rows, backend=self.backend)
 
     # ------------------------------------------------------------------ global statistics
     def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:

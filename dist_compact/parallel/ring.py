@@ -440,7 +440,8 @@ class RingOps(AttentionOps):
         out = out.to(q.dtype)
         return (out, lse) if return_lse else out
 
-    def block_mass(self, q, k, lse, layout: VideoLayout, *, scale: Optional[float] = None) -> torch.Tensor:
+    def block_mass(self, q, k, lse, layout: VideoLayout, *, scale: Optional[float] = None,
+                   query_rows: Optional[int] = None) -> torch.Tensor:
         """Block mass ``[B, H_local, local rows, num_blocks]``: a ring over every K shard (no V)."""
         g = self._geo(layout)
         self._check(q, k, None, None, g, "block_mass")
@@ -455,7 +456,7 @@ class RingOps(AttentionOps):
 
         def part(kk, kv_valid, c0, c1):
             mass[..., c0:c1] = block_attention_mass(q, kk, lse, g.bs, scale=scale, q_valid=lv, kv_valid=kv_valid,
-                                                    backend=self.backend)
+                                                    query_rows=query_rows, backend=self.backend)
 
         part(k[:, :vt], bv[me * g.vr:(me + 1) * g.vr], me * g.vr, (me + 1) * g.vr)
         if g.nt:

@@ -55,13 +55,16 @@ def axis_pairs(n: int) -> torch.Tensor:
 
 
 def reduce_block_mass(mass: torch.Tensor, layout: VideoLayout,
-                      q_block_range: Optional[Tuple[int, int]] = None):
+                      q_blocks=None, row_weight: Optional[torch.Tensor] = None):
     """Reduce block-mass maps to relative-offset statistics (float64, on ``mass``'s device).
 
     Args:
         mass: ``[batch, heads, nq, NB]`` from ``block_attention_mass`` / ``ops.block_mass``: rows are the
-            global query blocks ``q_block_range`` (default all), columns all blocks of ``layout``.
+            global query blocks ``q_blocks`` (a ``(start, stop)`` range or an int tensor of ids, default
+            all), columns all blocks of ``layout``.
         layout: the global layout.
+        row_weight: optional float ``[nq]`` weight per row (``ops.row_weight``: rows that several ranks
+            hold count on one of them only).
 
     Returns:
         ``(rel [heads, nt, nh, nw], text [heads], total [heads])`` summed over the batch, each query
@@ -71,24 +74,35 @@ def reduce_block_mass(mass: torch.Tensor, layout: VideoLayout,
         raise ValueError(f"mass must be [batch, heads, q_blocks, k_blocks], got "
                          f"{tuple(mass.shape) if isinstance(mass, torch.Tensor) else type(mass).__name__}")
     NB = layout.num_blocks
-    r0, r1 = (0, NB) if q_block_range is None else q_block_range
-    if not (0 <= r0 <= r1 <= NB) or mass.shape[2] != r1 - r0 or mass.shape[3] != NB:
-        raise ValueError(f"mass {tuple(mass.shape)} does not match query blocks [{r0}, {r1}) x {NB} key blocks "
-                         f"of {layout}")
     dev = mass.device
+    if q_blocks is None:
+        ids = torch.arange(NB, device=dev)
+    elif isinstance(q_blocks, tuple):
+        r0, r1 = q_blocks
+        if not 0 <= r0 <= r1 <= NB:
+            raise ValueError(f"query blocks [{r0}, {r1}) out of range for {NB} blocks")
+        ids = torch.arange(r0, r1, device=dev)
+    else:
+        ids = torch.as_tensor(q_blocks, device=dev).long()
+    if mass.shape[2] != ids.numel() or mass.shape[3] != NB:
+        raise ValueError(f"mass {tuple(mass.shape)} does not match {ids.numel()} query blocks x {NB} key blocks "
+                         f"of {layout}")
     H = mass.shape[1]
     nt, nh, nw = real_tile_grid(layout)
     nbv = nt * nh * nw
-    w = layout.block_valid(dev)[r0:r1].to(torch.float64).view(-1, 1)
+    w = layout.block_valid(dev)[ids].to(torch.float64)
+    if row_weight is not None:
+        w = w * torch.as_tensor(row_weight, device=dev).to(torch.float64)
+    w = w.view(-1, 1)
     total = torch.zeros(H, dtype=torch.float64, device=dev)
     rel = torch.zeros(H, nbv, dtype=torch.float64, device=dev)
-    v0, v1 = r0, min(r1, nbv)
-    bins = relative_bins(layout)[v0:v1].to(dev).reshape(-1) if v1 > v0 else None
+    vid = (ids < nbv).nonzero().squeeze(1)  # local rows that are (non-padding-slab) video blocks
+    bins = relative_bins(layout).to(dev)[ids[vid]].reshape(-1) if vid.numel() else None
     for h in range(H):  # one head at a time: the float64 copy of a map stays NB x NB
         m = mass[:, h].sum(0, dtype=torch.float64) * w  # [nq, NB]
         total[h] = m.sum()
         if bins is not None:
-            rel[h].index_add_(0, bins, m[: v1 - v0, :nbv].reshape(-1))
+            rel[h].index_add_(0, bins, m[vid, :nbv].reshape(-1))
     text = total - rel.sum(1)
     return rel.view(H, nt, nh, nw), text, total
 
@@ -250,7 +264,7 @@ class CaptureAttention:
         self.store.check_layout(layout)
         out, lse = ops.dense(q, k, v, layout, return_lse=True, scale=ctx.scale)
         mass = ops.block_mass(q, k, lse, layout, scale=ctx.scale)
-        rel, text, total = reduce_block_mass(mass, layout, ops.q_block_range(layout))
+        rel, text, total = reduce_block_mass(mass, layout, ops.q_blocks(layout), ops.row_weight(layout))
         H = rel.shape[0]
         packed = torch.cat([rel.reshape(H, -1), text.view(H, 1), total.view(H, 1)], dim=1)
         packed = ops.gather_heads(ops.reduce_rows(packed), dim=0)
