@@ -207,16 +207,6 @@ def block_hooks(model, name: str, timer: Timer):
     return handles
 
 
-def cache_bytes(handle) -> int:
-    n = 0
-    for attns in handle._bank.values():
-        for a in attns:
-            info = getattr(a, "cache_info", None)
-            if callable(info):
-                n += info()["nbytes"]
-    return n
-
-
 def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
     from dist_compact.pipeline import build_attention
@@ -321,7 +311,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
                 summ = stats.summary()
                 density = summ.get("mean_density_sparse") or summ.get("mean_density")
             h = sparsify_handle(model)
-            idx_mb = cache_bytes(h) / 2**20 if h is not None else 0.0
+            idx_mb = h.cache_nbytes() / 2**20 if h is not None else 0.0
             results[case.name] = est
             row = dict(model=name, case=case.name, target=case.target, density=density, layers_run=run_layers,
                        layers_full=sum(full_counts.values()), ms_forward=ms, est_full_ms=est, attn_ms=attn_ms,
@@ -332,7 +322,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
             dens = "" if density is None else f"d={density:.3f}"
             print(f"{name:8s} {case.name:18s} {dens:8s} {ms:10.1f} ms ({run_layers} layers)  full est {est:10.1f} ms  "
                   f"attn {attn_full:9.1f} ms ({(attn_full / est if est else 0):5.1%})  peak {peak:6.1f} GiB  "
-                  f"index {idx_mb:7.1f} MiB{'' if finite else '  NON-FINITE OUTPUT'}", flush=True)
+                  f"index {idx_mb:8.2f} MiB{'' if finite else '  NON-FINITE OUTPUT'}", flush=True)
     finally:
         for hd in hooks:
             hd.remove()
@@ -396,7 +386,10 @@ def main(argv=None) -> int:
         # the dense baseline: cuDNN first (fastest on Hopper, see BENCHMARKS.md), then flash / efficient
         order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
-        ctx = sdpa_kernel(order, set_priority=True)
+        try:
+            ctx = sdpa_kernel(order, set_priority=True)
+        except TypeError:  # torch < 2.6: no priorities, the default order (flash / cuDNN first)
+            ctx = sdpa_kernel(order)
         ctx.__enter__()
     try:
         for name in args.model.split(","):

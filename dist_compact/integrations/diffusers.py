@@ -252,6 +252,18 @@ class SparsifyHandle:
         """Drop every cached index / LSE (e.g. between videos of different prompts)."""
         self._bank.clear()
 
+    def cache_nbytes(self) -> int:
+        """Bytes held by the attention layers' caches (indices, LSE), all layouts together."""
+        n = 0
+        for attns in self._bank.values():
+            for a in attns:
+                a = getattr(a, "inner", a)  # through sequence-parallel / timing wrappers
+                a = getattr(a, "inner", a)
+                info = getattr(a, "cache_info", None)
+                if callable(info):
+                    n += int(info()["nbytes"])
+        return n
+
     # ------------------------------------------------------------------ per forward
     def _video_layout(self, grid: Tuple[int, int, int]) -> VideoLayout:
         tile = self.tile if self.tile is not None else default_tile(grid)
