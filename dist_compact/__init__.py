@@ -7,11 +7,14 @@ Core API (single device):
 * :func:`block_sparse_attention` - the block-sparse attention op (Triton on GPU), with LSE.
 * :func:`block_attention_mass` - AdaSpa's block attention mass statistic.
 * :func:`dense_attention` - dense attention with the same layout conventions.
+* :func:`sparsify` - install our attention on a diffusers Wan / HunyuanVideo transformer or the
+  embedded model (diffusers is imported only when a diffusers model is passed).
 """
 
 from .block_index import BlockIndex
 from .layout import SUPPORTED_BLOCK_SIZES, VideoLayout
 from .ops import block_attention_mass, block_sparse_attention, dense_attention
+from .integrations.diffusers import sparsify, unsparsify
 
 __version__ = "0.1.0"
 
@@ -22,5 +25,7 @@ __all__ = [
     "block_sparse_attention",
     "block_attention_mass",
     "dense_attention",
+    "sparsify",
+    "unsparsify",
     "__version__",
 ]

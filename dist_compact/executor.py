@@ -78,17 +78,22 @@ class AttentionOps:
         return index
 
     # ------------------------------------------------------------------ compute
+    @staticmethod
+    def _valid(layout: VideoLayout, device) -> Optional[torch.Tensor]:
+        """Per-block valid counts, or None when every block is full (the kernels then skip masking)."""
+        return layout.block_valid(device) if layout.has_padding else None
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex,
                   layout: VideoLayout, *, return_lse: bool = False, scale: Optional[float] = None):
         """Block-sparse attention of the local queries with a localized index."""
-        bv = layout.block_valid(q.device)
+        bv = self._valid(layout, q.device)
         return block_sparse_attention(q, k, v, index, scale=scale, return_lse=return_lse, block_valid=bv,
                                       backend=self.backend)
 
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, *,
               return_lse: bool = False, scale: Optional[float] = None):
         """Dense attention over all valid keys (the fastest dense path when no LSE is needed)."""
-        bv = layout.block_valid(q.device)
+        bv = self._valid(layout, q.device)
         return dense_attention(q, k, v, block_size=layout.block_size, scale=scale, return_lse=return_lse,
                                block_valid=bv, backend=self.backend)
 
@@ -98,7 +103,7 @@ class AttentionOps:
 
         ``query_rows``: sample that many query rows per block (see ``ops.block_attention_mass``).
         """
-        bv = layout.block_valid(q.device)
+        bv = self._valid(layout, q.device)
         return block_attention_mass(q, k, lse, layout.block_size, scale=scale, block_valid=bv,
                                     query_rows=query_rows, backend=self.backend)
 

@@ -144,6 +144,15 @@ class VideoLayout:
     def video_padded_len(self) -> int:
         return self.num_video_blocks * self.block_size
 
+    @cached_property
+    def has_padding(self) -> bool:
+        """True if some block holds fewer than ``block_size`` tokens (ragged tiles, padding slabs or
+        a short text block); kernels skip all masking work when False."""
+        T, H, W = self.grid
+        tt, th, tw = self.tile
+        return bool(T % tt or H % th or W % tw or self.num_slabs * tt != -(-T // tt) * tt
+                    or self.text_tokens % self.block_size)
+
     @property
     def text_offset(self) -> int:
         """Index of the first video token in the model order."""

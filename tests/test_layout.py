@@ -95,3 +95,11 @@ def test_wrong_length_is_refused():
         lay.to_blocks(torch.zeros(1, 31, 2))
     with pytest.raises(ValueError, match="expected"):
         lay.from_blocks(torch.zeros(1, 31, 2))
+
+
+@pytest.mark.parametrize("grid,tile,text,pos", GRIDS, ids=[_ids(g) for g in GRIDS])
+def test_has_padding_matches_block_valid(grid, tile, text, pos):
+    lay = VideoLayout(*grid, tile=tile, text_tokens=text, text_position=pos)
+    assert lay.has_padding == bool((lay.block_valid() < lay.block_size).any())
+    padded = lay.with_(slab_multiple=lay.num_slabs + 1)
+    assert padded.has_padding and bool((padded.block_valid() < padded.block_size).any())

@@ -308,12 +308,14 @@ def test_triton_backend_path():
     lay = VideoLayout(2, 8, 8, tile=(1, 4, 4), text_tokens=8)
     q, k, v = _qkv(lay, H=2, seed=10)
     outs, idx = [], []
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels on a GPU, interpreter on CPU
     for backend in ("triton", "torch"):
         attn = SparseAttention(0, CFG)
         ops = AttentionOps(backend=backend)
-        attn(q, k, v, _ctx(lay, 2, 8, ops))
-        outs.append(attn(q, k, v, _ctx(lay, 3, 8, ops)))
-        idx.append(attn.index)
+        qq, kk, vv = (x.to(dev) if backend == "triton" else x for x in (q, k, v))
+        attn(qq, kk, vv, _ctx(lay, 2, 8, ops))
+        outs.append(attn(qq, kk, vv, _ctx(lay, 3, 8, ops)).cpu())
+        idx.append(attn.index.to("cpu"))
     assert idx[0].equal(idx[1])
     assert_close_to_golden(outs[0], _golden(q, k, v, idx[1], lay), atol=2e-5)
 

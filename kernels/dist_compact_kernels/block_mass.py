@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, interpreting, tma_ok
+from .block_sparse_fwd import LOG2E, interpreting, launch, tma_ok
 
 __all__ = ["block_mass_fwd"]
 
@@ -123,7 +123,7 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
 
         k_desc = TensorDescriptor(k, [Z * SK, H * D], [k.stride(1), 1], [block_size, D])
     dummy = mass
-    _block_mass_kernel[(nq, Z * H)](
+    args = (
         q, k, lse, mass,
         q_valid if q_valid is not None else dummy,
         kv_valid if kv_valid is not None else dummy,
@@ -134,9 +134,12 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
         lse.stride(0), lse.stride(1),
         mass.stride(0), mass.stride(1), mass.stride(2),
         H, SQ, SK, nk,
+    )
+    constexprs = dict(
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_size, ROWS=rows,
         HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
         UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-        num_warps=num_warps or (8 if rows * D >= 128 * 128 else 4), num_stages=num_stages or 3,
     )
+    launch(_block_mass_kernel, (nq, Z * H), args, constexprs,
+           num_warps or (8 if rows * D >= 128 * 128 else 4), num_stages or 3)
     return mass

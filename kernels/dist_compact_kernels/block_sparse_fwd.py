@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_sparse_fwd", "interpreting", "tma_ok"]
+__all__ = ["block_sparse_fwd", "interpreting", "launch", "tma_ok"]
 
 LOG2E = 1.4426950408889634
 
@@ -26,6 +26,34 @@ LOG2E = 1.4426950408889634
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Largest num_stages that fitted in shared memory, per kernel specialisation (see launch()).
+_STAGES_THAT_FIT = {}
+
+
+def launch(kernel, grid, args, constexprs, num_warps, num_stages):
+    """Launch ``kernel``, retrying with fewer pipeline stages if its shared memory does not fit.
+
+    Deeper pipelines need a K/V buffer per stage; whether they fit depends on the specialisation
+    (masking keeps more tiles live) and on the device, so the first launch finds out and the answer
+    is remembered per (kernel, constexprs, device).
+    """
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel), tuple(sorted(constexprs.items())),
+           num_warps, str(args[0].device))
+    stages = min(num_stages, _STAGES_THAT_FIT.get(key, num_stages))
+    while True:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _STAGES_THAT_FIT[key] = stages
+        return
 
 
 @triton.jit
@@ -187,7 +215,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         v_desc = TensorDescriptor(v, [Z * SK, H * D], [v.stride(1), 1], [block_n, D])
     dummy = counts
     grid = (nq, Z * H)
-    _block_sparse_fwd_kernel[grid](
+    args = (
         q, k, v, out, lse, counts, indices,
         q_valid if q_valid is not None else dummy,
         kv_valid if kv_valid is not None else dummy,
@@ -201,11 +229,12 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK,
+    )
+    constexprs = dict(
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
-        RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision,
-        USE_TMA=use_tma,
-        num_warps=num_warps, num_stages=num_stages,
+        RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
     )
+    launch(_block_sparse_fwd_kernel, grid, args, constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)
 
