@@ -2,7 +2,7 @@
 
     python generate.py                                   # embedded tiny DiT, default prompt and sparsity
     python generate.py --prompt "a blue circle bouncing" --seed 3 --compare-dense
-    torchrun --nproc 2 generate.py --config configs/cluster/cpu-demo.yaml
+    torchrun --nproc-per-node 2 generate.py --config configs/cluster/cpu-demo.yaml
     python generate.py --config configs/cluster/1gpu.yaml --run.steps 30 --sparsity.sparsity 0.8
 
 Writes outputs/<run>/ (video.mp4, video.gif, latents.pt, frames.png, density/recall heatmaps,

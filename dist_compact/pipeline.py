@@ -255,7 +255,7 @@ def make_parallel(cluster, device: torch.device, num_heads: int):
     """
     world, rank, _ = _world()
     if world != cluster.world_size:
-        hint = (f"launch it with: torchrun --nproc {cluster.nproc} generate.py ..." if world == 1 else
+        hint = (f"launch it with: torchrun --nproc-per-node {cluster.nproc} --nnodes {cluster.nnodes} generate.py ..." if world == 1 else
                 f"set --cluster.nproc {world} and ulysses x ring = {world} (e.g. --cluster.ulysses {world})")
         raise WorldSizeError(
             f"the config asks for {cluster.world_size} processes (nproc {cluster.nproc} x nnodes "

@@ -113,7 +113,7 @@ def test_corrupt_weights_clear_error(tmp_path, weights, capsys):
 
 def test_world_size_mismatch_clear_error(tmp_path, weights, capsys):
     out = tmp_path / "outputs"
-    with pytest.raises(WorldSizeError, match=r"asks for 2 processes.*1 were launched.*torchrun --nproc 2"):
+    with pytest.raises(WorldSizeError, match=r"asks for 2 processes.*1 were launched.*torchrun --nproc-per-node 2"):
         run_generation(_cfg(out, weights, ("cluster.nproc", "2"), ("cluster.ulysses", "2")))
     assert not out.exists() or os.listdir(out) == []
     gen = _generate_module()
