@@ -52,7 +52,7 @@ def test_shipped_cluster_files():
 
 
 def test_files_merge_in_order_and_include(tmp_path):
-    base = _write(tmp_path, "base.yaml", "run: {steps: 7, seed: 3}\nmodel: {frames: 8}\n")
+    _write(tmp_path, "base.yaml", "run: {steps: 7, seed: 3}\nmodel: {frames: 8}\n")
     top = _write(tmp_path, "top.yaml", "include: base.yaml\nrun: {steps: 9}\n")
     cfg = load_run_config([top])
     assert (cfg.run.steps, cfg.run.seed, cfg.model.frames) == (9, 3, 8)
