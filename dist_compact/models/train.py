@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import make_batch
-from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, load_embedded, save_embedded
+from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, _safetensors, load_embedded, save_embedded
 
 __all__ = ["train", "main", "flow_matching_loss"]
 
@@ -261,6 +261,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.cond_drop < 1 or not 0 < args.ema < 1:
         raise SystemExit("--cond-drop must be in [0, 1) and --ema in (0, 1)")
+    _safetensors()  # fail now, not after the time budget, when the weights cannot be written
     train(args, start=start)
     return 0
 
