@@ -85,7 +85,13 @@ def test_reduce_is_additive_over_query_row_shards():
     b = reduce_block_mass(mass[:, :, cut:], lay, (cut, lay.num_blocks))
     for x, y, z in zip(full, a, b):
         torch.testing.assert_close(x, y + z, rtol=1e-12, atol=1e-9)
-    with pytest.raises(ValueError, match="does not match query blocks"):
+    # rows given as global ids with weights (a ring rank: video shard + replicated text rows)
+    ids = torch.cat([torch.arange(cut), torch.arange(lay.num_video_blocks, lay.num_blocks)])
+    w = torch.cat([torch.ones(cut), torch.zeros(lay.num_text_blocks)])  # text rows counted elsewhere
+    c = reduce_block_mass(mass[:, :, ids], lay, ids, w)
+    for x, y in zip(a, c):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="does not match 18 query blocks"):
         reduce_block_mass(mass[:, :, :cut], lay)
 
 
