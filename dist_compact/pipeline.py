@@ -235,8 +235,9 @@ def _device_for(cluster, local_rank: int) -> torch.device:
     if want == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("cluster.device is 'cuda' but no CUDA device is available; use --cluster.device cpu")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
     return torch.device("cpu")
 
 

@@ -35,7 +35,16 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..pipeline import _device_for as _device
+from ..pipeline import _dtype_for as _dtype
+from ..pipeline import _is_dist as _dist_ready
+from ..pipeline import _world
 from ..schedule import SparsityConfig
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 __all__ = ["PIPELINES", "DiffusersSample", "load_pipeline", "set_flow_shift", "generate", "run_diffusers_generation"]
 
@@ -114,9 +123,6 @@ def _transformers(pipe) -> List[torch.nn.Module]:
     return [m for m in mods if m is not None]
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height: int, width: int, seed: int = 0,
@@ -193,33 +199,12 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
 
 
 # ---------------------------------------------------------------------------------------------- main job
-def _world():
-    return (int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0")),
-            int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _device(cluster, local_rank: int) -> torch.device:
-    want = cluster.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("cluster.device is 'cuda' but no CUDA device is available; use --cluster.device cpu")
-        idx = local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
 
 
-def _dtype(model_cfg, device: torch.device) -> torch.dtype:
-    name = model_cfg.dtype
-    if name == "auto":
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = None):
