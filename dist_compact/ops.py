@@ -5,8 +5,9 @@ Tensor layout for every function here: q, k, v are ``[batch, seqlen, heads, head
 ``[b*block_size, min((b+1)*block_size, seqlen))``; LSE is ``[batch, heads, seqlen]`` float32, natural log.
 
 Backends: ``"triton"`` (the kernel; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (the
-PyTorch gather path of :mod:`dist_compact.reference`), ``"auto"`` (Triton on CUDA and under the
-interpreter, PyTorch otherwise). These ops are forward-only: the methods are training-free.
+PyTorch gather path of :mod:`dist_compact.reference`; on CPUs without LSE, SDPA with the index as a
+cached token mask, which is faster there), ``"auto"`` (Triton on CUDA and under the interpreter,
+PyTorch otherwise). These ops are forward-only: the methods are training-free.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_index import BlockIndex
-from .reference import reference_block_mass, token_valid_mask, torch_block_sparse_attention
+from .reference import reference_block_mass, token_mask, token_valid_mask, torch_block_sparse_attention
 
 __all__ = [
     "measured_dense_threshold",
@@ -135,6 +136,33 @@ def _cudnn_dense_with_lse(q, k, v, scale):
     return res[0].transpose(1, 2), res[1].reshape(B, H, S).float()
 
 
+# Largest token mask (elements) the CPU path builds; beyond it the gather path runs instead.
+_MASK_ELEMENTS_MAX = 1 << 28
+
+
+def _masked_sdpa(q, k, v, index: BlockIndex, scale, q_valid, kv_valid):
+    """Block-sparse attention as SDPA with the index expanded to a token mask (no LSE).
+
+    On CPUs PyTorch's fused SDPA kernel with a boolean mask beats gathering the kept blocks by ~3.7x
+    at the embedded model's shape (2,336 tokens, 6 heads, density 0.26: 0.105 s vs 0.385 s per call),
+    although it visits every block. The mask is built once per index (indices are immutable and
+    reused across steps) and cached on it. Rows with no visible key get 0, as in the kernel.
+    """
+    SQ, SK = q.shape[1], k.shape[1]
+    key = (SQ, SK, None if q_valid is None else tuple(q_valid.tolist()),
+           None if kv_valid is None else tuple(kv_valid.tolist()))
+    cache = index.__dict__.setdefault("_token_mask_cache", {})
+    if key not in cache:
+        cache.clear()  # one layout at a time is what a run uses
+        m = token_mask(index, SQ, SK, q_valid, kv_valid)
+        cache[key] = (m, m.any(-1))
+    mask, has = cache[key]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       scale=scale)
+    o = torch.where(has.unsqueeze(-1), o, torch.zeros((), dtype=o.dtype))  # all-masked rows: NaN -> 0
+    return o.transpose(1, 2)
+
+
 def _use_triton(backend: str, device: torch.device) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
@@ -220,6 +248,9 @@ def block_sparse_attention(
         out, lse = _kernels().block_sparse_fwd(
             q, k, v, index.counts, index.indices, bs, scale, q_valid, kv_valid, return_lse=return_lse
         )
+    elif (not return_lse and q.device.type == "cpu"
+          and index.batch * H * SQ * SK <= _MASK_ELEMENTS_MAX):
+        return _masked_sdpa(q, k, v, index, scale, q_valid, kv_valid)
     else:
         out, lse = torch_block_sparse_attention(q, k, v, index, scale, q_valid, kv_valid, return_lse=True)
     return (out, lse) if return_lse else out

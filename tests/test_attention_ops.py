@@ -75,6 +75,19 @@ def test_fp32_matches_golden(case, density, backend):
     assert torch.all(out.transpose(1, 2)[~fin] == 0)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0], ids=["empty", "d0.3", "full"])
+def test_torch_path_without_lse_matches_golden(case, density):
+    """The CPU path without LSE (SDPA with the cached token mask): empty and padded rows are 0."""
+    q, k, v, idx, bv = _problem(case, H=2, D=32, dtype=torch.float32, density=density, seed=11, B=2, index_batch=2)
+    out = block_sparse_attention(q, k, v, idx, block_valid=bv, backend="torch")
+    out2 = block_sparse_attention(q, k, v, idx, block_valid=bv, backend="torch")  # cached mask
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, q_valid=bv, kv_valid=bv)
+    assert_close_to_golden(out, ref, atol=2e-5)
+    assert torch.equal(out, out2)
+    assert torch.all(out.transpose(1, 2)[~torch.isfinite(rlse)] == 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES[:2], ids=[c[0] for c in CASES[:2]])

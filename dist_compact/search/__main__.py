@@ -8,6 +8,11 @@
     # recall / density of a config on captures (CSV, PNG heatmaps, summary)
     python -m dist_compact.search report --config configs/wan_compact.yaml --mass mass_p2.pt --out reports/p2
 
+    # capture block-mass files from dense runs of the main job's model (one file per prompt);
+    # every generate.py option and --section.key override after "--" applies
+    python -m dist_compact.search capture --out-dir captures --prompt "a red square moving left" \
+        --prompt "a blue circle bouncing" --capture-steps 4,8,12,16 -- --config configs/cluster/cpu-demo.yaml
+
 Mass files come from :class:`dist_compact.search.capture.MassStore.save` (``CaptureAttention`` during
 a dense run of the model).
 """
@@ -64,6 +69,42 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]], out_dir: str,
+                index: int) -> Optional[str]:
+    """One dense run of the main job's model on ``prompt`` with :class:`CaptureAttention` in every
+    layer; rank 0 saves the :class:`MassStore` as ``out_dir/mass_<index>.pt`` (returned)."""
+    import dataclasses
+    import os
+
+    from ..config import parse_generate_args
+    from ..models.embedded import DEFAULT_WEIGHTS, load_embedded
+    from ..pipeline import run_generation
+    from .capture import CaptureAttention
+
+    cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{index}"])
+    if cfg.model.kind == "diffusers":
+        raise ValueError("capture from the CLI runs the embedded model; for diffusers models use "
+                         "sparsify(..., attention_factory=...) with CaptureAttention (docs/usage.md)")
+    # the dense run writes its clip like any run; the capture is what we keep
+    cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
+                              run=dataclasses.replace(cfg.run, compare_dense=False))
+    model = load_embedded(cfg.model.path or str(DEFAULT_WEIGHTS), device="cpu")
+    layout = model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile)
+    store = MassStore.for_layout(layout, model.config.depth, model.config.heads, model=cfg.model.name)
+
+    def factory(num_layers, sparsity, compact, sp):
+        layers = [CaptureAttention(i, store, steps) for i in range(num_layers)]
+        return [sp.wrap(a) for a in layers] if sp is not None else layers
+
+    res = run_generation(cfg, attention_factory=factory)
+    if res.folder is None:  # not rank 0
+        return None
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"mass_{index}.pt")
+    store.save(path)
+    return path
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dist_compact.search", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -80,6 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--model", default=None, help="model name to record (default: from the mass files)")
     s.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     s.add_argument("--report", default=None, help="also write a quality report (on all files) to this folder")
+    c = sub.add_parser("capture", help="dense runs of the main job's model that record block-mass files")
+    c.add_argument("--out-dir", required=True, help="folder for mass_<i>.pt, one per prompt")
+    c.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    c.add_argument("--capture-steps", default=None,
+                   help="denoising steps to record, e.g. 4,8,12 (default: every step)")
+    c.add_argument("generate_args", nargs=argparse.REMAINDER,
+                   help="after --: generate.py options / --section.key overrides")
     r = sub.add_parser("report", help="recall / density of a config on captured mass files")
     r.add_argument("--config", required=True)
     r.add_argument("--mass", nargs="+", required=True)
@@ -87,7 +135,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     try:
-        if args.cmd == "search":
+        if args.cmd == "capture":
+            steps = None if args.capture_steps is None else [int(x) for x in args.capture_steps.split(",")]
+            extra = [a for a in args.generate_args if a != "--"]
+            for i, prompt in enumerate(args.prompt):
+                path = capture_run(prompt, extra, steps, args.out_dir, i)
+                if path:
+                    print(f"wrote {path}")
+        elif args.cmd == "search":
             stores = _load_stores(args.mass)
             settings = SearchSettings(tau=args.tau, lam=args.lam, groups=args.groups)
             config, results = search_stores(stores, settings, device=_device(args.device), model=args.model,

@@ -1,0 +1,34 @@
+"""`python -m dist_compact.search capture` records block-mass files from dense runs of the main job's
+model, and `search` turns them into a config the main job can load."""
+
+import pytest
+import torch
+
+from dist_compact.search.__main__ import main
+from dist_compact.search.capture import MassStore
+from dist_compact.search.config_file import load_config
+
+
+@pytest.mark.timeout(300)
+def test_capture_then_search(tmp_path):
+    pytest.importorskip("safetensors")
+    out = tmp_path / "cap"
+    rc = main(["capture", "--out-dir", str(out), "--prompt", "a red square moving left",
+               "--prompt", "a blue circle bouncing", "--capture-steps", "1",
+               "--", "--steps", "2", "--run.guidance", "1.0", "--output-dir", str(tmp_path / "runs"),
+               "--cluster.device", "cpu", "--run.attn_backend", "torch"])
+    assert rc == 0
+    stores = [MassStore.load(out / f"mass_{i}.pt") for i in range(2)]
+    for s in stores:
+        assert s.num_layers == 8 and s.num_heads == 6 and s.model == "embedded"
+        assert int(s.samples.min()) >= 1  # every layer recorded the captured step
+        # each captured query row's mass sums to 1 over all key blocks: totals are token counts
+        assert torch.all(s.total > 0)
+    assert not torch.allclose(stores[0].rel, stores[1].rel), "two prompts, two different captures"
+    cfg_path = tmp_path / "compact.yaml"
+    assert main(["search", str(out / "mass_0.pt"), str(out / "mass_1.pt"), "--out", str(cfg_path),
+                 "--tau", "0.9", "--device", "cpu"]) == 0
+    cfg = load_config(str(cfg_path), model="embedded", num_layers=8, num_heads=6)
+    assert cfg.num_layers == 8
+    with pytest.raises(ValueError, match="heads"):
+        load_config(str(cfg_path), model="embedded", num_layers=8, num_heads=7)
