@@ -88,7 +88,7 @@ class _Entry:
 
 
 def _block_mass(ops, q, k, lse, layout, scale, query_rows):
-    if query_rows is None:
+    if query_rows is None or query_rows >= layout.block_size:  # all rows: the exact statistic
         return ops.block_mass(q, k, lse, layout, scale=scale)
     if "query_rows" not in inspect.signature(ops.block_mass).parameters:
         raise TypeError(
