@@ -11,8 +11,7 @@ Rows with lse = -inf or beyond Q_VALID are excluded by giving them lse = +inf (e
 
 ROWS < BLOCK_SIZE samples ROWS query rows per block, spread evenly over its n valid rows (rows
 floor(i*n/ROWS); all rows when n <= ROWS) and averages over them: an unbiased estimate of the
-block-row mean. One program then packs the rows of BLOCK_SIZE // ROWS query blocks, so both the
-exps and the re-reads of K (the bottleneck: every query block reads all of K) shrink by that factor.
+block-row mean at ROWS/BLOCK_SIZE of the cost (the exp2 of every score is the bottleneck).
 """
 
 import torch
@@ -32,7 +31,7 @@ def _block_mass_kernel(
     stride_kz, stride_kn, stride_kh,
     stride_lz, stride_lh,
     stride_mz, stride_mh, stride_mq,
-    H, SEQ_Q, SEQ_K, NUM_Q_BLOCKS, NUM_K_BLOCKS,
+    H, SEQ_Q, SEQ_K, NUM_K_BLOCKS,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -44,42 +43,39 @@ def _block_mass_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    # QB = BLOCK_SIZE // ROWS query blocks per program, their sampled rows packed into one tile of
-    # BLOCK_SIZE rows: every K tile loaded serves QB query blocks (K re-reads, not exps, bound this
-    # kernel) and the dots keep full height. QB = 1 when all rows are used.
-    QB: tl.constexpr = BLOCK_SIZE // ROWS
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     z = (pid_zh // H).to(tl.int64)
     h = (pid_zh % H).to(tl.int64)
+    q_start = pid_m * BLOCK_SIZE
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
 
-    i = tl.arange(0, BLOCK_SIZE)
-    qb = pid_m * QB + i // ROWS  # query block of each packed row
-    r = i % ROWS
-    qb_ok = qb < NUM_Q_BLOCKS
-    q_rows = tl.minimum(SEQ_Q - qb * BLOCK_SIZE, BLOCK_SIZE)
+    q_rows = tl.minimum(SEQ_Q - q_start, BLOCK_SIZE)
     if HAS_Q_VALID:
-        q_rows = tl.minimum(q_rows, tl.load(Q_VALID + qb, mask=qb_ok, other=0))
-    few = q_rows <= ROWS
-    offs_r = tl.where(few, r, (r * q_rows) // ROWS)
-    row_in = tl.where(few, r < q_rows, q_rows > 0) & qb_ok
-    offs_m = qb * BLOCK_SIZE + offs_r
+        q_rows = tl.minimum(q_rows, tl.load(Q_VALID + pid_m))
+    r = tl.arange(0, ROWS)
+    if ROWS == BLOCK_SIZE:
+        offs_r = r
+        row_in = r < q_rows
+    else:
+        few = q_rows <= ROWS
+        offs_r = tl.where(few, r, (r * q_rows) // ROWS)
+        row_in = tl.where(few, r < q_rows, q_rows > 0)
+    offs_m = q_start + offs_r
     q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    lse = tl.load(LSE + z * stride_lz + h * stride_lh + offs_m, mask=row_in, other=float("-inf"))
+    lse = tl.load(LSE + z * stride_lz + h * stride_lh + offs_m, mask=offs_m < SEQ_Q, other=float("-inf"))
     row_ok = row_in & (lse > float("-inf"))
     lse2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))  # log2(e): natural -> base 2
-    n_rows = tl.maximum(tl.sum(tl.reshape(row_ok.to(tl.float32), [QB, ROWS]), 1), 1.0)  # [QB]
-    out_qb = pid_m * QB + tl.arange(0, QB)
+    n_rows = tl.maximum(tl.sum(row_ok.to(tl.float32), 0), 1.0)
 
     k_base = K + z * stride_kz + h * stride_kh
-    m_ptrs = MASS + z * stride_mz + h * stride_mh + out_qb.to(tl.int64) * stride_mq
+    m_base = MASS + z * stride_mz + h * stride_mh + pid_m * stride_mq
     for kb in range(0, NUM_K_BLOCKS):
-        total = tl.zeros([QB], dtype=tl.float32)
+        total = 0.0
         for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start_n = tl.cast(kb, tl.int64) * BLOCK_SIZE + sub * BLOCK_N
             if not EVEN_K:
@@ -101,8 +97,8 @@ def _block_mass_kernel(
             p = tl.math.exp2(qk - lse2[:, None])
             if not EVEN_K:
                 p = tl.where(kmask[None, :], p, 0.0)
-            total += tl.sum(tl.reshape(tl.sum(p, 1), [QB, ROWS]), 1)
-        tl.store(m_ptrs + kb, total / n_rows, mask=out_qb < NUM_Q_BLOCKS)
+            total += tl.sum(tl.sum(p, 1), 0)
+        tl.store(m_base + kb, total / n_rows)
 
 
 def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, query_rows=None, num_warps=None,
@@ -137,13 +133,13 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
         k.stride(0), k.stride(1), k.stride(2),
         lse.stride(0), lse.stride(1),
         mass.stride(0), mass.stride(1), mass.stride(2),
-        H, SQ, SK, nq, nk,
+        H, SQ, SK, nk,
     )
     constexprs = dict(
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_size, ROWS=rows,
         HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
         UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
     )
-    launch(_block_mass_kernel, (triton.cdiv(nq, block_size // rows), Z * H), args, constexprs,
-           num_warps or (8 if block_size * D >= 128 * 128 else 4), num_stages or 3)
+    launch(_block_mass_kernel, (nq, Z * H), args, constexprs,
+           num_warps or (8 if rows * D >= 128 * 128 else 4), num_stages or 3)
     return mass
