@@ -67,3 +67,12 @@ def test_no_side_effects_at_import(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True" and out.stderr == ""
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- test-command -->")[1].split("<!-- /test-command -->")[0]
+    cmd = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("```")]
+    assert len(cmd) == 1, "the README test-command block must hold one command line"
+    ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert cmd[0].strip() in ci, ".ci/run must run the README's test command exactly"
