@@ -20,7 +20,7 @@ reuse step with no index (the resolution changed, or the run started mid-schedul
 search instead; in ``"compact+adaspa"`` a reuse step with no online index uses the static index.
 
 Cache (one entry per layer object): keyed by (layout, batch, local q shape, device, ops type,
-local query rows). Any change drops the old entry, so memory stays bounded by one entry per layer:
+the ops' local query-block range). Any change drops the old entry, so memory stays bounded by one entry per layer:
 
 * the LSE, float32 ``B * H_local * S_local * 4`` bytes, held only from a fused search until the
   last LSE-cached search of the schedule (HunyuanVideo 720p, 24 heads, S=118,784: 11.4 MB per layer);
@@ -39,7 +39,6 @@ per head in both cases.
 
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -88,14 +87,9 @@ class _Entry:
 
 
 def _block_mass(ops, q, k, lse, layout, scale, query_rows):
-    if query_rows is None or query_rows >= layout.block_size:  # all rows: the exact statistic
-        return ops.block_mass(q, k, lse, layout, scale=scale)
-    if "query_rows" not in inspect.signature(ops.block_mass).parameters:
-        raise TypeError(
-            f"SparsityConfig.mass_query_rows={query_rows} needs {type(ops).__name__}.block_mass(..., query_rows=); "
-            "this ops class computes the exact block mass only (set mass_query_rows=None)"
-        )
-    return ops.block_mass(q, k, lse, layout, scale=scale, query_rows=min(query_rows, layout.block_size))
+    # sampling as many rows as the block holds is the exact statistic: ask for that directly
+    rows = None if query_rows is None or query_rows >= layout.block_size else query_rows
+    return ops.block_mass(q, k, lse, layout, scale=scale, query_rows=rows)
 
 
 class SparseAttention:
@@ -229,9 +223,10 @@ class SparseAttention:
     # ------------------------------------------------------------------ cache
     def _get_entry(self, q: torch.Tensor, ctx: AttentionContext) -> _Entry:
         ops, layout = ctx.ops, ctx.layout
-        rows, _ = local_query_blocks(ops, layout)
+        # the local query rows are a function of the ops' rank and the layout (q_blocks): their
+        # contiguous video range identifies them without building the id list every call
         key = (layout, q.shape[0], tuple(q.shape[1:]), str(q.device), type(ops).__name__,
-               tuple(rows.tolist()))
+               tuple(ops.q_block_range(layout)))
         entry = self._entry
         if entry is not None and entry.key == key:
             return entry

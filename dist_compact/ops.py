@@ -13,6 +13,7 @@ PyTorch otherwise). These ops are forward-only: the methods are training-free.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -89,9 +90,51 @@ def _check_valid(name: str, valid, nblocks: int, block_size: int, device) -> Opt
         raise ValueError(f"{name} must have shape [{nblocks}] (one count per block), got {tuple(valid.shape)}")
     if valid.device != device:
         raise ValueError(f"{name} is on {valid.device} but q is on {device}")
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) > block_size):
-        raise ValueError(f"{name} values must lie in [0, {block_size}]")
-    return valid.to(torch.int32).contiguous()
+    # the value check reads the tensor back (a device sync on GPUs): do it once per counts tensor and
+    # version, since every layer and step passes the same cached tensor (VideoLayout.block_valid)
+    if _VALIDATED.get(valid) != (valid._version, block_size):
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) > block_size):
+            raise ValueError(f"{name} values must lie in [0, {block_size}]")
+        _VALIDATED.put(valid, (valid._version, block_size))
+    return valid if valid.dtype == torch.int32 and valid.is_contiguous() else valid.to(torch.int32).contiguous()
+
+
+class _TensorMemo:
+    """A value remembered per live tensor (by identity; the entry goes when the tensor does).
+
+    ``WeakKeyDictionary`` cannot key tensors (their ``==`` is elementwise), hence id + weakref.
+    """
+
+    def __init__(self):
+        self._d = {}
+
+    def get(self, t: torch.Tensor):
+        hit = self._d.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else None
+
+    def put(self, t: torch.Tensor, value) -> None:
+        key = id(t)
+        self._d[key] = (weakref.ref(t, lambda _r, key=key, d=self._d: d.pop(key, None)), value)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+
+# Valid-count tensors already checked, and the valid token positions derived from them (values carry
+# the tensor's version counter, so an in-place change is seen).
+_VALIDATED = _TensorMemo()
+_POSITIONS = _TensorMemo()
+
+
+def _valid_positions(valid: torch.Tensor, seqlen: int, block_size: int) -> torch.Tensor:
+    """int64 positions of the real tokens (``nonzero`` syncs on GPUs: computed once per tensor)."""
+    key = (valid._version, seqlen, block_size)
+    hit = _POSITIONS.get(valid)
+    if hit is None or hit[0] != key:
+        pos = token_valid_mask(seqlen, block_size, valid, valid.device).nonzero().squeeze(1)
+        hit = (key, pos)
+        _POSITIONS.put(valid, hit)
+    return hit[1]
 
 
 def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
@@ -346,11 +389,8 @@ def dense_attention(
         nq, nk = -(-SQ // block_size), -(-SK // block_size)
         q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
         kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
-    q_pos = kv_pos = None
-    if q_valid is not None:
-        q_pos = token_valid_mask(SQ, block_size, q_valid, q.device).nonzero().squeeze(1)
-    if kv_valid is not None:
-        kv_pos = token_valid_mask(SK, block_size, kv_valid, q.device).nonzero().squeeze(1)
+    q_pos = None if q_valid is None else _valid_positions(q_valid, SQ, block_size)
+    kv_pos = None if kv_valid is None else _valid_positions(kv_valid, SK, block_size)
     qq = q if q_pos is None else q.index_select(1, q_pos)
     kk = k if kv_pos is None else k.index_select(1, kv_pos)
     vv = v if kv_pos is None else v.index_select(1, kv_pos)

@@ -83,3 +83,13 @@ def test_block_mass_bad_lse_and_backend():
         block_attention_mass(q, k, torch.zeros(1, 2, 63), 32)
     with pytest.raises(ValueError, match="backend must be"):
         block_sparse_attention(q, k, v, idx, backend="cuda")
+
+
+def test_valid_counts_checked_again_after_in_place_change():
+    """Counts are validated once per tensor (no per-call device sync), but an in-place edit is seen."""
+    q, k, v, idx = _ok()
+    bv = torch.tensor([32, 20], dtype=torch.int32)
+    block_sparse_attention(q, k, v, idx, block_valid=bv, backend="torch")
+    bv[1] = 40
+    with pytest.raises(ValueError, match=r"\[0, 32\]"):
+        block_sparse_attention(q, k, v, idx, block_valid=bv, backend="torch")

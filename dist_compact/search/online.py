@@ -311,19 +311,11 @@ class OnlineSearchResult:
 def local_query_blocks(ops, layout, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """This rank's query blocks: int64 global ids ``[NQ_local]`` and float64 row weights.
 
-    Uses ``ops.q_blocks(layout)`` / ``ops.row_weight(layout)`` when the ops provide them (a
-    sequence-parallel rank may hold its video blocks plus replicated text blocks, whose rows must be
-    counted once over the ranks), else the contiguous ``ops.q_block_range(layout)`` with weight 1.
+    From ``ops.q_blocks(layout)`` / ``ops.row_weight(layout)`` (a sequence-parallel rank may hold its
+    video blocks plus replicated text blocks, whose rows must be counted once over the ranks).
     """
-    if callable(getattr(ops, "q_blocks", None)):
-        ids = torch.as_tensor(ops.q_blocks(layout)).long()
-    else:
-        r0, r1 = ops.q_block_range(layout)
-        ids = torch.arange(r0, r1)
-    if callable(getattr(ops, "row_weight", None)):
-        w = torch.as_tensor(ops.row_weight(layout)).double()
-    else:
-        w = torch.ones(ids.shape[0], dtype=torch.float64)
+    ids = torch.as_tensor(ops.q_blocks(layout)).long()
+    w = torch.as_tensor(ops.row_weight(layout)).double()
     if w.shape != ids.shape:
         raise ValueError(f"ops.row_weight gave {tuple(w.shape)} weights for {ids.shape[0]} local query blocks")
     return ids.to(device), w.to(device)
