@@ -16,11 +16,12 @@ blocks); error = relative L2 error of the output vs float64 dense attention.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 
 import torch
+
+from common import write_csv
 
 
 def real_density(index, layout) -> torch.Tensor:
@@ -118,11 +119,7 @@ def main(argv=None):
     if len(taus) > 1:
         static, d_next = compact_at[taus[0]][0], compact_at[taus[1]][1]
         out_rows.append(measure(f"compact tau={taus[0]} U adaspa, d<={d_next:.3f}", adaspa(d_next, static=static)))
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(out_rows[0]))
-            w.writeheader()
-            w.writerows(out_rows)
+    if write_csv(args.csv, out_rows):
         print(f"# wrote {args.csv}")
     return out_rows
 

@@ -14,13 +14,13 @@ a grid of blocks), the pattern family Compact Attention produces.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import math
-import os
 import sys
 
 import torch
+
+from common import write_csv
 
 SHAPES = {
     # name: (S, H, block grid (t, h, w) with t*h*w*128 == S)
@@ -231,12 +231,7 @@ def main(argv=None):
     for r in rows:
         print(f"| {r['shape']} | {r['impl']} | {r['density']:.3f} | {r['ms']:.2f} | {r['tflops']:.0f} | "
               f"{r['speedup_vs_cudnn']:.2f} | {r['err']:.1e} |")
-    if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+    write_csv(args.csv, rows)
     return 0
 
 

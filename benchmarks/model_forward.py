@@ -32,7 +32,6 @@ LSE-cached search, 38 reuse) and Compact (15 dense, 35 window steps); Wan runs t
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import math
 import statistics
@@ -42,6 +41,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+
+from common import write_csv
 
 # published configs (diffusers format: Wan-AI/Wan2.1-T2V-14B-Diffusers, hunyuanvideo-community/HunyuanVideo)
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -252,14 +253,15 @@ def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
     if not args.no_search:
         cases.append(Case("search_fused", SparsityConfig(
             mode="adaspa", dense_steps=0, search_steps=tuple(range(R)), search_kinds=("fused",) * R,
-            reference_steps=R, sparsity=0.8), steps=list(range(R))))
+            reference_steps=R, sparsity=0.8, mass_query_rows=args.mass_rows), steps=list(range(R))))
         # step 0: a fused search keeps the LSE; steps 1..R: LSE-cached searches
         cases.append(Case("search_cached", SparsityConfig(
             mode="adaspa", dense_steps=0, search_steps=tuple(range(R + 1)),
-            search_kinds=("fused",) + ("cached",) * R, reference_steps=R + 1, sparsity=0.8), steps=list(range(R + 1))))
+            search_kinds=("fused",) + ("cached",) * R, reference_steps=R + 1, sparsity=0.8,
+            mass_query_rows=args.mass_rows), steps=list(range(R + 1))))
         cases.append(Case("adaspa_reuse@0.2", SparsityConfig(
             mode="adaspa", dense_steps=0, search_steps=(0,), search_kinds=("fused",), reference_steps=R + 1,
-            sparsity=0.8), steps=list(range(R + 1))))
+            sparsity=0.8, mass_query_rows=args.mass_rows), steps=list(range(R + 1))))
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
     hooks = block_hooks(model, name, timer)
@@ -362,6 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=256, help="valid HunyuanVideo prompt tokens (of 256)")
     ap.add_argument("--cases", default=None, help="comma list of case names to run (default: all)")
     ap.add_argument("--no-search", action="store_true", help="skip the AdaSpa search / reuse cases")
+    ap.add_argument("--mass-rows", type=lambda x: None if x == "all" else int(x), default=None,
+                    help="query rows sampled per block in the searches' block mass: 'all' (exact, default) or N")
     ap.add_argument("--small", action="store_true", help="tiny configs on the CPU (a smoke test)")
     ap.add_argument("--csv", default=None, help="write the rows here")
     args = ap.parse_args(argv)
@@ -397,12 +401,7 @@ def main(argv=None) -> int:
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    if args.csv:
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
+    if write_csv(args.csv, rows, list(dict.fromkeys(k for r in rows for k in r))):
         print(f"# wrote {args.csv}")
     return 0
 

@@ -25,20 +25,19 @@ Then the 50-step estimate with searches at {10, 30}: 10 dense steps, one fused s
 search, 38 reuse steps. ``search_share`` = time of the two search calls / all attention time;
 ``overhead_share`` = (block mass + selection) x 2 / all attention time: the work the searches add on
 top of producing their steps' outputs (goal <= 3%). One row per block-mass variant (exact and
-sampled rows; the sampled ones are composed from the measured pieces when the ops cannot take
-``query_rows`` yet).
+sampled rows), each measured through whole ``SparseAttention`` calls.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import inspect
 import os
 import sys
 import time
 
 import torch
+
+from common import write_csv
 
 
 def _bench(fn, device, rep_ms, cpu_reps):
@@ -135,7 +134,9 @@ def main(argv=None):
               lambda r=rows: block_attention_mass(q, k, lse, bs, block_valid=bv, query_rows=r, backend=ops.backend))
 
     # a fused search (searches at 10, 30, 40 so the LSE stays cached for repeated step-30 calls)
-    base = dict(sparsity=args.sparsity, search_steps=(10, 30, 40), search_kinds=("fused", "cached", "cached"))
+    # mass_query_rows=None: these calls measure the exact block mass; sampled variants are set below
+    base = dict(sparsity=args.sparsity, search_steps=(10, 30, 40), search_kinds=("fused", "cached", "cached"),
+                mass_query_rows=None)
     cfg = SparsityConfig(**base)
     mass = ops.block_mass(q, k, lse, layout)
     timed("select", lambda: online_select(mass, layout, ops, cfg))
@@ -149,7 +150,6 @@ def main(argv=None):
     timed("reuse", lambda: attn(q, k, v, ctx_of(31)))
     density = attn.index.density()
 
-    supports_rows = "query_rows" in inspect.signature(ops.block_mass).parameters
     sched = SparsityConfig(sparsity=args.sparsity).schedule(args.steps)
     n_dense = sched.dense_steps
     n_searches = len(sched.searches)
@@ -157,24 +157,17 @@ def main(argv=None):
     print(f"\n# {args.steps}-step schedule: {n_dense} dense, searches {sched.searches}, {n_reuse} reuse; "
           f"index density {density:.3f}")
     header = ["shape", "device", "query_rows", "dense_ms", "dense_lse_ms", "block_mass_ms", "select_ms", "sparse_ms",
-              "fused_search_ms", "cached_search_ms", "total_attention_ms", "search_share", "overhead_share",
-              "composed"]
+              "fused_search_ms", "cached_search_ms", "total_attention_ms", "search_share", "overhead_share"]
     print(f"{'mass rows':>9s} {'fused ms':>10s} {'cached ms':>10s} {'total ms':>12s} {'search %':>9s} {'overhead %':>10s}")
     out_rows = []
     for rows in variants:
         mass_ms = timings[f"block_mass[{rows or 'all'}]"]
         if rows is None:
-            fused, cached, composed = timings["fused_search"], timings["cached_search"], False
+            fused, cached = timings["fused_search"], timings["cached_search"]
         else:
-            # the SparseAttention path cannot sample until ops.block_mass takes query_rows: compose
-            fused = timings["dense_lse"] + mass_ms + timings["select"]
-            cached = mass_ms + timings["select"] + timings["sparse"]
-            composed = True
-            if supports_rows:
-                a = SparseAttention(0, SparsityConfig(**base, mass_query_rows=rows))
-                fused = _bench(lambda: a(q, k, v, ctx_of(10)), device, args.rep, args.cpu_reps)
-                cached = _bench(lambda: a(q, k, v, ctx_of(30)), device, args.rep, args.cpu_reps)
-                composed = False
+            a = SparseAttention(0, SparsityConfig(**{**base, "mass_query_rows": rows}))
+            fused = _bench(lambda: a(q, k, v, ctx_of(10)), device, args.rep, args.cpu_reps)
+            cached = _bench(lambda: a(q, k, v, ctx_of(30)), device, args.rep, args.cpu_reps)
         search_types = [kind for _, kind in sched.searches]
         search_ms = sum(fused if kind == "fused" else cached for kind in search_types)
         total = n_dense * timings["dense_sdpa"] + search_ms + n_reuse * timings["reuse"]
@@ -183,16 +176,12 @@ def main(argv=None):
                    query_rows=rows or "all", dense_ms=timings["dense_sdpa"], dense_lse_ms=timings["dense_lse"],
                    block_mass_ms=mass_ms, select_ms=timings["select"], sparse_ms=timings["reuse"],
                    fused_search_ms=fused, cached_search_ms=cached, total_attention_ms=total,
-                   search_share=search_ms / total, overhead_share=overhead / total, composed=composed)
+                   search_share=search_ms / total, overhead_share=overhead / total)
         out_rows.append(row)
         print(f"{str(rows or 'all'):>9s} {fused:10.2f} {cached:10.2f} {total:12.1f} {100 * search_ms / total:8.2f}% "
-              f"{100 * overhead / total:9.2f}%{'  (composed)' if composed else ''}")
+              f"{100 * overhead / total:9.2f}%")
     path = args.csv or (os.path.join(os.environ["OUT"], "search_overhead.csv") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header)
-            w.writeheader()
-            w.writerows(out_rows)
+    if write_csv(path, out_rows, header):
         print(f"# wrote {path}")
     return out_rows
 
