@@ -39,6 +39,7 @@ __all__ = ["HEAD_KINDS", "SyntheticHead", "synthetic_qkv", "synthetic_logits", "
 HEAD_KINDS = ("local", "cross", "temporal", "global")
 #: feature dimensions used by the positional terms (3 quadratic axes x 3 + cross 9 + text bias 1)
 _POS_DIMS = 19
+_TEXT_DIM = _POS_DIMS - 1  # the text-bias feature, after the 18 positional ones
 MIN_HEAD_DIM = 32
 
 _DEFAULTS = {
@@ -125,11 +126,10 @@ def _features(head: SyntheticHead, x: torch.Tensor) -> Tuple[torch.Tensor, torch
     ct, cu, cv, alpha = head.coefficients()
     c = (1.0, -2.0, 1.0)  # (a - b)^2 = sum_i c_i a^i b^(2-i)
     fq, fk = [], []
-    for axis, coef in zip(range(3), (ct, cu, cv)):
+    for axis, coef in enumerate((ct, cu, cv)):
         a = x[:, axis]
+        s = math.sqrt(coef)  # logit term -coef * (a_q - a_k)^2, split sqrt(coef) on each side
         for i in range(3):
-            # logit term -coef * (a_q - a_k)^2, split sqrt(coef) on each side
-            s = math.sqrt(coef)
             fq.append(-s * c[i] * a ** i)
             fk.append(s * a ** (2 - i))
     u, v = x[:, 1], x[:, 2]
@@ -191,27 +191,28 @@ def synthetic_qkv(
         raise ValueError(f"synthetic_qkv: scale must be > 0, got {scale!r}")
     g = torch.Generator().manual_seed(seed)
     x, video = _coords(layout, torch.float64)
-    text = layout.token_valid() & ~video
+    valid = layout.token_valid()
+    text = valid & ~video
     N, H, D = layout.padded_len, len(hs), head_dim
     nd = D - _POS_DIMS
     q = torch.zeros(batch, N, H, D, dtype=torch.float64)
     k = torch.zeros(batch, N, H, D, dtype=torch.float64)
     for h, head in enumerate(hs):
         fq, fk = _features(head, x)
-        q[:, :, h, :18] = fq
-        k[:, :, h, :18] = fk
-        # text keys: logit -text_bias for every video query (feature 18 is 1 on video queries)
-        q[:, video, h, 18] = 1.0
-        k[:, text, h, 18] = -text_bias
-        q[:, text, h, :18] = 0
-        k[:, text, h, :18] = 0
+        q[:, :, h, :_TEXT_DIM] = fq
+        k[:, :, h, :_TEXT_DIM] = fk
+        # text keys: logit -text_bias for every video query (the text feature is 1 on video queries)
+        q[:, video, h, _TEXT_DIM] = 1.0
+        k[:, text, h, _TEXT_DIM] = -text_bias
+        q[:, text, h, :_TEXT_DIM] = 0
+        k[:, text, h, :_TEXT_DIM] = 0
     if nd > 0 and noise > 0:
         # content part: random directions with logit std `noise`
         std = math.sqrt(noise) / nd ** 0.25
         q[..., _POS_DIMS:] = torch.randn(batch, N, H, nd, generator=g, dtype=torch.float64) * std
         k[..., _POS_DIMS:] = torch.randn(batch, N, H, nd, generator=g, dtype=torch.float64) * std
     v = torch.randn(batch, N, H, D, generator=g, dtype=torch.float64)
-    valid = layout.token_valid().view(1, N, 1, 1)
+    valid = valid.view(1, N, 1, 1)
     root = scale ** -0.5  # q . k * scale = fq . fk
     q, k, v = q * valid * root, k * valid * root, v * valid
     return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)

@@ -287,3 +287,16 @@ def test_config_file_refuses_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("patterns: [")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_relative_bins_are_offsets_and_cached():
+    from dist_compact.patterns.compact import real_tile_grid, relative_bins
+
+    lay = LAYOUTS[2]  # ragged t, a padding slab, text
+    nt, nh, nw = real_tile_grid(lay)
+    bins = relative_bins(lay)
+    assert relative_bins(lay) is bins and relative_bins(lay, "cpu") is bins  # no rebuild or copy per call
+    t = lay.tile_origin()[: nt * nh * nw] // torch.tensor(lay.tile)
+    for i, j in [(0, 0), (1, 7), (nt * nh * nw - 1, 2)]:
+        ds, dr, dc = (t[i] - t[j]).abs().tolist()
+        assert int(bins[i, j]) == (ds * nh + dr) * nw + dc

@@ -1,7 +1,6 @@
 """Offline Compact search: capture statistics, greedy search, union merge, quality report, CLI."""
 
 import math
-import random
 import struct
 import zlib
 
@@ -12,7 +11,7 @@ import torch
 from dist_compact import BlockIndex, VideoLayout
 from dist_compact.context import AttentionContext
 from dist_compact.executor import AttentionOps
-from dist_compact.patterns import CompactConfig, HeadPattern
+from dist_compact.patterns import HeadPattern
 from dist_compact.png import colormap, encode_png
 from dist_compact.reference import reference_attention, reference_block_mass, token_mask
 from dist_compact.search.__main__ import main as cli_main

@@ -118,10 +118,6 @@ class Window:
         return cls(*(None if g == "*" else int(g) for g in m.groups()))
 
 
-def _key(w: Window) -> Tuple[int, int]:
-    return (_big(w.rows), _big(w.cols))
-
-
 def cover_windows(windows: Iterable[Window], max_windows: int = MAX_WINDOWS) -> Tuple[Window, ...]:
     """At most ``max_windows`` centred windows whose union contains the union of ``windows``.
 
@@ -207,17 +203,17 @@ class HeadPattern:
                     f"HeadPattern groups must be sorted and disjoint (only the last unbounded): "
                     f"'{a}' then '{b}'"
                 )
-        if not self.windows_at(0, gs):
+        object.__setattr__(self, "groups", gs)
+        if not self.windows_at(0):
             raise ValueError(
                 "HeadPattern must keep at least one window at slab distance 0 (the query's own tile), "
-                f"got {'; '.join(str(g) for g in gs)!r}"
+                f"got {str(self)!r}"
             )
-        object.__setattr__(self, "groups", gs)
 
     # ---------------------------------------------------------------- queries
-    def windows_at(self, d: int, groups=None) -> Tuple[Window, ...]:
+    def windows_at(self, d: int) -> Tuple[Window, ...]:
         """Windows kept at slab distance ``d`` (empty tuple: nothing)."""
-        for g in self.groups if groups is None else groups:
+        for g in self.groups:
             if g.contains(d):
                 return g.windows
         return ()
@@ -346,21 +342,24 @@ class HeadPattern:
 
 # ---------------------------------------------------------------------------------------------- helpers
 @functools.lru_cache(maxsize=16)
-def _relative_bins_cached(tile_grid: Tuple[int, int, int]) -> torch.Tensor:
-    nt, nh, nw = tile_grid
-    b = torch.arange(nt * nh * nw)
-    s, r, c = b // (nh * nw), (b // nw) % nh, b % nw
-    return (((s.view(-1, 1) - s).abs() * nh + (r.view(-1, 1) - r).abs()) * nw + (c.view(-1, 1) - c).abs())
+def _relative_bins(layout: VideoLayout, device: str) -> torch.Tensor:
+    if device != "cpu":
+        return _relative_bins(layout, "cpu").to(device)
+    nt, nh, nw = real_tile_grid(layout)
+    tiles = layout.tile_coords()[: nt * nh * nw]  # (slab, row, col) of the real video blocks
+    d = (tiles.unsqueeze(1) - tiles.unsqueeze(0)).abs()
+    return (d[..., 0] * nh + d[..., 1]) * nw + d[..., 2]
 
 
-def relative_bins(layout: VideoLayout) -> torch.Tensor:
+def relative_bins(layout: VideoLayout, device="cpu") -> torch.Tensor:
     """int64 ``[nbv, nbv]`` over the real video blocks (``nbv = slabs*nh*nw`` without padding slabs).
 
     Entry ``[i, j]`` is ``(d * nh + |d_row|) * nw + |d_col|``, the relative offset of key block ``j``
     from query block ``i`` as a flat index into a ``[nt, nh, nw]`` table. The real video blocks are
-    the first ``nbv`` blocks of the block order (tiles are t-major). Cached; do not modify.
+    the first ``nbv`` blocks of the block order (tiles are t-major). Cached per layout and device (no
+    copy per call); do not modify.
     """
-    return _relative_bins_cached(real_tile_grid(layout))
+    return _relative_bins(layout, str(torch.device(device)))
 
 
 def mask_to_index(mask: torch.Tensor, block_size: int) -> BlockIndex:
@@ -541,13 +540,11 @@ class CompactConfig:
             raise ValueError(f"Compact config has {self.num_heads} heads per layer but the model asks for "
                              f"{num_heads}; search a config for this model")
         device = torch.device("cpu" if device is None else device)
-
-        def make():
-            cpu = self._cached((layer, layout, "cpu"),
-                               lambda: mask_to_index(self.block_mask(layer, layout), layout.block_size))
-            return cpu if device.type == "cpu" else cpu.to(device)
-
-        return self._cached((layer, layout, str(device)), make)
+        if device.type != "cpu":  # a copy of the (cached) CPU index
+            return self._cached((layer, layout, str(device)),
+                                lambda: self.index_for(layer, layout, num_heads).to(device))
+        return self._cached((layer, layout, "cpu"),
+                            lambda: mask_to_index(self.block_mask(layer, layout), layout.block_size))
 
     def max_distance(self, layer: int, layout: Optional[VideoLayout] = None) -> Optional[int]:
         """Largest slab distance any head of ``layer`` keeps (``None``: unbounded), on ``layout``'s grid."""

@@ -20,6 +20,7 @@ a dense run of the model).
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from typing import List, Optional, Tuple
 
@@ -57,10 +58,7 @@ def _load_stores(paths: List[str]) -> List[MassStore]:
 
 
 def _sum(stores: List[MassStore]) -> MassStore:
-    acc = stores[0]
-    for s in stores[1:]:
-        acc = acc.merged(s)
-    return acc
+    return functools.reduce(MassStore.merged, stores)
 
 
 def _device(name: str) -> torch.device:

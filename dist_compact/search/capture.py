@@ -44,10 +44,6 @@ __all__ = ["MassStore", "CaptureAttention", "reduce_block_mass", "MASS_FORMAT", 
 MASS_FORMAT = "dist_compact.block_mass_stats/1"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def axis_pairs(n: int) -> torch.Tensor:
     """int64 ``[n]``: number of ordered index pairs in ``[0, n)^2`` at each distance ``|i - j|``."""
     d = torch.arange(n)
@@ -75,34 +71,35 @@ def reduce_block_mass(mass: torch.Tensor, layout: VideoLayout,
                          f"{tuple(mass.shape) if isinstance(mass, torch.Tensor) else type(mass).__name__}")
     NB = layout.num_blocks
     dev = mass.device
+    # the row bookkeeping stays on the host (no device syncs); the map is reduced where it lies
     if q_blocks is None:
-        ids = torch.arange(NB, device=dev)
+        ids = torch.arange(NB)
     elif isinstance(q_blocks, tuple):
         r0, r1 = q_blocks
         if not 0 <= r0 <= r1 <= NB:
             raise ValueError(f"query blocks [{r0}, {r1}) out of range for {NB} blocks")
-        ids = torch.arange(r0, r1, device=dev)
+        ids = torch.arange(r0, r1)
     else:
-        ids = torch.as_tensor(q_blocks, device=dev).long()
+        ids = torch.as_tensor(q_blocks).long().cpu()
     if mass.shape[2] != ids.numel() or mass.shape[3] != NB:
         raise ValueError(f"mass {tuple(mass.shape)} does not match {ids.numel()} query blocks x {NB} key blocks "
                          f"of {layout}")
     H = mass.shape[1]
     nt, nh, nw = real_tile_grid(layout)
     nbv = nt * nh * nw
-    w = layout.block_valid(dev)[ids].to(torch.float64)
+    w = layout.block_valid()[ids].to(torch.float64)
     if row_weight is not None:
-        w = w * torch.as_tensor(row_weight, device=dev).to(torch.float64)
-    w = w.view(-1, 1)
+        w = w * torch.as_tensor(row_weight).cpu().to(torch.float64)
+    w = w.to(dev).view(-1, 1)
+    vid = (ids < nbv).nonzero().squeeze(1)  # local rows that are (non-padding-slab) video blocks
+    bins = relative_bins(layout, dev)[ids[vid].to(dev)].reshape(-1)
+    vid = vid.to(dev)
     total = torch.zeros(H, dtype=torch.float64, device=dev)
     rel = torch.zeros(H, nbv, dtype=torch.float64, device=dev)
-    vid = (ids < nbv).nonzero().squeeze(1)  # local rows that are (non-padding-slab) video blocks
-    bins = relative_bins(layout).to(dev)[ids[vid]].reshape(-1) if vid.numel() else None
     for h in range(H):  # one head at a time: the float64 copy of a map stays NB x NB
-        m = mass[:, h].sum(0, dtype=torch.float64) * w  # [nq, NB]
+        m = mass[:, h].sum(0, dtype=torch.float64).mul_(w)  # [nq, NB]
         total[h] = m.sum()
-        if bins is not None:
-            rel[h].index_add_(0, bins, m[vid, :nbv].reshape(-1))
+        rel[h].index_add_(0, bins, m[vid, :nbv].reshape(-1))
     text = total - rel.sum(1)
     return rel.view(H, nt, nh, nw), text, total
 
@@ -157,9 +154,8 @@ class MassStore:
 
     def block_counts(self) -> Tuple[int, int]:
         """``(text_pairs, total_pairs)``: block pairs with a text row or column, and all block pairs."""
-        nt, nh, nw = self.tile_grid
-        nbv = nt * nh * nw
-        nb = nbv + _cdiv(self.text_tokens, self.tile[0] * self.tile[1] * self.tile[2])
+        lay = self.layout()
+        nbv, nb = lay.num_video_blocks, lay.num_blocks
         return nb * nb - nbv * nbv, nb * nb
 
     @property

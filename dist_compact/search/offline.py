@@ -42,6 +42,7 @@ Configs searched on several prompts are merged by union (:func:`search_stores`,
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import torch
 
 from ..patterns.compact import CompactConfig, HeadPattern, Window, merge_union
 from .capture import MassStore
+from .quality import NOT_CAPTURED, heads_summary
 
 __all__ = ["SearchSettings", "SearchResult", "greedy_search", "search_store", "search_stores", "MOVES"]
 
@@ -132,13 +134,8 @@ class SearchResult:
     density_trace: Optional[torch.Tensor] = None
 
     def summary(self) -> str:
-        ok = ~torch.isnan(self.recall)
-        if not ok.any():
-            return "no captured layers"
-        r, d = self.recall[ok], self.density[ok]
-        return (f"{int(ok.sum())} heads: density mean {d.mean():.4f} (min {d.min():.4f}, max {d.max():.4f}), "
-                f"recall mean {r.mean():.4f} (min {r.min():.4f}), {int(self.steps.sum())} moves, "
-                f"{self.seconds:.2f} s")
+        heads = heads_summary(self.recall, self.density)
+        return f"{heads}, {int(self.steps.sum())} moves, {self.seconds:.2f} s" if heads else NOT_CAPTURED
 
 
 # -------------------------------------------------------------------------------------- vectorised core
@@ -375,10 +372,7 @@ def search_stores(stores: Sequence[MassStore], settings: SearchSettings = Search
     if merge not in ("union", "average"):
         raise ValueError(f"merge must be 'union' or 'average', got {merge!r}")
     if merge == "average":
-        acc = stores[0]
-        for s in stores[1:]:
-            acc = acc.merged(s)
-        res = search_store(acc, settings, device=device, model=model)
+        res = search_store(functools.reduce(MassStore.merged, stores), settings, device=device, model=model)
         return res.config, [res]
     results = [search_store(s, settings, device=device, model=model) for s in stores]
     return merge_union([r.config for r in results]), results

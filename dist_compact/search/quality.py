@@ -30,6 +30,19 @@ from .capture import MassStore
 __all__ = ["QualityReport", "evaluate", "heatmap_image", "write_report"]
 
 
+NOT_CAPTURED = "no captured layers"
+
+
+def heads_summary(recall: torch.Tensor, density: torch.Tensor) -> str:
+    """One line on the captured heads (recall not NaN) of ``[L, H]`` figures; ``""`` if there are none."""
+    ok = ~torch.isnan(recall)
+    if not ok.any():
+        return ""
+    r, d = recall[ok], density[ok]
+    return (f"{int(ok.sum())} heads: density mean {d.mean():.4f} (min {d.min():.4f}, max {d.max():.4f}), "
+            f"recall mean {r.mean():.4f} (min {r.min():.4f})")
+
+
 @dataclass
 class QualityReport:
     """Recall and density float64 ``[L, H]`` of a config on a store (NaN: layer not captured)."""
@@ -41,13 +54,8 @@ class QualityReport:
     tile: Tuple[int, int, int] = ()
 
     def summary(self) -> str:
-        ok = ~torch.isnan(self.recall)
-        if not ok.any():
-            return "no captured layers"
-        r, d = self.recall[ok], self.density[ok]
-        return (f"{self.model or 'model'} at grid {self.grid} tile {self.tile}: {int(ok.sum())} heads, "
-                f"density mean {d.mean():.4f} (sparsity {1 - d.mean():.4f}), recall mean {r.mean():.4f} "
-                f"min {r.min():.4f}")
+        heads = heads_summary(self.recall, self.density)
+        return f"{self.model or 'model'} at grid {self.grid} tile {self.tile}: {heads}" if heads else NOT_CAPTURED
 
     def to_csv(self, path: Union[str, pathlib.Path]) -> None:
         L, H = self.recall.shape
