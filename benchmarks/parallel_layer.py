@@ -188,31 +188,32 @@ def main() -> None:
             rel = (diff.norm() / ref[1].float().norm().clamp(min=1e-30)).item()
         else:
             max_abs = rel = float("nan")
-        for overlap in ((True, False) if isinstance(ops, RingOps) else (None,)):
+        ring_ops = isinstance(ops, RingOps)
+        esize = q.element_size()
+        traffic = {}
+        if u > 1:  # q, k, v and out: (u-1)/u of each local video tensor leaves the rank
+            vl_tok = sp.video_blocks_per_rank(lay) * lay.block_size
+            traffic["a2a_bytes"] = 4 * (u - 1) * vl_tok * H * D * esize // u * P
+        if ring_ops:
+            shard = 2 * (lay.num_video_blocks // r) * lay.block_size * (H // u) * D * esize  # K + V of one ring shard
+            h0, h1 = ops.head_range(H)
+            need = ring_needs(index.select_heads(slice(h0, h1)), lay, r)
+            pred = torch.tensor([float(ring_bytes(need, shard).sum())], dtype=torch.float64, device=device)
+            dist.all_reduce(pred, group=sub)  # each Ulysses rank's ring predicts its own heads
+            # every ring rank of a ring group computed the same group total
+            traffic.update(ring_pred=pred.item() / r, dense_ring_bytes=float(r * (r - 1) * shard * u))
+        for overlap in ((True, False) if ring_ops else (None,)):
             if overlap is not None:
                 ops.overlap = overlap
                 ops.reset_counters()
             ms = timed(lambda: attn(ql, kl, vl, ctx), sub, iters, args.warmup, device)
             row = dict(config=f"ulysses{u}xring{r}", ulysses=u, ring=r, P=P,
                        overlap="" if overlap is None else ("on" if overlap else "off"), ms=ms,
-                       density=index.density(), max_abs=max_abs, rel=rel)
-            esize = q.element_size()
-            vl_tok = sp.video_blocks_per_rank(lay) * lay.block_size
-            if u > 1:  # q, k, v and out: (u-1)/u of each local video tensor leaves the rank
-                row["a2a_bytes"] = 4 * (u - 1) * vl_tok * H * D * esize // u * P
-            if isinstance(ops, RingOps):
-                calls = max(ops.calls, 1)
-                sent = torch.tensor([ops.bytes_sent / calls], dtype=torch.float64, device=device)
+                       density=index.density(), max_abs=max_abs, rel=rel, **traffic)
+            if ring_ops:
+                sent = torch.tensor([ops.bytes_sent / max(ops.calls, 1)], dtype=torch.float64, device=device)
                 dist.all_reduce(sent, group=sub)
-                vr = lay.num_video_blocks // r
-                shard = 2 * vr * lay.block_size * (H // u) * D * esize  # K + V of one ring shard
-                h0, h1 = ops.head_range(H)
-                need = ring_needs(index.select_heads(slice(h0, h1)), lay, r)
-                pred = torch.tensor([float(ring_bytes(need, shard).sum())], dtype=torch.float64, device=device)
-                dist.all_reduce(pred, group=sub)  # each Ulysses rank's ring predicts its own heads
-                pred = pred.item() / r  # every ring rank of a ring group computed the same group total
-                row.update(ring_bytes=sent.item(), ring_pred=pred, dense_ring_bytes=float(r * (r - 1) * shard * u),
-                           ring_vs_dense=sent.item() / max(r * (r - 1) * shard * u, 1))
+                row.update(ring_bytes=sent.item(), ring_vs_dense=sent.item() / max(row["dense_ring_bytes"], 1))
             rows.append(row)
         dist.barrier(group=sub)
         dist.barrier()

@@ -5,11 +5,12 @@ Each runs on gloo processes and must equal the one-process ``block_sparse_attent
 """
 
 import importlib.util
+from unittest import mock
 
 import pytest
 import torch
 
-from dist_compact import BlockIndex, VideoLayout, block_sparse_attention
+from dist_compact import BlockIndex, VideoLayout, block_sparse_attention, dense_attention
 from parallel_helpers import run_workers
 
 TOL = 1e-5
@@ -36,6 +37,7 @@ def _yunchang_worker(rank, world, configs):
     from yunchang import LongContextAttention, set_seq_parallel_pg
     from yunchang.globals import PROCESS_GROUP
 
+    import dist_compact.ops as kops
     from dist_compact.integrations.yunchang_adapter import YunchangBlockSparse
 
     heads = 4
@@ -57,6 +59,10 @@ def _yunchang_worker(rank, world, configs):
         e = (full - ref).abs().max().item()
         assert e <= TOL, f"yunchang ulysses={u} ring={r} low={low}: max abs error {e:.3g}"
         errs[(u, r, low)] = e
+        # the next forward reuses the per-step sub-indices and valid counts (no copies, no re-checks)
+        with torch.no_grad(), mock.patch.object(kops._VALIDATED, "put", wraps=kops._VALIDATED.put) as checked:
+            again = attn(proc.chunk(q), proc.chunk(k), proc.chunk(v))
+        assert checked.call_count == 0 and torch.equal(again, out)
     return errs
 
 
@@ -102,6 +108,15 @@ def _deepspeed_worker(rank, world):
         e = (out - ref[:, rank * n:(rank + 1) * n]).abs().max().item()
         assert e <= TOL, f"deepspeed {heads} heads: max abs error {e:.3g}"
         errs[heads] = e
+    # no index: dense attention over the valid tokens
+    q, k, v = _problem(LAYOUT, 4, seed=20)
+    ref = dense_attention(q, k, v, block_size=LAYOUT.block_size, block_valid=bv, backend="torch")
+    attn = DistributedAttention(DeepSpeedBlockSparse(LAYOUT, sp_group, None, backend="torch"), sp_group,
+                                scatter_idx=2, gather_idx=1)
+    with torch.no_grad():
+        out = attn(*(t[:, rank * n:(rank + 1) * n] for t in (q, k, v)), 0)
+    e = (out - ref[:, rank * n:(rank + 1) * n]).abs().max().item()
+    assert e <= TOL, f"deepspeed dense: max abs error {e:.3g}"
     return errs
 
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
-from ..ops import block_sparse_attention
+from ..ops import block_sparse_attention, dense_attention
 
 __all__ = ["DeepSpeedBlockSparse", "sequence_parallel_mpu", "head_split"]
 
@@ -77,9 +77,6 @@ class DeepSpeedBlockSparse(torch.nn.Module):
 
     def _index_for(self, heads_local: int, device) -> BlockIndex:
         idx = self.index
-        if idx is None:
-            nb = self.layout.num_blocks
-            return BlockIndex.full(1, heads_local, nb, nb, self.layout.block_size, device=device)
         if self._local is not None and self._local[0] is idx:
             return self._local[1]
         h0, h1 = head_split(idx.num_heads, self.world, self.rank)
@@ -94,9 +91,12 @@ class DeepSpeedBlockSparse(torch.nn.Module):
         if q.dim() != 4 or q.shape[1] != self.layout.padded_len:
             raise ValueError(f"DeepSpeedBlockSparse expects [B, {self.layout.padded_len}, heads, D] (batch first, "
                              f"batch_dim_idx=0), got {tuple(q.shape)}")
-        index = self._index_for(q.shape[2], q.device)
-        return block_sparse_attention(q, k, v, index, scale=self.scale, block_valid=self.layout.block_valid(q.device),
-                                      backend=self.backend)
+        bv = self.layout.block_valid(q.device)
+        if self.index is None:
+            return dense_attention(q, k, v, block_size=self.layout.block_size, scale=self.scale, block_valid=bv,
+                                   backend=self.backend)
+        return block_sparse_attention(q, k, v, self._index_for(q.shape[2], q.device), scale=self.scale,
+                                      block_valid=bv, backend=self.backend)
 
 
 class _MPU:

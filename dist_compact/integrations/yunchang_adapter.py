@@ -85,6 +85,8 @@ class YunchangBlockSparse:
                 raise ValueError(f"ring rank {j} holds sequence chunks {c} out of order; unsupported group layout")
         self.nb = self.num_blocks(layout, self.P)
         self.chunk_blocks = self.nb // self.P
+        # valid tokens per block of the flat sequence (the appended blocks are empty)
+        self._valid = torch.cat([layout.block_valid(), torch.zeros(self.nb - layout.num_blocks, dtype=torch.int32)])
         self._index: Optional[BlockIndex] = None
         self._subs: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._calls = 0
@@ -137,13 +139,16 @@ class YunchangBlockSparse:
         self._index = index
         self._calls = 0
 
-    def _sub(self, j: int, heads: int) -> Tuple[BlockIndex, torch.Tensor, torch.Tensor]:
+    def _sub(self, j: int, device) -> Tuple[BlockIndex, torch.Tensor, torch.Tensor]:
+        """(sub-index, q valid, kv valid) of the ring step that holds chunk ``j``, on ``device``.
+
+        Built once per index and device: every step then hands the kernels the same tensors (no
+        copies, and the kernels' one-time check of the valid counts stays one-time).
+        """
         idx = self._index
-        per = self._subs.get(idx)
-        if per is None:
-            per = {}
-            self._subs[idx] = per
-        if j not in per:
+        per = self._subs.setdefault(idx, {})
+        key = (j, str(device))
+        if key not in per:
             hu = idx.num_heads // self.U
             loc = idx.select_heads(slice(self.u * hu, (self.u + 1) * hu))
             if self.nb != idx.num_q_blocks:  # the empty blocks yunchang's even split appends
@@ -155,10 +160,8 @@ class YunchangBlockSparse:
             kmap = torch.full((self.nb,), -1, dtype=torch.long)
             kmap[keys] = torch.arange(len(keys))
             sub = remap_keys(select_rows_at(loc, rows), kmap, len(keys))
-            valid = torch.cat([self.layout.block_valid(),
-                               torch.zeros(self.nb - self.layout.num_blocks, dtype=torch.int32)]).to(idx.device)
-            per[j] = (sub, valid[rows.to(idx.device)], valid[keys.to(idx.device)])
-        return per[j]
+            per[key] = (sub.to(device), self._valid[rows].to(device), self._valid[keys].to(device))
+        return per[key]
 
     # ------------------------------------------------------------------ the processor
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
@@ -170,17 +173,15 @@ class YunchangBlockSparse:
             raise ValueError("YunchangBlockSparse: causal attention is not supported (video DiTs are bidirectional)")
         if dropout_p:
             raise ValueError("YunchangBlockSparse: dropout is not supported (inference only)")
-        step = self._calls % self.R
-        self._calls += 1
-        j = (self.r - step) % self.R
-        sub, q_valid, kv_valid = self._sub(j, q.shape[2])
         want = self.U * self.chunk_blocks * self.layout.block_size
         if q.shape[1] != want or k.shape[1] != want:
             raise ValueError(f"YunchangBlockSparse: expected {want} tokens per ring shard, got q {tuple(q.shape)}, "
                              f"k {tuple(k.shape)}; feed yunchang the chunks of proc.chunk(x)")
-        out, lse = block_sparse_attention(q, k, v, sub.to(q.device), scale=softmax_scale, return_lse=True,
-                                          q_valid=q_valid.to(q.device), kv_valid=kv_valid.to(q.device),
-                                          backend=self.backend)
+        step = self._calls % self.R
+        self._calls += 1
+        sub, q_valid, kv_valid = self._sub((self.r - step) % self.R, q.device)
+        out, lse = block_sparse_attention(q, k, v, sub, scale=softmax_scale, return_lse=True, q_valid=q_valid,
+                                          kv_valid=kv_valid, backend=self.backend)
         lse = lse.double()
         return out, torch.where(torch.isfinite(lse), lse, torch.full_like(lse, EMPTY_LSE))
 

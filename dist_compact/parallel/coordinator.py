@@ -186,8 +186,7 @@ def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> B
     from the rank whose ``row_weight`` is 1.
     """
     nb = layout.num_blocks
-    rows = ops.q_blocks(layout) if hasattr(ops, "q_blocks") else torch.arange(nb)
-    weight = ops.row_weight(layout) if hasattr(ops, "row_weight") else torch.ones(len(rows))
+    rows, weight = ops.q_blocks(layout), ops.row_weight(layout)
     if local.num_q_blocks != len(rows) or local.num_k_blocks != nb:
         raise ValueError(f"gather_index: {local!r} is not this rank's local index for {layout}")
     dev = local.device

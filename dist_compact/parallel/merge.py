@@ -23,6 +23,7 @@ merges partials held by different ranks (:func:`all_reduce_merge`).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -31,9 +32,26 @@ import torch.distributed as dist
 __all__ = ["merge_partials", "merge_many", "all_reduce_merge"]
 
 
-def _weights(lse: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """exp(lse - m) with -inf entries (and a non-finite m) giving exactly 0."""
-    return torch.exp(lse - m)
+def _cdtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """The max LSE with non-finite entries (every part empty) replaced by 0, so exp(lse - m) is 0 there."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _normalize(m: torch.Tensor, s: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, 1/s)`` from the max ``m`` and the summed weights ``s``: ``-inf`` and 0 where ``s == 0``."""
+    pos = s > 0
+    safe = torch.where(pos, s, torch.ones_like(s))
+    lse = torch.where(pos, m + torch.log(safe), torch.full_like(s, float("-inf")))
+    return lse, torch.where(pos, 1.0 / safe, torch.zeros_like(s))
+
+
+def _per_token(w: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S]`` weights -> ``[B, S, H, 1]``, to scale ``[B, S, H, D]`` outputs."""
+    return w.transpose(1, 2).unsqueeze(-1)
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -48,32 +66,19 @@ def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor
         ``(out, lse)``: out float32 (float64 stays float64), lse float32 (same rule). Rows empty in
         both inputs give out 0 and lse -inf, never NaN.
     """
-    cdtype = torch.float64 if torch.float64 in (out_a.dtype, out_b.dtype, lse_a.dtype, lse_b.dtype) else torch.float32
-    la, lb = lse_a.to(cdtype), lse_b.to(cdtype)
-    m = torch.maximum(la, lb)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa, wb = _weights(la, m), _weights(lb, m)
-    s = wa + wb
-    pos = s > 0
-    lse = torch.where(pos, m + torch.log(torch.where(pos, s, torch.ones_like(s))), torch.full_like(s, float("-inf")))
-    inv = torch.where(pos, 1.0 / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s))
-    # [B, H, S] weights -> [B, S, H, 1] to scale [B, S, H, D] outputs
-    ca = (wa * inv).transpose(1, 2).unsqueeze(-1)
-    cb = (wb * inv).transpose(1, 2).unsqueeze(-1)
-    out = ca * out_a.to(cdtype) + cb * out_b.to(cdtype)
-    return out, lse
+    return merge_many((out_a, out_b), (lse_a, lse_b))
 
 
 def merge_many(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge any number of partials over disjoint key sets (same formula, one max over all)."""
     if len(outs) != len(lses) or not outs:
         raise ValueError(f"merge_many needs as many outs as lses (>= 1), got {len(outs)} and {len(lses)}")
-    out, lse = outs[0], lses[0]
-    for o, l in zip(outs[1:], lses[1:]):
-        out, lse = merge_partials(out, lse, o, l)
-    if len(outs) == 1:
-        cd = torch.float64 if out.dtype == torch.float64 else torch.float32
-        out, lse = out.to(cd), lse.to(cd)
+    cdtype = _cdtype(*outs, *lses)
+    ls = [l.to(cdtype) for l in lses]
+    m = _finite(functools.reduce(torch.maximum, ls))
+    ws = [torch.exp(l - m) for l in ls]
+    lse, inv = _normalize(m, functools.reduce(torch.add, ws))
+    out = functools.reduce(torch.add, [_per_token(w * inv) * o.to(cdtype) for w, o in zip(ws, outs)])
     return out, lse
 
 
@@ -85,18 +90,15 @@ def all_reduce_merge(out: torch.Tensor, lse: torch.Tensor, group: Optional[dist.
     the weighted numerators and denominators summed (one all_reduce SUM of both, packed together).
     Every rank gets the merged ``(out, lse)``; float32 (float64 stays float64).
     """
-    cdtype = torch.float64 if torch.float64 in (out.dtype, lse.dtype) else torch.float32
+    cdtype = _cdtype(out, lse)
     l = lse.to(cdtype)
     m = l.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = _weights(l, m)  # [B, H, S]
-    num = w.transpose(1, 2).unsqueeze(-1) * out.to(cdtype)  # [B, S, H, D]
+    m = _finite(m)
+    w = torch.exp(l - m)  # [B, H, S]
+    num = _per_token(w) * out.to(cdtype)  # [B, S, H, D]
     packed = torch.cat([num.reshape(-1), w.reshape(-1)])
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     num = packed[: num.numel()].view_as(num)
-    s = packed[num.numel():].view_as(w)
-    pos = s > 0
-    lse_out = torch.where(pos, m + torch.log(torch.where(pos, s, torch.ones_like(s))), torch.full_like(s, float("-inf")))
-    inv = torch.where(pos, 1.0 / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s))
-    return num * inv.transpose(1, 2).unsqueeze(-1), lse_out
+    lse_out, inv = _normalize(m, packed[num.numel():].view_as(w))
+    return num * _per_token(inv), lse_out

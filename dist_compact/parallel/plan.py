@@ -38,7 +38,7 @@ from ..executor import AttentionOps
 from ..layout import VideoLayout
 from .config import ParallelConfig, ParallelConfigError, ParallelGroups
 from .ring import RingOps
-from .ulysses import UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
+from .ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 
 __all__ = ["SequenceParallel", "ParallelAttention"]
 
@@ -210,7 +210,7 @@ class ParallelAttention:
         self.ops: Optional[AttentionOps] = None
 
     def _ops_for(self, ctx: AttentionContext) -> AttentionOps:
-        if isinstance(ctx.ops, (RingOps, UlyssesOps)):
+        if isinstance(ctx.ops, HeadShardedOps):
             raise TypeError("ParallelAttention: ctx.ops is already a parallel AttentionOps (wrapped twice?)")
         backend = getattr(ctx.ops, "backend", "auto")
         if self.ops is None or self.ops.backend != backend:

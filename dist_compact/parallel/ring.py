@@ -36,12 +36,11 @@ import torch
 import torch.distributed as dist
 
 from ..block_index import BlockIndex
-from ..executor import AttentionOps
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
-from .ulysses import all_gather_cat
+from .ulysses import HeadShardedOps
 
 __all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "remap_keys", "select_rows_at", "cat_rows"]
 
@@ -142,6 +141,29 @@ class _Geo:
         return self.vr + self.nt
 
 
+class _Valid:
+    """Valid-token counts a ring rank hands the kernels, built once per (layout, device).
+
+    The kernels' entry points check a counts tensor (a device sync) once per tensor object, so each
+    call must pass the same objects: the global counts sliced per ring shard and the text blocks,
+    this rank's local rows (own shard, then text), and slices of them cached by row range.
+    """
+
+    def __init__(self, layout: VideoLayout, g: _Geo, rank: int, ring: int, device):
+        bv = layout.block_valid(device)
+        self.shard = [bv[j * g.vr:(j + 1) * g.vr] for j in range(ring)]
+        self.text = bv[g.nv:]
+        self.local = torch.cat([self.shard[rank], self.text])
+        self._rows: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """``local[a:b]``, the same tensor object for the same range."""
+        hit = self._rows.get((a, b))
+        if hit is None:
+            hit = self._rows[(a, b)] = self.local[a:b]
+        return hit
+
+
 class _Transfer:
     """Posted point-to-point exchange of shard tensors; wait per source rank, then for all.
 
@@ -174,7 +196,7 @@ class _Transfer:
             self._wait(pos)
 
 
-class RingOps(AttentionOps):
+class RingOps(HeadShardedOps):
     """AttentionOps of one ring rank (see the module docstring); also the hybrid's inner ops.
 
     Args:
@@ -192,8 +214,7 @@ class RingOps(AttentionOps):
     _DIGEST_CACHE = 8
 
     def __init__(self, groups: ParallelGroups, backend: str = "auto", overlap: bool = True):
-        super().__init__(backend)
-        self.groups = groups
+        super().__init__(groups, backend)
         self.overlap = overlap
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -202,6 +223,7 @@ class RingOps(AttentionOps):
         self._plans = weakref.WeakKeyDictionary()  # local index -> (layout, plan)
         self._plans_by_digest: "OrderedDict" = OrderedDict()  # (digest, layout) -> plan
         self._full: Dict = {}  # (layout, heads, device) -> full local index
+        self._valids: Dict = {}  # (layout, device) -> _Valid
         self._peers: Optional[List[int]] = None
         self._ready = False
 
@@ -214,10 +236,6 @@ class RingOps(AttentionOps):
     def rank(self) -> int:
         return self.groups.ring_rank
 
-    @property
-    def world_size(self) -> int:
-        return self.groups.config.degree
-
     def _geo(self, layout: VideoLayout) -> _Geo:
         nv = layout.num_video_blocks
         if nv % self.ring:
@@ -226,13 +244,6 @@ class RingOps(AttentionOps):
                 "pass the layout through SequenceParallel.layout_for first"
             )
         return _Geo(layout.block_size, nv // self.ring, nv, layout.num_text_blocks, layout.num_blocks)
-
-    def head_range(self, num_heads: int) -> Tuple[int, int]:
-        u = self.groups.config.ulysses
-        if num_heads % u:
-            raise ValueError(f"{num_heads} heads are not divisible by ulysses={u}")
-        hu = num_heads // u
-        return (self.groups.ulysses_rank * hu, (self.groups.ulysses_rank + 1) * hu)
 
     def q_block_range(self, layout: VideoLayout) -> Tuple[int, int]:
         """This rank's video query blocks ``[start, stop)``; the text blocks are local too (:meth:`q_blocks`)."""
@@ -253,10 +264,12 @@ class RingOps(AttentionOps):
             w[g.vr:] = 0
         return w
 
-    def _local_valid(self, layout: VideoLayout, device) -> torch.Tensor:
-        g = self._geo(layout)
-        bv = layout.block_valid(device)
-        return torch.cat([bv[self.rank * g.vr:(self.rank + 1) * g.vr], bv[g.nv:]])
+    def _valid_for(self, layout: VideoLayout, g: _Geo, device) -> _Valid:
+        key = (layout, str(device))
+        hit = self._valids.get(key)
+        if hit is None:
+            hit = self._valids[key] = _Valid(layout, g, self.rank, self.ring, device)
+        return hit
 
     # ------------------------------------------------------------------ index -> plan
     def localize(self, index: BlockIndex, layout: VideoLayout) -> BlockIndex:
@@ -338,10 +351,10 @@ class RingOps(AttentionOps):
         if self.ring == 1:
             return [[False]]
         g = self.groups.meta_group or self.groups.ring_group
-        t = torch.tensor([bool(x) for x in needs], dtype=torch.uint8, device=self._comm_device(g, like))
+        t = torch.tensor(list(needs), dtype=torch.uint8, device=self._comm_device(g, like))
         parts = [torch.empty_like(t) for _ in range(self.ring)]
         dist.all_gather(parts, t, group=g)
-        return [[bool(x) for x in p.cpu().tolist()] for p in parts]
+        return torch.stack(parts).bool().cpu().tolist()  # one device->host copy
 
     def _post(self, tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int]) -> _Transfer:
         g = self.groups.ring_group
@@ -415,20 +428,17 @@ class RingOps(AttentionOps):
         tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from)
         if not self.overlap:
             tr.wait_all()
-        bv = layout.block_valid(q.device)
-        lv = self._local_valid(layout, q.device)
+        val = self._valid_for(layout, g, q.device)
         # own shard + text first: it overlaps with the transfer just posted
-        out, lse = block_sparse_attention(q, k, v, plan.own, scale=scale, return_lse=True, q_valid=lv,
-                                          kv_valid=lv, backend=self.backend)
-        cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out = out.to(cdtype)
+        out, lse = block_sparse_attention(q, k, v, plan.own, scale=scale, return_lse=True, q_valid=val.local,
+                                          kv_valid=val.local, backend=self.backend)
+        out = out.float()  # partials are merged in float32
         # nearest shards first: in a halo exchange they are the ones every rank waits for
         for j in sorted(recv_from, key=lambda j: (abs(j - me), j)):
             kj, vj = tr.wait(j)
             a, b, sub = plan.remote[j]
             oj, lj = block_sparse_attention(q[:, a * bs:b * bs], kj, vj, sub, scale=scale, return_lse=True,
-                                            q_valid=lv[a:b], kv_valid=bv[j * g.vr:(j + 1) * g.vr],
-                                            backend=self.backend)
+                                            q_valid=val.rows(a, b), kv_valid=val.shard[j], backend=self.backend)
             mo, ml = merge_partials(out[:, a * bs:b * bs], lse[:, :, a * bs:b * bs], oj, lj)
             out[:, a * bs:b * bs] = mo
             lse[:, :, a * bs:b * bs] = ml.to(lse.dtype)
@@ -449,21 +459,20 @@ class RingOps(AttentionOps):
         me, vt = self.rank, g.vr * g.bs
         others = [j for j in range(self.ring) if j != me]
         tr = self._post([k[:, :vt]], others, others)
-        bv = layout.block_valid(q.device)
-        lv = self._local_valid(layout, q.device)
+        val = self._valid_for(layout, g, q.device)
         B, _, H, _ = q.shape
         mass = torch.empty((B, H, g.rows, g.nb), dtype=torch.float32, device=q.device)
 
         def part(kk, kv_valid, c0, c1):
-            mass[..., c0:c1] = block_attention_mass(q, kk, lse, g.bs, scale=scale, q_valid=lv, kv_valid=kv_valid,
-                                                    query_rows=query_rows, backend=self.backend)
+            mass[..., c0:c1] = block_attention_mass(q, kk, lse, g.bs, scale=scale, q_valid=val.local,
+                                                    kv_valid=kv_valid, query_rows=query_rows, backend=self.backend)
 
-        part(k[:, :vt], bv[me * g.vr:(me + 1) * g.vr], me * g.vr, (me + 1) * g.vr)
+        part(k[:, :vt], val.shard[me], me * g.vr, (me + 1) * g.vr)
         if g.nt:
-            part(k[:, vt:], bv[g.nv:], g.nv, g.nb)
+            part(k[:, vt:], val.text, g.nv, g.nb)
         for j in sorted(others, key=lambda j: (abs(j - me), j)):
             (kj,) = tr.wait(j)
-            part(kj, bv[j * g.vr:(j + 1) * g.vr], j * g.vr, (j + 1) * g.vr)
+            part(kj, val.shard[j], j * g.vr, (j + 1) * g.vr)
         tr.wait_all()
         return mass
 
@@ -476,9 +485,6 @@ class RingOps(AttentionOps):
         t = t.clone()
         dist.all_reduce(t, group=self.groups.ring_group)
         return t
-
-    def gather_heads(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        return all_gather_cat(t, self.groups.ulysses_group, dim)
 
     def reset_counters(self) -> None:
         self.bytes_sent = self.bytes_received = self.calls = 0

@@ -20,10 +20,9 @@ import torch
 import torch.distributed as dist
 
 from ..executor import AttentionOps
-from ..layout import VideoLayout
 from .config import ParallelGroups
 
-__all__ = ["seq_to_heads", "heads_to_seq", "UlyssesOps", "all_gather_cat"]
+__all__ = ["seq_to_heads", "heads_to_seq", "HeadShardedOps", "UlyssesOps", "all_gather_cat"]
 
 
 def all_gather_cat(t: torch.Tensor, group: Optional[dist.ProcessGroup], dim: int) -> torch.Tensor:
@@ -94,34 +93,23 @@ def heads_to_seq(x: torch.Tensor, video_len: int, group: Optional[dist.ProcessGr
     return out
 
 
-class UlyssesOps(AttentionOps):
-    """AttentionOps of one Ulysses rank: its heads of the whole sequence (after :func:`seq_to_heads`).
+class HeadShardedOps(AttentionOps):
+    """What the Ulysses and ring ops share: this rank's contiguous heads of its Ulysses group.
 
-    ``head_range`` = this rank's contiguous heads; query rows are all blocks; ``gather_heads``
-    all-gathers over the Ulysses group (global head order); ``reduce_rows`` is the identity.
+    ``head_range`` = the heads of ``groups.ulysses_rank`` (``H / ulysses`` each); ``gather_heads``
+    all-gathers over the Ulysses group (global head order).
     """
 
     def __init__(self, groups: ParallelGroups, backend: str = "auto"):
         super().__init__(backend)
         self.groups = groups
 
-    @property
-    def ulysses(self) -> int:
-        return self.groups.config.ulysses
-
     def head_range(self, num_heads: int) -> Tuple[int, int]:
-        if num_heads % self.ulysses:
-            raise ValueError(f"{num_heads} heads are not divisible by ulysses={self.ulysses}")
-        hu = num_heads // self.ulysses
+        u = self.groups.config.ulysses
+        if num_heads % u:
+            raise ValueError(f"{num_heads} heads are not divisible by ulysses={u}")
+        hu = num_heads // u
         return (self.groups.ulysses_rank * hu, (self.groups.ulysses_rank + 1) * hu)
-
-    def q_blocks(self, layout: VideoLayout) -> torch.Tensor:
-        """int64 global ids of the local query blocks (all of them here)."""
-        return torch.arange(layout.num_blocks)
-
-    def row_weight(self, layout: VideoLayout) -> torch.Tensor:
-        """float32 per local query block: 1 (no row is held twice in the Ulysses group)."""
-        return torch.ones(layout.num_blocks)
 
     def gather_heads(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return all_gather_cat(t, self.groups.ulysses_group, dim)
@@ -129,6 +117,19 @@ class UlyssesOps(AttentionOps):
     @property
     def world_size(self) -> int:
         return self.groups.config.degree
+
+
+class UlyssesOps(HeadShardedOps):
+    """AttentionOps of one Ulysses rank: its heads of the whole sequence (after :func:`seq_to_heads`).
+
+    ``head_range`` = this rank's contiguous heads; query rows are all blocks (the base class's
+    ``q_blocks`` / ``row_weight``: no row is held twice); ``gather_heads`` all-gathers over the
+    Ulysses group (global head order); ``reduce_rows`` is the identity.
+    """
+
+    @property
+    def ulysses(self) -> int:
+        return self.groups.config.ulysses
 
     def __repr__(self) -> str:
         return f"UlyssesOps({self.groups!r}, backend={self.backend!r})"
