@@ -12,6 +12,24 @@ __all__ = ["BlockIndex"]
 HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
 
 
+def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row, the ``values`` where ``keep`` is True, in order, then ``-1``: ``[..., width]`` int32.
+
+    A kept entry's slot is the number of kept entries before it (a cumsum); the others go to a
+    spare column that is dropped. One scatter, no sort. Done one (batch, head) slice at a time so the
+    int64 slot tensor stays the size of one head's rows.
+    """
+    lead = keep.shape[:-1]
+    out = torch.full((*lead, width + 1), -1, dtype=torch.int32, device=keep.device)
+    k2 = keep.reshape(-1, *keep.shape[-2:]) if keep.dim() > 2 else keep.reshape(1, *keep.shape)
+    v2 = values.expand_as(keep).reshape(k2.shape)
+    o2 = out.view(k2.shape[0], k2.shape[1], width + 1)
+    for i in range(k2.shape[0]):
+        slot = torch.where(k2[i], k2[i].cumsum(-1) - 1, torch.full_like(k2[i], width, dtype=torch.long))
+        o2[i].scatter_(-1, slot, v2[i].to(torch.int32))
+    return out[..., :width]
+
+
 class BlockIndex:
     """Block-sparse attention pattern in a FlexAttention-like BCSR layout (immutable once built).
 
@@ -71,11 +89,8 @@ class BlockIndex:
         nk = mask.shape[-1]
         counts = mask.sum(-1, dtype=torch.int32)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
-        # stable sort of "not kept" puts the kept key blocks first, in increasing order
-        order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        keep = torch.arange(width, device=mask.device).view(1, 1, 1, -1) < counts.unsqueeze(-1)
-        indices = torch.where(keep, order, torch.full_like(order, -1)).to(torch.int32)
-        return cls(counts, indices, block_size, nk)
+        cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
+        return cls(counts, _compact_rows(mask, cols, width), block_size, nk)
 
     @classmethod
     def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,
@@ -174,12 +189,8 @@ class BlockIndex:
         is_part = used & ~block_full[safe]
 
         def compact(sel):
-            cnt = sel.sum(-1, dtype=torch.int32)
-            order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices
-            idx = torch.gather(safe, -1, order).to(torch.int32)
-            width = self.max_count
-            pad = torch.zeros((*idx.shape[:-1], max(nk - width, 0)), dtype=torch.int32, device=dev)
-            return cnt, torch.cat([idx, pad], dim=-1)
+            # FlexAttention reads kv_indices [.., NK]; entries past the count are never read
+            return sel.sum(-1, dtype=torch.int32), _compact_rows(sel, safe, max(nk, 1)).clamp(min=0)
 
         full_cnt, full_idx = compact(is_full)
         part_cnt, part_idx = compact(is_part)
@@ -246,11 +257,7 @@ class BlockIndex:
         sel = self.entry_mask() & (self.indices >= start) & (self.indices < stop)
         cnt = sel.sum(-1, dtype=torch.int32)
         width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-        order = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        idx = torch.gather(self.indices, -1, order) - start
-        keep = torch.arange(width, device=self.device).view(1, 1, 1, -1) < cnt.unsqueeze(-1)
-        idx = torch.where(keep, idx, torch.full_like(idx, -1))
-        return BlockIndex(cnt, idx, self.block_size, stop - start)
+        return BlockIndex(cnt, _compact_rows(sel, self.indices - start, width), self.block_size, stop - start)
 
     def key_blocks_used(self) -> torch.Tensor:
         """bool ``[num_k_blocks]``: key blocks that some row attends to."""

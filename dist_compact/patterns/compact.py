@@ -54,7 +54,6 @@ __all__ = [
     "merge_union",
     "real_tile_grid",
     "relative_bins",
-    "mask_to_index",
 ]
 
 #: Windows per frame-distance group (Compact Attention's dual windows).
@@ -362,22 +361,6 @@ def relative_bins(layout: VideoLayout, device="cpu") -> torch.Tensor:
     return _relative_bins(layout, str(torch.device(device)))
 
 
-def mask_to_index(mask: torch.Tensor, block_size: int) -> BlockIndex:
-    """bool ``[1, H, NQ, NK]`` -> :class:`BlockIndex`, one head at a time (bounded memory)."""
-    B, H, NQ, NK = mask.shape
-    counts = mask.sum(-1, dtype=torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    indices = torch.full((B, H, NQ, width), -1, dtype=torch.int32, device=mask.device)
-    for b in range(B):
-        for h in range(H):
-            m = mask[b, h]
-            # position of each kept key in its row = number of kept keys before it
-            pos = m.cumsum(-1, dtype=torch.int32) - 1
-            r, c = m.nonzero(as_tuple=True)
-            indices[b, h, r, pos[r, c].long()] = c.to(torch.int32)
-    return BlockIndex(counts, indices, block_size, NK)
-
-
 # ---------------------------------------------------------------------------------------------- config
 def _tuple3(name: str, v) -> Optional[Tuple[int, int, int]]:
     if v is None:
@@ -544,7 +527,7 @@ class CompactConfig:
             return self._cached((layer, layout, str(device)),
                                 lambda: self.index_for(layer, layout, num_heads).to(device))
         return self._cached((layer, layout, "cpu"),
-                            lambda: mask_to_index(self.block_mask(layer, layout), layout.block_size))
+                            lambda: BlockIndex.from_dense(self.block_mask(layer, layout), layout.block_size))
 
     def max_distance(self, layer: int, layout: Optional[VideoLayout] = None) -> Optional[int]:
         """Largest slab distance any head of ``layer`` keeps (``None``: unbounded), on ``layout``'s grid."""
