@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .layout import SUPPORTED_BLOCK_SIZES
 from .schedule import SparsityConfig
 
 __all__ = [
@@ -145,8 +147,9 @@ class ModelConfig:
         if len(self.tile) != 3 or not all(_is_int(t) and t >= 1 for t in self.tile):
             raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
         vol = self.tile[0] * self.tile[1] * self.tile[2]
-        if vol not in (16, 32, 64, 128):
-            raise ValueError(f"ModelConfig.tile {self.tile} has {vol} tokens; the block size must be 16, 32, 64 or 128")
+        if vol not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"ModelConfig.tile {self.tile} has {vol} tokens; the block size must be one of "
+                             f"{SUPPORTED_BLOCK_SIZES}")
         _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
         # a diffusers model's path is checked when the model loads (configs/models/*.yaml leave it to
         # --model-path, and launchers read those files without one)
@@ -273,13 +276,12 @@ def _coerce(value, hint, where: str):
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        rest = [a for a in args if a is not type(None)]
-        errors = []
-        for a in rest:
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(e)
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a, where)
+                except ConfigError:
+                    pass
         raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
     if origin in (tuple, list):
         args = typing.get_args(hint)
@@ -307,20 +309,26 @@ def _coerce(value, hint, where: str):
     return value
 
 
+@functools.lru_cache(maxsize=None)
 def _hints(cls) -> Dict[str, Any]:
     return {k: v for k, v in typing.get_type_hints(cls).items() if k in {f.name for f in fields(cls) if f.init}}
 
 
+def _hint(section: str, key: str, where: str):
+    """The type of ``section.key``; an unknown key is a :class:`ConfigError` listing the known ones."""
+    hints = _hints(_SECTIONS[section])
+    if key not in hints:
+        raise ConfigError(f"{where}: unknown key; {section} keys are: {', '.join(sorted(hints))}")
+    return hints[key]
+
+
 def _build_section(name: str, data: Dict[str, Any], origin: Dict[str, str], default_source: str):
-    """Build section ``name`` from ``data`` (keys already known to be valid names)."""
+    """Build section ``name`` from ``data`` (each value checked against its field's type)."""
     cls = _SECTIONS[name]
-    hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
         where = f"{origin.get(key, default_source)}: {name}.{key}"
-        if key not in hints:
-            raise ConfigError(f"{where}: unknown key; {name} keys are: {', '.join(sorted(hints))}")
-        kwargs[key] = _coerce(value, hints[key], where)
+        kwargs[key] = _coerce(value, _hint(name, key, where), where)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
@@ -382,10 +390,7 @@ def parse_override(key: str, raw: str) -> Tuple[str, str, Any]:
     name = name.replace("-", "_")
     if section not in _SECTIONS:
         raise ConfigError(f"{where}: unknown section {section!r}; sections are: {', '.join(_SECTIONS)}")
-    hints = _hints(_SECTIONS[section])
-    if name not in hints:
-        raise ConfigError(f"{where}: unknown key; {section} keys are: {', '.join(sorted(hints))}")
-    hint = hints[name]
+    hint = _hint(section, name, where)
     str_ok = hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint))
     if str_ok and raw.strip().lower() not in ("null", "none", "~"):
         return section, name, raw
@@ -421,12 +426,9 @@ def load_run_config(paths: Sequence = (), overrides: Sequence[Tuple[str, str]] =
         for src, data in load_yaml(path):
             sources.append(src)
             for section, body in data.items():
-                hints = _hints(_SECTIONS[section])
                 for key, value in (body or {}).items():
-                    if key not in hints:
-                        raise ConfigError(f"{src}: {section}.{key}: unknown key; {section} keys are: "
-                                          f"{', '.join(sorted(hints))}")
-                    merged[section][key] = _coerce(value, hints[key], f"{src}: {section}.{key}")
+                    where = f"{src}: {section}.{key}"
+                    merged[section][key] = _coerce(value, _hint(section, key, where), where)
                     origin[section][key] = src
     for key, raw in overrides:
         section, name, value = parse_override(key, raw)
@@ -436,10 +438,7 @@ def load_run_config(paths: Sequence = (), overrides: Sequence[Tuple[str, str]] =
             sources.append("command line")
     built = {}
     for name in _SECTIONS:
-        if name == "sparsity" and not merged[name]:
-            built[name] = DEMO_SPARSITY
-            continue
-        base = dataclasses.asdict(DEMO_SPARSITY) if name == "sparsity" else {}
+        base = dataclasses.asdict(DEMO_SPARSITY) if name == "sparsity" else {}  # the sparsity default
         built[name] = _build_section(name, {**base, **merged[name]}, origin[name], "defaults")
     return RunConfig(sources=tuple(sources), **built)
 

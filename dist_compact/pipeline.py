@@ -19,6 +19,7 @@ the model predicts the velocity ``dx/dt`` (rectified flow, as Wan / HunyuanVideo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -162,7 +163,9 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
     """
     ops = ops if ops is not None else AttentionOps()
     device = noise.device
-    ts = flow_timesteps(steps, shift, device)
+    ts_cpu = flow_timesteps(steps, shift)
+    ts = ts_cpu.to(device)
+    t_host = ts_cpu.tolist()  # for messages: no device read per step
     x = noise.float()
     B = x.shape[0]
     cfg_on = guidance != 1.0
@@ -194,12 +197,12 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
                 bad = ~torch.isfinite(x)
                 if bool(bad.any()):
                     raise NonFiniteLatentsError(
-                        f"step {i} of {steps} (t={float(ts[i]):.4f}): the latents contain "
+                        f"step {i} of {steps} (t={t_host[i]:.4f}): the latents contain "
                         f"{int(bad.sum())} NaN/Inf values of {x.numel()}; stopping the run"
                     )
                 _sync(device)
                 result.step_seconds.append(time.perf_counter() - t0)
-                log.info("step %d/%d t=%.4f: %.4f s", i, steps, float(ts[i]), result.step_seconds[-1])
+                log.info("step %d/%d t=%.4f: %.4f s", i, steps, t_host[i], result.step_seconds[-1])
                 if on_step is not None:
                     on_step(i, x)
                 if bar is not None:
@@ -298,6 +301,64 @@ def _rank_logger(log_dir: str, rank: int) -> logging.Handler:
     return handler
 
 
+def _process(cfg) -> tuple:
+    """``(world, rank, device, dtype)`` of this process; rank 0 checks the video writers first, so a
+    missing [video] extra fails before any compute."""
+    from . import report as rpt
+
+    world, rank, local_rank = _world()
+    if rank == 0:
+        rpt.check_writers()
+    device = _device_for(cfg.cluster, local_rank)
+    return world, rank, device, _dtype_for(cfg.model, device)
+
+
+@contextlib.contextmanager
+def _run_folder(cfg, rank: int):
+    """Rank 0's :class:`~dist_compact.report.RunFolder` (None on other ranks), every rank logging into
+    its ``logs/``: renamed to its final name when the body completes (once every rank has closed its
+    log), removed when the body raises."""
+    from . import report as rpt
+
+    run = cfg.run
+    folder = rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed) if rank == 0 else None
+    handler = _rank_logger(os.path.join(_broadcast_obj(folder.tmp if folder else None), "logs"), rank)
+
+    def close_log() -> None:
+        log.removeHandler(handler)
+        handler.close()
+
+    try:
+        log.info("config sources: %s", ", ".join(cfg.sources) or "defaults")
+        yield folder
+        close_log()
+        _barrier()  # every rank has closed its log before the folder is renamed
+        if folder is not None:
+            folder.commit()
+    except BaseException:
+        close_log()
+        if folder is not None:
+            folder.discard()
+        raise
+
+
+def _sparse_and_dense(cfg, one_run: Callable):
+    """``one_run(sparsity, label)`` with the config's sparsity, and with ``run.compare_dense`` once more
+    dense from the same noise (else None)."""
+    sparse = one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
+    dense = one_run(dataclasses.replace(cfg.sparsity, mode="dense"), "dense") if cfg.run.compare_dense else None
+    return sparse, dense
+
+
+def _write_run(folder, report: dict, sparse, dense, fps: int) -> None:
+    """The output files of ``(SampleResult, stats)`` runs into rank 0's temporary run folder."""
+    from . import report as rpt
+
+    rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
+                      fps=fps)
+    log.info("outputs written to %s", folder.final)
+
+
 def _load_model(model_cfg, device: torch.device, dtype: torch.dtype):
     from .models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
 
@@ -327,12 +388,8 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
     from .stats import AttentionStats
 
     factory = attention_factory or build_attention
-    world, rank, local_rank = _world()
+    world, rank, device, dtype = _process(cfg)
     run = cfg.run
-    if rank == 0:
-        rpt.check_writers()  # fail before any compute when the [video] extra is missing
-    device = _device_for(cfg.cluster, local_rank)
-    dtype = _dtype_for(cfg.model, device)
     model, model_info = _load_model(cfg.model, device, dtype)
     mcfg = model.config
     text = model.tokenizer.encode(run.prompt).unsqueeze(0).to(device)  # unknown words: error before any output
@@ -345,58 +402,36 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         coord.check_config(cfg.to_dict(), "run config")
         coord.check_same("model weights", model_info["sha256"])
     layout = sp.layout_for(model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile))
-    def _compact():
+
+    def load() -> object:
         return load_compact(cfg.sparsity, model=cfg.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
 
     if world > 1 and cfg.sparsity.uses_compact:
-        compact = coord.broadcast_object(load=_compact)  # rank 0 reads the file, every rank gets it
+        compact = coord.broadcast_object(load=load)  # rank 0 reads the file, every rank gets it
         coord.check_config(compact, "Compact config")
     else:
-        compact = _compact()
+        compact = load()
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same noise on every rank and device
     noise = torch.randn((1, mcfg.in_channels, cfg.model.frames, cfg.model.height, cfg.model.width),
                         generator=gen).to(device)
 
-    folder = rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed) if rank == 0 else None
-    tmp = _broadcast_obj(folder.tmp if folder else None)
-    handler = _rank_logger(os.path.join(tmp, "logs"), rank)
-    try:
-        log.info("config sources: %s", ", ".join(cfg.sources) or "defaults")
+    with _run_folder(cfg, rank) as folder:
         log.info("world %d rank %d device %s dtype %s layout %s", world, rank, device, dtype, layout)
         log.info("model %s (%d params, sha256 %s)", model_info["weights"], model_info["params"], model_info["sha256"])
         ops = AttentionOps(run.attn_backend)
 
         def one_run(sparsity: SparsityConfig, label: str):
             stats = AttentionStats()
-            model.set_attention(factory(mcfg.depth, sparsity, compact if sparsity.mode != "dense" else None, sp))
+            model.set_attention(factory(mcfg.depth, sparsity, compact if sparsity.uses_compact else None, sp))
             log.info("%s run: sparsity %s", label, sparsity)
             res = sample(model, text, noise, steps=run.steps, layout=layout, guidance=run.guidance,
                          shift=run.shift, ops=ops, stats=stats, sp=sp, progress=run.progress and rank == 0)
             log.info("%s run: %.3f s total", label, res.total_seconds)
             return res, stats
 
-        sparse_res, sparse_stats = one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
-        dense_res = dense_stats = None
-        if run.compare_dense:
-            dense_res, dense_stats = one_run(dataclasses.replace(cfg.sparsity, mode="dense"), "dense")
+        sparse, dense = _sparse_and_dense(cfg, one_run)
         report = rpt.build_report(cfg, model_info=model_info, layout=layout, world=world, device=device,
-                                  dtype=dtype, sparse=(sparse_res, sparse_stats),
-                                  dense=(dense_res, dense_stats) if dense_res is not None else None,
-                                  num_layers=mcfg.depth, num_heads=mcfg.heads)
-        if rank == 0:
-            rpt.write_outputs(folder.tmp, report, sparse_res.latents,
-                              dense_res.latents if dense_res is not None else None, fps=run.fps,
-                              sparse_stats=sparse_stats, num_layers=mcfg.depth, num_heads=mcfg.heads)
-            log.info("outputs written to %s", folder.final)
-        log.removeHandler(handler)
-        handler.close()
-        _barrier()  # every rank has closed its log before the folder is renamed
-        if rank == 0:
-            folder.commit()
-    except BaseException:
-        log.removeHandler(handler)
-        handler.close()
+                                  dtype=dtype, sparse=sparse, dense=dense, num_layers=mcfg.depth, num_heads=mcfg.heads)
         if folder is not None:
-            folder.discard()
-        raise
-    return RunResult(folder=folder.final if folder else None, latents=sparse_res.latents.cpu(), report=report)
+            _write_run(folder, report, sparse, dense, run.fps)
+    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)

@@ -215,12 +215,6 @@ def heatmap(matrix: Sequence[Sequence[Optional[float]]], cell: int = 24) -> np.n
     return img
 
 
-def _write_png(path: str, image: np.ndarray) -> None:
-    from .png import write_png
-
-    write_png(path, image)
-
-
 def write_video(stem: str, frames: np.ndarray, fps: int) -> List[str]:
     """Write ``stem.mp4`` (H.264 through imageio-ffmpeg) and ``stem.gif``; returns the paths."""
     check_writers()
@@ -299,39 +293,30 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
 
 
 def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latents: Optional[torch.Tensor] = None,
-                  *, fps: int = 8, sparse_stats=None, num_layers: int = 0, num_heads: int = 0,
-                  scale: Optional[int] = None) -> List[str]:
-    """Write every output file of a run into ``folder`` (the temporary run folder); returns the names."""
-    files: List[str] = []
-    lat = latents.detach().float().cpu()
-    h = lat.shape[-2]
-    scale = scale or max(1, int(round(192 / h)))
+                  *, fps: int = 8, scale: Optional[int] = None) -> List[str]:
+    """Write every output file of a run into ``folder`` (the temporary run folder); returns the names.
 
-    def add(path: str) -> None:
-        files.append(os.path.relpath(path, folder))
+    The heatmaps come from ``report["sparse"]``'s per (layer, head) matrices, when they hold a value.
+    """
+    from .png import write_png
 
-    torch.save(lat, os.path.join(folder, "latents.pt"))
-    add(os.path.join(folder, "latents.pt"))
-    frames = to_uint8_frames(lat, scale)
-    for p in write_video(os.path.join(folder, "video"), frames, fps):
-        add(p)
-    _write_png(os.path.join(folder, "frames.png"), frame_grid(to_uint8_frames(lat, max(1, scale // 2))))
-    add(os.path.join(folder, "frames.png"))
-    if dense_latents is not None:
-        dl = dense_latents.detach().float().cpu()
-        torch.save(dl, os.path.join(folder, "dense_latents.pt"))
-        add(os.path.join(folder, "dense_latents.pt"))
-        for p in write_video(os.path.join(folder, "dense"), to_uint8_frames(dl, scale), fps):
-            add(p)
-        _write_png(os.path.join(folder, "dense_frames.png"), frame_grid(to_uint8_frames(dl, max(1, scale // 2))))
-        add(os.path.join(folder, "dense_frames.png"))
-    if num_layers and num_heads:
-        for what in ("density", "recall"):
-            m = report["sparse"][f"{what}_per_layer_head"]
-            if any(v is not None for row in m for v in row):
-                _write_png(os.path.join(folder, f"{what}.png"), heatmap(m))
-                add(os.path.join(folder, f"{what}.png"))
-    report = dict(report, files=sorted(files + ["report.json"]))
+    scale = scale or max(1, int(round(192 / latents.shape[-2])))
+    files: List[str] = ["report.json"]
+    # the generated clip, then the dense one of compare_dense (prefix "dense_", videos "dense.*")
+    for prefix, stem, video in (("", "video", latents), ("dense_", "dense", dense_latents)):
+        if video is None:
+            continue
+        video = video.detach().float().cpu()
+        torch.save(video, os.path.join(folder, prefix + "latents.pt"))
+        paths = write_video(os.path.join(folder, stem), to_uint8_frames(video, scale), fps)
+        write_png(os.path.join(folder, prefix + "frames.png"), frame_grid(to_uint8_frames(video, max(1, scale // 2))))
+        files += [prefix + "latents.pt", *(os.path.basename(p) for p in paths), prefix + "frames.png"]
+    for what in ("density", "recall"):
+        m = report["sparse"][f"{what}_per_layer_head"]
+        if any(v is not None for row in m for v in row):
+            write_png(os.path.join(folder, f"{what}.png"), heatmap(m))
+            files.append(f"{what}.png")
+    report = dict(report, files=sorted(files))
     with open(os.path.join(folder, "report.json"), "w") as f:
         json.dump(_finite(report), f, indent=1, allow_nan=False)
     return report["files"]

@@ -123,28 +123,28 @@ def plan_launch(cluster, config_path: str, script_args: Sequence[str], *, gpus: 
         python: the interpreter for single-process runs.
     """
     n, nodes = cluster.nproc, cluster.nnodes
-    notes: List[str] = []
-    overrides: List[str] = []
-    addr = master_addr or cluster.master_addr
-    port = master_port or cluster.master_port
     if nodes > 1:
         if node_rank is None:
             raise LaunchError(f"{config_path}: {nodes} nodes: give this node's --node-rank (0..{nodes - 1}), or "
                               "use --slurm for a batch script")
         if not 0 <= node_rank < nodes:
             raise LaunchError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {config_path}")
+        addr = master_addr or cluster.master_addr
+        port = master_port or cluster.master_port
         argv = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(n), "--node-rank", str(node_rank),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}", "--rdzv-id", rdzv_id,
-                *_script_args(script_args, config_path, overrides)]
-        return LaunchPlan(tuple(argv), mode="torchrun-multinode", notes=tuple(notes))
+                *_script_args(script_args, config_path, [])]
+        return LaunchPlan(tuple(argv), mode="torchrun-multinode")
     if gpus is None:
         gpus = count_gpus()
+    notes: List[str] = []
+    overrides: List[str] = []
     wants_gpu = cluster.device != "cpu"
     if wants_gpu and gpus == 0:
         if cluster.device == "cuda" or cluster.backend == "nccl":
             overrides += ["--cluster.device", "cpu", "--cluster.backend", "gloo"]
         if n > 1 or overrides:
-                notes.append(f"no GPU on this machine: {n} CPU process(es) with gloo (same degrees: ulysses "
+            notes.append(f"no GPU on this machine: {n} CPU process(es) with gloo (same degrees: ulysses "
                          f"{cluster.ulysses} x ring {cluster.ring})")
     elif wants_gpu and gpus == 1 and n > 1:
         overrides += ["--cluster.nproc", "1", "--cluster.ulysses", "1", "--cluster.ring", "1"]

@@ -125,6 +125,34 @@ def test_unsparsify_restores_stock_processors():
     assert torch.equal(run(model, inputs), ref)
 
 
+def test_one_layout_instance_per_grid_and_prompt_length():
+    """Forwards of one video size reuse their layout objects (maps and device copies built once)."""
+    from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT
+
+    model = tiny_hunyuan()
+    sparsify(model, DENSE, tile=(1, 4, 4), backend="torch")
+    h = sparsify_handle(model)
+    inputs = hunyuan_inputs(lengths=(5, 9))
+    run(model, inputs)
+    first = h.layout
+    assert first.text_tokens == 5 and first.grid == (3, 5, 7)
+    run(model, inputs)
+    assert h.layout is first
+    run(model, hunyuan_inputs(lengths=(5, 9), height=16))  # another size: another layout
+    assert h.layout is not first and h.layout.grid == (3, 8, 7)
+    emb = EmbeddedDiT(EmbeddedConfig(dim=32, depth=2, heads=2, rope_split=(4, 6, 6), frames=4, height=16,
+                                     width=16)).eval()
+    sparsify(emb, DENSE, tile=(1, 4, 4), backend="torch")
+    x, t = torch.randn(1, 3, 4, 16, 16), torch.tensor([0.5])
+    text = emb.tokenizer.encode("a red square").unsqueeze(0)
+    with torch.no_grad():
+        emb(x, t, text)
+        layout = sparsify_handle(emb).layout
+        emb(x, t, text)
+    assert sparsify_handle(emb).layout is layout
+    assert layout == emb.video_layout(4, 16, 16, tile=(1, 4, 4))
+
+
 def test_default_tile_prefers_least_padding():
     assert default_tile((21, 30, 52)) == (1, 16, 8)
     assert default_tile((33, 45, 80)) == (1, 8, 16)

@@ -173,6 +173,18 @@ def _get_arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
     return kwargs.get(name, default)
 
 
+def _lru(cache: "OrderedDict", key, build: Callable, limit: int):
+    """``cache[key]``, built by ``build()`` on a miss; the least recently used beyond ``limit`` go."""
+    val = cache.get(key)
+    if val is None:
+        val = cache[key] = build()
+        while len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return val
+
+
 @dataclass
 class _Group:
     """Samples of one forward that share a layout (one attention call per layer)."""
@@ -224,6 +236,9 @@ class SparsifyHandle:
         self.ops = AttentionOps(backend)
         self.layout: Optional[VideoLayout] = None
         self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
+        # one layout instance per (grid, text tokens): its maps and their device copies (validated
+        # once by the kernels) are built once, not at every forward
+        self._layouts: "OrderedDict[Tuple, VideoLayout]" = OrderedDict()
         self._fwd: Optional[_Forward] = None
         self._hooks: List[Any] = []
         self._restore: List[Tuple[Any, Any]] = []  # (module, original processor)
@@ -232,25 +247,22 @@ class SparsifyHandle:
     # ------------------------------------------------------------------ attention objects
     def attentions(self, layout: VideoLayout) -> List[Callable]:
         """The per-layer attention callables for ``layout`` (built on first use, LRU-bounded)."""
-        attns = self._bank.get(layout)
-        if attns is None:
-            from ..pipeline import build_attention
+        return _lru(self._bank, layout, self._build_attentions, MAX_LAYOUTS)
 
-            factory = self.attention_factory or build_attention
-            compact = self.compact if self.sparsity.uses_compact else None
-            attns = list(factory(self.num_layers, self.sparsity, compact, self.sp))
-            if len(attns) != self.num_layers:
-                raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
-            self._bank[layout] = attns
-            while len(self._bank) > MAX_LAYOUTS:
-                self._bank.popitem(last=False)
-        else:
-            self._bank.move_to_end(layout)
+    def _build_attentions(self) -> List[Callable]:
+        from ..pipeline import build_attention
+
+        factory = self.attention_factory or build_attention
+        compact = self.compact if self.sparsity.uses_compact else None
+        attns = list(factory(self.num_layers, self.sparsity, compact, self.sp))
+        if len(attns) != self.num_layers:
+            raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
         return attns
 
     def reset(self) -> None:
         """Drop every cached index / LSE (e.g. between videos of different prompts)."""
         self._bank.clear()
+        self._layouts.clear()
 
     def cache_nbytes(self) -> int:
         """Bytes held by the attention layers' caches (indices, LSE), all layouts together."""
@@ -265,30 +277,37 @@ class SparsifyHandle:
         return n
 
     # ------------------------------------------------------------------ per forward
-    def _video_layout(self, grid: Tuple[int, int, int]) -> VideoLayout:
-        tile = self.tile if self.tile is not None else default_tile(grid)
-        layout = VideoLayout(*grid, tile=tuple(tile))
-        return self.sp.layout_for(layout) if self.sp is not None else layout
+    def _layout(self, grid: Tuple[int, int, int], text_tokens: int = 0) -> VideoLayout:
+        """The global layout of ``grid`` with ``text_tokens`` text tokens after the video (cached)."""
+        def build() -> VideoLayout:
+            if text_tokens:
+                return self._layout(grid).with_(text_tokens=text_tokens, text_position="after")
+            tile = self.tile if self.tile is not None else default_tile(grid)
+            layout = VideoLayout(*grid, tile=tuple(tile))
+            return self.sp.layout_for(layout) if self.sp is not None else layout
+
+        return _lru(self._layouts, (tuple(grid), text_tokens), build, 2 * MAX_LAYOUTS)
 
     def _ctx(self, layout: VideoLayout) -> AttentionContext:
         self.state.check()
         return AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps,
                                 ops=self.ops, stats=self.stats)
 
-    def _begin(self, grid: Tuple[int, int, int], text_lengths: Optional[List[int]] = None) -> _Forward:
-        vlayout = self._video_layout(grid)
+    def _begin(self, grid: Tuple[int, int, int], text_lengths: Optional[List[int]] = None,
+               device=None) -> _Forward:
+        """Layouts and contexts of one forward: one sample group per distinct prompt length
+        (``text_lengths`` None: no text tokens in the attention); ``device`` holds the batch."""
+        lengths = text_lengths if text_lengths is not None else [0]
+        distinct = sorted(set(lengths))
         groups: List[_Group] = []
-        if text_lengths is None:
-            groups.append(_Group(vlayout, self._ctx(vlayout), self.attentions(vlayout), None))
-        else:
-            distinct = sorted(set(text_lengths))
-            for n in distinct:
-                lay = vlayout.with_(text_tokens=n, text_position="after")
-                samples = None
-                if len(distinct) > 1:
-                    samples = torch.tensor([b for b, m in enumerate(text_lengths) if m == n], dtype=torch.int64)
-                groups.append(_Group(lay, self._ctx(lay), self.attentions(lay), samples))
-        self._fwd = _Forward(vlayout, groups)
+        for n in distinct:
+            lay = self._layout(grid, n)
+            samples = None
+            if len(distinct) > 1:  # made once per forward on the batch's device, used by every layer
+                samples = torch.tensor([b for b, m in enumerate(lengths) if m == n], dtype=torch.int64,
+                                       device=device)
+            groups.append(_Group(lay, self._ctx(lay), self.attentions(lay), samples))
+        self._fwd = _Forward(self._layout(grid), groups)
         self.layout = groups[0].layout
         return self._fwd
 
@@ -310,11 +329,11 @@ class SparsifyHandle:
         order, then the ``text_len`` prompt tokens in model order, valid ones first) -> same shape.
         Prompt tokens past a sample's valid length get zeros."""
         fwd = self.current()
-        if len(fwd.groups) == 1 and fwd.groups[0].samples is None:
+        if len(fwd.groups) == 1:  # the whole batch (samples is None)
             return self._attend_group(fwd.groups[0], layer, q, k, v, video_len, text_len)
         out = torch.zeros_like(q)
         for g in fwd.groups:
-            idx = g.samples.to(q.device)
+            idx = g.samples
             o = self._attend_group(g, layer, q.index_select(0, idx), k.index_select(0, idx),
                                    v.index_select(0, idx), video_len, text_len)
             out.index_copy_(0, idx, o)
@@ -372,7 +391,7 @@ class SparsifyHandle:
         if self._restore_embedded is not None:
             self.model.set_attention(self._restore_embedded)
             self._restore_embedded = None
-        self._bank.clear()
+        self.reset()
         self._fwd = None
         if getattr(self.model, _ATTR, None) is self:
             delattr(self.model, _ATTR)
@@ -531,7 +550,7 @@ def _install_diffusers(h: SparsifyHandle, model, kind: str) -> None:
             enc = _get_arg(args, kwargs, 2, "encoder_hidden_states")
             mask = _get_arg(args, kwargs, 3, "encoder_attention_mask")
             lengths = _text_lengths(mask, hs.shape[0], enc.shape[1])
-        h._begin(grid, lengths)
+        h._begin(grid, lengths, hs.device)
         if kind == "wan":
             ts = _get_arg(args, kwargs, 1, "timestep")
             if isinstance(ts, torch.Tensor) and ts.dim() == 2:  # Wan2.2 TI2V: one timestep per token
@@ -578,12 +597,8 @@ def _install_embedded(h: SparsifyHandle, model) -> None:
         x = _get_arg(args, kwargs, 0, "x")
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             return args, kwargs  # the model's own input check reports it
-        _, _, F, H, W = x.shape
-        grid = model.grid(F, H, W)
-        tile = h.tile if h.tile is not None else default_tile(grid)
-        layout = model.video_layout(F, H, W, tile=tile)
-        if h.sp is not None:
-            layout = h.sp.layout_for(layout)
+        # the model's video_layout: its token grid, its text tokens after the video
+        layout = h._layout(model.grid(*x.shape[2:]), model.config.text_len)
         h.layout = layout
         kwargs = dict(kwargs, ctx=h._ctx(layout))
         if len(args) < 5 and "sp" not in kwargs and h.sp is not None:
@@ -630,11 +645,10 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         state = DenoisingState()
     if not isinstance(state, DenoisingState):
         raise TypeError(f"sparsify: state must be a DenoisingState, got {type(state).__name__}")
+    cfg = transformer.config
     if kind == "embedded":
-        cfg = transformer.config
         num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
     else:
-        cfg = transformer.config
         num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
         if kind == "hunyuan_video" and cfg.image_condition_type == "token_replace":

@@ -24,40 +24,23 @@ Noise comes from a CPU generator seeded with ``seed`` (identical on every rank a
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..pipeline import _device_for as _device
-from ..pipeline import _dtype_for as _dtype
-from ..pipeline import _is_dist as _dist_ready
-from ..pipeline import _world
+from ..pipeline import _process, _run_folder, _sparse_and_dense, _sync, _write_run, log
 from ..schedule import SparsityConfig
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+from .diffusers import DenoisingState, _diffusers, sparsify, sparsify_handle
 
 __all__ = ["PIPELINES", "DiffusersSample", "load_pipeline", "set_flow_shift", "generate", "run_diffusers_generation"]
 
 #: Pipeline classes this runner knows; their ``__call__`` take the same core arguments.
 PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
-
-log = logging.getLogger("dist_compact.run")
-
-
-def _diffusers():
-    from .diffusers import _diffusers as load
-
-    return load()
 
 
 @dataclass
@@ -123,8 +106,6 @@ def _transformers(pipe) -> List[torch.nn.Module]:
     return [m for m in mods if m is not None]
 
 
-
-
 def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height: int, width: int, seed: int = 0,
              guidance: Optional[float] = None, sparsity: Optional[SparsityConfig] = None, compact=None, sp=None,
              tile=None, backend: str = "auto", stats=None, decode: bool = True, progress: bool = False,
@@ -147,7 +128,6 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
             ``max_sequence_length``).
     """
     from ..stats import AttentionStats
-    from .diffusers import DenoisingState, sparsify, sparsify_handle
 
     mods = _transformers(pipe)
     if not mods:
@@ -199,14 +179,6 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
 
 
 # ---------------------------------------------------------------------------------------------- main job
-
-
-
-
-
-
-
-
 def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = None):
     """The main job for ``cfg.model.kind == "diffusers"`` (every rank calls it, as under torchrun).
 
@@ -224,12 +196,8 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
     from ..pipeline import RunResult, SampleResult, load_compact, make_parallel
     from ..stats import AttentionStats
 
-    world, rank, local_rank = _world()
+    world, rank, device, dtype = _process(cfg)
     run, mcfg = cfg.run, cfg.model
-    if rank == 0:
-        rpt.check_writers()
-    device = _device(cfg.cluster, local_rank)
-    dtype = _dtype(mcfg, device)
     pipe = load_pipeline(mcfg.path, mcfg.pipeline, device=device, dtype=dtype)
     if run.shift != 1.0:
         set_flow_shift(pipe, run.shift)
@@ -242,21 +210,10 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
                   "transformer": type(pipe.transformer).__name__,
                   "params": sum(p.numel() for p in pipe.transformer.parameters()),
                   "num_layers": num_layers, "num_heads": num_heads}
-    folder = rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed) if rank == 0 else None
-    tmp = folder.tmp if folder else None
-    if _dist_ready():
-        box = [tmp]
-        torch.distributed.broadcast_object_list(box, src=0)
-        tmp = box[0]
-    os.makedirs(os.path.join(tmp, "logs"), exist_ok=True)
-    handler = logging.FileHandler(os.path.join(tmp, "logs", f"rank{rank}.log"))
-    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        log.info("config sources: %s", ", ".join(cfg.sources) or "defaults")
+    with _run_folder(cfg, rank) as folder:
         log.info("world %d rank %d device %s dtype %s pipeline %s from %s", world, rank, device, dtype,
                  mcfg.pipeline, mcfg.path)
+        samples: List[DiffusersSample] = []
 
         def one_run(sparsity: SparsityConfig, label: str):
             stats = AttentionStats()
@@ -268,34 +225,17 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
             for i, sec in enumerate(s.step_seconds):
                 log.info("%s step %d: %.4f s", label, i, sec)
             log.info("%s run: %.3f s total, layout %s", label, s.total_seconds, s.layout)
+            samples.append(s)
+            # the report's "latents" are the decoded video on rank 0 (what its writers show)
             video = s.video[:1] if s.video is not None else s.latents[:1]
-            return s, SampleResult(latents=video, step_seconds=s.step_seconds), stats
+            return SampleResult(latents=video, step_seconds=s.step_seconds), stats
 
-        sparse_s, sparse_res, sparse_stats = one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
-        dense_res = dense_stats = None
-        if run.compare_dense:
-            _, dense_res, dense_stats = one_run(replace(cfg.sparsity, mode="dense"), "dense")
-        report = None
-        if rank == 0:
-            report = rpt.build_report(cfg, model_info=model_info, layout=sparse_s.layout, world=world, device=device,
-                                      dtype=dtype, sparse=(sparse_res, sparse_stats),
-                                      dense=(dense_res, dense_stats) if dense_res is not None else None,
-                                      num_layers=num_layers, num_heads=num_heads)
-            torch.save(sparse_s.latents, os.path.join(folder.tmp, "model_latents.pt"))
-            rpt.write_outputs(folder.tmp, report, sparse_res.latents,
-                              dense_res.latents if dense_res is not None else None, fps=run.fps,
-                              sparse_stats=sparse_stats, num_layers=num_layers, num_heads=num_heads)
-            log.info("outputs written to %s", folder.final)
-        log.removeHandler(handler)
-        handler.close()
-        if _dist_ready():
-            torch.distributed.barrier()
-        if rank == 0:
-            folder.commit()
-    except BaseException:
-        log.removeHandler(handler)
-        handler.close()
+        sparse, dense = _sparse_and_dense(cfg, one_run)
+        report = {}
         if folder is not None:
-            folder.discard()
-        raise
-    return RunResult(folder=folder.final if folder else None, latents=sparse_res.latents.cpu(), report=report or {})
+            report = rpt.build_report(cfg, model_info=model_info, layout=samples[0].layout, world=world,
+                                      device=device, dtype=dtype, sparse=sparse, dense=dense,
+                                      num_layers=num_layers, num_heads=num_heads)
+            torch.save(samples[0].latents, os.path.join(folder.tmp, "model_latents.pt"))
+            _write_run(folder, report, sparse, dense, run.fps)
+    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)

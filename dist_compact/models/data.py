@@ -65,6 +65,9 @@ TEXTURES = {
     "gradient": "on a gradient",
 }
 
+#: per motion (in ``MOTIONS`` order): whether it bounces off the walls
+_BOUNCES = tuple(d is None for d in MOTIONS.values())
+
 #: every word a prompt may contain; index 0 is padding (also the "empty prompt" of guidance)
 VOCAB: Tuple[str, ...] = tuple(
     ["<pad>", "a", "an", "on", "background"]
@@ -148,7 +151,7 @@ def sample_scenes(batch: int, generator: torch.Generator, frames: int = 16, heig
     speed_max = torch.minimum(torch.full((batch,), 2.0), (small - 2 * radius - 2) / span)
     speed = unif(0.5, 1.0, batch) * speed_max.clamp(min=0.0)
     dirs = torch.tensor([d if d is not None else (0.0, 0.0) for d in MOTIONS.values()])[m]
-    bounce = torch.tensor([d is None for d in MOTIONS.values()])[m]
+    bounce = torch.tensor(_BOUNCES)[m]
     # straight motion: choose the start so the whole path stays inside the frame
     size = torch.tensor([float(width), float(height)])
     lo = radius.unsqueeze(1) + 1 - torch.clamp(dirs, max=0) * speed.unsqueeze(1) * span
@@ -171,14 +174,14 @@ def sample_scenes(batch: int, generator: torch.Generator, frames: int = 16, heig
 
 def prompt_of(scenes: Scenes) -> List[str]:
     """The prompt of every scene, e.g. ``"a red square moving left on stripes"``."""
-    colors, motions, textures = list(COLORS), list(MOTIONS), list(TEXTURES)
+    colors, motions, textures = list(COLORS), list(MOTIONS), list(TEXTURES.values())
     out = []
-    for i in range(len(scenes)):
-        color = colors[int(scenes.color[i])]
-        article = "an" if color[0] in "aeiou" else "a"
-        words = [article, color, SHAPES[int(scenes.shape[i])], motions[int(scenes.motion[i])]]
-        if bool(scenes.say_texture[i]):
-            words.append(TEXTURES[textures[int(scenes.texture[i])]])
+    for c, s, m, t, say in zip(scenes.color.tolist(), scenes.shape.tolist(), scenes.motion.tolist(),
+                               scenes.texture.tolist(), scenes.say_texture.tolist()):
+        color = colors[c]
+        words = ["an" if color[0] in "aeiou" else "a", color, SHAPES[s], motions[m]]
+        if say:
+            words.append(textures[t])
         out.append(" ".join(words))
     return out
 
@@ -244,7 +247,7 @@ def render(scenes: Scenes, frames: int = 16, height: int = 48, width: int = 48, 
     r = sc["radius"].view(B, 1)
     cx = sc["start"][:, 0:1] + sc["velocity"][:, 0:1] * tt
     cy = sc["start"][:, 1:2] + sc["velocity"][:, 1:2] * tt
-    bounce = torch.tensor([d is None for d in MOTIONS.values()], device=dev)[sc["motion"]].view(B, 1)
+    bounce = torch.tensor(_BOUNCES, device=dev)[sc["motion"]].view(B, 1)
     cx = torch.where(bounce, _triangle_wave(cx, r, width - r), cx)
     cy = torch.where(bounce, _triangle_wave(cy, r, height - r), cy)
     dx = x - cx.view(B, frames, 1, 1)  # [B, T, H, W]

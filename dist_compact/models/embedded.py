@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..context import AttentionContext, DenseAttention
 from ..layout import VideoLayout
+from ..parallel.plan import SequenceParallel
 from .data import VOCAB
 
 __all__ = [
@@ -260,20 +261,12 @@ class Block(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(h)
 
 
-class LocalPlan:
-    """The one-process sequence-parallel plan: every method is the identity (docs/design.md, contract 7)."""
+class LocalPlan(SequenceParallel):
+    """The one-process sequence-parallel plan, ``SequenceParallel()``: every method is the identity
+    (docs/design.md, contract 7)."""
 
-    def layout_for(self, layout: VideoLayout) -> VideoLayout:
-        return layout
-
-    def shard(self, x: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
-        return x
-
-    def gather(self, x: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
-        return x
-
-    def wrap(self, attn):
-        return attn
+    def __init__(self):
+        super().__init__()
 
     def __repr__(self) -> str:
         return "LocalPlan()"
@@ -416,9 +409,8 @@ class EmbeddedDiT(nn.Module):
             seq = block(seq, mod, cos, sin, lambda q, k, v, _a=attn: _a(q, k, v, ctx))
         out = self._head(seq, cond)  # per token, so it runs on the shard
         out = sp.gather(out, layout, dim=1)
-        out = layout.from_blocks(out, dim=1)
-        N = grid[0] * grid[1] * grid[2]
-        return self.unpatchify(out[:, :N], Fr, H, W)
+        out = layout.from_blocks(out, dim=1)  # model order: the video tokens, then the text
+        return self.unpatchify(out[:, :layout.video_tokens], Fr, H, W)
 
     def forward_plain(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """The same network in model order with PyTorch SDPA (never permutes; differentiable).

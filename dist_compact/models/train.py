@@ -78,6 +78,7 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     model.train()
     cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     n_params = sum(p.numel() for p in model.parameters())
     _log(f"model {n_params / 1e6:.2f}M params on {device}; config {cfg}")
     decay, no_decay = [], []
@@ -150,12 +151,11 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model_params, 1.0)
         opt.step()
         d = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm.detach(), 1 - d)
+        with torch.no_grad():  # one multi-tensor update, not one launch per parameter
+            torch._foreach_lerp_(ema_params, model_params, 1 - d)
         # summed on the device: no host sync per step, only when logging
         loss_sum += loss.detach().float()
         loss_count += 1
