@@ -257,6 +257,7 @@ def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
         "recall_per_layer_head": per_layer_head(stats, num_layers, num_heads, "recall"),
         "search_overhead_s": None if summary is None else summary.get("search_overhead_s"),
         "mean_density": None if summary is None else summary.get("mean_density"),
+        "mean_density_sparse": None if summary is None else summary.get("mean_density_sparse"),
     }
 
 
