@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", action="append", default=[], help=f"prompts (default: {PROMPTS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--csv", default=None)
+    p.add_argument("--csv", default=None, help="rows written after every run")
+    p.add_argument("--video", action="store_true", help="also write mp4/gif (needs imageio-ffmpeg)")
     args = p.parse_args(argv)
 
     from dist_compact.config import load_run_config
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
             for i, prompt in enumerate(prompts):
                 overrides = [*pairs, ("run.prompt", prompt), ("run.seed", str(args.seed)),
                              ("run.compare_dense", "true"), ("run.progress", "false"),
-                             ("run.output_dir", out_dir), ("run.name", f"{name}-{i}")]
+                             ("run.output_dir", out_dir), ("run.name", f"{name}-{i}"),
+                             ("run.video", str(args.video).lower())]
                 if args.steps is not None:
                     overrides.append(("run.steps", str(args.steps)))
                 cfg = load_run_config(configs, overrides)
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
                        "device": res.report.get("device")}
                 rows.append(row)
                 print(row, flush=True)
+                write_csv(args.csv, rows)
     print("\nvariant                       density (all calls, sparse-step calls)   PSNR dB (mean, min)   SSIM (mean)")
     for name, _ in variants:
         rs = [r for r in rows if r["variant"] == name]
@@ -84,7 +87,6 @@ def main(argv=None) -> int:
         print(f"{name:28s}  {statistics.mean(dens):7.3f} {statistics.mean(sp):7.3f}   "
               f"{statistics.mean(r['psnr_db'] for r in rs):6.2f} {min(r['psnr_db'] for r in rs):6.2f}"
               f"          {statistics.mean(r['ssim'] for r in rs):.4f}")
-    write_csv(args.csv, rows)
     return 0
 
 

@@ -173,6 +173,8 @@ class RunOptions:
         attn_backend: attention kernels: ``"auto"`` (Triton on CUDA), ``"triton"``, ``"torch"``.
         fps: frames per second of the written videos.
         progress: show a tqdm bar (rank 0 only).
+        video: write the clips as mp4 + gif (needs imageio-ffmpeg); ``False`` writes every other
+            output (latents, frame grids, heatmaps, report) and needs no video writer.
     """
 
     prompt: str = "a red square moving left"
@@ -186,6 +188,7 @@ class RunOptions:
     attn_backend: str = "auto"
     fps: int = 8
     progress: bool = True
+    video: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):

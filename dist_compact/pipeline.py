@@ -307,7 +307,7 @@ def _process(cfg) -> tuple:
     from . import report as rpt
 
     world, rank, local_rank = _world()
-    if rank == 0:
+    if rank == 0 and cfg.run.video:
         rpt.check_writers()
     device = _device_for(cfg.cluster, local_rank)
     return world, rank, device, _dtype_for(cfg.model, device)
@@ -350,12 +350,12 @@ def _sparse_and_dense(cfg, one_run: Callable):
     return sparse, dense
 
 
-def _write_run(folder, report: dict, sparse, dense, fps: int) -> None:
+def _write_run(folder, report: dict, sparse, dense, fps: int, video: bool = True) -> None:
     """The output files of ``(SampleResult, stats)`` runs into rank 0's temporary run folder."""
     from . import report as rpt
 
     rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
-                      fps=fps)
+                      fps=fps, video=video)
     log.info("outputs written to %s", folder.final)
 
 
@@ -433,5 +433,5 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         report = rpt.build_report(cfg, model_info=model_info, layout=layout, world=world, device=device,
                                   dtype=dtype, sparse=sparse, dense=dense, num_layers=mcfg.depth, num_heads=mcfg.heads)
         if folder is not None:
-            _write_run(folder, report, sparse, dense, run.fps)
+            _write_run(folder, report, sparse, dense, run.fps, run.video)
     return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)

@@ -294,23 +294,24 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
 
 
 def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latents: Optional[torch.Tensor] = None,
-                  *, fps: int = 8, scale: Optional[int] = None) -> List[str]:
+                  *, fps: int = 8, scale: Optional[int] = None, video: bool = True) -> List[str]:
     """Write every output file of a run into ``folder`` (the temporary run folder); returns the names.
 
     The heatmaps come from ``report["sparse"]``'s per (layer, head) matrices, when they hold a value.
+    ``video=False``: no mp4 / gif (no video writer needed).
     """
     from .png import write_png
 
     scale = scale or max(1, int(round(192 / latents.shape[-2])))
     files: List[str] = ["report.json"]
     # the generated clip, then the dense one of compare_dense (prefix "dense_", videos "dense.*")
-    for prefix, stem, video in (("", "video", latents), ("dense_", "dense", dense_latents)):
-        if video is None:
+    for prefix, stem, clip in (("", "video", latents), ("dense_", "dense", dense_latents)):
+        if clip is None:
             continue
-        video = video.detach().float().cpu()
-        torch.save(video, os.path.join(folder, prefix + "latents.pt"))
-        paths = write_video(os.path.join(folder, stem), to_uint8_frames(video, scale), fps)
-        write_png(os.path.join(folder, prefix + "frames.png"), frame_grid(to_uint8_frames(video, max(1, scale // 2))))
+        clip = clip.detach().float().cpu()
+        torch.save(clip, os.path.join(folder, prefix + "latents.pt"))
+        paths = write_video(os.path.join(folder, stem), to_uint8_frames(clip, scale), fps) if video else []
+        write_png(os.path.join(folder, prefix + "frames.png"), frame_grid(to_uint8_frames(clip, max(1, scale // 2))))
         files += [prefix + "latents.pt", *(os.path.basename(p) for p in paths), prefix + "frames.png"]
     for what in ("density", "recall"):
         m = report["sparse"][f"{what}_per_layer_head"]

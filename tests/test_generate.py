@@ -72,6 +72,24 @@ def test_short_run_writes_all_outputs(tmp_path, weights):
         assert abs(q["psnr_db"] - psnr(lat, dense)) < 1e-9
 
 
+def test_video_false_needs_no_video_writer(tmp_path, weights, monkeypatch):
+    """run.video false: no writer check, no mp4/gif, every other output written."""
+    import dist_compact.report as rpt
+
+    def missing(*a, **k):
+        raise ImportError("no imageio-ffmpeg here")
+
+    monkeypatch.setattr(rpt, "check_writers", missing)
+    with pytest.raises(ImportError, match="imageio-ffmpeg"):
+        run_generation(_cfg(tmp_path / "a", weights, ("run.name", "v")))
+    assert not (tmp_path / "a").exists() or os.listdir(tmp_path / "a") == []
+    res = run_generation(_cfg(tmp_path / "b", weights, ("run.name", "v"), ("run.video", "false")))
+    names = set(os.listdir(res.folder))
+    assert {"latents.pt", "frames.png", "report.json"} <= names and not names & {"video.mp4", "video.gif"}
+    assert sorted(json.loads((tmp_path / "b" / "v" / "report.json").read_text())["files"]) == sorted(
+        n for n in names if n != "logs")
+
+
 def test_same_seed_same_latents_and_dense_mode(tmp_path, weights):
     a = run_generation(_cfg(tmp_path / "a", weights, ("sparsity.mode", "dense")))
     b = run_generation(_cfg(tmp_path / "b", weights, ("sparsity.mode", "dense")))

@@ -237,5 +237,5 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
                                       device=device, dtype=dtype, sparse=sparse, dense=dense,
                                       num_layers=num_layers, num_heads=num_heads)
             torch.save(samples[0].latents, os.path.join(folder.tmp, "model_latents.pt"))
-            _write_run(folder, report, sparse, dense, run.fps)
+            _write_run(folder, report, sparse, dense, run.fps, run.video)
     return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
