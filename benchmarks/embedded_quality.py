@@ -5,9 +5,9 @@ run and a dense run from the same noise. Prints and writes one row per (variant,
 of the sparse attention calls, PSNR / SSIM of sparse vs dense, seconds per run.
 
     python benchmarks/embedded_quality.py --csv benchmarks/results/embedded_quality.csv \
-        --variant adaspa-0.25= --variant compact=sparsity.mode=compact,sparsity.compact_config=X.yaml
+        --variant adaspa-0.25= --variant "compact=sparsity.mode=compact;sparsity.compact_config=X.yaml;model.tile=1,4,4"
 
-A variant is ``name=key=value,key=value`` (generate.py ``--section.key`` overrides without the dashes).
+A variant is ``name=key=value;key=value`` (generate.py ``--section.key`` overrides without the dashes).
 """
 
 import argparse
@@ -28,9 +28,9 @@ PROMPTS = ("a red square moving left", "a blue circle bouncing on stripes", "a y
 def parse_variant(text: str):
     name, _, rest = text.partition("=")
     if not name:
-        raise SystemExit(f"--variant {text!r}: expected name=key=value,...")
+        raise SystemExit(f"--variant {text!r}: expected name=key=value;...")
     pairs = []
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split(";")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text!r}: {item!r} is not key=value")
@@ -41,7 +41,7 @@ def parse_variant(text: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", action="append", default=[], help="config files (default: 1gpu.yaml)")
-    p.add_argument("--variant", action="append", default=[], help="name=key=value,... (repeatable)")
+    p.add_argument("--variant", action="append", default=[], help="name=key=value;... (repeatable)")
     p.add_argument("--prompt", action="append", default=[], help=f"prompts (default: {PROMPTS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None)
