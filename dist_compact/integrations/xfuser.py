@@ -1,0 +1,710 @@
+"""Our attention as the local attention of xDiT's USP path (xfuser 0.7.0): :func:`sparsify_xfuser`.
+
+::
+
+    from xfuser.core.distributed import (init_distributed_environment, initialize_model_parallel,
+                                         initialize_runtime_state)
+    init_distributed_environment(rank=rank, world_size=world)
+    initialize_model_parallel(ulysses_degree=world, ring_degree=1)
+    initialize_runtime_state()                       # or xDiT's pipeline / runner does all three
+    transformer = xfuser_transformer(diffusers_wan_or_hunyuan_model)   # or loaded as xDiT's wrapper
+    sparsify_xfuser(transformer, SparsityConfig(mode="adaspa", sparsity=0.8))
+    state = denoising_state(transformer)             # state.begin(n); callback_on_step_end=state.on_step_end
+
+What xDiT does (read from the xfuser 0.7.0 wheel; the calls this module relies on):
+
+* ``xfuser.core.distributed.init_distributed_environment(world_size=-1, rank=-1,
+  distributed_init_method="env://", local_rank=-1, backend=None)``,
+  ``initialize_model_parallel(data_parallel_degree=1, classifier_free_guidance_degree=1,
+  sequence_parallel_degree=None, ulysses_degree=1, ring_degree=1, ...)`` (which calls yunchang's
+  ``set_seq_parallel_pg`` and keeps ``PROCESS_GROUP.ULYSSES_PG`` / ``RING_PG`` in
+  ``get_sp_group().ulysses_group`` / ``.ring_group``), ``initialize_runtime_state(pipeline=None,
+  engine_config=None)``, ``get_runtime_state()``, ``get_sp_group()``,
+  ``get_ulysses_parallel_world_size()``, ``get_ring_parallel_world_size()``,
+  ``get_pipeline_parallel_world_size()``, ``get_sequence_parallel_world_size()``.
+* ``xfuser.model_executor.layers.usp.USP(query, key, value, dropout_p=0.0, is_causal=False,
+  joint_query=None, joint_key=None, joint_value=None, joint_strategy=None, attn_layer=None,
+  combine_qkv_a2a=None, backend=None, attention_kwargs=None, head_balance_layer=None,
+  kv_head_repeat=1)``: q/k/v ``[B, H, S_local, D]``; Ulysses all-to-all (heads split over the
+  Ulysses group in rank order, sequence chunks concatenated in rank order), then
+  ``ATTENTION_FUNCTION_REGISTRY[backend or get_runtime_state().attention_backend](q, k, v,
+  dropout_p=..., is_causal=..., attention_kwargs=...) -> (out [B, H/U, S, D], lse)`` (through
+  ``concat_joint_tensors_decorator``, which appends ``joint_key`` / ``joint_value`` "rear"), then
+  the inverse all-to-all. With ring > 1 it calls ``torch``'s ``_templated_ring_attention`` instead.
+* ``xfuser.core.distributed.attention_backend.ATTENTION_FUNCTION_REGISTRY``: a plain dict filled by
+  ``register_attention_function(AttentionBackendType.X)``; ``USP`` looks ``backend`` up with
+  ``.get``, so any hashable key works. ``RuntimeState.set_attention_backend`` accepts only
+  ``AttentionBackendType`` members (an Enum, closed), so our backend is selected per call with
+  ``backend=`` and never becomes the global default.
+* Wan: ``xfuser.model_executor.models.transformers.transformer_wan.xFuserWanTransformer3DWrapper``
+  (a ``WanTransformer3DModel``) chunks the patchified video tokens (model order, zero-padded to a
+  multiple of ``P``) over the SP group, and ``xFuserWanAttnProcessor(use_ulysses_parallel_attention=
+  True, is_cross_attention=False, attention_kwargs=None)`` (``blocks[i].attn1``) calls
+  ``self.attention_function(q, k, v, backend=None, attention_kwargs=self.attention_kwargs,
+  head_balance_layer=attn, attn_layer=attn)`` with ``self.attention_function = USP``.
+* HunyuanVideo: ``transformer_hunyuan_video.xFuserHunyuanVideoTransformer3DWrapper`` keeps only the
+  prompt tokens valid in some sample (``encoder_attention_mask.any(0)``), chunks the video tokens
+  over the SP group, and chunks the prompt too when its length divides by ``P``
+  (``runtime_state.split_text_embed_in_sp``); ``xFuserHunyuanVideoAttnProcessor`` then calls
+  ``USP(q, k, v)`` (split text) or ``USP(video q, k, v, joint_query=text q, joint_key=text k,
+  joint_value=text v, joint_strategy="rear")`` (text replicated), without ``backend`` or
+  ``attention_kwargs``.
+
+Why the registry, and why not our own parallel layer. xDiT shards the sequence in the model
+(raster) order inside its wrapper's ``forward`` and exchanges it inside ``USP``; after the Ulysses
+all-to-all every rank holds the WHOLE sequence for ``H/U`` heads. That is exactly what our
+:class:`~dist_compact.parallel.ulysses.UlyssesOps` expects, so the clean cut is: xDiT's own
+projections, RoPE, sharding and all-to-all, and our attention as the registered backend function.
+It permutes the sequence it gets (xDiT's chunk order, with text chunks / text copies / xDiT's zero
+padding, see :class:`XditSequence`) to our block order with one gather, runs the layer's
+``attn(q, k, v, ctx)`` (:class:`~dist_compact.context.DenseAttention` or
+:class:`~dist_compact.attention.SparseAttention`) with ``ctx.ops`` a ``UlyssesOps`` around xDiT's
+Ulysses group (``ParallelGroups.from_groups``; handed in explicitly, nothing global here), and
+gathers the output back to xDiT's order. The layer index and the handle travel in the per-layer
+``attention_kwargs`` dict under ``"dist_compact"``:
+
+* Wan: each ``blocks[i].attn1`` gets a fresh ``xFuserWanAttnProcessor`` whose
+  ``attention_function`` is ``USP`` with ``backend="dist_compact"`` (xDiT's own q/k/v, norm and
+  RoPE code, FlyDSL fusion included);
+* HunyuanVideo: xDiT's processor passes neither ``backend`` nor ``attention_kwargs``, so
+  :class:`_HunyuanProcessor` repeats its body (xfuser 0.7.0, step by step) and adds both.
+
+Limits: ring degree 1 only (xDiT's ring path calls the backend once per K/V chunk through torch's
+``_templated_ring_attention``; use :class:`dist_compact.parallel.SequenceParallel` for ring / hybrid
+with shard skipping); no PipeFusion (pipeline degree 1); no dropout, not causal. Where the video
+length does not divide by ``P`` xDiT's Wan wrapper pads zero tokens that its dense backends attend
+to as keys; here they are not keys (the stock diffusers result); their output rows are dropped by
+xDiT. xfuser needs a CUDA (or ROCm) GPU to import (``xfuser.envs`` raises otherwise); this module
+imports it only inside functions.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..context import AttentionContext
+from ..executor import AttentionOps
+from ..layout import VideoLayout
+from ..schedule import SparsityConfig
+from .diffusers import DenoisingState, default_tile
+
+__all__ = [
+    "BACKEND_KEY",
+    "KWARGS_KEY",
+    "XditSequence",
+    "XfuserHandle",
+    "infer_sequence",
+    "xdit_attention",
+    "register_backend",
+    "sparsify_xfuser",
+    "unsparsify_xfuser",
+    "xfuser_handle",
+    "denoising_state",
+    "xfuser_transformer",
+]
+
+#: Key of our function in xfuser's ``ATTENTION_FUNCTION_REGISTRY`` (passed as ``USP(backend=...)``).
+BACKEND_KEY = "dist_compact"
+#: Key of the per-layer call object in the ``attention_kwargs`` dict that USP hands the backend.
+KWARGS_KEY = "dist_compact"
+_ATTR = "_dist_compact_xfuser"
+_MAX_LAYOUTS = 4
+
+_INSTALL_HINT = (
+    "dist_compact.integrations.xfuser needs xfuser 0.7.0 and a CUDA/ROCm GPU (xfuser raises at import "
+    "without one): pip install xfuser==0.7.0 (import-time dependencies for this path: distvae, yunchang, "
+    "einops, diffusers, transformers, accelerate; bs4, av, peft, sentencepiece are not imported by it)"
+)
+
+
+def _xfuser():
+    """xfuser's modules this integration uses (imported lazily), or one clear ImportError."""
+    try:
+        from xfuser.core import distributed as xdist
+        from xfuser.core.distributed import attention_backend as xab
+        from xfuser.model_executor.layers import usp as xusp
+    except Exception as e:  # ImportError, or xfuser.envs' NotImplementedError / CUDA errors without a GPU
+        raise ImportError(f"{_INSTALL_HINT}; importing it failed with {type(e).__name__}: {e}") from e
+    return xdist, xab, xusp
+
+
+def _xfuser_models():
+    try:
+        from xfuser.model_executor.models.transformers import transformer_hunyuan_video as hy
+        from xfuser.model_executor.models.transformers import transformer_wan as wan
+    except Exception as e:
+        raise ImportError(f"{_INSTALL_HINT}; importing its Wan / HunyuanVideo wrappers failed with "
+                          f"{type(e).__name__}: {e}") from e
+    return wan, hy
+
+
+# ---------------------------------------------------------------------------------------------- sequence
+@dataclass(frozen=True)
+class XditSequence:
+    """The token sequence xDiT's backend function sees on one rank (after the Ulysses all-to-all).
+
+    Attributes:
+        video: video tokens ``V`` (the latent grid, model order = raster).
+        text: prompt tokens ``L`` in the attention (0 for Wan).
+        world: Ulysses degree ``P`` (= SP degree; ring is 1).
+        split_text: the prompt is chunked over the ranks like the video (HunyuanVideo when
+            ``L % P == 0``); else it is replicated: every query chunk carries all ``L`` text queries
+            and the keys are ``[video, text]`` (``joint_strategy="rear"``).
+        pad: zero tokens xDiT's Wan wrapper appends to the video so it splits into ``P`` chunks.
+
+    Query order: ``P`` chunks, chunk ``p`` = video tokens ``[p*V/P, (p+1)*V/P)`` (with ``pad``: the
+    padded video cut in ``P`` equal pieces), then its text part (``L/P`` tokens ``p*L/P...`` when
+    split, all ``L`` when replicated). Key order: the same, except replicated text: ``[video, text]``.
+    """
+
+    video: int
+    text: int = 0
+    world: int = 1
+    split_text: bool = True
+    pad: int = 0
+
+    @property
+    def q_len(self) -> int:
+        if self.split_text:
+            return self.video + self.pad + self.text
+        return self.video + self.pad + self.world * self.text
+
+    @property
+    def k_len(self) -> int:
+        return self.video + self.pad + self.text
+
+    def model_index(self, which: str = "q") -> torch.Tensor:
+        """int64 ``[q_len or k_len]``: the model-order token (video raster, then text) at each
+        position of xDiT's sequence; -1 for xDiT's zero padding."""
+        V, L, P, pad = self.video, self.text, self.world, self.pad
+        vid = torch.arange(V + pad)
+        vid = torch.where(vid < V, vid, torch.full_like(vid, -1))
+        if L == 0:
+            return vid
+        if which == "k" and not self.split_text:
+            return torch.cat([vid, V + torch.arange(L)])
+        vc = (V + pad) // P
+        tc = L // P if self.split_text else L
+        parts = []
+        for p in range(P):
+            parts.append(vid[p * vc:(p + 1) * vc])
+            t0 = p * tc if self.split_text else 0
+            parts.append(V + t0 + torch.arange(tc))
+        return torch.cat(parts)
+
+
+def infer_sequence(video: int, world: int, q_len: int, k_len: int, *, joint: bool) -> XditSequence:
+    """The :class:`XditSequence` of a backend call from its lengths.
+
+    Args:
+        video: video tokens ``V`` of this forward (from the latent grid).
+        world: Ulysses degree ``P``.
+        q_len, k_len: ``query.shape[2]`` and ``key.shape[2]`` as the backend gets them.
+        joint: the model has prompt tokens in this attention (HunyuanVideo), else only video (Wan).
+    """
+    if world < 1 or video < 1:
+        raise ValueError(f"infer_sequence: video={video} and world={world} must be >= 1")
+    if not joint:
+        pad = (-video) % world
+        seq = XditSequence(video, 0, world, True, pad)
+        if q_len != seq.q_len or k_len != seq.k_len:
+            raise ValueError(f"dist_compact xDiT backend: expected {seq.q_len} query and key tokens for {video} "
+                             f"video tokens over {world} ranks, got q {q_len}, k {k_len} (not a self-attention "
+                             "of the video stream?)")
+        return seq
+    if video % world:
+        raise ValueError(f"dist_compact xDiT backend: {video} video tokens do not split into {world} equal "
+                         "chunks (xDiT's HunyuanVideo wrapper needs that too)")
+    if q_len == k_len:
+        L = k_len - video
+        seq = XditSequence(video, L, world, True, 0)
+        if L < 0 or L % world:
+            raise ValueError(f"dist_compact xDiT backend: {q_len} tokens for {video} video tokens over {world} ranks")
+        return seq
+    L = k_len - video
+    if L < 0 or q_len != video + world * L:
+        raise ValueError(f"dist_compact xDiT backend: q {q_len} / k {k_len} tokens do not match {video} video "
+                         f"tokens over {world} ranks with a replicated prompt")
+    return XditSequence(video, L, world, False, 0)
+
+
+@dataclass
+class _Mapping:
+    """Gathers between xDiT's sequence and our block order, on one device."""
+
+    q_src: torch.Tensor  # xDiT query positions of the real tokens (first text copy)
+    q_dst: torch.Tensor  # their block-order positions
+    k_src: Optional[torch.Tensor]  # None: same as q
+    k_dst: Optional[torch.Tensor]
+    out_idx: torch.Tensor  # block-order row of each xDiT query position
+    padded_len: int
+
+
+def _build_mapping(layout: VideoLayout, seq: XditSequence, device) -> _Mapping:
+    perm = layout.permutation()  # model-order token -> block-order position
+
+    def src_dst(mi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        real = mi >= 0
+        pos = torch.nonzero(real).flatten()
+        tok = mi[pos]
+        # the first xDiT position of each model token (replicated text queries appear P times)
+        first = torch.full((layout.seq_len,), -1, dtype=torch.long)
+        first.scatter_reduce_(0, tok, pos, reduce="amin", include_self=False)
+        if (first < 0).any():
+            raise RuntimeError("dist_compact xDiT backend: a token of the layout is missing from xDiT's sequence")
+        return first, perm[torch.arange(layout.seq_len)]
+
+    mq = seq.model_index("q")
+    q_src, q_dst = src_dst(mq)
+    k_src = k_dst = None
+    if not seq.split_text and seq.text:
+        k_src, k_dst = src_dst(seq.model_index("k"))
+    out_idx = torch.where(mq >= 0, perm[mq.clamp(min=0)], torch.zeros_like(mq))
+    to = functools.partial(torch.Tensor.to, device=device)
+    return _Mapping(to(q_src), to(q_dst), None if k_src is None else to(k_src), None if k_dst is None else to(k_dst),
+                    to(out_idx), layout.padded_len)
+
+
+def _to_blocks(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """xDiT ``[B, H, S, D]`` -> block order ``[B, padded_len, H, D]`` (zeros in the padding)."""
+    B, H, _, D = x.shape
+    out = x.new_zeros((B, padded_len, H, D))
+    out.index_copy_(1, dst, x.transpose(1, 2).index_select(1, src))
+    return out
+
+
+def _from_blocks(o: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
+    """Block order ``[B, padded_len, H, D]`` -> xDiT ``[B, H, S, D]``."""
+    return o.index_select(1, out_idx).transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- handle
+class XfuserHandle:
+    """What :func:`sparsify_xfuser` installed on one transformer (``xfuser_handle(model)``).
+
+    Attributes:
+        kind: ``"wan"`` or ``"hunyuan_video"``.
+        num_layers, num_heads, head_dim: the attention layers we run (Wan: ``blocks[i].attn1``;
+            HunyuanVideo: dual-stream then single-stream blocks, as :mod:`.diffusers`).
+        ops: the :class:`AttentionOps` of this rank (``UlyssesOps`` on xDiT's Ulysses group when
+            ``P > 1``).
+        world: the Ulysses degree ``P``.
+        grid: the latent token grid of the forward in progress (set by a pre-hook), or None.
+        layout: the layout of the last attention call.
+    """
+
+    def __init__(self, kind: str, *, num_layers: int, num_heads: int, head_dim: int, sparsity: SparsityConfig,
+                 compact=None, tile=None, state: Optional[DenoisingState] = None, stats=None,
+                 ops: Optional[AttentionOps] = None, world: int = 1,
+                 attention_factory: Optional[Callable] = None):
+        if kind not in ("wan", "hunyuan_video"):
+            raise ValueError(f"XfuserHandle: kind must be 'wan' or 'hunyuan_video', got {kind!r}")
+        self.kind = kind
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.sparsity = sparsity
+        self.compact = compact
+        self.tile = None if tile is None else tuple(tile)
+        self.state = state if state is not None else DenoisingState()
+        self.stats = stats
+        self.ops = ops if ops is not None else AttentionOps("auto")
+        self.world = world
+        self.attention_factory = attention_factory
+        self.grid: Optional[Tuple[int, int, int]] = None
+        self.layout: Optional[VideoLayout] = None
+        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
+        self._maps: "OrderedDict[Tuple, _Mapping]" = OrderedDict()
+        self._hooks: List[Any] = []
+        self._restore: List[Tuple[Any, Any]] = []
+        self.model = None
+
+    # ------------------------------------------------------------------ pieces
+    def attentions(self, layout: VideoLayout) -> List[Callable]:
+        """Per-layer ``attn(q, k, v, ctx)`` for ``layout`` (built once, LRU-bounded)."""
+        if layout not in self._bank:
+            from ..pipeline import build_attention
+
+            factory = self.attention_factory or build_attention
+            compact = self.compact if self.sparsity.uses_compact else None
+            attns = list(factory(self.num_layers, self.sparsity, compact, None))
+            if len(attns) != self.num_layers:
+                raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
+            self._bank[layout] = attns
+            while len(self._bank) > _MAX_LAYOUTS:
+                self._bank.popitem(last=False)
+        self._bank.move_to_end(layout)
+        return self._bank[layout]
+
+    def layout_for(self, grid: Sequence[int], text_tokens: int) -> VideoLayout:
+        tile = self.tile if self.tile is not None else default_tile(tuple(grid))
+        return VideoLayout(*grid, tile=tile, text_tokens=text_tokens, text_position="after")
+
+    def _mapping(self, layout: VideoLayout, seq: XditSequence, device) -> _Mapping:
+        key = (layout, seq, str(device))
+        m = self._maps.get(key)
+        if m is None:
+            m = self._maps[key] = _build_mapping(layout, seq, device)
+            while len(self._maps) > 4 * _MAX_LAYOUTS:
+                self._maps.popitem(last=False)
+        return m
+
+    def reset(self) -> None:
+        """Drop cached attention objects (indices, LSE) and gathers."""
+        self._bank.clear()
+        self._maps.clear()
+
+    # ------------------------------------------------------------------ the backend call
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+        """xDiT's backend call for layer ``layer``: ``[B, H/P, S, D]`` each -> out ``[B, H/P, S_q, D]``."""
+        if dropout_p:
+            raise ValueError("dist_compact xDiT backend: dropout is not supported (inference only)")
+        if is_causal:
+            raise ValueError("dist_compact xDiT backend: causal attention is not supported")
+        if self.grid is None:
+            raise RuntimeError("dist_compact xDiT backend: no latent grid; call the sparsified transformer itself "
+                               "(its forward pre-hook reads the grid)")
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if t.dim() != 4:
+                raise ValueError(f"dist_compact xDiT backend: {name} must be [B, H, S, D], got {tuple(t.shape)}")
+        if key.shape != value.shape or key.shape[:2] != query.shape[:2] or key.shape[3] != query.shape[3]:
+            raise ValueError(f"dist_compact xDiT backend: q {tuple(query.shape)}, k {tuple(key.shape)}, "
+                             f"v {tuple(value.shape)} do not match")
+        if query.shape[1] * self.world != self.num_heads:
+            raise ValueError(f"dist_compact xDiT backend: {query.shape[1]} local heads x {self.world} ranks != "
+                             f"{self.num_heads} heads (ring degree > 1 or head balancing is not supported)")
+        T, H, W = self.grid
+        seq = infer_sequence(T * H * W, self.world, query.shape[2], key.shape[2], joint=self.kind == "hunyuan_video")
+        layout = self.layout_for(self.grid, seq.text)
+        self.layout = layout
+        m = self._mapping(layout, seq, query.device)
+        q = _to_blocks(query, m.q_src, m.q_dst, m.padded_len)
+        if m.k_src is None:
+            k = _to_blocks(key, m.q_src, m.q_dst, m.padded_len)
+            v = _to_blocks(value, m.q_src, m.q_dst, m.padded_len)
+        else:
+            k = _to_blocks(key, m.k_src, m.k_dst, m.padded_len)
+            v = _to_blocks(value, m.k_src, m.k_dst, m.padded_len)
+        self.state.check()
+        ctx = AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps, ops=self.ops,
+                               stats=self.stats)
+        out = self.attentions(layout)[layer](q, k, v, ctx)
+        return _from_blocks(out.to(query.dtype), m.out_idx)
+
+    # ------------------------------------------------------------------ removal
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, proc in self._restore:
+            module.processor = proc
+        self._restore.clear()
+        self.reset()
+        self.grid = None
+        if self.model is not None and getattr(self.model, _ATTR, None) is self:
+            delattr(self.model, _ATTR)
+
+    def __repr__(self) -> str:
+        return (f"XfuserHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, ulysses={self.world}, "
+                f"mode={self.sparsity.mode!r}, tile={self.tile})")
+
+
+@dataclass(frozen=True)
+class _LayerCall:
+    """What the per-layer ``attention_kwargs`` carries to :func:`xdit_attention`."""
+
+    handle: XfuserHandle
+    layer: int
+
+
+def xdit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                   is_causal: bool = False, attention_kwargs: Optional[Dict[str, Any]] = None):
+    """The function registered in xfuser's ``ATTENTION_FUNCTION_REGISTRY`` under :data:`BACKEND_KEY`.
+
+    xDiT's backend signature: q, k, v ``[B, H_local, S, D]`` -> ``(out [B, H_local, S_q, D], None)``.
+    The layer comes from ``attention_kwargs["dist_compact"]`` (installed by :func:`sparsify_xfuser`).
+    """
+    call = (attention_kwargs or {}).get(KWARGS_KEY)
+    if not isinstance(call, _LayerCall):
+        raise RuntimeError(f"USP(backend={BACKEND_KEY!r}) was called without attention_kwargs[{KWARGS_KEY!r}]; "
+                           "install it with dist_compact.integrations.xfuser.sparsify_xfuser")
+    return call.handle.attend(call.layer, query, key, value, dropout_p, is_causal), None
+
+
+def register_backend() -> str:
+    """Put :func:`xdit_attention` into xfuser's registry (idempotent); returns :data:`BACKEND_KEY`."""
+    _, xab, _ = _xfuser()
+    xab.ATTENTION_FUNCTION_REGISTRY[BACKEND_KEY] = xdit_attention
+    return BACKEND_KEY
+
+
+def _usp_with_backend(usp: Callable) -> Callable:
+    """``USP`` with our backend when the caller leaves ``backend`` None (xFuserWanAttnProcessor)."""
+    @functools.wraps(usp)
+    def call(*args, backend=None, **kwargs):
+        return usp(*args, backend=BACKEND_KEY if backend is None else backend, **kwargs)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------- processors
+class _HunyuanProcessor:
+    """xfuser 0.7.0's ``xFuserHunyuanVideoAttnProcessor.__call__`` step by step, with
+    ``backend=BACKEND_KEY`` and the layer's ``attention_kwargs`` added to its ``USP`` calls."""
+
+    def __init__(self, handle: XfuserHandle, layer: int):
+        self.handle = handle
+        self.layer = layer
+        self.attention_kwargs = {KWARGS_KEY: _LayerCall(handle, layer)}
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: Optional[torch.Tensor] = None, image_rotary_emb=None, *args, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        xdist, _, xusp = _xfuser()
+        usp = functools.partial(xusp.USP, dropout_p=0.0, is_causal=False, backend=BACKEND_KEY,
+                                attention_kwargs=self.attention_kwargs)
+        if attn.add_q_proj is None and encoder_hidden_states is not None:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            if attn.add_q_proj is None and encoder_hidden_states is not None:
+                n = encoder_hidden_states.shape[1]
+                query = torch.cat([apply_rotary_emb(query[:, :, :-n], image_rotary_emb), query[:, :, -n:]], dim=2)
+                key = torch.cat([apply_rotary_emb(key[:, :, :-n], image_rotary_emb), key[:, :, -n:]], dim=2)
+            else:
+                query = apply_rotary_emb(query, image_rotary_emb)
+                key = apply_rotary_emb(key, image_rotary_emb)
+        if attn.add_q_proj is not None and encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
+        if encoder_hidden_states is not None:
+            n_text = encoder_hidden_states.shape[1]
+        else:
+            n_text = xdist.get_runtime_state().max_condition_sequence_length
+        n_query = query.shape[2] - n_text
+        rs = xdist.get_runtime_state()
+        if xdist.get_pipeline_parallel_world_size() == 1 and rs.split_text_embed_in_sp:
+            out = usp(query, key, value)
+        elif xdist.get_sequence_parallel_world_size() > 1:
+            query, eq = query.split([n_query, n_text], dim=2)
+            key, ek = key.split([n_query, n_text], dim=2)
+            value, ev = value.split([n_query, n_text], dim=2)
+            out = usp(query, key, value, joint_query=eq, joint_key=ek, joint_value=ev, joint_strategy="rear")
+        else:
+            out = usp(query, key, value)
+        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            n = encoder_hidden_states.shape[1]
+            out, encoder_hidden_states = out[:, :-n], out[:, -n:]
+            if getattr(attn, "to_out", None) is not None:
+                out = attn.to_out[1](attn.to_out[0](out))
+            if getattr(attn, "to_add_out", None) is not None:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return out, encoder_hidden_states
+
+
+# ---------------------------------------------------------------------------------------------- install
+def _kind(transformer) -> str:
+    """``"wan"`` / ``"hunyuan_video"`` for xDiT's wrappers (checked against xfuser's classes)."""
+    wan, hy = _xfuser_models()
+    if isinstance(transformer, wan.xFuserWanTransformer3DWrapper):
+        return "wan"
+    if isinstance(transformer, hy.xFuserHunyuanVideoTransformer3DWrapper):
+        return "hunyuan_video"
+    raise TypeError(
+        f"sparsify_xfuser: {type(transformer).__name__} is not xDiT's xFuserWanTransformer3DWrapper or "
+        "xFuserHunyuanVideoTransformer3DWrapper (only those shard the sequence for USP); convert a diffusers "
+        "model with dist_compact.integrations.xfuser.xfuser_transformer(model)"
+    )
+
+
+def check_grid(kind: str, config, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
+    """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the model's patch size."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
+        raise ValueError(f"sparsify_xfuser: hidden_states must be [batch, channels, frames, height, width], got {got}")
+    if kind == "wan":
+        pt, ph, pw = config.patch_size
+    else:
+        pt, ph, pw = config.patch_size_t, config.patch_size, config.patch_size
+    _, _, F, H, W = hidden_states.shape
+    grid = (F // pt, H // ph, W // pw)
+    if min(grid) < 1:
+        raise ValueError(f"sparsify_xfuser: latents {tuple(hidden_states.shape)} are smaller than the patch")
+    return grid
+
+
+def _ops_for(num_heads: int, backend: str, ulysses_group=None, world: Optional[int] = None):
+    """(ops, P): AttentionOps on one rank, UlyssesOps on xDiT's Ulysses group otherwise."""
+    xdist, _, _ = _xfuser()
+    if xdist.get_ring_parallel_world_size() > 1:
+        raise NotImplementedError("sparsify_xfuser: xDiT ring degree > 1 is not supported (ring_attn calls the backend "
+                                  "per K/V chunk); use ulysses_degree = sp_degree, or dist_compact.parallel")
+    if xdist.get_pipeline_parallel_world_size() > 1:
+        raise NotImplementedError("sparsify_xfuser: PipeFusion (pipeline degree > 1) is not supported")
+    P = xdist.get_ulysses_parallel_world_size() if world is None else world
+    if P == 1:
+        return AttentionOps(backend), 1
+    from ..parallel.config import ParallelConfig, ParallelGroups
+    from ..parallel.ulysses import UlyssesOps
+
+    cfg = ParallelConfig(ulysses=P, ring=1).check(num_heads=num_heads)
+    group = ulysses_group if ulysses_group is not None else xdist.get_sp_group().ulysses_group
+    return UlyssesOps(ParallelGroups.from_groups(cfg, group, None), backend), P
+
+
+def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = None, *, compact=None,
+                    tile: Optional[Sequence[int]] = None, state: Optional[DenoisingState] = None, stats=None,
+                    backend: str = "auto", ulysses_group=None, attention_factory: Optional[Callable] = None):
+    """Make xDiT's USP path of ``transformer`` run dist_compact attention (in place); returns it.
+
+    Args:
+        transformer: xDiT's ``xFuserWanTransformer3DWrapper`` or ``xFuserHunyuanVideoTransformer3DWrapper``
+            (diffusers' ``WanTransformer3DModel`` / ``HunyuanVideoTransformer3DModel`` as xDiT runs
+            them; :func:`xfuser_transformer` converts a diffusers model). xfuser's distributed
+            environment, model-parallel groups (ring degree 1) and runtime state must exist.
+        sparsity_config: :class:`SparsityConfig` (default ``SparsityConfig()``); ``mode="dense"`` is
+            our dense kernel (equal to xDiT's dense backends at bf16 tolerance).
+        compact: static Compact pattern object or config path (Compact modes).
+        tile: kernel tile ``(t, h, w)``; default :func:`~.diffusers.default_tile` of each grid.
+        state, stats: as :func:`dist_compact.integrations.diffusers.sparsify`.
+        backend: our kernels, ``"auto"``, ``"triton"`` or ``"torch"``.
+        ulysses_group: the Ulysses process group (default xDiT's ``get_sp_group().ulysses_group``).
+        attention_factory: ``factory(num_layers, sparsity, compact, None) -> [attn, ...]``.
+    """
+    kind = _kind(transformer)
+    xdist, _, xusp = _xfuser()
+    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
+    if not isinstance(sparsity, SparsityConfig):
+        raise TypeError(f"sparsify_xfuser: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"sparsify_xfuser: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if state is not None and not isinstance(state, DenoisingState):
+        raise TypeError(f"sparsify_xfuser: state must be a DenoisingState, got {type(state).__name__}")
+    cfg = transformer.config
+    num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+    num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
+    from ..ops import SUPPORTED_HEAD_DIMS
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"sparsify_xfuser: head_dim {head_dim} is not supported by the kernels ({SUPPORTED_HEAD_DIMS})")
+    if sparsity.uses_compact:
+        from .diffusers import _resolve_compact
+
+        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
+        if tile is None and getattr(compact, "tile", None) is not None:
+            tile = tuple(compact.tile)
+    if tile is not None:
+        VideoLayout(1, 1, 1, tile=tuple(tile))  # a bad tile fails now
+    if stats is None:
+        from ..stats import AttentionStats
+
+        stats = AttentionStats()
+    ops, world = _ops_for(num_heads, backend, ulysses_group)
+    register_backend()
+    old = getattr(transformer, _ATTR, None)
+    if old is not None:
+        old.remove()
+    h = XfuserHandle(kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, sparsity=sparsity,
+                     compact=compact, tile=tile, state=state, stats=stats, ops=ops, world=world,
+                     attention_factory=attention_factory)
+    h.model = transformer
+
+    def pre_forward(module, args, kwargs):
+        hs = args[0] if args else kwargs.get("hidden_states")
+        h.grid = check_grid(kind, cfg, hs)
+        return None
+
+    def post_forward(module, args, output):
+        h.grid = None
+        return output
+
+    h._hooks.append(transformer.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    h._hooks.append(transformer.register_forward_hook(post_forward))
+    if kind == "wan":
+        wan, _ = _xfuser_models()
+        for i, blk in enumerate(transformer.blocks):
+            mod = blk.attn1
+            if not isinstance(mod.processor, wan.xFuserWanAttnProcessor):
+                raise TypeError(f"sparsify_xfuser: blocks[{i}].attn1 has {type(mod.processor).__name__}, not xDiT's "
+                                "xFuserWanAttnProcessor")
+            proc = wan.xFuserWanAttnProcessor(use_ulysses_parallel_attention=True, is_cross_attention=False,
+                                              attention_kwargs={KWARGS_KEY: _LayerCall(h, i)})
+            proc.attention_function = _usp_with_backend(xusp.USP)
+            h._restore.append((mod, mod.processor))
+            mod.processor = proc
+    else:
+        mods = [b.attn for b in transformer.transformer_blocks] + [b.attn for b in transformer.single_transformer_blocks]
+        for i, mod in enumerate(mods):
+            h._restore.append((mod, mod.processor))
+            mod.processor = _HunyuanProcessor(h, i)
+    object.__setattr__(transformer, _ATTR, h)
+    return transformer
+
+
+def xfuser_handle(transformer) -> Optional[XfuserHandle]:
+    """The :class:`XfuserHandle` of a transformer sparsified by :func:`sparsify_xfuser`, or None."""
+    return getattr(transformer, _ATTR, None)
+
+
+def denoising_state(transformer) -> DenoisingState:
+    """The :class:`DenoisingState` the sparsified transformer reads its step from."""
+    h = xfuser_handle(transformer)
+    if h is None:
+        raise ValueError(f"{type(transformer).__name__} is not sparsified (call sparsify_xfuser first)")
+    return h.state
+
+
+def unsparsify_xfuser(transformer):
+    """Put xDiT's processors back and remove the hooks; returns the transformer."""
+    h = xfuser_handle(transformer)
+    if h is not None:
+        h.remove()
+    return transformer
+
+
+def xfuser_transformer(model):
+    """xDiT's wrapper of a diffusers ``WanTransformer3DModel`` / ``HunyuanVideoTransformer3DModel``
+    sharing its parameter and buffer tensors (built from the config; ``load_state_dict(assign=True)``).
+
+    The wrappers are what xDiT's runners load (``xFuserWanTransformer3DWrapper.from_pretrained`` /
+    ``xFuserHunyuanVideoTransformer3DWrapper``); their ``forward`` shards the sequence for USP.
+    """
+    wan, hy = _xfuser_models()
+    if isinstance(model, (wan.xFuserWanTransformer3DWrapper, hy.xFuserHunyuanVideoTransformer3DWrapper)):
+        return model
+    name = type(model).__name__
+    if name == "WanTransformer3DModel":
+        cls = wan.xFuserWanTransformer3DWrapper
+    elif name == "HunyuanVideoTransformer3DModel":
+        cls = hy.xFuserHunyuanVideoTransformer3DWrapper
+    else:
+        raise TypeError(f"xfuser_transformer: unsupported model {name}")
+    new = cls.from_config(model.config)
+    # the same parameter and buffer tensors (no copy; per-tensor dtypes kept, e.g. fp32 norms)
+    new.load_state_dict(model.state_dict(), assign=True)
+    own = dict(new.named_buffers())
+    for name, buf in model.named_buffers():  # non-persistent ones too (RoPE tables)
+        if name in own:
+            parent, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(parent) if parent else new, attr, buf)
+    return new.to(next(model.parameters()).device).train(model.training)
