@@ -15,9 +15,11 @@ def test_capture_then_search(tmp_path):
     out = tmp_path / "cap"
     rc = main(["capture", "--out-dir", str(out), "--prompt", "a red square moving left",
                "--prompt", "a blue circle bouncing", "--capture-steps", "1",
-               "--", "--steps", "2", "--run.guidance", "1.0", "--output-dir", str(tmp_path / "runs"),
-               "--cluster.device", "cpu", "--run.attn_backend", "torch"])
+               "--", "--steps", "2", "--run.guidance", "1.0",
+               "--cluster.device", "cpu", "--run.attn_backend", "torch", "--run.video", "false"])
     assert rc == 0
+    # the dense runs' clips are kept beside the capture, one run folder per prompt
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["capture-0", "capture-1"]
     stores = [MassStore.load(out / f"mass_{i}.pt") for i in range(2)]
     for s in stores:
         assert s.num_layers == 8 and s.num_heads == 6 and s.model == "embedded"

@@ -83,9 +83,11 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     if cfg.model.kind == "diffusers":
         raise ValueError("capture from the CLI runs the embedded model; for diffusers models use "
                          "sparsify(..., attention_factory=...) with CaptureAttention (docs/usage.md)")
-    # the dense run writes its clip like any run; the capture is what we keep
+    # the dense run writes its clip like any run, beside the capture (out_dir/runs/capture-<i>); the
+    # capture is what we keep
     cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
-                              run=dataclasses.replace(cfg.run, compare_dense=False))
+                              run=dataclasses.replace(cfg.run, compare_dense=False,
+                                                      output_dir=os.path.join(out_dir, "runs")))
     model = load_embedded(cfg.model.path or str(DEFAULT_WEIGHTS), device="cpu")
     layout = model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile)
     store = MassStore.for_layout(layout, model.config.depth, model.config.heads, model=cfg.model.name)
