@@ -5,16 +5,22 @@ set -u
 export PYTHONPATH=${PYTHONPATH:-}:$PWD:$PWD/kernels
 P=(--prompt "a green circle moving right" --prompt "a purple square bouncing on checkerboard"
    --prompt "an orange triangle moving down on a gradient" --prompt "a white square moving up")
-for T in 2,4,4 1,4,4; do
+for T in ${TILES:-2,4,4 1,4,4}; do
   N=${T//,/}
   timeout 100 python3 -m dist_compact.search capture --out-dir $OUT/mass$N --capture-steps 4,8,12,16 "${P[@]}" \
     -- --config configs/cluster/1gpu.yaml --run.video false --model.tile $T > $OUT/capture$N.log 2>&1 || tail -5 $OUT/capture$N.log
-  for TAU in 0.9 0.95; do
+  for TAU in ${TAUS:-0.9 0.95}; do
     timeout 60 python3 -m dist_compact.search search $OUT/mass$N/mass_*.pt --out $OUT/compact-$N-$TAU.yaml \
       --tau $TAU --model embedded 2>&1 | tail -1
   done
 done
 S="sparsity.sparsity=0.7"
+if [ -n "${VARIANTS:-}" ]; then  # a file of variants, one per line ($OUT expanded)
+  mapfile -t V < <(sed "s|\$OUT|$OUT|g" "$VARIANTS")
+  ARGS=(); for v in "${V[@]}"; do ARGS+=(--variant "$v"); done
+  timeout 300 python3 benchmarks/embedded_quality.py --csv $OUT/embedded_quality.csv "${ARGS[@]}" > $OUT/quality.log 2>&1
+  grep -v "^{" $OUT/quality.log | tail -16; exit 0
+fi
 timeout 300 python3 benchmarks/embedded_quality.py --csv $OUT/embedded_quality.csv \
   --variant "adaspa-0.25=" \
   --variant "adaspa-0.3=$S" \
