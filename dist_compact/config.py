@@ -5,7 +5,7 @@ its default)::
 
     include: [../models/embedded.yaml]     # optional: files merged first (paths relative to this one)
     cluster: {nproc: 2, ulysses: 2, ring: 1, device: cpu, backend: gloo}
-    model:   {name: embedded, frames: 16, height: 48, width: 48, tile: [2, 4, 4]}
+    model:   {name: embedded, frames: 16, height: 48, width: 48, tile: [1, 4, 4]}
     sparsity: {mode: adaspa, sparsity: 0.75}   # dist_compact.schedule.SparsityConfig
     run:     {prompt: "a red square moving left", seed: 0, steps: 20, guidance: 4.0}
 
@@ -134,7 +134,7 @@ class ModelConfig:
     frames: int = 16
     height: int = 48
     width: int = 48
-    tile: Tuple[int, int, int] = (2, 4, 4)
+    tile: Tuple[int, int, int] = (1, 4, 4)
     dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -209,9 +209,10 @@ class RunOptions:
         _choice(self, "attn_backend", ("auto", "triton", "torch"))
 
 
-#: The embedded demo's sparsity: AdaSpa's online schedule (scaled to the run length) at density 0.25.
-DEMO_SPARSITY = SparsityConfig(mode="adaspa", dense_steps=10, search_steps=(10, 30),
-                               search_kinds=("fused", "cached"), reference_steps=50, sparsity=0.75)
+#: The embedded demo's sparsity (configs/sparsity/demo.yaml): the shipped Compact config united with AdaSpa's online search.
+DEMO_SPARSITY = SparsityConfig(mode="compact+adaspa", compact_config="embedded-compact-0.5.yaml", dense_steps=20,
+                               search_steps=(20, 30, 40), search_kinds=("fused", "fused", "fused"),
+                               reference_steps=50, sparsity=0.9)
 
 
 @dataclass(frozen=True)
