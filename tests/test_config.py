@@ -47,6 +47,12 @@ def test_shipped_cluster_files():
     demo = load_run_config([ROOT / "configs/cluster/cpu-demo.yaml"])
     assert (demo.cluster.nproc, demo.cluster.ulysses, demo.cluster.device, demo.cluster.backend) == (2, 2, "cpu", "gloo")
     assert demo.model.name == "embedded" and demo.sparsity.mode != "dense"
+    # the demo sparsity file is the built-in default, and its Compact config fits the shipped model
+    assert load_run_config([ROOT / "configs/cluster/1gpu.yaml"]).sparsity == DEMO_SPARSITY
+    from dist_compact.pipeline import load_compact
+
+    cc = load_compact(DEMO_SPARSITY, model="embedded", num_layers=8, num_heads=6)
+    assert cc.num_layers == 8
     two = load_run_config([ROOT / "configs/cluster/2x8-hybrid.yaml"])
     assert two.cluster.world_size == 16
 
@@ -183,6 +189,6 @@ def test_generate_print_config(capsys):
     spec.loader.exec_module(gen)
     assert gen.main(["--config", str(ROOT / "configs/cluster/1gpu.yaml"), "--steps", "5", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 5" in out and "mode: adaspa" in out
+    assert "steps: 5" in out and "mode: compact+adaspa" in out
     assert gen.main(["--run.steps", "x"]) == 2
     assert "config error: command line: --run.steps" in capsys.readouterr().err

@@ -31,8 +31,15 @@ def weights(tmp_path_factory):
     return path
 
 
+#: the small test models (2 layers, 2 heads) cannot use the demo's Compact config (searched for the
+#: shipped 8 x 6 model): these tests run AdaSpa alone, one fused and one cached search
+ADASPA = [("sparsity.mode", "adaspa"), ("sparsity.compact_config", "null"), ("sparsity.dense_steps", "10"),
+          ("sparsity.search_steps", "10,30"), ("sparsity.search_kinds", "fused,cached"), ("sparsity.sparsity", "0.75")]
+ADASPA_ARGS = [a for k, v in ADASPA for a in ("--" + k, v)]
+
+
 def _cfg(out, weights, *extra):
-    over = [("model.path", str(weights)), ("model.frames", "4"), ("model.height", "16"), ("model.width", "24"),
+    over = ADASPA + [("model.path", str(weights)), ("model.frames", "4"), ("model.height", "16"), ("model.width", "24"),
             ("run.steps", "3"), ("run.output_dir", str(out)), ("run.attn_backend", "torch"),
             ("run.progress", "false"), ("run.guidance", "2.0")]
     return load_run_config([], over + list(extra))
@@ -123,7 +130,7 @@ def test_corrupt_weights_clear_error(tmp_path, weights, capsys):
         run_generation(_cfg(out, bad))
     assert not out.exists() or os.listdir(out) == []
     gen = _generate_module()
-    rc = gen.main(["--model-path", str(bad), "--output-dir", str(out), "--steps", "2"])
+    rc = gen.main(["--model-path", str(bad), "--output-dir", str(out), "--steps", "2", *ADASPA_ARGS])
     err = capsys.readouterr().err
     assert rc == 1 and "checksum mismatch" in err and "Traceback" not in err
     assert not out.exists() or os.listdir(out) == []
@@ -155,7 +162,7 @@ def test_cli_end_to_end(tmp_path, weights, capsys):
     gen = _generate_module()
     rc = gen.main(["--model-path", str(weights), "--output-dir", str(out), "--steps", "2", "--name", "cli",
                    "--model.frames", "4", "--model.height", "16", "--model.width", "16",
-                   "--run.attn_backend", "torch", "--run.progress", "false", "--seed", "7"])
+                   "--run.attn_backend", "torch", "--run.progress", "false", "--seed", "7", *ADASPA_ARGS])
     assert rc == 0 and "wrote" in capsys.readouterr().out
     rep = json.loads((out / "cli" / "report.json").read_text())
     assert rep["seed"] == 7 and rep["steps"] == 2
@@ -167,8 +174,13 @@ def test_attention_factory_modes():
 
     dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)
     assert [type(a) for a in dense] == [DenseAttention] * 3
-    sparse = build_attention(2, DEMO_SPARSITY)
-    assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == [0, 1]
+    from dist_compact.pipeline import load_compact
+
+    with pytest.raises(ValueError, match="compact"):
+        build_attention(2, DEMO_SPARSITY)  # compact+adaspa without its Compact pattern
+    compact = load_compact(DEMO_SPARSITY, model="embedded", num_layers=8, num_heads=6)
+    sparse = build_attention(8, DEMO_SPARSITY, compact)
+    assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == list(range(8))
 
 
 def test_psnr_ssim():
@@ -201,12 +213,12 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, weights):
 
     common = ["--config", str(ROOT / "configs/cluster/cpu-demo.yaml"), "--model-path", str(weights),
               "--model.frames", "4", "--model.height", "16", "--model.width", "24", "--steps", "3",
-              "--run.progress", "false", "--seed", "5", "--output-dir", str(tmp_path / "out")]
+              "--run.progress", "false", "--seed", "5", "--output-dir", str(tmp_path / "out"), *ADASPA_ARGS]
     one = run_generation(load_run_config(
         [ROOT / "configs/cluster/cpu-demo.yaml"],
         [("model.path", str(weights)), ("model.frames", "4"), ("model.height", "16"), ("model.width", "24"),
          ("run.steps", "3"), ("run.progress", "false"), ("run.seed", "5"), ("run.output_dir", str(tmp_path / "out")),
-         ("run.name", "one"), ("cluster.nproc", "1"), ("cluster.ulysses", "1")]))
+         ("run.name", "one"), ("cluster.nproc", "1"), ("cluster.ulysses", "1"), *ADASPA]))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            str(ROOT / "generate.py"), *common, "--name", "two"]
