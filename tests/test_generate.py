@@ -232,6 +232,40 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, weights):
     assert rep["world_size"] == 2 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_torchrun_eight_processes_equal_one_process(tmp_path):
+    """The three 1x8 cluster layouts (ulysses 8; 4 x ring 2; 2 x ring 4) on 8 CPU processes (gloo):
+    the same latents as one process (fp32, <= 1e-4), AdaSpa searches included."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    m = EmbeddedDiT(EmbeddedConfig(dim=128, depth=2, heads=8, rope_split=(4, 6, 6), frames=4, height=16, width=16))
+    with torch.no_grad():
+        for p in m.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    weights = tmp_path / "heads8.safetensors"
+    save_embedded(m, weights)
+    over = [("model.path", str(weights)), ("model.frames", "8"), ("model.height", "16"), ("model.width", "16"),
+            ("run.steps", "3"), ("run.progress", "false"), ("run.seed", "2"), ("run.video", "false"),
+            ("run.attn_backend", "torch"), ("run.output_dir", str(tmp_path / "out")), *ADASPA]
+    one = run_generation(load_run_config([], over + [("run.name", "one")]))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    for name in ("1x8-ulysses", "1x8-hybrid", "1x8-ring4"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port", str(_free_port()),
+               str(ROOT / "generate.py"), "--config", str(ROOT / f"configs/cluster/{name}.yaml"),
+               "--cluster.device", "cpu", "--cluster.backend", "gloo", "--name", name,
+               *(a for k, v in over for a in ("--" + k, v))]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+        lat = torch.load(tmp_path / "out" / name / "latents.pt")
+        assert (lat - one.latents).abs().max().item() <= 1e-4, name
+        rep = json.loads((tmp_path / "out" / name / "report.json").read_text())
+        assert rep["world_size"] == 8 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
+
+
 def test_compact_and_online_modes_from_a_config_file(tmp_path, weights):
     from dist_compact.patterns import CompactConfig, HeadPattern
     from dist_compact.search.config_file import save_config

@@ -60,12 +60,12 @@ def make_index(layout: VideoLayout, kind: str, heads: int = H, seed: int = 0, ba
 class Capture:
     """An inner attention that records what the parallel ops gave it."""
 
-    def __init__(self, index=None, mode="sparse"):
-        self.index, self.mode = index, mode
+    def __init__(self, index=None, mode="sparse", heads=H):
+        self.index, self.mode, self.num_heads = index, mode, heads
 
     def __call__(self, q, k, v, ctx):
         ops, layout = ctx.ops, ctx.layout
-        self.heads = ops.head_range(H)
+        self.heads = ops.head_range(self.num_heads)
         self.rows = ops.q_blocks(layout)
         self.weight = ops.row_weight(layout)
         if self.mode == "sparse":
@@ -106,7 +106,7 @@ def _check_repeat_is_cached(wrapped, args, out_first):
         assert ops.bytes_sent == 2 * sent
 
 
-def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None):
+def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None, heads=H):
     """One (config, layout, index) case on this rank; returns the max errors."""
     import dist_compact.parallel as par
 
@@ -117,7 +117,7 @@ def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None):
         assert layout.num_slabs % sp.config.ring == 0
     g = torch.Generator().manual_seed(zlib.crc32(f"{layout_name}/{kind}".encode()))  # same on every rank
     S = layout.padded_len
-    q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(B, S, heads, D, generator=g) for _ in range(3))
     bv = layout.block_valid()
     bs = layout.block_size
     errs = {}
@@ -140,11 +140,11 @@ def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None):
         cmp("dense-entry out", out, ref)
         return errs
     if kind in ("dense", "mass"):
-        index = BlockIndex.full(1, H, layout.num_blocks, layout.num_blocks, bs)
-        cap = Capture(mode=kind)
+        index = BlockIndex.full(1, heads, layout.num_blocks, layout.num_blocks, bs)
+        cap = Capture(mode=kind, heads=heads)
     else:
-        index = make_index(layout, kind, batch=index_batch)
-        cap = Capture(index)
+        index = make_index(layout, kind, heads=heads, batch=index_batch)
+        cap = Capture(index, heads=heads)
     wrapped = sp.wrap(cap)
     out_local = wrapped(ql, kl, vl, ctx)
     ops = getattr(wrapped, "ops", None)
@@ -200,7 +200,14 @@ CASES_4 = [
 ]
 
 
-def _worker(rank, world, configs, cases):
+CASES_8 = [
+    ("5x6x7-text13", "window", "torch", 1, 1),
+    ("3x5x9-text20before", "random", "torch", 1, 1),
+    ("7x4x8-notext", "mass", "torch", 1, 1),
+]
+
+
+def _worker(rank, world, configs, cases, heads=H):
     from dist_compact.parallel import ParallelConfig, SequenceParallel, build_groups
 
     results = {}
@@ -209,16 +216,20 @@ def _worker(rank, world, configs, cases):
         sp = SequenceParallel(cfg, build_groups(cfg, use_ulysses_low=low))
         for case in cases:
             name, kind, backend, B, ib = case
-            results[(u, r, low) + tuple(case)] = _check_case(sp, name, kind, backend, B=B, index_batch=ib)
+            results[(u, r, low) + tuple(case)] = _check_case(sp, name, kind, backend, B=B, index_batch=ib,
+                                                             heads=heads)
     return results
 
 
-@pytest.mark.parametrize("world, configs, cases, timeout", [
-    pytest.param(2, [(2, 1, True), (1, 2, True)], CASES_2, 220, marks=pytest.mark.timeout(240), id="two-processes"),
+@pytest.mark.parametrize("world, configs, cases, heads, timeout", [
+    pytest.param(2, [(2, 1, True), (1, 2, True)], CASES_2, H, 220, marks=pytest.mark.timeout(240), id="two-processes"),
     # ulysses 4, ring 4, hybrid 2x2 in yunchang's two rank layouts
-    pytest.param(4, [(4, 1, True), (1, 4, True), (2, 2, True), (2, 2, False)], CASES_4, 280,
+    pytest.param(4, [(4, 1, True), (1, 4, True), (2, 2, True), (2, 2, False)], CASES_4, H, 280,
                  marks=pytest.mark.timeout(300), id="four-processes"),
+    # the three 1x8 cluster layouts (configs/cluster/1x8-*.yaml): ulysses 8, 4 x ring 2, 2 x ring 4; 8 heads
+    pytest.param(8, [(8, 1, True), (4, 2, True), (2, 4, True)], CASES_8, 8, 400,
+                 marks=[pytest.mark.timeout(420), pytest.mark.slow], id="eight-processes"),
 ])
-def test_parallel_equals_one_process(tmp_path, world, configs, cases, timeout):
-    res = run_workers(_worker, world, tmp_path, configs, cases, timeout=timeout)
+def test_parallel_equals_one_process(tmp_path, world, configs, cases, heads, timeout):
+    res = run_workers(_worker, world, tmp_path, configs, cases, heads, timeout=timeout)
     assert all(len(r) == len(configs) * len(cases) for r in res)
