@@ -27,6 +27,36 @@ forward is estimated as ``measured + sum over block types (missing blocks x mean
 Finally the 50-step schedules are estimated from the step types: AdaSpa (10 dense, fused search,
 LSE-cached search, 38 reuse) and Compact (15 dense, 35 window steps); Wan runs two forwards per step
 (classifier-free guidance), HunyuanVideo one (distilled guidance).
+
+Sequence parallelism: under ``torchrun`` (one GPU per process, NCCL; gloo on CPUs with ``--small``)
+every process builds the same model (``--seed``, and rank 0's parameters broadcast) and the same
+inputs, and each layout of ``--parallel U1xR1,U2xR2,...`` (Ulysses x ring; ``U x R`` must equal the
+world size; default ``WORLD_SIZE x 1``, ``1x1`` without torchrun) runs every case with
+``sparsify(..., sequence_parallel=SequenceParallel(ParallelConfig(U, R), build_groups(...)))``:
+``dense`` is our dense path under the plan (Ulysses all-to-all / ring exchange + SDPA), the sparse
+cases the same around the block-sparse op; ``stock`` (diffusers' own processors, the whole sequence
+on every process) runs on one process only and is skipped otherwise. On 4 GPUs (H100 / H200 x4),
+from the repository root:
+
+    PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/model_forward.py \
+        --model hunyuan,wan --layers 6 --parallel 4x1,2x2 --csv $OUT/forward4.csv          # quick estimate
+    PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/model_forward.py \
+        --model hunyuan,wan --parallel 4x1,2x2 --csv $OUT/forward4_full.csv                # all layers
+    torchrun --standalone --nproc-per-node 2 benchmarks/model_forward.py --small --parallel 2x1,1x2 --check  # CPU
+
+(1 GPU: the commands at the top, ``--csv $OUT/forward1.csv``; their output is unchanged.) With
+P > 1: a barrier before every forward, CUDA events on every rank, the slowest rank per forward
+(all_reduce MAX) and then the median over ``--reps`` (attention and per-block times the same way;
+attention times include the exchanges). Extra columns (every row): ``parallel``, ``world``,
+``ulysses``, ``ring``; ``ring_bytes``: ring point-to-point bytes per attention call summed over
+ranks (``RingOps.bytes_sent`` over the timed forwards; the searches' block mass adds a K-only ring,
+so ``search_*`` rows can reach 1.5x the dense ring); ``dense_ring_bytes``: a dense ring for the
+same layout (every K and V shard to every other ring rank, in each of the U rings);
+``peak_gib_max`` / ``peak_gib_ranks``: peak memory, max over ranks and per rank;
+``index_cache_mib``: the index / LSE caches of the rank holding the most. ``--check`` (with
+``--small`` or ``--layers N``: rank 0 also runs the model alone) reports ``check_max_abs`` /
+``check_rel`` of each case's output (gathered to the full sequence) vs the one-process forward.
+Rank 0 prints the table and writes the CSV.
 """
 
 from __future__ import annotations
@@ -34,6 +64,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import statistics
 import sys
 import time
@@ -42,11 +73,14 @@ from typing import Dict, List, Optional
 
 import torch
 
-from common import write_csv
+_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path[1:1] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and its kernels, uninstalled too
 
-from dist_compact.integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B
-from dist_compact.integrations.published import build_transformer as build_model
-from dist_compact.integrations.published import transformer_inputs as make_inputs
+from common import write_csv  # noqa: E402
+
+from dist_compact.integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B  # noqa: E402
+from dist_compact.integrations.published import build_transformer as build_model  # noqa: E402
+from dist_compact.integrations.published import transformer_inputs as make_inputs  # noqa: E402
 
 
 @dataclass
@@ -153,16 +187,76 @@ def block_hooks(model, name: str, timer: Timer):
     return handles
 
 
-def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
+class World:
+    """The torchrun world (or one process): rank 0 prints, barriers, reductions over ranks."""
+
+    def __init__(self, device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.on = dist.is_available() and dist.is_initialized()
+        self.size = dist.get_world_size() if self.on else 1
+        self.rank = dist.get_rank() if self.on else 0
+        self.device = device  # NCCL reduces CUDA tensors, gloo CPU tensors
+
+    def print(self, *args, **kw) -> None:
+        if self.rank == 0:
+            print(*args, **kw)
+
+    def barrier(self) -> None:
+        """Line the ranks up (the GPU work queued before it done first)."""
+        if not self.on:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.dist.all_reduce(torch.zeros(1, device=self.device))
+
+    def max_rows(self, rows: List[List[float]]) -> List[List[float]]:
+        """Element-wise max over ranks of a table of floats (the same shape on every rank)."""
+        if not self.on or not rows:
+            return rows
+        t = torch.tensor(rows, dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def gather(self, values: List[float]) -> List[List[float]]:
+        """Every rank's ``values``, in rank order."""
+        if not self.on:
+            return [list(values)]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self.dist.all_gather(parts, t)
+        return [p.tolist() for p in parts]
+
+    def broadcast_module(self, module) -> None:
+        """Rank 0's parameters and buffers on every rank (the seeded builds should agree already)."""
+        if not self.on:
+            return
+        with torch.no_grad():
+            for t in itertools.chain(module.parameters(), module.buffers()):
+                self.dist.broadcast(t.data, src=0)
+
+
+def _plan_label(plan) -> str:
+    return f"{plan.config.ulysses}x{plan.config.ring}"
+
+
+def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
+    from dist_compact.parallel import RingOps, SequenceParallel
     from dist_compact.pipeline import build_attention
     from dist_compact.schedule import SparsityConfig
     from dist_compact.stats import AttentionStats
 
+    world = world or World(device)
+    plans = plans or [SequenceParallel()]
+    say = world.print
     full_cfg, (latents, text_tokens) = (SMALL[name] if args.small else
                                         ({"wan": WAN_14B, "hunyuan": HUNYUAN}[name], SHAPES[name]))
     t0 = time.perf_counter()
+    torch.manual_seed(args.seed)  # the same random weights on every rank (and broadcast to be sure)
     model, cfg = build_model(name, full_cfg, device, dtype, args.layers)
+    world.broadcast_module(model)
     built_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     text_dim = cfg["text_dim"] if name == "wan" else cfg["text_embed_dim"]
@@ -170,26 +264,37 @@ def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
     inputs = make_inputs(name, latents, text_tokens, text_dim, cfg.get("pooled_projection_dim", 0), valid, device,
                          dtype)
     heads = cfg["num_attention_heads"]
+    head_dim = cfg["attention_head_dim"]
+    esize = torch.empty((), dtype=dtype).element_size()
     run_layers = cfg["num_layers"] + cfg.get("num_single_layers", 0)
     full_counts = ({"block": full_cfg["num_layers"]} if name == "wan" else
                    {"dual": full_cfg["num_layers"], "single": full_cfg["num_single_layers"]})
-    print(f"# {name}: {params / 1e9:.2f} B params ({run_layers} of "
-          f"{sum(full_counts.values())} layers) built in {built_s:.1f} s; latents {tuple(latents)}", flush=True)
+    say(f"# {name}: {params / 1e9:.2f} B params ({run_layers} of "
+        f"{sum(full_counts.values())} layers) built in {built_s:.1f} s; latents {tuple(latents)}", flush=True)
 
     timer = Timer(device)
     # --small: 16-token tiles, so the tiny grid has enough blocks for the densities to differ
     tile = tuple(args.tile) if args.tile else ((1, 4, 4) if args.small else None)
     backend = "torch" if args.small else "auto"
+    built: List = []  # this case's attention layers (under a plan: ParallelAttention, whose .ops count ring bytes)
 
     def factory(n, sparsity, compact, sp):
-        return [TimedAttention(a, timer) for a in build_attention(n, sparsity, compact, sp)]
+        attns = build_attention(n, sparsity, compact, sp)
+        built.extend(attns)
+        return [TimedAttention(a, timer) for a in attns]
 
-    # a layout to size the windows: one dense forward sets it
-    sparsify(model, SparsityConfig(mode="dense"), tile=tile, backend=backend)
+    def sp_arg(plan):
+        return plan if plan.enabled else None
+
+    def ring_ops():
+        return [a.ops for a in built if isinstance(getattr(a, "ops", None), RingOps)]
+
+    # a layout to size the windows: one dense forward sets it (under the first plan: every rank takes part)
+    sparsify(model, SparsityConfig(mode="dense"), tile=tile, backend=backend, sequence_parallel=sp_arg(plans[0]))
     with torch.no_grad():
         model(**inputs)
     layout = sparsify_handle(model).layout
-    print(f"# {name}: {layout}", flush=True)
+    say(f"# {name}: {layout}", flush=True)
     R = args.warmup + args.reps
     cases = [Case("stock", None), Case("dense", SparsityConfig(mode="dense"))]
     for d in args.densities:
@@ -209,93 +314,191 @@ def run_model(name: str, args, device, dtype, rows: List[dict]) -> None:
             sparsity=0.8, mass_query_rows=args.mass_rows), steps=list(range(R + 1))))
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
+
+    def reference(case: Case) -> torch.Tensor:
+        """The case's output on this process alone (no plan): the same steps, the last output."""
+        unsparsify(model)
+        sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend,
+                 stats=AttentionStats(timing=False))
+        st = sparsify_handle(model).state
+        steps = case.steps or [0] * R
+        st.begin(max(steps) + 1 if case.steps else 1)
+        with torch.no_grad():
+            for step in steps:
+                st.step = step
+                o = model(**inputs)[0]
+        unsparsify(model)
+        return o
+
     hooks = block_hooks(model, name, timer)
-    results = {}
+    refs: Dict[str, torch.Tensor] = {}  # --check: case -> one-process output (rank 0)
     try:
-        for case in cases:
-            unsparsify(model)
-            stats = None
-            if case.sparsity is not None:
-                stats = AttentionStats(timing=False)
-                sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend, stats=stats,
-                         attention_factory=factory)
-                state = sparsify_handle(model).state
-                steps = case.steps or [0] * R
-                state.begin(max(steps) + 1 if case.steps else 1)
-            else:
-                steps = [0] * R
-            # the warm-up forwards (and the fused search that precedes cached / reuse steps) are not timed
-            pre = len(steps) - args.reps
-            times, attn, per_block = [], [], {}
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            with torch.no_grad():
-                for i, step in enumerate(steps):
-                    if case.sparsity is not None:
-                        state.step = step
-                    timer.reset()
-                    s = timer.start()
-                    out = model(**inputs)[0]
-                    timer.stop(s, "forward")
-                    tot = timer.totals()
-                    if i >= pre:
-                        times.append(tot["forward"])
-                        attn.append(tot.get("attn", float("nan")))
-                        cnt = timer.counts()
-                        for key in full_counts:
-                            per_block.setdefault(key, []).append(tot.get(key, 0.0) / max(1, cnt.get(key, 1)))
-            finite = bool(torch.isfinite(out).all())
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            ms = statistics.median(times)
-            attn_ms = statistics.median(attn)
-            run_counts = ({"block": cfg["num_layers"]} if name == "wan" else
-                          {"dual": cfg["num_layers"], "single": cfg["num_single_layers"]})
-            est = ms + sum((full_counts[k] - run_counts[k]) * statistics.median(v) for k, v in per_block.items())
-            attn_full = attn_ms * sum(full_counts.values()) / run_layers if not math.isnan(attn_ms) else float("nan")
-            density = None
-            if stats is not None:
-                summ = stats.summary()
-                density = summ.get("mean_density_sparse") or summ.get("mean_density")
-            h = sparsify_handle(model)
-            idx_mb = h.cache_nbytes() / 2**20 if h is not None else 0.0
-            results[case.name] = est
-            row = dict(model=name, case=case.name, target=case.target, density=density, layers_run=run_layers,
-                       layers_full=sum(full_counts.values()), ms_forward=ms, est_full_ms=est, attn_ms=attn_ms,
-                       est_full_attn_ms=attn_full, attn_share=attn_full / est if est else None, peak_gib=peak,
-                       index_cache_mib=idx_mb, finite=finite, tokens=layout.seq_len, padded=layout.padded_len,
-                       tile="x".join(map(str, layout.tile)))
-            rows.append(row)
-            dens = "" if density is None else f"d={density:.3f}"
-            print(f"{name:8s} {case.name:18s} {dens:8s} {ms:10.1f} ms ({run_layers} layers)  full est {est:10.1f} ms  "
-                  f"attn {attn_full:9.1f} ms ({(attn_full / est if est else 0):5.1%})  peak {peak:6.1f} GiB  "
-                  f"index {idx_mb:8.2f} MiB{'' if finite else '  NON-FINITE OUTPUT'}", flush=True)
+        for plan in plans:
+            label = _plan_label(plan)
+            u, r = plan.config.ulysses, plan.config.ring
+            # one process: the output of the single-device script, unchanged
+            tag = f"{label:5s} " if world.size > 1 else ""
+            sub = f" {label}" if world.size > 1 else ""
+            results = {}
+            if plan.enabled and any(c.sparsity is None for c in cases):
+                say(f"# {name}{sub}: stock (diffusers' own processors) skipped: it runs the whole sequence on "
+                    f"every process, meaningful on one process only", flush=True)
+            shown_layout = layout
+            for case in cases:
+                if case.sparsity is None and plan.enabled:
+                    continue
+                unsparsify(model)
+                built.clear()
+                stats = None
+                if case.sparsity is not None:
+                    stats = AttentionStats(timing=False)
+                    sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend, stats=stats,
+                             attention_factory=factory, sequence_parallel=sp_arg(plan))
+                    state = sparsify_handle(model).state
+                    steps = case.steps or [0] * R
+                    state.begin(max(steps) + 1 if case.steps else 1)
+                else:
+                    steps = [0] * R
+                # the warm-up forwards (and the fused search that precedes cached / reuse steps) are not timed
+                pre = len(steps) - args.reps
+                times, attn, per_block = [], [], {}
+                attn_calls = 0
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                with torch.no_grad():
+                    for i, step in enumerate(steps):
+                        if case.sparsity is not None:
+                            state.step = step
+                        if i == pre:  # ring bytes of the timed forwards only
+                            for ops in ring_ops():
+                                ops.reset_counters()
+                        world.barrier()
+                        timer.reset()
+                        s = timer.start()
+                        out = model(**inputs)[0]
+                        timer.stop(s, "forward")
+                        tot = timer.totals()
+                        if i >= pre:
+                            times.append(tot["forward"])
+                            attn.append(tot.get("attn", float("nan")))
+                            cnt = timer.counts()
+                            attn_calls += cnt.get("attn", 0)
+                            for key in full_counts:
+                                per_block.setdefault(key, []).append(tot.get(key, 0.0) / max(1, cnt.get(key, 1)))
+                if world.on:  # per forward: the slowest rank
+                    keys = list(per_block)
+                    table = world.max_rows([[times[j], attn[j]] + [per_block[k][j] for k in keys]
+                                            for j in range(len(times))])
+                    times, attn = [t[0] for t in table], [t[1] for t in table]
+                    per_block = {k: [t[2 + n] for t in table] for n, k in enumerate(keys)}
+                finite = bool(torch.isfinite(out).all())
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+                ms = statistics.median(times)
+                attn_ms = statistics.median(attn)
+                run_counts = ({"block": cfg["num_layers"]} if name == "wan" else
+                              {"dual": cfg["num_layers"], "single": cfg["num_single_layers"]})
+                est = ms + sum((full_counts[k] - run_counts[k]) * statistics.median(v) for k, v in per_block.items())
+                attn_full = attn_ms * sum(full_counts.values()) / run_layers if not math.isnan(attn_ms) else float("nan")
+                density = None
+                if stats is not None:
+                    summ = stats.summary()
+                    density = summ.get("mean_density_sparse") or summ.get("mean_density")
+                h = sparsify_handle(model)
+                lay = h.layout if h is not None and h.layout is not None else layout
+                idx_mb = h.cache_nbytes() / 2**20 if h is not None else 0.0
+                # ring point-to-point bytes per attention call on this rank (K/V shards; a search's block mass adds K)
+                ring_local = sum(o.bytes_sent for o in ring_ops()) / max(attn_calls, 1)
+                per_rank = world.gather([peak, idx_mb, ring_local, float(finite),
+                                         float("nan") if density is None else density])
+                peaks = [p[0] for p in per_rank]
+                peak_max = max(peaks) if not any(math.isnan(p) for p in peaks) else float("nan")
+                idx_mb = max(p[1] for p in per_rank)
+                ring_sent = sum(p[2] for p in per_rank)
+                finite = all(p[3] > 0 for p in per_rank)
+                if world.on and density is not None:  # each rank's share of rows / heads: the mean
+                    density = statistics.fmean(p[4] for p in per_rank)
+                dense_ring = 0.0
+                if r > 1:  # every ring rank's K and V shard to every other ring rank, in each of the u rings
+                    shard = 2 * (lay.num_video_blocks // r) * lay.block_size * (heads // u) * head_dim * esize
+                    dense_ring = float(r * (r - 1) * shard * u)
+                check = {}
+                if args.check and plan.enabled and case.sparsity is not None:
+                    if world.rank == 0:
+                        ref = refs.get(case.name)
+                        if ref is None:
+                            ref = refs[case.name] = reference(case)
+                        diff = out.float() - ref.float()
+                        check = dict(check_max_abs=diff.abs().max().item(),
+                                     check_rel=(diff.norm() / ref.float().norm().clamp(min=1e-30)).item())
+                    world.barrier()
+                results[case.name] = est
+                row = dict(model=name, case=case.name, target=case.target, density=density, layers_run=run_layers,
+                           layers_full=sum(full_counts.values()), ms_forward=ms, est_full_ms=est, attn_ms=attn_ms,
+                           est_full_attn_ms=attn_full, attn_share=attn_full / est if est else None, peak_gib=peak,
+                           index_cache_mib=idx_mb, finite=finite, tokens=lay.seq_len, padded=lay.padded_len,
+                           tile="x".join(map(str, lay.tile)), parallel=label, world=world.size, ulysses=u, ring=r,
+                           ring_bytes=ring_sent, dense_ring_bytes=dense_ring, peak_gib_max=peak_max,
+                           peak_gib_ranks=";".join(f"{p:.2f}" for p in peaks), **check)
+                rows.append(row)
+                if world.size > 1 and lay != shown_layout:
+                    say(f"# {name}{sub}: {lay}", flush=True)
+                    shown_layout = lay
+                dens = "" if density is None else f"d={density:.3f}"
+                extra = ""
+                if r > 1:
+                    extra += f"  ring {ring_sent / 2**20:8.2f} of {dense_ring / 2**20:8.2f} MiB/call"
+                if check:
+                    extra += f"  check max_abs {check['check_max_abs']:.1e} rel {check['check_rel']:.1e}"
+                say(f"{name:8s} {tag}{case.name:18s} {dens:8s} {ms:10.1f} ms ({run_layers} layers)  full est "
+                    f"{est:10.1f} ms  attn {attn_full:9.1f} ms ({(attn_full / est if est else 0):5.1%})  peak "
+                    f"{peak_max:6.1f} GiB  index {idx_mb:8.2f} MiB{extra}{'' if finite else '  NON-FINITE OUTPUT'}",
+                    flush=True)
+            base = results.get("dense")
+            if base:
+                mine = [row for row in rows if row["model"] == name and row["parallel"] == label]
+                for row in mine:
+                    row["speedup_vs_dense"] = base / row["est_full_ms"]
+                say(f"# {name}{sub}: speedup vs dense (full-model estimate): " + ", ".join(
+                    f"{row['case']} {row['speedup_vs_dense']:.2f}x" for row in mine), flush=True)
+                cfg_mult = 2 if name == "wan" else 1
+                if {"search_fused", "search_cached", "adaspa_reuse@0.2"} <= set(results):
+                    adaspa = (10 * base + results["search_fused"] + results["search_cached"]
+                              + 38 * results["adaspa_reuse@0.2"]) * cfg_mult / 1e3
+                    say(f"# {name}{sub}: 50 steps x {cfg_mult} forward(s): dense {50 * base * cfg_mult / 1e3:.1f} s, "
+                        f"AdaSpa d=0.2 schedule {adaspa:.1f} s ({50 * base * cfg_mult / 1e3 / adaspa:.2f}x)", flush=True)
+                for d in args.densities:
+                    key = f"window@{d:g}"
+                    if key in results:
+                        comp = (15 * base + 35 * results[key]) * cfg_mult / 1e3
+                        say(f"# {name}{sub}: 50 steps, Compact windows d~{d:g} after 15 dense: {comp:.1f} s "
+                            f"({50 * base * cfg_mult / 1e3 / comp:.2f}x)", flush=True)
     finally:
         for hd in hooks:
             hd.remove()
         unsparsify(model)
-    base = results.get("dense")
-    if base:
-        for row in rows:
-            if row["model"] == name:
-                row["speedup_vs_dense"] = base / row["est_full_ms"]
-        print(f"# {name}: speedup vs dense (full-model estimate): " + ", ".join(
-            f"{r['case']} {r['speedup_vs_dense']:.2f}x" for r in rows if r["model"] == name), flush=True)
-        cfg_mult = 2 if name == "wan" else 1
-        if {"search_fused", "search_cached", "adaspa_reuse@0.2"} <= set(results):
-            adaspa = (10 * base + results["search_fused"] + results["search_cached"]
-                      + 38 * results["adaspa_reuse@0.2"]) * cfg_mult / 1e3
-            print(f"# {name}: 50 steps x {cfg_mult} forward(s): dense {50 * base * cfg_mult / 1e3:.1f} s, AdaSpa d=0.2 "
-                  f"schedule {adaspa:.1f} s ({50 * base * cfg_mult / 1e3 / adaspa:.2f}x)", flush=True)
-        for d in args.densities:
-            key = f"window@{d:g}"
-            if key in results:
-                comp = (15 * base + 35 * results[key]) * cfg_mult / 1e3
-                print(f"# {name}: 50 steps, Compact windows d~{d:g} after 15 dense: {comp:.1f} s "
-                      f"({50 * base * cfg_mult / 1e3 / comp:.2f}x)", flush=True)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def parse_parallel(text: str) -> List[tuple]:
+    """``"4x1,2x2"`` -> ``[(4, 1), (2, 2)]`` (ulysses, ring)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            u, r = (int(x) for x in part.split("x"))
+        except ValueError:
+            raise ValueError(f"--parallel: {part!r} is not ULYSSESxRING (e.g. 4x1 or 2x2)") from None
+        if u < 1 or r < 1:
+            raise ValueError(f"--parallel: {part!r}: degrees must be >= 1")
+        out.append((u, r))
+    if not out:
+        raise ValueError("--parallel: no layout given (e.g. --parallel 4x1,2x2)")
+    return out
 
 
 def main(argv=None) -> int:
@@ -312,21 +515,95 @@ def main(argv=None) -> int:
     ap.add_argument("--mass-rows", type=lambda x: None if x == "all" else int(x), default=None,
                     help="query rows sampled per block in the searches' block mass: 'all' (exact, default) or N")
     ap.add_argument("--small", action="store_true", help="tiny configs on the CPU (a smoke test)")
+    ap.add_argument("--parallel", default=None,
+                    help="comma list of sequence-parallel layouts ULYSSESxRING, each using every process (u x r = "
+                         "world size), e.g. 4x1,2x2; default: WORLD_SIZEx1 (1x1 without torchrun)")
+    ap.add_argument("--check", action="store_true",
+                    help="also run every case as one process on rank 0 and report the output's max abs / rel error "
+                         "(needs --small or --layers N)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (the same on every rank)")
     ap.add_argument("--csv", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     args.densities = [float(x) for x in args.densities.split(",") if x]
     args.cases = set(args.cases.split(",")) if args.cases else None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    def fail(msg: str) -> int:  # the same on every rank; printed once
+        if rank == 0:
+            print(f"model_forward.py: {msg}", file=sys.stderr, flush=True)
+        return 2
+
+    from dist_compact.parallel import ParallelConfig, ParallelConfigError
+
+    names = [n.strip() for n in args.model.split(",") if n.strip()]
+    for n in names:
+        if n not in ("wan", "hunyuan"):
+            return fail(f"unknown model {n!r}; --model takes a comma list of wan, hunyuan")
+    try:
+        layouts = parse_parallel(args.parallel or f"{world_size}x1")
+        configs = [ParallelConfig(u, r) for u, r in layouts]
+        for c in configs:
+            if c.degree != world_size:
+                hint = (f"launch it with `torchrun --standalone --nproc-per-node {c.degree} benchmarks/model_forward.py "
+                        f"...`" if world_size == 1 else f"every --parallel layout must use all {world_size} processes")
+                raise ParallelConfigError(
+                    f"--parallel {c.ulysses}x{c.ring} needs ulysses x ring = {c.degree} processes but "
+                    f"{world_size} {'was' if world_size == 1 else 'were'} launched; {hint}")
+            for n in names:
+                heads = (SMALL[n][0] if args.small else {"wan": WAN_14B, "hunyuan": HUNYUAN}[n])["num_attention_heads"]
+                try:
+                    c.check(num_heads=heads)
+                except ParallelConfigError as e:
+                    raise ParallelConfigError(f"--parallel {c.ulysses}x{c.ring} for {n}: {e}") from None
+    except (ValueError, ParallelConfigError) as e:
+        return fail(str(e))
+    if args.check and not (args.small or args.layers):
+        return fail("--check also runs the whole model as one process on rank 0: use it with --small or --layers N")
     if args.small:
         device, dtype = torch.device("cpu"), torch.float32
     else:
         if not torch.cuda.is_available():
-            print("model_forward.py: no GPU; use --small for the CPU smoke test", file=sys.stderr)
-            return 2
+            return fail("no GPU; use --small for the CPU smoke test")
         device, dtype = torch.device("cuda"), torch.bfloat16
-        print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}", flush=True)
+        if world_size > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+    if world_size > 1:
+        import datetime
+
+        import torch.distributed as dist
+
+        # long timeout: --check runs one-process forwards on rank 0 while the others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+    try:
+        return _run(args, names, configs, device, dtype)
+    finally:
+        if world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _run(args, names, configs, device, dtype) -> int:
+    from dist_compact.parallel import SequenceParallel, build_groups
+
+    world = World(device)
+    if device.type == "cuda":
+        world.print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}"
+                    + (f" x {world.size} processes" if world.size > 1 else ""), flush=True)
     import diffusers
 
-    print(f"# diffusers {diffusers.__version__}", flush=True)
+    world.print(f"# diffusers {diffusers.__version__}", flush=True)
+    # every rank builds every group, in one order (build_groups is collective over the world)
+    plans = [SequenceParallel(c, build_groups(c) if c.degree > 1 else None) for c in configs]
+    if world.size > 1:
+        world.print(f"# {world.size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}); layouts "
+                    + ", ".join(str(c) for c in configs) + "; times: slowest rank per forward, then the median",
+                    flush=True)
+    elif args.check:
+        world.print("# --check: one process, nothing to compare", flush=True)
     rows: List[dict] = []
     ctx = None
     if device.type == "cuda":
@@ -341,12 +618,12 @@ def main(argv=None) -> int:
             ctx = sdpa_kernel(order)
         ctx.__enter__()
     try:
-        for name in args.model.split(","):
-            run_model(name.strip(), args, device, dtype, rows)
+        for name in names:
+            run_model(name, args, device, dtype, rows, plans, world)
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
-    if write_csv(args.csv, rows, list(dict.fromkeys(k for r in rows for k in r))):
+    if world.rank == 0 and write_csv(args.csv, rows, list(dict.fromkeys(k for r in rows for k in r))):
         print(f"# wrote {args.csv}")
     return 0
 
