@@ -39,6 +39,7 @@ __all__ = [
     "RunOptions",
     "RunConfig",
     "DEMO_SPARSITY",
+    "RANDOM_MODELS",
     "load_yaml",
     "load_run_config",
     "parse_override",
@@ -65,6 +66,10 @@ def _pos_int(obj, name: str, minimum: int = 1) -> None:
     val = getattr(obj, name)
     if not _is_int(val) or val < minimum:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
+
+
+#: ``model.name`` values of ``model.kind: random`` (published configs in dist_compact.integrations.published).
+RANDOM_MODELS = ("hunyuanvideo", "wan2.1-t2v-14b")
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -117,14 +122,26 @@ class ModelConfig:
     """Which DiT runs, at which video size.
 
     Attributes:
-        name: model name (``"embedded"`` for the shipped tiny DiT; e.g. ``"wan2.1-t2v-14b"``).
-        kind: ``"embedded"`` or ``"diffusers"`` (a diffusers pipeline from a local folder).
+        name: model name (``"embedded"`` for the shipped tiny DiT; e.g. ``"wan2.1-t2v-14b"``). With
+            ``kind: random`` one of :data:`RANDOM_MODELS` (the published transformer config it builds).
+        kind: ``"embedded"``, ``"diffusers"`` (a diffusers pipeline from a local folder) or
+            ``"random"`` (the published transformer of ``name`` with RANDOM weights, no text encoder
+            and no VAE: for speed runs, see :mod:`dist_compact.integrations.random_transformer`).
         path: weights: for ``embedded`` a ``.safetensors`` file (None = the shipped weights); for
-            ``diffusers`` the local model folder (required).
+            ``diffusers`` the local model folder (required); unused by ``random``.
         pipeline: diffusers pipeline class name (``"WanPipeline"``, ``"HunyuanVideoPipeline"``).
-        frames, height, width: video size in pixels / frames.
+        frames, height, width: video size in pixels / frames. ``random`` models take what their VAE
+            takes: ``frames = 4k + 1`` (latent frames ``(frames - 1) / 4 + 1``), ``height`` and
+            ``width`` multiples of 16 (VAE factor 8 x patch 2).
         tile: kernel tile ``(t, h, w)`` in latent tokens; ``t*h*w`` is the block size (16..128).
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
+        size: ``random`` only: ``"full"`` (the published widths and depths) or ``"small"`` (the tiny
+            stand-ins of :data:`dist_compact.integrations.published.SMALL`: 2 heads of 32, for CPU tests).
+        layers: ``random`` only: build this many transformer blocks instead of the config's (None =
+            all; Wan: ``min(layers, num_layers)``; HunyuanVideo: ``round(layers / 3)`` dual-stream
+            blocks, the rest single-stream), e.g. for a quick check of a full-size run.
+        heads: ``random`` only: attention heads instead of the config's (the head size stays; None =
+            the config's), e.g. ``8`` for the small stand-ins under ``ulysses: 8`` on a CPU.
     """
 
     name: str = "embedded"
@@ -136,11 +153,14 @@ class ModelConfig:
     width: int = 48
     tile: Tuple[int, int, int] = (1, 4, 4)
     dtype: str = "auto"
+    size: str = "full"
+    layers: Optional[int] = None
+    heads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelConfig.name must be a non-empty string, got {self.name!r}")
-        _choice(self, "kind", ("embedded", "diffusers"))
+        _choice(self, "kind", ("embedded", "diffusers", "random"))
         for name in ("frames", "height", "width"):
             _pos_int(self, name)
         object.__setattr__(self, "tile", tuple(self.tile))
@@ -155,6 +175,32 @@ class ModelConfig:
         # --model-path, and launchers read those files without one)
         if self.kind == "diffusers" and not self.pipeline:
             raise ValueError("ModelConfig.pipeline is required for diffusers models (e.g. WanPipeline)")
+        _choice(self, "size", ("full", "small"))
+        for name in ("layers", "heads"):
+            if getattr(self, name) is not None:
+                _pos_int(self, name)
+        if self.kind != "random":
+            if self.size != "full" or self.layers is not None or self.heads is not None:
+                raise ValueError("ModelConfig.size / layers / heads apply to kind 'random' only "
+                                 f"(kind is {self.kind!r})")
+            return
+        if self.name not in RANDOM_MODELS:
+            raise ValueError(f"ModelConfig.name {self.name!r} is not a random-weight model; known: "
+                             f"{', '.join(RANDOM_MODELS)}")
+        # the published models' VAEs: 4x in time (4k + 1 frames), 8x in space, then a (1, 2, 2) patch
+        problems = []
+        if (self.frames - 1) % 4:
+            k = (self.frames - 1) // 4
+            problems.append(f"frames {self.frames} is not 4k + 1 (the VAE's time factor 4; e.g. {4 * k + 1} or "
+                            f"{4 * k + 5})")
+        for name in ("height", "width"):
+            val = getattr(self, name)
+            if val % 16:
+                problems.append(f"{name} {val} is not a multiple of 16 (VAE factor 8 x patch 2; e.g. "
+                                f"{max(16, val // 16 * 16)} or {val // 16 * 16 + 16})")
+        if problems:
+            raise ValueError(f"ModelConfig: the video size does not fit {self.name}'s VAE and patching: "
+                             + "; ".join(problems))
 
 
 @dataclass(frozen=True)

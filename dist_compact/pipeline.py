@@ -384,6 +384,10 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         from .integrations.diffusers_pipeline import run_diffusers_generation
 
         return run_diffusers_generation(cfg, attention_factory=attention_factory)
+    if cfg.model.kind == "random":
+        from .integrations.random_transformer import run_random_generation
+
+        return run_random_generation(cfg, attention_factory=attention_factory)
     from . import report as rpt
     from .stats import AttentionStats
 
