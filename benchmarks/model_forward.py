@@ -237,8 +237,32 @@ class World:
                 self.dist.broadcast(t.data, src=0)
 
 
-def _plan_label(plan) -> str:
-    return f"{plan.config.ulysses}x{plan.config.ring}"
+def model_config(name: str, small: bool):
+    """``(transformer config, latents, text tokens)``: the published model or its tiny ``--small`` stand-in."""
+    if small:
+        cfg, (latents, text_tokens) = SMALL[name]
+        return cfg, latents, text_tokens
+    return {"wan": WAN_14B, "hunyuan": HUNYUAN}[name], *SHAPES[name]
+
+
+def block_counts(name: str, cfg: dict) -> Dict[str, int]:
+    """Blocks per type (the keys of :func:`block_hooks`) of a config."""
+    if name == "wan":
+        return {"block": cfg["num_layers"]}
+    return {"dual": cfg["num_layers"], "single": cfg["num_single_layers"]}
+
+
+def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int, esize: int) -> float:
+    """Ring point-to-point bytes of one dense attention call, summed over ranks: every ring rank sends its
+    K and V shard to every other ring rank (:func:`ring_bytes` with every shard needed), in each of the
+    ``ulysses`` rings (each on ``heads / ulysses`` heads)."""
+    from dist_compact.parallel import ring_bytes
+
+    if ring == 1:
+        return 0.0
+    shard = 2 * (layout.num_video_blocks // ring) * layout.block_size * (heads // ulysses) * head_dim * esize
+    every = ~torch.eye(ring, dtype=torch.bool)  # every ring rank needs every other rank's shard
+    return float(ring_bytes(every, shard).sum()) * ulysses
 
 
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
@@ -251,8 +275,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     world = world or World(device)
     plans = plans or [SequenceParallel()]
     say = world.print
-    full_cfg, (latents, text_tokens) = (SMALL[name] if args.small else
-                                        ({"wan": WAN_14B, "hunyuan": HUNYUAN}[name], SHAPES[name]))
+    full_cfg, latents, text_tokens = model_config(name, args.small)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)  # the same random weights on every rank (and broadcast to be sure)
     model, cfg = build_model(name, full_cfg, device, dtype, args.layers)
@@ -266,11 +289,10 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     heads = cfg["num_attention_heads"]
     head_dim = cfg["attention_head_dim"]
     esize = torch.empty((), dtype=dtype).element_size()
-    run_layers = cfg["num_layers"] + cfg.get("num_single_layers", 0)
-    full_counts = ({"block": full_cfg["num_layers"]} if name == "wan" else
-                   {"dual": full_cfg["num_layers"], "single": full_cfg["num_single_layers"]})
+    full_counts, run_counts = block_counts(name, full_cfg), block_counts(name, cfg)
+    run_layers, full_layers = sum(run_counts.values()), sum(full_counts.values())
     say(f"# {name}: {params / 1e9:.2f} B params ({run_layers} of "
-        f"{sum(full_counts.values())} layers) built in {built_s:.1f} s; latents {tuple(latents)}", flush=True)
+        f"{full_layers} layers) built in {built_s:.1f} s; latents {tuple(latents)}", flush=True)
 
     timer = Timer(device)
     # --small: 16-token tiles, so the tiny grid has enough blocks for the densities to differ
@@ -298,7 +320,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     R = args.warmup + args.reps
     cases = [Case("stock", None), Case("dense", SparsityConfig(mode="dense"))]
     for d in args.densities:
-        compact, win = window_config(layout, run_layers, heads, d)
+        compact, _ = window_config(layout, run_layers, heads, d)
         cases.append(Case(f"window@{d:g}", SparsityConfig(mode="compact", dense_steps=0), compact, d))
     if not args.no_search:
         cases.append(Case("search_fused", SparsityConfig(
@@ -315,14 +337,20 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
 
+    def start(case: Case, stats=None, **kw):
+        """``(state, steps)``: the model sparsified for ``case`` (stock: unsparsified, no state) and the
+        denoising steps of its forwards (warm-up and timed)."""
+        unsparsify(model)
+        if case.sparsity is None:
+            return None, [0] * R
+        sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend, stats=stats, **kw)
+        state = sparsify_handle(model).state
+        state.begin(max(case.steps) + 1 if case.steps else 1)
+        return state, case.steps or [0] * R
+
     def reference(case: Case) -> torch.Tensor:
         """The case's output on this process alone (no plan): the same steps, the last output."""
-        unsparsify(model)
-        sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend,
-                 stats=AttentionStats(timing=False))
-        st = sparsify_handle(model).state
-        steps = case.steps or [0] * R
-        st.begin(max(steps) + 1 if case.steps else 1)
+        st, steps = start(case, AttentionStats(timing=False))
         with torch.no_grad():
             for step in steps:
                 st.step = step
@@ -334,8 +362,8 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     refs: Dict[str, torch.Tensor] = {}  # --check: case -> one-process output (rank 0)
     try:
         for plan in plans:
-            label = _plan_label(plan)
             u, r = plan.config.ulysses, plan.config.ring
+            label = f"{u}x{r}"
             # one process: the output of the single-device script, unchanged
             tag = f"{label:5s} " if world.size > 1 else ""
             sub = f" {label}" if world.size > 1 else ""
@@ -347,28 +375,19 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
             for case in cases:
                 if case.sparsity is None and plan.enabled:
                     continue
-                unsparsify(model)
                 built.clear()
-                stats = None
-                if case.sparsity is not None:
-                    stats = AttentionStats(timing=False)
-                    sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend, stats=stats,
-                             attention_factory=factory, sequence_parallel=sp_arg(plan))
-                    state = sparsify_handle(model).state
-                    steps = case.steps or [0] * R
-                    state.begin(max(steps) + 1 if case.steps else 1)
-                else:
-                    steps = [0] * R
+                stats = None if case.sparsity is None else AttentionStats(timing=False)
+                state, steps = start(case, stats, attention_factory=factory, sequence_parallel=sp_arg(plan))
                 # the warm-up forwards (and the fused search that precedes cached / reuse steps) are not timed
                 pre = len(steps) - args.reps
-                times, attn, per_block = [], [], {}
+                samples = {key: [] for key in ("forward", "attn", *full_counts)}  # ms per timed forward
                 attn_calls = 0
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 with torch.no_grad():
                     for i, step in enumerate(steps):
-                        if case.sparsity is not None:
+                        if state is not None:
                             state.step = step
                         if i == pre:  # ring bytes of the timed forwards only
                             for ops in ring_ops():
@@ -380,26 +399,20 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
                         timer.stop(s, "forward")
                         tot = timer.totals()
                         if i >= pre:
-                            times.append(tot["forward"])
-                            attn.append(tot.get("attn", float("nan")))
                             cnt = timer.counts()
                             attn_calls += cnt.get("attn", 0)
-                            for key in full_counts:
-                                per_block.setdefault(key, []).append(tot.get(key, 0.0) / max(1, cnt.get(key, 1)))
-                if world.on:  # per forward: the slowest rank
-                    keys = list(per_block)
-                    table = world.max_rows([[times[j], attn[j]] + [per_block[k][j] for k in keys]
-                                            for j in range(len(times))])
-                    times, attn = [t[0] for t in table], [t[1] for t in table]
-                    per_block = {k: [t[2 + n] for t in table] for n, k in enumerate(keys)}
+                            samples["forward"].append(tot["forward"])
+                            samples["attn"].append(tot.get("attn", float("nan")))
+                            for key in full_counts:  # mean time of one block of this type
+                                samples[key].append(tot.get(key, 0.0) / max(1, cnt.get(key, 1)))
+                # per forward: the slowest rank (one process: as measured); then the medians over the forwards
+                med = {key: statistics.median(v)
+                       for key, v in zip(samples, world.max_rows(list(samples.values())))}
                 finite = bool(torch.isfinite(out).all())
                 peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-                ms = statistics.median(times)
-                attn_ms = statistics.median(attn)
-                run_counts = ({"block": cfg["num_layers"]} if name == "wan" else
-                              {"dual": cfg["num_layers"], "single": cfg["num_single_layers"]})
-                est = ms + sum((full_counts[k] - run_counts[k]) * statistics.median(v) for k, v in per_block.items())
-                attn_full = attn_ms * sum(full_counts.values()) / run_layers if not math.isnan(attn_ms) else float("nan")
+                ms, attn_ms = med["forward"], med["attn"]
+                est = ms + sum((full_counts[k] - run_counts[k]) * med[k] for k in full_counts)
+                attn_full = attn_ms * full_layers / run_layers if not math.isnan(attn_ms) else float("nan")
                 density = None
                 if stats is not None:
                     summ = stats.summary()
@@ -409,19 +422,13 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
                 idx_mb = h.cache_nbytes() / 2**20 if h is not None else 0.0
                 # ring point-to-point bytes per attention call on this rank (K/V shards; a search's block mass adds K)
                 ring_local = sum(o.bytes_sent for o in ring_ops()) / max(attn_calls, 1)
-                per_rank = world.gather([peak, idx_mb, ring_local, float(finite),
-                                         float("nan") if density is None else density])
-                peaks = [p[0] for p in per_rank]
+                peaks, idx_mbs, rings, finites, densities = zip(*world.gather(
+                    [peak, idx_mb, ring_local, float(finite), float("nan") if density is None else density]))
                 peak_max = max(peaks) if not any(math.isnan(p) for p in peaks) else float("nan")
-                idx_mb = max(p[1] for p in per_rank)
-                ring_sent = sum(p[2] for p in per_rank)
-                finite = all(p[3] > 0 for p in per_rank)
+                idx_mb, ring_sent, finite = max(idx_mbs), sum(rings), all(f > 0 for f in finites)
                 if world.on and density is not None:  # each rank's share of rows / heads: the mean
-                    density = statistics.fmean(p[4] for p in per_rank)
-                dense_ring = 0.0
-                if r > 1:  # every ring rank's K and V shard to every other ring rank, in each of the u rings
-                    shard = 2 * (lay.num_video_blocks // r) * lay.block_size * (heads // u) * head_dim * esize
-                    dense_ring = float(r * (r - 1) * shard * u)
+                    density = statistics.fmean(densities)
+                dense_ring = dense_ring_bytes(lay, u, r, heads, head_dim, esize)
                 check = {}
                 if args.check and plan.enabled and case.sparsity is not None:
                     if world.rank == 0:
@@ -434,7 +441,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
                     world.barrier()
                 results[case.name] = est
                 row = dict(model=name, case=case.name, target=case.target, density=density, layers_run=run_layers,
-                           layers_full=sum(full_counts.values()), ms_forward=ms, est_full_ms=est, attn_ms=attn_ms,
+                           layers_full=full_layers, ms_forward=ms, est_full_ms=est, attn_ms=attn_ms,
                            est_full_attn_ms=attn_full, attn_share=attn_full / est if est else None, peak_gib=peak,
                            index_cache_mib=idx_mb, finite=finite, tokens=lay.seq_len, padded=lay.padded_len,
                            tile="x".join(map(str, lay.tile)), parallel=label, world=world.size, ulysses=u, ring=r,
@@ -462,17 +469,18 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
                 say(f"# {name}{sub}: speedup vs dense (full-model estimate): " + ", ".join(
                     f"{row['case']} {row['speedup_vs_dense']:.2f}x" for row in mine), flush=True)
                 cfg_mult = 2 if name == "wan" else 1
+                dense_s = 50 * base * cfg_mult / 1e3
                 if {"search_fused", "search_cached", "adaspa_reuse@0.2"} <= set(results):
                     adaspa = (10 * base + results["search_fused"] + results["search_cached"]
                               + 38 * results["adaspa_reuse@0.2"]) * cfg_mult / 1e3
-                    say(f"# {name}{sub}: 50 steps x {cfg_mult} forward(s): dense {50 * base * cfg_mult / 1e3:.1f} s, "
-                        f"AdaSpa d=0.2 schedule {adaspa:.1f} s ({50 * base * cfg_mult / 1e3 / adaspa:.2f}x)", flush=True)
+                    say(f"# {name}{sub}: 50 steps x {cfg_mult} forward(s): dense {dense_s:.1f} s, "
+                        f"AdaSpa d=0.2 schedule {adaspa:.1f} s ({dense_s / adaspa:.2f}x)", flush=True)
                 for d in args.densities:
                     key = f"window@{d:g}"
                     if key in results:
                         comp = (15 * base + 35 * results[key]) * cfg_mult / 1e3
                         say(f"# {name}{sub}: 50 steps, Compact windows d~{d:g} after 15 dense: {comp:.1f} s "
-                            f"({50 * base * cfg_mult / 1e3 / comp:.2f}x)", flush=True)
+                            f"({dense_s / comp:.2f}x)", flush=True)
     finally:
         for hd in hooks:
             hd.remove()
@@ -551,9 +559,8 @@ def main(argv=None) -> int:
                     f"--parallel {c.ulysses}x{c.ring} needs ulysses x ring = {c.degree} processes but "
                     f"{world_size} {'was' if world_size == 1 else 'were'} launched; {hint}")
             for n in names:
-                heads = (SMALL[n][0] if args.small else {"wan": WAN_14B, "hunyuan": HUNYUAN}[n])["num_attention_heads"]
                 try:
-                    c.check(num_heads=heads)
+                    c.check(num_heads=model_config(n, args.small)[0]["num_attention_heads"])
                 except ParallelConfigError as e:
                     raise ParallelConfigError(f"--parallel {c.ulysses}x{c.ring} for {n}: {e}") from None
     except (ValueError, ParallelConfigError) as e:
