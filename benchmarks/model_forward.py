@@ -253,16 +253,13 @@ def block_counts(name: str, cfg: dict) -> Dict[str, int]:
 
 
 def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int, esize: int) -> float:
-    """Ring point-to-point bytes of one dense attention call, summed over ranks: every ring rank sends its
-    K and V shard to every other ring rank (:func:`ring_bytes` with every shard needed), in each of the
-    ``ulysses`` rings (each on ``heads / ulysses`` heads)."""
-    from dist_compact.parallel import ring_bytes
+    """Ring point-to-point bytes of one dense attention call (batch 1), summed over ranks: in each of the
+    ``ulysses`` rings (on ``heads / ulysses`` heads) every ring rank sends its K and V shard to the
+    ``ring - 1`` others."""
+    from dist_compact.parallel import ring_shard_bytes
 
-    if ring == 1:
-        return 0.0
-    shard = 2 * (layout.num_video_blocks // ring) * layout.block_size * (heads // ulysses) * head_dim * esize
-    every = ~torch.eye(ring, dtype=torch.bool)  # every ring rank needs every other rank's shard
-    return float(ring_bytes(every, shard).sum()) * ulysses
+    shard = ring_shard_bytes(layout, ring, batch=1, heads=heads // ulysses, head_dim=head_dim, element_size=esize)
+    return float(ulysses * ring * (ring - 1) * shard)
 
 
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:

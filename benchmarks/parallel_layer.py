@@ -50,7 +50,8 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and dist_
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
 from dist_compact.context import AttentionContext  # noqa: E402
 from dist_compact.executor import AttentionOps  # noqa: E402
-from dist_compact.parallel import ParallelConfig, RingOps, SequenceParallel, build_groups, ring_bytes, ring_needs  # noqa: E402
+from dist_compact.parallel import (ParallelConfig, RingOps, SequenceParallel, build_groups, ring_bytes,  # noqa: E402
+                                   ring_needs, ring_shard_bytes)
 
 FULL = dict(grid=(58, 32, 64), tile=(2, 8, 8), heads=24, head_dim=128, text=0, window=(4, 2, 4),
             dtype=torch.bfloat16, backend="triton")
@@ -195,7 +196,7 @@ def main() -> None:
             vl_tok = sp.video_blocks_per_rank(lay) * lay.block_size
             traffic["a2a_bytes"] = 4 * (u - 1) * vl_tok * H * D * esize // u * P
         if ring_ops:
-            shard = 2 * (lay.num_video_blocks // r) * lay.block_size * (H // u) * D * esize  # K + V of one ring shard
+            shard = ring_shard_bytes(lay, r, batch=q.shape[0], heads=H // u, head_dim=D, element_size=esize)
             h0, h1 = ops.head_range(H)
             need = ring_needs(index.select_heads(slice(h0, h1)), lay, r)
             pred = torch.tensor([float(ring_bytes(need, shard).sum())], dtype=torch.float64, device=device)

@@ -359,6 +359,24 @@ def _write_run(folder, report: dict, sparse, dense, fps: int, video: bool = True
     log.info("outputs written to %s", folder.final)
 
 
+def _agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
+    """Every rank runs the same config on the same weights (``weights``: ``(what, digest)`` or None), or
+    the shards would disagree: one clear error on every rank otherwise. Returns the Compact config
+    (None when the mode uses none), read on rank 0 and broadcast. On one process: just the load."""
+    from .parallel import Coordinator
+
+    coord = Coordinator()
+    if coord.world_size > 1:
+        coord.check_config(cfg.to_dict(), "run config")
+        if weights is not None:
+            coord.check_same(*weights)
+    compact = coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name,
+                                                               num_layers=num_layers, num_heads=num_heads))
+    if compact is not None and coord.world_size > 1:
+        coord.check_config(compact, "Compact config")
+    return compact
+
+
 def _load_model(model_cfg, device: torch.device, dtype: torch.dtype):
     from .models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
 
@@ -398,23 +416,8 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
     mcfg = model.config
     text = model.tokenizer.encode(run.prompt).unsqueeze(0).to(device)  # unknown words: error before any output
     sp = make_parallel(cfg.cluster, device, mcfg.heads)
-    if world > 1:
-        from .parallel import Coordinator
-
-        # every rank must run the same config on the same weights, or the shards would disagree
-        coord = Coordinator()
-        coord.check_config(cfg.to_dict(), "run config")
-        coord.check_same("model weights", model_info["sha256"])
+    compact = _agree(cfg, ("model weights", model_info["sha256"]), num_layers=mcfg.depth, num_heads=mcfg.heads)
     layout = sp.layout_for(model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile))
-
-    def load() -> object:
-        return load_compact(cfg.sparsity, model=cfg.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
-
-    if world > 1 and cfg.sparsity.uses_compact:
-        compact = coord.broadcast_object(load=load)  # rank 0 reads the file, every rank gets it
-        coord.check_config(compact, "Compact config")
-    else:
-        compact = load()
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same noise on every rank and device
     noise = torch.randn((1, mcfg.in_channels, cfg.model.frames, cfg.model.height, cfg.model.width),
                         generator=gen).to(device)

@@ -164,6 +164,7 @@ def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None, 
         need = par.ring_needs(index.select_heads(slice(h0, h1)), layout, cfg.ring)
         me = sp.groups.ring_rank
         shard_bytes = 2 * B * vr * bs * (h1 - h0) * D * 4  # K and V, fp32
+        assert par.ring_shard_bytes(layout, cfg.ring, batch=B, heads=h1 - h0, head_dim=D, element_size=4) == shard_bytes
         if kind == "mass":  # dense K-only ring on top of the dense ring of the LSE pass
             predicted = (cfg.ring - 1) * shard_bytes + (cfg.ring - 1) * shard_bytes // 2
         else:

@@ -193,7 +193,7 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
         [-1, 1] on rank 0, the sampler's latents elsewhere).
     """
     from .. import report as rpt
-    from ..pipeline import RunResult, SampleResult, load_compact, make_parallel
+    from ..pipeline import RunResult, SampleResult, _agree, make_parallel
     from ..stats import AttentionStats
 
     world, rank, device, dtype = _process(cfg)
@@ -205,7 +205,8 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
     num_heads = tcfg.num_attention_heads
     num_layers = tcfg.num_layers + getattr(tcfg, "num_single_layers", 0)
     sp = make_parallel(cfg.cluster, device, num_heads)
-    compact = load_compact(cfg.sparsity, model=mcfg.name, num_layers=num_layers, num_heads=num_heads)
+    # the same config on every rank (weights: the same folder by config); the Compact file read on rank 0
+    compact = _agree(cfg, None, num_layers=num_layers, num_heads=num_heads)
     model_info = {"name": mcfg.name, "path": os.path.abspath(mcfg.path), "pipeline": mcfg.pipeline,
                   "transformer": type(pipe.transformer).__name__,
                   "params": sum(p.numel() for p in pipe.transformer.parameters()),

@@ -51,7 +51,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..pipeline import RunResult, SampleResult, _process, _run_folder, _sparse_and_dense, _write_run, log
+from ..parallel import Coordinator, ring_shard_bytes
+from ..pipeline import RunResult, SampleResult, _agree, _process, _run_folder, _sparse_and_dense, _write_run, log
 from ..schedule import SparsityConfig
 
 __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_random_transformer",
@@ -176,15 +177,6 @@ def latent_preview(latents: torch.Tensor, ref: Optional[torch.Tensor] = None) ->
     return ((x - mean) / (3 * std)).clamp(-1, 1)
 
 
-def _gather(obj) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out: List = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 class _Recorder:
     """The attention callables a run builds (through ``attention_factory``), for their ring counters."""
 
@@ -228,7 +220,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     from .. import report as rpt
     from ..layout import VideoLayout
     from ..parallel import ParallelConfig
-    from ..pipeline import build_attention, load_compact, make_parallel, sample
+    from ..pipeline import build_attention, make_parallel, sample
     from ..stats import AttentionStats
     from .diffusers import DenoisingState, sparsify, sparsify_handle
 
@@ -244,22 +236,8 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     num_heads, head_dim = built["num_attention_heads"], built["attention_head_dim"]
     num_layers = built["num_layers"] + built.get("num_single_layers", 0)
     weights_fp = _fingerprint(model)
-    coord = None
-    if world > 1:
-        from ..parallel import Coordinator
-
-        coord = Coordinator()
-        coord.check_config(cfg.to_dict(), "run config")
-        coord.check_same("random model weights", weights_fp)
-
-    def load():
-        return load_compact(cfg.sparsity, model=mcfg.name, num_layers=num_layers, num_heads=num_heads)
-
-    if coord is not None and cfg.sparsity.uses_compact:
-        compact = coord.broadcast_object(load=load)
-        coord.check_config(compact, "Compact config")
-    else:
-        compact = load()
+    compact = _agree(cfg, ("random model weights", weights_fp), num_layers=num_layers, num_heads=num_heads)
+    coord = Coordinator()
 
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same on every rank and device
     noise = torch.randn((1, *lat), generator=gen).to(device)
@@ -313,13 +291,10 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
             used = sparsify_handle(model).layout or layout
             sent, calls = rec.counters()
             ring = cl.ring
-            shard = 0
-            if ring > 1:
-                vr = used.num_video_blocks // ring
-                shard = 2 * noise.shape[0] * vr * used.block_size * (num_heads // cl.ulysses) * head_dim \
-                    * torch.empty((), dtype=dtype).element_size()
+            shard = ring_shard_bytes(used, ring, batch=noise.shape[0], heads=num_heads // cl.ulysses,
+                                     head_dim=head_dim, element_size=dtype.itemsize)
             dense_pred = calls * (ring - 1) * shard
-            rows = _gather({"sent": sent, "dense": dense_pred, "peak": peak, "per_step": per_step,
+            rows = coord.gather_object({"sent": sent, "dense": dense_pred, "peak": peak, "per_step": per_step,
                             "dense_per_step": [c * (ring - 1) * shard for c in calls_per_step]})
             tot, tot_dense = sum(r["sent"] for r in rows), sum(r["dense"] for r in rows)
             extra[section] = {

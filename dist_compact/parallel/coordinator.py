@@ -91,7 +91,11 @@ class Coordinator:
     # ------------------------------------------------------------------ broadcast
     def broadcast_object(self, obj: Any = None, *, load: Optional[Callable[[], Any]] = None,
                          src: Optional[int] = None) -> Any:
-        """``obj`` (or ``load()``, called on the source rank only) from the source rank to all."""
+        """``obj`` (or ``load()``, called on the source rank only) from the source rank to all.
+
+        A failing ``load()`` is one ``RuntimeError`` on every rank; on one process its own exception."""
+        if not (self.active and self.world_size > 1):
+            return load() if load is not None else obj
         src = self.src if src is None else src
         if self.rank == src:
             if load is not None:
@@ -99,10 +103,9 @@ class Coordinator:
                     obj = load()
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank below
                     obj = _LoadError(f"{type(e).__name__}: {e}")
-        if self.active and self.world_size > 1:
-            box = [obj if self.rank == src else None]
-            dist.broadcast_object_list(box, src=self._global(src), group=self.group)
-            obj = box[0]
+        box = [obj if self.rank == src else None]
+        dist.broadcast_object_list(box, src=self._global(src), group=self.group)
+        obj = box[0]
         if isinstance(obj, _LoadError):
             raise RuntimeError(f"loading on rank {src} failed: {obj.text}")
         return obj
@@ -136,13 +139,20 @@ class Coordinator:
         src = self.src if src is None else src
         return self.broadcast_object(load=(lambda: fn(*args, **kwargs)), src=src)
 
+    def gather_object(self, obj: Any) -> List[Any]:
+        """``[obj of rank 0, obj of rank 1, ...]`` of the group, on every rank (``[obj]`` on one process)."""
+        if not (self.active and self.world_size > 1):
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     # ------------------------------------------------------------------ agreement
     def check_same(self, what: str, digest: str) -> str:
         """All ranks must hold the same ``digest`` of ``what``; else one clear error on every rank."""
         if not (self.active and self.world_size > 1):
             return digest
-        digests: List[Optional[str]] = [None] * self.world_size
-        dist.all_gather_object(digests, digest, group=self.group)
+        digests = self.gather_object(digest)
         if len(set(digests)) > 1:
             groups: Dict[str, List[int]] = {}
             for r, d in enumerate(digests):

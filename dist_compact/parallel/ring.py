@@ -107,6 +107,14 @@ def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int) -> torch.Tenso
     return used
 
 
+def ring_shard_bytes(layout: VideoLayout, ring: int, *, batch: int, heads: int, head_dim: int,
+                     element_size: int) -> int:
+    """Bytes of one ring shard's K and V (``heads``: the heads one ring group sees, i.e. ``H / ulysses``):
+    what :class:`RingOps` sends per rank that needs the shard. A dense ring sends it to the other
+    ``ring - 1`` ranks of the group."""
+    return 2 * batch * (layout.num_video_blocks // ring) * layout.block_size * heads * head_dim * element_size
+
+
 def ring_bytes(need: torch.Tensor, shard_bytes: int) -> torch.Tensor:
     """int64 ``[ring]`` bytes each rank sends: ``shard_bytes`` (K+V of one shard) per rank needing it."""
     return need.sum(0).to(torch.int64) * shard_bytes
