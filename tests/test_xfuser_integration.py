@@ -179,6 +179,30 @@ def test_backend_sparse_equals_block_order_sparse(world):
     assert (out - dense).abs().max() > 1e-3  # step 1 really ran sparse
 
 
+def test_plan_built_once_per_call_shape():
+    """The layout instance (its device maps) and the gathers are built at the first call of a shape and
+    reused by every later layer; sequences already in model order need no gather."""
+    grid = (2, 4, 6)
+    # one rank, split prompt: xDiT's order is the model order
+    h = _handle("hunyuan_video", 2, 1, DENSE, grid, layers=2)
+    x = torch.randn(1, 2, 48 + 6, 16)
+    layouts = []
+    for layer in (0, 1, 0):
+        xf.xdit_attention(x, x, x, attention_kwargs={xf.KWARGS_KEY: xf._LayerCall(h, layer)})
+        layouts.append(h.layout)
+    assert len(h._plans) == 1 and all(lay is layouts[0] for lay in layouts)
+    (plan,) = h._plans.values()
+    assert plan.q_src is None and plan.k_src is None
+    # two ranks, replicated prompt: queries are gathered, keys [video | text] are the model order
+    h = _handle("hunyuan_video", 4, 2, DENSE, grid)
+    q, k = torch.randn(1, 2, 48 + 2 * 5, 16), torch.randn(1, 2, 48 + 5, 16)
+    xf.xdit_attention(q, k, k, attention_kwargs={xf.KWARGS_KEY: xf._LayerCall(h, 0)})
+    (plan,) = h._plans.values()
+    assert plan.q_src is not None and plan.k_src is None
+    h.reset()
+    assert not h._plans and not h._bank
+
+
 def test_backend_argument_checks():
     h = _handle("wan", 2, 1, DENSE, (1, 4, 4))
     kw = {xf.KWARGS_KEY: xf._LayerCall(h, 0)}

@@ -185,6 +185,20 @@ def _lru(cache: "OrderedDict", key, build: Callable, limit: int):
     return val
 
 
+def _new_attentions(h, sp=None) -> List[Callable]:
+    """Per-layer attention callables of handle ``h`` (its ``attention_factory`` or ``build_attention``,
+    ``sparsity``, ``compact``, ``num_layers``) under the sequence-parallel plan ``sp`` (None: none).
+    Shared with :class:`dist_compact.integrations.xfuser.XfuserHandle`."""
+    from ..pipeline import build_attention
+
+    factory = h.attention_factory or build_attention
+    compact = h.compact if h.sparsity.uses_compact else None
+    attns = list(factory(h.num_layers, h.sparsity, compact, sp))
+    if len(attns) != h.num_layers:
+        raise ValueError(f"attention factory gave {len(attns)} callables for {h.num_layers} layers")
+    return attns
+
+
 @dataclass
 class _Group:
     """Samples of one forward that share a layout (one attention call per layer)."""
@@ -250,14 +264,7 @@ class SparsifyHandle:
         return _lru(self._bank, layout, self._build_attentions, MAX_LAYOUTS)
 
     def _build_attentions(self) -> List[Callable]:
-        from ..pipeline import build_attention
-
-        factory = self.attention_factory or build_attention
-        compact = self.compact if self.sparsity.uses_compact else None
-        attns = list(factory(self.num_layers, self.sparsity, compact, self.sp))
-        if len(attns) != self.num_layers:
-            raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
-        return attns
+        return _new_attentions(self, self.sp)
 
     def reset(self) -> None:
         """Drop every cached index / LSE (e.g. between videos of different prompts)."""
@@ -512,11 +519,12 @@ def _model_kind(model) -> str:
     raise TypeError(f"sparsify: unsupported model {name}; supported: {', '.join(SUPPORTED_MODELS)}")
 
 
-def _grid(model, kind: str, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
+def _grid(cfg, kind: str, hidden_states: torch.Tensor, who: str = "sparsify") -> Tuple[int, int, int]:
+    """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the patch size of ``cfg`` (the
+    model's config; ``kind`` "wan" or "hunyuan_video"); ``who`` prefixes the errors."""
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
         got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-        raise ValueError(f"sparsify: hidden_states must be [batch, channels, frames, height, width], got {got}")
-    cfg = model.config
+        raise ValueError(f"{who}: hidden_states must be [batch, channels, frames, height, width], got {got}")
     if kind == "wan":
         pt, ph, pw = cfg.patch_size
     else:
@@ -525,7 +533,7 @@ def _grid(model, kind: str, hidden_states: torch.Tensor) -> Tuple[int, int, int]
     # the patch-embedding convolution drops a remainder, and so does the grid
     grid = (F // pt, H // ph, W // pw)
     if min(grid) < 1:
-        raise ValueError(f"sparsify: latents {tuple(hidden_states.shape)} are smaller than the patch ({pt}, {ph}, {pw})")
+        raise ValueError(f"{who}: latents {tuple(hidden_states.shape)} are smaller than the patch ({pt}, {ph}, {pw})")
     return grid
 
 
@@ -544,7 +552,7 @@ def _install_diffusers(h: SparsifyHandle, model, kind: str) -> None:
 
     def pre_forward(module, args, kwargs):
         hs = _get_arg(args, kwargs, 0, "hidden_states")
-        grid = _grid(model, kind, hs)
+        grid = _grid(model.config, kind, hs)
         lengths = None
         if kind == "hunyuan_video":
             enc = _get_arg(args, kwargs, 2, "encoder_hidden_states")
@@ -711,15 +719,24 @@ def sparsify_handle(transformer) -> Optional[SparsifyHandle]:
 
 def denoising_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` a sparsified transformer reads its step from."""
-    h = sparsify_handle(transformer)
-    if h is None:
-        raise ValueError(f"{type(transformer).__name__} is not sparsified (call sparsify first)")
-    return h.state
+    return _state_of(transformer, sparsify_handle(transformer), "sparsify")
 
 
 def unsparsify(transformer):
     """Remove what :func:`sparsify` installed (stock processors back); returns the transformer."""
-    h = sparsify_handle(transformer)
-    if h is not None:
-        h.remove()
+    return _remove(transformer, sparsify_handle(transformer))
+
+
+# shared with dist_compact.integrations.xfuser (its handle lives under its own attribute)
+def _state_of(transformer, handle, install: str) -> DenoisingState:
+    """``handle.state``; a ValueError naming the ``install`` function when ``handle`` is None."""
+    if handle is None:
+        raise ValueError(f"{type(transformer).__name__} is not sparsified (call {install} first)")
+    return handle.state
+
+
+def _remove(transformer, handle):
+    """``handle.remove()`` unless it is None; returns ``transformer``."""
+    if handle is not None:
+        handle.remove()
     return transformer

@@ -91,7 +91,7 @@ from ..context import AttentionContext
 from ..executor import AttentionOps
 from ..layout import VideoLayout
 from ..schedule import SparsityConfig
-from .diffusers import DenoisingState, default_tile
+from .diffusers import MAX_LAYOUTS, DenoisingState, _grid, _lru, _new_attentions, _remove, _state_of, default_tile
 
 __all__ = [
     "BACKEND_KEY",
@@ -113,7 +113,6 @@ BACKEND_KEY = "dist_compact"
 #: Key of the per-layer call object in the ``attention_kwargs`` dict that USP hands the backend.
 KWARGS_KEY = "dist_compact"
 _ATTR = "_dist_compact_xfuser"
-_MAX_LAYOUTS = 4
 
 _INSTALL_HINT = (
     "dist_compact.integrations.xfuser needs xfuser 0.7.0 and a CUDA/ROCm GPU (xfuser raises at import "
@@ -182,20 +181,15 @@ class XditSequence:
         """int64 ``[q_len or k_len]``: the model-order token (video raster, then text) at each
         position of xDiT's sequence; -1 for xDiT's zero padding."""
         V, L, P, pad = self.video, self.text, self.world, self.pad
-        vid = torch.arange(V + pad)
-        vid = torch.where(vid < V, vid, torch.full_like(vid, -1))
+        vid = torch.cat([torch.arange(V), torch.full((pad,), -1)])
         if L == 0:
             return vid
+        text = V + torch.arange(L)
         if which == "k" and not self.split_text:
-            return torch.cat([vid, V + torch.arange(L)])
-        vc = (V + pad) // P
-        tc = L // P if self.split_text else L
-        parts = []
-        for p in range(P):
-            parts.append(vid[p * vc:(p + 1) * vc])
-            t0 = p * tc if self.split_text else 0
-            parts.append(V + t0 + torch.arange(tc))
-        return torch.cat(parts)
+            return torch.cat([vid, text])
+        # rank p's chunk: its video piece, then its text piece (split) or the whole prompt (replicated)
+        text = text.view(P, L // P) if self.split_text else text.expand(P, L)
+        return torch.cat([vid.view(P, -1), text], dim=1).flatten()
 
 
 def infer_sequence(video: int, world: int, q_len: int, k_len: int, *, joint: bool) -> XditSequence:
@@ -233,54 +227,44 @@ def infer_sequence(video: int, world: int, q_len: int, k_len: int, *, joint: boo
     return XditSequence(video, L, world, False, 0)
 
 
-@dataclass
-class _Mapping:
-    """Gathers between xDiT's sequence and our block order, on one device."""
+@dataclass(frozen=True)
+class _Plan:
+    """One backend call shape (grid, query / key lengths, device): our layout and the gathers between
+    xDiT's sequence and the model order (block order is then ``layout.to_blocks``)."""
 
-    q_src: torch.Tensor  # xDiT query positions of the real tokens (first text copy)
-    q_dst: torch.Tensor  # their block-order positions
-    k_src: Optional[torch.Tensor]  # None: same as q
-    k_dst: Optional[torch.Tensor]
-    out_idx: torch.Tensor  # block-order row of each xDiT query position
-    padded_len: int
+    layout: VideoLayout
+    q_src: Optional[torch.Tensor]  # xDiT query position of each model token (first text copy); None: identity
+    k_src: Optional[torch.Tensor]  # the same for keys / values
+    out_idx: torch.Tensor  # block-order row of each xDiT query position (any row for xDiT's padding)
 
 
-def _build_mapping(layout: VideoLayout, seq: XditSequence, device) -> _Mapping:
-    perm = layout.permutation()  # model-order token -> block-order position
+def _model_order_src(mi: torch.Tensor, seq_len: int) -> Optional[torch.Tensor]:
+    """Positions in xDiT's sequence (model index ``mi``) of the model tokens ``0..seq_len-1``: the
+    first one where a token appears more than once (replicated text queries); None when ``mi`` is the
+    model order already (no gather needed)."""
+    if torch.equal(mi, torch.arange(seq_len)):
+        return None
+    pos = torch.nonzero(mi >= 0).flatten()
+    first = torch.full((seq_len,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, mi[pos], pos, reduce="amin", include_self=False)
+    if (first < 0).any():
+        raise RuntimeError("dist_compact xDiT backend: a token of the layout is missing from xDiT's sequence")
+    return first
 
-    def src_dst(mi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        real = mi >= 0
-        pos = torch.nonzero(real).flatten()
-        tok = mi[pos]
-        # the first xDiT position of each model token (replicated text queries appear P times)
-        first = torch.full((layout.seq_len,), -1, dtype=torch.long)
-        first.scatter_reduce_(0, tok, pos, reduce="amin", include_self=False)
-        if (first < 0).any():
-            raise RuntimeError("dist_compact xDiT backend: a token of the layout is missing from xDiT's sequence")
-        return first, perm[torch.arange(layout.seq_len)]
 
+def _build_plan(layout: VideoLayout, seq: XditSequence, device) -> _Plan:
     mq = seq.model_index("q")
-    q_src, q_dst = src_dst(mq)
-    k_src = k_dst = None
-    if not seq.split_text and seq.text:
-        k_src, k_dst = src_dst(seq.model_index("k"))
-    out_idx = torch.where(mq >= 0, perm[mq.clamp(min=0)], torch.zeros_like(mq))
-    to = functools.partial(torch.Tensor.to, device=device)
-    return _Mapping(to(q_src), to(q_dst), None if k_src is None else to(k_src), None if k_dst is None else to(k_dst),
-                    to(out_idx), layout.padded_len)
+    q_src = _model_order_src(mq, layout.seq_len)
+    k_src = q_src if seq.split_text or not seq.text else _model_order_src(seq.model_index("k"), layout.seq_len)
+    out_idx = layout.permutation()[mq.clamp(min=0)]
+    to = (lambda t: None if t is None else t.to(device))
+    return _Plan(layout, to(q_src), to(k_src), to(out_idx))
 
 
-def _to_blocks(x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, padded_len: int) -> torch.Tensor:
+def _to_blocks(x: torch.Tensor, src: Optional[torch.Tensor], layout: VideoLayout) -> torch.Tensor:
     """xDiT ``[B, H, S, D]`` -> block order ``[B, padded_len, H, D]`` (zeros in the padding)."""
-    B, H, _, D = x.shape
-    out = x.new_zeros((B, padded_len, H, D))
-    out.index_copy_(1, dst, x.transpose(1, 2).index_select(1, src))
-    return out
-
-
-def _from_blocks(o: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
-    """Block order ``[B, padded_len, H, D]`` -> xDiT ``[B, H, S, D]``."""
-    return o.index_select(1, out_idx).transpose(1, 2)
+    x = x.transpose(1, 2)
+    return layout.to_blocks(x if src is None else x.index_select(1, src))
 
 
 # ---------------------------------------------------------------------------------------------- handle
@@ -317,7 +301,9 @@ class XfuserHandle:
         self.grid: Optional[Tuple[int, int, int]] = None
         self.layout: Optional[VideoLayout] = None
         self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
-        self._maps: "OrderedDict[Tuple, _Mapping]" = OrderedDict()
+        # one plan (layout instance + gathers) per call shape: the layout's maps and their device
+        # copies, and the gathers, are built once, not at every layer of every forward
+        self._plans: "OrderedDict[Tuple, _Plan]" = OrderedDict()
         self._hooks: List[Any] = []
         self._restore: List[Tuple[Any, Any]] = []
         self.model = None
@@ -325,37 +311,25 @@ class XfuserHandle:
     # ------------------------------------------------------------------ pieces
     def attentions(self, layout: VideoLayout) -> List[Callable]:
         """Per-layer ``attn(q, k, v, ctx)`` for ``layout`` (built once, LRU-bounded)."""
-        if layout not in self._bank:
-            from ..pipeline import build_attention
-
-            factory = self.attention_factory or build_attention
-            compact = self.compact if self.sparsity.uses_compact else None
-            attns = list(factory(self.num_layers, self.sparsity, compact, None))
-            if len(attns) != self.num_layers:
-                raise ValueError(f"attention factory gave {len(attns)} callables for {self.num_layers} layers")
-            self._bank[layout] = attns
-            while len(self._bank) > _MAX_LAYOUTS:
-                self._bank.popitem(last=False)
-        self._bank.move_to_end(layout)
-        return self._bank[layout]
+        return _lru(self._bank, layout, lambda: _new_attentions(self), MAX_LAYOUTS)
 
     def layout_for(self, grid: Sequence[int], text_tokens: int) -> VideoLayout:
         tile = self.tile if self.tile is not None else default_tile(tuple(grid))
         return VideoLayout(*grid, tile=tile, text_tokens=text_tokens, text_position="after")
 
-    def _mapping(self, layout: VideoLayout, seq: XditSequence, device) -> _Mapping:
-        key = (layout, seq, str(device))
-        m = self._maps.get(key)
-        if m is None:
-            m = self._maps[key] = _build_mapping(layout, seq, device)
-            while len(self._maps) > 4 * _MAX_LAYOUTS:
-                self._maps.popitem(last=False)
-        return m
+    def _plan(self, q_len: int, k_len: int, device) -> _Plan:
+        """The plan of a call with these lengths in the current grid (checked and built on first use)."""
+        def build() -> _Plan:
+            T, H, W = self.grid
+            seq = infer_sequence(T * H * W, self.world, q_len, k_len, joint=self.kind == "hunyuan_video")
+            return _build_plan(self.layout_for(self.grid, seq.text), seq, device)
+
+        return _lru(self._plans, (self.grid, q_len, k_len, device), build, 4 * MAX_LAYOUTS)
 
     def reset(self) -> None:
         """Drop cached attention objects (indices, LSE) and gathers."""
         self._bank.clear()
-        self._maps.clear()
+        self._plans.clear()
 
     # ------------------------------------------------------------------ the backend call
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -377,23 +351,17 @@ class XfuserHandle:
         if query.shape[1] * self.world != self.num_heads:
             raise ValueError(f"dist_compact xDiT backend: {query.shape[1]} local heads x {self.world} ranks != "
                              f"{self.num_heads} heads (ring degree > 1 or head balancing is not supported)")
-        T, H, W = self.grid
-        seq = infer_sequence(T * H * W, self.world, query.shape[2], key.shape[2], joint=self.kind == "hunyuan_video")
-        layout = self.layout_for(self.grid, seq.text)
-        self.layout = layout
-        m = self._mapping(layout, seq, query.device)
-        q = _to_blocks(query, m.q_src, m.q_dst, m.padded_len)
-        if m.k_src is None:
-            k = _to_blocks(key, m.q_src, m.q_dst, m.padded_len)
-            v = _to_blocks(value, m.q_src, m.q_dst, m.padded_len)
-        else:
-            k = _to_blocks(key, m.k_src, m.k_dst, m.padded_len)
-            v = _to_blocks(value, m.k_src, m.k_dst, m.padded_len)
+        plan = self._plan(query.shape[2], key.shape[2], query.device)
+        layout = self.layout = plan.layout
+        q = _to_blocks(query, plan.q_src, layout)
+        k = _to_blocks(key, plan.k_src, layout)
+        v = _to_blocks(value, plan.k_src, layout)
         self.state.check()
         ctx = AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps, ops=self.ops,
                                stats=self.stats)
         out = self.attentions(layout)[layer](q, k, v, ctx)
-        return _from_blocks(out.to(query.dtype), m.out_idx)
+        # block order [B, padded_len, H, D] -> xDiT's [B, H, S_q, D]
+        return out.to(query.dtype).index_select(1, plan.out_idx).transpose(1, 2)
 
     # ------------------------------------------------------------------ removal
     def remove(self) -> None:
@@ -468,15 +436,16 @@ class _HunyuanProcessor:
         xdist, _, xusp = _xfuser()
         usp = functools.partial(xusp.USP, dropout_p=0.0, is_causal=False, backend=BACKEND_KEY,
                                 attention_kwargs=self.attention_kwargs)
+
+        def heads(proj, x, norm=None):  # xDiT: proj, unflatten(2, (heads, -1)).transpose(1, 2), then the norm
+            y = proj(x).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            return y if norm is None else norm(y)
+
         if attn.add_q_proj is None and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query = heads(attn.to_q, hidden_states, attn.norm_q)
+        key = heads(attn.to_k, hidden_states, attn.norm_k)
+        value = heads(attn.to_v, hidden_states)
         if image_rotary_emb is not None:
             if attn.add_q_proj is None and encoder_hidden_states is not None:
                 n = encoder_hidden_states.shape[1]
@@ -486,22 +455,16 @@ class _HunyuanProcessor:
                 query = apply_rotary_emb(query, image_rotary_emb)
                 key = apply_rotary_emb(key, image_rotary_emb)
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq = heads(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)
+            ek = heads(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
+            ev = heads(attn.add_v_proj, encoder_hidden_states)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
-        if encoder_hidden_states is not None:
-            n_text = encoder_hidden_states.shape[1]
-        else:
-            n_text = xdist.get_runtime_state().max_condition_sequence_length
-        n_query = query.shape[2] - n_text
         rs = xdist.get_runtime_state()
+        n_text = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
+                  else rs.max_condition_sequence_length)
+        n_query = query.shape[2] - n_text
         if xdist.get_pipeline_parallel_world_size() == 1 and rs.split_text_embed_in_sp:
             out = usp(query, key, value)
         elif xdist.get_sequence_parallel_world_size() > 1:
@@ -539,21 +502,10 @@ def _kind(transformer) -> str:
 
 def check_grid(kind: str, config, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
     """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the model's patch size."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
-        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-        raise ValueError(f"sparsify_xfuser: hidden_states must be [batch, channels, frames, height, width], got {got}")
-    if kind == "wan":
-        pt, ph, pw = config.patch_size
-    else:
-        pt, ph, pw = config.patch_size_t, config.patch_size, config.patch_size
-    _, _, F, H, W = hidden_states.shape
-    grid = (F // pt, H // ph, W // pw)
-    if min(grid) < 1:
-        raise ValueError(f"sparsify_xfuser: latents {tuple(hidden_states.shape)} are smaller than the patch")
-    return grid
+    return _grid(config, kind, hidden_states, "sparsify_xfuser")
 
 
-def _ops_for(num_heads: int, backend: str, ulysses_group=None, world: Optional[int] = None):
+def _ops_for(num_heads: int, backend: str, ulysses_group=None):
     """(ops, P): AttentionOps on one rank, UlyssesOps on xDiT's Ulysses group otherwise."""
     xdist, _, _ = _xfuser()
     if xdist.get_ring_parallel_world_size() > 1:
@@ -561,7 +513,7 @@ def _ops_for(num_heads: int, backend: str, ulysses_group=None, world: Optional[i
                                   "per K/V chunk); use ulysses_degree = sp_degree, or dist_compact.parallel")
     if xdist.get_pipeline_parallel_world_size() > 1:
         raise NotImplementedError("sparsify_xfuser: PipeFusion (pipeline degree > 1) is not supported")
-    P = xdist.get_ulysses_parallel_world_size() if world is None else world
+    P = xdist.get_ulysses_parallel_world_size()
     if P == 1:
         return AttentionOps(backend), 1
     from ..parallel.config import ParallelConfig, ParallelGroups
@@ -592,7 +544,7 @@ def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = Non
         attention_factory: ``factory(num_layers, sparsity, compact, None) -> [attn, ...]``.
     """
     kind = _kind(transformer)
-    xdist, _, xusp = _xfuser()
+    _, _, xusp = _xfuser()
     sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
     if not isinstance(sparsity, SparsityConfig):
         raise TypeError(f"sparsify_xfuser: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
@@ -668,18 +620,12 @@ def xfuser_handle(transformer) -> Optional[XfuserHandle]:
 
 def denoising_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` the sparsified transformer reads its step from."""
-    h = xfuser_handle(transformer)
-    if h is None:
-        raise ValueError(f"{type(transformer).__name__} is not sparsified (call sparsify_xfuser first)")
-    return h.state
+    return _state_of(transformer, xfuser_handle(transformer), "sparsify_xfuser")
 
 
 def unsparsify_xfuser(transformer):
     """Put xDiT's processors back and remove the hooks; returns the transformer."""
-    h = xfuser_handle(transformer)
-    if h is not None:
-        h.remove()
-    return transformer
+    return _remove(transformer, xfuser_handle(transformer))
 
 
 def xfuser_transformer(model):
