@@ -68,8 +68,8 @@ def _pos_int(obj, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
 
 
-#: ``model.name`` values of ``model.kind: random`` (published configs in dist_compact.integrations.published).
-RANDOM_MODELS = ("hunyuanvideo", "wan2.1-t2v-14b")
+#: ``model.name`` values of ``model.kind: random`` -> their key in dist_compact.integrations.published.
+RANDOM_MODELS = {"hunyuanvideo": "hunyuan", "wan2.1-t2v-14b": "wan"}
 
 
 # ---------------------------------------------------------------------------------------------- sections

@@ -51,6 +51,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..config import RANDOM_MODELS
 from ..parallel import Coordinator, ring_shard_bytes
 from ..pipeline import RunResult, SampleResult, _agree, _process, _run_folder, _sparse_and_dense, _write_run, log
 from ..schedule import SparsityConfig
@@ -59,7 +60,7 @@ __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_r
            "random_text_inputs", "latent_preview", "run_random_generation"]
 
 #: ``model.name`` -> the key of :mod:`dist_compact.integrations.published` (``"hunyuan"`` / ``"wan"``).
-MODELS = {"hunyuanvideo": "hunyuan", "wan2.1-t2v-14b": "wan"}
+MODELS = RANDOM_MODELS
 #: Seed of the random weights (the same on every rank and in every run, whatever ``run.seed``).
 WEIGHT_SEED = 0
 #: VAE compression of both published models: time, space.
@@ -97,15 +98,9 @@ def published_config(name: str, size: str = "full", heads: Optional[int] = None)
 
 
 def latent_shape(frames: int, height: int, width: int) -> tuple:
-    """``(16, T, h, w)`` latents of a ``frames x height x width`` video (VAE 4x time, 8x space; patch 2)."""
-    bad = []
-    if frames < 1 or (frames - 1) % VAE_T:
-        bad.append(f"frames {frames} is not 4k + 1")
-    for what, v in (("height", height), ("width", width)):
-        if v < 16 or v % (2 * VAE_S):
-            bad.append(f"{what} {v} is not a multiple of 16 (VAE 8 x patch 2)")
-    if bad:
-        raise ValueError("the video size does not fit the model's VAE and patching: " + "; ".join(bad))
+    """``(16, T, h, w)`` latents of a ``frames x height x width`` video (VAE 4x time, 8x space); the
+    size is one :class:`~dist_compact.config.ModelConfig` accepts for ``kind: random`` (4k + 1 frames,
+    height and width multiples of 16)."""
     return (16, (frames - 1) // VAE_T + 1, height // VAE_S, width // VAE_S)
 
 
@@ -225,7 +220,8 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     from .diffusers import DenoisingState, sparsify, sparsify_handle
 
     mcfg, run, cl = cfg.model, cfg.run, cfg.cluster
-    # cheap checks first: name, video size, heads vs Ulysses (before any process group or model)
+    # cheap checks first (ModelConfig checked the name and video size): heads vs Ulysses, before any
+    # process group or model
     key, tcfg, text_tokens = published_config(mcfg.name, mcfg.size, mcfg.heads)
     lat = latent_shape(mcfg.frames, mcfg.height, mcfg.width)
     ParallelConfig(ulysses=cl.ulysses, ring=cl.ring).check(num_heads=tcfg["num_attention_heads"])
