@@ -121,7 +121,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="hunyuan,wan")
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
     ap.add_argument("--variants", default="default",
-                    help="comma list of name=BN:warps:stages[:tma], or 'default'")
+                    help="comma list of name=BN:warps:stages[:tma][:nofold][:ptridx] (the Triton kernel), name=ws "
+                         "(the warp-specialized Gluon kernel), name=triton (Triton kernel defaults), or 'default' (tma: K/V through "
+                         "tensor descriptors; nofold: scale not folded into the exp2 FFMA; ptridx: key-block "
+                         "indices through tl.load, staged by the pipeliner)")
     ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)
@@ -148,9 +151,17 @@ def main(argv=None):
         variants = {}
         for spec in args.variants.split(","):
             name, cfg = spec.split("=")
+            if cfg in ("ws", "triton"):  # a whole kernel, its own defaults
+                variants[name] = dict(impl=cfg)
+                continue
             parts = cfg.split(":")
             bn, nw, ns = (int(x) for x in parts[:3])
-            variants[name] = (bn, nw, ns, "tma" in parts[3:])
+            flags = set(parts[3:])
+            unknown = flags - {"tma", "nofold", "ptridx"}
+            if unknown:
+                ap.error(f"variant {name}: unknown flags {sorted(unknown)} (known: tma, nofold, ptridx)")
+            variants[name] = dict(block_n=bn, num_warps=nw, num_stages=ns, use_tma="tma" in flags,
+                                  fold="nofold" not in flags, asm_index="ptridx" not in flags, impl="triton")
 
     rows = []
     bs, D = 128, 128
@@ -188,9 +199,8 @@ def main(argv=None):
                 if cfg is None:
                     fn = lambda: block_sparse_attention(q, k, v, index)
                 else:
-                    bn, nw, ns, tma = cfg
                     fn = lambda: K.block_sparse_fwd(q, k, v, index.counts, index.indices, bs, scale, return_lse=False,
-                                                    block_n=bn, num_warps=nw, num_stages=ns, use_tma=tma)[0]
+                                                    **cfg)[0]
                 try:
                     fn()  # compile
                     torch.cuda.synchronize()

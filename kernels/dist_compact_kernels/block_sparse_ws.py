@@ -1,0 +1,237 @@
+"""Block-sparse attention forward for Hopper, warp-specialized (Gluon).
+
+Why a second kernel: the Triton kernel (block_sparse_fwd.py) issues the QK^T and PV tensor-core
+products and the softmax from the same warps, with CTA-wide barriers between pipeline stages, so
+the tensor cores idle while the exponentials run (BENCHMARKS.md, notes of issue 3). Here one
+program = one 128-row query block of one (z, h), split over three partitions:
+
+* the loader (the default partition, 4 warps, few registers) reads the row's key-block indices and
+  streams K/V tiles into a 2-deep shared-memory ring with the tensor-memory accelerator (TMA),
+  each stage guarded by a "ready" and an "empty" mbarrier;
+* two consumers (one warpgroup each, 240 registers) own 64 query rows each and run the online
+  softmax of FlashAttention over the tiles. They never synchronise with each other, so while one
+  computes exponentials the other's matrix products keep the tensor cores busy.
+
+Layouts and limits: q, k, v [Z, S, H, D] with the (H, D) dims packed (stride(2) == D, stride(3)
+== 1), bf16/fp16, D in (64, 128), block size 128, S_q and S_k multiples of 128 and no per-block valid
+counts (the Triton kernel serves every other case). K/V are read as a 2D [Z*S_k, H*D] view, the
+output is written through a [Z*S_q, H*D] view. LSE is natural-log, -inf (and output 0) for rows
+without any key block.
+
+Only compiled on sm_90 GPUs; `supported()` says when the launcher may use it.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+__all__ = ["block_sparse_fwd_ws", "compile_sm90", "supported"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V tile)
+ROWS = 64  # query rows per consumer warpgroup
+STAGES = gl.constexpr(2)  # K/V ring depth
+CONSUMER_REGS = gl.constexpr(240)
+# Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
+# -> async_store) and made the old names raise; the kernels call whichever this Triton has (same arguments)
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+
+@gluon.constexpr_function
+def _acc_layout(n):
+    # wgmma accumulator of a 64 x n tile on one warpgroup
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, COUNTS, INDICES,
+            row_q, col, z, cnt, SEQ_K, STAGES_: gl.constexpr):
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    _tma_load(q_desc, [row_q, col], q_bar, q_smem)
+    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    for j in range(cnt):
+        s = j % STAGES_
+        # a fresh barrier counts as having completed the phase before phase 0: the first pass
+        # over the ring waits on parity 1 and goes straight through
+        mbarrier.wait(empty.index(s), ((j // STAGES_) & 1) ^ 1)
+        kb = gl.load(INDICES + j)
+        row = z * SEQ_K + kb * k_desc.block_type.shape[0]
+        mbarrier.expect(ready.index(s), kv_bytes)
+        _tma_load(k_desc, [row, col], ready.index(s), k_smem.index(s))
+        _tma_load(v_desc, [row, col], ready.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _consumer(o_desc, q_smem, k_smem, v_smem, o_smem, q_bar, ready, empty, LSE, lse_base, row_o, col, cnt,
+              qk_scale, RETURN_LSE: gl.constexpr, ROWS_: gl.constexpr, HEAD_DIM: gl.constexpr,
+              BLOCK_N: gl.constexpr, STAGES_: gl.constexpr, WHICH: gl.constexpr):
+    dtype: gl.constexpr = o_desc.dtype
+    s_layout: gl.constexpr = _acc_layout(BLOCK_N)
+    o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    m_i = gl.full([ROWS_], float("-inf"), gl.float32, layout=s_rows)
+    l_i = gl.full([ROWS_], 0.0, gl.float32, layout=s_rows)
+    acc = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=o_layout)
+    mbarrier.wait(q_bar, 0)
+    q = q_smem.slice(WHICH * ROWS_, ROWS_, dim=0)
+    for j in range(cnt):
+        s = j % STAGES_
+        mbarrier.wait(ready.index(s), (j // STAGES_) & 1)
+        sc = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
+        sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), sc, use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
+        m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+        p = gl.exp2(sc * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+        pv = gl.convert_layout(p.to(dtype), p_layout)
+        acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+        m_i = m_new
+
+    has = l_i > 0.0
+    inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
+    acc = acc * gl.convert_layout(inv, o_rows)[:, None]
+    o_smem.store(acc.to(dtype))
+    fence_async_shared()
+    _tma_store(o_desc, [row_o, col], o_smem)
+    if RETURN_LSE:
+        lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        gl.store(LSE + lse_base + gl.arange(0, ROWS_, layout=s_rows), lse)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES, qk_scale,
+                            stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+                            H, SEQ_Q, SEQ_K,
+                            HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr):
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    ROWS_: gl.constexpr = o_desc.block_type.shape[0]
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    pid_zh = gl.program_id(1)
+    z = pid_zh // H
+    h = pid_zh % H
+    col = h * HEAD_DIM
+    row_q = z * SEQ_Q + pid_m * BLOCK_M
+    cnt = gl.load(COUNTS + z * stride_cz + h * stride_ch + pid_m)
+    idx = INDICES + z * stride_iz + h * stride_ih + pid_m * stride_iq
+    lse_base = z * stride_lz + h * stride_lh + pid_m * BLOCK_M
+
+    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+    o_smem0 = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], o_desc.layout)
+    o_smem1 = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], o_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
+
+    gl.warp_specialize(
+        [
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, COUNTS, idx,
+                       row_q, col, z, cnt, SEQ_K, STAGES)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, o_smem0, q_bar, ready, empty, LSE, lse_base,
+                         row_q, col, cnt, qk_scale, RETURN_LSE, ROWS_, HEAD_DIM, BLOCK_N, STAGES, 0)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, o_smem1, q_bar, ready, empty, LSE, lse_base + ROWS_,
+                         row_q + ROWS_, col, cnt, qk_scale, RETURN_LSE, ROWS_, HEAD_DIM, BLOCK_N, STAGES, 1)),
+        ],
+        [4, 4],
+        [CONSUMER_REGS, CONSUMER_REGS],
+    )
+
+
+def supported(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
+    """True when the warp-specialized kernel can run this call (see the module docstring)."""
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if block_size != BLOCK or q_valid is not None or kv_valid is not None:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return False
+    Z, SQ, H, D = q.shape
+    SK = k.shape[1]
+    if D not in (64, 128) or SQ % BLOCK or SK % BLOCK:
+        return False
+    for x in (q, k, v):
+        if x.stride(3) != 1 or x.stride(2) != D or (Z > 1 and x.stride(0) != x.shape[1] * x.stride(1)):
+            return False
+        if (x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16:
+            return False
+    return True
+
+
+def _view2d(x):
+    Z, S, H, D = x.shape
+    return x.as_strided((Z * S, H * D), (x.stride(1), 1))
+
+
+def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True):
+    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None)."""
+    Z, SQ, H, D = q.shape
+    SK = k.shape[1]
+    nq = SQ // BLOCK
+    out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    tile = gl.NVMMASharedLayout.get_default_for([BLOCK, D], gdt)
+    half = gl.NVMMASharedLayout.get_default_for([ROWS, D], gdt)
+    q_desc = TensorDescriptor.from_tensor(_view2d(q), [BLOCK, D], tile)
+    k_desc = TensorDescriptor.from_tensor(_view2d(k), [BLOCK, D], tile)
+    v_desc = TensorDescriptor.from_tensor(_view2d(v), [BLOCK, D], tile)
+    o_desc = TensorDescriptor.from_tensor(_view2d(out), [ROWS, D], half)
+    lse_arg = lse if lse is not None else counts
+    _block_sparse_ws_kernel[(nq, Z * H)](
+        q_desc, k_desc, v_desc, o_desc, lse_arg, counts, indices, scale * LOG2E,
+        lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+        counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
+        indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
+        H, SQ, SK,
+        HEAD_DIM=D, RETURN_LSE=bool(return_lse),
+        num_warps=4,
+    )
+    return out, lse
+
+
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16"):
+    """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
+    kernel (``.asm["cubin"]``, ``.metadata``). The tests use it to check, on any machine, that this
+    Triton still builds the kernel with the intended structure. Not under TRITON_INTERPRET=1."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+    tile = gl.NVMMASharedLayout.get_default_for([BLOCK, head_dim], gdt)
+    half = gl.NVMMASharedLayout.get_default_for([ROWS, head_dim], gdt)
+    kinds = {"q_desc": f"tensordesc<{dtype}[{BLOCK}, {head_dim}],{tile!r}>",
+             "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
+             "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
+             "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr"}
+    kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
+    fn = _block_sparse_ws_kernel
+    sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
