@@ -122,7 +122,9 @@ def main(argv=None):
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
     ap.add_argument("--variants", default="default",
                     help="comma list of name=BN:warps:stages[:tma][:nofold][:ptridx] (the Triton kernel), name=ws "
-                         "(the warp-specialized Gluon kernel), name=triton (Triton kernel defaults), or 'default' (tma: K/V through "
+                         "(the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one CTA per tile, ws:persistent), "
+                         "name=triton (Triton kernel defaults), name=auto (block_sparse_attention), or 'default' (= "
+                         "ours=auto) (tma: K/V through "
                          "tensor descriptors; nofold: scale not folded into the exp2 FFMA; ptridx: key-block "
                          "indices through tl.load, staged by the pipeliner)")
     ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
@@ -151,8 +153,19 @@ def main(argv=None):
         variants = {}
         for spec in args.variants.split(","):
             name, cfg = spec.split("=")
-            if cfg in ("ws", "triton"):  # a whole kernel, its own defaults
-                variants[name] = dict(impl=cfg)
+            if cfg == "auto":  # block_sparse_attention with its defaults (dense dispatch included)
+                variants[name] = None
+                continue
+            if cfg.split(":")[0] in ("ws", "triton"):  # a whole kernel, its own defaults (ws:N = N K/V stages)
+                kind, *rest = cfg.split(":")
+                variants[name] = dict(impl=kind)
+                for r in rest:  # ws:2 / ws:3 = K/V stages, ws:grid = one CTA per tile, ws:persistent
+                    if r.isdigit():
+                        variants[name]["ws_stages"] = int(r)
+                    elif r in ("grid", "persistent"):
+                        variants[name]["ws_persistent"] = r == "persistent"
+                    else:
+                        ap.error(f"variant {name}: unknown ws option {r!r}")
                 continue
             parts = cfg.split(":")
             bn, nw, ns = (int(x) for x in parts[:3])

@@ -142,3 +142,31 @@ def test_supported_refuses_what_it_cannot_run():
     assert not W.supported(cpu, cpu, cpu, 128)
     with pytest.raises(ValueError, match="impl must be"):
         K.block_sparse_fwd(cpu, cpu, cpu, None, None, 128, 0.1, impl="fast")
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+def test_three_stage_ring_matches_two_stage():
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(3)
+    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    idx = _index(2, 3, 8, 8, 0.4, seed=5).to(dev)
+    o2, l2 = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=2)
+    o3, l3 = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=3)
+    assert torch.equal(o2, o3)  # same products in the same order: bit for bit
+    assert torch.equal(l2, l3)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("stages", [2, 3])
+def test_persistent_walk_matches_one_cta_per_tile(stages):
+    # 3 CTAs over 2 x 3 x 8 = 48 tiles: each CTA walks 16 tiles, so the Q double buffer and the K/V
+    # ring turn over many times (empty rows included); the result must not depend on the grid
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(4)
+    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    idx = _index(2, 3, 8, 8, 0.4, seed=6).to(dev)
+    ref = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_persistent=False)
+    for grid in (3, True):
+        got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=stages,
+                                 ws_persistent=grid)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -40,7 +40,8 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V tile)
 ROWS = 64  # query rows per consumer warpgroup
-STAGES = gl.constexpr(2)  # K/V ring depth
+STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
+PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (BENCHMARKS.md)
 CONSUMER_REGS = gl.constexpr(240)
 # Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
 # -> async_store) and made the old names raise; the kernels call whichever this Triton has (same arguments)
@@ -55,109 +56,146 @@ def _acc_layout(n):
 
 
 @gluon.jit
-def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, COUNTS, INDICES,
-            row_q, col, z, cnt, SEQ_K, STAGES_: gl.constexpr):
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [row_q, col], q_bar, q_smem)
-    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
-    for j in range(cnt):
-        s = j % STAGES_
-        # a fresh barrier counts as having completed the phase before phase 0: the first pass
-        # over the ring waits on parity 1 and goes straight through
-        mbarrier.wait(empty.index(s), ((j // STAGES_) & 1) ^ 1)
-        kb = gl.load(INDICES + j)
-        row = z * SEQ_K + kb * k_desc.block_type.shape[0]
-        mbarrier.expect(ready.index(s), kv_bytes)
-        _tma_load(k_desc, [row, col], ready.index(s), k_smem.index(s))
-        _tma_load(v_desc, [row, col], ready.index(s), v_smem.index(s))
+def _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq):
+    # tile t = query block t % NQ of (z, h) = divmod(t // NQ, H): query blocks fastest, so the CTAs
+    # running at the same time share a head and most of their key blocks (L2 hits)
+    qb = t % NQ
+    zh = t // NQ
+    z = zh // H
+    h = zh % H
+    cnt = gl.load(COUNTS + z * stride_cz + h * stride_ch + qb)
+    idx = INDICES + z * stride_iz + h * stride_ih + qb * stride_iq
+    return qb, z, h, cnt, idx
 
 
 @gluon.jit
-def _consumer(o_desc, q_smem, k_smem, v_smem, o_smem, q_bar, ready, empty, LSE, lse_base, row_o, col, cnt,
-              qk_scale, RETURN_LSE: gl.constexpr, ROWS_: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_N: gl.constexpr, STAGES_: gl.constexpr, WHICH: gl.constexpr):
+def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
+            COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+            NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM: gl.constexpr, STAGES_: gl.constexpr,
+            QBUF: gl.constexpr):
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
+    kv = 0  # K/V tiles issued so far by this CTA: ring slot kv % STAGES_, pass kv // STAGES_
+    i = 0  # query tiles issued so far
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq)
+        col = h * HEAD_DIM
+        qs = i % QBUF
+        # a fresh barrier counts as having completed the phase before phase 0: the first pass
+        # over a ring waits on parity 1 and goes straight through
+        mbarrier.wait(q_empty.index(qs), ((i // QBUF) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [z * SEQ_Q + qb * BLOCK_M, col], q_ready.index(qs), q_smem.index(qs))
+        for j in range(cnt):
+            s = kv % STAGES_
+            mbarrier.wait(empty.index(s), ((kv // STAGES_) & 1) ^ 1)
+            row = z * SEQ_K + gl.load(idx + j) * BLOCK_N
+            mbarrier.expect(ready.index(s), kv_bytes)
+            _tma_load(k_desc, [row, col], ready.index(s), k_smem.index(s))
+            _tma_load(v_desc, [row, col], ready.index(s), v_smem.index(s))
+            kv += 1
+        i += 1
+
+
+@gluon.jit
+def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE,
+              COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
+              NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES_: gl.constexpr, QBUF: gl.constexpr, WHICH: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
+    ROWS_: gl.constexpr = o_desc.block_type.shape[0]
+    BLOCK_M: gl.constexpr = 2 * ROWS_
+    BLOCK_N: gl.constexpr = k_smem.shape[1]
     s_layout: gl.constexpr = _acc_layout(BLOCK_N)
     o_layout: gl.constexpr = _acc_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    m_i = gl.full([ROWS_], float("-inf"), gl.float32, layout=s_rows)
-    l_i = gl.full([ROWS_], 0.0, gl.float32, layout=s_rows)
-    acc = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=o_layout)
-    mbarrier.wait(q_bar, 0)
-    q = q_smem.slice(WHICH * ROWS_, ROWS_, dim=0)
-    for j in range(cnt):
-        s = j % STAGES_
-        mbarrier.wait(ready.index(s), (j // STAGES_) & 1)
-        sc = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
-        sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), sc, use_acc=False, is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-        # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
-        m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-        p = gl.exp2(sc * qk_scale - m_new[:, None])
-        alpha = gl.exp2(m_i - m_new)
-        l_i = l_i * alpha + gl.sum(p, axis=1)
-        acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-        pv = gl.convert_layout(p.to(dtype), p_layout)
-        acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(empty.index(s), count=1)
-        m_i = m_new
+    kv = 0
+    i = 0
+    for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq)
+        qs = i % QBUF
+        mbarrier.wait(q_ready.index(qs), (i // QBUF) & 1)
+        q = q_smem.index(qs).slice(WHICH * ROWS_, ROWS_, dim=0)
+        m_i = gl.full([ROWS_], float("-inf"), gl.float32, layout=s_rows)
+        l_i = gl.full([ROWS_], 0.0, gl.float32, layout=s_rows)
+        acc = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=o_layout)
+        for j in range(cnt):
+            s = kv % STAGES_
+            mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+            sc = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
+            sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), sc, use_acc=False, is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+            # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
+            m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+            p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, axis=1)
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            pv = gl.convert_layout(p.to(dtype), p_layout)
+            acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            mbarrier.arrive(empty.index(s), count=1)
+            m_i = m_new
+            kv += 1
 
-    has = l_i > 0.0
-    inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
-    acc = acc * gl.convert_layout(inv, o_rows)[:, None]
-    o_smem.store(acc.to(dtype))
-    fence_async_shared()
-    _tma_store(o_desc, [row_o, col], o_smem)
-    if RETURN_LSE:
-        lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-        gl.store(LSE + lse_base + gl.arange(0, ROWS_, layout=s_rows), lse)
-    tma.store_wait(pendings=0)
+        has = l_i > 0.0
+        inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
+        acc = acc * gl.convert_layout(inv, o_rows)[:, None]
+        # the output is staged in this consumer's own rows of the Q buffer: its last QK^T product
+        # has completed (waited above) and no other partition reads these rows
+        q.store(acc.to(dtype))
+        fence_async_shared()
+        row_o = z * SEQ_Q + qb * BLOCK_M + WHICH * ROWS_
+        _tma_store(o_desc, [row_o, h * HEAD_DIM], q)
+        if RETURN_LSE:
+            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            offs = z * stride_lz + h * stride_lh + qb * BLOCK_M + WHICH * ROWS_ + gl.arange(0, ROWS_, layout=s_rows)
+            gl.store(LSE + offs, lse)
+        tma.store_wait(pendings=0)
+        mbarrier.arrive(q_empty.index(qs), count=1)  # the loader may refill this Q buffer
+        i += 1
 
 
 @gluon.jit
 def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES, qk_scale,
                             stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
-                            H, SEQ_Q, SEQ_K,
-                            HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr):
+                            H, SEQ_Q, SEQ_K, NQ, num_tiles,
+                            HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
+                            QBUF: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    ROWS_: gl.constexpr = o_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
-    pid_m = gl.program_id(0)
-    pid_zh = gl.program_id(1)
-    z = pid_zh // H
-    h = pid_zh % H
-    col = h * HEAD_DIM
-    row_q = z * SEQ_Q + pid_m * BLOCK_M
-    cnt = gl.load(COUNTS + z * stride_cz + h * stride_ch + pid_m)
-    idx = INDICES + z * stride_iz + h * stride_ih + pid_m * stride_iq
-    lse_base = z * stride_lz + h * stride_lh + pid_m * BLOCK_M
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [QBUF, BLOCK_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    o_smem0 = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], o_desc.layout)
-    o_smem1 = gl.allocate_shared_memory(dtype, [ROWS_, HEAD_DIM], o_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
+    q_empty = gl.allocate_shared_memory(gl.int64, [QBUF, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer
+    for b in gl.static_range(QBUF):
+        mbarrier.init(q_ready.index(b), count=1)
+        mbarrier.init(q_empty.index(b), count=2)  # one arrival per consumer
+    for b in gl.static_range(STAGES):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=2)
 
     gl.warp_specialize(
         [
-            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, ready, empty, COUNTS, idx,
-                       row_q, col, z, cnt, SEQ_K, STAGES)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, o_smem0, q_bar, ready, empty, LSE, lse_base,
-                         row_q, col, cnt, qk_scale, RETURN_LSE, ROWS_, HEAD_DIM, BLOCK_N, STAGES, 0)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, o_smem1, q_bar, ready, empty, LSE, lse_base + ROWS_,
-                         row_q + ROWS_, col, cnt, qk_scale, RETURN_LSE, ROWS_, HEAD_DIM, BLOCK_N, STAGES, 1)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, COUNTS, INDICES,
+                       stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+                       NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM, STAGES, QBUF)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE, COUNTS, INDICES,
+                         stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+                         stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
+                         STAGES, QBUF, 0)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE, COUNTS, INDICES,
+                         stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+                         stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
+                         STAGES, QBUF, 1)),
         ],
         [4, 4],
         [CONSUMER_REGS, CONSUMER_REGS],
@@ -189,11 +227,21 @@ def _view2d(x):
     return x.as_strided((Z * S, H * D), (x.stride(1), 1))
 
 
-def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True):
-    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None)."""
+def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None):
+    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
+
+    ``stages``: K/V ring depth, 2 (default) or 3. ``persistent``: True = one CTA per SM
+    walking the tiles with a stride, the next tile's Q prefetched into a second buffer (2 stages
+    only); an int = that many CTAs; False (default, see PERSISTENT) = one CTA per tile.
+    """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = SQ // BLOCK
+    stages = int(stages or STAGES)
+    if stages not in (2, 3):
+        raise ValueError(f"stages must be 2 or 3, got {stages}")
+    persistent = PERSISTENT if persistent is None else persistent
+    qbuf = 2 if stages == 2 else 1  # shared memory: QBUF x 32 KiB of Q + stages x 64 KiB of K/V <= 227 KiB
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -204,19 +252,25 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True):
     v_desc = TensorDescriptor.from_tensor(_view2d(v), [BLOCK, D], tile)
     o_desc = TensorDescriptor.from_tensor(_view2d(out), [ROWS, D], half)
     lse_arg = lse if lse is not None else counts
-    _block_sparse_ws_kernel[(nq, Z * H)](
+    num_tiles = nq * Z * H
+    grid = num_tiles
+    if persistent is True:
+        grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    elif persistent:  # an int: that many CTAs (the tests use a few to make each walk many tiles)
+        grid = min(num_tiles, int(persistent))
+    _block_sparse_ws_kernel[(grid,)](
         q_desc, k_desc, v_desc, o_desc, lse_arg, counts, indices, scale * LOG2E,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
-        H, SQ, SK,
-        HEAD_DIM=D, RETURN_LSE=bool(return_lse),
+        H, SQ, SK, nq, num_tiles,
+        HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
         num_warps=4,
     )
     return out, lse
 
 
-def compile_sm90(head_dim=128, return_lse=True, dtype="bf16"):
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
     kernel (``.asm["cubin"]``, ``.metadata``). The tests use it to check, on any machine, that this
     Triton still builds the kernel with the intended structure. Not under TRITON_INTERPRET=1."""
@@ -229,9 +283,11 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16"):
     kinds = {"q_desc": f"tensordesc<{dtype}[{BLOCK}, {head_dim}],{tile!r}>",
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
              "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
-             "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr"}
+             "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr", "STAGES": "constexpr",
+             "QBUF": "constexpr"}
     kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
     fn = _block_sparse_ws_kernel
     sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse)})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse),
+                                                           "STAGES": stages, "QBUF": qbuf})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
