@@ -146,17 +146,20 @@ def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
     return q_valid, kv_valid
 
 
-def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim: int) -> float:
+def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim: int,
+                             block_size: Optional[int] = None) -> float:
     """Index density above which dense cuDNN attention is faster than the block-sparse kernel.
 
-    Measured on an H100 (BENCHMARKS.md, 2026-11-23: our kernel with tensor descriptors at density 1.0
-    took 379 ms vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16; sparse time scales with density,
-    so they cross near 0.76). Other devices and dtypes are unmeasured: 1.0 (only full indices go dense).
+    Measured on an H100 (BENCHMARKS.md, 2026-11-23; sparse time scales with density). Triton kernel:
+    379 ms at density 1.0 vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16 -> they cross near 0.76.
+    The warp-specialized kernel (sm_90, block size 128): 322-331 ms vs 284-292 ms, and 164-180 ms at
+    density 0.5 -> crossing near 0.87, so 0.85 for ``block_size=128``. Other devices and dtypes are
+    unmeasured: 1.0 (only full indices go dense).
     """
     device = torch.device(device)
     if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
             and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)):
-        return 0.75
+        return 0.85 if block_size == 128 and torch.cuda.get_device_capability(device) == (9, 0) else 0.75
     return 1.0
 
 

@@ -170,3 +170,14 @@ def test_persistent_walk_matches_one_cta_per_tile(stages):
         got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=stages,
                                  ws_persistent=grid)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_measured_dense_threshold():
+    from dist_compact import ops
+
+    assert ops.measured_dense_threshold(torch.device("cpu"), torch.bfloat16, 128, 128) == 1.0
+    if HOPPER:
+        dev = torch.device("cuda")
+        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 0.85
+        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
+        assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
