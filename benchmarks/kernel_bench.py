@@ -122,7 +122,7 @@ def main(argv=None):
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
     ap.add_argument("--variants", default="default",
                     help="comma list of name=BN:warps:stages[:tma][:nofold][:ptridx] (the Triton kernel), name=ws "
-                         "(the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one CTA per tile, ws:persistent), "
+                         "(the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one CTA per tile, ws:persistent, ws:pp ping-pong consumers), "
                          "name=triton (Triton kernel defaults), name=auto (block_sparse_attention), or 'default' (= "
                          "ours=auto) (tma: K/V through "
                          "tensor descriptors; nofold: scale not folded into the exp2 FFMA; ptridx: key-block "
@@ -164,6 +164,8 @@ def main(argv=None):
                         variants[name]["ws_stages"] = int(r)
                     elif r in ("grid", "persistent"):
                         variants[name]["ws_persistent"] = r == "persistent"
+                    elif r in ("pp", "nopp"):
+                        variants[name]["ws_pingpong"] = r == "pp"
                     else:
                         ap.error(f"variant {name}: unknown ws option {r!r}")
                 continue

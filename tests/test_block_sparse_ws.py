@@ -31,7 +31,7 @@ from pathlib import Path
 import triton
 from dist_compact_kernels.block_sparse_ws import compile_sm90
 D = int(sys.argv[1])
-kern = compile_sm90(D, True)
+kern = compile_sm90(D, True, pingpong=sys.argv[3] == "1")
 cubin = Path(sys.argv[2]) / "k.cubin"
 cubin.write_bytes(kern.asm["cubin"])
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -40,8 +40,8 @@ print(json.dumps(dict(shared=kern.metadata.shared, sass=sass)))
 """
 
 
-@pytest.mark.parametrize("D", [128, 64])
-def test_compiles_for_sm90_with_the_intended_structure(D, tmp_path):
+@pytest.mark.parametrize("D,pingpong", [(128, False), (64, False), (128, True)])
+def test_compiles_for_sm90_with_the_intended_structure(D, pingpong, tmp_path):
     import json
     import os
     import sys
@@ -52,14 +52,15 @@ def test_compiles_for_sm90_with_the_intended_structure(D, tmp_path):
         pytest.skip("this Triton ships no cuobjdump")
     # compiled, not interpreted: a child process without TRITON_INTERPRET
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE, str(D), str(tmp_path)], capture_output=True, text=True,
-                         env=env, timeout=600)
+    res = subprocess.run([sys.executable, "-c", _COMPILE, str(D), str(tmp_path), str(int(pingpong))],
+                         capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     sass = got["sass"]
     ops = re.findall(r"(HGMMA|USETMAXREG|UTMALDG|UTMASTG|LDL|STL)\b", sass)
-    # two consumers, each D/16 k-steps of QK^T (64x128) and 128/16 of PV (64xD)
-    assert ops.count("HGMMA") == 2 * (D // 16 + 128 // 16)
+    # two consumers, each D/16 k-steps of QK^T (64x128) and 128/16 of PV (64xD); the ping-pong loop
+    # issues a row's first QK^T before the loop (one more copy of it)
+    assert ops.count("HGMMA") == 2 * ((2 if pingpong else 1) * D // 16 + 128 // 16)
     # PV takes P from registers (no shared-memory round trip): "HGMMA.64xDx16.F32.BF16 Rd, Ra, gdesc..."
     assert re.search(rf"HGMMA\.64x{D}x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert "USETMAXREG" in ops, "no register reallocation between the partitions"
@@ -181,3 +182,19 @@ def test_measured_dense_threshold():
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 0.85
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
         assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("persistent", [False, 3])
+def test_pingpong_consumers_match(persistent):
+    # the turn-taking consumers compute the same products in the same order: bit for bit equal
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(7)
+    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    idx = _index(2, 3, 8, 8, 0.4, seed=8).to(dev)
+    ref = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_pingpong=False)
+    got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_pingpong=True,
+                             ws_persistent=persistent)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    oracle, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx)
+    assert ((got[0].double() - oracle).norm() / oracle.norm()).item() < 1e-2

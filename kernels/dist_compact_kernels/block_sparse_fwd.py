@@ -219,7 +219,7 @@ def _ws_module():
 
 def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
                      return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True,
-                     fold=False, asm_index=False, impl="auto", ws_stages=None, ws_persistent=None):
+                     fold=False, asm_index=False, impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None):
     """Launch the kernel. Inputs are assumed checked by the caller (dist_compact.ops).
 
     ``use_tma`` reads K/V through tensor descriptors (Hopper's copy engine) when the device and the
@@ -230,8 +230,9 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
     ``impl``: "auto" runs the warp-specialized Gluon kernel (block_sparse_ws.py) where it applies
     (Hopper, block 128, sequences in whole blocks, no valid counts, no tuning arguments given) and
     this Triton kernel elsewhere; "triton" forces this kernel, "ws" the Gluon one (error if it
-    cannot run the call); ``ws_stages`` / ``ws_persistent`` set the Gluon kernel's K/V ring depth (2 or 3)
-    and grid (one CTA per SM walking the tiles, or one CTA per tile).
+    cannot run the call); ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` set the Gluon kernel's K/V
+    ring depth (2 or 3), grid (one CTA per SM walking the tiles, or one CTA per tile) and whether its
+    consumers take turns on the tensor cores.
     Returns (out, lse) with lse None unless return_lse.
     """
     if impl not in ("auto", "triton", "ws"):
@@ -241,7 +242,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         ws = _ws_module() if (impl == "ws" or not tuned) else None
         if ws is not None and ws.supported(q, k, v, block_size, q_valid, kv_valid):
             return ws.block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=return_lse, stages=ws_stages,
-                                          persistent=ws_persistent)
+                                          persistent=ws_persistent, pingpong=ws_pingpong)
         if impl == "ws":
             raise ValueError("the warp-specialized kernel cannot run this call (it needs an sm_90 GPU, Gluon, "
                              "block size 128, bf16/fp16, head_dim 64/128, whole blocks and no valid counts)")

@@ -41,6 +41,7 @@ LN2 = 0.6931471805599453
 BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V tile)
 ROWS = 64  # query rows per consumer warpgroup
 STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
+PINGPONG = False
 PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (BENCHMARKS.md)
 CONSUMER_REGS = gl.constexpr(240)
 # Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
@@ -99,10 +100,10 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, re
 
 
 @gluon.jit
-def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE,
+def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE,
               COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
               NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES_: gl.constexpr, QBUF: gl.constexpr, WHICH: gl.constexpr):
+              STAGES_: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
     ROWS_: gl.constexpr = o_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = 2 * ROWS_
@@ -115,6 +116,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LS
 
     kv = 0
     i = 0
+    ph = 0  # turns taken (ping-pong)
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
         qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq)
         qs = i % QBUF
@@ -123,24 +125,62 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LS
         m_i = gl.full([ROWS_], float("-inf"), gl.float32, layout=s_rows)
         l_i = gl.full([ROWS_], 0.0, gl.float32, layout=s_rows)
         acc = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=o_layout)
-        for j in range(cnt):
-            s = kv % STAGES_
-            mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
-            sc = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
-            sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), sc, use_acc=False, is_async=True)
-            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-            # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
-            m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-            p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            pv = gl.convert_layout(p.to(dtype), p_layout)
-            acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(empty.index(s), count=1)
-            m_i = m_new
-            kv += 1
+        zero_s = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
+        if PINGPONG:
+            # FA3's ping-pong: the two consumers take turns on the tensor cores (a "turn" mbarrier
+            # each, armed by the other consumer right after it has issued its products), so one's
+            # softmax runs while the other's products do. A turn = PV of block j with QK^T of j+1.
+            if cnt > 0:
+                s = kv % STAGES_
+                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+                mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
+                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                ph += 1
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+                for j in range(cnt):
+                    s = (kv + j) % STAGES_
+                    sn = (kv + j + 1) % STAGES_
+                    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+                    p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
+                    alpha = gl.exp2(m_i - m_new)
+                    l_i = l_i * alpha + gl.sum(p, axis=1)
+                    m_i = m_new
+                    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                    pv = gl.convert_layout(p.to(dtype), p_layout)
+                    if j + 1 < cnt:
+                        mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
+                    mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
+                    acc_t = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+                    if j + 1 < cnt:
+                        sc_t = warpgroup_mma(q, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False,
+                                             is_async=True)
+                        mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                        acc, sc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, sc_t))
+                    else:
+                        mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t,))
+                    ph += 1
+                    mbarrier.arrive(empty.index(s), count=1)
+                kv += cnt
+        else:
+            for j in range(cnt):
+                s = kv % STAGES_
+                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+                # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
+                m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+                p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
+                alpha = gl.exp2(m_i - m_new)
+                l_i = l_i * alpha + gl.sum(p, axis=1)
+                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                pv = gl.convert_layout(p.to(dtype), p_layout)
+                acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(s), count=1)
+                m_i = m_new
+                kv += 1
 
         has = l_i > 0.0
         inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
@@ -165,7 +205,7 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES
                             stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                             H, SEQ_Q, SEQ_K, NQ, num_tiles,
                             HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-                            QBUF: gl.constexpr):
+                            QBUF: gl.constexpr, PINGPONG: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -182,20 +222,23 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES
     for b in gl.static_range(STAGES):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=2)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(2):
+        mbarrier.init(turn.index(b), count=1)  # consumer b may issue; armed by the other consumer
 
     gl.warp_specialize(
         [
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, COUNTS, INDICES,
                        stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                        NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM, STAGES, QBUF)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE, COUNTS, INDICES,
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, 0)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, LSE, COUNTS, INDICES,
+                         STAGES, QBUF, PINGPONG, 0)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, 1)),
+                         STAGES, QBUF, PINGPONG, 1)),
         ],
         [4, 4],
         [CONSUMER_REGS, CONSUMER_REGS],
@@ -227,12 +270,14 @@ def _view2d(x):
     return x.as_strided((Z * S, H * D), (x.stride(1), 1))
 
 
-def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None):
+def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
+                        pingpong=None):
     """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
 
     ``stages``: K/V ring depth, 2 (default) or 3. ``persistent``: True = one CTA per SM
     walking the tiles with a stride, the next tile's Q prefetched into a second buffer (2 stages
-    only); an int = that many CTAs; False (default, see PERSISTENT) = one CTA per tile.
+    only); an int = that many CTAs; False (default, see PERSISTENT) = one CTA per tile. ``pingpong``:
+    the consumers take turns on the tensor cores (FA3); default PINGPONG.
     """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
@@ -265,12 +310,13 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK, nq, num_tiles,
         HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
+        PINGPONG=PINGPONG if pingpong is None else bool(pingpong),
         num_warps=4,
     )
     return out, lse
 
 
-def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2):
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2, pingpong=False):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
     kernel (``.asm["cubin"]``, ``.metadata``). The tests use it to check, on any machine, that this
     Triton still builds the kernel with the intended structure. Not under TRITON_INTERPRET=1."""
@@ -284,10 +330,10 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbu
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
              "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
              "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr", "STAGES": "constexpr",
-             "QBUF": "constexpr"}
+             "QBUF": "constexpr", "PINGPONG": "constexpr"}
     kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
     fn = _block_sparse_ws_kernel
     sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse),
-                                                           "STAGES": stages, "QBUF": qbuf})
+                                                           "STAGES": stages, "QBUF": qbuf, "PINGPONG": pingpong})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
