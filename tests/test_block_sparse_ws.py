@@ -145,32 +145,47 @@ def test_supported_refuses_what_it_cannot_run():
         K.block_sparse_fwd(cpu, cpu, cpu, None, None, 128, 0.1, impl="fast")
 
 
+def _variant_problem(seed):
+    # 2 x 3 x 8 = 48 query tiles at density 0.4 with an empty and a full row
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    idx = _index(2, 3, 8, 8, 0.4, seed=seed + 1).to(dev)
+    run = lambda **kw: K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", **kw)
+    return (q, k, v, idx), run
+
+
+def _same(a, b):
+    return torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# Every switch of the kernel computes the same products in the same order: outputs and LSE are equal
+# bit for bit to the default's.
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 def test_three_stage_ring_matches_two_stage():
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(3)
-    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
-    idx = _index(2, 3, 8, 8, 0.4, seed=5).to(dev)
-    o2, l2 = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=2)
-    o3, l3 = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=3)
-    assert torch.equal(o2, o3)  # same products in the same order: bit for bit
-    assert torch.equal(l2, l3)
+    _, run = _variant_problem(3)
+    assert _same(run(ws_stages=3), run(ws_stages=2))
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("stages", [2, 3])
 def test_persistent_walk_matches_one_cta_per_tile(stages):
-    # 3 CTAs over 2 x 3 x 8 = 48 tiles: each CTA walks 16 tiles, so the Q double buffer and the K/V
-    # ring turn over many times (empty rows included); the result must not depend on the grid
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(4)
-    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
-    idx = _index(2, 3, 8, 8, 0.4, seed=6).to(dev)
-    ref = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_persistent=False)
-    for grid in (3, True):
-        got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_stages=stages,
-                                 ws_persistent=grid)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # 3 CTAs over 48 tiles: each walks 16 tiles, so the Q double buffer and the K/V ring turn over
+    # many times (empty rows included); the result must not depend on the grid
+    _, run = _variant_problem(4)
+    ref = run(ws_persistent=False)
+    assert _same(run(ws_stages=stages, ws_persistent=3), ref)
+    assert _same(run(ws_stages=stages, ws_persistent=True), ref)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("persistent", [False, 3])
+def test_pingpong_consumers_match(persistent):
+    (q, k, v, idx), run = _variant_problem(7)
+    got = run(ws_pingpong=True, ws_persistent=persistent)
+    assert _same(got, run(ws_pingpong=False))
+    oracle, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx)
+    assert ((got[0].double() - oracle).norm() / oracle.norm()).item() < 1e-2
 
 
 def test_measured_dense_threshold():
@@ -182,19 +197,3 @@ def test_measured_dense_threshold():
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 0.85
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
         assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
-
-
-@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("persistent", [False, 3])
-def test_pingpong_consumers_match(persistent):
-    # the turn-taking consumers compute the same products in the same order: bit for bit equal
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(7)
-    q, k, v = (torch.randn(2, 1024, 3, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
-    idx = _index(2, 3, 8, 8, 0.4, seed=8).to(dev)
-    ref = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_pingpong=False)
-    got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, impl="ws", ws_pingpong=True,
-                             ws_persistent=persistent)
-    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-    oracle, _ = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx)
-    assert ((got[0].double() - oracle).norm() / oracle.norm()).item() < 1e-2
