@@ -140,7 +140,26 @@ def test_auto_dispatch_and_fallbacks(monkeypatch):
 
 def test_supported_refuses_what_it_cannot_run():
     cpu = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
-    assert not W.supported(cpu, cpu, cpu, 128)
+    assert W.shapes_ok(cpu, cpu, cpu, 128)
+    assert not W.supported(cpu, cpu, cpu, 128)  # not a Hopper GPU
+    # q/k/v as views of a packed [B, S, 3, H, D] projection: rows strided by 3*H*D, still TMA-able
+    q, k, v = torch.zeros(2, 384, 3, 4, 64, dtype=torch.float16).unbind(2)
+    assert W.shapes_ok(q, k, v, 128)
+    bad = {
+        "block size 64": (cpu, cpu, cpu, 64, {}),
+        "fp32": (cpu.float(), cpu.float(), cpu.float(), 128, {}),
+        "mixed dtypes": (cpu, cpu.half(), cpu, 128, {}),
+        "head_dim 96": (torch.zeros(1, 256, 2, 96, dtype=torch.bfloat16),) * 3 + (128, {}),
+        "seq_q not whole blocks": (torch.zeros(1, 200, 2, 128, dtype=torch.bfloat16), cpu, cpu, 128, {}),
+        "seq_k not whole blocks": (cpu, torch.zeros(1, 300, 2, 128, dtype=torch.bfloat16),
+                                   torch.zeros(1, 300, 2, 128, dtype=torch.bfloat16), 128, {}),
+        "heads not packed": (cpu.transpose(1, 2).contiguous().transpose(1, 2), cpu, cpu, 128, {}),
+        "valid counts": (cpu, cpu, cpu, 128, {"q_valid": torch.full((2,), 128, dtype=torch.int32)}),
+        # batches not evenly spaced: the [Z*S, H*D] view would read the wrong rows
+        "batch gap": (torch.zeros(2, 512, 2, 128, dtype=torch.bfloat16)[:, :256],) * 3 + (128, {}),
+    }
+    for why, (a, b, c, bs, kw) in bad.items():
+        assert not W.shapes_ok(a, b, c, bs, **kw), why
     with pytest.raises(ValueError, match="impl must be"):
         K.block_sparse_fwd(cpu, cpu, cpu, None, None, 128, 0.1, impl="fast")
 

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["block_sparse_fwd_ws", "compile_sm90", "supported"]
+__all__ = ["block_sparse_fwd_ws", "compile_sm90", "shapes_ok", "supported"]
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -249,6 +249,12 @@ def supported(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
     """True when the warp-specialized kernel can run this call (see the module docstring)."""
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
+    return shapes_ok(q, k, v, block_size, q_valid, kv_valid)
+
+
+def shapes_ok(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
+    """The device-independent part of `supported`: block 128, bf16/fp16, head_dim 64/128, sequences in
+    whole blocks, no valid counts, (H, D) packed and 16-byte aligned rows (TMA's 2D views)."""
     if block_size != BLOCK or q_valid is not None or kv_valid is not None:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
