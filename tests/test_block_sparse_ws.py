@@ -216,3 +216,35 @@ def test_measured_dense_threshold():
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 0.85
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
         assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
+
+
+def test_a_gluon_build_failure_falls_back_once_then_errors_propagate(monkeypatch):
+    import importlib
+    import types
+
+    from triton.compiler.errors import CompilationError
+
+    F = importlib.import_module("dist_compact_kernels.block_sparse_fwd")
+    monkeypatch.setattr(F, "_WS", [W])
+    monkeypatch.setattr(F, "_WS_BUILT", [])
+
+    def broken(*a, **kw):
+        raise CompilationError("src", None, "a Gluon API this kernel does not know")
+
+    fake = types.SimpleNamespace(block_sparse_fwd_ws=broken)
+    # forced ("ws"): the error surfaces
+    with pytest.raises(CompilationError):
+        F._run_ws(fake, (), {}, auto=False)
+    # auto, never built: a warning, the module is switched off, the caller falls back
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert F._run_ws(fake, (), {}, auto=True) is None
+    assert F._WS == [None] and F._ws_module() is None
+    # once the kernel has run in this process, a later failure is a real error, not a fallback
+    ok = types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: "out")
+    assert F._run_ws(ok, (), {}, auto=True) == "out"
+    with pytest.raises(CompilationError):
+        F._run_ws(fake, (), {}, auto=True)
+    # other errors (bad input, a crash) are never swallowed
+    with pytest.raises(ValueError):
+        F._run_ws(types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: (_ for _ in ()).throw(ValueError())),
+                  (), {}, auto=True)

@@ -203,7 +203,8 @@ def tma_ok(x: torch.Tensor) -> bool:
             and (x.stride(1) * es) % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-_WS = []
+_WS = []  # [module or None]: the Gluon kernel module once imported, None where it cannot be used
+_WS_BUILT = []  # non-empty after the Gluon kernel has run once in this process
 
 
 def _ws_module():
@@ -215,6 +216,28 @@ def _ws_module():
             block_sparse_ws = None
         _WS.append(block_sparse_ws)
     return _WS[0]
+
+
+def _run_ws(ws, args, kwargs, auto):
+    """Run the Gluon kernel. In auto mode, a failure to *build* it before it has ever run (a Triton whose
+    Gluon API differs from the ones it was written for: 3.6, 3.9) disables it for this process with a
+    warning and returns None, so the caller falls back to the Triton kernel; later errors propagate."""
+    from triton.compiler.errors import TritonError
+
+    try:
+        out = ws.block_sparse_fwd_ws(*args, **kwargs)
+    except (TritonError, AttributeError, TypeError) as e:
+        if not auto or _WS_BUILT:
+            raise
+        import warnings
+
+        warnings.warn(f"dist_compact: the warp-specialized Hopper kernel did not build with this Triton "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using the Triton "
+                      f"kernel from now on", RuntimeWarning, stacklevel=3)
+        _WS[:] = [None]
+        return None
+    _WS_BUILT.append(True)
+    return out
 
 
 def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
@@ -241,8 +264,11 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         tuned = block_n is not None or num_warps is not None or num_stages is not None
         ws = _ws_module() if (impl == "ws" or not tuned) else None
         if ws is not None and ws.supported(q, k, v, block_size, q_valid, kv_valid):
-            return ws.block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=return_lse, stages=ws_stages,
-                                          persistent=ws_persistent, pingpong=ws_pingpong)
+            res = _run_ws(ws, (q, k, v, counts, indices, scale),
+                          dict(return_lse=return_lse, stages=ws_stages, persistent=ws_persistent,
+                               pingpong=ws_pingpong), auto=impl == "auto")
+            if res is not None:
+                return res
         if impl == "ws":
             raise ValueError("the warp-specialized kernel cannot run this call (it needs an sm_90 GPU, Gluon, "
                              "block size 128, bf16/fp16, head_dim 64/128, whole blocks and no valid counts)")
