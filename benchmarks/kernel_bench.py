@@ -121,12 +121,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="hunyuan,wan")
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
     ap.add_argument("--variants", default="default",
-                    help="comma list of name=BN:warps:stages[:tma][:nofold][:ptridx] (the Triton kernel), name=ws "
-                         "(the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one CTA per tile, ws:persistent, ws:pp ping-pong consumers), "
-                         "name=triton (Triton kernel defaults), name=auto (block_sparse_attention), or 'default' (= "
-                         "ours=auto) (tma: K/V through "
-                         "tensor descriptors; nofold: scale not folded into the exp2 FFMA; ptridx: key-block "
-                         "indices through tl.load, staged by the pipeliner)")
+                    help="comma list of name=BN:warps:stages[:tma] (the Triton kernel; tma: K/V through tensor "
+                         "descriptors), name=ws (the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one "
+                         "CTA per tile, ws:persistent, ws:pp ping-pong consumers), name=triton (Triton kernel "
+                         "defaults), name=auto (block_sparse_attention), or 'default' (= ours=auto)")
     ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)
@@ -172,11 +170,9 @@ def main(argv=None):
             parts = cfg.split(":")
             bn, nw, ns = (int(x) for x in parts[:3])
             flags = set(parts[3:])
-            unknown = flags - {"tma", "nofold", "ptridx"}
-            if unknown:
-                ap.error(f"variant {name}: unknown flags {sorted(unknown)} (known: tma, nofold, ptridx)")
-            variants[name] = dict(block_n=bn, num_warps=nw, num_stages=ns, use_tma="tma" in flags,
-                                  fold="nofold" not in flags, asm_index="ptridx" not in flags, impl="triton")
+            if flags - {"tma"}:
+                ap.error(f"variant {name}: unknown flags {sorted(flags - {'tma'})} (known: tma)")
+            variants[name] = dict(block_n=bn, num_warps=nw, num_stages=ns, use_tma="tma" in flags, impl="triton")
 
     rows = []
     bs, D = 128, 128

@@ -94,28 +94,26 @@ def _deepspeed_worker(rank, world):
     sp_group = dist.new_group(list(range(world)))
     bv = LAYOUT.block_valid()
     n = LAYOUT.padded_len // world
+    def err(index, q, k, v, ref):
+        # this rank's slab through DeepSpeed's all-to-all wrapper vs the single-process reference
+        attn = DistributedAttention(DeepSpeedBlockSparse(LAYOUT, sp_group, index, backend="torch"), sp_group,
+                                    scatter_idx=2, gather_idx=1)
+        with torch.no_grad():
+            out = attn(*(t[:, rank * n:(rank + 1) * n] for t in (q, k, v)), 0)
+        return (out - ref[:, rank * n:(rank + 1) * n]).abs().max().item()
+
     errs = {}
     for heads in (4, 3):  # 3 heads over 2 ranks: deepspeed's uneven split, which needs its mpu
         if heads % world:
             groups.mpu = sequence_parallel_mpu(sp_group)
         index = _index(LAYOUT, heads, 0.3, seed=heads)
         q, k, v = _problem(LAYOUT, heads, seed=10 + heads)
-        ref = block_sparse_attention(q, k, v, index, block_valid=bv, backend="torch")
-        attn = DistributedAttention(DeepSpeedBlockSparse(LAYOUT, sp_group, index, backend="torch"), sp_group,
-                                    scatter_idx=2, gather_idx=1)
-        with torch.no_grad():
-            out = attn(*(t[:, rank * n:(rank + 1) * n] for t in (q, k, v)), 0)
-        e = (out - ref[:, rank * n:(rank + 1) * n]).abs().max().item()
+        e = err(index, q, k, v, block_sparse_attention(q, k, v, index, block_valid=bv, backend="torch"))
         assert e <= TOL, f"deepspeed {heads} heads: max abs error {e:.3g}"
         errs[heads] = e
     # no index: dense attention over the valid tokens
     q, k, v = _problem(LAYOUT, 4, seed=20)
-    ref = dense_attention(q, k, v, block_size=LAYOUT.block_size, block_valid=bv, backend="torch")
-    attn = DistributedAttention(DeepSpeedBlockSparse(LAYOUT, sp_group, None, backend="torch"), sp_group,
-                                scatter_idx=2, gather_idx=1)
-    with torch.no_grad():
-        out = attn(*(t[:, rank * n:(rank + 1) * n] for t in (q, k, v)), 0)
-    e = (out - ref[:, rank * n:(rank + 1) * n]).abs().max().item()
+    e = err(None, q, k, v, dense_attention(q, k, v, block_size=LAYOUT.block_size, block_valid=bv, backend="torch"))
     assert e <= TOL, f"deepspeed dense: max abs error {e:.3g}"
     return errs
 

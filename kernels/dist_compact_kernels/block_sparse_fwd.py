@@ -78,8 +78,6 @@ def _block_sparse_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
-    FOLD: tl.constexpr,
-    ASM_INDEX: tl.constexpr,
 ):
     # grid (NQ, Z*H), query blocks fastest: neighbouring programs share a head and most of their key
     # blocks, so K/V tiles hit in L2 (a head-fastest "heaviest row first" grid measured 25% slower)
@@ -111,14 +109,7 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_SIZE, HEAD_DIM], dtype=tl.float32)
 
     for j in range(0, cnt):
-        if ASM_INDEX:
-            # a plain ld.global the software pipeliner does not see: Triton would otherwise stage this
-            # 4-byte load through shared memory with cp.async (an extra wait and barriers per key block,
-            # one K/V buffer fewer); ptxas schedules it early in the iteration, its latency hidden
-            kb = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [idx_base + j], dtype=tl.int32,
-                                           is_pure=True, pack=1)
-        else:
-            kb = tl.load(idx_base + j)
+        kb = tl.load(idx_base + j)
         for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start_n = tl.cast(kb, tl.int64) * BLOCK_SIZE + sub * BLOCK_N
             if USE_TMA:
@@ -150,21 +141,13 @@ def _block_sparse_fwd_kernel(
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             if not EVEN_K:
                 qk = tl.where(kmask[None, :], qk, float("-inf"))
-            if FOLD:
-                # the scale is folded into the exponent's argument: one FFMA per score (scale > 0, so
-                # max(qk) * scale == max(qk * scale))
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                # an all-masked tile leaves m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(tl.fma(qk, qk_scale, -m_safe[:, None]))
-            else:
-                qk = qk * qk_scale
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # an all-masked tile leaves m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -242,14 +225,11 @@ def _run_ws(ws, args, kwargs, auto):
 
 def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
                      return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True,
-                     fold=False, asm_index=False, impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None):
+                     impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None):
     """Launch the kernel. Inputs are assumed checked by the caller (dist_compact.ops).
 
     ``use_tma`` reads K/V through tensor descriptors (Hopper's copy engine) when the device and the
-    strides allow (+7-12% on an H100), else falls back to pointer loads. ``fold`` folds the softmax scale
-    into the exponent's FFMA; ``asm_index`` reads the key-block indices with a load the pipeliner does
-    not stage through shared memory (compiled CUDA only; the interpreter always uses ``tl.load``).
-    Both are on by default and kept switchable for the variant benchmark.
+    strides allow (+7-12% on an H100), else falls back to pointer loads.
     ``impl``: "auto" runs the warp-specialized Gluon kernel (block_sparse_ws.py) where it applies
     (Hopper, block 128, sequences in whole blocks, no valid counts, no tuning arguments given) and
     this Triton kernel elsewhere; "triton" forces this kernel, "ws" the Gluon one (error if it
@@ -312,7 +292,6 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
         RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-        FOLD=bool(fold), ASM_INDEX=bool(asm_index) and q.device.type == "cuda" and not interpreting(),
     )
     launch(_block_sparse_fwd_kernel, grid, args, constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)

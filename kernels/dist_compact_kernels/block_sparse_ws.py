@@ -37,7 +37,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 __all__ = ["block_sparse_fwd_ws", "compile_sm90", "shapes_ok", "supported"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = gl.constexpr(0.6931471805599453)
 BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V tile)
 ROWS = 64  # query rows per consumer warpgroup
 STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
@@ -100,6 +100,18 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, re
 
 
 @gluon.jit
+def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+    # online softmax in base 2, the scale folded into one FFMA per score (scale > 0); returns P as the
+    # PV product's register operand and the rescaled running state
+    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+    p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+    return gl.convert_layout(p.to(dtype), p_layout), m_new, l_i, acc
+
+
+@gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE,
               COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
               NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
@@ -141,13 +153,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
                 for j in range(cnt):
                     s = (kv + j) % STAGES_
                     sn = (kv + j + 1) % STAGES_
-                    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-                    p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
-                    alpha = gl.exp2(m_i - m_new)
-                    l_i = l_i * alpha + gl.sum(p, axis=1)
-                    m_i = m_new
-                    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                    pv = gl.convert_layout(p.to(dtype), p_layout)
+                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype)
                     if j + 1 < cnt:
                         mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
                     mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
@@ -169,17 +175,10 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
                 mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
                 sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                # softmax in base 2 with the scale folded into one FFMA per score (scale > 0)
-                m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-                p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
-                alpha = gl.exp2(m_i - m_new)
-                l_i = l_i * alpha + gl.sum(p, axis=1)
-                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                pv = gl.convert_layout(p.to(dtype), p_layout)
+                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype)
                 acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index(s), count=1)
-                m_i = m_new
                 kv += 1
 
         has = l_i > 0.0
@@ -192,7 +191,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
         row_o = z * SEQ_Q + qb * BLOCK_M + WHICH * ROWS_
         _tma_store(o_desc, [row_o, h * HEAD_DIM], q)
         if RETURN_LSE:
-            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+            lse = gl.where(has, (m_i + gl.log2(gl.where(has, l_i, 1.0))) * LN2, float("-inf"))
             offs = z * stride_lz + h * stride_lh + qb * BLOCK_M + WHICH * ROWS_ + gl.arange(0, ROWS_, layout=s_rows)
             gl.store(LSE + offs, lse)
         tma.store_wait(pendings=0)
