@@ -152,15 +152,17 @@ def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim:
 
     Measured on an H100 (BENCHMARKS.md, 2026-11-23; sparse time scales with density). Triton kernel:
     379 ms at density 1.0 vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16 -> they cross near 0.76.
-    The warp-specialized kernel (sm_90, block size 128): 322-331 ms vs 284-292 ms, and 164-180 ms at
-    density 0.5 -> crossing near 0.87, so 0.85 for ``block_size=128``. Other devices and dtypes are
-    unmeasured: 1.0 (only full indices go dense).
+    The warp-specialized kernel (sm_90, block size 128): 309-332 ms vs 275-292 ms over five runs (1.12-1.14x),
+    164-180 ms at density 0.5 -> crossing near 0.88, so 0.85 for ``block_size=128``. Other devices and
+    dtypes are unmeasured: 1.0 (only full indices go dense).
     """
     device = torch.device(device)
-    if (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-            and dtype in (torch.float16, torch.bfloat16) and head_dim in (64, 128)):
-        return 0.85 if block_size == 128 and torch.cuda.get_device_capability(device) == (9, 0) else 0.75
-    return 1.0
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return 1.0
+    cap = torch.cuda.get_device_capability(device)
+    if cap == (9, 0) and block_size == 128:
+        return 0.85
+    return 0.75 if cap[0] == 9 else 1.0
 
 
 def _cudnn_dense_with_lse(q, k, v, scale):
