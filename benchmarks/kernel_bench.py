@@ -116,6 +116,37 @@ def mass_rows(rows, shape, q, k, v, bs, scale, ms_cudnn, rep):
           f"row sums in [{rowsum.min().item():.4f}, {rowsum.max().item():.4f}]", flush=True)
 
 
+def parse_variants(text: str) -> dict:
+    """``--variants`` -> {name: None (block_sparse_attention) or block_sparse_fwd keyword arguments}."""
+    if text == "default":
+        return {"ours": None}
+    variants = {}
+    for spec in text.split(","):
+        name, cfg = spec.split("=")
+        if cfg == "auto":  # block_sparse_attention with its defaults (dense dispatch included)
+            variants[name] = None
+            continue
+        kind, *rest = cfg.split(":")
+        if kind in ("ws", "triton"):  # a whole kernel with its own defaults, ws switches after colons
+            variants[name] = dict(impl=kind)
+            for r in rest:
+                if r.isdigit():
+                    variants[name]["ws_stages"] = int(r)
+                elif r in ("grid", "persistent"):
+                    variants[name]["ws_persistent"] = r == "persistent"
+                elif r in ("pp", "nopp"):
+                    variants[name]["ws_pingpong"] = r == "pp"
+                else:
+                    raise ValueError(f"variant {name}: unknown ws option {r!r}")
+            continue
+        bn, nw, ns = (int(x) for x in [kind] + rest[:2])
+        flags = set(rest[2:])
+        if flags - {"tma"}:
+            raise ValueError(f"variant {name}: unknown flags {sorted(flags - {'tma'})} (known: tma)")
+        variants[name] = dict(block_n=bn, num_warps=nw, num_stages=ns, use_tma="tma" in flags, impl="triton")
+    return variants
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="hunyuan,wan")
@@ -146,33 +177,10 @@ def main(argv=None):
 
         flex = torch.compile(flex_attention, dynamic=False)
 
-    variants = {"ours": None}
-    if args.variants != "default":
-        variants = {}
-        for spec in args.variants.split(","):
-            name, cfg = spec.split("=")
-            if cfg == "auto":  # block_sparse_attention with its defaults (dense dispatch included)
-                variants[name] = None
-                continue
-            if cfg.split(":")[0] in ("ws", "triton"):  # a whole kernel, its own defaults (ws:N = N K/V stages)
-                kind, *rest = cfg.split(":")
-                variants[name] = dict(impl=kind)
-                for r in rest:  # ws:2 / ws:3 = K/V stages, ws:grid = one CTA per tile, ws:persistent
-                    if r.isdigit():
-                        variants[name]["ws_stages"] = int(r)
-                    elif r in ("grid", "persistent"):
-                        variants[name]["ws_persistent"] = r == "persistent"
-                    elif r in ("pp", "nopp"):
-                        variants[name]["ws_pingpong"] = r == "pp"
-                    else:
-                        ap.error(f"variant {name}: unknown ws option {r!r}")
-                continue
-            parts = cfg.split(":")
-            bn, nw, ns = (int(x) for x in parts[:3])
-            flags = set(parts[3:])
-            if flags - {"tma"}:
-                ap.error(f"variant {name}: unknown flags {sorted(flags - {'tma'})} (known: tma)")
-            variants[name] = dict(block_n=bn, num_warps=nw, num_stages=ns, use_tma="tma" in flags, impl="triton")
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
 
     rows = []
     bs, D = 128, 128
