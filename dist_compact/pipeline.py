@@ -351,7 +351,7 @@ def _sparse_and_dense(cfg, one_run: Callable):
 
 
 def _write_run(folder, report: dict, sparse, dense, fps: int, video: bool = True) -> None:
-    """The output files of ``(SampleResult, stats)`` runs into rank 0's temporary run folder."""
+    """The output files of ``(SampleResult, stats, ...)`` runs into rank 0's temporary run folder."""
     from . import report as rpt
 
     rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
@@ -370,11 +370,9 @@ def _agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
         coord.check_config(cfg.to_dict(), "run config")
         if weights is not None:
             coord.check_same(*weights)
-    compact = coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name,
-                                                               num_layers=num_layers, num_heads=num_heads))
-    if compact is not None and coord.world_size > 1:
-        coord.check_config(compact, "Compact config")
-    return compact
+    # read on rank 0 only; every rank gets rank 0's object, so it needs no agreement check of its own
+    return coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name,
+                                                            num_layers=num_layers, num_heads=num_heads))
 
 
 def _load_model(model_cfg, device: torch.device, dtype: torch.dtype):

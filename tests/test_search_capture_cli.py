@@ -34,3 +34,13 @@ def test_capture_then_search(tmp_path):
     assert cfg.num_layers == 8
     with pytest.raises(ValueError, match="heads"):
         load_config(str(cfg_path), model="embedded", num_layers=8, num_heads=7)
+
+
+@pytest.mark.parametrize("model", ["configs/models/hunyuanvideo-random.yaml", "configs/models/wan2.1-t2v-14b-random.yaml"])
+def test_capture_refuses_other_models_up_front(tmp_path, model, capsys):
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[1] / model
+    assert main(["capture", "--out-dir", str(tmp_path), "--prompt", "x", "--", "--config", str(cfg)]) == 2
+    assert "runs the embedded model, not model.kind 'random'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -214,8 +214,6 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
     with _run_folder(cfg, rank) as folder:
         log.info("world %d rank %d device %s dtype %s pipeline %s from %s", world, rank, device, dtype,
                  mcfg.pipeline, mcfg.path)
-        samples: List[DiffusersSample] = []
-
         def one_run(sparsity: SparsityConfig, label: str):
             stats = AttentionStats()
             s = generate(pipe, prompt=run.prompt, num_steps=run.steps, frames=mcfg.frames, height=mcfg.height,
@@ -226,17 +224,17 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
             for i, sec in enumerate(s.step_seconds):
                 log.info("%s step %d: %.4f s", label, i, sec)
             log.info("%s run: %.3f s total, layout %s", label, s.total_seconds, s.layout)
-            samples.append(s)
-            # the report's "latents" are the decoded video on rank 0 (what its writers show)
+            # the report's "latents" are the decoded video on rank 0 (what its writers show); the
+            # DiffusersSample rides along for its layout and model latents
             video = s.video[:1] if s.video is not None else s.latents[:1]
-            return SampleResult(latents=video, step_seconds=s.step_seconds), stats
+            return SampleResult(latents=video, step_seconds=s.step_seconds), stats, s
 
         sparse, dense = _sparse_and_dense(cfg, one_run)
         report = {}
         if folder is not None:
-            report = rpt.build_report(cfg, model_info=model_info, layout=samples[0].layout, world=world,
+            report = rpt.build_report(cfg, model_info=model_info, layout=sparse[2].layout, world=world,
                                       device=device, dtype=dtype, sparse=sparse, dense=dense,
                                       num_layers=num_layers, num_heads=num_heads)
-            torch.save(samples[0].latents, os.path.join(folder.tmp, "model_latents.pt"))
+            torch.save(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"))
             _write_run(folder, report, sparse, dense, run.fps, run.video)
     return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)

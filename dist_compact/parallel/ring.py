@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..block_index import BlockIndex
+from ..block_index import BlockIndex, _compact_rows
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from .config import ParallelGroups
@@ -57,11 +57,7 @@ def remap_keys(index: BlockIndex, key_map: torch.Tensor, num_k_blocks: int) -> B
     keep = new >= 0
     cnt = keep.sum(-1, dtype=torch.int32)
     width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-    idx = torch.gather(new, -1, order)
-    ar = torch.arange(width, device=index.device).view(1, 1, 1, -1)
-    idx = torch.where(ar < cnt.unsqueeze(-1), idx, torch.full_like(idx, -1))
-    return BlockIndex(cnt, idx.to(torch.int32), index.block_size, num_k_blocks)
+    return BlockIndex(cnt, _compact_rows(keep, new, width), index.block_size, num_k_blocks)
 
 
 def select_rows_at(index: BlockIndex, rows: torch.Tensor) -> BlockIndex:

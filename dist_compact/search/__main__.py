@@ -80,9 +80,10 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     from .capture import CaptureAttention
 
     cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{index}"])
-    if cfg.model.kind == "diffusers":
-        raise ValueError("capture from the CLI runs the embedded model; for diffusers models use "
-                         "sparsify(..., attention_factory=...) with CaptureAttention (docs/usage.md)")
+    if cfg.model.kind != "embedded":
+        raise ValueError(f"capture from the CLI runs the embedded model, not model.kind {cfg.model.kind!r}; for "
+                         "diffusers models use sparsify(..., attention_factory=...) with CaptureAttention "
+                         "(docs/usage.md)")
     # the dense run writes its clip like any run, beside the capture (out_dir/runs/capture-<i>); the
     # capture is what we keep
     cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
