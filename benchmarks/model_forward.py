@@ -228,14 +228,6 @@ class World:
         self.dist.all_gather(parts, t)
         return [p.tolist() for p in parts]
 
-    def broadcast_module(self, module) -> None:
-        """Rank 0's parameters and buffers on every rank (the seeded builds should agree already)."""
-        if not self.on:
-            return
-        with torch.no_grad():
-            for t in itertools.chain(module.parameters(), module.buffers()):
-                self.dist.broadcast(t.data, src=0)
-
 
 def model_config(name: str, small: bool):
     """``(transformer config, latents, text tokens)``: the published model or its tiny ``--small`` stand-in."""
@@ -264,7 +256,8 @@ def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int,
 
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
-    from dist_compact.parallel import RingOps, SequenceParallel
+    from dist_compact.integrations.random_transformer import weights_fingerprint
+    from dist_compact.parallel import Coordinator, RingOps, SequenceParallel
     from dist_compact.pipeline import build_attention
     from dist_compact.schedule import SparsityConfig
     from dist_compact.stats import AttentionStats
@@ -274,9 +267,9 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     say = world.print
     full_cfg, latents, text_tokens = model_config(name, args.small)
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)  # the same random weights on every rank (and broadcast to be sure)
+    torch.manual_seed(args.seed)  # the same random weights on every rank (checked by a digest, not copied)
     model, cfg = build_model(name, full_cfg, device, dtype, args.layers)
-    world.broadcast_module(model)
+    Coordinator().check_same(f"{name} random weights", weights_fingerprint(model))
     built_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     text_dim = cfg["text_dim"] if name == "wan" else cfg["text_embed_dim"]

@@ -57,7 +57,7 @@ from ..pipeline import RunResult, SampleResult, _agree, _process, _run_folder, _
 from ..schedule import SparsityConfig
 
 __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_random_transformer",
-           "random_text_inputs", "latent_preview", "run_random_generation"]
+           "weights_fingerprint", "random_text_inputs", "latent_preview", "run_random_generation"]
 
 #: ``model.name`` -> the key of :mod:`dist_compact.integrations.published` (``"hunyuan"`` / ``"wan"``).
 MODELS = RANDOM_MODELS
@@ -119,7 +119,7 @@ def build_random_transformer(name: str, size: str = "full", layers: Optional[int
     return model.requires_grad_(False), key, built, text_tokens
 
 
-def _fingerprint(model) -> str:
+def weights_fingerprint(model) -> str:
     """A cheap digest of the weights (per-tensor float32 sums), compared across ranks."""
     with torch.no_grad():
         sums = torch.stack([p.float().sum() for p in model.parameters()]).double().cpu()
@@ -231,7 +231,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
                                                               device=device, dtype=dtype)
     num_heads, head_dim = built["num_attention_heads"], built["attention_head_dim"]
     num_layers = built["num_layers"] + built.get("num_single_layers", 0)
-    weights_fp = _fingerprint(model)
+    weights_fp = weights_fingerprint(model)
     compact = _agree(cfg, ("random model weights", weights_fp), num_layers=num_layers, num_heads=num_heads)
     coord = Coordinator()
 

@@ -265,9 +265,6 @@ class LocalPlan(SequenceParallel):
     """The one-process sequence-parallel plan, ``SequenceParallel()``: every method is the identity
     (docs/design.md, contract 7)."""
 
-    def __init__(self):
-        super().__init__()
-
     def __repr__(self) -> str:
         return "LocalPlan()"
 
