@@ -192,13 +192,13 @@ def test_plan_built_once_per_call_shape():
         layouts.append(h.layout)
     assert len(h._plans) == 1 and all(lay is layouts[0] for lay in layouts)
     (plan,) = h._plans.values()
-    assert plan.q_src is None and plan.k_src is None
+    assert isinstance(plan.q_take, int) and isinstance(plan.k_take, int)  # no gather
     # two ranks, replicated prompt: queries are gathered, keys [video | text] are the model order
     h = _handle("hunyuan_video", 4, 2, DENSE, grid)
     q, k = torch.randn(1, 2, 48 + 2 * 5, 16), torch.randn(1, 2, 48 + 5, 16)
     xf.xdit_attention(q, k, k, attention_kwargs={xf.KWARGS_KEY: xf._LayerCall(h, 0)})
     (plan,) = h._plans.values()
-    assert plan.q_src is not None and plan.k_src is None
+    assert not isinstance(plan.q_take, int) and isinstance(plan.k_take, int)
     h.reset()
     assert not h._plans and not h._bank
 

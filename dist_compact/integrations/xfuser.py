@@ -83,7 +83,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -229,42 +229,48 @@ def infer_sequence(video: int, world: int, q_len: int, k_len: int, *, joint: boo
 
 @dataclass(frozen=True)
 class _Plan:
-    """One backend call shape (grid, query / key lengths, device): our layout and the gathers between
-    xDiT's sequence and the model order (block order is then ``layout.to_blocks``)."""
+    """One backend call shape (grid, query / key lengths, device): our layout and how xDiT's sequence
+    maps to block order. Block order = zeros ``[B, padded_len, H, D]`` with row ``dst[i]`` = xDiT
+    position ``take[i]`` (``take``: an int n = the first n positions, no gather; else a gather)."""
 
     layout: VideoLayout
-    q_src: Optional[torch.Tensor]  # xDiT query position of each model token (first text copy); None: identity
-    k_src: Optional[torch.Tensor]  # the same for keys / values
+    q_take: Union[int, torch.Tensor]  # xDiT query positions read (first text copy where text is replicated)
+    q_dst: torch.Tensor  # their block-order rows
+    k_take: Union[int, torch.Tensor]  # the same for keys / values
+    k_dst: torch.Tensor
     out_idx: torch.Tensor  # block-order row of each xDiT query position (any row for xDiT's padding)
 
 
-def _model_order_src(mi: torch.Tensor, seq_len: int) -> Optional[torch.Tensor]:
-    """Positions in xDiT's sequence (model index ``mi``) of the model tokens ``0..seq_len-1``: the
-    first one where a token appears more than once (replicated text queries); None when ``mi`` is the
-    model order already (no gather needed)."""
-    if torch.equal(mi, torch.arange(seq_len)):
-        return None
-    pos = torch.nonzero(mi >= 0).flatten()
-    first = torch.full((seq_len,), -1, dtype=torch.long)
-    first.scatter_reduce_(0, mi[pos], pos, reduce="amin", include_self=False)
+def _gather_plan(mi: torch.Tensor, layout: VideoLayout) -> Tuple[Union[int, torch.Tensor], torch.Tensor]:
+    """``(take, dst)`` for xDiT's sequence with model index ``mi`` (-1: xDiT's padding). Where every
+    model token appears once the positions map straight to block rows (one scatter, and no gather
+    when the real positions come first); replicated text queries read the first copy of each token."""
+    perm = layout.permutation()
+    kept = torch.nonzero(mi >= 0).flatten()
+    if kept.numel() == layout.seq_len and torch.equal(torch.sort(mi[kept]).values, torch.arange(layout.seq_len)):
+        take = kept.numel() if torch.equal(kept, torch.arange(kept.numel())) else kept
+        return take, perm[mi[kept]]
+    first = torch.full((layout.seq_len,), -1, dtype=torch.long)
+    first.scatter_reduce_(0, mi[kept], kept, reduce="amin", include_self=False)
     if (first < 0).any():
         raise RuntimeError("dist_compact xDiT backend: a token of the layout is missing from xDiT's sequence")
-    return first
+    return first, perm
 
 
 def _build_plan(layout: VideoLayout, seq: XditSequence, device) -> _Plan:
     mq = seq.model_index("q")
-    q_src = _model_order_src(mq, layout.seq_len)
-    k_src = q_src if seq.split_text or not seq.text else _model_order_src(seq.model_index("k"), layout.seq_len)
+    q_take, q_dst = _gather_plan(mq, layout)
+    k_take, k_dst = (q_take, q_dst) if seq.split_text or not seq.text else _gather_plan(seq.model_index("k"), layout)
     out_idx = layout.permutation()[mq.clamp(min=0)]
-    to = (lambda t: None if t is None else t.to(device))
-    return _Plan(layout, to(q_src), to(k_src), to(out_idx))
+    to = (lambda t: t.to(device) if isinstance(t, torch.Tensor) else t)
+    return _Plan(layout, to(q_take), to(q_dst), to(k_take), to(k_dst), to(out_idx))
 
 
-def _to_blocks(x: torch.Tensor, src: Optional[torch.Tensor], layout: VideoLayout) -> torch.Tensor:
+def _to_blocks(x: torch.Tensor, take: Union[int, torch.Tensor], dst: torch.Tensor, layout: VideoLayout) -> torch.Tensor:
     """xDiT ``[B, H, S, D]`` -> block order ``[B, padded_len, H, D]`` (zeros in the padding)."""
-    x = x.transpose(1, 2)
-    return layout.to_blocks(x if src is None else x.index_select(1, src))
+    x = x.narrow(2, 0, take) if isinstance(take, int) else x.index_select(2, take)
+    B, H, _, D = x.shape
+    return x.new_zeros(B, layout.padded_len, H, D).index_copy_(1, dst, x.transpose(1, 2))
 
 
 # ---------------------------------------------------------------------------------------------- handle
@@ -353,9 +359,9 @@ class XfuserHandle:
                              f"{self.num_heads} heads (ring degree > 1 or head balancing is not supported)")
         plan = self._plan(query.shape[2], key.shape[2], query.device)
         layout = self.layout = plan.layout
-        q = _to_blocks(query, plan.q_src, layout)
-        k = _to_blocks(key, plan.k_src, layout)
-        v = _to_blocks(value, plan.k_src, layout)
+        q = _to_blocks(query, plan.q_take, plan.q_dst, layout)
+        k = _to_blocks(key, plan.k_take, plan.k_dst, layout)
+        v = _to_blocks(value, plan.k_take, plan.k_dst, layout)
         self.state.check()
         ctx = AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps, ops=self.ops,
                                stats=self.stats)
