@@ -533,6 +533,7 @@ def main(argv=None) -> int:
         return 2
 
     from dist_compact.parallel import ParallelConfig, ParallelConfigError
+    from dist_compact.parallel.launch import local_device, shutdown
 
     names = [n.strip() for n in args.model.split(",") if n.strip()]
     for n in names:
@@ -562,30 +563,20 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             return fail("no GPU; use --small for the CPU smoke test")
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        if world_size > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-    if world_size > 1:
-        import datetime
-
-        import torch.distributed as dist
-
-        # long timeout: --check runs one-process forwards on rank 0 while the others wait
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=60))
+        device, dtype = local_device(), torch.bfloat16
     try:
         return _run(args, names, configs, device, dtype)
     finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        shutdown()
 
 
 def _run(args, names, configs, device, dtype) -> int:
-    from dist_compact.parallel import SequenceParallel, build_groups
+    from dist_compact.parallel import init_distributed
 
+    # the first call starts the process group (torchrun env); every rank builds every layout's groups, in
+    # one order (collective). Long timeout: --check runs one-process forwards on rank 0 while the others wait
+    plans = [init_distributed(c, backend="nccl" if device.type == "cuda" else "gloo", timeout_s=3600)
+             for c in configs]
     world = World(device)
     if device.type == "cuda":
         world.print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}"
@@ -593,8 +584,6 @@ def _run(args, names, configs, device, dtype) -> int:
     import diffusers
 
     world.print(f"# diffusers {diffusers.__version__}", flush=True)
-    # every rank builds every group, in one order (build_groups is collective over the world)
-    plans = [SequenceParallel(c, build_groups(c) if c.degree > 1 else None) for c in configs]
     if world.size > 1:
         world.print(f"# {world.size} processes ({'nccl' if device.type == 'cuda' else 'gloo'}); layouts "
                     + ", ".join(str(c) for c in configs) + "; times: slowest rank per forward, then the median",
