@@ -217,7 +217,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     from ..parallel import ParallelConfig
     from ..pipeline import build_attention, make_parallel, sample
     from ..stats import AttentionStats
-    from .diffusers import DenoisingState, sparsify, sparsify_handle
+    from .diffusers import DenoisingState, _grid, sparsify, sparsify_handle
 
     mcfg, run, cl = cfg.model, cfg.run, cfg.cluster
     # cheap checks first (ModelConfig checked the name and video size): heads vs Ulysses, before any
@@ -238,8 +238,8 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same on every rank and device
     noise = torch.randn((1, *lat), generator=gen).to(device)
     inputs = random_text_inputs(key, built, text_tokens, gen, device, dtype, run.guidance)
-    grid = (lat[1] // (built["patch_size"][0] if key == "wan" else built["patch_size_t"]),
-            lat[2] // 2, lat[3] // 2)
+    # the layout sparsify will build (for the log and sample's context; the attention reads the handle's)
+    grid = _grid(model.config, "wan" if key == "wan" else "hunyuan_video", noise, "random model")
     layout = sp.layout_for(VideoLayout(*grid, tile=tuple(mcfg.tile)))
     if key == "hunyuan":
         layout = layout.with_(text_tokens=text_tokens, text_position="after")
@@ -284,7 +284,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
                          steps=run.steps, layout=layout, guidance=1.0, shift=run.shift, stats=None, sp=None,
                          progress=run.progress and rank == 0, on_step=on_step)
             peak = torch.cuda.max_memory_allocated(device) if cuda else None
-            used = sparsify_handle(model).layout or layout
+            used = sparsify_handle(model).layout
             sent, calls = rec.counters()
             ring = cl.ring
             shard = ring_shard_bytes(used, ring, batch=noise.shape[0], heads=num_heads // cl.ulysses,
@@ -319,7 +319,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
             prev = lambda r: (SampleResult(latents=latent_preview(r[0].latents, ref),  # noqa: E731
                                            step_seconds=r[0].step_seconds), r[1])
             psparse, pdense = prev(sparse), (prev(dense) if dense is not None else None)
-            report = rpt.build_report(cfg, model_info=model_info, layout=sparsify_handle(model).layout or layout,
+            report = rpt.build_report(cfg, model_info=model_info, layout=sparsify_handle(model).layout,
                                       world=world, device=device, dtype=dtype, sparse=psparse, dense=pdense,
                                       num_layers=num_layers, num_heads=num_heads)
             for label, ex in extra.items():
