@@ -644,29 +644,8 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
     Calling it again replaces the previous installation; :func:`unsparsify` removes it.
     """
     kind = _model_kind(transformer)
-    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
-    if not isinstance(sparsity, SparsityConfig):
-        raise TypeError(f"sparsify: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"sparsify: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if state is None:
-        state = DenoisingState()
-    if not isinstance(state, DenoisingState):
-        raise TypeError(f"sparsify: state must be a DenoisingState, got {type(state).__name__}")
-    cfg = transformer.config
-    if kind == "embedded":
-        num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
-    else:
-        num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-        num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
-        if kind == "hunyuan_video" and cfg.image_condition_type == "token_replace":
-            raise ValueError("sparsify: HunyuanVideo with image_condition_type='token_replace' addresses the "
-                             "first frame's tokens by position, which block order moves; not supported")
-    from ..ops import SUPPORTED_HEAD_DIMS
-
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"sparsify: head_dim {head_dim} of {type(transformer).__name__} is not supported by the "
-                         f"kernels ({SUPPORTED_HEAD_DIMS})")
+    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = _checked_install(
+        "sparsify", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
     if sequence_parallel is not None:
         if not all(callable(getattr(sequence_parallel, m, None)) for m in ("layout_for", "shard", "gather", "wrap")):
             raise TypeError("sparsify: sequence_parallel must be a SequenceParallel plan "
@@ -674,17 +653,6 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         sp_cfg = getattr(sequence_parallel, "config", None)
         if sp_cfg is not None:
             sp_cfg.check(num_heads=num_heads)
-    if sparsity.uses_compact:
-        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
-    if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
-        tile = tuple(compact.tile)
-    if tile is not None:
-        tile = tuple(tile)
-        VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
-    if stats is None:
-        from ..stats import AttentionStats
-
-        stats = AttentionStats()
     old = getattr(transformer, _ATTR, None)
     if old is not None:
         old.remove()
@@ -697,6 +665,48 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         _install_diffusers(h, transformer, kind)
     object.__setattr__(transformer, _ATTR, h)  # a plain attribute, not a submodule
     return transformer
+
+
+# shared with dist_compact.integrations.xfuser.sparsify_xfuser
+def _checked_install(who: str, transformer, kind: str, sparsity_config, backend: str, state, compact, tile, stats):
+    """The checks and defaults every install shares (``who`` prefixes the errors): returns ``(sparsity,
+    state, num_layers, num_heads, head_dim, compact, tile, stats)`` with the Compact pattern resolved
+    (Compact modes), the tile from it unless given, a bad tile refused now, fresh state / stats."""
+    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
+    if not isinstance(sparsity, SparsityConfig):
+        raise TypeError(f"{who}: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"{who}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if state is None:
+        state = DenoisingState()
+    if not isinstance(state, DenoisingState):
+        raise TypeError(f"{who}: state must be a DenoisingState, got {type(state).__name__}")
+    cfg = transformer.config
+    if kind == "embedded":
+        num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
+    else:
+        num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
+        if kind == "hunyuan_video" and getattr(cfg, "image_condition_type", None) == "token_replace":
+            raise ValueError(f"{who}: HunyuanVideo with image_condition_type='token_replace' addresses the "
+                             "first frame's tokens by position, which block order moves; not supported")
+    from ..ops import SUPPORTED_HEAD_DIMS
+
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{who}: head_dim {head_dim} of {type(transformer).__name__} is not supported by the "
+                         f"kernels ({SUPPORTED_HEAD_DIMS})")
+    if sparsity.uses_compact:
+        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
+    if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
+        tile = tuple(compact.tile)
+    if tile is not None:
+        tile = tuple(tile)
+        VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
+    if stats is None:
+        from ..stats import AttentionStats
+
+        stats = AttentionStats()
+    return sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats
 
 
 def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):

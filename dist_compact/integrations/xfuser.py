@@ -91,7 +91,8 @@ from ..context import AttentionContext
 from ..executor import AttentionOps
 from ..layout import VideoLayout
 from ..schedule import SparsityConfig
-from .diffusers import MAX_LAYOUTS, DenoisingState, _grid, _lru, _new_attentions, _remove, _state_of, default_tile
+from .diffusers import (MAX_LAYOUTS, DenoisingState, _checked_install, _grid, _lru, _new_attentions, _remove,
+                        _state_of, default_tile)
 
 __all__ = [
     "BACKEND_KEY",
@@ -551,32 +552,9 @@ def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = Non
     """
     kind = _kind(transformer)
     _, _, xusp = _xfuser()
-    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
-    if not isinstance(sparsity, SparsityConfig):
-        raise TypeError(f"sparsify_xfuser: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"sparsify_xfuser: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if state is not None and not isinstance(state, DenoisingState):
-        raise TypeError(f"sparsify_xfuser: state must be a DenoisingState, got {type(state).__name__}")
+    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = _checked_install(
+        "sparsify_xfuser", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
     cfg = transformer.config
-    num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-    num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
-    from ..ops import SUPPORTED_HEAD_DIMS
-
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"sparsify_xfuser: head_dim {head_dim} is not supported by the kernels ({SUPPORTED_HEAD_DIMS})")
-    if sparsity.uses_compact:
-        from .diffusers import _resolve_compact
-
-        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
-        if tile is None and getattr(compact, "tile", None) is not None:
-            tile = tuple(compact.tile)
-    if tile is not None:
-        VideoLayout(1, 1, 1, tile=tuple(tile))  # a bad tile fails now
-    if stats is None:
-        from ..stats import AttentionStats
-
-        stats = AttentionStats()
     ops, world = _ops_for(num_heads, backend, ulysses_group)
     register_backend()
     old = getattr(transformer, _ATTR, None)
