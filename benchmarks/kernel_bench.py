@@ -136,6 +136,10 @@ def parse_variants(text: str) -> dict:
                     variants[name]["ws_persistent"] = r == "persistent"
                 elif r in ("pp", "nopp"):
                     variants[name]["ws_pingpong"] = r == "pp"
+                elif r in ("ov", "noov"):
+                    variants[name]["ws_overlap"] = r == "ov"
+                elif r in ("emu", "noemu"):
+                    variants[name]["ws_exp_emu"] = r == "emu"
                 else:
                     raise ValueError(f"variant {name}: unknown ws option {r!r}")
             continue
@@ -154,7 +158,8 @@ def main(argv=None):
     ap.add_argument("--variants", default="default",
                     help="comma list of name=BN:warps:stages[:tma] (the Triton kernel; tma: K/V through tensor "
                          "descriptors), name=ws (the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one "
-                         "CTA per tile, ws:persistent, ws:pp ping-pong consumers), name=triton (Triton kernel "
+                         "CTA per tile, ws:persistent, ws:pp ping-pong consumers, ws:ov softmax overlapped with the previous PV, "
+                         "ws:emu half the exponentials on the FMA pipe), name=triton (Triton kernel "
                          "defaults), name=auto (block_sparse_attention), or 'default' (= ours=auto)")
     ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
     ap.add_argument("--no-flex", action="store_true")

@@ -31,7 +31,7 @@ from pathlib import Path
 import triton
 from dist_compact_kernels.block_sparse_ws import compile_sm90
 D = int(sys.argv[1])
-kern = compile_sm90(D, True, pingpong=sys.argv[3] == "1")
+kern = compile_sm90(D, True, **json.loads(sys.argv[3]))
 cubin = Path(sys.argv[2]) / "k.cubin"
 cubin.write_bytes(kern.asm["cubin"])
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -40,8 +40,9 @@ print(json.dumps(dict(shared=kern.metadata.shared, sass=sass)))
 """
 
 
-@pytest.mark.parametrize("D,pingpong", [(128, False), (64, False), (128, True)])
-def test_compiles_for_sm90_with_the_intended_structure(D, pingpong, tmp_path):
+@pytest.mark.parametrize("D,variant", [(128, {}), (64, {}), (128, dict(pingpong=True)),
+                                       (128, dict(overlap=True, stages=3, qbuf=1)), (128, dict(exp_emu=True))])
+def test_compiles_for_sm90_with_the_intended_structure(D, variant, tmp_path):
     import json
     import os
     import sys
@@ -52,21 +53,33 @@ def test_compiles_for_sm90_with_the_intended_structure(D, pingpong, tmp_path):
         pytest.skip("this Triton ships no cuobjdump")
     # compiled, not interpreted: a child process without TRITON_INTERPRET
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE, str(D), str(tmp_path), str(int(pingpong))],
+    res = subprocess.run([sys.executable, "-c", _COMPILE, str(D), str(tmp_path), json.dumps(variant)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     sass = got["sass"]
     ops = re.findall(r"(HGMMA|USETMAXREG|UTMALDG|UTMASTG|LDL|STL)\b", sass)
     # two consumers, each D/16 k-steps of QK^T (64x128) and 128/16 of PV (64xD); the ping-pong loop
-    # issues a row's first QK^T before the loop (one more copy of it)
-    assert ops.count("HGMMA") == 2 * ((2 if pingpong else 1) * D // 16 + 128 // 16)
+    # issues a row's first QK^T before the loop (one more copy of it), the overlapped loop also its
+    # last PV after the loop
+    qk_copies = 2 if (variant.get("pingpong") or variant.get("overlap")) else 1
+    pv_copies = 2 if variant.get("overlap") else 1
+    assert ops.count("HGMMA") == 2 * (qk_copies * D // 16 + pv_copies * 128 // 16)
     # PV takes P from registers (no shared-memory round trip): "HGMMA.64xDx16.F32.BF16 Rd, Ra, gdesc..."
     assert re.search(rf"HGMMA\.64x{D}x16\.F32\.BF16 R\d+, R\d+, gdesc", sass)
     assert "USETMAXREG" in ops, "no register reallocation between the partitions"
     assert "UTMALDG" in ops and "UTMASTG" in ops
     assert "LDL" not in ops and "STL" not in ops, "register spills"
     assert got["shared"] <= 227 * 1024
+    # one wait per wgmma group (ptxas did not serialise the products: its C7513/C7514 fallback waits
+    # after every k-step), and the overlapped loop waits for QK^T with PV still in flight
+    assert sass.count("WARPGROUP.DEPBAR") == 2 * (qk_copies + pv_copies)
+    assert ("WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass) == bool(variant.get("overlap"))
+    # 64 exponentials of P per thread and key block (half of them on the FMA pipe with exp_emu), plus
+    # the rescale factor, in each copy of the softmax (the overlapped loop peels the first one)
+    ex2 = sass.count("MUFU.EX2") // (2 if variant.get("overlap") else 1)
+    per_consumer = 32 if variant.get("exp_emu") else 64
+    assert 2 * per_consumer <= ex2 <= 2 * (per_consumer + 4), ex2
 
 
 def _index(B, H, nq, nk, density, seed):
@@ -207,6 +220,28 @@ def test_pingpong_consumers_match(persistent):
     assert ((got[0].double() - oracle).norm() / oracle.norm()).item() < 1e-2
 
 
+# The overlapped schedule and the FMA-pipe exponentials round differently from the default (P is
+# converted after another order of operations; every second exponential is a polynomial): both are
+# checked against the float64 oracle (output and LSE) and stay within bf16 rounding of the default.
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("kw", [dict(ws_overlap=True), dict(ws_overlap=True, ws_stages=2), dict(ws_exp_emu=True),
+                                dict(ws_overlap=True, ws_exp_emu=True), dict(ws_overlap=True, ws_persistent=3)])
+def test_overlap_and_fma_exponentials_match_the_oracle(kw):
+    (q, k, v, idx), run = _variant_problem(8)
+    out, lse = run(**kw)
+    ref_out, ref_lse = run()
+    oracle, oracle_lse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx, return_lse=True)
+    err = ((out.double() - oracle).norm() / oracle.norm()).item()
+    assert err < 1e-2, err
+    assert ((out.float() - ref_out.float()).abs().max() < 3e-2).item()
+    finite = torch.isfinite(oracle_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), oracle_lse[finite], atol=2e-3, rtol=0)
+    assert not torch.equal(out, ref_out)  # the variant really ran (it rounds differently)
+    with pytest.raises(ValueError, match="pick one"):
+        run(ws_overlap=True, ws_pingpong=True)
+
+
 def test_measured_dense_threshold():
     from dist_compact import ops
 
@@ -262,13 +297,14 @@ def test_kernel_bench_variant_specs():
         spec.loader.exec_module(kb)
     finally:
         sys.path.remove(str(bench))
-    got = kb.parse_variants("ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton")
+    got = kb.parse_variants("ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu")
     assert got == {
         "ours": None,
         "t": dict(block_n=128, num_warps=8, num_stages=4, use_tma=True, impl="triton"),
         "p": dict(block_n=64, num_warps=4, num_stages=3, use_tma=False, impl="triton"),
         "w": dict(impl="ws", ws_stages=3, ws_persistent=True, ws_pingpong=True),
         "tri": dict(impl="triton"),
+        "o": dict(impl="ws", ws_overlap=True, ws_exp_emu=True),
     }
     assert kb.parse_variants("default") == {"ours": None}
     for bad in ("x=ws:fast", "x=128:8:3:nofold"):

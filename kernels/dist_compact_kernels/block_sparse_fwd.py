@@ -225,7 +225,8 @@ def _run_ws(ws, args, kwargs, auto):
 
 def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
                      return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True,
-                     impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None):
+                     impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None, ws_overlap=None,
+                     ws_exp_emu=None):
     """Launch the kernel. Inputs are assumed checked by the caller (dist_compact.ops).
 
     ``use_tma`` reads K/V through tensor descriptors (Hopper's copy engine) when the device and the
@@ -233,9 +234,11 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
     ``impl``: "auto" runs the warp-specialized Gluon kernel (block_sparse_ws.py) where it applies
     (Hopper, block 128, sequences in whole blocks, no valid counts, no tuning arguments given) and
     this Triton kernel elsewhere; "triton" forces this kernel, "ws" the Gluon one (error if it
-    cannot run the call); ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` set the Gluon kernel's K/V
-    ring depth (2 or 3), grid (one CTA per SM walking the tiles, or one CTA per tile) and whether its
-    consumers take turns on the tensor cores.
+    cannot run the call); ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` / ``ws_overlap`` /
+    ``ws_exp_emu`` set the Gluon kernel's K/V ring depth (2 or 3), grid (one CTA per SM walking the tiles,
+    or one CTA per tile), whether its consumers take turns on the tensor cores, whether each consumer
+    overlaps its softmax with its previous PV product, and whether half the exponentials run on the
+    FMA pipe (see block_sparse_ws.block_sparse_fwd_ws).
     Returns (out, lse) with lse None unless return_lse.
     """
     if impl not in ("auto", "triton", "ws"):
@@ -246,7 +249,8 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         if ws is not None and ws.supported(q, k, v, block_size, q_valid, kv_valid):
             res = _run_ws(ws, (q, k, v, counts, indices, scale),
                           dict(return_lse=return_lse, stages=ws_stages, persistent=ws_persistent,
-                               pingpong=ws_pingpong), auto=impl == "auto")
+                               pingpong=ws_pingpong, overlap=ws_overlap, exp_emu=ws_exp_emu),
+                          auto=impl == "auto")
             if res is not None:
                 return res
         if impl == "ws":

@@ -42,6 +42,8 @@ BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V til
 ROWS = 64  # query rows per consumer warpgroup
 STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
 PINGPONG = False
+OVERLAP = False
+EXP_EMU = False
 PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (BENCHMARKS.md)
 CONSUMER_REGS = gl.constexpr(240)
 # Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
@@ -99,12 +101,45 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, re
         i += 1
 
 
+# exp2 of x <= 0 (the softmax's exponents) for one element of each pair on the FMA pipe instead of the
+# special-function unit (MUFU: 16 results per clock per SM on Hopper, the softmax's scarcest unit):
+# 2^x = 2^j * 2^r with j = round(x) (added to the exponent bits) and 2^r, |r| <= 1/2, a degree-3
+# polynomial (relative error 7.5e-5, far below bf16's 3.9e-3 rounding of P). x is clamped at -126 (2^-126
+# is already negligible next to the row's maximum, 2^0).
+_EXP2_PAIR_ASM = gl.constexpr("""{
+.reg .f32 t, j, r, p;
+.reg .b32 jb, pb;
+ex2.approx.ftz.f32 $0, $2;
+max.ftz.f32 t, $3, 0fC2FC0000;
+add.rn.ftz.f32 j, t, 0f4B400000;
+sub.rn.ftz.f32 r, j, 0f4B400000;
+sub.rn.ftz.f32 r, t, r;
+fma.rn.ftz.f32 p, r, 0f3D61FBAC, 0f3E786F0F;
+fma.rn.ftz.f32 p, p, r, 0f3F31798D;
+fma.rn.ftz.f32 p, p, r, 0f3F7FFB49;
+mov.b32 jb, j;
+shl.b32 jb, jb, 23;
+mov.b32 pb, p;
+add.s32 pb, pb, jb;
+mov.b32 $1, pb;
+}""")
+
+
 @gluon.jit
-def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr):
+def _exp2_scores(x, EXP_EMU: gl.constexpr):
+    if EXP_EMU:
+        return gl.inline_asm_elementwise(_EXP2_PAIR_ASM, "=f,=f,f,f", [x], dtype=gl.float32, is_pure=True, pack=2)
+    else:
+        return gl.exp2(x)
+
+
+@gluon.jit
+def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
+                  EXP_EMU: gl.constexpr):
     # online softmax in base 2, the scale folded into one FFMA per score (scale > 0); returns P as the
     # PV product's register operand and the rescaled running state
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    p = gl.exp2(gl.fma(sc, qk_scale, -m_new[:, None]))
+    p = _exp2_scores(gl.fma(sc, qk_scale, -m_new[:, None]), EXP_EMU)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
@@ -115,7 +150,8 @@ def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: g
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE,
               COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
               NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES_: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr, WHICH: gl.constexpr):
+              STAGES_: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+              EXP_EMU: gl.constexpr, WHICH: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
     ROWS_: gl.constexpr = o_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = 2 * ROWS_
@@ -153,7 +189,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
                 for j in range(cnt):
                     s = (kv + j) % STAGES_
                     sn = (kv + j + 1) % STAGES_
-                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype)
+                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU)
                     if j + 1 < cnt:
                         mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
                     mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
@@ -169,13 +205,51 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
                     ph += 1
                     mbarrier.arrive(empty.index(s), count=1)
                 kv += cnt
+        elif OVERLAP:
+            # FA3's in-warpgroup overlap: QK^T of block j and PV of block j-1 are issued back to back and
+            # the softmax of j may run while PV(j-1) is on the tensor cores (wgmma groups retire in order,
+            # so waiting with one outstanding waits for QK^T only). The accumulator is rescaled and the
+            # next P written to its registers only after PV(j-1) has retired. A K/V stage is held from
+            # QK^T(j) to PV(j), one iteration longer than in the serial loop (use 3 stages).
+            if cnt > 0:
+                s = kv % STAGES_
+                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+                m_i = gl.max(sc, axis=1) * qk_scale
+                p = _exp2_scores(gl.fma(sc, qk_scale, -m_i[:, None]), EXP_EMU)
+                l_i = gl.sum(p, axis=1)
+                pv = gl.convert_layout(p.to(dtype), p_layout)
+                for j in range(1, cnt):
+                    sp = (kv + j - 1) % STAGES_
+                    s = (kv + j) % STAGES_
+                    mbarrier.wait(ready.index(s), ((kv + j) // STAGES_) & 1)
+                    sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                    acc = warpgroup_mma(pv, v_smem.index(sp), acc, is_async=True)
+                    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
+                    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
+                    p = _exp2_scores(gl.fma(sc, qk_scale, -m_new[:, None]), EXP_EMU)
+                    alpha = gl.exp2(m_i - m_new)
+                    l_i = l_i * alpha + gl.sum(p, axis=1)
+                    m_i = m_new
+                    # p rides through the wait so that its conversion (into the registers PV(j-1) reads)
+                    # stays after it
+                    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
+                    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+                    pv = gl.convert_layout(p.to(dtype), p_layout)
+                    mbarrier.arrive(empty.index(sp), count=1)
+                s = (kv + cnt - 1) % STAGES_
+                acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(empty.index(s), count=1)
+                kv += cnt
         else:
             for j in range(cnt):
                 s = kv % STAGES_
                 mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
                 sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype)
+                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU)
                 acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index(s), count=1)
@@ -204,7 +278,8 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES
                             stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                             H, SEQ_Q, SEQ_K, NQ, num_tiles,
                             HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
-                            QBUF: gl.constexpr, PINGPONG: gl.constexpr):
+                            QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+                            EXP_EMU: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -233,11 +308,11 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES
             (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, 0)),
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, 0)),
             (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, 1)),
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, 1)),
         ],
         [4, 4],
         [CONSUMER_REGS, CONSUMER_REGS],
@@ -276,21 +351,30 @@ def _view2d(x):
 
 
 def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
-                        pingpong=None):
+                        pingpong=None, overlap=None, exp_emu=None):
     """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
 
     ``stages``: K/V ring depth, 2 (default) or 3. ``persistent``: True = one CTA per SM
     walking the tiles with a stride, the next tile's Q prefetched into a second buffer (2 stages
     only); an int = that many CTAs; False (default, see PERSISTENT) = one CTA per tile. ``pingpong``:
-    the consumers take turns on the tensor cores (FA3); default PINGPONG.
+    the consumers take turns on the tensor cores (FA3); default PINGPONG. ``overlap``: each consumer
+    issues QK^T(j) with PV(j-1) and runs the softmax of j while PV(j-1) is in flight (FA3's
+    in-warpgroup overlap; a stage is held one iteration longer, so 3 stages unless given); default
+    OVERLAP. ``exp_emu``: every second exponential of P on the FMA pipe (`_EXP2_PAIR_ASM`); default
+    EXP_EMU. Every switch changes the schedule only: ``pingpong`` and ``persistent`` give the default's
+    output bit for bit, ``overlap`` and ``exp_emu`` round differently (within bf16 of the oracle).
     """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = SQ // BLOCK
-    stages = int(stages or STAGES)
+    persistent = PERSISTENT if persistent is None else persistent
+    pingpong = PINGPONG if pingpong is None else bool(pingpong)
+    overlap = OVERLAP if overlap is None else bool(overlap)
+    if pingpong and overlap:
+        raise ValueError("pingpong and overlap are two different consumer schedules; pick one")
+    stages = int(stages or (3 if overlap else STAGES))
     if stages not in (2, 3):
         raise ValueError(f"stages must be 2 or 3, got {stages}")
-    persistent = PERSISTENT if persistent is None else persistent
     qbuf = 2 if stages == 2 else 1  # shared memory: QBUF x 32 KiB of Q + stages x 64 KiB of K/V <= 227 KiB
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
@@ -315,13 +399,14 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK, nq, num_tiles,
         HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
-        PINGPONG=PINGPONG if pingpong is None else bool(pingpong),
+        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=EXP_EMU if exp_emu is None else bool(exp_emu),
         num_warps=4,
     )
     return out, lse
 
 
-def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2, pingpong=False):
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2, pingpong=False, overlap=False,
+                 exp_emu=False):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
     kernel (``.asm["cubin"]``, ``.metadata``). The tests use it to check, on any machine, that this
     Triton still builds the kernel with the intended structure. Not under TRITON_INTERPRET=1."""
@@ -335,10 +420,12 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbu
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
              "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
              "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr", "STAGES": "constexpr",
-             "QBUF": "constexpr", "PINGPONG": "constexpr"}
+             "QBUF": "constexpr", "PINGPONG": "constexpr", "OVERLAP": "constexpr",
+             "EXP_EMU": "constexpr"}
     kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
     fn = _block_sparse_ws_kernel
     sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse),
-                                                           "STAGES": stages, "QBUF": qbuf, "PINGPONG": pingpong})
+                                                           "STAGES": stages, "QBUF": qbuf, "PINGPONG": pingpong,
+                                                           "OVERLAP": overlap, "EXP_EMU": exp_emu})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
