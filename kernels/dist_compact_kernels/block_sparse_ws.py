@@ -42,7 +42,7 @@ BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V til
 ROWS = 64  # query rows per consumer warpgroup
 STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
 PINGPONG = False
-OVERLAP = False
+OVERLAP = True  # measured: +20-25% over the serial consumer loop (BENCHMARKS.md, fourth session)
 EXP_EMU = False
 PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (BENCHMARKS.md)
 CONSUMER_REGS = gl.constexpr(240)
@@ -350,32 +350,42 @@ def _view2d(x):
     return x.as_strided((Z * S, H * D), (x.stride(1), 1))
 
 
-def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
-                        pingpong=None, overlap=None, exp_emu=None):
-    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
-
-    ``stages``: K/V ring depth, 2 (default) or 3. ``persistent``: True = one CTA per SM
-    walking the tiles with a stride, the next tile's Q prefetched into a second buffer (2 stages
-    only); an int = that many CTAs; False (default, see PERSISTENT) = one CTA per tile. ``pingpong``:
-    the consumers take turns on the tensor cores (FA3); default PINGPONG. ``overlap``: each consumer
-    issues QK^T(j) with PV(j-1) and runs the softmax of j while PV(j-1) is in flight (FA3's
-    in-warpgroup overlap; a stage is held one iteration longer, so 3 stages unless given); default
-    OVERLAP. ``exp_emu``: every second exponential of P on the FMA pipe (`_EXP2_PAIR_ASM`); default
-    EXP_EMU. Every switch changes the schedule only: ``pingpong`` and ``persistent`` give the default's
-    output bit for bit, ``overlap`` and ``exp_emu`` round differently (within bf16 of the oracle).
-    """
-    Z, SQ, H, D = q.shape
-    SK = k.shape[1]
-    nq = SQ // BLOCK
-    persistent = PERSISTENT if persistent is None else persistent
+def _schedule(stages=None, pingpong=None, overlap=None, exp_emu=None):
+    """The consumer schedule a call gets: (stages, Q buffers, pingpong, overlap, exp_emu), defaults
+    filled in. Ping-pong and overlap are two schedules (asking for ping-pong turns the default overlap
+    off); the overlapped loop holds a stage one iteration longer, so it defaults to 3 stages."""
     pingpong = PINGPONG if pingpong is None else bool(pingpong)
-    overlap = OVERLAP if overlap is None else bool(overlap)
+    overlap = (OVERLAP and not pingpong) if overlap is None else bool(overlap)
     if pingpong and overlap:
         raise ValueError("pingpong and overlap are two different consumer schedules; pick one")
     stages = int(stages or (3 if overlap else STAGES))
     if stages not in (2, 3):
         raise ValueError(f"stages must be 2 or 3, got {stages}")
     qbuf = 2 if stages == 2 else 1  # shared memory: QBUF x 32 KiB of Q + stages x 64 KiB of K/V <= 227 KiB
+    return stages, qbuf, pingpong, overlap, EXP_EMU if exp_emu is None else bool(exp_emu)
+
+
+def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
+                        pingpong=None, overlap=None, exp_emu=None):
+    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
+
+    ``stages``: K/V ring depth, 2 or 3 (default: 3 with the overlapped loop, else STAGES).
+    ``persistent``: True = one CTA per SM walking the tiles with a stride (with 2 stages the next
+    tile's Q is prefetched into a second buffer); an int = that many CTAs; False (default, see
+    PERSISTENT) = one CTA per tile. ``overlap`` (default OVERLAP): each consumer issues QK^T(j) with
+    PV(j-1) and runs the softmax of j while PV(j-1) is in flight (FA3's in-warpgroup overlap).
+    ``pingpong``: the serial consumer loop with the two consumers taking turns on the tensor cores
+    (FA3's ping-pong; turns overlap off); default PINGPONG. ``exp_emu``: every second exponential of
+    P on the FMA pipe (`_EXP2_PAIR_ASM`); default EXP_EMU. ``stages``, ``persistent`` and
+    ``pingpong`` change the schedule only (the output is equal bit for bit to that of the same loop
+    without them); the overlapped loop and ``exp_emu`` round differently from the serial loop
+    (within bf16 of the oracle).
+    """
+    Z, SQ, H, D = q.shape
+    SK = k.shape[1]
+    nq = SQ // BLOCK
+    persistent = PERSISTENT if persistent is None else persistent
+    stages, qbuf, pingpong, overlap, exp_emu = _schedule(stages, pingpong, overlap, exp_emu)
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -399,17 +409,18 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK, nq, num_tiles,
         HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
-        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=EXP_EMU if exp_emu is None else bool(exp_emu),
+        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=exp_emu,
         num_warps=4,
     )
     return out, lse
 
 
-def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=STAGES, qbuf=2, pingpong=False, overlap=False,
-                 exp_emu=False):
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingpong=None, overlap=None, exp_emu=None):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
-    kernel (``.asm["cubin"]``, ``.metadata``). The tests use it to check, on any machine, that this
-    Triton still builds the kernel with the intended structure. Not under TRITON_INTERPRET=1."""
+    kernel (``.asm["cubin"]``, ``.metadata``); the schedule arguments and their defaults are the
+    launcher's. The tests use it to check, on any machine, that this Triton still builds the kernel
+    with the intended structure. Not under TRITON_INTERPRET=1."""
+    stages, qbuf, pingpong, overlap, exp_emu = _schedule(stages, pingpong, overlap, exp_emu)
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
