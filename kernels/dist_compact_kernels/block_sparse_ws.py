@@ -376,10 +376,10 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     PV(j-1) and runs the softmax of j while PV(j-1) is in flight (FA3's in-warpgroup overlap).
     ``pingpong``: the serial consumer loop with the two consumers taking turns on the tensor cores
     (FA3's ping-pong; turns overlap off); default PINGPONG. ``exp_emu``: every second exponential of
-    P on the FMA pipe (`_EXP2_PAIR_ASM`); default EXP_EMU. ``stages``, ``persistent`` and
-    ``pingpong`` change the schedule only (the output is equal bit for bit to that of the same loop
-    without them); the overlapped loop and ``exp_emu`` round differently from the serial loop
-    (within bf16 of the oracle).
+    P on the FMA pipe (`_EXP2_PAIR_ASM`); default EXP_EMU. ``stages``, ``persistent``, ``pingpong``
+    and ``overlap`` change the schedule only: the accumulator sees the same operations in the same
+    order (rescale, then add P V), so the output is equal bit for bit to the serial loop's;
+    ``exp_emu`` rounds differently (within bf16 of the oracle).
     """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
