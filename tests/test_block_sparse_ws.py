@@ -41,7 +41,8 @@ print(json.dumps(dict(shared=kern.metadata.shared, sass=sass)))
 
 
 @pytest.mark.parametrize("D,variant", [(128, {}), (64, {}), (128, dict(overlap=False)), (128, dict(pingpong=True)),
-                                       (128, dict(overlap=False, exp_emu=True))])
+                                       (128, dict(overlap=False, exp_emu=True)), (128, dict(valid=True)),
+                                       (64, dict(valid=True, overlap=False))])
 def test_compiles_for_sm90_with_the_intended_structure(D, variant, tmp_path):
     import json
     import os
@@ -144,10 +145,13 @@ def test_auto_dispatch_and_fallbacks(monkeypatch):
     monkeypatch.setattr(W, "block_sparse_fwd_ws", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.1)
     assert calls == [1]
-    # tuning arguments, fp32, a block size other than 128, or valid counts -> the Triton kernel
+    # valid counts run there too; tuning arguments or fp32 -> the Triton kernel
+    valid = torch.tensor([128, 100, 128, 1], dtype=torch.int32, device=dev)
+    K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.1, q_valid=valid, kv_valid=valid)
+    assert calls == [1, 1]
     K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.1, num_stages=3)
     K.block_sparse_fwd(q.float(), k.float(), v.float(), idx.counts, idx.indices, 128, 0.1)
-    assert calls == [1]
+    assert calls == [1, 1]
     with pytest.raises(ValueError, match="warp-specialized kernel cannot run"):
         K.block_sparse_fwd(q.float(), k.float(), v.float(), idx.counts, idx.indices, 128, 0.1, impl="ws")
 
@@ -159,6 +163,9 @@ def test_supported_refuses_what_it_cannot_run():
     # q/k/v as views of a packed [B, S, 3, H, D] projection: rows strided by 3*H*D, still TMA-able
     q, k, v = torch.zeros(2, 384, 3, 4, 64, dtype=torch.float16).unbind(2)
     assert W.shapes_ok(q, k, v, 128)
+    # per-block valid counts: one contiguous int32 per block
+    two = torch.full((2,), 100, dtype=torch.int32)
+    assert W.shapes_ok(cpu, cpu, cpu, 128, q_valid=two, kv_valid=two)
     bad = {
         "block size 64": (cpu, cpu, cpu, 64, {}),
         "fp32": (cpu.float(), cpu.float(), cpu.float(), 128, {}),
@@ -168,7 +175,9 @@ def test_supported_refuses_what_it_cannot_run():
         "seq_k not whole blocks": (cpu, torch.zeros(1, 300, 2, 128, dtype=torch.bfloat16),
                                    torch.zeros(1, 300, 2, 128, dtype=torch.bfloat16), 128, {}),
         "heads not packed": (cpu.transpose(1, 2).contiguous().transpose(1, 2), cpu, cpu, 128, {}),
-        "valid counts": (cpu, cpu, cpu, 128, {"q_valid": torch.full((2,), 128, dtype=torch.int32)}),
+        "int64 valid counts": (cpu, cpu, cpu, 128, {"q_valid": two.long()}),
+        "valid counts of another length": (cpu, cpu, cpu, 128, {"kv_valid": two[:1]}),
+        "strided valid counts": (cpu, cpu, cpu, 128, {"kv_valid": torch.zeros(4, dtype=torch.int32)[::2]}),
         # batches not evenly spaced: the [Z*S, H*D] view would read the wrong rows
         "batch gap": (torch.zeros(2, 512, 2, 128, dtype=torch.bfloat16)[:, :256],) * 3 + (128, {}),
     }
@@ -251,6 +260,45 @@ def test_fma_pipe_exponentials_match_the_oracle(overlap):
     assert torch.equal(torch.isfinite(lse), finite)
     assert torch.allclose(lse[finite].double(), oracle_lse[finite], atol=2e-3, rtol=0)
     assert not torch.equal(out, ref_out)  # the polynomial really ran
+
+
+# Padding inside blocks (text tokens, ragged tiles): padded keys masked, padded V rows zeroed in shared
+# memory (here they hold NaN and inf, as uninitialised padding may), padded query rows 0 / -inf; a key
+# block with no valid key, a query block with none, and rows whose only keys are padding.
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("kw", [dict(), dict(ws_overlap=False), dict(ws_exp_emu=True), dict(ws_persistent=3)])
+def test_valid_counts_match_the_oracle(kw):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(11)
+    B, H, nb = 2, 3, 6
+    q, k, v = (torch.randn(B, nb * 128, H, 128, device=dev, generator=g).to(torch.bfloat16) for _ in range(3))
+    valid = torch.tensor([128, 77, 0, 128, 1, 64], dtype=torch.int32, device=dev)
+    idx = _index(1, H, nb, nb, 0.6, seed=12)
+    idx.counts[0, 0, 1] = 1
+    idx.indices[0, 0, 1, 0] = 2  # a row whose only key block has no valid key
+    idx = idx.to(dev)
+    pad = torch.arange(128, device=dev)[None, :] >= valid[:, None]  # [nb, 128]
+    pad = pad.reshape(1, nb * 128, 1, 1)
+    oracle, oracle_lse = reference_block_sparse_attention(
+        q.double().masked_fill(pad, 0), k.double().masked_fill(pad, 0), v.double().masked_fill(pad, 0), idx,
+        scale=0.088, q_valid=valid, kv_valid=valid)
+    qp, kp = q.masked_fill(pad, float("nan")), k.masked_fill(pad, float("inf"))
+    vp = v.masked_fill(pad, float("nan"))
+    vp[:, 128 + 77] = float("inf")
+    out, lse = K.block_sparse_fwd(qp, kp, vp, idx.counts, idx.indices, 128, 0.088, q_valid=valid, kv_valid=valid,
+                                  impl="ws", **kw)
+    assert torch.isfinite(out).all()
+    err = ((out.double() - oracle).norm() / oracle.norm()).item()
+    assert err < 1e-2, err
+    assert (out.masked_select(pad.expand_as(out)) == 0).all()  # padded query rows
+    finite = torch.isfinite(oracle_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert torch.allclose(lse[finite].double(), oracle_lse[finite], atol=2e-3, rtol=0)
+    tri, tri_lse = K.block_sparse_fwd(qp, kp, vp, idx.counts, idx.indices, 128, 0.088, q_valid=valid,
+                                      kv_valid=valid, impl="triton")
+    assert ((out.float() - tri.float()).abs().max() < 3e-2).item()
+    with pytest.raises(ValueError, match="ping-pong"):
+        K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, 0.088, q_valid=valid, impl="ws", ws_pingpong=True)
 
 
 def test_measured_dense_threshold():

@@ -232,7 +232,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
     ``use_tma`` reads K/V through tensor descriptors (Hopper's copy engine) when the device and the
     strides allow (+7-12% on an H100), else falls back to pointer loads.
     ``impl``: "auto" runs the warp-specialized Gluon kernel (block_sparse_ws.py) where it applies
-    (Hopper, block 128, sequences in whole blocks, no valid counts, no tuning arguments given) and
+    (Hopper, block 128, sequences in whole blocks, no tuning arguments given) and
     this Triton kernel elsewhere; "triton" forces this kernel, "ws" the Gluon one (error if it
     cannot run the call); ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` / ``ws_overlap`` /
     ``ws_exp_emu`` set the Gluon kernel's K/V ring depth (2 or 3), grid (one CTA per SM walking the tiles,
@@ -249,13 +249,14 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         if ws is not None and ws.supported(q, k, v, block_size, q_valid, kv_valid):
             res = _run_ws(ws, (q, k, v, counts, indices, scale),
                           dict(return_lse=return_lse, stages=ws_stages, persistent=ws_persistent,
-                               pingpong=ws_pingpong, overlap=ws_overlap, exp_emu=ws_exp_emu),
+                               pingpong=ws_pingpong, overlap=ws_overlap, exp_emu=ws_exp_emu, q_valid=q_valid,
+                               kv_valid=kv_valid),
                           auto=impl == "auto")
             if res is not None:
                 return res
         if impl == "ws":
             raise ValueError("the warp-specialized kernel cannot run this call (it needs an sm_90 GPU, Gluon, "
-                             "block size 128, bf16/fp16, head_dim 64/128, whole blocks and no valid counts)")
+                             "block size 128, bf16/fp16, head_dim 64/128 and whole blocks)")
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = triton.cdiv(SQ, block_size)

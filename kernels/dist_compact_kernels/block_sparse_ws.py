@@ -13,8 +13,9 @@ program = one 128-row query block of one (z, h), split over three partitions:
   computes exponentials the other's matrix products keep the tensor cores busy.
 
 Layouts and limits: q, k, v [Z, S, H, D] with the (H, D) dims packed (stride(2) == D, stride(3)
-== 1), bf16/fp16, D in (64, 128), block size 128, S_q and S_k multiples of 128 and no per-block valid
-counts (the Triton kernel serves every other case). K/V are read as a 2D [Z*S_k, H*D] view, the
+== 1), bf16/fp16, D in (64, 128), block size 128, S_q and S_k multiples of 128, optional per-block
+valid counts (padding inside blocks, as layouts with text or ragged tiles have); the Triton kernel
+serves every other case. K/V are read as a 2D [Z*S_k, H*D] view, the
 output is written through a [Z*S_q, H*D] view. LSE is natural-log, -inf (and output 0) for rows
 without any key block.
 
@@ -104,12 +105,14 @@ def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, re
 # exp2 of x <= 0 (the softmax's exponents) for one element of each pair on the FMA pipe instead of the
 # special-function unit (MUFU: 16 results per clock per SM on Hopper, the softmax's scarcest unit):
 # 2^x = 2^j * 2^r with j = round(x) (added to the exponent bits) and 2^r, |r| <= 1/2, a degree-3
-# polynomial (relative error 7.5e-5, far below bf16's 3.9e-3 rounding of P). x is clamped at -126 (2^-126
-# is already negligible next to the row's maximum, 2^0).
+# polynomial (relative error 7.5e-5, far below bf16's 3.9e-3 rounding of P). x below -126 gives 0 (as
+# masked keys, x = -inf, must; 2^-126 is negligible next to the row's maximum, 2^0).
 _EXP2_PAIR_ASM = gl.constexpr("""{
 .reg .f32 t, j, r, p;
 .reg .b32 jb, pb;
+.reg .pred tiny;
 ex2.approx.ftz.f32 $0, $2;
+setp.lt.f32 tiny, $3, 0fC2FC0000;
 max.ftz.f32 t, $3, 0fC2FC0000;
 add.rn.ftz.f32 j, t, 0f4B400000;
 sub.rn.ftz.f32 r, j, 0f4B400000;
@@ -121,6 +124,7 @@ mov.b32 jb, j;
 shl.b32 jb, jb, 23;
 mov.b32 pb, p;
 add.s32 pb, pb, jb;
+selp.b32 pb, 0, pb, tiny;
 mov.b32 $1, pb;
 }""")
 
@@ -134,24 +138,73 @@ def _exp2_scores(x, EXP_EMU: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
-                  EXP_EMU: gl.constexpr):
-    # online softmax in base 2, the scale folded into one FFMA per score (scale > 0); returns P as the
-    # PV product's register operand and the rescaled running state
+def _zero_padded_rows(tile, n_ok, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    # rows n_ok.. of a K/V tile in shared memory set to 0 (padding may hold anything; P is 0 there but
+    # 0 * inf is NaN). Both consumers do it before their first product that reads the tile: the
+    # second writes zeros over zeros.
+    R: gl.constexpr = 16
+    layout: gl.constexpr = gl.BlockedLayout([1, HEAD_DIM // 8], [4, 8], [4, 1], [1, 0])
+    for r0 in gl.static_range(0, BLOCK_N, R):
+        if r0 + R > n_ok:
+            sub = tile.slice(r0, R, dim=0)
+            x = sub.load(layout)
+            rows = r0 + gl.arange(0, R, layout=gl.SliceLayout(1, layout))
+            sub.store(gl.where(rows[:, None] < n_ok, x, gl.zeros_like(x)))
+    fence_async_shared()
+
+
+@gluon.jit
+def _key_valid(idx, j, KV_VALID, v_tile, HAS_KV_VALID: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_DIM: gl.constexpr):
+    # valid keys of the row's j-th key block (BLOCK_N without counts); pads its V rows with zeros
+    n_ok = BLOCK_N
+    if HAS_KV_VALID:
+        n_ok = gl.load(KV_VALID + gl.load(idx + j))
+        if n_ok < BLOCK_N:
+            _zero_padded_rows(v_tile, n_ok, BLOCK_N, HEAD_DIM)
+    return n_ok
+
+
+@gluon.jit
+def _mask_keys(sc, n_ok, HAS_KV_VALID: gl.constexpr, s_layout: gl.constexpr):
+    BLOCK_N: gl.constexpr = sc.shape[1]
+    if HAS_KV_VALID:
+        if n_ok < BLOCK_N:
+            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            sc = gl.where(cols[None, :] < n_ok, sc, float("-inf"))
+    return sc
+
+
+@gluon.jit
+def _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU: gl.constexpr, MASKED: gl.constexpr):
+    # online softmax in base 2, the scale folded into one FFMA per score (scale > 0): P, the new
+    # running max, the factor alpha that rescales what came before, the new row sums
     m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-    p = _exp2_scores(gl.fma(sc, qk_scale, -m_new[:, None]), EXP_EMU)
-    alpha = gl.exp2(m_i - m_new)
+    m_use = m_new
+    if MASKED:
+        # a row whose keys so far are all masked keeps m = -inf: subtract 0 instead (P = 0, not NaN)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = _exp2_scores(gl.fma(sc, qk_scale, -m_use[:, None]), EXP_EMU)
+    alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, m_new, alpha, l_i
+
+
+@gluon.jit
+def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr,
+                  EXP_EMU: gl.constexpr, MASKED: gl.constexpr):
+    # the serial loop's step: P as the PV product's register operand and the rescaled running state
+    p, m_new, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, MASKED)
     acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
     return gl.convert_layout(p.to(dtype), p_layout), m_new, l_i, acc
 
 
 @gluon.jit
-def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE,
+def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
               COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
               NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES_: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-              EXP_EMU: gl.constexpr, WHICH: gl.constexpr):
+              EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr, WHICH: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
     ROWS_: gl.constexpr = o_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = 2 * ROWS_
@@ -189,7 +242,7 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
                 for j in range(cnt):
                     s = (kv + j) % STAGES_
                     sn = (kv + j + 1) % STAGES_
-                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU)
+                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU, False)
                     if j + 1 < cnt:
                         mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
                     mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
@@ -211,27 +264,27 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
             # so waiting with one outstanding waits for QK^T only). The accumulator is rescaled and the
             # next P written to its registers only after PV(j-1) has retired. A K/V stage is held from
             # QK^T(j) to PV(j), one iteration longer than in the serial loop (use 3 stages).
+            # With valid counts, a block's padded keys are masked after its QK^T and its padded V rows
+            # zeroed before its PV (_key_valid, _mask_keys).
             if cnt > 0:
                 s = kv % STAGES_
                 mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+                n_ok = _key_valid(idx, 0, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
                 sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                m_i = gl.max(sc, axis=1) * qk_scale
-                p = _exp2_scores(gl.fma(sc, qk_scale, -m_i[:, None]), EXP_EMU)
-                l_i = gl.sum(p, axis=1)
+                sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+                p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
                 pv = gl.convert_layout(p.to(dtype), p_layout)
                 for j in range(1, cnt):
                     sp = (kv + j - 1) % STAGES_
                     s = (kv + j) % STAGES_
                     mbarrier.wait(ready.index(s), ((kv + j) // STAGES_) & 1)
+                    n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
                     sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                     acc = warpgroup_mma(pv, v_smem.index(sp), acc, is_async=True)
                     sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
-                    m_new = gl.maximum(m_i, gl.max(sc, axis=1) * qk_scale)
-                    p = _exp2_scores(gl.fma(sc, qk_scale, -m_new[:, None]), EXP_EMU)
-                    alpha = gl.exp2(m_i - m_new)
-                    l_i = l_i * alpha + gl.sum(p, axis=1)
-                    m_i = m_new
+                    sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+                    p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
                     # p rides through the wait so that its conversion (into the registers PV(j-1) reads)
                     # stays after it
                     acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
@@ -247,15 +300,21 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
             for j in range(cnt):
                 s = kv % STAGES_
                 mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+                n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
                 sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
                 sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU)
+                sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU,
+                                                  HAS_KV_VALID)
                 acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index(s), count=1)
                 kv += 1
 
         has = l_i > 0.0
+        if HAS_Q_VALID:  # padded query rows: 0 and LSE -inf
+            rows = WHICH * ROWS_ + gl.arange(0, ROWS_, layout=s_rows)
+            has = has & (rows < gl.load(Q_VALID + qb))
         inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
         acc = acc * gl.convert_layout(inv, o_rows)[:, None]
         # the output is staged in this consumer's own rows of the Q buffer: its last QK^T product
@@ -274,12 +333,12 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
 
 
 @gluon.jit
-def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES, qk_scale,
+def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, Q_VALID, KV_VALID, COUNTS, INDICES, qk_scale,
                             stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                             H, SEQ_Q, SEQ_K, NQ, num_tiles,
                             HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
                             QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                            EXP_EMU: gl.constexpr):
+                            EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -305,14 +364,16 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, COUNTS, INDICES
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, COUNTS, INDICES,
                        stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                        NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM, STAGES, QBUF)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
+                         COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, 0)),
-            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, COUNTS, INDICES,
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, 0)),
+            (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
+                         COUNTS, INDICES,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, 1)),
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, 1)),
         ],
         [4, 4],
         [CONSUMER_REGS, CONSUMER_REGS],
@@ -328,9 +389,14 @@ def supported(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
 
 def shapes_ok(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
     """The device-independent part of `supported`: block 128, bf16/fp16, head_dim 64/128, sequences in
-    whole blocks, no valid counts, (H, D) packed and 16-byte aligned rows (TMA's 2D views)."""
-    if block_size != BLOCK or q_valid is not None or kv_valid is not None:
+    whole blocks, (H, D) packed and 16-byte aligned rows (TMA's 2D views); valid counts, if any, one
+    contiguous int32 per block."""
+    if block_size != BLOCK:
         return False
+    for valid, seq in ((q_valid, q.shape[1]), (kv_valid, k.shape[1])):
+        if valid is not None and (valid.dtype != torch.int32 or not valid.is_contiguous()
+                                  or valid.shape != (seq // BLOCK,) or valid.device != q.device):
+            return False
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return False
     Z, SQ, H, D = q.shape
@@ -366,7 +432,7 @@ def _schedule(stages=None, pingpong=None, overlap=None, exp_emu=None):
 
 
 def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
-                        pingpong=None, overlap=None, exp_emu=None):
+                        pingpong=None, overlap=None, exp_emu=None, q_valid=None, kv_valid=None):
     """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
 
     ``stages``: K/V ring depth, 2 or 3 (default: 3 with the overlapped loop, else STAGES).
@@ -379,13 +445,17 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     P on the FMA pipe (`_EXP2_PAIR_ASM`); default EXP_EMU. ``stages``, ``persistent``, ``pingpong``
     and ``overlap`` change the schedule only: the accumulator sees the same operations in the same
     order (rescale, then add P V), so the output is equal bit for bit to the serial loop's;
-    ``exp_emu`` rounds differently (within bf16 of the oracle).
+    ``exp_emu`` rounds differently (within bf16 of the oracle). ``q_valid`` / ``kv_valid``: int32
+    valid tokens per query / key block (padded keys masked, their V rows zeroed in shared memory;
+    padded query rows give 0 and LSE -inf); not with ``pingpong``.
     """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = SQ // BLOCK
     persistent = PERSISTENT if persistent is None else persistent
     stages, qbuf, pingpong, overlap, exp_emu = _schedule(stages, pingpong, overlap, exp_emu)
+    if pingpong and (q_valid is not None or kv_valid is not None):
+        raise ValueError("the ping-pong schedule does not take valid counts (the default schedule does)")
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
@@ -403,19 +473,22 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     elif persistent:  # an int: that many CTAs (the tests use a few to make each walk many tiles)
         grid = min(num_tiles, int(persistent))
     _block_sparse_ws_kernel[(grid,)](
-        q_desc, k_desc, v_desc, o_desc, lse_arg, counts, indices, scale * LOG2E,
+        q_desc, k_desc, v_desc, o_desc, lse_arg, q_valid if q_valid is not None else counts,
+        kv_valid if kv_valid is not None else counts, counts, indices, scale * LOG2E,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK, nq, num_tiles,
         HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
-        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=exp_emu,
+        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=exp_emu, HAS_Q_VALID=q_valid is not None,
+        HAS_KV_VALID=kv_valid is not None,
         num_warps=4,
     )
     return out, lse
 
 
-def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingpong=None, overlap=None, exp_emu=None):
+def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingpong=None, overlap=None, exp_emu=None,
+                 valid=False):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
     kernel (``.asm["cubin"]``, ``.metadata``); the schedule arguments and their defaults are the
     launcher's. The tests use it to check, on any machine, that this Triton still builds the kernel
@@ -430,6 +503,7 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingp
     kinds = {"q_desc": f"tensordesc<{dtype}[{BLOCK}, {head_dim}],{tile!r}>",
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
              "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
+             "Q_VALID": "*i32", "KV_VALID": "*i32", "HAS_Q_VALID": "constexpr", "HAS_KV_VALID": "constexpr",
              "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr", "STAGES": "constexpr",
              "QBUF": "constexpr", "PINGPONG": "constexpr", "OVERLAP": "constexpr",
              "EXP_EMU": "constexpr"}
@@ -438,5 +512,6 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingp
     sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse),
                                                            "STAGES": stages, "QBUF": qbuf, "PINGPONG": pingpong,
-                                                           "OVERLAP": overlap, "EXP_EMU": exp_emu})
+                                                           "OVERLAP": overlap, "EXP_EMU": exp_emu,
+                                                           "HAS_Q_VALID": bool(valid), "HAS_KV_VALID": bool(valid)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
