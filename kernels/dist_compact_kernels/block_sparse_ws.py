@@ -316,7 +316,10 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
             rows = WHICH * ROWS_ + gl.arange(0, ROWS_, layout=s_rows)
             has = has & (rows < gl.load(Q_VALID + qb))
         inv = gl.where(has, 1.0 / gl.where(has, l_i, 1.0), 0.0)
-        acc = acc * gl.convert_layout(inv, o_rows)[:, None]
+        if HAS_Q_VALID:  # a padded query row may hold anything (NaN * 0 is NaN): select, not scale
+            acc = gl.where(gl.convert_layout(has, o_rows)[:, None], acc * gl.convert_layout(inv, o_rows)[:, None], 0.0)
+        else:
+            acc = acc * gl.convert_layout(inv, o_rows)[:, None]
         # the output is staged in this consumer's own rows of the Q buffer: its last QK^T product
         # has completed (waited above) and no other partition reads these rows
         q.store(acc.to(dtype))
