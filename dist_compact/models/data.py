@@ -32,6 +32,7 @@ __all__ = [
     "Scenes",
     "sample_scenes",
     "scenes_from_prompt",
+    "prompt_parts",
     "render",
     "make_batch",
     "prompt_of",
@@ -186,9 +187,9 @@ def prompt_of(scenes: Scenes) -> List[str]:
     return out
 
 
-def scenes_from_prompt(prompt: str, batch: int, generator: torch.Generator, frames: int = 16,
-                       height: int = 48, width: int = 48) -> Scenes:
-    """Random scenes that match a prompt of the data's grammar (what the prompt leaves open is random)."""
+def prompt_parts(prompt: str) -> dict:
+    """Indices of what a prompt of the data's grammar names: ``{"color", "shape", "motion", "texture"}``
+    into ``COLORS`` / ``SHAPES`` / ``MOTIONS`` / ``TEXTURES`` (None where it names none)."""
     text = " ".join(prompt.lower().split())
 
     def find(names: Sequence[str], what: str) -> Optional[int]:
@@ -197,11 +198,16 @@ def scenes_from_prompt(prompt: str, batch: int, generator: torch.Generator, fram
             raise ValueError(f"prompt {prompt!r} names more than one {what}")
         return hits[0] if hits else None
 
-    tex_words = list(TEXTURES.values())
-    tex = find(tex_words, "texture")
-    return sample_scenes(batch, generator, frames, height, width, color=find(list(COLORS), "colour"),
-                         shape=find(SHAPES, "shape"), motion=find(list(MOTIONS), "motion"), texture=tex,
-                         say_texture=tex is not None)
+    return {"color": find(list(COLORS), "colour"), "shape": find(SHAPES, "shape"),
+            "motion": find(list(MOTIONS), "motion"), "texture": find(list(TEXTURES.values()), "texture")}
+
+
+def scenes_from_prompt(prompt: str, batch: int, generator: torch.Generator, frames: int = 16,
+                       height: int = 48, width: int = 48) -> Scenes:
+    """Random scenes that match a prompt of the data's grammar (what the prompt leaves open is random)."""
+    parts = prompt_parts(prompt)
+    return sample_scenes(batch, generator, frames, height, width, color=parts["color"], shape=parts["shape"],
+                         motion=parts["motion"], texture=parts["texture"], say_texture=parts["texture"] is not None)
 
 
 def _triangle_wave(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

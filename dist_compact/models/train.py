@@ -3,12 +3,16 @@
     python -m dist_compact.models.train --minutes 8 --out /path/embedded.safetensors
 
 Rectified flow with velocity prediction (``x_t = (1 - t) x0 + t noise``, target ``noise - x0``),
-logit-normal timesteps (as SD3 / Wan), prompts dropped to the empty prompt 10% of the time so that
+logit-normal timesteps shifted toward the noise (``--time-shift``, see :func:`sample_times`), prompts dropped to the empty prompt 10% of the time so that
 classifier-free guidance works, AdamW with warm-up and a cosine decay over the *time* budget, bf16
 autocast on GPUs, an exponential moving average (EMA) of the weights, which is what gets saved.
 The weights (safetensors + ``.sha256``) are written every ``--save-every`` minutes and at the end,
-together with a JSON log of the losses; ``--minutes`` counts from the start of the process, so the
-whole command ends within it.
+together with a JSON log of the losses and a checkpoint (``<out stem>.ckpt.pt``: training weights,
+optimizer state, step) that ``--resume`` continues from; every batch is drawn from generators seeded by
+(seed, step), so a resumed run sees the batches the uninterrupted one would have. ``--minutes``
+counts from the start of the process and covers everything, final validation, save and preview
+included: the cost of each is timed and the loop stops early enough, so the whole command ends within
+it on any device (the defaults of batch sizes are CPU-sized on the CPU).
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from .data import make_batch
-from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, _safetensors, load_embedded, save_embedded
+from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, _safetensors, load_embedded, save_embedded, sha256_of
 
-__all__ = ["train", "main", "flow_matching_loss"]
+__all__ = ["train", "main", "flow_matching_loss", "sample_times", "checkpoint_path"]
 
 
 def flow_matching_loss(velocity, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor,
@@ -50,15 +54,48 @@ def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
     return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def sample_times(batch: int, shift: float, generator: torch.Generator, device) -> torch.Tensor:
+    """Training times ``[batch]`` in (0, 1): logit-normal, then the sampler's time shift ``shift``.
+
+    Why the shift: where a clip's object is and which way it goes is decided at high noise (t near 1),
+    which the plain logit-normal (median 0.5) rarely draws: P(t > 0.9) is 1.4%; with shift 3 it is
+    14%, so the model learns the trajectory, not only the look (SD3 shifts its times the same way for
+    larger images).
+    """
+    t = torch.sigmoid(torch.randn(batch, generator=generator, device=device))
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def _step_generators(seed: int, step: int, device) -> tuple:
+    """The CPU (scenes) and device (noise, times) generators of training step ``step``.
+
+    Seeded by (seed, step), so a resumed run draws exactly the batches the uninterrupted run would.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    dg = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step + 500_000_000)
+    return g, dg
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where the resumable training state of the weights file ``out`` lives."""
+    return out.with_name(out.stem + ".ckpt.pt")
+
+
 def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     """Run the training loop described by the parsed command-line ``args``; returns the log dict.
 
-    ``start``: the ``time.time()`` the budget counts from (default: now).
+    ``start``: the ``time.time()`` the budget counts from (default: now). The loop stops when the next
+    step would not leave time for what must follow it (final validation, save, and the preview if
+    it still fits: its step count shrinks to the time left, or it is skipped), all timed as it goes.
     """
     _T0 = time.time() if start is None else start
+    budget = args.minutes * 60.0
 
     def _log(msg: str) -> None:
         print(f"[train {time.time() - _T0:7.1f}s] {msg}", flush=True)
+
+    def left() -> float:
+        return budget - (time.time() - _T0)
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,8 +104,25 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # sizes that fit a CPU's budget unless given (one step at batch 32 took minutes on 2 cores)
+    batch = args.batch_size or (32 if device.type == "cuda" else 4)
+    val_batch = args.val_batch or (16 if device.type == "cuda" else 4)
     torch.manual_seed(args.seed)
-    if args.init:
+    state = None
+    if args.resume:
+        ckpt = Path(args.resume)
+        if not ckpt.is_file():
+            raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        weights = Path(state["weights"]) if Path(state["weights"]).is_file() else ckpt.with_name(Path(state["weights"]).name)
+        if not weights.is_file() or sha256_of(weights) != state["sha256"]:
+            raise SystemExit(f"--resume {ckpt}: its EMA weights {weights} are missing or not the ones saved with it "
+                             f"(sha256 {state['sha256'][:16]}...)")
+        ema = load_embedded(weights, device=device)
+        model = copy.deepcopy(ema)
+        model.load_state_dict({k: v.float() for k, v in state["model"].items()})
+        _log(f"resumed from {ckpt} at step {state['step']} (EMA from {weights})")
+    elif args.init:
         model = load_embedded(args.init, device=device)
         _log(f"initialised from {args.init}")
     else:
@@ -77,68 +131,111 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         model = EmbeddedDiT(cfg).to(device)
     model.train()
     cfg = model.config
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if state is None:
+        ema = copy.deepcopy(model)
+    ema.eval().requires_grad_(False)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     n_params = sum(p.numel() for p in model.parameters())
-    _log(f"model {n_params / 1e6:.2f}M params on {device}; config {cfg}")
+    _log(f"model {n_params / 1e6:.2f}M params on {device}; batch {batch}; config {cfg}")
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or name.endswith("text_pos") else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.99))
+    if state is not None:
+        opt_state = state["opt"]
+        for st in opt_state["state"].values():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.is_floating_point() and k != "step":
+                    st[k] = v.float()
+        opt.load_state_dict(opt_state)
     step_fn = model.forward_plain
     if args.compile:
         try:
             step_fn = torch.compile(model.forward_plain)
         except Exception as e:  # compile is an optimisation only
             _log(f"torch.compile unavailable ({e}); training eager")
-    gen = torch.Generator().manual_seed(args.seed)  # scene parameters (small, on the CPU)
-    # noise and times on the device: a CPU randn of a whole batch of videos would stall a GPU step
-    dgen = torch.Generator(device=device).manual_seed(args.seed + 2)
     frames, height, width = cfg.frames, cfg.height, cfg.width
     # fixed validation batch: same videos, noise and times at every evaluation, so its loss is comparable
     vgen = torch.Generator().manual_seed(args.seed + 1)
-    vx, vprompts = make_batch(args.val_batch, vgen, frames, height, width, device=device)
+    vx, vprompts = make_batch(val_batch, vgen, frames, height, width, device=device)
     vtext = model.tokenizer.batch(vprompts).to(device)
-    vt = ((torch.arange(args.val_batch, dtype=torch.float32) + 0.5) / args.val_batch).to(device)
+    vt = ((torch.arange(val_batch, dtype=torch.float32) + 0.5) / val_batch).to(device)
     vnoise = torch.randn(vx.shape, generator=vgen).to(device)
 
-    budget = args.minutes * 60.0
-    margin = args.save_margin
     out = Path(args.out)
+    ckpt_out = checkpoint_path(out)
     log = {"config": json.loads(cfg.to_json()), "args": vars(args), "train": [], "val": []}
-    autocast = device.type == "cuda" and args.dtype == "bf16"
-    last_save = time.time()
-    loss_sum, loss_count = torch.zeros((), device=device), 0
     step = 0
-    t_loop = time.time()
+    if state is not None:
+        step = int(state["step"])
+        log["train"], log["val"] = state["log"]["train"], state["log"]["val"]
+        log["resumed"] = state["log"].get("resumed", []) + [{"step": step, "from": str(args.resume)}]
+    first_step = step
+    autocast = device.type == "cuda" and args.dtype == "bf16"
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    cost = {"save": 0.0}  # measured seconds of each kind of work, for the budget
 
     def evaluate() -> float:
+        t0 = time.time()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-            return float(flow_matching_loss(ema.forward_plain, vx, vtext, vt, vnoise))
+            val = float(flow_matching_loss(ema.forward_plain, vx, vtext, vt, vnoise))
+        cost["eval"] = time.time() - t0
+        return val
 
     def save(final: bool) -> None:
+        t0 = time.time()
         extra = {"steps": step, "minutes": (time.time() - _T0) / 60.0, "device": str(device),
-                 "batch_size": args.batch_size, "seed": args.seed,
+                 "batch_size": batch, "seed": args.seed, "time_shift": args.time_shift,
                  "val_loss": log["val"][-1]["loss"] if log["val"] else None}
         digest = save_embedded(ema, out, extra=extra)
+        log["sha256"] = digest
         log_path = out.with_name(out.stem + ".train.json")
         log_path.write_text(json.dumps(log, indent=1, default=str))
+        if args.checkpoint:
+            dt = torch.bfloat16 if args.ckpt_dtype == "bf16" else torch.float32
+            opt_sd = opt.state_dict()
+            for st in opt_sd["state"].values():
+                for k, v in list(st.items()):
+                    if torch.is_tensor(v) and v.is_floating_point() and k != "step":
+                        st[k] = v.detach().to("cpu", dt)
+            tmp = ckpt_out.with_name(f".{ckpt_out.name}.tmp")
+            torch.save({"step": step, "weights": str(out), "sha256": digest, "log": log,
+                        "model": {k: v.detach().to("cpu", dt) for k, v in model.state_dict().items()},
+                        "opt": opt_sd}, tmp)
+            tmp.replace(ckpt_out)
+        cost["save"] = max(cost["save"], time.time() - t0)
         _log(f"{'final' if final else 'periodic'} save: {out} sha256 {digest[:16]}... (step {step})")
 
+    # the first validation also times a forward, which predicts the first step: fwd + bwd is ~3
+    # forwards, and a first backward allocates its buffers (~5 seen on a CPU)
+    log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
+    _log(f"step {step} val loss (EMA) {log['val'][-1]['loss']:.4f} ({cost['eval']:.2f} s)")
+    step_cost = 5.0 * cost["eval"] * batch / val_batch
+
+    def reserve() -> float:
+        """Seconds the end needs: final validation and save (+ margin); the preview is optional."""
+        return cost["eval"] + max(cost["save"], 0.5) + args.save_margin
+
+    last_save = time.time()
+    t_loop = time.time()
     while True:
-        elapsed = time.time() - _T0
-        if elapsed > budget - margin or (args.max_steps and step >= args.max_steps):
+        if args.max_steps and step - first_step >= args.max_steps:
             break
-        progress = (time.time() - t_loop) / max(budget - margin - (t_loop - _T0), 1.0)
-        lr = _lr_at(step, progress, args.lr, args.warmup)
+        if left() < step_cost + reserve():
+            break
+        # progress of the cosine by time: the share of the loop's time budget used so far
+        loop_budget = max(budget - (t_loop - _T0) - reserve(), 1.0)
+        lr = _lr_at(step, (time.time() - t_loop) / loop_budget, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        x0, prompts = make_batch(args.batch_size, gen, frames, height, width, device=device)
-        drop = torch.rand(args.batch_size, generator=gen) < args.cond_drop
+        t_step = time.time()
+        gen, dgen = _step_generators(args.seed, step, device)
+        x0, prompts = make_batch(batch, gen, frames, height, width, device=device)
+        drop = torch.rand(batch, generator=gen) < args.cond_drop
         prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
         text = model.tokenizer.batch(prompts).to(device)
-        t = torch.sigmoid(torch.randn(args.batch_size, generator=dgen, device=device))
+        t = sample_times(batch, args.time_shift, dgen, device)
         noise = torch.randn(x0.shape, generator=dgen, device=device)
         try:
             with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
@@ -160,27 +257,38 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         loss_sum += loss.detach().float()
         loss_count += 1
         step += 1
+        done = step - first_step
+        # GPU steps are asynchronous: the wall time per step converges over a few steps; the first
+        # measured step replaces the forward-based guess, later ones are averaged
+        dt = time.time() - t_step
+        step_cost = dt if done == 1 else max(0.9 * step_cost + 0.1 * dt, (time.time() - t_loop) / done)
         if step % args.log_every == 0:
             mean = float(loss_sum) / loss_count
             loss_sum.zero_()
             loss_count = 0
-            rate = step / (time.time() - t_loop)
+            rate = done / (time.time() - t_loop)
             log["train"].append({"step": step, "loss": mean, "lr": lr, "time": time.time() - _T0})
             _log(f"step {step} loss {mean:.4f} lr {lr:.2e} ({rate:.2f} steps/s)")
-        if step % args.val_every == 0:
+        if step % args.val_every == 0 and left() > cost["eval"] + reserve():
             vl = evaluate()
             log["val"].append({"step": step, "loss": vl, "time": time.time() - _T0})
             _log(f"step {step} val loss (EMA) {vl:.4f}")
-        if time.time() - last_save > args.save_every * 60.0:
+        if time.time() - last_save > args.save_every * 60.0 and left() > cost["save"] + reserve():
             save(final=False)
             last_save = time.time()
     log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
-    _log(f"done: {step} steps, final val loss (EMA) {log['val'][-1]['loss']:.4f}")
+    _log(f"done: {step} steps ({step - first_step} in this run), final val loss (EMA) {log['val'][-1]['loss']:.4f}")
     save(final=True)
     if args.preview:
-        path = out.with_name(out.stem + ".preview.png")
-        preview(ema, PREVIEW_PROMPTS, path, steps=20, guidance=4.0)
-        _log(f"preview of {len(PREVIEW_PROMPTS)} prompts (rows; every other frame): {path}")
+        # a preview step is one guided forward (2 clips) per prompt: scale the timed validation forward
+        per_step = cost["eval"] * 2 * len(PREVIEW_PROMPTS) / val_batch
+        n = min(args.preview_steps, int((left() - args.save_margin) / max(per_step, 1e-6)))
+        if n >= 4:
+            path = out.with_name(out.stem + ".preview.png")
+            preview(ema, PREVIEW_PROMPTS, path, steps=n, guidance=4.0)
+            _log(f"preview of {len(PREVIEW_PROMPTS)} prompts, {n} steps (rows; every other frame): {path}")
+        else:
+            _log(f"preview skipped: {left():.1f} s left, it needs ~{4 * per_step:.1f} s for 4 steps")
     return log
 
 
@@ -223,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write (+ .sha256, .train.json)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on GPUs")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
@@ -235,17 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=EmbeddedConfig.frames, help="training clip length")
     p.add_argument("--height", type=int, default=EmbeddedConfig.height)
     p.add_argument("--width", type=int, default=EmbeddedConfig.width)
-    p.add_argument("--init", default=None, help="start from these weights (continue training)")
+    p.add_argument("--init", default=None, help="start from these weights (fresh optimizer and step count)")
+    p.add_argument("--resume", default=None,
+                   help="continue a run from its checkpoint (<out stem>.ckpt.pt: weights, optimizer, step)")
+    p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                   help="do not write the resumable checkpoint beside the weights")
+    p.add_argument("--ckpt-dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="dtype of the checkpoint's model and optimizer tensors (bf16: half the size)")
+    p.add_argument("--time-shift", type=float, default=3.0,
+                   help="shift of the logit-normal training times toward the noise (1: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
     p.add_argument("--save-every", type=float, default=2.0, help="minutes between periodic saves")
-    p.add_argument("--save-margin", type=float, default=20.0,
-                   help="seconds kept for the final evaluation, save and preview")
+    p.add_argument("--save-margin", type=float, default=2.0,
+                   help="seconds kept free beyond the measured cost of the final validation and save")
+    p.add_argument("--preview-steps", type=int, default=20, help="denoising steps of the preview (fewer if time is short)")
     p.add_argument("--no-preview", dest="preview", action="store_false",
                    help="skip the preview PNG of a few prompts written after training")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--val-every", type=int, default=500)
-    p.add_argument("--val-batch", type=int, default=16)
+    p.add_argument("--val-batch", type=int, default=None, help="default: 16 on a GPU, 4 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager)")
     return p
 
@@ -256,11 +373,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("minutes", "lr", "save_every"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be > 0")
-    for name in ("batch_size", "log_every", "val_every", "val_batch"):
-        if getattr(args, name) < 1:
+    for name in ("batch_size", "log_every", "val_every", "val_batch", "preview_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.cond_drop < 1 or not 0 < args.ema < 1:
         raise SystemExit("--cond-drop must be in [0, 1) and --ema in (0, 1)")
+    if not args.time_shift > 0:
+        raise SystemExit("--time-shift must be > 0")
+    if args.init and args.resume:
+        raise SystemExit("--init and --resume exclude each other (--resume restores the weights too)")
     _safetensors()  # fail now, not after the time budget, when the weights cannot be written
     train(args, start=start)
     return 0
