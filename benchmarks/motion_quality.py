@@ -114,19 +114,16 @@ def main(argv=None) -> int:
             dens.append(stats.summary()["mean_density_sparse"])
         return torch.cat(videos), dens, seconds
 
-    rows, results = [], {}
-    t0 = time.perf_counter()
-    dense_sp = dataclasses.replace(base.sparsity, mode="dense")
-    results["dense"] = run_all(dense_sp)
-    print(f"dense: {results['dense'][2]:.1f} s of sampling", flush=True)
-    for name, pairs in variants:
-        cfg = load_run_config(args.config, common + pairs)
-        sp = dataclasses.replace(cfg.sparsity, batch_index="per_sample")
-        results[name] = run_all(sp)
-        print(f"{name}: {results[name][2]:.1f} s of sampling", flush=True)
     prompts = [g[0] for g, _ in clips]
-    summaries = {}
-    for name, (videos, dens, secs) in results.items():
+    rows, results, summaries = [], {}, {}
+    t0 = time.perf_counter()
+    modes = [("dense", dataclasses.replace(base.sparsity, mode="dense"))]
+    for name, pairs in variants:
+        sp = load_run_config(args.config, common + pairs).sparsity
+        modes.append((name, dataclasses.replace(sp, batch_index="per_sample")))
+    for name, sparsity in modes:
+        videos, dens, secs = results[name] = run_all(sparsity)
+        print(f"{name}: {secs:.1f} s of sampling", flush=True)
         scores = score_clips(videos, prompts)
         summaries[name] = (summarize(scores), scores, dens)
         for k, ((prompt, c, s, m, t), seed) in enumerate(clips):
@@ -139,7 +136,7 @@ def main(argv=None) -> int:
                          "jerk": round(sc.jerk, 3), "psnr_vs_dense_db": None if q is None else round(q, 2),
                          "density_sparse_steps": None if name == "dense" else dens[k // args.batch],
                          "weights_sha256": digest, "device": str(device)})
-    write_csv(args.csv, rows)
+        write_csv(args.csv, rows)  # after every mode: a run cut short keeps what it finished
     print(f"\n{time.perf_counter() - t0:.1f} s; weights {digest}")
     from dist_compact.models.data import MOTIONS
 

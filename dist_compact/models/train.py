@@ -194,11 +194,10 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         log_path.write_text(json.dumps(log, indent=1, default=str))
         if args.checkpoint:
             dt = torch.bfloat16 if args.ckpt_dtype == "bf16" else torch.float32
-            opt_sd = opt.state_dict()
-            for st in opt_sd["state"].values():
-                for k, v in list(st.items()):
-                    if torch.is_tensor(v) and v.is_floating_point() and k != "step":
-                        st[k] = v.detach().to("cpu", dt)
+            opt_sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never mutate
+            opt_sd["state"] = {i: {k: v.detach().to("cpu", dt) if torch.is_tensor(v) and v.is_floating_point()
+                                   and k != "step" else v for k, v in st.items()}
+                               for i, st in opt_sd["state"].items()}
             tmp = ckpt_out.with_name(f".{ckpt_out.name}.tmp")
             torch.save({"step": step, "weights": str(out), "sha256": digest, "log": log,
                         "model": {k: v.detach().to("cpu", dt) for k, v in model.state_dict().items()},
@@ -208,10 +207,11 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         _log(f"{'final' if final else 'periodic'} save: {out} sha256 {digest[:16]}... (step {step})")
 
     # the first validation also times a forward, which predicts the first step: fwd + bwd is ~3
-    # forwards, and a first backward allocates its buffers (~5 seen on a CPU)
+    # forwards on a GPU (5 assumed: the first step also sets up), but ~12 were seen on a CPU, where
+    # SDPA's backward runs the math path and stores every attention matrix
     log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
     _log(f"step {step} val loss (EMA) {log['val'][-1]['loss']:.4f} ({cost['eval']:.2f} s)")
-    step_cost = 5.0 * cost["eval"] * batch / val_batch
+    step_cost = (12.0 if device.type == "cpu" else 5.0) * cost["eval"] * batch / val_batch
 
     def reserve() -> float:
         """Seconds the end needs: final validation and save (+ margin); the preview is optional."""
@@ -220,13 +220,15 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     last_save = time.time()
     t_loop = time.time()
     while True:
-        if args.max_steps and step - first_step >= args.max_steps:
+        if (args.max_steps and step >= args.max_steps) or (args.stop_after and step - first_step >= args.stop_after):
             break
         if left() < step_cost + reserve():
             break
-        # progress of the cosine by time: the share of the loop's time budget used so far
-        loop_budget = max(budget - (t_loop - _T0) - reserve(), 1.0)
-        lr = _lr_at(step, (time.time() - t_loop) / loop_budget, args.lr, args.warmup)
+        if args.max_steps:  # the cosine spans the steps: the same schedule however the run is split
+            progress = step / args.max_steps
+        else:  # the share of this run's time budget used so far
+            progress = (time.time() - t_loop) / max(budget - (t_loop - _T0) - reserve(), 1.0)
+        lr = _lr_at(step, progress, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         t_step = time.time()
@@ -353,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-shift", type=float, default=3.0,
                    help="shift of the logit-normal training times toward the noise (1: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: time only)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop at this total step (resumed steps count); the LR cosine then spans the steps, "
+                        "else the time budget (0: time only)")
+    p.add_argument("--stop-after", type=int, default=0,
+                   help="end this run after this many steps (a schedule split over several runs / sessions)")
     p.add_argument("--save-every", type=float, default=2.0, help="minutes between periodic saves")
     p.add_argument("--save-margin", type=float, default=2.0,
                    help="seconds kept free beyond the measured cost of the final validation and save")
@@ -378,6 +384,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
     if not 0 <= args.cond_drop < 1 or not 0 < args.ema < 1:
         raise SystemExit("--cond-drop must be in [0, 1) and --ema in (0, 1)")
+    if args.max_steps < 0 or args.stop_after < 0:
+        raise SystemExit("--max-steps and --stop-after must be >= 0")
     if not args.time_shift > 0:
         raise SystemExit("--time-shift must be > 0")
     if args.init and args.resume:
