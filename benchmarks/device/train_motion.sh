@@ -9,7 +9,7 @@
 # the searched Compact configs, train.json). The .sha256 is recomputed from the weights on return.
 # Resume from an earlier call: INIT= RESUME=path/embedded.ckpt.pt (the weights file beside it).
 set -u
-MIN=${1:-5.5}
+MIN=${1:-5}
 export PYTHONPATH=$PWD:$PWD/kernels PYTHONUNBUFFERED=1
 B=/tmp/bundle; mkdir -p $B $OUT/w
 # the bundle is re-packed at every stage, so a call cut short still brings back what it finished
@@ -48,7 +48,7 @@ tail -4 $B/motion.log
 
 stamp quality  # sparse vs dense on the demo path (one clip per run, cond/uncond sharing one index)
 C6="sparsity.compact_config=$B/embedded-compact-0.6.yaml"
-timeout ${QUALITY_S:-100} python3 benchmarks/embedded_quality.py --csv $B/embedded_quality.csv \
+timeout ${QUALITY_S:-90} python3 benchmarks/embedded_quality.py --csv $B/embedded_quality.csv \
   --prompt "a red square moving left" --prompt "a blue circle bouncing on stripes" --prompt "a yellow triangle moving up" \
   --prompt "a green circle moving right on a gradient" \
   --variant "demo=" --variant "demo-adaspa0.05=sparsity.sparsity=0.95" --variant "compact0.6+adaspa0.05=$C6;sparsity.sparsity=0.95" \
