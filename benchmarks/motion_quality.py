@@ -60,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--backgrounds", choices=("all", "rotate"), default="all")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts of the grid (0: all)")
+    p.add_argument("--every", type=int, default=1, help="only every N-th clip of (seeds x grid), for a quick subset")
     p.add_argument("--batch", type=int, default=32, help="clips per sampler call")
     p.add_argument("--csv", default=None)
     args = p.parse_args(argv)
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     grid = grid_prompts(args.backgrounds)
     if args.limit:
         grid = grid[:args.limit]
-    clips = [(g, seed) for seed in range(args.seeds) for g in grid]
-    print(f"{len(clips)} clips ({len(grid)} prompts x {args.seeds} seeds) on {device}, weights {digest[:16]}...",
+    clips = [(g, seed) for seed in range(args.seeds) for g in grid][::args.every]
+    print(f"{len(clips)} clips ({len(grid)} prompts x {args.seeds} seeds, every {args.every}) on {device}, weights {digest[:16]}...",
           flush=True)
 
     def noise_of(seed):  # what run_generation draws for run.seed = seed
