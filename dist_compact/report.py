@@ -45,8 +45,25 @@ __all__ = [
     "heatmap",
     "write_video",
     "build_report",
+    "speed_section",
     "write_outputs",
+    "REAL_SPEEDUP_COMMAND",
+    "SMALL_SHAPE_TOKENS",
 ]
+
+#: The command that shows the real speed-up: one HunyuanVideo 720p transformer forward (33x45x80 =
+#: 118,800 video tokens, random weights from the published config) on one GPU, our dense path vs
+#: 3D windows and an AdaSpa reuse step. Needs the [diffusers] extra. BENCHMARKS.md: 2.52x at window
+#: density 0.2 on an H100 (the fourth session's table).
+REAL_SPEEDUP_COMMAND = ("python benchmarks/model_forward.py --model hunyuan --layers 6 --reps 2 --mass-rows 32 "
+                        "--cases dense,window@0.4,window@0.2,window@0.12,adaspa_reuse@0.2")
+_REAL_SPEEDUP = (f"for the real speed-up run on a GPU: {REAL_SPEEDUP_COMMAND} (HunyuanVideo 720p, 118,800 tokens, "
+                 "random weights; 2.52x at density 0.2 on an H100, BENCHMARKS.md)")
+#: Below this many tokens per attention call the report says the shape is too small for sparse
+#: attention to pay. Why this number: the speed-ups measured so far (BENCHMARKS.md) are at 32,760
+#: (Wan 480p) and 118,800 tokens (HunyuanVideo 720p); at the embedded demo's 2,316 tokens the
+#: per-call costs (index building, searches, launches, a first run's compilation) are the larger part.
+SMALL_SHAPE_TOKENS = 16384
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -99,18 +116,11 @@ class RunFolder:
 
 
 def check_writers() -> None:
-    """Raise one clear ImportError when the [video] extra (imageio, imageio-ffmpeg) is missing."""
-    missing = []
+    """Raise one clear ImportError naming the [video] extra when imageio / imageio-ffmpeg is missing."""
+    from .extras import require
+
     for mod in ("imageio", "imageio_ffmpeg"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod.replace("_", "-"))
-    if missing:
-        raise ImportError(
-            f"writing the video needs {', '.join(missing)}: pip install -e \".[video]\" "
-            "(or: pip install imageio imageio-ffmpeg)"
-        )
+        require(mod, "video", "writing the video (run.video true)")
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -261,6 +271,50 @@ def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
     }
 
 
+def speed_section(tokens: int, device, sparse_seconds: float, dense_seconds: Optional[float]) -> dict:
+    """The report's ``speed``: the speed-up vs dense of the whole denoising loop and what it means.
+
+    ``speedup_vs_dense`` is the dense run's denoising time over the sparse run's (both from the same
+    noise, every step, the sparse run's dense warm-up steps and searches included); None without a
+    dense run (``--compare-dense``). ``summary`` is the sentence ``generate.py`` prints: the figure,
+    and when it cannot show a real speed-up (a CPU, or fewer than :data:`SMALL_SHAPE_TOKENS`
+    tokens) why not and the command that does.
+    """
+    dev = torch.device(device).type
+    speedup = dense_seconds / sparse_seconds if dense_seconds is not None and sparse_seconds > 0 else None
+    small = tokens < SMALL_SHAPE_TOKENS
+    if speedup is None:
+        head = "speed-up vs dense not measured (add --compare-dense for a dense run from the same noise)"
+    else:
+        head = (f"speed-up vs dense {speedup:.2f}x (sparse {sparse_seconds:.1f} s, dense {dense_seconds:.1f} s "
+                f"of denoising) at {tokens:,} tokens")
+    if dev == "cpu":
+        why = ("on a CPU the sparse path is PyTorch SDPA with the index as a mask (every block is still "
+               "computed) plus the searches, so it cannot beat dense there")
+    elif small:
+        why = (f"at {tokens:,} tokens the shape is too small for sparse attention to pay (index building, "
+               "searches, kernel launches and the first run's Triton compilation outweigh the skipped blocks)")
+    else:
+        why = None
+    if why is None:
+        summary = head if speedup is None else head + " (the whole loop: dense warm-up steps and searches included)"
+    else:
+        summary = f"{head}; {why}; {_REAL_SPEEDUP}"
+    return {"speedup_vs_dense": speedup, "sparse_seconds": sparse_seconds, "dense_seconds": dense_seconds,
+            "tokens": tokens, "device": dev, "small_shape": small, "summary": summary,
+            "real_speedup_command": REAL_SPEEDUP_COMMAND}
+
+
+def _schedule_section(sparsity, steps: int) -> dict:
+    """The report's ``schedule``: the sparsity schedule scaled to this run's steps."""
+    from .pipeline import describe_schedule, step_kinds
+
+    sched = sparsity.schedule(steps)
+    return {"num_steps": steps, "summary": describe_schedule(sparsity, steps), "step_kinds": step_kinds(sparsity, steps),
+            "dense_steps": sched.dense_steps, "searches": [list(s) for s in sched.searches],
+            "reference_steps": sparsity.reference_steps}
+
+
 def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sparse, dense=None,
                  num_layers: int, num_heads: int) -> dict:
     """The report.json payload (see the module doc); ``sparse`` / ``dense`` are ``(SampleResult, stats)``."""
@@ -281,6 +335,7 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
         "model": model_info,
         "layout": {"repr": repr(layout), "tokens": layout.seq_len, "padded": layout.padded_len,
                    "blocks": layout.num_blocks, "block_size": layout.block_size, "tile": list(layout.tile)},
+        "schedule": _schedule_section(cfg.sparsity, cfg.run.steps),
         "sparse": _run_section(sparse[0], sparse[1], num_layers, num_heads),
     }
     if dense is not None:
@@ -288,8 +343,10 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
         a, b = sparse[0].latents, dense[0].latents
         rep["quality"] = {"psnr_db": psnr(a, b), "ssim": ssim(a, b),
                           "max_abs_diff": float((a.float() - b.float()).abs().max())}
-        ts, td = rep["sparse"]["total_seconds"], rep["dense"]["total_seconds"]
-        rep["speedup_vs_dense"] = td / ts if ts > 0 else None
+    rep["speed"] = speed_section(layout.seq_len, device, rep["sparse"]["total_seconds"],
+                                 rep["dense"]["total_seconds"] if dense is not None else None)
+    if dense is not None:
+        rep["speedup_vs_dense"] = rep["speed"]["speedup_vs_dense"]
     return rep
 
 
