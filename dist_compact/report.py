@@ -6,8 +6,8 @@
   upscaled so a 48x48 clip is watchable); with ``compare_dense`` also ``dense.mp4`` / ``dense.gif``;
 * ``latents.pt`` - the final latents ``[1, C, F, H, W]`` float32 (``dense_latents.pt`` too);
 * ``frames.png`` - a grid of all frames (``dense_frames.png`` too); ``density.png`` /
-  ``recall.png`` - heatmaps of the per (layer, head) density and recall (rows = layers,
-  columns = heads; white = no value);
+  ``recall.png`` - labelled heatmaps of the per (layer, head) density and recall (rows = layers,
+  columns = heads, colour bar 0-1; white = no value; :func:`heatmap`);
 * ``report.json`` - config, seed, per-step timings, attention statistics (calls, density and recall
   per layer and head, search overhead) and, with ``compare_dense``, PSNR / SSIM of sparse vs dense;
 * ``logs/rank<r>.log`` - one log per process.
@@ -213,16 +213,31 @@ def per_layer_head(stats, num_layers: int, num_heads: int, what: str = "density"
     return out
 
 
-def heatmap(matrix: Sequence[Sequence[Optional[float]]], cell: int = 24) -> np.ndarray:
-    """uint8 RGB image of a ``[rows][cols]`` matrix in [0, 1] (viridis; None -> white), 1-px grid."""
-    from .png import colormap
+#: title and colour-bar caption of each heatmap (docs/report.md explains the two measures)
+HEATMAPS = {
+    "density": ("density per layer and head: share of key blocks computed", "density"),
+    "recall": ("recall per layer and head: share of attention mass kept", "recall"),
+}
 
-    vals = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
-    rgb = colormap(vals, 0.0, 1.0)
-    img = rgb.repeat(cell, axis=0).repeat(cell, axis=1)
-    img[::cell, :] = 255
-    img[:, ::cell] = 255
-    return img
+
+def heatmap(matrix: Sequence[Sequence[Optional[float]]], what: str = "density") -> np.ndarray:
+    """uint8 RGB figure of a ``[layers][heads]`` matrix of ``what`` ("density" / "recall") in [0, 1].
+
+    Title, layer rows and head columns numbered from 0, a colour bar on the fixed scale 0-1 (so
+    runs compare), and a subtitle with the values' min / mean / max; white = no value (a layer
+    whose sparse calls recorded none, e.g. it ran dense). See :func:`dist_compact.png.heatmap_figure`.
+    """
+    from .png import heatmap_figure
+
+    if what not in HEATMAPS:
+        raise ValueError(f"heatmap: what must be one of {sorted(HEATMAPS)}, got {what!r}")
+    title, bar = HEATMAPS[what]
+    vals = [v for row in matrix for v in row if v is not None]
+    rows, cols = len(matrix), len(matrix[0]) if matrix else 0
+    stats = (f"min {min(vals):.2f}, mean {sum(vals) / len(vals):.2f}, max {max(vals):.2f} ({len(vals)} of "
+             f"{rows * cols} heads)" if vals else "no values")
+    subtitle = ["sparse run, the last call of each layer", f"{stats}; white: no value"]
+    return heatmap_figure(matrix, title=title, subtitle=subtitle, vmin=0.0, vmax=1.0, bar_label=bar)
 
 
 def write_video(stem: str, frames: np.ndarray, fps: int) -> List[str]:
@@ -373,7 +388,7 @@ def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latent
     for what in ("density", "recall"):
         m = report["sparse"][f"{what}_per_layer_head"]
         if any(v is not None for row in m for v in row):
-            write_png(os.path.join(folder, f"{what}.png"), heatmap(m))
+            write_png(os.path.join(folder, f"{what}.png"), heatmap(m, what))
             files.append(f"{what}.png")
     report = dict(report, files=sorted(files))
     with open(os.path.join(folder, "report.json"), "w") as f:
