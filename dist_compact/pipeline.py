@@ -108,6 +108,8 @@ def describe_schedule(sparsity: SparsityConfig, num_steps: int) -> str:
 
 def _sparsity_line(sparsity: SparsityConfig, num_steps: int) -> str:
     """The log line of a run's sparsity: the schedule in this run's steps, then the other settings."""
+    if sparsity.mode == "dense":
+        return f"mode dense, {num_steps} steps: {describe_schedule(sparsity, num_steps)}"
     schedule_keys = ("dense_steps", "search_steps", "search_kinds", "reference_steps")
     rest = ", ".join(f"{f.name}={getattr(sparsity, f.name)!r}" for f in dataclasses.fields(sparsity)
                      if f.name not in schedule_keys + ("mode",))
