@@ -8,8 +8,10 @@
 * ``frames.png`` - a grid of all frames (``dense_frames.png`` too); ``density.png`` /
   ``recall.png`` - labelled heatmaps of the per (layer, head) density and recall (rows = layers,
   columns = heads, colour bar 0-1; white = no value; :func:`heatmap`);
-* ``report.json`` - config, seed, per-step timings, attention statistics (calls, density and recall
-  per layer and head, search overhead) and, with ``compare_dense``, PSNR / SSIM of sparse vs dense;
+* ``report.json`` - config, seed, the schedule in this run's steps, per-step timings, attention
+  statistics (calls, density and recall per layer and head, search overhead), the speed-up vs dense
+  and what it means at this shape (:func:`speed_section`) and, with ``compare_dense``, PSNR / SSIM of
+  sparse vs dense; every field is explained in docs/report.md;
 * ``logs/rank<r>.log`` - one log per process.
 
 Atomicity: everything is written under ``<output_dir>/.tmp-<name>-<pid>`` and renamed to
