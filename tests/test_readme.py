@@ -159,3 +159,14 @@ def test_the_set_up_commands_are_shell_lines():
         line = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("```")][0]
         assert shlex.split(line)[:3] == ["pip", "install", "torch==2.13.0"]
     assert 'pip install torch==2.13.0 && pip install -e ".[video,diffusers]"' in README
+
+
+def test_the_demo_section_shows_what_the_run_prints():
+    """The console example's schedule line is the demo's, and the speed-up command is the report's."""
+    from dist_compact.config import DEMO_SPARSITY
+    from dist_compact.pipeline import describe_schedule
+    from dist_compact.report import REAL_SPEEDUP_COMMAND
+
+    assert f"\nschedule: {describe_schedule(DEMO_SPARSITY, 20)}\n" in README
+    assert "\nspeed: speed-up vs dense not measured (add --compare-dense for a dense run from the same noise); " in README
+    assert f"\n{REAL_SPEEDUP_COMMAND}\n" in README
