@@ -229,7 +229,8 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
         from tqdm import tqdm
 
         # smoothing=0: the rate (and so the ETA) is the mean over all steps so far; tqdm's default
-        # moving average made the ETA jump ~10x at every search step and fall back after it
+        # moving average made the ETA jump several-fold at every search step (~8x a sparse step on
+        # the demo) and fall back after it
         bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0)
     result = SampleResult(latents=x)
     try:
