@@ -64,10 +64,18 @@ def main(argv=None) -> int:
     finally:
         shutdown()
     if result.folder:
-        q = result.report.get("quality")
-        extra = f"; sparse vs dense PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}" if q else ""
-        print(f"wrote {result.folder} ({result.report['sparse']['total_seconds']:.1f} s denoising{extra})")
+        print(summary_lines(result.folder, result.report))
     return 0
+
+
+def summary_lines(folder: str, report: dict) -> str:
+    """What a finished run prints: the folder, the schedule it ran, and the speed-up and what it means
+    (the same sentences as report.json's ``schedule.summary`` and ``speed.summary``)."""
+    q = report.get("quality")
+    extra = f"; sparse vs dense PSNR {q['psnr_db']:.2f} dB, SSIM {q['ssim']:.4f}" if q else ""
+    return "\n".join([f"wrote {folder} ({report['sparse']['total_seconds']:.1f} s denoising{extra})",
+                      f"schedule: {report['schedule']['summary']}",
+                      f"speed: {report['speed']['summary']}"])
 
 
 def _cuda() -> bool:

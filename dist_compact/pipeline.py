@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -41,6 +41,8 @@ __all__ = [
     "SampleResult",
     "RunResult",
     "flow_timesteps",
+    "step_kinds",
+    "describe_schedule",
     "build_attention",
     "load_compact",
     "sample",
@@ -69,6 +71,51 @@ def flow_timesteps(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     t = shift * t / (1 + (shift - 1) * t)
     return t.to(device=device, dtype=torch.float32)
+
+
+#: what each :meth:`SparsityConfig.action` does, in the words of the log and the progress bar
+_STEP_WORDS = {"dense": "dense", "fused_search": "fused search", "cached_search": "cached search",
+               "reuse": "sparse"}
+
+
+def step_kinds(sparsity: SparsityConfig, num_steps: int) -> List[str]:
+    """What each step of a ``num_steps`` run does: "dense", "fused search", "cached search" or "sparse".
+
+    From :meth:`SparsityConfig.action`, i.e. the schedule scaled to this run (a "sparse" step uses
+    the cached online index, or the static Compact index before the first search).
+    """
+    return [_STEP_WORDS[sparsity.action(i, num_steps)] for i in range(num_steps)]
+
+
+def describe_schedule(sparsity: SparsityConfig, num_steps: int) -> str:
+    """The schedule of this run in its own step numbers, e.g. for the demo's 20 steps
+    ``"steps 0-7 dense, 8 fused search, 9-11 sparse, 12 fused search, 13-15 sparse, 16 fused search,
+    17-19 sparse"``.
+
+    The config's ``dense_steps`` / ``search_steps`` are written for ``reference_steps`` steps and
+    scaled to the run (:mod:`dist_compact.schedule`); this is what the run does after scaling.
+    """
+    kinds = step_kinds(sparsity, num_steps)
+    runs: List[str] = []
+    start = 0
+    for i in range(1, num_steps + 1):
+        if i == num_steps or kinds[i] != kinds[start] or kinds[start].endswith("search"):
+            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{span} {kinds[start]}")
+            start = i
+    return "steps " + ", ".join(runs)
+
+
+def _sparsity_line(sparsity: SparsityConfig, num_steps: int) -> str:
+    """The log line of a run's sparsity: the schedule in this run's steps, then the other settings."""
+    if sparsity.mode == "dense":
+        return f"mode dense, {num_steps} steps: {describe_schedule(sparsity, num_steps)}"
+    schedule_keys = ("dense_steps", "search_steps", "search_kinds", "reference_steps")
+    rest = ", ".join(f"{f.name}={getattr(sparsity, f.name)!r}" for f in dataclasses.fields(sparsity)
+                     if f.name not in schedule_keys + ("mode",))
+    scaled = "" if sparsity.reference_steps == num_steps else (
+        f" (the config's step numbers are written for reference_steps={sparsity.reference_steps} and scaled)")
+    return f"mode {sparsity.mode}, {num_steps} steps: {describe_schedule(sparsity, num_steps)}{scaled}; {rest}"
 
 
 def build_attention(num_layers: int, sparsity: SparsityConfig, compact=None, sp=None) -> List[Callable]:
@@ -141,7 +188,8 @@ class SampleResult:
 def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout: VideoLayout,
            guidance: float = 1.0, shift: float = 1.0, ops: Optional[AttentionOps] = None, stats=None,
            sp=None, progress: bool = False, null_text: Optional[torch.Tensor] = None,
-           on_step: Optional[Callable[[int, torch.Tensor], None]] = None) -> SampleResult:
+           on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
+           step_labels: Optional[Sequence[str]] = None) -> SampleResult:
     """Flow-matching Euler sampling from ``noise`` (``t = 1``) to data (``t = 0``).
 
     Args:
@@ -157,6 +205,8 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
         ops, stats, sp: this rank's :class:`AttentionOps`, a stats recorder, the parallel plan.
         progress: show a tqdm bar (callers pass True on rank 0 only).
         on_step: called as ``on_step(step, latents)`` after every step (tests, previews).
+        step_labels: what each step does (:func:`step_kinds`), shown beside the progress bar while
+            the step runs, so a slow search step is seen as one.
 
     Raises:
         NonFiniteLatentsError: the latents hold NaN / Inf after a step (the message names it).
@@ -178,11 +228,16 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True)
+        # smoothing=0: the rate (and so the ETA) is the mean over all steps so far; tqdm's default
+        # moving average made the ETA jump several-fold at every search step (~8x a sparse step on
+        # the demo) and fall back after it
+        bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr, dynamic_ncols=True, smoothing=0)
     result = SampleResult(latents=x)
     try:
         with torch.no_grad():
             for i in range(steps):
+                if bar is not None and step_labels is not None:
+                    bar.set_postfix_str(f"step {i}: {step_labels[i]}")
                 _sync(device)
                 t0 = time.perf_counter()
                 ctx = AttentionContext(layout=layout, step=i, num_steps=steps, ops=ops, stats=stats)
@@ -428,9 +483,10 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         def one_run(sparsity: SparsityConfig, label: str):
             stats = AttentionStats()
             model.set_attention(factory(mcfg.depth, sparsity, compact if sparsity.uses_compact else None, sp))
-            log.info("%s run: sparsity %s", label, sparsity)
+            log.info("%s run: %s", label, _sparsity_line(sparsity, run.steps))
             res = sample(model, text, noise, steps=run.steps, layout=layout, guidance=run.guidance,
-                         shift=run.shift, ops=ops, stats=stats, sp=sp, progress=run.progress and rank == 0)
+                         shift=run.shift, ops=ops, stats=stats, sp=sp, progress=run.progress and rank == 0,
+                         step_labels=step_kinds(sparsity, run.steps))
             log.info("%s run: %.3f s total", label, res.total_seconds)
             return res, stats
 

@@ -1,19 +1,24 @@
-"""A tiny PNG writer (pure Python + zlib) and a colour map, so reports need no matplotlib / pillow.
+"""A tiny PNG writer (pure Python + zlib), a colour map and a labelled heatmap figure.
 
-Only what the quality reports need: 8-bit RGB images, no interlacing, filter type 0 on every row.
-The file layout follows the PNG specification (RFC 2083): signature, IHDR, one IDAT with the zlib
-stream of the filtered scanlines, IEND; every chunk carries a CRC-32 of its type and data.
+The writer needs no matplotlib / pillow. Only what the quality reports need: 8-bit RGB images, no
+interlacing, filter type 0 on every row. The file layout follows the PNG specification (RFC 2083):
+signature, IHDR, one IDAT with the zlib stream of the filtered scanlines, IEND; every chunk carries
+a CRC-32 of its type and data.
+
+:func:`heatmap_figure` draws a matrix as a figure readable at a glance: title, row / column axes
+with tick numbers, a colour bar with its scale. The text is drawn with Pillow (in the [video]
+extra, which the main command installs); without Pillow the same figure is drawn without text.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
-from typing import Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["encode_png", "write_png", "colormap", "VIRIDIS"]
+__all__ = ["encode_png", "write_png", "colormap", "heatmap_figure", "VIRIDIS"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +81,115 @@ def colormap(values, vmin: float = 0.0, vmax: float = 1.0,
     rgb = pal[lo] * (1.0 - frac) + pal[lo + 1] * frac
     rgb[nan] = nan_color
     return np.rint(rgb).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- figure
+def _font():
+    """Pillow's default font at a readable size (a scalable one from Pillow 10.1), or None without Pillow."""
+    try:
+        from PIL import ImageFont
+    except ImportError:
+        return None
+    try:
+        return ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font only
+        return ImageFont.load_default()
+
+
+def _tick_step(cell: int, room: int) -> int:
+    """Label every k-th row / column so that labels ``room`` pixels apart do not overlap (k in 1, 2, 5, 10, ...)."""
+    for k in (1, 2, 5, 10, 20, 50, 100, 200, 500):
+        if k * cell >= room:
+            return k
+    return 1000
+
+
+def heatmap_figure(matrix: Sequence[Sequence[Optional[float]]], *, title: str, subtitle: Sequence[str] = (),
+                   vmin: float = 0.0, vmax: float = 1.0, row_label: str = "layer", col_label: str = "head",
+                   bar_label: str = "", max_grid: int = 360) -> np.ndarray:
+    """uint8 RGB figure of a ``[rows][cols]`` matrix (viridis on ``[vmin, vmax]``; None / NaN white).
+
+    Layout: ``title`` and the ``subtitle`` lines on top; the ``col_label`` axis above the grid with column
+    numbers, the ``row_label`` axis left of it with row numbers (from 0, every k-th when cells are
+    small); a vertical colour bar on the right with ticks at 0, 1/4, ..., 1 of the scale. Cells are
+    as large as fit ``max_grid`` pixels (6 to 28). Without Pillow the figure has no text.
+    """
+    vals = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
+    if vals.ndim != 2 or vals.size == 0:
+        raise ValueError(f"heatmap_figure needs a non-empty [rows][cols] matrix, got shape {vals.shape}")
+    rows, cols = vals.shape
+    cell = int(np.clip(max_grid // max(rows, cols), 6, 28))
+    font = _font()
+    text = font is not None
+
+    def size(s: str) -> Tuple[int, int]:
+        if not text or not s:
+            return 0, 0
+        box = font.getbbox(s)
+        return box[2], box[3]
+
+    line_h = size("Ag0")[1] + 4 if text else 0
+    row_w = size(str(rows - 1))[0] + 6 if text else 0
+    gw, gh = cols * cell, rows * cell
+    pad = 10
+    # vertical: title, subtitle, column axis label, column numbers, grid
+    subtitle = list(subtitle)
+    top = pad + line_h * (1 + len(subtitle)) + 2 * line_h + (4 if text else 0)
+    left = pad + line_h + row_w  # the rotated row label, then the row numbers
+    bar_x = left + gw + 16
+    bar_w = 14
+    bar_h = max(gh, 120)
+    tick_w = size(f"{vmax:.2f}")[0]
+    width = max(bar_x + bar_w + 6 + tick_w + pad, bar_x + size(bar_label)[0] + pad,
+                pad + max(size(s)[0] for s in [title, *subtitle]) + pad)
+    height = top + max(gh, bar_h) + line_h + pad
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    # grid: cells, 1-px white lines between them
+    cells = colormap(vals, vmin, vmax).repeat(cell, axis=0).repeat(cell, axis=1)
+    cells[::cell, :] = 255
+    cells[:, ::cell] = 255
+    img[top:top + gh, left:left + gw] = cells
+    img[top - 1, left:left + gw] = img[top + gh, left:left + gw] = 0  # a frame, so white cells read as cells
+    img[top:top + gh, left - 1] = img[top:top + gh, left + gw] = 0
+    # colour bar: vmax at the top
+    ramp = colormap(np.linspace(vmax, vmin, bar_h), vmin, vmax)
+    img[top:top + bar_h, bar_x:bar_x + bar_w] = ramp[:, None, :]
+    ticks: List[Tuple[int, str]] = []
+    for f in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + int(round((1.0 - f) * (bar_h - 1)))
+        img[y, bar_x + bar_w:bar_x + bar_w + 4] = 0
+        ticks.append((y, f"{vmin + f * (vmax - vmin):.2f}"))
+    if not text:
+        return img
+    from PIL import Image, ImageDraw
+
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    ink = (0, 0, 0)
+    y = pad
+    draw.text((pad, y), title, fill=ink, font=font)
+    for s in subtitle:
+        y += line_h
+        draw.text((pad, y), s, fill=(70, 70, 70), font=font)
+    # column axis: label, then numbers centred on their cells
+    draw.text((left, top - 2 * line_h - 2), col_label, fill=ink, font=font)
+    k = _tick_step(cell, size(str(cols - 1))[0] + 6)
+    for c in range(0, cols, k):
+        w = size(str(c))[0]
+        draw.text((left + c * cell + (cell - w) // 2, top - line_h), str(c), fill=ink, font=font)
+    # row axis: numbers right-aligned, label rotated along the grid
+    k = _tick_step(cell, line_h)
+    for r in range(0, rows, k):
+        w, h = size(str(r))
+        draw.text((left - 4 - w, top + r * cell + (cell - h) // 2), str(r), fill=ink, font=font)
+    label = row_label
+    lw, lh = size(label)
+    tmp = Image.new("RGB", (lw + 2, lh + 2), (255, 255, 255))
+    ImageDraw.Draw(tmp).text((0, 0), label, fill=ink, font=font)
+    tmp = tmp.rotate(-90, expand=True)  # reads top to bottom, as the rows count
+    pil.paste(tmp, (pad, top))
+    for ty, s in ticks:
+        draw.text((bar_x + bar_w + 6, ty - line_h // 2), s, fill=ink, font=font)
+    if bar_label:
+        draw.text((bar_x, top + bar_h + 4), bar_label, fill=ink, font=font)
+    return np.asarray(pil, dtype=np.uint8).copy()

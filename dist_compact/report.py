@@ -6,10 +6,12 @@
   upscaled so a 48x48 clip is watchable); with ``compare_dense`` also ``dense.mp4`` / ``dense.gif``;
 * ``latents.pt`` - the final latents ``[1, C, F, H, W]`` float32 (``dense_latents.pt`` too);
 * ``frames.png`` - a grid of all frames (``dense_frames.png`` too); ``density.png`` /
-  ``recall.png`` - heatmaps of the per (layer, head) density and recall (rows = layers,
-  columns = heads; white = no value);
-* ``report.json`` - config, seed, per-step timings, attention statistics (calls, density and recall
-  per layer and head, search overhead) and, with ``compare_dense``, PSNR / SSIM of sparse vs dense;
+  ``recall.png`` - labelled heatmaps of the per (layer, head) density and recall (rows = layers,
+  columns = heads, colour bar 0-1; white = no value; :func:`heatmap`);
+* ``report.json`` - config, seed, the schedule in this run's steps, per-step timings, attention
+  statistics (calls, density and recall per layer and head, search overhead), the speed-up vs dense
+  and what it means at this shape (:func:`speed_section`) and, with ``compare_dense``, PSNR / SSIM of
+  sparse vs dense; every field is explained in docs/report.md;
 * ``logs/rank<r>.log`` - one log per process.
 
 Atomicity: everything is written under ``<output_dir>/.tmp-<name>-<pid>`` and renamed to
@@ -45,8 +47,25 @@ __all__ = [
     "heatmap",
     "write_video",
     "build_report",
+    "speed_section",
     "write_outputs",
+    "REAL_SPEEDUP_COMMAND",
+    "SMALL_SHAPE_TOKENS",
 ]
+
+#: The command that shows the real speed-up: one HunyuanVideo 720p transformer forward (33x45x80 =
+#: 118,800 video tokens, random weights from the published config) on one GPU, our dense path vs
+#: 3D windows and an AdaSpa reuse step. Needs the [diffusers] extra. BENCHMARKS.md: 2.52x at window
+#: density 0.2 on an H100 (the fourth session's table).
+REAL_SPEEDUP_COMMAND = ("python benchmarks/model_forward.py --model hunyuan --layers 6 --reps 2 --mass-rows 32 "
+                        "--cases dense,window@0.4,window@0.2,window@0.12,adaspa_reuse@0.2")
+_REAL_SPEEDUP = (f"for the real speed-up run on a GPU: {REAL_SPEEDUP_COMMAND} (HunyuanVideo 720p, 118,800 tokens, "
+                 "random weights; 2.52x at density 0.2 on an H100, BENCHMARKS.md)")
+#: Below this many tokens per attention call the report says the shape is too small for sparse
+#: attention to pay. Why this number: the speed-ups measured so far (BENCHMARKS.md) are at 32,760
+#: (Wan 480p) and 118,800 tokens (HunyuanVideo 720p); at the embedded demo's 2,316 tokens the
+#: per-call costs (index building, searches, launches, a first run's compilation) are the larger part.
+SMALL_SHAPE_TOKENS = 16384
 
 
 # ---------------------------------------------------------------------------------------------- folder
@@ -99,18 +118,11 @@ class RunFolder:
 
 
 def check_writers() -> None:
-    """Raise one clear ImportError when the [video] extra (imageio, imageio-ffmpeg) is missing."""
-    missing = []
+    """Raise one clear ImportError naming the [video] extra when imageio / imageio-ffmpeg is missing."""
+    from .extras import require
+
     for mod in ("imageio", "imageio_ffmpeg"):
-        try:
-            __import__(mod)
-        except ImportError:
-            missing.append(mod.replace("_", "-"))
-    if missing:
-        raise ImportError(
-            f"writing the video needs {', '.join(missing)}: pip install -e \".[video]\" "
-            "(or: pip install imageio imageio-ffmpeg)"
-        )
+        require(mod, "video", "writing the video (run.video true)")
 
 
 # ---------------------------------------------------------------------------------------------- quality
@@ -203,16 +215,31 @@ def per_layer_head(stats, num_layers: int, num_heads: int, what: str = "density"
     return out
 
 
-def heatmap(matrix: Sequence[Sequence[Optional[float]]], cell: int = 24) -> np.ndarray:
-    """uint8 RGB image of a ``[rows][cols]`` matrix in [0, 1] (viridis; None -> white), 1-px grid."""
-    from .png import colormap
+#: title and colour-bar caption of each heatmap (docs/report.md explains the two measures)
+HEATMAPS = {
+    "density": ("density per layer and head: share of key blocks computed", "density"),
+    "recall": ("recall per layer and head: share of attention mass kept", "recall"),
+}
 
-    vals = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
-    rgb = colormap(vals, 0.0, 1.0)
-    img = rgb.repeat(cell, axis=0).repeat(cell, axis=1)
-    img[::cell, :] = 255
-    img[:, ::cell] = 255
-    return img
+
+def heatmap(matrix: Sequence[Sequence[Optional[float]]], what: str = "density") -> np.ndarray:
+    """uint8 RGB figure of a ``[layers][heads]`` matrix of ``what`` ("density" / "recall") in [0, 1].
+
+    Title, layer rows and head columns numbered from 0, a colour bar on the fixed scale 0-1 (so
+    runs compare), and a subtitle with the values' min / mean / max; white = no value (a layer
+    whose sparse calls recorded none, e.g. it ran dense). See :func:`dist_compact.png.heatmap_figure`.
+    """
+    from .png import heatmap_figure
+
+    if what not in HEATMAPS:
+        raise ValueError(f"heatmap: what must be one of {sorted(HEATMAPS)}, got {what!r}")
+    title, bar = HEATMAPS[what]
+    vals = [v for row in matrix for v in row if v is not None]
+    rows, cols = len(matrix), len(matrix[0]) if matrix else 0
+    stats = (f"min {min(vals):.2f}, mean {sum(vals) / len(vals):.2f}, max {max(vals):.2f} ({len(vals)} of "
+             f"{rows * cols} heads)" if vals else "no values")
+    subtitle = ["sparse run, the last call of each layer", f"{stats}; white: no value"]
+    return heatmap_figure(matrix, title=title, subtitle=subtitle, vmin=0.0, vmax=1.0, bar_label=bar)
 
 
 def write_video(stem: str, frames: np.ndarray, fps: int) -> List[str]:
@@ -261,6 +288,50 @@ def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
     }
 
 
+def speed_section(tokens: int, device, sparse_seconds: float, dense_seconds: Optional[float]) -> dict:
+    """The report's ``speed``: the speed-up vs dense of the whole denoising loop and what it means.
+
+    ``speedup_vs_dense`` is the dense run's denoising time over the sparse run's (both from the same
+    noise, every step, the sparse run's dense warm-up steps and searches included); None without a
+    dense run (``--compare-dense``). ``summary`` is the sentence ``generate.py`` prints: the figure,
+    and when it cannot show a real speed-up (a CPU, or fewer than :data:`SMALL_SHAPE_TOKENS`
+    tokens) why not and the command that does.
+    """
+    dev = torch.device(device).type
+    speedup = dense_seconds / sparse_seconds if dense_seconds is not None and sparse_seconds > 0 else None
+    small = tokens < SMALL_SHAPE_TOKENS
+    if speedup is None:
+        head = "speed-up vs dense not measured (add --compare-dense for a dense run from the same noise)"
+    else:
+        head = (f"speed-up vs dense {speedup:.2f}x (sparse {sparse_seconds:.1f} s, dense {dense_seconds:.1f} s "
+                f"of denoising) at {tokens:,} tokens")
+    if dev == "cpu":
+        why = ("on a CPU the sparse path is PyTorch SDPA with the index as a mask (every block is still "
+               "computed) plus the searches, so it cannot beat dense there")
+    elif small:
+        why = (f"at {tokens:,} tokens the shape is too small for sparse attention to pay (index building, "
+               "searches, kernel launches and the first run's Triton compilation outweigh the skipped blocks)")
+    else:
+        why = None
+    if why is None:
+        summary = head if speedup is None else head + " (the whole loop: dense warm-up steps and searches included)"
+    else:
+        summary = f"{head}; {why}; {_REAL_SPEEDUP}"
+    return {"speedup_vs_dense": speedup, "sparse_seconds": sparse_seconds, "dense_seconds": dense_seconds,
+            "tokens": tokens, "device": dev, "small_shape": small, "summary": summary,
+            "real_speedup_command": REAL_SPEEDUP_COMMAND}
+
+
+def _schedule_section(sparsity, steps: int) -> dict:
+    """The report's ``schedule``: the sparsity schedule scaled to this run's steps."""
+    from .pipeline import describe_schedule, step_kinds
+
+    sched = sparsity.schedule(steps)
+    return {"num_steps": steps, "summary": describe_schedule(sparsity, steps), "step_kinds": step_kinds(sparsity, steps),
+            "dense_steps": sched.dense_steps, "searches": [list(s) for s in sched.searches],
+            "reference_steps": sparsity.reference_steps}
+
+
 def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sparse, dense=None,
                  num_layers: int, num_heads: int) -> dict:
     """The report.json payload (see the module doc); ``sparse`` / ``dense`` are ``(SampleResult, stats)``."""
@@ -281,6 +352,7 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
         "model": model_info,
         "layout": {"repr": repr(layout), "tokens": layout.seq_len, "padded": layout.padded_len,
                    "blocks": layout.num_blocks, "block_size": layout.block_size, "tile": list(layout.tile)},
+        "schedule": _schedule_section(cfg.sparsity, cfg.run.steps),
         "sparse": _run_section(sparse[0], sparse[1], num_layers, num_heads),
     }
     if dense is not None:
@@ -288,8 +360,10 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
         a, b = sparse[0].latents, dense[0].latents
         rep["quality"] = {"psnr_db": psnr(a, b), "ssim": ssim(a, b),
                           "max_abs_diff": float((a.float() - b.float()).abs().max())}
-        ts, td = rep["sparse"]["total_seconds"], rep["dense"]["total_seconds"]
-        rep["speedup_vs_dense"] = td / ts if ts > 0 else None
+    rep["speed"] = speed_section(layout.seq_len, device, rep["sparse"]["total_seconds"],
+                                 rep["dense"]["total_seconds"] if dense is not None else None)
+    if dense is not None:
+        rep["speedup_vs_dense"] = rep["speed"]["speedup_vs_dense"]
     return rep
 
 
@@ -316,7 +390,7 @@ def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latent
     for what in ("density", "recall"):
         m = report["sparse"][f"{what}_per_layer_head"]
         if any(v is not None for row in m for v in row):
-            write_png(os.path.join(folder, f"{what}.png"), heatmap(m))
+            write_png(os.path.join(folder, f"{what}.png"), heatmap(m, what))
             files.append(f"{what}.png")
     report = dict(report, files=sorted(files))
     with open(os.path.join(folder, "report.json"), "w") as f:

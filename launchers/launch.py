@@ -26,7 +26,9 @@ Fallbacks on the launching machine (one node only; GPUs counted with torch, or `
 When SCRIPT is ``generate.py`` the cluster file is passed on as its first ``--config`` (so its
 world-size check agrees with the launch), followed by the fallback overrides; other scripts get
 their arguments unchanged. ``--dry-run`` prints the command (or the batch script) instead of
-running it. Reads files (a launcher); the library never does.
+running it; on a machine without GPUs it prints the command for a node with the config's GPUs
+(what the cluster will run), and names the CPU fallback this machine would run on stderr (give
+``--gpus N`` to plan for N GPUs instead). Reads files (a launcher); the library never does.
 """
 
 from __future__ import annotations
@@ -236,8 +238,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                           time_limit=args.time, partition=args.partition,
                                           master_port=args.master_port))
             return 0
-        plan = plan_launch(cluster, args.config, script_args, gpus=args.gpus, node_rank=args.node_rank,
-                           master_addr=args.master_addr, master_port=args.master_port, rdzv_id=args.rdzv_id)
+        kw = dict(node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
+                  rdzv_id=args.rdzv_id)
+        gpus = args.gpus if args.gpus is not None else count_gpus()
+        plan = plan_launch(cluster, args.config, script_args, gpus=gpus, **kw)
+        if args.dry_run and args.gpus is None and gpus == 0 and cluster.device != "cpu" and cluster.nnodes == 1:
+            # a dry run on a laptop or login node is asked what the GPU cluster will run, not what
+            # this machine's CPU fallback would: print the command for a node with the config's GPUs
+            target = plan_launch(cluster, args.config, script_args, gpus=cluster.nproc, **kw)
+            if target.shell() != plan.shell():
+                print(f"launchers: this machine has no GPU; the command below is for a node with {cluster.nproc} "
+                      f"GPUs. Run here without --dry-run, it falls back to: {plan.shell()}", file=sys.stderr)
+            print(target.shell())
+            return 0
     except LaunchError as e:
         print(f"launchers: error: {e}", file=sys.stderr)
         return 2

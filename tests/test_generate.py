@@ -61,6 +61,11 @@ def test_short_run_writes_all_outputs(tmp_path, weights):
     assert {"video.mp4", "video.gif", "latents.pt", "frames.png", "report.json", "logs", "density.png",
             "recall.png", "dense.mp4", "dense_latents.pt", "dense_frames.png"} <= names
     assert os.listdir(folder / "logs") == ["rank0.log"]
+    log = (folder / "logs" / "rank0.log").read_text()
+    # the schedule as this 3-step run does it (the config's 10 / 30 of 50 steps scaled), not the config's numbers
+    assert ("sparse run: mode adaspa, 3 steps: steps 0 dense, 1 fused search, 2 cached search (the config's step "
+            "numbers are written for reference_steps=50 and scaled); sparsity=0.75,") in log
+    assert "dense run: mode dense, 3 steps: steps 0-2 dense\n" in log and "search_steps" not in log
     assert (folder / "video.mp4").stat().st_size > 0 and (folder / "frames.png").read_bytes()[:4] == b"\x89PNG"
     lat = torch.load(folder / "latents.pt")
     assert lat.shape == (1, 3, 4, 16, 24) and torch.equal(lat, res.latents)
@@ -163,9 +168,20 @@ def test_cli_end_to_end(tmp_path, weights, capsys):
     rc = gen.main(["--model-path", str(weights), "--output-dir", str(out), "--steps", "2", "--name", "cli",
                    "--model.frames", "4", "--model.height", "16", "--model.width", "16",
                    "--run.attn_backend", "torch", "--run.progress", "false", "--seed", "7", *ADASPA_ARGS])
-    assert rc == 0 and "wrote" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     rep = json.loads((out / "cli" / "report.json").read_text())
     assert rep["seed"] == 7 and rep["steps"] == 2
+    # what it printed: the folder, the schedule of these 2 steps, and what the speed figure means here
+    assert rc == 0 and lines == [
+        f"wrote {out / 'cli'} ({rep['sparse']['total_seconds']:.1f} s denoising)",
+        "schedule: steps 0 fused search, 1 cached search",
+        "speed: speed-up vs dense not measured (add --compare-dense for a dense run from the same noise); on a CPU "
+        "the sparse path is PyTorch SDPA with the index as a mask (every block is still computed) plus the searches, "
+        "so it cannot beat dense there; for the real speed-up run on a GPU: python benchmarks/model_forward.py "
+        "--model hunyuan --layers 6 --reps 2 --mass-rows 32 --cases dense,window@0.4,window@0.2,window@0.12,"
+        "adaspa_reuse@0.2 (HunyuanVideo 720p, 118,800 tokens, random weights; 2.52x at density 0.2 on an H100, "
+        "BENCHMARKS.md)"]
+    assert rep["speed"]["summary"] == lines[2][len("speed: "):] and rep["schedule"]["summary"] == lines[1][10:]
 
 
 def test_attention_factory_modes():

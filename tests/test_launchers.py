@@ -141,3 +141,32 @@ def test_cli_dry_run_prints_the_command():
     out = subprocess.run([sys.executable, "-m", "launchers", "--config", "configs/cluster/1x8-ulysses.yaml", "--dry-run"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2 and "no script to launch" in out.stderr
+
+
+def test_dry_run_without_gpus_prints_the_gpu_command(monkeypatch, capsys):
+    """On a machine without GPUs a dry run shows what the GPU node will run; the CPU fallback is named
+    on stderr (it is what running here would do)."""
+    import launchers.launch as launch
+
+    monkeypatch.setattr(launch, "count_gpus", lambda: 0)
+    assert launch.main(["--config", "configs/cluster/1x8-ulysses.yaml", "--dry-run", "--", *GEN]) == 0
+    out, err = capsys.readouterr()
+    assert out == EXPECTED[("1x8-ulysses", 8)] + "\n"
+    assert err == ("launchers: this machine has no GPU; the command below is for a node with 8 GPUs. Run here "
+                   "without --dry-run, it falls back to: OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node 8 "
+                   "generate.py --config configs/cluster/1x8-ulysses.yaml --cluster.device cpu --cluster.backend gloo "
+                   "--prompt 'a cat'\n")
+    # a one-process config gives the same command either way: no note
+    assert launch.main(["--config", "configs/cluster/1gpu.yaml", "--dry-run", "--", *GEN]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{sys.executable} generate.py --config configs/cluster/1gpu.yaml --prompt 'a cat'\n" and err == ""
+    # --gpus 0 asks for this machine's plan explicitly: the CPU fallback, as before
+    assert launch.main(["--config", "configs/cluster/1x8-hybrid.yaml", "--gpus", "0", "--dry-run", "--", *GEN]) == 0
+    out, err = capsys.readouterr()
+    assert out == EXPECTED[("1x8-hybrid", 0)] + "\n" and "no GPU on this machine" in err
+
+    # a real launch on this machine runs the fallback
+    ran = []
+    monkeypatch.setattr(launch.subprocess, "call", lambda argv, env: ran.append(argv) or 0)
+    assert launch.main(["--config", "configs/cluster/1x8-ulysses.yaml", "--", *GEN]) == 0
+    assert ran and "--cluster.device" in ran[0] and "gloo" in ran[0]

@@ -76,3 +76,53 @@ def test_ci_runs_the_readme_test_command():
     assert len(cmd) == 1, "the README test-command block must hold one command line"
     ci = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert cmd[0].strip() in ci, ".ci/run must run the README's test command exactly"
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch):
+    """Each optional import site says which extra of setup.cfg installs what is missing."""
+    import sys
+
+    import pytest
+
+    from dist_compact.extras import EXTRAS, MissingExtraError, install_hint, require
+
+    extras = set(_cfg()["options.extras_require"])
+    assert set(EXTRAS) <= extras, f"extras named to users but not in setup.cfg: {sorted(set(EXTRAS) - extras)}"
+    assert install_hint("diffusers") == 'pip install "dist_compact[diffusers]" (from a checkout: pip install -e ".[diffusers]")'
+    with pytest.raises(ValueError, match="unknown extra 'gpu'"):
+        install_hint("gpu")
+    with pytest.raises(MissingExtraError, match=r"feature X needs the \[usp\] extra \(dist_compact_no_such_mod is not "
+                                                r"installed\): pip install \"dist_compact\[usp\]\""):
+        require("dist_compact_no_such_mod", "usp", "feature X")
+
+    from dist_compact import report
+    from dist_compact.integrations import diffusers as dc_diffusers
+    from dist_compact.integrations.published import build_transformer
+
+    for mod in ("diffusers", "imageio"):
+        monkeypatch.setitem(sys.modules, mod, None)  # `import mod` raises ImportError
+    with pytest.raises(ImportError, match=r"needs the \[diffusers\] extra .*dist_compact\[diffusers\]"):
+        dc_diffusers._diffusers()
+    with pytest.raises(ImportError, match=r"random-weight Wan / HunyuanVideo transformers needs the \[diffusers\]"):
+        build_transformer("wan", {}, "cpu", None, None)
+    with pytest.raises(ImportError, match=r"writing the video .* needs the \[video\] extra"):
+        report.check_writers()
+
+
+def test_random_model_without_diffusers_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path):
+    """docs/usage.md's CPU example after the main command alone (no [diffusers]): one error line naming the extra."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    spec = importlib.util.spec_from_file_location("generate_main", ROOT / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rc = gen.main(["--config", str(ROOT / "configs/models/hunyuanvideo-random.yaml"), "--model.size", "small",
+                   "--model.frames", "13", "--model.height", "128", "--model.width", "192", "--model.tile", "1,4,4",
+                   "--cluster.device", "cpu", "--cluster.backend", "gloo", "--run.attn_backend", "torch", "--steps", "3",
+                   "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert 'needs the [diffusers] extra (diffusers is not installed): pip install "dist_compact[diffusers]"' in err
+    assert list(tmp_path.iterdir()) == []

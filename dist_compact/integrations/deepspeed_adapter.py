@@ -37,7 +37,10 @@ def head_split(num_heads: int, world: int, rank: int) -> Tuple[int, int]:
     if num_heads % world == 0:
         h = num_heads // world
         return rank * h, (rank + 1) * h
-    from deepspeed.module_inject.tp_shard import AutoTPMeta, get_shard_size_list
+    from ..extras import require
+
+    tp_shard = require("deepspeed.module_inject.tp_shard", "deepspeed", "an uneven deepspeed head split")
+    AutoTPMeta, get_shard_size_list = tp_shard.AutoTPMeta, tp_shard.get_shard_size_list
 
     sizes = get_shard_size_list(num_heads, world, AutoTPMeta(num_kv_heads=num_heads))
     return sum(sizes[:rank]), sum(sizes[: rank + 1])

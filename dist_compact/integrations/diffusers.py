@@ -67,6 +67,7 @@ import torch
 
 from ..context import AttentionContext
 from ..executor import AttentionOps
+from ..extras import require
 from ..layout import VideoLayout
 from ..schedule import SparsityConfig
 
@@ -93,14 +94,7 @@ _ATTR = "_dist_compact_sparsify"
 
 
 def _diffusers():
-    try:
-        import diffusers
-    except ImportError as e:  # an optional extra
-        raise ImportError(
-            "dist_compact.integrations.diffusers needs diffusers: pip install -e \".[diffusers]\" "
-            "(or: pip install diffusers transformers accelerate)"
-        ) from e
-    return diffusers
+    return require("diffusers", "diffusers", "dist_compact.integrations.diffusers")
 
 
 def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:

@@ -193,7 +193,7 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
         [-1, 1] on rank 0, the sampler's latents elsewhere).
     """
     from .. import report as rpt
-    from ..pipeline import RunResult, SampleResult, _agree, make_parallel
+    from ..pipeline import RunResult, SampleResult, _agree, _sparsity_line, make_parallel
     from ..stats import AttentionStats
 
     world, rank, device, dtype = _process(cfg)
@@ -215,6 +215,7 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
         log.info("world %d rank %d device %s dtype %s pipeline %s from %s", world, rank, device, dtype,
                  mcfg.pipeline, mcfg.path)
         def one_run(sparsity: SparsityConfig, label: str):
+            log.info("%s run: %s", label, _sparsity_line(sparsity, run.steps))
             stats = AttentionStats()
             s = generate(pipe, prompt=run.prompt, num_steps=run.steps, frames=mcfg.frames, height=mcfg.height,
                          width=mcfg.width, seed=run.seed, guidance=run.guidance, sparsity=sparsity,

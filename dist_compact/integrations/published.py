@@ -37,7 +37,11 @@ SMALL = {
 
 def build_transformer(name: str, cfg: dict, device, dtype, layers: Optional[int]):
     """The transformer with random weights, built on ``device`` in ``dtype`` (no fp32 copy)."""
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+    from ..extras import require
+
+    diffusers = require("diffusers", "diffusers", "the random-weight Wan / HunyuanVideo transformers")
+    HunyuanVideoTransformer3DModel, WanTransformer3DModel = (diffusers.HunyuanVideoTransformer3DModel,
+                                                             diffusers.WanTransformer3DModel)
 
     cfg = dict(cfg)
     if layers is not None:

@@ -215,7 +215,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
     from .. import report as rpt
     from ..layout import VideoLayout
     from ..parallel import ParallelConfig
-    from ..pipeline import build_attention, make_parallel, sample
+    from ..pipeline import _sparsity_line, build_attention, make_parallel, sample, step_kinds
     from ..stats import AttentionStats
     from .diffusers import DenoisingState, _grid, sparsify, sparsify_handle
 
@@ -267,7 +267,7 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
             sparsify(model, sparsity, compact=compact if sparsity.uses_compact else None, sequence_parallel=sp,
                      tile=tuple(mcfg.tile), state=state, stats=stats, backend=run.attn_backend,
                      attention_factory=rec)
-            log.info("%s run: sparsity %s", label, sparsity)
+            log.info("%s run: %s", label, _sparsity_line(sparsity, run.steps))
             per_step: List[int] = []
             calls_per_step: List[int] = []
             last = [0, 0]
@@ -282,7 +282,8 @@ def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) 
                 torch.cuda.reset_peak_memory_stats(device)
             res = sample(_Forward(model, state, inputs, dtype), torch.zeros(1, 0, dtype=torch.long), noise,
                          steps=run.steps, layout=layout, guidance=1.0, shift=run.shift, stats=None, sp=None,
-                         progress=run.progress and rank == 0, on_step=on_step)
+                         progress=run.progress and rank == 0, on_step=on_step,
+                         step_labels=step_kinds(sparsity, run.steps))
             peak = torch.cuda.max_memory_allocated(device) if cuda else None
             used = sparsify_handle(model).layout
             sent, calls = rec.counters()

@@ -89,6 +89,7 @@ import torch
 
 from ..context import AttentionContext
 from ..executor import AttentionOps
+from ..extras import install_hint
 from ..layout import VideoLayout
 from ..schedule import SparsityConfig
 from .diffusers import (MAX_LAYOUTS, DenoisingState, _checked_install, _grid, _lru, _new_attentions, _remove,
@@ -116,8 +117,8 @@ KWARGS_KEY = "dist_compact"
 _ATTR = "_dist_compact_xfuser"
 
 _INSTALL_HINT = (
-    "dist_compact.integrations.xfuser needs xfuser 0.7.0 and a CUDA/ROCm GPU (xfuser raises at import "
-    "without one): pip install xfuser==0.7.0 (import-time dependencies for this path: distvae, yunchang, "
+    "dist_compact.integrations.xfuser needs xfuser==0.7.0 and a CUDA/ROCm GPU (xfuser raises at import "
+    f"without one): {install_hint('xdit')} (import-time dependencies for this path: distvae, yunchang, "
     "einops, diffusers, transformers, accelerate; bs4, av, peft, sentencepiece are not imported by it)"
 )
 

@@ -189,8 +189,9 @@ class YunchangBlockSparse:
     def from_yunchang_globals(cls, layout: VideoLayout, index: Optional[BlockIndex] = None,
                               backend: str = "auto") -> "YunchangBlockSparse":
         """Build from the groups yunchang's ``set_seq_parallel_pg`` stored (imports yunchang)."""
-        from yunchang.globals import PROCESS_GROUP
+        from ..extras import require
 
+        PROCESS_GROUP = require("yunchang.globals", "usp", "YunchangBlockSparse.from_yunchang_globals").PROCESS_GROUP
         return cls(layout, PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG, index, backend)
 
     def __repr__(self) -> str:
