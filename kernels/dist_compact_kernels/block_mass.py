@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, interpreting, launch, tma_ok
+from .block_sparse_fwd import LOG2E, _load_q, _program, interpreting, launch, tma_ok
 
 __all__ = ["block_mass_fwd"]
 
@@ -43,11 +43,7 @@ def _block_mass_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    z = (pid_zh // H).to(tl.int64)
-    h = (pid_zh % H).to(tl.int64)
-    q_start = pid_m * BLOCK_SIZE
+    pid_m, z, h, q_start = _program(H, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -63,10 +59,7 @@ def _block_mass_kernel(
         offs_r = tl.where(few, r, (r * q_rows) // ROWS)
         row_in = tl.where(few, r < q_rows, q_rows > 0)
     offs_m = q_start + offs_r
-    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(Q, z, h, offs_m, offs_d, stride_qz, stride_qm, stride_qh, SEQ_Q, UPCAST)
     lse = tl.load(LSE + z * stride_lz + h * stride_lh + offs_m, mask=offs_m < SEQ_Q, other=float("-inf"))
     row_ok = row_in & (lse > float("-inf"))
     lse2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))  # log2(e): natural -> base 2
