@@ -320,12 +320,15 @@ def test_valid_counts_match_the_oracle(kw):
 
 def test_measured_dense_threshold():
     from dist_compact import ops
+    from dist_compact.schedule import SparsityConfig
 
     assert ops.measured_dense_threshold(torch.device("cpu"), torch.bfloat16, 128, 128) == 1.0
+    # the schedule's default is the measured Triton crossover, kept at 0.75 (published figures)
+    assert SparsityConfig().dense_threshold == ops.TRITON_DENSE_CROSSOVER == 0.75
     if HOPPER:
         dev = torch.device("cuda")
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 1.0
-        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
+        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == ops.TRITON_DENSE_CROSSOVER
         assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
 
 

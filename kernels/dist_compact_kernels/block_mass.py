@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, _load_q, _program, interpreting, launch, tma_ok
+from .block_sparse_fwd import LOG2E, _kv_descriptor, _load_q, _program, _specialisation, launch, tma_ok
 
 __all__ = ["block_mass_fwd"]
 
@@ -105,16 +105,9 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
     nq, nk = triton.cdiv(SQ, block_size), triton.cdiv(SK, block_size)
     mass = torch.empty((Z, H, nq, nk), dtype=torch.float32, device=q.device)
     lse = lse.float().contiguous()
-    upcast = interpreting() and q.dtype != torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    even_k = kv_valid is None and SK % block_size == 0
     rows = block_size if query_rows is None else query_rows
     use_tma = bool(use_tma) and tma_ok(k)
-    k_desc = k
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc = TensorDescriptor(k, [Z * SK, H * D], [k.stride(1), 1], [block_size, D])
+    k_desc = _kv_descriptor(k, block_size) if use_tma else k
     dummy = mass
     args = (
         q, k, lse, mass,
@@ -128,11 +121,8 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
         mass.stride(0), mass.stride(1), mass.stride(2),
         H, SQ, SK, nk,
     )
-    constexprs = dict(
-        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_size, ROWS=rows,
-        HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
-        UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-    )
+    constexprs = dict(_specialisation(q, k, block_size, q_valid, kv_valid), BLOCK_N=block_size, ROWS=rows,
+                      USE_TMA=use_tma)
     launch(_block_mass_kernel, (nq, Z * H), args, constexprs,
            num_warps or (8 if rows * D >= 128 * 128 else 4), num_stages or 3)
     return mass

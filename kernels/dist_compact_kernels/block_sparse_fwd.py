@@ -201,6 +201,24 @@ def tma_ok(x: torch.Tensor) -> bool:
             and (x.stride(1) * es) % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
+def _specialisation(q, k, block_size, q_valid, kv_valid) -> dict:
+    """The compile-time arguments the Triton kernels (this one and block_mass) share: fp32 products
+    in IEEE precision, fp16/bf16 ones upcast under the interpreter (its dot wants fp32); EVEN_K when
+    no key tile needs a mask."""
+    return dict(HEAD_DIM=q.shape[3], BLOCK_SIZE=block_size, HAS_Q_VALID=q_valid is not None,
+                HAS_KV_VALID=kv_valid is not None, EVEN_K=kv_valid is None and k.shape[1] % block_size == 0,
+                UPCAST=interpreting() and q.dtype != torch.float32,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _kv_descriptor(x: torch.Tensor, rows: int):
+    """A tensor descriptor of x [Z, S, H, D] seen as 2D [Z*S, H*D] (what tma_ok checked), tiles of rows x D."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    Z, S, H, D = x.shape
+    return TensorDescriptor(x, [Z * S, H * D], [x.stride(1), 1], [rows, D])
+
+
 def block_sparse_fwd_triton(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
                             return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True):
     """Launch the Triton kernel (dispatch.block_sparse_fwd picks it; inputs checked by dist_compact.ops).
@@ -219,15 +237,7 @@ def block_sparse_fwd_triton(q, k, v, counts, indices, block_size, scale, q_valid
     block_n = block_n or bn
     num_warps = num_warps or nw
     num_stages = num_stages or ns
-    upcast = interpreting() and q.dtype != torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    even_k = kv_valid is None and SK % block_size == 0
-    k_desc, v_desc = k, v
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc = TensorDescriptor(k, [Z * SK, H * D], [k.stride(1), 1], [block_n, D])
-        v_desc = TensorDescriptor(v, [Z * SK, H * D], [v.stride(1), 1], [block_n, D])
+    k_desc, v_desc = (_kv_descriptor(k, block_n), _kv_descriptor(v, block_n)) if use_tma else (k, v)
     dummy = counts
     grid = (nq, Z * H)
     args = (
@@ -245,11 +255,8 @@ def block_sparse_fwd_triton(q, k, v, counts, indices, block_size, scale, q_valid
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK,
     )
-    constexprs = dict(
-        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
-        RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-    )
+    constexprs = dict(_specialisation(q, k, block_size, q_valid, kv_valid), BLOCK_N=block_n, RETURN_LSE=return_lse,
+                      USE_TMA=use_tma)
     launch(_block_sparse_fwd_kernel, grid, args, constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)
 
