@@ -148,6 +148,13 @@ def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
     return q_valid, kv_valid
 
 
+def _valid_counts(block_valid, q_valid, kv_valid, seq_q: int, seq_k: int, block_size: int, device):
+    """The checked (q_valid, kv_valid) of a call that takes block_valid / q_valid / kv_valid."""
+    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, seq_q == seq_k)
+    return (_check_valid("q_valid", q_valid, cdiv(seq_q, block_size), block_size, device),
+            _check_valid("kv_valid", kv_valid, cdiv(seq_k, block_size), block_size, device))
+
+
 # The density at which the Triton block-sparse kernel and dense cuDNN attention cross on an H100 (they
 # meet near 0.76): the one measured crossover below 1, documented in measured_dense_threshold.
 TRITON_DENSE_CROSSOVER = 0.75
@@ -298,9 +305,7 @@ def block_sparse_attention(
         )
     if index.device != q.device:
         raise ValueError(f"index is on {index.device} but q is on {q.device}; use index.to(q.device)")
-    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
-    q_valid = _check_valid("q_valid", q_valid, nq, bs, q.device)
-    kv_valid = _check_valid("kv_valid", kv_valid, nk, bs, q.device)
+    q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, bs, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     if (dense_threshold is not None and q.device.type == "cuda" and backend == "auto"
@@ -355,10 +360,7 @@ def block_attention_mass(
         raise ValueError(f"lse must be [batch, heads, seq_q] = {(B, H, SQ)}, got {got}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    nq, nk = cdiv(SQ, block_size), cdiv(SK, block_size)
-    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
-    q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
-    kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+    q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, block_size, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if query_rows is not None:
         if not isinstance(query_rows, int) or query_rows < 16 or query_rows > block_size or (
@@ -372,6 +374,14 @@ def block_attention_mass(
             raise ValueError(f"the Triton kernel needs block_size >= 16, got {block_size}")
         return _kernels().block_mass_fwd(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
     return reference_block_mass(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
+
+
+def _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend):
+    """Dense attention with LSE as the block-sparse op with a full index (blocks of 64 unless given)."""
+    bs = block_size or 64
+    index = BlockIndex.full(1, q.shape[2], cdiv(q.shape[1], bs), cdiv(k.shape[1], bs), bs, device=q.device)
+    return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid, kv_valid=kv_valid,
+                                  backend=backend, dense_threshold=None)
 
 
 def dense_attention(
@@ -402,15 +412,9 @@ def dense_attention(
         raise ValueError("dense_attention: block_size is required with valid-token counts")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if return_lse and (q.device.type != "cuda" or backend != "auto" or q.dtype == torch.float32):
-        bs = block_size or 64
-        nq, nk = cdiv(SQ, bs), cdiv(SK, bs)
-        index = BlockIndex.full(1, H, nq, nk, bs, device=q.device)
-        return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
-                                      kv_valid=kv_valid, backend=backend, dense_threshold=None)
+        return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
     if block_size is not None:
-        nq, nk = cdiv(SQ, block_size), cdiv(SK, block_size)
-        q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
-        kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+        q_valid, kv_valid = _valid_counts(None, q_valid, kv_valid, SQ, SK, block_size, q.device)
     q_pos = None if q_valid is None else _valid_positions(q_valid, SQ, block_size)
     kv_pos = None if kv_valid is None else _valid_positions(kv_valid, SK, block_size)
     qq = q if q_pos is None else q.index_select(1, q_pos)
@@ -420,10 +424,7 @@ def dense_attention(
     if return_lse:
         res = _cudnn_dense_with_lse(qq, kk, vv, scale)
         if res is None:  # no cuDNN: our kernel with a full index returns the LSE
-            bs = block_size or 64
-            index = BlockIndex.full(1, H, cdiv(SQ, bs), cdiv(SK, bs), bs, device=q.device)
-            return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
-                                          kv_valid=kv_valid, backend=backend, dense_threshold=None)
+            return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
         o, lse_c = res
     else:
         o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
