@@ -72,6 +72,8 @@ def _block_mass_kernel(
         for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start_n = tl.cast(kb, tl.int64) * BLOCK_SIZE + sub * BLOCK_N
             if not EVEN_K:
+                # block_sparse_fwd._keys_left, written out: through the helper ptxas (-lineinfo)
+                # allocates this kernel's registers differently (checked on its sm_90 SASS)
                 n_ok = SEQ_K - start_n
                 if HAS_KV_VALID:
                     n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)

@@ -79,8 +79,8 @@ def _load_q(Q, z, h, offs_m, offs_d, stride_qz, stride_qm, stride_qh, SEQ_Q, UPC
 
 @triton.jit
 def _keys_left(KV_VALID, kb, sub, start_n, SEQ_K, HAS_KV_VALID: tl.constexpr, BLOCK_N: tl.constexpr):
-    # the valid keys of a BLOCK_N tile of key block kb starting at key start_n: those before SEQ_K
-    # and, with per-block valid counts, before KV_VALID[kb]
+    # how many keys from start_n on (tile `sub` of key block kb) are valid: before SEQ_K and, with
+    # per-block valid counts, before KV_VALID[kb]; the tile's mask is offs_n < that
     n_ok = SEQ_K - start_n
     if HAS_KV_VALID:
         n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
