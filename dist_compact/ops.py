@@ -19,11 +19,13 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ._util import cdiv
 from .block_index import BlockIndex
 from .reference import reference_block_mass, token_mask, token_valid_mask, torch_block_sparse_attention
 
 __all__ = [
     "measured_dense_threshold",
+    "TRITON_DENSE_CROSSOVER",
     "block_sparse_attention",
     "block_attention_mass",
     "dense_attention",
@@ -146,16 +148,36 @@ def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
     return q_valid, kv_valid
 
 
+def _valid_counts(block_valid, q_valid, kv_valid, seq_q: int, seq_k: int, block_size: int, device):
+    """The checked (q_valid, kv_valid) of a call that takes block_valid / q_valid / kv_valid."""
+    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, seq_q == seq_k)
+    return (_check_valid("q_valid", q_valid, cdiv(seq_q, block_size), block_size, device),
+            _check_valid("kv_valid", kv_valid, cdiv(seq_k, block_size), block_size, device))
+
+
+# The density at which the Triton block-sparse kernel and dense cuDNN attention cross on an H100 (they
+# meet near 0.76): the one measured crossover below 1, documented in measured_dense_threshold.
+TRITON_DENSE_CROSSOVER = 0.75
+
+
 def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim: int,
                              block_size: Optional[int] = None) -> float:
     """Index density above which dense cuDNN attention is faster than the block-sparse kernel.
 
+    The source of truth for the dense/sparse crossover, which two thresholds build on:
+
+    * ``block_sparse_attention(dense_threshold=1.0)``: the op sends an index at least this dense to
+      dense attention. Its default 1.0 sends only full indices, so the op's result is always the
+      index's exact result; passing this function's value trades that for speed.
+    * ``SparsityConfig.dense_threshold`` (default ``TRITON_DENSE_CROSSOVER``, 0.75): the schedule
+      runs heads above it with full rows and layers whose mean density is above it dense.
+
     Measured on an H100 (BENCHMARKS.md, 2026-11-23; sparse time scales with density). Triton kernel:
-    379 ms at density 1.0 vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16 -> they cross near 0.76.
-    The warp-specialized kernel (sm_90, block size 128) with its overlapped consumer loop: 274 ms at
-    density 1.0 vs cuDNN 282 ms (Wan shape: 34.1 vs 36.1 ms), so it is never slower than dense: 1.0
-    for ``block_size=128`` (only full indices go dense, where the two are within a few per cent).
-    Other devices and dtypes are unmeasured: 1.0.
+    379 ms at density 1.0 vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16 -> they cross near 0.76
+    (``TRITON_DENSE_CROSSOVER``). The warp-specialized kernel (sm_90, block size 128) with its
+    overlapped consumer loop: 274 ms at density 1.0 vs cuDNN 282 ms (Wan shape: 34.1 vs 36.1 ms), so
+    it is never slower than dense: 1.0 for ``block_size=128`` (only full indices go dense, where the
+    two are within a few per cent). Other devices and dtypes are unmeasured: 1.0.
     """
     device = torch.device(device)
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
@@ -163,7 +185,7 @@ def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim:
     cap = torch.cuda.get_device_capability(device)
     if cap == (9, 0) and block_size == 128:
         return 1.0
-    return 0.75 if cap[0] == 9 else 1.0
+    return TRITON_DENSE_CROSSOVER if cap[0] == 9 else 1.0
 
 
 def _cudnn_dense_with_lse(q, k, v, scale):
@@ -256,9 +278,10 @@ def block_sparse_attention(
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         dense_threshold: on CUDA, an index whose density is at least this runs as dense attention
             (SDPA/cuDNN over the valid tokens) instead of the kernel. The default 1.0 sends only full
-            indices there, which is exact. A lower value (see :func:`measured_dense_threshold`) also
-            sends near-dense indices, computing a superset of their blocks: faster, and no further
-            from full attention, but no longer the index's exact result. None disables dispatch.
+            indices there, which is exact. A lower value (the device's crossover:
+            :func:`measured_dense_threshold`, where the thresholds are documented) also sends
+            near-dense indices, computing a superset of their blocks: faster, and no further from
+            full attention, but no longer the index's exact result. None disables dispatch.
 
     Returns:
         out ``[batch, seq_q, heads, head_dim]`` in q's dtype, or ``(out, lse)``. A query block with an
@@ -270,7 +293,7 @@ def block_sparse_attention(
     B, SQ, H, D = q.shape
     SK = k.shape[1]
     bs = index.block_size
-    nq, nk = -(-SQ // bs), -(-SK // bs)
+    nq, nk = cdiv(SQ, bs), cdiv(SK, bs)
     if index.num_heads != H:
         raise ValueError(f"index has {index.num_heads} heads but q has {H}")
     if index.batch not in (1, B):
@@ -282,9 +305,7 @@ def block_sparse_attention(
         )
     if index.device != q.device:
         raise ValueError(f"index is on {index.device} but q is on {q.device}; use index.to(q.device)")
-    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
-    q_valid = _check_valid("q_valid", q_valid, nq, bs, q.device)
-    kv_valid = _check_valid("kv_valid", kv_valid, nk, bs, q.device)
+    q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, bs, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
     if (dense_threshold is not None and q.device.type == "cuda" and backend == "auto"
@@ -339,10 +360,7 @@ def block_attention_mass(
         raise ValueError(f"lse must be [batch, heads, seq_q] = {(B, H, SQ)}, got {got}")
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
-    nq, nk = -(-SQ // block_size), -(-SK // block_size)
-    q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
-    q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
-    kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+    q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, block_size, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if query_rows is not None:
         if not isinstance(query_rows, int) or query_rows < 16 or query_rows > block_size or (
@@ -356,6 +374,14 @@ def block_attention_mass(
             raise ValueError(f"the Triton kernel needs block_size >= 16, got {block_size}")
         return _kernels().block_mass_fwd(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
     return reference_block_mass(q, k, lse, block_size, scale, q_valid, kv_valid, query_rows=query_rows)
+
+
+def _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend):
+    """Dense attention with LSE as the block-sparse op with a full index (blocks of 64 unless given)."""
+    bs = block_size or 64
+    index = BlockIndex.full(1, q.shape[2], cdiv(q.shape[1], bs), cdiv(k.shape[1], bs), bs, device=q.device)
+    return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid, kv_valid=kv_valid,
+                                  backend=backend, dense_threshold=None)
 
 
 def dense_attention(
@@ -386,15 +412,9 @@ def dense_attention(
         raise ValueError("dense_attention: block_size is required with valid-token counts")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if return_lse and (q.device.type != "cuda" or backend != "auto" or q.dtype == torch.float32):
-        bs = block_size or 64
-        nq, nk = -(-SQ // bs), -(-SK // bs)
-        index = BlockIndex.full(1, H, nq, nk, bs, device=q.device)
-        return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
-                                      kv_valid=kv_valid, backend=backend, dense_threshold=None)
+        return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
     if block_size is not None:
-        nq, nk = -(-SQ // block_size), -(-SK // block_size)
-        q_valid = _check_valid("q_valid", q_valid, nq, block_size, q.device)
-        kv_valid = _check_valid("kv_valid", kv_valid, nk, block_size, q.device)
+        q_valid, kv_valid = _valid_counts(None, q_valid, kv_valid, SQ, SK, block_size, q.device)
     q_pos = None if q_valid is None else _valid_positions(q_valid, SQ, block_size)
     kv_pos = None if kv_valid is None else _valid_positions(kv_valid, SK, block_size)
     qq = q if q_pos is None else q.index_select(1, q_pos)
@@ -404,10 +424,7 @@ def dense_attention(
     if return_lse:
         res = _cudnn_dense_with_lse(qq, kk, vv, scale)
         if res is None:  # no cuDNN: our kernel with a full index returns the LSE
-            bs = block_size or 64
-            index = BlockIndex.full(1, H, -(-SQ // bs), -(-SK // bs), bs, device=q.device)
-            return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid,
-                                          kv_valid=kv_valid, backend=backend, dense_threshold=None)
+            return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
         o, lse_c = res
     else:
         o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Optional, Tuple
 
+from .ops import TRITON_DENSE_CROSSOVER
+
 __all__ = [
     "SparsityConfig",
     "Schedule",
@@ -109,11 +111,10 @@ class SparsityConfig:
             the loaded pattern object to ``SparseAttention``); informational for the library.
         dense_threshold: a head whose density ends above this runs with full rows, and a layer whose
             mean density ends above it runs the dense kernel (faster than block-sparse there).
-            ``1.0`` disables both. The default 0.75 is the density where the Triton block-sparse
-            kernel and cuDNN dense attention cross on an H100; the Hopper warp-specialized kernel
-            (block size 128) is as fast as cuDNN even at density 1 (``ops.measured_dense_threshold``
-            gives 1.0 there), but the default stays 0.75 so that the published quality figures
-            (BENCHMARKS.md) stay reproducible; set 1.0 on Hopper for speed.
+            ``1.0`` disables both. The default is ``ops.TRITON_DENSE_CROSSOVER`` (0.75), where the
+            Triton kernel and cuDNN cross on an H100; the device's own crossover is
+            ``ops.measured_dense_threshold`` (1.0 for the Hopper warp-specialized kernel: set 1.0 there
+            for speed). The default stays 0.75 so the published quality figures stay reproducible.
         mass_query_rows: sample this many query rows per block (a power of two >= 16) when computing
             the block mass of a search: about ``mass_query_rows / block_size`` of the exact cost, an
             unbiased estimate. None = all rows (exact). Needs ``ops.block_mass(..., query_rows=)``.
@@ -135,7 +136,7 @@ class SparsityConfig:
     text_sink: bool = True
     batch_index: str = "shared"
     compact_config: Optional[str] = None
-    dense_threshold: float = 0.75
+    dense_threshold: float = TRITON_DENSE_CROSSOVER
     mass_query_rows: Optional[int] = 32
 
     def __post_init__(self) -> None:

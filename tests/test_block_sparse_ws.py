@@ -21,6 +21,7 @@ gluon = pytest.importorskip("triton.experimental.gluon", reason="this Triton has
 
 import dist_compact_kernels as K  # noqa: E402
 from dist_compact_kernels import block_sparse_ws as W  # noqa: E402
+from dist_compact_kernels import dispatch as Dsp  # noqa: E402
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -84,6 +85,22 @@ def test_compiles_for_sm90_with_the_intended_structure(D, variant, tmp_path):
     assert 2 * per_consumer <= ex2 <= 2 * (per_consumer + 4), ex2
 
 
+def test_schedule_resolves_the_defaults_and_refuses_bad_combinations():
+    # the default: the overlapped loop on a 3-deep ring (one Q buffer), one CTA per tile
+    assert W.Schedule.of() == W.Schedule(stages=3, pingpong=False, overlap=True, exp_emu=False, persistent=False)
+    assert W.Schedule.of().constexprs() == dict(STAGES=3, QBUF=1, PINGPONG=False, OVERLAP=True, EXP_EMU=False)
+    # ping-pong turns the default overlap off; the serial loops default to STAGES (2: two Q buffers)
+    assert W.Schedule.of(pingpong=True) == W.Schedule(2, True, False, False)
+    assert W.Schedule.of(overlap=False).qbuf == 2 and W.Schedule.of(overlap=False, stages=3).qbuf == 1
+    assert W.Schedule.of(persistent=3).grid(48, None) == 3 and W.Schedule.of().grid(48, None) == 48
+    with pytest.raises(ValueError, match="pick one"):
+        W.Schedule.of(pingpong=True, overlap=True)
+    with pytest.raises(ValueError, match="stages must be 2 or 3, got 4"):
+        W.Schedule.of(stages=4)
+    with pytest.raises(AttributeError):
+        W.Schedule.of().stages = 2  # frozen: one resolved schedule per launch
+
+
 def _index(B, H, nq, nk, density, seed):
     g = torch.Generator().manual_seed(seed)
     m = torch.rand(B, H, nq, nk, generator=g) < density
@@ -115,7 +132,7 @@ def test_matches_float64_oracle(B, SQ, SK, H, D, dtype, index_batch, lse):
         q = torch.randn(B, SQ, H, D, device=dev, generator=g).to(dtype)
         k, v = (torch.randn(B, SK, H, D, device=dev, generator=g).to(dtype) for _ in range(2))
     idx = _index(index_batch, H, SQ // 128, SK // 128, 0.3, seed=D).to(dev)
-    assert W.supported(q, k, v, 128)
+    assert Dsp.ws_supported(q, k, v, 128)
     out, lse_got = K.block_sparse_fwd(q, k, v, idx.counts, idx.indices, 128, D ** -0.5, return_lse=lse,
                                       impl="ws")
     ref, ref_lse = reference_block_sparse_attention(q.double(), k.double(), v.double(), idx)
@@ -159,7 +176,7 @@ def test_auto_dispatch_and_fallbacks(monkeypatch):
 def test_supported_refuses_what_it_cannot_run():
     cpu = torch.zeros(1, 256, 2, 128, dtype=torch.bfloat16)
     assert W.shapes_ok(cpu, cpu, cpu, 128)
-    assert not W.supported(cpu, cpu, cpu, 128)  # not a Hopper GPU
+    assert not Dsp.ws_supported(cpu, cpu, cpu, 128)  # not a Hopper GPU
     # q/k/v as views of a packed [B, S, 3, H, D] projection: rows strided by 3*H*D, still TMA-able
     q, k, v = torch.zeros(2, 384, 3, 4, 64, dtype=torch.float16).unbind(2)
     assert W.shapes_ok(q, k, v, 128)
@@ -303,24 +320,25 @@ def test_valid_counts_match_the_oracle(kw):
 
 def test_measured_dense_threshold():
     from dist_compact import ops
+    from dist_compact.schedule import SparsityConfig
 
     assert ops.measured_dense_threshold(torch.device("cpu"), torch.bfloat16, 128, 128) == 1.0
+    # the schedule's default is the measured Triton crossover, kept at 0.75 (published figures)
+    assert SparsityConfig().dense_threshold == ops.TRITON_DENSE_CROSSOVER == 0.75
     if HOPPER:
         dev = torch.device("cuda")
         assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 128) == 1.0
-        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == 0.75
+        assert ops.measured_dense_threshold(dev, torch.bfloat16, 128, 64) == ops.TRITON_DENSE_CROSSOVER
         assert ops.measured_dense_threshold(dev, torch.float32, 128, 128) == 1.0
 
 
 def test_a_gluon_build_failure_falls_back_once_then_errors_propagate(monkeypatch):
-    import importlib
     import types
 
     from triton.compiler.errors import CompilationError
 
-    F = importlib.import_module("dist_compact_kernels.block_sparse_fwd")
-    monkeypatch.setattr(F, "_WS", [W])
-    monkeypatch.setattr(F, "_WS_BUILT", [])
+    monkeypatch.setattr(Dsp, "_WS", [W])
+    monkeypatch.setattr(Dsp, "_WS_BUILT", [])
 
     def broken(*a, **kw):
         raise CompilationError("src", None, "a Gluon API this kernel does not know")
@@ -328,19 +346,19 @@ def test_a_gluon_build_failure_falls_back_once_then_errors_propagate(monkeypatch
     fake = types.SimpleNamespace(block_sparse_fwd_ws=broken)
     # forced ("ws"): the error surfaces
     with pytest.raises(CompilationError):
-        F._run_ws(fake, (), {}, auto=False)
+        Dsp._run_ws(fake, (), {}, auto=False)
     # auto, never built: a warning, the module is switched off, the caller falls back
     with pytest.warns(RuntimeWarning, match="did not build"):
-        assert F._run_ws(fake, (), {}, auto=True) is None
-    assert F._WS == [None] and F._ws_module() is None
+        assert Dsp._run_ws(fake, (), {}, auto=True) is None
+    assert Dsp._WS == [None] and Dsp._ws_module() is None
     # once the kernel has run in this process, a later failure is a real error, not a fallback
     ok = types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: "out")
-    assert F._run_ws(ok, (), {}, auto=True) == "out"
+    assert Dsp._run_ws(ok, (), {}, auto=True) == "out"
     with pytest.raises(CompilationError):
-        F._run_ws(fake, (), {}, auto=True)
+        Dsp._run_ws(fake, (), {}, auto=True)
     # other errors (bad input, a crash) are never swallowed
     with pytest.raises(ValueError):
-        F._run_ws(types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: (_ for _ in ()).throw(ValueError())),
+        Dsp._run_ws(types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: (_ for _ in ()).throw(ValueError())),
                   (), {}, auto=True)
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_fwd import LOG2E, interpreting, launch, tma_ok
+from .block_sparse_fwd import LOG2E, _kv_descriptor, _load_q, _program, _specialisation, launch, tma_ok
 
 __all__ = ["block_mass_fwd"]
 
@@ -43,11 +43,7 @@ def _block_mass_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    z = (pid_zh // H).to(tl.int64)
-    h = (pid_zh % H).to(tl.int64)
-    q_start = pid_m * BLOCK_SIZE
+    pid_m, z, h, q_start = _program(H, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
 
@@ -63,10 +59,7 @@ def _block_mass_kernel(
         offs_r = tl.where(few, r, (r * q_rows) // ROWS)
         row_in = tl.where(few, r < q_rows, q_rows > 0)
     offs_m = q_start + offs_r
-    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(Q, z, h, offs_m, offs_d, stride_qz, stride_qm, stride_qh, SEQ_Q, UPCAST)
     lse = tl.load(LSE + z * stride_lz + h * stride_lh + offs_m, mask=offs_m < SEQ_Q, other=float("-inf"))
     row_ok = row_in & (lse > float("-inf"))
     lse2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))  # log2(e): natural -> base 2
@@ -79,6 +72,8 @@ def _block_mass_kernel(
         for sub in tl.static_range(BLOCK_SIZE // BLOCK_N):
             start_n = tl.cast(kb, tl.int64) * BLOCK_SIZE + sub * BLOCK_N
             if not EVEN_K:
+                # block_sparse_fwd._keys_left, written out: through the helper ptxas (-lineinfo)
+                # allocates this kernel's registers differently (checked on its sm_90 SASS)
                 n_ok = SEQ_K - start_n
                 if HAS_KV_VALID:
                     n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
@@ -112,16 +107,9 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
     nq, nk = triton.cdiv(SQ, block_size), triton.cdiv(SK, block_size)
     mass = torch.empty((Z, H, nq, nk), dtype=torch.float32, device=q.device)
     lse = lse.float().contiguous()
-    upcast = interpreting() and q.dtype != torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    even_k = kv_valid is None and SK % block_size == 0
     rows = block_size if query_rows is None else query_rows
     use_tma = bool(use_tma) and tma_ok(k)
-    k_desc = k
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc = TensorDescriptor(k, [Z * SK, H * D], [k.stride(1), 1], [block_size, D])
+    k_desc = _kv_descriptor(k, block_size) if use_tma else k
     dummy = mass
     args = (
         q, k, lse, mass,
@@ -135,11 +123,8 @@ def block_mass_fwd(q, k, lse, block_size, scale, q_valid=None, kv_valid=None, qu
         mass.stride(0), mass.stride(1), mass.stride(2),
         H, SQ, SK, nk,
     )
-    constexprs = dict(
-        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_size, ROWS=rows,
-        HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
-        UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-    )
+    constexprs = dict(_specialisation(q, k, block_size, q_valid, kv_valid), BLOCK_N=block_size, ROWS=rows,
+                      USE_TMA=use_tma)
     launch(_block_mass_kernel, (nq, Z * H), args, constexprs,
            num_warps or (8 if rows * D >= 128 * 128 else 4), num_stages or 3)
     return mass

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["block_sparse_fwd", "interpreting", "launch", "tma_ok"]
+__all__ = ["LOG2E", "block_sparse_fwd_triton", "interpreting", "launch", "tma_ok"]
 
 LOG2E = 1.4426950408889634
 
@@ -57,6 +57,37 @@ def launch(kernel, grid, args, constexprs, num_warps, num_stages):
 
 
 @triton.jit
+def _program(H, BLOCK_SIZE: tl.constexpr):
+    # grid (NQ, Z*H), query blocks fastest: neighbouring programs share a head and most of their key
+    # blocks, so K/V tiles hit in L2 (a head-fastest "heaviest row first" grid measured 25% slower)
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = (pid_zh // H).to(tl.int64)
+    h = (pid_zh % H).to(tl.int64)
+    return pid_m, z, h, pid_m * BLOCK_SIZE
+
+
+@triton.jit
+def _load_q(Q, z, h, offs_m, offs_d, stride_qz, stride_qm, stride_qh, SEQ_Q, UPCAST: tl.constexpr):
+    # query rows offs_m of (z, h); rows at or beyond SEQ_Q read as 0
+    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
+def _keys_left(KV_VALID, kb, sub, start_n, SEQ_K, HAS_KV_VALID: tl.constexpr, BLOCK_N: tl.constexpr):
+    # how many keys from start_n on (tile `sub` of key block kb) are valid: before SEQ_K and, with
+    # per-block valid counts, before KV_VALID[kb]; the tile's mask is offs_n < that
+    n_ok = SEQ_K - start_n
+    if HAS_KV_VALID:
+        n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
+    return n_ok
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, O, LSE, COUNTS, INDICES, Q_VALID, KV_VALID, K_DESC, V_DESC,
     qk_scale,
@@ -79,13 +110,7 @@ def _block_sparse_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr,
 ):
-    # grid (NQ, Z*H), query blocks fastest: neighbouring programs share a head and most of their key
-    # blocks, so K/V tiles hit in L2 (a head-fastest "heaviest row first" grid measured 25% slower)
-    pid_m = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    z = (pid_zh // H).to(tl.int64)
-    h = (pid_zh % H).to(tl.int64)
-    q_start = pid_m * BLOCK_SIZE
+    pid_m, z, h, q_start = _program(H, BLOCK_SIZE)
     offs_m = q_start + tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
@@ -93,11 +118,7 @@ def _block_sparse_fwd_kernel(
     q_rows = SEQ_Q - q_start
     if HAS_Q_VALID:
         q_rows = tl.minimum(q_rows, tl.load(Q_VALID + pid_m))
-
-    q_ptrs = Q + z * stride_qz + h * stride_qh + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < SEQ_Q, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_q(Q, z, h, offs_m, offs_d, stride_qz, stride_qm, stride_qh, SEQ_Q, UPCAST)
 
     cnt = tl.load(COUNTS + z * stride_cz + h * stride_ch + pid_m)
     idx_base = INDICES + z * stride_iz + h * stride_ih + pid_m * stride_iq
@@ -118,10 +139,7 @@ def _block_sparse_fwd_kernel(
                 k = K_DESC.load([row, (h * HEAD_DIM).to(tl.int32)])
                 v = V_DESC.load([row, (h * HEAD_DIM).to(tl.int32)])
                 if not EVEN_K:
-                    n_ok = SEQ_K - start_n
-                    if HAS_KV_VALID:
-                        n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
-                    kmask = offs_n < n_ok
+                    kmask = offs_n < _keys_left(KV_VALID, kb, sub, start_n, SEQ_K, HAS_KV_VALID, BLOCK_N)
                     # rows past this batch's end belong to the next batch: zero them
                     v = tl.where(kmask[:, None], v, 0.0)
             else:
@@ -132,10 +150,7 @@ def _block_sparse_fwd_kernel(
                     k = tl.load(k_ptrs)
                     v = tl.load(v_ptrs)
                 else:
-                    n_ok = SEQ_K - start_n
-                    if HAS_KV_VALID:
-                        n_ok = tl.minimum(n_ok, tl.load(KV_VALID + kb) - sub * BLOCK_N)
-                    kmask = offs_n < n_ok
+                    kmask = offs_n < _keys_left(KV_VALID, kb, sub, start_n, SEQ_K, HAS_KV_VALID, BLOCK_N)
                     k = tl.load(k_ptrs, mask=kmask[:, None], other=0.0)
                     v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
             if UPCAST:
@@ -186,77 +201,32 @@ def tma_ok(x: torch.Tensor) -> bool:
             and (x.stride(1) * es) % 16 == 0 and x.data_ptr() % 16 == 0)
 
 
-_WS = []  # [module or None]: the Gluon kernel module once imported, None where it cannot be used
-_WS_BUILT = []  # non-empty after the Gluon kernel has run once in this process
+def _specialisation(q, k, block_size, q_valid, kv_valid) -> dict:
+    """The compile-time arguments the Triton kernels (this one and block_mass) share: fp32 products
+    in IEEE precision, fp16/bf16 ones upcast under the interpreter (its dot wants fp32); EVEN_K when
+    no key tile needs a mask."""
+    return dict(HEAD_DIM=q.shape[3], BLOCK_SIZE=block_size, HAS_Q_VALID=q_valid is not None,
+                HAS_KV_VALID=kv_valid is not None, EVEN_K=kv_valid is None and k.shape[1] % block_size == 0,
+                UPCAST=interpreting() and q.dtype != torch.float32,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _ws_module():
-    """The Gluon kernel module, or None where this Triton has no Gluon (imported once, lazily)."""
-    if not _WS:
-        try:
-            from . import block_sparse_ws
-        except ImportError:
-            block_sparse_ws = None
-        _WS.append(block_sparse_ws)
-    return _WS[0]
+def _kv_descriptor(x: torch.Tensor, rows: int):
+    """A tensor descriptor of x [Z, S, H, D] seen as 2D [Z*S, H*D] (what tma_ok checked), tiles of rows x D."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    Z, S, H, D = x.shape
+    return TensorDescriptor(x, [Z * S, H * D], [x.stride(1), 1], [rows, D])
 
 
-def _run_ws(ws, args, kwargs, auto):
-    """Run the Gluon kernel. In auto mode, a failure to *build* it before it has ever run (a Triton whose
-    Gluon API differs from the ones it was written for: 3.6, 3.9) disables it for this process with a
-    warning and returns None, so the caller falls back to the Triton kernel; later errors propagate."""
-    from triton.compiler.errors import TritonError
-
-    try:
-        out = ws.block_sparse_fwd_ws(*args, **kwargs)
-    except (TritonError, AttributeError, TypeError) as e:
-        if not auto or _WS_BUILT:
-            raise
-        import warnings
-
-        warnings.warn(f"dist_compact: the warp-specialized Hopper kernel did not build with this Triton "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); using the Triton "
-                      f"kernel from now on", RuntimeWarning, stacklevel=3)
-        _WS[:] = [None]
-        return None
-    _WS_BUILT.append(True)
-    return out
-
-
-def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
-                     return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True,
-                     impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None, ws_overlap=None,
-                     ws_exp_emu=None):
-    """Launch the kernel. Inputs are assumed checked by the caller (dist_compact.ops).
+def block_sparse_fwd_triton(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
+                            return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True):
+    """Launch the Triton kernel (dispatch.block_sparse_fwd picks it; inputs checked by dist_compact.ops).
 
     ``use_tma`` reads K/V through tensor descriptors (Hopper's copy engine) when the device and the
-    strides allow (+7-12% on an H100), else falls back to pointer loads.
-    ``impl``: "auto" runs the warp-specialized Gluon kernel (block_sparse_ws.py) where it applies
-    (Hopper, block 128, sequences in whole blocks, no tuning arguments given) and
-    this Triton kernel elsewhere; "triton" forces this kernel, "ws" the Gluon one (error if it
-    cannot run the call); ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` / ``ws_overlap`` /
-    ``ws_exp_emu`` set the Gluon kernel's K/V ring depth (2 or 3), grid (one CTA per SM walking the tiles,
-    or one CTA per tile), whether its consumers take turns on the tensor cores, whether each consumer
-    overlaps its softmax with its previous PV product, and whether half the exponentials run on the
-    FMA pipe (see block_sparse_ws.block_sparse_fwd_ws).
-    Returns (out, lse) with lse None unless return_lse.
+    strides allow (+7-12% on an H100), else falls back to pointer loads; ``block_n`` / ``num_warps`` /
+    ``num_stages`` default to `_default_config`. Returns (out, lse) with lse None unless return_lse.
     """
-    if impl not in ("auto", "triton", "ws"):
-        raise ValueError(f"impl must be 'auto', 'triton' or 'ws', got {impl!r}")
-    if impl != "triton" and not interpreting():
-        tuned = block_n is not None or num_warps is not None or num_stages is not None
-        ws = _ws_module() if (impl == "ws" or not tuned) else None
-        if ws is not None and ws.supported(q, k, v, block_size, q_valid, kv_valid):
-            res = _run_ws(ws, (q, k, v, counts, indices, scale),
-                          dict(return_lse=return_lse, stages=ws_stages, persistent=ws_persistent,
-                               pingpong=ws_pingpong, overlap=ws_overlap, exp_emu=ws_exp_emu, q_valid=q_valid,
-                               kv_valid=kv_valid),
-                          auto=impl == "auto")
-            if res is not None:
-                return res
-        if impl == "ws":
-            raise ValueError("the warp-specialized kernel cannot run this call (it needs an sm_90 GPU, Gluon, "
-                             "block size 128, bf16/fp16, head_dim 64/128 and whole blocks)")
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = triton.cdiv(SQ, block_size)
@@ -267,15 +237,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
     block_n = block_n or bn
     num_warps = num_warps or nw
     num_stages = num_stages or ns
-    upcast = interpreting() and q.dtype != torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    even_k = kv_valid is None and SK % block_size == 0
-    k_desc, v_desc = k, v
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        k_desc = TensorDescriptor(k, [Z * SK, H * D], [k.stride(1), 1], [block_n, D])
-        v_desc = TensorDescriptor(v, [Z * SK, H * D], [v.stride(1), 1], [block_n, D])
+    k_desc, v_desc = (_kv_descriptor(k, block_n), _kv_descriptor(v, block_n)) if use_tma else (k, v)
     dummy = counts
     grid = (nq, Z * H)
     args = (
@@ -293,11 +255,8 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK,
     )
-    constexprs = dict(
-        HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None, EVEN_K=even_k,
-        RETURN_LSE=return_lse, UPCAST=upcast, DOT_PRECISION=precision, USE_TMA=use_tma,
-    )
+    constexprs = dict(_specialisation(q, k, block_size, q_valid, kv_valid), BLOCK_N=block_n, RETURN_LSE=return_lse,
+                      USE_TMA=use_tma)
     launch(_block_sparse_fwd_kernel, grid, args, constexprs, num_warps, num_stages)
     return out, (lse if return_lse else None)
 

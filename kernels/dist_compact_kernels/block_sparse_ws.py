@@ -21,8 +21,11 @@ serves every other case. K/V are read as a 2D [Z*S_k, H*D] view, the
 output is written through a [Z*S_q, H*D] view. LSE is natural-log, -inf (and output 0) for rows
 without any key block.
 
-Only compiled on sm_90 GPUs; `supported()` says when the launcher may use it.
+Only compiled on sm_90 GPUs; dispatch.ws_supported says when block_sparse_fwd may use it.
 """
+
+from dataclasses import dataclass
+from typing import Union
 
 import torch
 import triton
@@ -37,9 +40,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["block_sparse_fwd_ws", "compile_sm90", "shapes_ok", "supported"]
+from .block_sparse_fwd import LOG2E
 
-LOG2E = 1.4426950408889634
+__all__ = ["Schedule", "block_sparse_fwd_ws", "compile_sm90", "shapes_ok"]
+
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V tile)
 ROWS = 64  # query rows per consumer warpgroup
@@ -201,6 +205,116 @@ def _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows: gl.constexpr, p_layout: g
     return gl.convert_layout(p.to(dtype), p_layout), m_new, l_i, acc
 
 
+# The three consumer schedules. Each runs one consumer's online softmax over the cnt key blocks of a
+# tile, from K/V ring position kv, and returns the running state (m_i, l_i, acc) and the new ring
+# position (ping-pong also its turn count). All three perform the same accumulator operations in the
+# same order (rescale by alpha_j, then add P_j V_j): they differ in when the products are issued.
+
+
+@gluon.jit
+def _serial_loop(q, k_smem, v_smem, ready, empty, idx, cnt, kv, m_i, l_i, acc, zero_s, KV_VALID, qk_scale,
+                 o_rows: gl.constexpr, p_layout: gl.constexpr, s_layout: gl.constexpr, dtype: gl.constexpr,
+                 STAGES_: gl.constexpr, EXP_EMU: gl.constexpr, HAS_KV_VALID: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    # QK^T(j), softmax(j), PV(j), each waited for before the next
+    for j in range(cnt):
+        s = kv % STAGES_
+        mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+        n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
+        sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+        pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU,
+                                          HAS_KV_VALID)
+        acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+        kv += 1
+    return m_i, l_i, acc, kv
+
+
+@gluon.jit
+def _pingpong_loop(q, k_smem, v_smem, ready, empty, turn, cnt, kv, ph, m_i, l_i, acc, zero_s, qk_scale,
+                   o_rows: gl.constexpr, p_layout: gl.constexpr, dtype: gl.constexpr, STAGES_: gl.constexpr,
+                   EXP_EMU: gl.constexpr, WHICH: gl.constexpr):
+    # FA3's ping-pong: the two consumers take turns on the tensor cores (a "turn" mbarrier
+    # each, armed by the other consumer right after it has issued its products), so one's
+    # softmax runs while the other's products do. A turn = PV of block j with QK^T of j+1.
+    if cnt > 0:
+        s = kv % STAGES_
+        mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+        mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
+        sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - WHICH), count=1)
+        ph += 1
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        for j in range(cnt):
+            s = (kv + j) % STAGES_
+            sn = (kv + j + 1) % STAGES_
+            pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU, False)
+            if j + 1 < cnt:
+                mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
+            mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
+            acc_t = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+            if j + 1 < cnt:
+                sc_t = warpgroup_mma(q, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False,
+                                     is_async=True)
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                acc, sc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, sc_t))
+            else:
+                mbarrier.arrive(turn.index(1 - WHICH), count=1)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t,))
+            ph += 1
+            mbarrier.arrive(empty.index(s), count=1)
+        kv += cnt
+    return m_i, l_i, acc, kv, ph
+
+
+@gluon.jit
+def _overlapped_loop(q, k_smem, v_smem, ready, empty, idx, cnt, kv, m_i, l_i, acc, zero_s, KV_VALID, qk_scale,
+                     o_rows: gl.constexpr, p_layout: gl.constexpr, s_layout: gl.constexpr, dtype: gl.constexpr,
+                     STAGES_: gl.constexpr, EXP_EMU: gl.constexpr, HAS_KV_VALID: gl.constexpr,
+                     BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    # FA3's in-warpgroup overlap: QK^T of block j and PV of block j-1 are issued back to back and
+    # the softmax of j may run while PV(j-1) is on the tensor cores (wgmma groups retire in order,
+    # so waiting with one outstanding waits for QK^T only). The accumulator is rescaled and the
+    # next P written to its registers only after PV(j-1) has retired. A K/V stage is held from
+    # QK^T(j) to PV(j), one iteration longer than in the serial loop (use 3 stages).
+    # With valid counts, a block's padded keys are masked after its QK^T and its padded V rows
+    # zeroed before its PV (_key_valid, _mask_keys).
+    if cnt > 0:
+        s = kv % STAGES_
+        mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
+        n_ok = _key_valid(idx, 0, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
+        sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
+        sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+        p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
+        pv = gl.convert_layout(p.to(dtype), p_layout)
+        for j in range(1, cnt):
+            sp = (kv + j - 1) % STAGES_
+            s = (kv + j) % STAGES_
+            mbarrier.wait(ready.index(s), ((kv + j) // STAGES_) & 1)
+            n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
+            sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            acc = warpgroup_mma(pv, v_smem.index(sp), acc, is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
+            sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
+            p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
+            # p rides through the wait so that its conversion (into the registers PV(j-1) reads)
+            # stays after it
+            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
+            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
+            pv = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.arrive(empty.index(sp), count=1)
+        s = (kv + cnt - 1) % STAGES_
+        acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(empty.index(s), count=1)
+        kv += cnt
+    return m_i, l_i, acc, kv
+
+
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
               COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
@@ -230,88 +344,16 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
         acc = gl.zeros([ROWS_, HEAD_DIM], gl.float32, layout=o_layout)
         zero_s = gl.zeros([ROWS_, BLOCK_N], gl.float32, layout=s_layout)
         if PINGPONG:
-            # FA3's ping-pong: the two consumers take turns on the tensor cores (a "turn" mbarrier
-            # each, armed by the other consumer right after it has issued its products), so one's
-            # softmax runs while the other's products do. A turn = PV of block j with QK^T of j+1.
-            if cnt > 0:
-                s = kv % STAGES_
-                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
-                mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
-                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                mbarrier.arrive(turn.index(1 - WHICH), count=1)
-                ph += 1
-                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                for j in range(cnt):
-                    s = (kv + j) % STAGES_
-                    sn = (kv + j + 1) % STAGES_
-                    pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU, False)
-                    if j + 1 < cnt:
-                        mbarrier.wait(ready.index(sn), ((kv + j + 1) // STAGES_) & 1)
-                    mbarrier.wait(turn.index(WHICH), (ph & 1) ^ (1 - WHICH))
-                    acc_t = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
-                    if j + 1 < cnt:
-                        sc_t = warpgroup_mma(q, k_smem.index(sn).permute((1, 0)), zero_s, use_acc=False,
-                                             is_async=True)
-                        mbarrier.arrive(turn.index(1 - WHICH), count=1)
-                        acc, sc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t, sc_t))
-                    else:
-                        mbarrier.arrive(turn.index(1 - WHICH), count=1)
-                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_t,))
-                    ph += 1
-                    mbarrier.arrive(empty.index(s), count=1)
-                kv += cnt
+            m_i, l_i, acc, kv, ph = _pingpong_loop(q, k_smem, v_smem, ready, empty, turn, cnt, kv, ph, m_i, l_i, acc,
+                                                   zero_s, qk_scale, o_rows, p_layout, dtype, STAGES_, EXP_EMU, WHICH)
         elif OVERLAP:
-            # FA3's in-warpgroup overlap: QK^T of block j and PV of block j-1 are issued back to back and
-            # the softmax of j may run while PV(j-1) is on the tensor cores (wgmma groups retire in order,
-            # so waiting with one outstanding waits for QK^T only). The accumulator is rescaled and the
-            # next P written to its registers only after PV(j-1) has retired. A K/V stage is held from
-            # QK^T(j) to PV(j), one iteration longer than in the serial loop (use 3 stages).
-            # With valid counts, a block's padded keys are masked after its QK^T and its padded V rows
-            # zeroed before its PV (_key_valid, _mask_keys).
-            if cnt > 0:
-                s = kv % STAGES_
-                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
-                n_ok = _key_valid(idx, 0, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
-                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
-                p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
-                pv = gl.convert_layout(p.to(dtype), p_layout)
-                for j in range(1, cnt):
-                    sp = (kv + j - 1) % STAGES_
-                    s = (kv + j) % STAGES_
-                    mbarrier.wait(ready.index(s), ((kv + j) // STAGES_) & 1)
-                    n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
-                    sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                    acc = warpgroup_mma(pv, v_smem.index(sp), acc, is_async=True)
-                    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc,))
-                    sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
-                    p, m_i, alpha, l_i = _online_softmax(sc, m_i, l_i, qk_scale, EXP_EMU, HAS_KV_VALID)
-                    # p rides through the wait so that its conversion (into the registers PV(j-1) reads)
-                    # stays after it
-                    acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
-                    acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                    pv = gl.convert_layout(p.to(dtype), p_layout)
-                    mbarrier.arrive(empty.index(sp), count=1)
-                s = (kv + cnt - 1) % STAGES_
-                acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index(s), count=1)
-                kv += cnt
+            m_i, l_i, acc, kv = _overlapped_loop(q, k_smem, v_smem, ready, empty, idx, cnt, kv, m_i, l_i, acc, zero_s,
+                                                 KV_VALID, qk_scale, o_rows, p_layout, s_layout, dtype, STAGES_,
+                                                 EXP_EMU, HAS_KV_VALID, BLOCK_N, HEAD_DIM)
         else:
-            for j in range(cnt):
-                s = kv % STAGES_
-                mbarrier.wait(ready.index(s), (kv // STAGES_) & 1)
-                n_ok = _key_valid(idx, j, KV_VALID, v_smem.index(s), HAS_KV_VALID, BLOCK_N, HEAD_DIM)
-                sc = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc,))
-                sc = _mask_keys(sc, n_ok, HAS_KV_VALID, s_layout)
-                pv, m_i, l_i, acc = _softmax_step(sc, m_i, l_i, acc, qk_scale, o_rows, p_layout, dtype, EXP_EMU,
-                                                  HAS_KV_VALID)
-                acc = warpgroup_mma(pv, v_smem.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index(s), count=1)
-                kv += 1
+            m_i, l_i, acc, kv = _serial_loop(q, k_smem, v_smem, ready, empty, idx, cnt, kv, m_i, l_i, acc, zero_s,
+                                             KV_VALID, qk_scale, o_rows, p_layout, s_layout, dtype, STAGES_, EXP_EMU,
+                                             HAS_KV_VALID, BLOCK_N, HEAD_DIM)
 
         has = l_i > 0.0
         if HAS_Q_VALID:  # padded query rows: 0 and LSE -inf
@@ -385,15 +427,9 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, Q_VALID, KV_VAL
     )
 
 
-def supported(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
-    """True when the warp-specialized kernel can run this call (see the module docstring)."""
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False
-    return shapes_ok(q, k, v, block_size, q_valid, kv_valid)
-
-
 def shapes_ok(q, k, v, block_size, q_valid=None, kv_valid=None) -> bool:
-    """The device-independent part of `supported`: block 128, bf16/fp16, head_dim 64/128, sequences in
+    """True when this kernel takes these inputs, on any device (the sm_90 check is the dispatcher's,
+    dispatch.ws_supported): block 128, bf16/fp16, head_dim 64/128, sequences in
     whole blocks, (H, D) packed and 16-byte aligned rows (TMA's 2D views); valid counts, if any, one
     contiguous int32 per block."""
     if block_size != BLOCK:
@@ -421,24 +457,61 @@ def _view2d(x):
     return x.as_strided((Z * S, H * D), (x.stride(1), 1))
 
 
-def _schedule(stages=None, pingpong=None, overlap=None, exp_emu=None):
-    """The consumer schedule a call gets: (stages, Q buffers, pingpong, overlap, exp_emu), defaults
-    filled in. Ping-pong and overlap are two schedules (asking for ping-pong turns the default overlap
-    off); the overlapped loop holds a stage one iteration longer, so it defaults to 3 stages."""
-    pingpong = PINGPONG if pingpong is None else bool(pingpong)
-    overlap = (OVERLAP and not pingpong) if overlap is None else bool(overlap)
-    if pingpong and overlap:
-        raise ValueError("pingpong and overlap are two different consumer schedules; pick one")
-    stages = int(stages or (3 if overlap else STAGES))
-    if stages not in (2, 3):
-        raise ValueError(f"stages must be 2 or 3, got {stages}")
-    qbuf = 2 if stages == 2 else 1  # shared memory: QBUF x 32 KiB of Q + stages x 64 KiB of K/V <= 227 KiB
-    return stages, qbuf, pingpong, overlap, EXP_EMU if exp_emu is None else bool(exp_emu)
+@dataclass(frozen=True)
+class Schedule:
+    """The kernel's schedule knobs for one launch, checked; `Schedule.of` fills in the defaults. The
+    launcher and compile_sm90 both build one, so a compiled variant is the one a launch would get.
+
+    ``stages``: K/V ring depth, 2 or 3. ``pingpong`` / ``overlap``: the consumer schedule (ping-pong
+    turns on the tensor cores, the in-warpgroup overlap, or neither: the serial loop); ping-pong and
+    overlap exclude each other. ``exp_emu``: every second exponential of P on the FMA pipe.
+    ``persistent``: the grid (False: one CTA per tile; True: one per SM; an int: that many CTAs).
+    """
+
+    stages: int
+    pingpong: bool
+    overlap: bool
+    exp_emu: bool
+    persistent: Union[bool, int] = False
+
+    def __post_init__(self):
+        if self.pingpong and self.overlap:
+            raise ValueError("pingpong and overlap are two different consumer schedules; pick one")
+        object.__setattr__(self, "stages", int(self.stages))
+        if self.stages not in (2, 3):
+            raise ValueError(f"stages must be 2 or 3, got {self.stages}")
+
+    @classmethod
+    def of(cls, stages=None, persistent=None, pingpong=None, overlap=None, exp_emu=None) -> "Schedule":
+        """The schedule a call gets, defaults filled in: asking for ping-pong turns the default overlap
+        off; the overlapped loop holds a stage one iteration longer, so it defaults to 3 stages."""
+        pingpong = PINGPONG if pingpong is None else bool(pingpong)
+        overlap = (OVERLAP and not pingpong) if overlap is None else bool(overlap)
+        return cls(stages=stages or (3 if overlap else STAGES), pingpong=pingpong, overlap=overlap,
+                   exp_emu=EXP_EMU if exp_emu is None else bool(exp_emu),
+                   persistent=PERSISTENT if persistent is None else persistent)
+
+    @property
+    def qbuf(self) -> int:
+        # shared memory: QBUF x 32 KiB of Q + stages x 64 KiB of K/V <= 227 KiB
+        return 2 if self.stages == 2 else 1
+
+    def constexprs(self) -> dict:
+        """The kernel's compile-time arguments for this schedule (the grid is not one of them)."""
+        return dict(STAGES=self.stages, QBUF=self.qbuf, PINGPONG=self.pingpong, OVERLAP=self.overlap,
+                    EXP_EMU=self.exp_emu)
+
+    def grid(self, num_tiles: int, device) -> int:
+        if self.persistent is True:
+            return min(num_tiles, torch.cuda.get_device_properties(device).multi_processor_count)
+        if self.persistent:  # an int: that many CTAs (the tests use a few to make each walk many tiles)
+            return min(num_tiles, int(self.persistent))
+        return num_tiles
 
 
 def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
                         pingpong=None, overlap=None, exp_emu=None, q_valid=None, kv_valid=None):
-    """Launch the warp-specialized kernel (the caller checked `supported`). Returns (out, lse|None).
+    """Launch the warp-specialized kernel (the caller checked `dispatch.ws_supported`). Returns (out, lse|None).
 
     ``stages``: K/V ring depth, 2 or 3 (default: 3 with the overlapped loop, else STAGES).
     ``persistent``: True = one CTA per SM walking the tiles with a stride (with 2 stages the next
@@ -457,9 +530,8 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = SQ // BLOCK
-    persistent = PERSISTENT if persistent is None else persistent
-    stages, qbuf, pingpong, overlap, exp_emu = _schedule(stages, pingpong, overlap, exp_emu)
-    if pingpong and (q_valid is not None or kv_valid is not None):
+    sched = Schedule.of(stages, persistent, pingpong, overlap, exp_emu)
+    if sched.pingpong and (q_valid is not None or kv_valid is not None):
         raise ValueError("the ping-pong schedule does not take valid counts (the default schedule does)")
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((Z, H, SQ), dtype=torch.float32, device=q.device) if return_lse else None
@@ -472,22 +544,15 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     o_desc = TensorDescriptor.from_tensor(_view2d(out), [ROWS, D], half)
     lse_arg = lse if lse is not None else counts
     num_tiles = nq * Z * H
-    grid = num_tiles
-    if persistent is True:
-        grid = min(num_tiles, torch.cuda.get_device_properties(q.device).multi_processor_count)
-    elif persistent:  # an int: that many CTAs (the tests use a few to make each walk many tiles)
-        grid = min(num_tiles, int(persistent))
-    _block_sparse_ws_kernel[(grid,)](
+    _block_sparse_ws_kernel[(sched.grid(num_tiles, q.device),)](
         q_desc, k_desc, v_desc, o_desc, lse_arg, q_valid if q_valid is not None else counts,
         kv_valid if kv_valid is not None else counts, counts, indices, scale * LOG2E,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
         H, SQ, SK, nq, num_tiles,
-        HEAD_DIM=D, RETURN_LSE=bool(return_lse), STAGES=stages, QBUF=qbuf,
-        PINGPONG=pingpong, OVERLAP=overlap, EXP_EMU=exp_emu, HAS_Q_VALID=q_valid is not None,
-        HAS_KV_VALID=kv_valid is not None,
-        num_warps=4,
+        HEAD_DIM=D, RETURN_LSE=bool(return_lse), HAS_Q_VALID=q_valid is not None, HAS_KV_VALID=kv_valid is not None,
+        **sched.constexprs(), num_warps=4,
     )
     return out, lse
 
@@ -498,7 +563,8 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingp
     kernel (``.asm["cubin"]``, ``.metadata``); the schedule arguments and their defaults are the
     launcher's. The tests use it to check, on any machine, that this Triton still builds the kernel
     with the intended structure. Not under TRITON_INTERPRET=1."""
-    stages, qbuf, pingpong, overlap, exp_emu = _schedule(stages, pingpong, overlap, exp_emu)
+    constexprs = dict(HEAD_DIM=head_dim, RETURN_LSE=bool(return_lse), HAS_Q_VALID=bool(valid),
+                      HAS_KV_VALID=bool(valid), **Schedule.of(stages, None, pingpong, overlap, exp_emu).constexprs())
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -508,15 +574,9 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingp
     kinds = {"q_desc": f"tensordesc<{dtype}[{BLOCK}, {head_dim}],{tile!r}>",
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
              "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
-             "Q_VALID": "*i32", "KV_VALID": "*i32", "HAS_Q_VALID": "constexpr", "HAS_KV_VALID": "constexpr",
-             "HEAD_DIM": "constexpr", "RETURN_LSE": "constexpr", "STAGES": "constexpr",
-             "QBUF": "constexpr", "PINGPONG": "constexpr", "OVERLAP": "constexpr",
-             "EXP_EMU": "constexpr"}
+             "Q_VALID": "*i32", "KV_VALID": "*i32", **dict.fromkeys(constexprs, "constexpr")}
     kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
     fn = _block_sparse_ws_kernel
     sig = {n: kinds.get(n, "i32") for n in fn.arg_names}
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={"HEAD_DIM": head_dim, "RETURN_LSE": bool(return_lse),
-                                                           "STAGES": stages, "QBUF": qbuf, "PINGPONG": pingpong,
-                                                           "OVERLAP": overlap, "EXP_EMU": exp_emu,
-                                                           "HAS_Q_VALID": bool(valid), "HAS_KV_VALID": bool(valid)})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=constexprs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
