@@ -1,0 +1,249 @@
+"""dist_compact attention through diffusers' processors and diffusers' own context parallelism.
+
+Tiny random Wan / HunyuanVideo transformers (fp32, CPU): with a dense config the output equals the
+stock model's; with Compact / AdaSpa it equals our own :func:`sparsify` path (the same per-layer
+state); under ``enable_parallelism(ContextParallelConfig(ulysses_degree, ring_degree))`` on 2 and 4
+gloo processes (Ulysses, ring, Ulysses x ring; chunks that cut tiles) both still hold, and so does
+the equality with our own sequence-parallel path. The diffusers internals the backend relies on are
+checked, so an upgrade that moves them fails here.
+"""
+
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install -e '.[diffusers]'")
+
+from dist_compact.integrations.diffusers import sparsify  # noqa: E402
+from dist_compact.integrations.diffusers_backend import (  # noqa: E402
+    ChunkGeometry,
+    hunyuan_video_cp_plan,
+    set_sparse_backend,
+    sparse_backend_handle,
+    sparse_backend_state,
+    unset_sparse_backend,
+)
+from dist_compact.layout import VideoLayout  # noqa: E402
+from dist_compact.schedule import SparsityConfig  # noqa: E402
+from parallel_helpers import run_workers  # noqa: E402
+from test_diffusers_integration import (ADASPA, COMPACT, DENSE, compact_for, hunyuan_inputs, run,  # noqa: E402
+                                        tiny_hunyuan, tiny_wan, wan_inputs)
+
+TOL = 1e-5
+TILE = (1, 4, 4)
+# latent grid 3 x 6 x 6 = 108 tokens: ragged 4x4 tiles, and 2 or 4 equal chunks that cut tiles
+GRID_KW = dict(frames=3, height=12, width=12)
+BUILD = {"wan": tiny_wan, "hunyuan": tiny_hunyuan}
+
+
+def inputs(name):
+    return wan_inputs(**GRID_KW) if name == "wan" else hunyuan_inputs(**GRID_KW)
+
+
+def sparsity(mode):
+    return {"dense": DENSE, "adaspa": ADASPA, "compact": COMPACT}[mode]
+
+
+def install(model, mode, how):
+    """``how``: "backend" (ours through diffusers' processors) or "sparsify" (our own path)."""
+    fn = set_sparse_backend if how == "backend" else sparsify
+    compact = compact_for(2) if mode == "compact" else None
+    fn(model, sparsity(mode), compact=compact, tile=TILE, backend="torch")
+
+
+def two_steps(model, name, how):
+    """Step 0 (AdaSpa: the fused search) and step 1 (the found index reused)."""
+    from dist_compact.integrations.diffusers import denoising_state
+
+    state = sparse_backend_state(model) if how == "backend" else denoising_state(model)
+    state.begin(2)
+    outs = []
+    for step in range(2):
+        state.step = step
+        outs.append(run(model, inputs(name)))
+    return outs
+
+
+def max_err(a, b):
+    assert all(torch.isfinite(x).all() for x in a + b)
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_dense_equals_stock(name):
+    model = BUILD[name]()
+    ref = run(model, inputs(name))
+    install(model, "dense", "backend")
+    out = run(model, inputs(name))
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= TOL
+    h = sparse_backend_handle(model)
+    assert h.layout.grid == (3, 6, 6)
+    unset_sparse_backend(model)
+    assert sparse_backend_handle(model) is None
+    assert (run(model, inputs(name)) - ref).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+@pytest.mark.parametrize("mode", ["adaspa", "compact"])
+def test_sparse_equals_sparsify(name, mode):
+    ours = BUILD[name]()
+    install(ours, mode, "sparsify")
+    ref = two_steps(ours, name, "sparsify")
+    model = BUILD[name]()
+    install(model, mode, "backend")
+    out = two_steps(model, name, "backend")
+    dense = run(BUILD[name](), inputs(name))
+    assert max_err(out, ref) <= TOL
+    # the sparse step really is sparse: it differs from dense attention
+    assert (out[1] - dense).abs().max().item() > 1e-3
+    stats = sparse_backend_handle(model).stats
+    assert stats is not None
+
+
+def test_chunk_geometry_packs_cut_tiles():
+    lay = VideoLayout(3, 6, 6, tile=TILE, text_tokens=9)
+    V, bs = lay.video_tokens, lay.block_size
+    pos_all = []
+    for r in range(4):
+        g = ChunkGeometry.build(lay, 4, r)
+        # my chunk's tokens land in distinct packed slots, valid slots first in each block
+        loc = g.q_local[: V // 4]
+        assert loc.unique().numel() == loc.numel()
+        assert torch.equal(torch.bincount(loc // bs, minlength=g.q_valid.numel())[: -lay.num_text_blocks],
+                           g.q_valid[: -lay.num_text_blocks].long())
+        assert ((loc % bs) < g.q_valid[loc // bs]).all()
+        pos_all.append(g.q_blocks[:-lay.num_text_blocks])
+        # text keys belong to the local step only
+        assert all((g.key_map[j][lay.num_video_blocks:] >= 0).all() == (j == r) for j in range(4))
+    # every touched block's first token is on exactly one rank (row weights count it once)
+    w = torch.zeros(lay.num_video_blocks, dtype=torch.float64)
+    for r in range(4):
+        g = ChunkGeometry.build(lay, 4, r)
+        w.index_add_(0, g.q_blocks[:-1], g.row_weight[:-1])
+    assert torch.equal(w, torch.ones_like(w))
+    # the chunks cut tiles: some block is touched by two ranks
+    touched = torch.cat(pos_all)
+    assert touched.numel() > touched.unique().numel()
+    with pytest.raises(ValueError, match="do not split into 5 ring chunks"):
+        ChunkGeometry.build(lay, 5, 0)
+
+
+def test_errors_are_clear():
+    model = tiny_wan()
+    install(model, "dense", "backend")
+    with pytest.raises(ValueError, match="already sparsified"):
+        set_sparse_backend(tiny_wan_sparsified(), DENSE)
+    with pytest.raises(TypeError, match="embedded model"):
+        from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT
+
+        set_sparse_backend(EmbeddedDiT(EmbeddedConfig(dim=32, depth=1, heads=2, rope_split=(4, 6, 6))), DENSE)
+    proc = sparse_backend_handle(model).processors[0]
+    cp = SimpleNamespace(ulysses_degree=2, ring_degree=2, ulysses_anything=False, ring_anything=False,
+                         _ulysses_mesh=object(), _ring_mesh=object())
+    for bad, err, msg in [
+        (SimpleNamespace(tensor_parallel_config=object(), context_parallel_config=None), NotImplementedError,
+         "tensor parallelism"),
+        (SimpleNamespace(tensor_parallel_config=None, context_parallel_config=SimpleNamespace(
+            **{**vars(cp), "ring_anything": True})), NotImplementedError, "ring_anything"),
+        (SimpleNamespace(tensor_parallel_config=None, context_parallel_config=SimpleNamespace(
+            **{**vars(cp), "_ring_mesh": None})), RuntimeError, "not set up"),
+        # 3 x 5 x 7 = 105 video tokens: not 4 equal chunks (caught before diffusers' own assertion)
+        (SimpleNamespace(tensor_parallel_config=None, context_parallel_config=cp), ValueError,
+         "do not split into ulysses_degree"),
+    ]:
+        proc._parallel_config = bad
+        with pytest.raises(err, match=msg):
+            run(model, wan_inputs())
+    proc._parallel_config = None
+
+
+def tiny_wan_sparsified():
+    m = tiny_wan()
+    sparsify(m, DENSE, tile=TILE, backend="torch")
+    return m
+
+
+def test_diffusers_internals_we_rely_on():
+    """What diffusers 0.42 gives a third-party backend, and the private pieces we use (module doc of
+    dist_compact.integrations.diffusers_backend). A change here means the backend must be revisited."""
+    from diffusers.models import attention_dispatch as ad
+    from diffusers.models._modeling_parallel import ContextParallelConfig
+
+    # backend names are a closed enum: diffusers refuses ours by name (why we install processors)
+    with pytest.raises(ValueError):
+        ad.AttentionBackendName("dist_compact")
+    with pytest.raises(ValueError):
+        tiny_wan().set_attention_backend("dist_compact")
+    # the ring loop we hand our forward op to, with the argument order we pass
+    params = list(inspect.signature(ad.TemplatedRingAttention.forward).parameters)
+    assert params[1:] == ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa",
+                          "return_lse", "forward_op", "backward_op", "_parallel_config"]
+    src = inspect.getsource(ad.TemplatedRingAttention.forward)
+    assert "_save_ctx=i == 0" in src and "next_rank = (rank + 1) % world_size" in src
+    # the set-up attributes we read, and the processor attributes enable_parallelism sets
+    fields = {f for f in ContextParallelConfig.__dataclass_fields__}
+    assert {"_ulysses_mesh", "_ring_mesh", "ulysses_anything", "ring_anything"} <= fields
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    assert hasattr(WanAttnProcessor, "_parallel_config") and hasattr(WanAttnProcessor, "_attention_backend")
+    # the plan we give HunyuanVideo (diffusers 0.42.1 has none) names modules the model has
+    model = tiny_hunyuan()
+    for name in hunyuan_video_cp_plan():
+        assert isinstance(model.get_submodule(name), torch.nn.Module)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+def _cp_worker(rank, world, cases):
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig
+
+    # diffusers computes its device as rank % torch.accelerator.device_count(), which is 0 on a
+    # CPU-only torch; one "device" per process is what a CPU run means
+    torch.accelerator.device_count = lambda: 1
+    res = []
+    for name, mode, U, R, enable_first in cases:
+        ref_model = BUILD[name]()
+        if mode == "dense":
+            ref = [run(ref_model, inputs(name))] * 2
+        else:
+            install(ref_model, mode, "sparsify")
+            ref = two_steps(ref_model, name, "sparsify")
+        model = BUILD[name]()
+        cfg = ContextParallelConfig(ulysses_degree=U, ring_degree=R)
+        plan = hunyuan_video_cp_plan() if name == "hunyuan" else None
+        if enable_first:
+            model.enable_parallelism(config=cfg, cp_plan=plan)
+            install(model, mode, "backend")
+        else:
+            install(model, mode, "backend")
+            model.enable_parallelism(config=cfg, cp_plan=plan)
+        out = two_steps(model, name, "backend")
+        err = max_err(out, ref)
+        res.append((name, mode, U, R, err))
+    dist.barrier()
+    return res
+
+
+def _check(results, cases):
+    for per_rank in results:
+        assert len(per_rank) == len(cases)
+        for name, mode, U, R, err in per_rank:
+            assert err <= TOL, (name, mode, U, R, err)
+
+
+CASES_2 = [("wan", "dense", 2, 1, True), ("wan", "dense", 1, 2, False), ("hunyuan", "dense", 1, 2, True),
+           ("wan", "adaspa", 1, 2, False), ("hunyuan", "compact", 2, 1, False), ("hunyuan", "adaspa", 1, 2, True)]
+CASES_4 = [("wan", "dense", 2, 2, False), ("hunyuan", "adaspa", 2, 2, True), ("wan", "compact", 1, 4, True),
+           ("hunyuan", "dense", 1, 4, False)]
+
+
+def test_two_processes_equal_one(tmp_path):
+    _check(run_workers(_cp_worker, 2, tmp_path, CASES_2, timeout=300.0), CASES_2)
+
+
+def test_four_processes_equal_one(tmp_path):
+    _check(run_workers(_cp_worker, 4, tmp_path, CASES_4, timeout=300.0), CASES_4)
