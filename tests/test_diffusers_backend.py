@@ -8,6 +8,7 @@ the equality with our own sequence-parallel path. The diffusers internals the ba
 checked, so an upgrade that moves them fails here.
 """
 
+import dataclasses
 import inspect
 from types import SimpleNamespace
 
@@ -42,8 +43,12 @@ def inputs(name):
     return wan_inputs(**GRID_KW) if name == "wan" else hunyuan_inputs(**GRID_KW)
 
 
+# head-adaptive budgets: per-head statistics gathered over the ranks (cut tiles counted once)
+ADASPA_HA = dataclasses.replace(ADASPA, head_adaptive=True)
+
+
 def sparsity(mode):
-    return {"dense": DENSE, "adaspa": ADASPA, "compact": COMPACT}[mode]
+    return {"dense": DENSE, "adaspa": ADASPA, "adaspa-ha": ADASPA_HA, "compact": COMPACT}[mode]
 
 
 def install(model, mode, how):
@@ -64,6 +69,26 @@ def two_steps(model, name, how):
         state.step = step
         outs.append(run(model, inputs(name)))
     return outs
+
+
+def records(model, how):
+    from dist_compact.integrations.diffusers import sparsify_handle
+
+    h = sparse_backend_handle(model) if how == "backend" else sparsify_handle(model)
+    return [(r.layer, r.step, r.kind, r.density or [], r.recall or []) for r in h.stats.records]
+
+
+def records_err(a, b):
+    """Largest difference of the recorded per-head densities / recalls (inf if the calls differ)."""
+    if [x[:3] for x in a] != [x[:3] for x in b]:
+        return float("inf")
+    err = 0.0
+    for x, y in zip(a, b):
+        for u, v in ((x[3], y[3]), (x[4], y[4])):
+            if len(u) != len(v):
+                return float("inf")
+            err = max([err] + [abs(p - q) for p, q in zip(u, v)])
+    return err
 
 
 def max_err(a, b):
@@ -88,7 +113,7 @@ def test_dense_equals_stock(name):
 
 
 @pytest.mark.parametrize("name", ["wan", "hunyuan"])
-@pytest.mark.parametrize("mode", ["adaspa", "compact"])
+@pytest.mark.parametrize("mode", ["adaspa", "adaspa-ha", "compact"])
 def test_sparse_equals_sparsify(name, mode):
     ours = BUILD[name]()
     install(ours, mode, "sparsify")
@@ -98,10 +123,9 @@ def test_sparse_equals_sparsify(name, mode):
     out = two_steps(model, name, "backend")
     dense = run(BUILD[name](), inputs(name))
     assert max_err(out, ref) <= TOL
+    assert records_err(records(model, "backend"), records(ours, "sparsify")) <= TOL
     # the sparse step really is sparse: it differs from dense attention
     assert (out[1] - dense).abs().max().item() > 1e-3
-    stats = sparse_backend_handle(model).stats
-    assert stats is not None
 
 
 def test_chunk_geometry_packs_cut_tiles():
@@ -212,6 +236,7 @@ def _cp_worker(rank, world, cases):
         else:
             install(ref_model, mode, "sparsify")
             ref = two_steps(ref_model, name, "sparsify")
+            ref_rec = records(ref_model, "sparsify")
         model = BUILD[name]()
         cfg = ContextParallelConfig(ulysses_degree=U, ring_degree=R)
         plan = hunyuan_video_cp_plan() if name == "hunyuan" else None
@@ -223,6 +248,8 @@ def _cp_worker(rank, world, cases):
             model.enable_parallelism(config=cfg, cp_plan=plan)
         out = two_steps(model, name, "backend")
         err = max_err(out, ref)
+        if mode != "dense":  # the same per-head densities / recalls as one process
+            err = max(err, records_err(records(model, "backend"), ref_rec))
         res.append((name, mode, U, R, err))
     dist.barrier()
     return res
@@ -236,8 +263,8 @@ def _check(results, cases):
 
 
 CASES_2 = [("wan", "dense", 2, 1, True), ("wan", "dense", 1, 2, False), ("hunyuan", "dense", 1, 2, True),
-           ("wan", "adaspa", 1, 2, False), ("hunyuan", "compact", 2, 1, False), ("hunyuan", "adaspa", 1, 2, True)]
-CASES_4 = [("wan", "dense", 2, 2, False), ("hunyuan", "adaspa", 2, 2, True), ("wan", "compact", 1, 4, True),
+           ("wan", "adaspa", 1, 2, False), ("hunyuan", "compact", 2, 1, False), ("hunyuan", "adaspa", 1, 2, True), ("wan", "adaspa-ha", 1, 2, True)]
+CASES_4 = [("wan", "dense", 2, 2, False), ("hunyuan", "adaspa-ha", 2, 2, True), ("wan", "compact", 1, 4, True),
            ("hunyuan", "dense", 1, 4, False)]
 
 
