@@ -228,8 +228,10 @@ def _cp_worker(rank, world, cases):
     # diffusers computes its device as rank % torch.accelerator.device_count(), which is 0 on a
     # CPU-only torch; one "device" per process is what a CPU run means
     torch.accelerator.device_count = lambda: 1
+    from dist_compact.parallel import ParallelConfig, SequenceParallel, build_groups
+
     res = []
-    for name, mode, U, R, enable_first in cases:
+    for name, mode, U, R, enable_first, own in cases:
         ref_model = BUILD[name]()
         if mode == "dense":
             ref = [run(ref_model, inputs(name))] * 2
@@ -250,6 +252,13 @@ def _cp_worker(rank, world, cases):
         err = max_err(out, ref)
         if mode != "dense":  # the same per-head densities / recalls as one process
             err = max(err, records_err(records(model, "backend"), ref_rec))
+        if own:  # our own sequence-parallel path (stream in block order, our Ulysses / ring)
+            par = ParallelConfig(ulysses=U, ring=R)
+            theirs = BUILD[name]()
+            compact = compact_for(2) if mode == "compact" else None
+            sparsify(theirs, sparsity(mode), compact=compact, sequence_parallel=SequenceParallel(par, build_groups(par)),
+                     tile=TILE, backend="torch")
+            err = max(err, max_err(out, two_steps(theirs, name, "sparsify")))
         res.append((name, mode, U, R, err))
     dist.barrier()
     return res
@@ -262,10 +271,13 @@ def _check(results, cases):
             assert err <= TOL, (name, mode, U, R, err)
 
 
-CASES_2 = [("wan", "dense", 2, 1, True), ("wan", "dense", 1, 2, False), ("hunyuan", "dense", 1, 2, True),
-           ("wan", "adaspa", 1, 2, False), ("hunyuan", "compact", 2, 1, False), ("hunyuan", "adaspa", 1, 2, True), ("wan", "adaspa-ha", 1, 2, True)]
-CASES_4 = [("wan", "dense", 2, 2, False), ("hunyuan", "adaspa-ha", 2, 2, True), ("wan", "compact", 1, 4, True),
-           ("hunyuan", "dense", 1, 4, False)]
+# (model, mode, ulysses, ring, enable_parallelism before set_sparse_backend, also vs our own parallel path)
+CASES_2 = [("wan", "dense", 2, 1, True, False), ("wan", "dense", 1, 2, False, False),
+           ("hunyuan", "dense", 1, 2, True, False), ("wan", "adaspa", 1, 2, False, True),
+           ("hunyuan", "compact", 2, 1, False, False), ("hunyuan", "adaspa", 1, 2, True, True),
+           ("wan", "adaspa-ha", 1, 2, True, False)]
+CASES_4 = [("wan", "dense", 2, 2, False, False), ("hunyuan", "adaspa-ha", 2, 2, True, True),
+           ("wan", "compact", 1, 4, True, False), ("hunyuan", "dense", 1, 4, False, False)]
 
 
 def test_two_processes_equal_one(tmp_path):
