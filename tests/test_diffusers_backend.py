@@ -10,6 +10,10 @@ checked, so an upgrade that moves them fails here.
 
 import dataclasses
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -286,3 +290,45 @@ def test_two_processes_equal_one(tmp_path):
 
 def test_four_processes_equal_one(tmp_path):
     _check(run_workers(_cp_worker, 4, tmp_path, CASES_4, timeout=300.0), CASES_4)
+
+
+# ---------------------------------------------------------------------------------------------- the example
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffusers_backend.py"
+TINY = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--steps", "2", "--frames", "9",
+        "--height", "64", "--width", "64", "--tile", "1,4,4", "--max-sequence-length", "16",
+        "--prompt", "a red square moving left"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    from test_diffusers_integration import _save_tiny_wan_pipeline
+
+    return _save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan-backend"))
+
+
+def _example(cmd, folder, out, *extra):
+    root = EXAMPLE.parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels"),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.run([*cmd, str(EXAMPLE), str(folder), *TINY, "--out", str(out), *extra], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"wrote {out}" in p.stdout
+    return torch.load(out)
+
+
+@pytest.mark.slow
+def test_example_one_process_and_torchrun(tiny_pipeline, tmp_path):
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(str(tiny_pipeline), torch_dtype=torch.float32)
+    stock = pipe("a red square moving left", num_inference_steps=2, num_frames=9, height=64, width=64,
+                 max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="latent").frames[0]
+    dense = _example([sys.executable], tiny_pipeline, tmp_path / "dense.pt", "--dense")
+    assert dense.shape == stock.shape and (dense - stock).abs().max().item() <= 2 * TOL
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    # the default AdaSpa schedule on 2 steps: a fused search, then an LSE-cached search and its sparse pass
+    sparse = _example([sys.executable], tiny_pipeline, tmp_path / "sparse.pt")
+    ring = _example(torchrun, tiny_pipeline, tmp_path / "ring.pt", "--ring", "2")
+    assert torch.isfinite(sparse).all() and (sparse - dense).abs().max().item() > 1e-3  # 3.4e-3 here
+    assert (ring - sparse).abs().max().item() <= 2 * TOL
