@@ -260,8 +260,8 @@ def _cp_worker(rank, world, cases):
             par = ParallelConfig(ulysses=U, ring=R)
             theirs = BUILD[name]()
             compact = compact_for(2) if mode == "compact" else None
-            sparsify(theirs, sparsity(mode), compact=compact, sequence_parallel=SequenceParallel(par, build_groups(par)),
-                     tile=TILE, backend="torch")
+            sp = SequenceParallel(par, build_groups(par))
+            sparsify(theirs, sparsity(mode), compact=compact, sequence_parallel=sp, tile=TILE, backend="torch")
             err = max(err, max_err(out, two_steps(theirs, name, "sparsify")))
         res.append((name, mode, U, R, err))
     dist.barrier()
