@@ -20,7 +20,8 @@ seeded alike on every rank, 2 attention layers each:
   steps: rel L2 <= --tol; the density of the sparse step is printed;
 * with torchrun (world P > 1): the backend under ``enable_parallelism(ContextParallelConfig(U, R))``
   for each U x R = P (U dividing the heads): dense vs ``stock_fp32`` as above, sparse vs the one-GPU
-  ``sparsify`` and vs our own parallel path (``sparsify(sequence_parallel=...)``), rel L2 <= --tol;
+  ``sparsify`` and vs our own parallel path (``sparsify(sequence_parallel=...)``), rel L2 <= --tol
+  (ring > 1: <= max(--tol, floor), since its partials are rounded and merged in another order);
 * timing (one GPU, medium size): ms per forward (CUDA events, median of --rep) of stock, the
   backend dense, and the sparse step (index reused) of ``sparsify`` and of the backend.
 
@@ -168,6 +169,8 @@ def check_one(r, args, world, rows, failures):
     stock32 = r.fwd(r.model(torch.float32), torch.float32)
     floor = rel(stock, stock32)
     limit = max(args.tol, 2 * floor)
+    # partials merged in a ring round differently from one pass: within bf16's own error
+    ring_limit = max(args.tol, floor)
     rows.append(dict(case=tag, what="stock bf16 vs fp32 (floor)", rel_l2=floor, limit=None, ok=True, note=""))
     m = set_sparse_backend(r.model(), SparsityConfig(mode="dense"))
     record("backend dense vs stock fp32", rel(r.fwd(m), stock32), limit)
@@ -195,12 +198,13 @@ def check_one(r, args, world, rows, failures):
                 m = set_sparse_backend(r.model(), cfg, compact=compact)
                 m.enable_parallelism(config=cp, cp_plan=plan)
                 out = r.steps(m, sparse_backend_state(m))
-                record(f"CP {U}x{R} backend {mode} vs one-GPU sparsify", max_rel(out, ref), args.tol)
+                lim = args.tol if R == 1 else ring_limit
+                record(f"CP {U}x{R} backend {mode} vs one-GPU sparsify", max_rel(out, ref), lim)
                 par = ParallelConfig(ulysses=U, ring=R)
                 own = sparsify(r.model(), cfg, compact=compact,
                                sequence_parallel=SequenceParallel(par, build_groups(par)))
                 record(f"CP {U}x{R} backend {mode} vs our parallel path",
-                       max_rel(out, r.steps(own, denoising_state(own))), args.tol)
+                       max_rel(out, r.steps(own, denoising_state(own))), lim)
                 if mode == "adaspa":
                     dm = set_sparse_backend(r.model(), SparsityConfig(mode="dense"))
                     dm.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R), cp_plan=plan)

@@ -490,6 +490,11 @@ class BackendHandle(SparsifyHandle):
         self._ops.clear()
         self._pos.clear()
 
+    def remove(self) -> None:
+        super().remove()
+        if getattr(self.model, _ATTR, None) is self:
+            object.__delattr__(self.model, _ATTR)
+
     def __repr__(self) -> str:
         return (f"BackendHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
                 f"mode={self.sparsity.mode!r}, tile={self.tile})")
@@ -580,7 +585,6 @@ def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = 
                       backend=backend, attention_factory=attention_factory)
     _install(h, transformer, kind)
     object.__setattr__(transformer, _ATTR, h)
-    # SparsifyHandle.remove deletes its own attribute name; ours is removed by unset_sparse_backend
     return transformer
 
 
@@ -596,8 +600,4 @@ def sparse_backend_state(transformer) -> DenoisingState:
 
 def unset_sparse_backend(transformer):
     """Put the stock processors back (with diffusers' settings) and remove the hooks; returns it."""
-    h = sparse_backend_handle(transformer)
-    _remove(transformer, h)
-    if h is not None:
-        object.__delattr__(transformer, _ATTR)
-    return transformer
+    return _remove(transformer, sparse_backend_handle(transformer))
