@@ -306,12 +306,22 @@ def tiny_pipeline(tmp_path_factory):
     return _save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan-backend"))
 
 
-def _example(cmd, folder, out, *extra):
+def _example(folder, out, *extra, torchrun=0):
+    """Run examples/diffusers_backend.py: in this process, or as a script under torchrun."""
+    args = [str(folder), *TINY, "--out", str(out), *extra]
+    if not torchrun:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("diffusers_backend_example", EXAMPLE)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.main(args)
+        return torch.load(out)
     root = EXAMPLE.parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels"),
                                                         os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run([*cmd, str(EXAMPLE), str(folder), *TINY, "--out", str(out), *extra], env=env,
-                       capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
+    p = subprocess.run([*cmd, str(EXAMPLE), *args], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"wrote {out}" in p.stdout
     return torch.load(out)
@@ -324,11 +334,10 @@ def test_example_one_process_and_torchrun(tiny_pipeline, tmp_path):
     pipe = WanPipeline.from_pretrained(str(tiny_pipeline), torch_dtype=torch.float32)
     stock = pipe("a red square moving left", num_inference_steps=2, num_frames=9, height=64, width=64,
                  max_sequence_length=16, generator=torch.Generator().manual_seed(0), output_type="latent").frames[0]
-    dense = _example([sys.executable], tiny_pipeline, tmp_path / "dense.pt", "--dense")
+    dense = _example(tiny_pipeline, tmp_path / "dense.pt", "--dense")
     assert dense.shape == stock.shape and (dense - stock).abs().max().item() <= 2 * TOL
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     # the default AdaSpa schedule on 2 steps: a fused search, then an LSE-cached search and its sparse pass
-    sparse = _example([sys.executable], tiny_pipeline, tmp_path / "sparse.pt")
-    ring = _example(torchrun, tiny_pipeline, tmp_path / "ring.pt", "--ring", "2")
+    sparse = _example(tiny_pipeline, tmp_path / "sparse.pt")
+    ring = _example(tiny_pipeline, tmp_path / "ring.pt", "--ring", "2", torchrun=2)
     assert torch.isfinite(sparse).all() and (sparse - dense).abs().max().item() > 1e-3  # 3.4e-3 here
     assert (ring - sparse).abs().max().item() <= 2 * TOL

@@ -89,7 +89,7 @@ def configs(heads):
                             reference_steps=2, sparsity=0.8, head_adaptive=True)
     compact = SparsityConfig(mode="compact", dense_steps=0)
     return {"adaspa": (adaspa, None),
-            "compact": (compact, CompactConfig.uniform(2, heads, HeadPattern.window(1, 2, max_distance=2)))}
+            "compact": (compact, CompactConfig.uniform(2, heads, HeadPattern.window(0, 1, max_distance=1)))}
 
 
 class Runner:
