@@ -151,7 +151,7 @@ def density_of(handle):
 def check_one(r, args, world, rows, failures):
     from diffusers import ContextParallelConfig
 
-    from dist_compact.integrations.diffusers import denoising_state, sparsify, sparsify_handle
+    from dist_compact.integrations.diffusers import denoising_state, sparsify
     from dist_compact.integrations.diffusers_backend import (hunyuan_video_cp_plan, set_sparse_backend,
                                                              sparse_backend_handle, sparse_backend_state)
     from dist_compact.schedule import SparsityConfig

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 from ..block_index import BlockIndex
 from ..context import AttentionContext
@@ -228,7 +229,8 @@ class ChunkGeometry:
         blocks, local, valid, first = chunks[rank]
         nlv = blocks.numel()
         q_blocks = torch.cat([blocks, text_ids])
-        weight = torch.cat([first.double(), torch.full((nb - nv,), 1.0 if rank == 0 else 0.0, dtype=torch.float64)])
+        text_w = torch.full((nb - nv,), 1.0 if rank == 0 else 0.0, dtype=torch.float64)
+        weight = torch.cat([first.double(), text_w])
         k_local, k_valid, key_map = [], [], []
         for j, (bj, lj, vj, _) in enumerate(chunks):
             km = torch.full((nb,), -1, dtype=torch.long)
@@ -266,8 +268,8 @@ class ChunkRingOps(HeadShardedOps):
     :class:`ChunkGeometry`; the LSE ``[B, H/U, Vr + Tp]``. Query rows: the blocks the chunk touches
     (``q_blocks``; a cut tile is partly here), key numbering global.
 
-    ``attention`` / ``dense`` run diffusers' ``TemplatedRingAttention`` with :meth:`_forward_op` (our
-    kernel on one key chunk, index cut to it, returning our LSE); ``block_mass`` all-gathers q, k and
+    ``attention`` / ``dense`` run diffusers' ``TemplatedRingAttention`` with our forward op (our
+    kernel on one key chunk, the index cut to it, returning our LSE); ``block_mass`` all-gathers q, k and
     the LSE over the ring group; ``reduce_rows`` all-reduces over it; ``gather_heads`` all-gathers
     over the Ulysses group.
     """
@@ -277,6 +279,7 @@ class ChunkRingOps(HeadShardedOps):
         self.parallel_config = parallel_config
         self._cpu = ChunkGeometry.build(layout, groups.config.ring, groups.ring_rank)
         self._geo: Dict[str, ChunkGeometry] = {}
+        self._pos: Dict[str, torch.Tensor] = {}
         self._subs: "OrderedDict[int, Tuple[BlockIndex, List[BlockIndex]]]" = OrderedDict()
 
     def geometry(self, device) -> ChunkGeometry:
@@ -368,9 +371,9 @@ class ChunkRingOps(HeadShardedOps):
                    query_rows: Optional[int] = None) -> torch.Tensor:
         """``[B, H/U, local query blocks, num_blocks]`` over every token of each touched block."""
         g = self.geometry(q.device)
-        R, vr, bs, V = g.ring, g.chunk_video, layout.block_size, layout.video_tokens
+        R, vr, bs = g.ring, g.chunk_video, layout.block_size
         rg = self.groups.ring_group
-        B, S, Hl, D = q.shape
+        B, S, Hl, _ = q.shape
 
         def whole(x, dim):  # the ring group's chunks -> the whole sequence (video of all chunks, my prompt)
             xs = all_gather_cat(x, rg, dim).unflatten(dim, (R, S))
@@ -388,16 +391,14 @@ class ChunkRingOps(HeadShardedOps):
                                     query_rows=query_rows, backend=self.backend)
 
     def _positions(self, layout: VideoLayout, device) -> torch.Tensor:
-        key = ("pos", str(device))
-        if key not in self._geo:
-            self._geo[key] = _model_positions(layout).to(device)
-        return self._geo[key]
+        key = str(device)
+        if key not in self._pos:
+            self._pos[key] = _model_positions(layout).to(device)
+        return self._pos[key]
 
     # ------------------------------------------------------------------ global statistics
     def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over the ring group (weight rows with :meth:`row_weight` first)."""
-        import torch.distributed as dist
-
         t = t.clone()
         dist.all_reduce(t, group=self.groups.ring_group)
         return t
