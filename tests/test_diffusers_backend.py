@@ -40,11 +40,14 @@ TOL = 1e-5
 TILE = (1, 4, 4)
 # latent grid 3 x 6 x 6 = 108 tokens: ragged 4x4 tiles, and 2 or 4 equal chunks that cut tiles
 GRID_KW = dict(frames=3, height=12, width=12)
-BUILD = {"wan": tiny_wan, "hunyuan": tiny_hunyuan}
+# "wan22": Wan2.2 TI2V's per-token timestep ([B, tokens], split by diffusers' cp plan too)
+BUILD = {"wan": tiny_wan, "wan22": tiny_wan, "hunyuan": tiny_hunyuan}
 
 
 def inputs(name):
-    return wan_inputs(**GRID_KW) if name == "wan" else hunyuan_inputs(**GRID_KW)
+    if name == "hunyuan":
+        return hunyuan_inputs(**GRID_KW)
+    return wan_inputs(per_token_t=name == "wan22", **GRID_KW)
 
 
 # head-adaptive budgets: per-head statistics gathered over the ranks (cut tiles counted once)
@@ -101,7 +104,7 @@ def max_err(a, b):
 
 
 # ---------------------------------------------------------------------------------------------- one process
-@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+@pytest.mark.parametrize("name", ["wan", "wan22", "hunyuan"])
 def test_dense_equals_stock(name):
     model = BUILD[name]()
     ref = run(model, inputs(name))
@@ -279,7 +282,7 @@ def _check(results, cases):
 CASES_2 = [("wan", "dense", 2, 1, True, False), ("wan", "dense", 1, 2, False, False),
            ("hunyuan", "dense", 1, 2, True, False), ("wan", "adaspa", 1, 2, False, True),
            ("hunyuan", "compact", 2, 1, False, False), ("hunyuan", "adaspa", 1, 2, True, True),
-           ("wan", "adaspa-ha", 1, 2, True, False)]
+           ("wan", "adaspa-ha", 1, 2, True, False), ("wan22", "dense", 1, 2, False, False)]
 CASES_4 = [("wan", "dense", 2, 2, False, False), ("hunyuan", "adaspa-ha", 2, 2, True, True),
            ("wan", "compact", 1, 4, True, False), ("hunyuan", "dense", 1, 4, False, False)]
 
