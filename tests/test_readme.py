@@ -33,7 +33,7 @@ def patched(text: str, replacements: dict) -> str:
 
 def test_every_marked_block_is_tested():
     names = set(re.findall(r"<!-- readme-test: ([a-z0-9-]+) -->", README))
-    tested = {"core-api", "diffusers-1gpu", "generate-1gpu", "launchers", "compact-search"}
+    tested = {"core-api", "diffusers-1gpu", "diffusers-backend", "generate-1gpu", "launchers", "compact-search"}
     assert names == tested, f"marked in README.md but not run here (or the reverse): {sorted(names ^ tested)}"
     # the set-up commands stay as tests/test_packaging.py and .ci/run expect them
     assert "<!-- main-command -->" in README and "<!-- test-command -->" in README
@@ -130,6 +130,27 @@ def test_diffusers_1gpu_block_runs_on_a_tiny_pipeline(tmp_path, monkeypatch):
     assert (tmp_path / "corgi.mp4").stat().st_size > 0
     assert len(scope["video"]) == 9
     assert sparsify_handle(scope["pipe"].transformer) is not None  # the block-sparse processors ran
+
+
+def test_diffusers_backend_block_runs_on_a_tiny_pipeline(tmp_path):
+    pytest.importorskip("diffusers", reason="the [diffusers] extra")
+    from test_diffusers_integration import _save_tiny_wan_pipeline
+
+    from dist_compact.integrations.diffusers_backend import sparse_backend_handle
+
+    folder = _save_tiny_wan_pipeline(tmp_path / "tiny-wan")
+    code = patched(block("diffusers-backend"), {
+        '"checkpoints/Wan2.1-T2V-1.3B-Diffusers"': repr(str(folder)),
+        'torch_dtype=torch.bfloat16).to("cuda")': 'torch_dtype=torch.float32).to("cpu")',
+        "height=480, width=832, num_frames=81, num_inference_steps=50":
+            "height=64, width=64, num_frames=9, num_inference_steps=3, max_sequence_length=16",
+        ".begin(50)": ".begin(3)",
+    })
+    scope: dict = {}
+    exec(compile(code, "README.md:diffusers-backend", "exec"), scope)
+    assert len(scope["video"]) == 9
+    handle = sparse_backend_handle(scope["pipe"].transformer)
+    assert handle is not None and scope["state"].step == 3  # our processors ran every step
 
 
 def test_compact_search_block_captures_searches_and_runs(tmp_path):
