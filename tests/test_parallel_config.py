@@ -19,7 +19,6 @@ from dist_compact.parallel import (
     merge_many,
     merge_partials,
 )
-from dist_compact.parallel.ring import cat_rows, remap_keys, select_rows_at
 
 
 # ---------------------------------------------------------------------------- config errors
@@ -122,20 +121,6 @@ def test_shard_takes_video_chunk_and_all_text():
         assert torch.equal(part.flatten(), want)
         assert torch.equal(sp.local_blocks(layout), torch.cat([
             torch.arange(rank * nv // 4, (rank + 1) * nv // 4), torch.arange(nv, layout.num_blocks)]))
-
-
-# ---------------------------------------------------------------------------- index helpers
-def test_index_helpers():
-    g = torch.Generator().manual_seed(0)
-    m = torch.rand(2, 3, 6, 8, generator=g) < 0.5
-    idx = BlockIndex.from_dense(m, 16)
-    km = torch.tensor([-1, 0, 1, -1, -1, 2, 3, -1])
-    want = m[..., [1, 2, 5, 6]]
-    assert torch.equal(remap_keys(idx, km, 4).to_dense(), want)
-    rows = torch.tensor([4, 0, 5])
-    assert torch.equal(select_rows_at(idx, rows).to_dense(), m[:, :, rows])
-    a, b = idx.select_rows(0, 2), idx.select_rows(2, 6)
-    assert cat_rows(a, b).equal(idx)
 
 
 # ---------------------------------------------------------------------------- LSE merge

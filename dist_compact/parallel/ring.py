@@ -35,55 +35,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..block_index import BlockIndex, _compact_rows
+from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
 from .ulysses import HeadShardedOps
 
-__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "remap_keys", "select_rows_at", "cat_rows"]
+__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "ring_shard_bytes"]
 
 
-# ---------------------------------------------------------------------------- index helpers
-def remap_keys(index: BlockIndex, key_map: torch.Tensor, num_k_blocks: int) -> BlockIndex:
-    """Renumber key blocks with ``key_map`` (int64 ``[index.num_k_blocks]``, -1 = drop the key).
-
-    ``key_map`` must be increasing on the kept keys so rows stay strictly increasing.
-    """
-    used = index.entry_mask()
-    km = key_map.to(index.device, torch.long)
-    new = torch.where(used, km[index.indices.clamp(min=0).long()], torch.full_like(index.indices, -1, dtype=torch.long))
-    keep = new >= 0
-    cnt = keep.sum(-1, dtype=torch.int32)
-    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-    return BlockIndex(cnt, _compact_rows(keep, new, width), index.block_size, num_k_blocks)
-
-
-def select_rows_at(index: BlockIndex, rows: torch.Tensor) -> BlockIndex:
-    """Keep the query blocks listed in ``rows`` (any order); key numbering unchanged."""
-    rows = rows.to(index.device, torch.long)
-    c = index.counts.index_select(2, rows)
-    i = index.indices.index_select(2, rows)
-    width = max(int(c.max()) if c.numel() else 0, 1)
-    return BlockIndex(c, i[..., :width], index.block_size, index.num_k_blocks)
-
-
-def cat_rows(a: BlockIndex, b: BlockIndex) -> BlockIndex:
-    """Stack the query rows of two indices with the same heads, keys and batch."""
-    if (a.num_heads, a.num_k_blocks, a.block_size, a.batch) != (b.num_heads, b.num_k_blocks, b.block_size, b.batch):
-        raise ValueError(f"cat_rows: incompatible indices {a!r} and {b!r}")
-    w = max(a.max_count, b.max_count)
-
-    def pad(x: BlockIndex) -> torch.Tensor:
-        if x.max_count == w:
-            return x.indices
-        fill = torch.full((*x.counts.shape, w - x.max_count), -1, dtype=torch.int32, device=x.device)
-        return torch.cat([x.indices, fill], dim=-1)
-
-    return BlockIndex(torch.cat([a.counts, b.counts], 2), torch.cat([pad(a), pad(b)], 2), a.block_size, a.num_k_blocks)
-
-
+# ---------------------------------------------------------------------------- traffic
 def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int) -> torch.Tensor:
     """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i's video query rows use video shard j (i != j).
 
@@ -288,7 +250,7 @@ class RingOps(HeadShardedOps):
             return hit[1]
         h0, h1 = self.head_range(index.num_heads)
         out = index.select_heads(slice(h0, h1)) if (h0, h1) != (0, index.num_heads) else index
-        out = select_rows_at(out, self.q_blocks(layout))
+        out = out.select_rows_at(self.q_blocks(layout))
         self._local[index] = (layout, out)
         return out
 
@@ -298,12 +260,12 @@ class RingOps(HeadShardedOps):
         kmap[r0:r1] = torch.arange(g.vr)
         kmap[g.nv:] = g.vr + torch.arange(g.nt)
         vid = index.select_rows(0, g.vr)
-        own = remap_keys(vid, kmap, g.rows)
+        own = vid.remap_keys(kmap, g.rows)
         if g.nt:
             kmap_t = kmap.clone()
             if self.rank != 0:
                 kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
-            own = cat_rows(own, remap_keys(index.select_rows(g.vr, g.rows), kmap_t, g.rows))
+            own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
         remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
         for j in range(self.ring):
             if j == self.rank:
