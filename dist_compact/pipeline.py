@@ -269,10 +269,10 @@ def make_parallel(cluster, device: torch.device, num_heads: int):
         raise WorldSizeError(f"the model has {num_heads} heads, not divisible by cluster.ulysses={cluster.ulysses}")
     from .parallel import ParallelConfig, init_distributed
 
-    backend = cluster.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring), backend=backend)
+    # the backend follows the device, and is gloo when ranks share GPUs (parallel.launch.select_backend)
+    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring),
+                            backend=None if cluster.backend == "auto" else cluster.backend,
+                            share_gpus=cluster.share_gpus, device_type=device.type)
 
 
 def _is_dist() -> bool:

@@ -154,9 +154,9 @@ class SequenceParallel:
     def check_layout(self, layout: VideoLayout) -> VideoLayout:
         if not self._compatible(layout):
             raise ValueError(
-                f"{layout} does not split into {self.config.degree} equal shards "
-                f"({layout.num_video_blocks} video blocks, {layout.num_slabs} slabs); use sp.layout_for(layout) "
-                "before building the block order and the indices"
+                f"{layout} ({layout.num_video_blocks} video blocks, {layout.num_slabs} slabs) does not split into "
+                f"{self.config.degree} equal shards; use sp.layout_for(layout) before building the block order "
+                "and the indices"
             )
         return layout
 
