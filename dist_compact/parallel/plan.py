@@ -61,9 +61,32 @@ from .config import ParallelConfig, ParallelConfigError, ParallelGroups
 from .ring import RingOps
 from .ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 
-__all__ = ["SequenceParallel", "ParallelAttention"]
+__all__ = ["SequenceParallel", "ParallelAttention", "padded_layout"]
 
 _UNITS = ("block", "slab")
+
+
+def _compatible(layout: VideoLayout, config: ParallelConfig, shard_unit: str) -> bool:
+    if layout.num_video_blocks % config.degree:
+        return False
+    return shard_unit != "slab" or layout.num_slabs % config.ring == 0
+
+
+def padded_layout(layout: VideoLayout, config: ParallelConfig, shard_unit: str = "block") -> VideoLayout:
+    """``layout`` with the fewest empty slabs appended so that ``config``'s shards divide it (the
+    module docstring's padding rule; :meth:`SequenceParallel.layout_for` without a plan object)."""
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout_for: expected a VideoLayout, got {type(layout).__name__}")
+    if shard_unit not in _UNITS:
+        raise ParallelConfigError(f"shard_unit must be one of {_UNITS}, got {shard_unit!r}")
+    if _compatible(layout, config, shard_unit):
+        return layout
+    P, R = config.degree, config.ring
+    m = P // math.gcd(layout.blocks_per_slab, P)
+    if shard_unit == "slab":
+        m = m * R // math.gcd(m, R)
+    sm = layout.slab_multiple * m // math.gcd(layout.slab_multiple, m)
+    return layout.with_(slab_multiple=sm)
 
 
 class SequenceParallel:
@@ -129,27 +152,12 @@ class SequenceParallel:
         return self.sp_rank == 0
 
     # ------------------------------------------------------------------ layout and shards
-    def _slab_multiple(self, layout: VideoLayout) -> int:
-        P, R = self.config.degree, self.config.ring
-        m = P // math.gcd(layout.blocks_per_slab, P)
-        if self.shard_unit == "slab":
-            m = m * R // math.gcd(m, R)
-        return m
-
     def layout_for(self, layout: VideoLayout) -> VideoLayout:
         """The layout to use under this plan: ``layout`` with empty slabs appended if needed."""
-        if not isinstance(layout, VideoLayout):
-            raise TypeError(f"layout_for: expected a VideoLayout, got {type(layout).__name__}")
-        if self._compatible(layout):
-            return layout
-        m = self._slab_multiple(layout)
-        sm = layout.slab_multiple * m // math.gcd(layout.slab_multiple, m)
-        return layout.with_(slab_multiple=sm)
+        return padded_layout(layout, self.config, self.shard_unit)
 
     def _compatible(self, layout: VideoLayout) -> bool:
-        if layout.num_video_blocks % self.config.degree:
-            return False
-        return self.shard_unit != "slab" or layout.num_slabs % self.config.ring == 0
+        return _compatible(layout, self.config, self.shard_unit)
 
     def check_layout(self, layout: VideoLayout) -> VideoLayout:
         if not self._compatible(layout):

@@ -50,7 +50,7 @@ from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
 from .ulysses import HeadShardedOps
 
-__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "ring_shard_bytes"]
+__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "ring_shard_bytes", "shard_kv_bytes", "ring_rank_plan"]
 
 
 # ---------------------------------------------------------------------------- traffic
@@ -183,6 +183,42 @@ class _Valid:
         if hit is None:
             hit = self._rows[(a, b)] = self.local[a:b]
         return hit
+
+
+def _plan_of(index: BlockIndex, g: _Geo) -> RingPlan:
+    """The :class:`RingPlan` of ring rank ``g.rank`` for its localized ``index`` (rows: its video
+    shard, then the text blocks; global keys)."""
+    r0, r1 = g.r0, g.r1
+    kmap = torch.full((g.nb,), -1, dtype=torch.long)
+    kmap[r0:r1] = torch.arange(g.vr)
+    kmap[g.nv:] = g.vr + torch.arange(g.nt)
+    vid = index.select_rows(0, g.vr)
+    own = vid.remap_keys(kmap, g.rows)
+    if g.nt:
+        kmap_t = kmap.clone()
+        if g.rank != 0:
+            kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
+        own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
+    remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
+    for j in range(len(g.starts) - 1):
+        if j == g.rank:
+            continue
+        sub = vid.select_keys(g.starts[j], g.starts[j + 1])
+        rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
+        if rows.numel():
+            a, b = int(rows[0]), int(rows[-1]) + 1
+            remote[j] = (a, b, sub.select_rows(a, b))
+    return RingPlan(own, remote, [j in remote for j in range(len(g.starts) - 1)])
+
+
+def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int], rank: int) -> RingPlan:
+    """What ring rank ``rank`` computes for a global ``index`` (already cut to the heads its ring
+    group holds) with shard offsets ``bounds``: the same :class:`RingPlan` :class:`RingOps` runs,
+    without process groups (for cost models and benchmarks)."""
+    b = _check_bounds(bounds, layout.num_video_blocks, len(bounds) - 1, "ring_rank_plan")
+    g = _Geo(layout.block_size, b, layout.num_text_blocks, layout.num_blocks, rank)
+    rows = torch.cat([torch.arange(g.r0, g.r1), torch.arange(g.nv, g.nb)])
+    return _plan_of(index.select_rows_at(rows), g)
 
 
 class _Transfer:
@@ -319,27 +355,7 @@ class RingOps(HeadShardedOps):
         return out
 
     def _build_plan(self, index: BlockIndex, g: _Geo) -> RingPlan:
-        r0, r1 = g.r0, g.r1
-        kmap = torch.full((g.nb,), -1, dtype=torch.long)
-        kmap[r0:r1] = torch.arange(g.vr)
-        kmap[g.nv:] = g.vr + torch.arange(g.nt)
-        vid = index.select_rows(0, g.vr)
-        own = vid.remap_keys(kmap, g.rows)
-        if g.nt:
-            kmap_t = kmap.clone()
-            if self.rank != 0:
-                kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
-            own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
-        remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
-        for j in range(self.ring):
-            if j == self.rank:
-                continue
-            sub = vid.select_keys(g.starts[j], g.starts[j + 1])
-            rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
-            if rows.numel():
-                a, b = int(rows[0]), int(rows[-1]) + 1
-                remote[j] = (a, b, sub.select_rows(a, b))
-        return RingPlan(own, remote, [j in remote for j in range(self.ring)])
+        return _plan_of(index, g)
 
     def plan(self, index: BlockIndex, layout: VideoLayout) -> RingPlan:
         """The cached plan of a localized index (by object, then by digest)."""
