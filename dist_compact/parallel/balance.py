@@ -24,7 +24,7 @@ than the mean.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -116,23 +116,30 @@ def balanced_head_order(costs, parts: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- per rank work
-def head_block_costs(index: BlockIndex, layout: VideoLayout) -> Tuple[torch.Tensor, torch.Tensor]:
+def head_block_costs(index: Union[BlockIndex, torch.Tensor], layout: VideoLayout) -> Tuple[torch.Tensor, torch.Tensor]:
     """The work of a global index per (head, video block), and the text x text work per head.
 
     ``costs[h, b]`` (float64 ``[heads, num_video_blocks]``, CPU) = head ``h``'s computed blocks in
     query row ``b`` plus its text rows' computed blocks against key ``b`` (a ring rank computes the
     text rows over its own video keys); ``text_text[h]`` = its text rows' blocks against text keys
     (ring rank 0 computes those). Summed over both, a head's cost is its ``counts`` total.
+    ``index`` may also be the dense bool block mask ``[batch, heads, NB, NB]`` of one.
     """
     nv, nb = layout.num_video_blocks, layout.num_blocks
-    if not isinstance(index, BlockIndex):
-        raise TypeError(f"head_block_costs: expected a BlockIndex, got {type(index).__name__}")
-    if index.num_q_blocks != nb or index.num_k_blocks != nb:
-        raise ValueError(f"head_block_costs: {index!r} is not a global index for {layout} ({nb} x {nb} blocks)")
-    rows = index.counts.double().sum(0)[:, :nv].cpu()
+    dense = isinstance(index, torch.Tensor)
+    if not dense and not isinstance(index, BlockIndex):
+        raise TypeError(f"head_block_costs: expected a BlockIndex or a bool block mask, got {type(index).__name__}")
+    shape = tuple(index.shape[-2:]) if dense else (index.num_q_blocks, index.num_k_blocks)
+    if (dense and (index.dtype != torch.bool or index.dim() != 4)) or shape != (nb, nb):
+        what = f"a mask of shape {tuple(index.shape)}, {index.dtype}" if dense else repr(index)
+        raise ValueError(f"head_block_costs: {what} is not a global index for {layout} ({nb} x {nb} blocks)")
+    counts = index.sum(-1) if dense else index.counts
+    rows = counts.double().sum(0)[:, :nv].cpu()
+    H = rows.shape[0]
     if nb == nv:
-        return rows, torch.zeros(index.num_heads, dtype=torch.float64)
-    text = index.select_rows(nv, nb).to_dense().double().sum(dim=(0, 2)).cpu()  # [H, nb] per key block
+        return rows, torch.zeros(H, dtype=torch.float64)
+    text_rows = index[..., nv:, :] if dense else index.select_rows(nv, nb).to_dense()
+    text = text_rows.double().sum(dim=(0, 2)).cpu()  # [H, nb] per key block
     return rows + text[:, :nv], text[:, nv:].sum(1)
 
 
