@@ -18,13 +18,17 @@ Indices (per layer, all layers of the model):
   each target layer's heads are a seeded random draw (without replacement within the layer) of
   those 48 searched (layer, head) patterns: :func:`pooled_compact`;
 * ``adaspa``: AdaSpa's selection (``search.online.select_blocks``, the paper's head-adaptive rule
-  at sparsity 0.8, text sink) on a synthetic block mass whose heads are drawn from the four kinds of
-  :mod:`dist_compact.synthetic` (local / cross / temporal / global, random widths): :func:`adaspa_like`.
+  at sparsity 0.8, text sink) on a synthetic block mass whose heads are of the four kinds of
+  :mod:`dist_compact.synthetic` (local / cross / temporal / global, random widths):
+  :func:`synthetic_mass`, :class:`Source`.
 
 Layouts for P = 2, 4, 8: Ulysses P, ring P, hybrid 2 x P/2 (P >= 4); the layout padding of
 ``SequenceParallel.layout_for``. "balanced" is what ``SequenceParallel(balance=True)`` does (ring
-bounds from the summed static cost of all layers, per-layer Ulysses head order); "contiguous" the
-equal split. Imbalance = max / mean computed blocks per rank, summed over all layers.
+bounds from the summed static cost of all layers, per-layer Ulysses head order; for AdaSpa, whose
+index exists only after its search, ring bounds over the real blocks and contiguous heads);
+"balanced_oracle" plans from the index itself (for AdaSpa: a re-plan after the search, which the
+runtime does not do); "contiguous" the equal split; "balanced_slab_aligned" whole-slab ring shards.
+Imbalance = max / mean computed blocks per rank, summed over all layers (and the worst layer).
 
 Scaling model (assumptions; BENCHMARKS.md repeats them):
 1. Per layer and rank, the time of its local attention = the measured time of exactly the kernel
@@ -235,26 +239,47 @@ class Source:
 
 
 # ---------------------------------------------------------------------------- plans
-def plan_for(source: Source, U: int, R: int, balance: bool) -> Tuple[Tuple[int, ...], List[Optional[torch.Tensor]]]:
-    """(ring bounds, head order per layer) as ``SequenceParallel(balance=...)`` chooses them."""
+def plan_for(source: Source, U: int, R: int, balance: bool, oracle: bool = False
+             ) -> Tuple[Tuple[int, ...], List[Optional[torch.Tensor]]]:
+    """(ring bounds, head order per layer) as ``SequenceParallel(balance=...)`` chooses them.
+
+    A Compact source is a static index: the runtime plans from it. AdaSpa's index is found during
+    the run, so the runtime balances the ring over the real blocks and keeps the heads contiguous;
+    ``oracle=True`` plans from the index itself (what a re-plan after the search would give).
+    """
     nv = source.layout.num_video_blocks
     bounds = equal_bounds(nv, R)
     orders: List[Optional[torch.Tensor]] = [None] * source.layers
     if not balance:
         return bounds, orders
+    static = oracle or source.name != "adaspa"
     if R > 1 and nv // U >= R:
-        total = sum(source.costs(l)[0] for l in range(source.layers)).sum(0)
-        tt = torch.tensor([float(sum(source.costs(l)[1].sum() for l in range(source.layers)))])
+        if static:
+            total = sum(source.costs(l)[0] for l in range(source.layers)).sum(0)
+            tt = torch.tensor([float(sum(source.costs(l)[1].sum() for l in range(source.layers)))])
+        else:
+            total, tt = (source.layout.block_valid()[:nv] > 0).double(), torch.zeros(1)
         cand = balanced_bounds(total, R, U)
         worst = [max(rank_loads(total.view(1, -1), tt, 1, R, bounds=b)) for b in (cand, bounds)]
         if worst[0] < worst[1]:
             bounds = cand
-    if U > 1:
+    if U > 1 and static:
         for l in range(source.layers):
             c, tt = source.costs(l)
             o = balanced_head_order(c.sum(1) + tt, U)
             orders[l] = None if torch.equal(o, torch.arange(source.heads)) else o
     return bounds, orders
+
+
+def _summed(source: Source, U: int, R: int, bounds, orders) -> Tuple[float, float]:
+    """(imbalance of the loads summed over layers, worst layer's imbalance)."""
+    tot, worst = None, 0.0
+    for l in range(source.layers):
+        c, tt = source.costs(l)
+        loads = rank_loads(c, tt, U, R, order=orders[l], bounds=bounds)
+        worst = max(worst, imbalance(loads))
+        tot = loads if tot is None else [a + b for a, b in zip(tot, loads)]
+    return imbalance(tot), worst
 
 
 def imbalance_rows(source: Source, shape: str, entries: Sequence[Tuple[int, str, int, int]]) -> List[dict]:
@@ -265,28 +290,15 @@ def imbalance_rows(source: Source, shape: str, entries: Sequence[Tuple[int, str,
         row = dict(shape=shape, source=source.name, density=round(source.density(), 4), P=P, layout=name,
                    ulysses=U, ring=R)
         for label, bal in (("contiguous", False), ("balanced", True)):
-            bounds, orders = plan_for(source, U, R, bal)
-            tot, worst = None, 0.0
-            for l in range(source.layers):
-                c, tt = source.costs(l)
-                loads = rank_loads(c, tt, U, R, order=orders[l], bounds=bounds)
-                worst = max(worst, imbalance(loads))
-                tot = loads if tot is None else [a + b for a, b in zip(tot, loads)]
-            row[label] = round(imbalance(tot), 4)
-            row[f"{label}_worst_layer"] = round(worst, 4)
+            row[label], row[f"{label}_worst_layer"] = (round(x, 4) for x in _summed(source, U, R, *plan_for(source, U, R, bal)))
+        row["balanced_oracle"] = round(_summed(source, U, R, *plan_for(source, U, R, True, oracle=True))[0], 4)
         row["balanced_slab_aligned"] = ""
-        if R > 1:  # frame-aligned (whole-slab) ring shards instead, for comparison
-            unit = math.lcm(source.layout.blocks_per_slab, U)
-            if source.layout.num_video_blocks // unit >= R:
-                bounds, orders = plan_for(source, U, R, True)
-                total = sum(source.costs(l)[0] for l in range(source.layers))
-                b = balanced_bounds(total.sum(0), R, unit)
-                tot = None
-                for l in range(source.layers):
-                    c, tt = source.costs(l)
-                    loads = rank_loads(c, tt, U, R, order=orders[l], bounds=b)
-                    tot = loads if tot is None else [x + y for x, y in zip(tot, loads)]
-                row["balanced_slab_aligned"] = round(imbalance(tot), 4)
+        unit = math.lcm(source.layout.blocks_per_slab, U)
+        if R > 1 and source.layout.num_video_blocks // unit >= R:  # whole-slab ring shards, for comparison
+            _, orders = plan_for(source, U, R, True, oracle=True)
+            total = sum(source.costs(l)[0] for l in range(source.layers)).sum(0)
+            b = balanced_bounds(total, R, unit)
+            row["balanced_slab_aligned"] = round(_summed(source, U, R, b, orders)[0], 4)
         rows.append(row)
     return rows
 
@@ -508,8 +520,8 @@ def main(argv=None) -> int:
     if rank == 0:
         imb.sort(key=lambda r: (r["shape"], r["source"], r["P"], r["layout"]))
         _print_table("imbalance (max / mean computed blocks per rank, summed over layers)", imb,
-                     ["shape", "source", "density", "P", "layout", "contiguous", "balanced", "balanced_slab_aligned",
-                      "contiguous_worst_layer", "balanced_worst_layer"])
+                     ["shape", "source", "density", "P", "layout", "contiguous", "balanced", "balanced_oracle",
+                      "balanced_slab_aligned", "contiguous_worst_layer", "balanced_worst_layer"])
         if pred:
             pred.sort(key=lambda r: (r["shape"], r["source"], r["P"], r["layout"], r["plan"]))
             _print_table(f"predicted attention time per step (a2a {args.a2a_gbps:g} GB/s, p2p {args.p2p_gbps:g} GB/s)",

@@ -273,3 +273,55 @@ def test_balanced_four_processes(tmp_path):
     res = run_workers(_balanced_worker, 4, tmp_path, configs, cases, timeout=280)
     assert all(r == res[0] for r in res)
     _check_plans(res[0])
+
+
+# ---------------------------------------------------------------------------- the embedded model, end to end
+COMPACT_RUN = [("sparsity.mode", "compact"), ("sparsity.compact_config", "embedded-compact-0.5.yaml"),
+               ("sparsity.dense_steps", "0"), ("model.frames", "5"), ("model.height", "36"), ("model.width", "36"),
+               ("run.steps", "2"), ("run.attn_backend", "torch"), ("run.progress", "false"), ("run.video", "false"),
+               ("cluster.device", "cpu"), ("cluster.backend", "gloo")]
+
+
+def _run_cfg(out, name, *extra):
+    from dist_compact.config import load_run_config
+
+    return load_run_config([], COMPACT_RUN + [("run.output_dir", str(out)), ("run.name", name), *extra])
+
+
+def _generation_worker(rank, world, out, ulysses, ring):
+    import os
+
+    from dist_compact.pipeline import run_generation
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    res = run_generation(_run_cfg(out, f"u{ulysses}r{ring}", ("cluster.nproc", str(world)),
+                                  ("cluster.ulysses", str(ulysses)), ("cluster.ring", str(ring))))
+    return res.latents, res.report["parallel_balance"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    from dist_compact.pipeline import run_generation
+
+    return run_generation(_run_cfg(tmp_path_factory.mktemp("one"), "one"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("ulysses,ring", [(1, 2), (2, 1)], ids=["ring2", "ulysses2"])
+def test_embedded_generation_balanced_equals_one_process(tmp_path, one_process_run, ulysses, ring):
+    """generate's pipeline on 2 gloo processes with the shipped Compact config: balanced shards
+    (unequal ring shards of the hidden states, head permutation) give the one-process latents, and
+    report.json carries the imbalance figures."""
+    one = one_process_run
+    assert one.report["parallel_balance"] is None
+    res = run_workers(_generation_worker, 2, tmp_path, tmp_path, ulysses, ring, timeout=280)
+    for lat, bal in res:
+        assert not torch.isnan(lat).any()
+        err = (lat - one.latents).abs().max().item()
+        # fp32, two denoising steps: the ring's LSE merges add in another order than one process
+        assert err <= 3e-4 * max(1.0, one.latents.abs().max().item()), f"max abs latent error {err:.3g}"
+        assert bal == res[0][1] and bal["static_layers"] == 8 and len(bal["per_layer"]) == 8
+        assert bal["imbalance"] < bal["imbalance_contiguous"], bal
+        if ring > 1:
+            b = bal["ring_bounds"]
+            assert b != bal["equal_bounds"] and len({y - x for x, y in zip(b[:-1], b[1:])}) > 1

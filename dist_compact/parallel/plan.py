@@ -29,7 +29,10 @@ communication:
 * the Ulysses head order, per wrapped layer and layout at its first call (heads are independent,
   so each layer may permute its own): :func:`~dist_compact.parallel.balance.balanced_head_order`.
 
-Layers without a static index (dense, AdaSpa alone) leave both contiguous. ``balance_report``
+Without a static index (dense, AdaSpa alone) every real row counts the same and padding slabs
+nothing (the padding ``layout_for`` appends would otherwise all land on the last ring rank), and
+the head order stays contiguous: AdaSpa's per-head budgets exist only after its first search, and
+moving heads then would move its cached index and LSE between ranks. ``balance_report``
 gives the imbalance (max / mean computed blocks per rank) per layer and summed, balanced and
 contiguous.
 
@@ -191,7 +194,8 @@ class SequenceParallel:
         """Ring shard offsets in video blocks (``ring + 1`` ints, 0 .. num_video_blocks) for ``layout``.
 
         Decided at the layout's first use and then fixed (see the module docstring): balanced over
-        the wrapped layers' static indices when ``balance`` and they exist, else equal shards.
+        the wrapped layers' static indices when ``balance`` and they exist, else over the real
+        (non-padding) blocks; equal shards without ``balance`` or when balancing gains nothing.
         """
         hit = self._bounds.get(layout)
         if hit is not None:
@@ -206,13 +210,18 @@ class SequenceParallel:
             if costs:
                 total = sum(c for _, c, _ in costs).sum(0)  # per video block, all layers and heads
                 tt = float(sum(t.sum() for _, _, t in costs))
-                cand = balanced_bounds(total, R, unit)
+            else:
+                # no static index (dense, AdaSpa): every real row costs the same (AdaSpa keeps the
+                # same count per row), padding slabs nothing
+                total = (layout.block_valid()[:nv] > 0).double()
+                tt = 0.0
+            cand = balanced_bounds(total, R, unit)
 
-                def worst(b):
-                    return max(rank_loads(total.view(1, -1), torch.tensor([tt]), 1, R, bounds=b))
+            def worst(b):
+                return max(rank_loads(total.view(1, -1), torch.tensor([tt]), 1, R, bounds=b))
 
-                if worst(cand) < worst(bounds):
-                    bounds = cand
+            if worst(cand) < worst(bounds):
+                bounds = cand
         self._bounds[layout] = bounds
         return bounds
 
