@@ -3,7 +3,8 @@ added from measured bandwidths, predicted step time and scaling efficiency per l
 vs contiguous shards.
 
     PYTHONPATH=$PWD:$PWD/kernels python benchmarks/scaling_model.py --out $OUT          # one H200, ~3 min
-    python benchmarks/scaling_model.py --imbalance-only --out /tmp/sm                   # CPU: the imbalance table
+    python benchmarks/scaling_model.py --imbalance-only --sources compact-0.5,compact-0.6,compact-0.8,adaspa \
+        --out /tmp/sm                                                                   # CPU: the imbalance table
     python benchmarks/scaling_model.py --small                                          # CPU dry run (seconds)
     # a multi-GPU machine: the same prediction, and the real layer measured beside it
     PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/scaling_model.py --measure --out $OUT
@@ -449,6 +450,58 @@ def predict(source: Source, work: Work, measure_layers: Sequence[int], entries: 
     return rows
 
 
+# ---------------------------------------------------------------------------- the real thing (multi-GPU)
+class _StaticLayer:
+    """A wrapped attention layer with a static index (the ``compact.index_for`` protocol that
+    ``SequenceParallel`` balances from): localize, then the ops' block-sparse attention."""
+
+    def __init__(self, index: BlockIndex, layer: int):
+        self.compact, self.layer, self._index = self, layer, index
+        self.num_heads = index.num_heads
+
+    def index_for(self, layer, layout, num_heads):
+        return self._index
+
+    def __call__(self, q, k, v, ctx):
+        return ctx.ops.attention(q, k, v, ctx.ops.localize(self._index, ctx.layout), ctx.layout)
+
+
+def measure(source: Source, work: Work, measure_layers: Sequence[int], entries, reps: int) -> Dict[Tuple[str, str], float]:
+    """Measured attention ms per step of each ``(layout, plan)`` whose degree is the world size:
+    the wrapped layer on the real process groups, slowest rank per call (collective)."""
+    import torch.distributed as dist
+
+    from dist_compact.context import AttentionContext
+    from dist_compact.executor import AttentionOps
+    from dist_compact.parallel import SequenceParallel, build_groups
+
+    world = dist.get_world_size()
+    lay = source.layout
+    scale = source.layers / len(measure_layers)
+    out = {}
+    for P, name, U, R in entries:
+        if P != world:
+            continue
+        cfg = ParallelConfig(U, R)
+        groups = build_groups(cfg)
+        for label, bal in (("contiguous", False), ("balanced", True)):
+            sp = SequenceParallel(cfg, groups, balance=bal)
+            layers = [sp.wrap(_StaticLayer(source.index(l).to(work.device), l)) for l in measure_layers]
+            ctx = AttentionContext(layout=lay, ops=AttentionOps(work.backend))
+            local = [sp.shard(t, lay) for t in (work.q, work.k, work.v)]
+            total = 0.0
+            for attn in layers:
+                def call():
+                    dist.barrier()
+                    attn(*local, ctx)
+                ms = torch.tensor([make_timer(work.device)(call, reps)], device=work.device)
+                dist.all_reduce(ms, op=dist.ReduceOp.MAX)
+                total += float(ms)
+            out[(name, label)] = round(total * scale, 2)
+            del layers
+    return out
+
+
 # ---------------------------------------------------------------------------- main
 def _layout(spec: dict) -> VideoLayout:
     return VideoLayout(*spec["grid"], tile=spec["tile"], text_tokens=spec["text"])
@@ -466,8 +519,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for the CSV files (default $OUT)")
     ap.add_argument("--shapes", default="hunyuan720,wan480")
-    ap.add_argument("--sources", default="compact-0.5,compact-0.6,compact-0.8,adaspa",
-                    help="index sources of the imbalance table")
+    ap.add_argument("--sources", default="compact-0.5,adaspa",
+                    help="index sources of the imbalance table (all: compact-0.5,compact-0.6,compact-0.8,adaspa)")
     ap.add_argument("--timed-sources", default="compact-0.5,adaspa", help="index sources the GPU part times")
     ap.add_argument("--P", default="2,4,8", help="rank counts")
     ap.add_argument("--measure-layers", type=int, default=2, help="layers timed per source (scaled to all layers)")
@@ -489,6 +542,14 @@ def main(argv=None) -> int:
     shapes = SMALL_SHAPES if args.small else {k: SHAPES[k] for k in args.shapes.split(",")}
     Ps = [int(p) for p in args.P.split(",")]
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.measure:
+        from dist_compact.parallel import init_distributed
+
+        if world == 1:
+            raise SystemExit("scaling_model.py --measure: run under torchrun with one process per GPU")
+        init_distributed(ParallelConfig(1, world))  # NCCL on GPUs, gloo on CPUs; groups per layout below
+        if torch.cuda.is_available() and not args.small:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     rank = int(os.environ.get("RANK", "0"))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.small else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -513,9 +574,13 @@ def main(argv=None) -> int:
                     continue
                 work = Work(lay, spec["heads"], HEAD_DIM if not args.small else 32, dtype, device, backend)
                 ml = sorted(set(int(x) for x in torch.linspace(0, spec["layers"] - 1, args.measure_layers).round()))
-                pred += [dict(shape=shape, **row) for row in predict(
-                    src, work, ml, entries, a2a_gbps=args.a2a_gbps, p2p_gbps=args.p2p_gbps, reps=args.reps,
-                    timer=timer)]
+                rows = predict(src, work, ml, entries, a2a_gbps=args.a2a_gbps, p2p_gbps=args.p2p_gbps,
+                               reps=args.reps, timer=timer)
+                if args.measure:
+                    got = measure(src, work, ml, entries, args.reps)
+                    for row in rows:
+                        row["measured_ms"] = got.get((row["layout"], row["plan"]), "")
+                pred += [dict(shape=shape, **row) for row in rows]
                 del work
     if rank == 0:
         imb.sort(key=lambda r: (r["shape"], r["source"], r["P"], r["layout"]))
@@ -526,11 +591,16 @@ def main(argv=None) -> int:
             pred.sort(key=lambda r: (r["shape"], r["source"], r["P"], r["layout"], r["plan"]))
             _print_table(f"predicted attention time per step (a2a {args.a2a_gbps:g} GB/s, p2p {args.p2p_gbps:g} GB/s)",
                          pred, ["shape", "source", "P", "layout", "plan", "t1_ms", "step_ms", "efficiency",
-                                "step_overlap_ms", "efficiency_overlap", "a2a_mb_per_layer", "p2p_mb_per_layer"])
+                                "step_overlap_ms", "efficiency_overlap", "a2a_mb_per_layer", "p2p_mb_per_layer"]
+                         + (["measured_ms"] if args.measure else []))
         if args.out:
             write_csv(os.path.join(args.out, "imbalance.csv"), imb)
             write_csv(os.path.join(args.out, "scaling_model.csv"), pred)
         print(f"\n{time.time() - t0:.1f} s")
+    if args.measure:
+        from dist_compact.parallel.launch import shutdown
+
+        shutdown()
     return 0
 
 

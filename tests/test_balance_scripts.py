@@ -140,3 +140,22 @@ def test_share_gpu_summary(tmp_path, capsys):
     assert (tmp_path / "share_gpu_check.csv").read_text().count("\n") == 3
     with pytest.raises(SystemExit):
         sgc.main(["--models", "nope", "--summary"])
+
+
+def _measure_worker(rank, world):
+    sys.path[:0] = [str(ROOT / "benchmarks")]
+    import scaling_model as sm_w
+
+    lay = sm_w.padded_layout(sm_w._layout(sm_w.SMALL_SHAPES["small-text"]), ParallelConfig(1, 2))
+    src = sm_w.Source("compact-0.5", lay, 8, 2)
+    work = sm_w.Work(lay, 8, 16, torch.float32, torch.device("cpu"), "torch")
+    return sm_w.measure(src, work, [1], [(2, "ring2", 1, 2), (2, "ulysses2", 2, 1), (4, "ring4", 1, 4)], reps=1)
+
+
+def test_scaling_model_measure_on_two_processes(tmp_path):
+    from parallel_helpers import run_workers
+
+    res = run_workers(_measure_worker, 2, tmp_path, timeout=120)
+    assert res[0] == res[1]  # the slowest rank's time, agreed
+    assert set(res[0]) == {(n, p) for n in ("ring2", "ulysses2") for p in ("contiguous", "balanced")}
+    assert all(v > 0 for v in res[0].values())
