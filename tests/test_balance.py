@@ -165,8 +165,11 @@ class _StaticLayer:
         self.rows, self.head_order = ops.q_blocks(layout), getattr(ops, "head_order", None)
         self.heads = ops.head_range(self.compact.num_heads)
         if self.mode == "sparse":
+            from dist_compact.parallel.coordinator import gather_index
+
             local = ops.localize(self.compact.index, layout)
             out, self.lse = ops.attention(q, k, v, local, layout, return_lse=True, scale=ctx.scale)
+            self.gathered = gather_index(local, ops, layout)  # collective: model head order again
         else:
             out, self.lse = ops.dense(q, k, v, layout, return_lse=True, scale=ctx.scale)
             self.mass = ops.block_mass(q, k, self.lse, layout, scale=ctx.scale)
@@ -205,6 +208,8 @@ def _balanced_case(sp_on, sp_off, name, mode, stage_sp=None):
         fin = torch.isfinite(want)
         assert torch.equal(fin, torch.isfinite(layer.lse))
         assert (layer.lse[fin] - want[fin]).abs().max().item() <= TOL
+        if mode == "sparse":
+            assert layer.gathered.equal(idx), f"{name}/{label}: gather_index is not the global index"
         if mode == "mass":
             ref_mass = block_attention_mass(q, k, ref_lse, bs, block_valid=bv, backend="torch")
             e = (layer.mass - ref_mass[:, heads][:, :, layer.rows]).abs().max().item()
