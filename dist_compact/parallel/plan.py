@@ -225,10 +225,11 @@ class SequenceParallel:
         self._bounds[layout] = bounds
         return bounds
 
-    def _video_range(self, layout: VideoLayout, sp_rank: Optional[int] = None) -> Tuple[int, int]:
+    def _video_range(self, layout: VideoLayout) -> Tuple[int, int]:
+        """This rank's video blocks ``[start, stop)``: its Ulysses chunk of its ring shard."""
         b = self.ring_bounds(layout)
         U = self.config.ulysses
-        r, u = divmod(self.sp_rank if sp_rank is None else sp_rank, U)
+        r, u = divmod(self.sp_rank, U)
         n = (b[r + 1] - b[r]) // U
         return b[r] + u * n, b[r] + (u + 1) * n
 
