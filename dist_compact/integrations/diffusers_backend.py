@@ -88,7 +88,6 @@ from ..context import AttentionContext
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
-from ..parallel.ring import remap_keys, select_rows_at
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 from ..schedule import SparsityConfig
 from .diffusers import (MAX_LAYOUTS, DenoisingState, HunyuanVideoSparseAttnProcessor, SparsifyHandle,
@@ -304,7 +303,7 @@ class ChunkRingOps(HeadShardedOps):
         h0, h1 = self.head_range(index.num_heads)
         if (h0, h1) != (0, index.num_heads):
             index = index.select_heads(slice(h0, h1))
-        return select_rows_at(index, self._cpu.q_blocks)
+        return index.select_rows_at(self._cpu.q_blocks)
 
     # ------------------------------------------------------------------ compute
     def _per_chunk(self, index: Optional[BlockIndex], heads: int, device) -> List[BlockIndex]:
@@ -318,7 +317,7 @@ class ChunkRingOps(HeadShardedOps):
             nq = g.q_valid.numel()
             subs = [BlockIndex.full(1, heads, nq, v.numel(), g.block_size, device=device) for v in g.k_valid]
         else:
-            subs = [remap_keys(index, km, v.numel()) for km, v in zip(g.key_map, g.k_valid)]
+            subs = [index.remap_keys(km, v.numel()) for km, v in zip(g.key_map, g.k_valid)]
         self._subs[key] = (index, subs)
         while len(self._subs) > 4:
             self._subs.popitem(last=False)
