@@ -48,6 +48,12 @@ MODELS = {
             ("model.frames", "21"), ("model.height", "480"), ("model.width", "832"), ("model.tile", "1,16,8")],
 }
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}
+#: attention heads per model: a Ulysses degree that does not divide them is not a layout of that model
+HEADS = {"embedded": 6, "hunyuan": 24, "wan": 40}
+#: ``--variant``: extra overrides that isolate where a difference comes from (the online search picks
+#: blocks by top-k of the block mass, so bf16 rounding can change its choice; ``compact`` has no online
+#: search, ``fp32`` keeps the search but in float32)
+VARIANTS = {"default": [], "compact": [("sparsity.mode", "compact")], "fp32": [("model.dtype", "float32")]}
 SCHEDULE = [("sparsity.mode", "compact+adaspa"), ("sparsity.dense_steps", "1"), ("sparsity.search_steps", "[1]"),
             ("sparsity.search_kinds", "[fused]"), ("sparsity.reference_steps", "3"), ("sparsity.sparsity", "0.8"),
             ("run.steps", "3"), ("run.video", "false"), ("run.progress", "false"), ("run.prompt", "a red circle moving right"),
@@ -76,10 +82,10 @@ CPU = [("cluster.device", "cpu"), ("model.dtype", "float32"), ("run.attn_backend
        ("model.height", "36"), ("model.width", "36")]
 
 
-def _cfg(model: str, out: str, name: str, compact: str, cluster, cpu: bool = False):
+def _cfg(model: str, out: str, name: str, compact: str, cluster, cpu: bool = False, variant: str = "default"):
     from dist_compact.config import load_run_config
 
-    over = MODELS[model] + SCHEDULE + [("sparsity.compact_config", compact), ("run.output_dir", os.path.join(out, "runs")),
+    over = MODELS[model] + SCHEDULE + VARIANTS[variant] + [("sparsity.compact_config", compact), ("run.output_dir", os.path.join(out, "runs")),
                                        ("run.name", name), ("cluster.device", "cuda")] + cluster
     if cpu:
         over = [kv for kv in over if kv != ("cluster.share_gpus", "true")] + CPU
@@ -103,7 +109,7 @@ def _count_ws():
     return lambda: box[0]
 
 
-def reference(models, out, cpu=False):
+def reference(models, out, cpu=False, variant="default"):
     import torch
 
     from dist_compact.pipeline import run_generation
@@ -112,14 +118,14 @@ def reference(models, out, cpu=False):
     for m in models:
         compact = _compact_file(m, out)
         t = time.time()
-        res = run_generation(_cfg(m, out, f"ref-{m}", compact, [("cluster.nproc", "1")], cpu))
+        res = run_generation(_cfg(m, out, f"ref-{m}", compact, [("cluster.nproc", "1")], cpu, variant))
         torch.save(res.latents, os.path.join(out, f"ref-{m}.pt"))
         with open(os.path.join(out, f"compact-{m}.path"), "w") as f:
             f.write(compact)
         print(f"reference {m}: {time.time() - t:.1f} s", flush=True)
 
 
-def parallel(models, out, tol, cpu=False):
+def parallel(models, out, tol, cpu=False, variant="default"):
     import torch
     import torch.distributed as dist
 
@@ -131,6 +137,8 @@ def parallel(models, out, tol, cpu=False):
     rows = []
     for (u, r) in LAYOUTS[world]:
         for m in models:
+            if HEADS[m] % u:
+                continue  # not a layout of this model (generate.py refuses it with one error)
             ref_path = os.path.join(out, f"ref-{m}.pt")
             if not os.path.exists(ref_path):
                 continue
@@ -143,7 +151,7 @@ def parallel(models, out, tol, cpu=False):
                 res = run_generation(_cfg(m, out, f"P{world}-u{u}r{r}-{m}", compact,
                                           [("cluster.nproc", str(world)), ("cluster.ulysses", str(u)),
                                            ("cluster.ring", str(r)), ("cluster.backend", "gloo"),
-                                           ("cluster.share_gpus", "true")], cpu))
+                                           ("cluster.share_gpus", "true")], cpu, variant))
                 ref = torch.load(ref_path)
                 a, b = res.latents.float(), ref.float()
                 bal = res.report.get("parallel_balance") or {}
@@ -198,6 +206,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tol", type=float, default=2e-2, help="largest ||a - b|| / ||b|| of the latents (bf16)")
     ap.add_argument("--reference", action="store_true", help="one process: the reference latents")
     ap.add_argument("--summary", action="store_true", help="print the table and write the CSV")
+    ap.add_argument("--variant", default="default", choices=sorted(VARIANTS))
     ap.add_argument("--cpu", action="store_true", help="a dry run on CPUs (gloo, fp32, small video, embedded only)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -209,11 +218,11 @@ def main(argv=None) -> int:
     if args.cpu and models != ["embedded"]:
         ap.error("--cpu runs the embedded model only (--models embedded)")
     if args.reference:
-        reference(models, args.out, args.cpu)
+        reference(models, args.out, args.cpu, args.variant)
         return 0
     if int(os.environ.get("WORLD_SIZE", "1")) not in LAYOUTS:
         ap.error(f"run under torchrun with --nproc-per-node in {sorted(LAYOUTS)}")
-    parallel(models, args.out, args.tol, args.cpu)
+    parallel(models, args.out, args.tol, args.cpu, args.variant)
     from dist_compact.parallel.launch import shutdown
 
     shutdown()
