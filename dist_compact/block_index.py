@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 
@@ -47,10 +47,15 @@ class BlockIndex:
     masking (padding inside it) is not stored here: it follows from the per-block valid-token counts
     of the layout, which the kernel reads.
 
-    Construct with :meth:`from_dense` (a bool block mask), :meth:`full`, or directly from tensors.
+    Construct with :meth:`from_dense` (a bool block mask), :meth:`full`, or directly from tensors
+    (checked: counts within the row width, used entries in ``[0, num_k_blocks)`` and strictly
+    increasing; ``check=False`` is for the derivations below, correct by construction).
+    Derived data that is expensive to build (e.g. a token mask) is kept on the index with
+    :meth:`cached`, since the index never changes.
     """
 
-    def __init__(self, counts: torch.Tensor, indices: torch.Tensor, block_size: int, num_k_blocks: int):
+    def __init__(self, counts: torch.Tensor, indices: torch.Tensor, block_size: int, num_k_blocks: int, *,
+                 check: bool = True):
         if not isinstance(counts, torch.Tensor) or not isinstance(indices, torch.Tensor):
             raise TypeError("BlockIndex: counts and indices must be tensors")
         if counts.dim() != 3:
@@ -73,6 +78,39 @@ class BlockIndex:
         self.block_size = block_size
         self.num_k_blocks = num_k_blocks
         self._density = None  # cached: an index is immutable once built
+        self._derived: dict = {}  # kind -> (key, value), see cached()
+        if check:
+            self._check_entries()
+
+    def _check_entries(self) -> None:
+        """One error naming the first bad row: count outside ``[0, max_count]``, a used entry outside
+        ``[0, num_k_blocks)``, or used entries not strictly increasing (kernels rely on all three)."""
+        c, i, nk = self.counts, self.indices, self.num_k_blocks
+        bad_count = (c < 0) | (c > self.max_count)
+        used = torch.arange(self.max_count, device=c.device).view(1, 1, 1, -1) < c.unsqueeze(-1)
+        bad_range = (used & ((i < 0) | (i >= nk))).any(-1)
+        bad_order = (used[..., 1:] & (i[..., 1:] <= i[..., :-1])).any(-1)
+        for bad, what in ((bad_count, f"count outside [0, {self.max_count}] (the row width)"),
+                          (bad_range, f"key block outside [0, {nk})"),
+                          (bad_order, "key blocks not strictly increasing")):
+            if bool(bad.any()):
+                b, h, r = (int(x) for x in bad.nonzero()[0])
+                raise ValueError(
+                    f"BlockIndex: row (batch {b}, head {h}, query block {r}) has a {what}: count "
+                    f"{int(c[b, h, r])}, indices {i[b, h, r, :8].tolist()}{'...' if self.max_count > 8 else ''}"
+                )
+
+    def cached(self, kind: str, key: Hashable, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``(kind, key)``, kept on this index (it is immutable, so derived data
+        stays valid). One key per kind: a new key replaces the old value (a run uses one layout at
+        a time, and a token mask can be large)."""
+        hit = self._derived.get(kind)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        self._derived.pop(kind, None)  # free the old value before building the new one
+        value = build()
+        self._derived[kind] = (key, value)
+        return value
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -90,7 +128,7 @@ class BlockIndex:
         counts = mask.sum(-1, dtype=torch.int32)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
         cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
-        return cls(counts, _compact_rows(mask, cols, width), block_size, nk)
+        return cls(counts, _compact_rows(mask, cols, width), block_size, nk, check=False)
 
     @classmethod
     def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,
@@ -101,7 +139,7 @@ class BlockIndex:
         if num_k_blocks == 0:
             idx = idx - 1
         indices = idx.view(1, 1, 1, -1).expand(batch, heads, num_q_blocks, -1).contiguous()
-        return cls(counts, indices, block_size, num_k_blocks)
+        return cls(counts, indices, block_size, num_k_blocks, check=False)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -145,7 +183,8 @@ class BlockIndex:
 
     # ------------------------------------------------------------------ conversions
     def to(self, device) -> "BlockIndex":
-        return BlockIndex(self.counts.to(device), self.indices.to(device), self.block_size, self.num_k_blocks)
+        return BlockIndex(self.counts.to(device), self.indices.to(device), self.block_size, self.num_k_blocks,
+                          check=False)
 
     def entry_mask(self) -> torch.Tensor:
         """bool ``[batch, heads, q_blocks, max_count]``: which entries of ``indices`` are used."""
@@ -241,14 +280,14 @@ class BlockIndex:
         else:
             sel = torch.as_tensor(heads, dtype=torch.long, device=self.device)
             c, i = self.counts.index_select(1, sel), self.indices.index_select(1, sel)
-        return BlockIndex(c, i, self.block_size, self.num_k_blocks)
+        return BlockIndex(c, i, self.block_size, self.num_k_blocks, check=False)
 
     def select_rows(self, start: int, stop: int) -> "BlockIndex":
         """Keep query blocks ``[start, stop)`` (a ring rank's query shard); key numbering unchanged."""
         if not 0 <= start <= stop <= self.num_q_blocks:
             raise ValueError(f"select_rows({start}, {stop}) out of range for {self.num_q_blocks} query blocks")
         return BlockIndex(self.counts[:, :, start:stop], self.indices[:, :, start:stop], self.block_size,
-                          self.num_k_blocks)
+                          self.num_k_blocks, check=False)
 
     def select_keys(self, start: int, stop: int) -> "BlockIndex":
         """Keep key blocks ``[start, stop)`` renumbered from 0 (the key shard a ring step brings)."""
@@ -257,7 +296,52 @@ class BlockIndex:
         sel = self.entry_mask() & (self.indices >= start) & (self.indices < stop)
         cnt = sel.sum(-1, dtype=torch.int32)
         width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-        return BlockIndex(cnt, _compact_rows(sel, self.indices - start, width), self.block_size, stop - start)
+        return BlockIndex(cnt, _compact_rows(sel, self.indices - start, width), self.block_size, stop - start,
+                          check=False)
+
+    def select_rows_at(self, rows: torch.Tensor) -> "BlockIndex":
+        """Keep the query blocks listed in ``rows`` (int ids, any order); key numbering unchanged."""
+        rows = torch.as_tensor(rows, dtype=torch.long).to(self.device)
+        if rows.dim() != 1 or (rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_q_blocks)):
+            raise ValueError(f"select_rows_at: rows must be 1-D ids in [0, {self.num_q_blocks}), got {rows.tolist()[:8]}")
+        c = self.counts.index_select(2, rows)
+        i = self.indices.index_select(2, rows)
+        width = max(int(c.max()) if c.numel() else 0, 1)
+        return BlockIndex(c, i[..., :width], self.block_size, self.num_k_blocks, check=False)
+
+    def remap_keys(self, key_map: torch.Tensor, num_k_blocks: int) -> "BlockIndex":
+        """Renumber key blocks: key ``j`` becomes ``key_map[j]`` (``-1`` drops it); ``num_k_blocks`` keys after.
+
+        ``key_map`` (int ``[self.num_k_blocks]``) must be strictly increasing on the kept keys (so
+        rows stay strictly increasing) and map into ``[0, num_k_blocks)``; the result is checked.
+        """
+        km = torch.as_tensor(key_map).to(self.device, torch.long)
+        if km.shape != (self.num_k_blocks,):
+            raise ValueError(f"remap_keys: key_map must have shape ({self.num_k_blocks},), got {tuple(km.shape)}")
+        used = self.entry_mask()
+        new = torch.where(used, km[self.indices.clamp(min=0).long()], torch.full_like(self.indices, -1, dtype=torch.long))
+        keep = new >= 0
+        cnt = keep.sum(-1, dtype=torch.int32)
+        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        return BlockIndex(cnt, _compact_rows(keep, new, width), self.block_size, num_k_blocks)
+
+    def cat_rows(self, other: "BlockIndex") -> "BlockIndex":
+        """This index's query rows, then ``other``'s (same heads, keys, block size and batch)."""
+        if not isinstance(other, BlockIndex):
+            raise TypeError(f"cat_rows: expected a BlockIndex, got {type(other).__name__}")
+        a, b = self, other
+        if (a.num_heads, a.num_k_blocks, a.block_size, a.batch) != (b.num_heads, b.num_k_blocks, b.block_size, b.batch):
+            raise ValueError(f"cat_rows: incompatible indices {a!r} and {b!r}")
+        w = max(a.max_count, b.max_count)
+
+        def pad(x: "BlockIndex") -> torch.Tensor:
+            if x.max_count == w:
+                return x.indices
+            fill = torch.full((*x.counts.shape, w - x.max_count), -1, dtype=torch.int32, device=x.device)
+            return torch.cat([x.indices, fill], dim=-1)
+
+        return BlockIndex(torch.cat([a.counts, b.counts], 2), torch.cat([pad(a), pad(b.to(a.device))], 2),
+                          a.block_size, a.num_k_blocks, check=False)
 
     def key_blocks_used(self) -> torch.Tensor:
         """bool ``[num_k_blocks]``: key blocks that some row attends to."""

@@ -84,6 +84,10 @@ class ClusterConfig:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
         backend: torch.distributed backend: ``"auto"`` (nccl on CUDA, gloo on CPU), ``"gloo"``, ``"nccl"``.
         master_addr, master_port: rendezvous endpoint for multi-node launches (launchers use them).
+        share_gpus: several ranks per GPU (``cuda:(local_rank % GPUs)``, gloo with CUDA tensors, the
+            ring's point-to-point staged through pinned host memory; NCCL refuses two ranks on one
+            GPU): ``true`` always, ``false`` never (more ranks than GPUs is then an error), ``null``
+            (default) when a node has more ranks than GPUs, with a one-line warning.
     """
 
     nproc: int = 1
@@ -94,6 +98,7 @@ class ClusterConfig:
     backend: str = "auto"
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    share_gpus: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("nproc", "nnodes", "ulysses", "ring"):
@@ -102,6 +107,11 @@ class ClusterConfig:
         _choice(self, "backend", ("auto", "gloo", "nccl"))
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("ClusterConfig.backend 'nccl' needs CUDA devices; use gloo with device: cpu")
+        if self.share_gpus not in (None, True, False):
+            raise ValueError(f"ClusterConfig.share_gpus must be true, false or null, got {self.share_gpus!r}")
+        if self.share_gpus and (self.device == "cpu" or self.backend == "nccl"):
+            raise ValueError("ClusterConfig.share_gpus: true runs gloo on CUDA devices (NCCL refuses two ranks on one "
+                             f"GPU); it cannot go with device: {self.device}, backend: {self.backend}")
         if not isinstance(self.master_addr, str) or not self.master_addr:
             raise ValueError(f"ClusterConfig.master_addr must be a non-empty string, got {self.master_addr!r}")
         if not _is_int(self.master_port) or not 1 <= self.master_port <= 65535:

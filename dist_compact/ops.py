@@ -222,12 +222,11 @@ def _masked_sdpa(q, k, v, index: BlockIndex, scale, q_valid, kv_valid):
     SQ, SK = q.shape[1], k.shape[1]
     key = (SQ, SK, None if q_valid is None else tuple(q_valid.tolist()),
            None if kv_valid is None else tuple(kv_valid.tolist()))
-    cache = index.__dict__.setdefault("_token_mask_cache", {})
-    if key not in cache:
-        cache.clear()  # one layout at a time is what a run uses
+    def build():
         m = token_mask(index, SQ, SK, q_valid, kv_valid)
-        cache[key] = (m, m.any(-1))
-    mask, has = cache[key]
+        return m, m.any(-1)
+
+    mask, has = index.cached("token_mask", key, build)
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                        scale=scale)
     o = torch.where(has.unsqueeze(-1), o, torch.zeros((), dtype=o.dtype))  # all-masked rows: NaN -> 0

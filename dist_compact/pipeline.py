@@ -324,10 +324,10 @@ def make_parallel(cluster, device: torch.device, num_heads: int):
         raise WorldSizeError(f"the model has {num_heads} heads, not divisible by cluster.ulysses={cluster.ulysses}")
     from .parallel import ParallelConfig, init_distributed
 
-    backend = cluster.backend
-    if backend == "auto":
-        backend = "nccl" if device.type == "cuda" else "gloo"
-    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring), backend=backend)
+    # the backend follows the device, and is gloo when ranks share GPUs (parallel.launch.select_backend)
+    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring),
+                            backend=None if cluster.backend == "auto" else cluster.backend,
+                            share_gpus=cluster.share_gpus, device_type=device.type)
 
 
 def _is_dist() -> bool:
@@ -479,6 +479,7 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
         log.info("world %d rank %d device %s dtype %s layout %s", world, rank, device, dtype, layout)
         log.info("model %s (%d params, sha256 %s)", model_info["weights"], model_info["params"], model_info["sha256"])
         ops = AttentionOps(run.attn_backend)
+        balance = {}  # the sequence-parallel plan's per-rank work, of the first run's layers
 
         def one_run(sparsity: SparsityConfig, label: str):
             stats = AttentionStats()
@@ -488,11 +489,14 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
                          shift=run.shift, ops=ops, stats=stats, sp=sp, progress=run.progress and rank == 0,
                          step_labels=step_kinds(sparsity, run.steps))
             log.info("%s run: %.3f s total", label, res.total_seconds)
+            if sp.enabled and not balance:
+                balance.update(sp.balance_report(layout))
             return res, stats
 
         sparse, dense = _sparse_and_dense(cfg, one_run)
         report = rpt.build_report(cfg, model_info=model_info, layout=layout, world=world, device=device,
                                   dtype=dtype, sparse=sparse, dense=dense, num_layers=mcfg.depth, num_heads=mcfg.heads)
+        report["parallel_balance"] = balance or None  # imbalance = max / mean computed blocks per rank
         if folder is not None:
             _write_run(folder, report, sparse, dense, run.fps, run.video)
     return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)

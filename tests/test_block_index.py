@@ -91,6 +91,75 @@ def test_constructor_checks():
         BlockIndex(torch.zeros(1, 2, 3, dtype=torch.int32), torch.zeros(1, 2, 4, 1, dtype=torch.int32), 16, 4)
 
 
+def _row(entries, count, nk=6):
+    idx = torch.full((1, 2, 3, 4), -1, dtype=torch.int32)
+    cnt = torch.zeros(1, 2, 3, dtype=torch.int32)
+    idx[0, 1, 2, :len(entries)] = torch.tensor(entries, dtype=torch.int32)
+    cnt[0, 1, 2] = count
+    return cnt, idx, nk
+
+
+@pytest.mark.parametrize("entries,count,msg", [
+    ([0, 3, 2], 3, "not strictly increasing"),
+    ([1, 1], 2, "not strictly increasing"),
+    ([0, 6], 2, r"outside \[0, 6\)"),
+    ([-1], 1, r"outside \[0, 6\)"),
+    ([0, 1], 5, r"count outside \[0, 4\]"),
+    ([0], -1, r"count outside"),
+], ids=["decreasing", "repeated", "too-large", "negative", "count-too-big", "count-negative"])
+def test_constructor_rejects_bad_rows(entries, count, msg):
+    cnt, idx, nk = _row(entries, count)
+    with pytest.raises(ValueError, match=msg) as e:
+        BlockIndex(cnt, idx, 16, nk)
+    assert "batch 0, head 1, query block 2" in str(e.value)
+
+
+def test_constructor_accepts_unused_garbage():
+    # entries past the count are never read: anything there is fine
+    cnt, idx, nk = _row([2, 5, 1, 0], 2)
+    assert BlockIndex(cnt, idx, 16, nk).to_dense()[0, 1, 2].nonzero().flatten().tolist() == [2, 5]
+
+
+def test_index_algebra_methods():
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(2, 3, 6, 8, generator=g) < 0.5
+    idx = BlockIndex.from_dense(m, 16)
+    km = torch.tensor([-1, 0, 1, -1, -1, 2, 3, -1])
+    want = m[..., [1, 2, 5, 6]]
+    assert torch.equal(idx.remap_keys(km, 4).to_dense(), want)
+    rows = torch.tensor([4, 0, 5])
+    assert torch.equal(idx.select_rows_at(rows).to_dense(), m[:, :, rows])
+    a, b = idx.select_rows(0, 2), idx.select_rows(2, 6)
+    assert a.cat_rows(b).equal(idx)
+    with pytest.raises(ValueError, match="not strictly increasing"):
+        idx.remap_keys(torch.tensor([7, 6, 5, 4, 3, 2, 1, 0]), 8)  # a decreasing map breaks the rows
+    with pytest.raises(ValueError, match="key_map must have shape"):
+        idx.remap_keys(torch.arange(5), 5)
+    with pytest.raises(ValueError, match="rows must be 1-D ids"):
+        idx.select_rows_at(torch.tensor([6]))
+    with pytest.raises(ValueError, match="incompatible"):
+        a.cat_rows(idx.select_heads(0))
+    with pytest.raises(TypeError, match="expected a BlockIndex"):
+        a.cat_rows(m)
+
+
+def test_cached_keeps_one_value_per_kind():
+    idx = BlockIndex.full(1, 1, 2, 2, 16)
+    calls = []
+
+    def build(v):
+        calls.append(v)
+        return v
+
+    assert idx.cached("mask", 1, lambda: build("a")) == "a"
+    assert idx.cached("mask", 1, lambda: build("b")) == "a"  # hit: not rebuilt
+    assert idx.cached("other", 1, lambda: build("c")) == "c"  # kinds are separate
+    assert idx.cached("mask", 2, lambda: build("d")) == "d"  # new key replaces the old value
+    assert idx.cached("mask", 1, lambda: build("e")) == "e"
+    assert calls == ["a", "c", "d", "e"]
+    assert "_token_mask_cache" not in vars(idx)
+
+
 def test_flex_block_mask_conversion():
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
     m = _rand_mask(B=1, H=2, nq=4, nk=4)

@@ -160,13 +160,16 @@ def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None, 
         cmp("head stat", cap.head_stat, ref_mass.sum(-1).sum((0, 2)))
     if isinstance(ops, par.RingOps):
         cfg = sp.config
-        vr = layout.num_video_blocks // cfg.ring
-        need = par.ring_needs(index.select_heads(slice(h0, h1)), layout, cfg.ring)
+        bounds = ops.bounds(layout)  # equal shards, or balanced over the real blocks when slabs are padding
+        need = par.ring_needs(index.select_heads(slice(h0, h1)), layout, cfg.ring, bounds=bounds)
         me = sp.groups.ring_rank
-        shard_bytes = 2 * B * vr * bs * (h1 - h0) * D * 4  # K and V, fp32
-        assert par.ring_shard_bytes(layout, cfg.ring, batch=B, heads=h1 - h0, head_dim=D, element_size=4) == shard_bytes
+        shard_bytes = [2 * B * (b - a) * bs * (h1 - h0) * D * 4 for a, b in zip(bounds[:-1], bounds[1:])]  # K+V fp32
+        assert par.shard_kv_bytes(bounds, bs, batch=B, heads=h1 - h0, head_dim=D, element_size=4) == shard_bytes
+        vr = layout.num_video_blocks // cfg.ring
+        assert par.ring_shard_bytes(layout, cfg.ring, batch=B, heads=h1 - h0, head_dim=D,
+                                    element_size=4) == 2 * B * vr * bs * (h1 - h0) * D * 4
         if kind == "mass":  # dense K-only ring on top of the dense ring of the LSE pass
-            predicted = (cfg.ring - 1) * shard_bytes + (cfg.ring - 1) * shard_bytes // 2
+            predicted = (cfg.ring - 1) * shard_bytes[me] + (cfg.ring - 1) * shard_bytes[me] // 2
         else:
             predicted = int(par.ring_bytes(need, shard_bytes)[me])
         assert ops.bytes_sent == predicted, f"{kind}: sent {ops.bytes_sent} B, predicted {predicted} B"

@@ -19,7 +19,6 @@ from dist_compact.parallel import (
     merge_many,
     merge_partials,
 )
-from dist_compact.parallel.ring import cat_rows, remap_keys, select_rows_at
 
 
 # ---------------------------------------------------------------------------- config errors
@@ -124,20 +123,6 @@ def test_shard_takes_video_chunk_and_all_text():
             torch.arange(rank * nv // 4, (rank + 1) * nv // 4), torch.arange(nv, layout.num_blocks)]))
 
 
-# ---------------------------------------------------------------------------- index helpers
-def test_index_helpers():
-    g = torch.Generator().manual_seed(0)
-    m = torch.rand(2, 3, 6, 8, generator=g) < 0.5
-    idx = BlockIndex.from_dense(m, 16)
-    km = torch.tensor([-1, 0, 1, -1, -1, 2, 3, -1])
-    want = m[..., [1, 2, 5, 6]]
-    assert torch.equal(remap_keys(idx, km, 4).to_dense(), want)
-    rows = torch.tensor([4, 0, 5])
-    assert torch.equal(select_rows_at(idx, rows).to_dense(), m[:, :, rows])
-    a, b = idx.select_rows(0, 2), idx.select_rows(2, 6)
-    assert cat_rows(a, b).equal(idx)
-
-
 # ---------------------------------------------------------------------------- LSE merge
 def _attn(q, k, v, keep):
     """fp64 attention of q over the keys in ``keep`` (bool [S_k]) with LSE; nothing kept -> 0, -inf."""
@@ -199,3 +184,47 @@ def test_merge_of_kernel_partials_matches_one_call():
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     fin = torch.isfinite(ref_lse)
     assert (lse[fin] - ref_lse[fin]).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------------------- backend / sharing GPUs
+def test_select_backend():
+    import warnings
+
+    from dist_compact.parallel.launch import select_backend
+
+    def sel(backend=None, dev="cuda", n=4, gpus=4, share=None):
+        return select_backend(backend, device_type=dev, local_world_size=n, device_count=gpus, share_gpus=share)
+
+    assert sel() == ("nccl", False)  # one rank per GPU
+    assert sel("gloo") == ("gloo", False)
+    assert sel(dev="cpu", gpus=0) == ("gloo", False)
+    assert sel(share=True) == ("gloo", True)  # opt-in even with enough GPUs
+    with pytest.warns(UserWarning, match="4 ranks share 1 GPU"):
+        assert sel(gpus=1) == ("gloo", True)  # automatic, with the warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sel(gpus=1, share=True) == ("gloo", True)  # asked for: no warning
+        assert select_backend(None, device_type="cuda", local_world_size=4, device_count=1, warn=False) == ("gloo", True)
+    with pytest.raises(ParallelConfigError, match="share_gpus is false: NCCL refuses two ranks on one GPU"):
+        sel(gpus=2, share=False)
+    with pytest.raises(ParallelConfigError, match="invalid usage"):
+        sel("nccl", gpus=1)
+    with pytest.raises(ParallelConfigError, match="share_gpus needs CUDA devices"):
+        sel(dev="cpu", share=True)
+    with pytest.raises(ParallelConfigError, match="nccl backend needs CUDA"):
+        sel("nccl", dev="cpu")
+    with pytest.raises(ParallelConfigError, match="backend must be"):
+        sel("mpi")
+
+
+def test_cluster_share_gpus_field():
+    from dist_compact.config import ClusterConfig
+
+    assert ClusterConfig().share_gpus is None
+    assert ClusterConfig(nproc=4, ulysses=2, ring=2, device="cuda", backend="gloo", share_gpus=True).share_gpus
+    with pytest.raises(ValueError, match="share_gpus: true runs gloo on CUDA devices"):
+        ClusterConfig(nproc=2, ulysses=2, device="cpu", share_gpus=True)
+    with pytest.raises(ValueError, match="share_gpus: true runs gloo on CUDA devices"):
+        ClusterConfig(nproc=2, ulysses=2, backend="nccl", share_gpus=True)
+    with pytest.raises(ValueError, match="share_gpus must be true, false or null"):
+        ClusterConfig(share_gpus="yes")

@@ -143,7 +143,7 @@ def _worker(rank, world):
     ops = sp.make_ops("torch")
     qs = sp.shard(q, lay)
     _expect(ValueError, r"not localized for this rank.*ops.localize", ops.attention, qs, qs, qs, index, lay)
-    _expect(ValueError, r"not divisible by ring=2.*layout_for", ops.attention, qs, qs, qs, index,
+    _expect(ValueError, r"3 video blocks.*does not split into 2 equal shards.*layout_for", ops.attention, qs, qs, qs, index,
             VideoLayout(3, 4, 4, tile=(1, 4, 4)))
     return out
 

@@ -39,7 +39,6 @@ import torch.distributed as dist
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from ..ops import block_sparse_attention
-from ..parallel.ring import remap_keys, select_rows_at
 
 __all__ = ["YunchangBlockSparse", "EMPTY_LSE"]
 
@@ -159,7 +158,7 @@ class YunchangBlockSparse:
             rows, keys = self._blocks(self.r), self._blocks(j)
             kmap = torch.full((self.nb,), -1, dtype=torch.long)
             kmap[keys] = torch.arange(len(keys))
-            sub = remap_keys(select_rows_at(loc, rows), kmap, len(keys))
+            sub = loc.select_rows_at(rows).remap_keys(kmap, len(keys))
             per[key] = (sub.to(device), self._valid[rows].to(device), self._valid[keys].to(device))
         return per[key]
 

@@ -14,7 +14,7 @@ from .coordinator import Coordinator, ParallelMismatchError
 from .launch import init_distributed
 from .merge import all_reduce_merge, merge_many, merge_partials
 from .plan import ParallelAttention, SequenceParallel
-from .ring import RingOps, RingPlan, ring_bytes, ring_needs, ring_shard_bytes
+from .ring import RingOps, RingPlan, ring_bytes, ring_needs, ring_rank_plan, ring_shard_bytes, shard_kv_bytes
 from .ulysses import UlyssesOps, heads_to_seq, seq_to_heads
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "ring_needs",
     "ring_bytes",
     "ring_shard_bytes",
+    "shard_kv_bytes",
+    "ring_rank_plan",
     "seq_to_heads",
     "heads_to_seq",
     "merge_partials",

@@ -94,6 +94,9 @@ class ParallelGroups:
         meta_group: a CPU (gloo) group over the ring group's ranks for tiny metadata exchanges
             (which key shards each rank needs) without a GPU synchronisation; ``None`` = use
             ``ring_group``.
+        stage_p2p: send the ring's point-to-point traffic through host buffers even when the
+            backend could send the tensors directly (it is automatic for CUDA tensors over gloo,
+            which cannot send them); True exercises that path on CPUs.
     """
 
     config: ParallelConfig
@@ -102,6 +105,7 @@ class ParallelGroups:
     ulysses_rank: int = 0
     ring_rank: int = 0
     meta_group: Optional[dist.ProcessGroup] = None
+    stage_p2p: bool = False
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -123,7 +127,7 @@ class ParallelGroups:
     @classmethod
     def from_groups(cls, config: ParallelConfig, ulysses_group: Optional[dist.ProcessGroup],
                     ring_group: Optional[dist.ProcessGroup],
-                    meta_group: Optional[dist.ProcessGroup] = None) -> "ParallelGroups":
+                    meta_group: Optional[dist.ProcessGroup] = None, *, stage_p2p: bool = False) -> "ParallelGroups":
         """Wrap existing groups, e.g. yunchang's ``PROCESS_GROUP.ULYSSES_PG`` / ``RING_PG``."""
         def size_rank(g, what, deg):
             if g is None:
@@ -141,7 +145,7 @@ class ParallelGroups:
             raise ParallelConfigError(
                 f"meta_group has {dist.get_world_size(meta_group)} ranks but the ring group has {config.ring}"
             )
-        return cls(config, ulysses_group, ring_group, u, r, meta_group)
+        return cls(config, ulysses_group, ring_group, u, r, meta_group, stage_p2p)
 
     def __repr__(self) -> str:
         return (f"ParallelGroups({self.config}, ulysses_rank={self.ulysses_rank}, ring_rank={self.ring_rank}, "
@@ -149,7 +153,8 @@ class ParallelGroups:
 
 
 def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup] = None, *,
-                 use_ulysses_low: bool = True, meta_backend: Optional[str] = "gloo") -> ParallelGroups:
+                 use_ulysses_low: bool = True, meta_backend: Optional[str] = "gloo",
+                 stage_p2p: bool = False) -> ParallelGroups:
     """Create the Ulysses and ring groups.
 
     Collective: without ``world_group`` every rank of the world calls it; with one, every rank of
@@ -162,6 +167,7 @@ def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup
             contiguous ranks (fast intra-node all-to-all) and ring groups strided.
         meta_backend: backend of the CPU metadata group over each ring group when the default
             backend is not gloo (``None`` = no extra group; metadata then go through the ring group).
+        stage_p2p: see :class:`ParallelGroups`.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ParallelConfigError("build_groups needs torch.distributed to be initialized (see launch.init_distributed)")
@@ -202,4 +208,4 @@ def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup
             mg = make(s, meta_backend)
             if me in s:
                 meta_g = mg
-    return ParallelGroups.from_groups(config, uly_g, ring_g, meta_g)
+    return ParallelGroups.from_groups(config, uly_g, ring_g, meta_g, stage_p2p=stage_p2p)

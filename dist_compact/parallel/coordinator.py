@@ -190,7 +190,8 @@ def global_head_stats(stat: torch.Tensor, ops: AttentionOps, dim: int = 0) -> to
 
 
 def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> BlockIndex:
-    """The global index ``[batch, all heads, num_blocks, num_blocks]`` from each rank's local one.
+    """The global index ``[batch, all heads, num_blocks, num_blocks]`` from each rank's local one,
+    in model head order (also under a balanced head order, ``ops.head_order``).
 
     Collective over the ops' groups. Rows held by several ranks (the ring's text rows) are taken
     from the rank whose ``row_weight`` is 1.
@@ -215,4 +216,6 @@ def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> B
     ind[:, :, sel, : li.shape[-1]] = li
     counts = ops.gather_heads(ops.reduce_rows(counts), dim=1)
     ind = ops.gather_heads(ops.reduce_rows(ind), dim=1)
-    return BlockIndex(counts.round().to(torch.int32), (ind.round() - 1).to(torch.int32), local.block_size, nb)
+    out = BlockIndex(counts.round().to(torch.int32), (ind.round() - 1).to(torch.int32), local.block_size, nb)
+    order = getattr(ops, "head_order", None)  # a balanced Ulysses plan gathers heads in its own order
+    return out if order is None else out.select_heads(torch.argsort(order.to(dev)))

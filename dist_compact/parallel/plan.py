@@ -9,11 +9,32 @@ Model code (see docs/design.md, contract 7)::
     x = sp.gather(x, layout)                    # every rank gets the whole sequence back
     x = layout.from_blocks(x)
 
-Sharding rule. Sequence-parallel rank ``p = ring_rank * ulysses + ulysses_rank`` (yunchang's rank
-layout) holds video blocks ``[p*Vp, (p+1)*Vp)``, ``Vp = num_video_blocks / P``, then every text
-block (replicated: text tokens are few and every rank needs them, as in xDiT's joint attention).
-The video blocks are tile slabs in t-major order, so each shard is a run of whole tiles and a ring
-shard (``ulysses`` consecutive chunks) a run of ``Vr = Vp * ulysses`` blocks.
+Sharding rule. The video blocks (tile slabs in t-major order) are cut into ``ring`` contiguous ring
+shards at offsets ``ring_bounds(layout)`` (each a multiple of ``ulysses`` blocks), and each ring
+shard into ``ulysses`` equal chunks. Sequence-parallel rank ``p = ring_rank * ulysses +
+ulysses_rank`` (yunchang's rank layout) holds chunk ``ulysses_rank`` of ring shard ``ring_rank``,
+then every text block (replicated: text tokens are few and every rank needs them, as in xDiT's
+joint attention). Without balancing the ring shards are equal: rank ``p`` holds video blocks
+``[p*Vp, (p+1)*Vp)``, ``Vp = num_video_blocks / P``.
+
+Balancing (``balance=True``, the default; :mod:`dist_compact.parallel.balance`). Decided from the
+static (Compact) indices of the wrapped layers, so every rank derives the same plan with no
+communication:
+
+* ring shard offsets, once per layout at its first use (``shard``, ``local_len``, the ring ops):
+  the offsets that minimise the largest rank's computed blocks summed over ALL wrapped layers
+  (the shards shape the whole forward, so one split serves every layer). Frozen for the layout
+  afterwards: AdaSpa indices found later do not move it (their row-wise top-k keeps the same count
+  per row, so equal rows are already balanced for them);
+* the Ulysses head order, per wrapped layer and layout at its first call (heads are independent,
+  so each layer may permute its own): :func:`~dist_compact.parallel.balance.balanced_head_order`.
+
+Without a static index (dense, AdaSpa alone) every real row counts the same and padding slabs
+nothing (the padding ``layout_for`` appends would otherwise all land on the last ring rank), and
+the head order stays contiguous: AdaSpa's per-head budgets exist only after its first search, and
+moving heads then would move its cached index and LSE between ranks. ``balance_report``
+gives the imbalance (max / mean computed blocks per rank) per layer and summed, balanced and
+contiguous.
 
 Padding. ``layout_for`` adds empty slabs (``slab_multiple``; padding, never truncation) until the
 video blocks split evenly. Default ``shard_unit="block"`` pads to the fewest slabs that make
@@ -29,20 +50,46 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..context import AttentionContext
 from ..executor import AttentionOps
 from ..layout import VideoLayout
+from .balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs, head_costs, imbalance,
+                      rank_loads, static_index_of)
 from .config import ParallelConfig, ParallelConfigError, ParallelGroups
 from .ring import RingOps
 from .ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 
-__all__ = ["SequenceParallel", "ParallelAttention"]
+__all__ = ["SequenceParallel", "ParallelAttention", "padded_layout"]
 
 _UNITS = ("block", "slab")
+
+
+def _compatible(layout: VideoLayout, config: ParallelConfig, shard_unit: str) -> bool:
+    if layout.num_video_blocks % config.degree:
+        return False
+    return shard_unit != "slab" or layout.num_slabs % config.ring == 0
+
+
+def padded_layout(layout: VideoLayout, config: ParallelConfig, shard_unit: str = "block") -> VideoLayout:
+    """``layout`` with the fewest empty slabs appended so that ``config``'s shards divide it (the
+    module docstring's padding rule; :meth:`SequenceParallel.layout_for` without a plan object)."""
+    if not isinstance(layout, VideoLayout):
+        raise TypeError(f"layout_for: expected a VideoLayout, got {type(layout).__name__}")
+    if shard_unit not in _UNITS:
+        raise ParallelConfigError(f"shard_unit must be one of {_UNITS}, got {shard_unit!r}")
+    if _compatible(layout, config, shard_unit):
+        return layout
+    P, R = config.degree, config.ring
+    m = P // math.gcd(layout.blocks_per_slab, P)
+    if shard_unit == "slab":
+        m = m * R // math.gcd(m, R)
+    sm = layout.slab_multiple * m // math.gcd(layout.slab_multiple, m)
+    return layout.with_(slab_multiple=sm)
 
 
 class SequenceParallel:
@@ -54,10 +101,12 @@ class SequenceParallel:
             or ``ParallelGroups.from_groups`` around yunchang's groups); required when
             ``config.degree > 1``.
         shard_unit: ``"block"`` (least padding) or ``"slab"`` (ring shards are whole slabs).
+        balance: cost-balanced ring shards and Ulysses head orders (module docstring); False =
+            the contiguous split.
     """
 
     def __init__(self, config: Optional[ParallelConfig] = None, groups: Optional[ParallelGroups] = None, *,
-                 shard_unit: str = "block"):
+                 shard_unit: str = "block", balance: bool = True):
         if isinstance(groups, SequenceParallel):
             raise ParallelConfigError(
                 "SequenceParallel(config, groups): groups must be ParallelGroups; init_distributed(config) "
@@ -78,9 +127,14 @@ class SequenceParallel:
             )
         if shard_unit not in _UNITS:
             raise ParallelConfigError(f"shard_unit must be one of {_UNITS}, got {shard_unit!r}")
+        if not isinstance(balance, bool):
+            raise ParallelConfigError(f"balance must be a bool, got {balance!r}")
         self.config = config
         self.groups = groups
         self.shard_unit = shard_unit
+        self.balance = balance
+        self._layers: List[weakref.ref] = []  # the wrapped layers, in wrap order
+        self._bounds: Dict[VideoLayout, Tuple[int, ...]] = {}  # frozen at a layout's first use
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -101,39 +155,88 @@ class SequenceParallel:
         return self.sp_rank == 0
 
     # ------------------------------------------------------------------ layout and shards
-    def _slab_multiple(self, layout: VideoLayout) -> int:
-        P, R = self.config.degree, self.config.ring
-        m = P // math.gcd(layout.blocks_per_slab, P)
-        if self.shard_unit == "slab":
-            m = m * R // math.gcd(m, R)
-        return m
-
     def layout_for(self, layout: VideoLayout) -> VideoLayout:
         """The layout to use under this plan: ``layout`` with empty slabs appended if needed."""
-        if not isinstance(layout, VideoLayout):
-            raise TypeError(f"layout_for: expected a VideoLayout, got {type(layout).__name__}")
-        if self._compatible(layout):
-            return layout
-        m = self._slab_multiple(layout)
-        sm = layout.slab_multiple * m // math.gcd(layout.slab_multiple, m)
-        return layout.with_(slab_multiple=sm)
+        return padded_layout(layout, self.config, self.shard_unit)
 
     def _compatible(self, layout: VideoLayout) -> bool:
-        if layout.num_video_blocks % self.config.degree:
-            return False
-        return self.shard_unit != "slab" or layout.num_slabs % self.config.ring == 0
+        return _compatible(layout, self.config, self.shard_unit)
 
     def check_layout(self, layout: VideoLayout) -> VideoLayout:
         if not self._compatible(layout):
             raise ValueError(
-                f"{layout} does not split into {self.config.degree} equal shards "
-                f"({layout.num_video_blocks} video blocks, {layout.num_slabs} slabs); use sp.layout_for(layout) "
-                "before building the block order and the indices"
+                f"{layout} ({layout.num_video_blocks} video blocks, {layout.num_slabs} slabs) does not split into "
+                f"{self.config.degree} equal shards; use sp.layout_for(layout) before building the block order "
+                "and the indices"
             )
         return layout
 
+    # ------------------------------------------------------------------ ring shard offsets
+    def _unit(self, layout: VideoLayout) -> int:
+        U = self.config.ulysses
+        return U if self.shard_unit == "block" else math.lcm(layout.blocks_per_slab, U)
+
+    def _live_layers(self) -> List["ParallelAttention"]:
+        self._layers = [r for r in self._layers if r() is not None]
+        return [r() for r in self._layers]
+
+    def _static_costs(self, layout: VideoLayout) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(layer number, head x block costs, text x text per head)`` of every wrapped layer with a
+        static index (:func:`~dist_compact.parallel.balance.head_block_costs`)."""
+        out = []
+        for i, w in enumerate(self._live_layers()):
+            idx = static_index_of(w.inner, layout)
+            if idx is not None:
+                out.append((getattr(w.inner, "layer", i), *head_block_costs(idx, layout)))
+        return out
+
+    def ring_bounds(self, layout: VideoLayout) -> Tuple[int, ...]:
+        """Ring shard offsets in video blocks (``ring + 1`` ints, 0 .. num_video_blocks) for ``layout``.
+
+        Decided at the layout's first use and then fixed (see the module docstring): balanced over
+        the wrapped layers' static indices when ``balance`` and they exist, else over the real
+        (non-padding) blocks; equal shards without ``balance`` or when balancing gains nothing.
+        """
+        hit = self._bounds.get(layout)
+        if hit is not None:
+            return hit
+        self.check_layout(layout)
+        R = self.config.ring
+        nv = layout.num_video_blocks
+        bounds = equal_bounds(nv, R)
+        unit = self._unit(layout)
+        if R > 1 and self.balance and nv // unit >= R:
+            costs = self._static_costs(layout)
+            if costs:
+                total = sum(c for _, c, _ in costs).sum(0)  # per video block, all layers and heads
+                tt = float(sum(t.sum() for _, _, t in costs))
+            else:
+                # no static index (dense, AdaSpa): every real row costs the same (AdaSpa keeps the
+                # same count per row), padding slabs nothing
+                total = (layout.block_valid()[:nv] > 0).double()
+                tt = 0.0
+            cand = balanced_bounds(total, R, unit)
+
+            def worst(b):
+                return max(rank_loads(total.view(1, -1), torch.tensor([tt]), 1, R, bounds=b))
+
+            if worst(cand) < worst(bounds):
+                bounds = cand
+        self._bounds[layout] = bounds
+        return bounds
+
+    def _video_range(self, layout: VideoLayout) -> Tuple[int, int]:
+        """This rank's video blocks ``[start, stop)``: its Ulysses chunk of its ring shard."""
+        b = self.ring_bounds(layout)
+        U = self.config.ulysses
+        r, u = divmod(self.sp_rank, U)
+        n = (b[r + 1] - b[r]) // U
+        return b[r] + u * n, b[r] + (u + 1) * n
+
     def video_blocks_per_rank(self, layout: VideoLayout) -> int:
-        return self.check_layout(layout).num_video_blocks // self.config.degree
+        """This rank's video blocks (all ranks hold the same number unless the ring shards are balanced)."""
+        a, b = self._video_range(self.check_layout(layout))
+        return b - a
 
     def local_len(self, layout: VideoLayout) -> int:
         """Tokens this rank holds: its video blocks + all text blocks, in tokens."""
@@ -141,9 +244,8 @@ class SequenceParallel:
 
     def local_blocks(self, layout: VideoLayout) -> torch.Tensor:
         """int64 global block ids of this rank's shard, in local order."""
-        vp = self.video_blocks_per_rank(layout)
-        p = self.sp_rank
-        return torch.cat([torch.arange(p * vp, (p + 1) * vp), torch.arange(layout.num_video_blocks, layout.num_blocks)])
+        a, b = self._video_range(self.check_layout(layout))
+        return torch.cat([torch.arange(a, b), torch.arange(layout.num_video_blocks, layout.num_blocks)])
 
     def shard(self, x: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
         """Block-order tensor (``padded_len`` along ``dim``) -> this rank's part (``local_len``)."""
@@ -152,9 +254,10 @@ class SequenceParallel:
         dim = dim % x.dim()
         if x.shape[dim] != layout.padded_len:
             raise ValueError(f"shard: expected {layout.padded_len} block-order tokens along dim {dim}, got {tuple(x.shape)}")
-        bs, vp = layout.block_size, self.video_blocks_per_rank(layout)
-        p, vt = self.sp_rank, layout.video_padded_len
-        return torch.cat([x.narrow(dim, p * vp * bs, vp * bs), x.narrow(dim, vt, layout.padded_len - vt)], dim=dim)
+        bs = layout.block_size
+        a, b = self._video_range(self.check_layout(layout))
+        vt = layout.video_padded_len
+        return torch.cat([x.narrow(dim, a * bs, (b - a) * bs), x.narrow(dim, vt, layout.padded_len - vt)], dim=dim)
 
     def gather(self, x_local: torch.Tensor, layout: VideoLayout, dim: int = 1) -> torch.Tensor:
         """Inverse of :meth:`shard` on every rank (collective): the whole block-order sequence."""
@@ -166,9 +269,11 @@ class SequenceParallel:
             raise ValueError(f"gather: expected {n_loc} local tokens along dim {dim}, got {tuple(x_local.shape)}")
         vl = self.video_blocks_per_rank(layout) * layout.block_size
         video = x_local.narrow(dim, 0, vl)
-        # ulysses chunks of one ring shard, then ring shards: the sequence order of sp_rank
+        # ulysses chunks of one ring shard (equal), then ring shards (sizes may differ): sp_rank order
         video = all_gather_cat(video, self.groups.ulysses_group, dim)
-        video = all_gather_cat(video, self.groups.ring_group, dim)
+        b = self.ring_bounds(layout)
+        sizes = [(y - x) * layout.block_size for x, y in zip(b[:-1], b[1:])]
+        video = all_gather_cat(video, self.groups.ring_group, dim, sizes=sizes)
         return torch.cat([video, x_local.narrow(dim, vl, n_loc - vl)], dim=dim)
 
     # ------------------------------------------------------------------ attention
@@ -177,7 +282,7 @@ class SequenceParallel:
         if not self.enabled:
             return AttentionOps(backend)
         if self.config.ring > 1:
-            return RingOps(self.groups, backend)
+            return RingOps(self.groups, backend, bounds=self.ring_bounds)
         return UlyssesOps(self.groups, backend)
 
     def wrap(self, attn: Callable) -> Callable:
@@ -186,8 +291,42 @@ class SequenceParallel:
             return attn
         return ParallelAttention(attn, self)
 
+    def _register(self, layer: "ParallelAttention") -> None:
+        self._layers.append(weakref.ref(layer))
+
+    # ------------------------------------------------------------------ report
+    def balance_report(self, layout: VideoLayout) -> Dict:
+        """Imbalance (max / mean computed blocks per rank over all ``P`` ranks) of this plan and of
+        the contiguous split, per wrapped layer with a static index and summed over them (the
+        summed one is what a forward waits for); ``None`` figures when no layer has one."""
+        cfg = self.config
+        U, R = cfg.ulysses, cfg.ring
+        bounds = self.ring_bounds(layout) if self.enabled else (0, layout.num_video_blocks)
+        equal = equal_bounds(layout.num_video_blocks, R)
+        per_layer, tot_b, tot_c = [], None, None
+        for w in self._live_layers():
+            idx = static_index_of(w.inner, layout)
+            if idx is None:
+                continue
+            c, tt = head_block_costs(idx, layout)
+            order = w.head_order(layout, idx.num_heads, idx) if U > 1 else None
+            lb = rank_loads(c, tt, U, R, order=order, bounds=bounds)
+            lc = rank_loads(c, tt, U, R, bounds=equal)
+            per_layer.append({"layer": getattr(w.inner, "layer", len(per_layer)), "balanced": imbalance(lb),
+                              "contiguous": imbalance(lc)})
+            tot_b = lb if tot_b is None else [x + y for x, y in zip(tot_b, lb)]
+            tot_c = lc if tot_c is None else [x + y for x, y in zip(tot_c, lc)]
+        return {
+            "balance": self.balance, "ulysses": U, "ring": R, "ring_bounds": list(bounds), "equal_bounds": list(equal),
+            "static_layers": len(per_layer),
+            "imbalance": None if tot_b is None else imbalance(tot_b),
+            "imbalance_contiguous": None if tot_c is None else imbalance(tot_c),
+            "computed_blocks_per_rank": tot_b, "per_layer": per_layer,
+        }
+
     def __repr__(self) -> str:
-        return f"SequenceParallel({self.config}, sp_rank={self.sp_rank}, shard_unit={self.shard_unit!r})"
+        return (f"SequenceParallel({self.config}, sp_rank={self.sp_rank}, shard_unit={self.shard_unit!r}, "
+                f"balance={self.balance})")
 
 
 class ParallelAttention:
@@ -208,6 +347,24 @@ class ParallelAttention:
         self.inner = inner
         self.sp = sp
         self.ops: Optional[AttentionOps] = None
+        self._orders: Dict[Tuple[VideoLayout, int], Optional[torch.Tensor]] = {}
+        sp._register(self)
+
+    def head_order(self, layout: VideoLayout, num_heads: int, index=None) -> Optional[torch.Tensor]:
+        """This layer's Ulysses head permutation for ``layout`` (None = contiguous), decided once
+        from its static index (``index``, or the inner attention's own)."""
+        key = (layout, num_heads)
+        if key in self._orders:
+            return self._orders[key]
+        order = None
+        U = self.sp.config.ulysses
+        if self.sp.balance and U > 1:
+            idx = index if index is not None else static_index_of(self.inner, layout, num_heads)
+            if idx is not None:
+                o = balanced_head_order(head_costs(idx), U)
+                order = None if torch.equal(o, torch.arange(num_heads)) else o
+        self._orders[key] = order
+        return order
 
     def _ops_for(self, ctx: AttentionContext) -> AttentionOps:
         if isinstance(ctx.ops, HeadShardedOps):
@@ -231,11 +388,13 @@ class ParallelAttention:
         ops = self._ops_for(ctx)
         g = sp.groups
         vl = sp.video_blocks_per_rank(layout) * layout.block_size
+        order = self.head_order(layout, q.shape[2])
+        ops.head_order = order
         if cfg.ulysses > 1:
-            q, k, v = seq_to_heads([q, k, v], vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses)
+            q, k, v = seq_to_heads([q, k, v], vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses, order=order)
         out = self.inner(q, k, v, dataclasses.replace(ctx, ops=ops))
         if cfg.ulysses > 1:
-            out = heads_to_seq(out, vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses)
+            out = heads_to_seq(out, vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses, order=order)
         return out
 
     def __repr__(self) -> str:

@@ -1,10 +1,12 @@
 """Ring attention with shard skipping: RingOps, the AttentionOps of one ring rank.
 
 Geometry (global layout ``layout``, ring degree ``R``, this rank ``r``): the video blocks are cut
-into ``R`` equal contiguous shards of ``Vr = num_video_blocks / R`` blocks (t-major tile order, so a
-shard is a run of temporal slabs; see ``SequenceParallel.layout_for``). Rank ``r`` holds
+into ``R`` contiguous shards at offsets ``bounds = (b_0 = 0, b_1, ..., b_R = num_video_blocks)``
+(t-major tile order, so a shard is a run of temporal slabs; equal shards by default, or the
+cost-balanced offsets of :mod:`dist_compact.parallel.balance`, which may differ in size). Rank
+``r`` holds ``Vr = b_{r+1} - b_r`` video blocks:
 
-    local rows / keys = [video blocks r*Vr .. (r+1)*Vr) | all text blocks]     (text replicated)
+    local rows / keys = [video blocks b_r .. b_{r+1}) | all text blocks]     (text replicated)
 
 * Video query rows: their keys are the rank's own video shard and the text blocks (local), plus any
   remote video shard ``j`` their index rows touch. Each remote shard is fetched once and the local
@@ -22,7 +24,13 @@ shard is a run of temporal slabs; see ``SequenceParallel.layout_for``). Rank ``r
   rows and not others'), so it can never deadlock. Then exactly the needed K/V shards move, all in
   one ``batch_isend_irecv`` posted before the local shard is computed, so the transfer overlaps
   with it. With a temporal window of +-w slabs and shards of >= w slabs this is a halo exchange.
+  Shards of different sizes are received into buffers of the sender's size.
 * ``bytes_sent`` / ``bytes_received`` count the point-to-point payload actually moved.
+* Staging: gloo cannot send CUDA tensors point to point ("Bad address"; ranks sharing one GPU run
+  gloo, since NCCL refuses two ranks on one device). When the ring group is gloo and the tensors
+  are on a GPU, or when ``ParallelGroups.stage_p2p`` forces it (to test the path on CPUs), sends are
+  copied into (pinned, on CUDA machines) host buffers first and receives land in host buffers that
+  are copied to the device when waited for.
 """
 
 from __future__ import annotations
@@ -30,90 +38,80 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
-from ..block_index import BlockIndex, _compact_rows
+from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
 from .ulysses import HeadShardedOps
 
-__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "remap_keys", "select_rows_at", "cat_rows"]
+__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "ring_shard_bytes", "shard_kv_bytes", "ring_rank_plan"]
 
 
-# ---------------------------------------------------------------------------- index helpers
-def remap_keys(index: BlockIndex, key_map: torch.Tensor, num_k_blocks: int) -> BlockIndex:
-    """Renumber key blocks with ``key_map`` (int64 ``[index.num_k_blocks]``, -1 = drop the key).
-
-    ``key_map`` must be increasing on the kept keys so rows stay strictly increasing.
-    """
-    used = index.entry_mask()
-    km = key_map.to(index.device, torch.long)
-    new = torch.where(used, km[index.indices.clamp(min=0).long()], torch.full_like(index.indices, -1, dtype=torch.long))
-    keep = new >= 0
-    cnt = keep.sum(-1, dtype=torch.int32)
-    width = max(int(cnt.max()) if cnt.numel() else 0, 1)
-    return BlockIndex(cnt, _compact_rows(keep, new, width), index.block_size, num_k_blocks)
+# ---------------------------------------------------------------------------- traffic
+def _check_bounds(bounds: Sequence[int], nv: int, ring: int, what: str) -> Tuple[int, ...]:
+    b = tuple(int(x) for x in bounds)
+    if len(b) != ring + 1 or b[0] != 0 or b[-1] != nv or any(y <= x for x, y in zip(b[:-1], b[1:])):
+        raise ValueError(
+            f"{what}: ring shard bounds {b} must be {ring + 1} strictly increasing offsets from 0 to the "
+            f"{nv} video blocks"
+        )
+    return b
 
 
-def select_rows_at(index: BlockIndex, rows: torch.Tensor) -> BlockIndex:
-    """Keep the query blocks listed in ``rows`` (any order); key numbering unchanged."""
-    rows = rows.to(index.device, torch.long)
-    c = index.counts.index_select(2, rows)
-    i = index.indices.index_select(2, rows)
-    width = max(int(c.max()) if c.numel() else 0, 1)
-    return BlockIndex(c, i[..., :width], index.block_size, index.num_k_blocks)
+def _bounds_or_equal(layout: VideoLayout, ring: int, bounds: Optional[Sequence[int]], what: str) -> Tuple[int, ...]:
+    nv = layout.num_video_blocks
+    if bounds is not None:
+        return _check_bounds(bounds, nv, ring, what)
+    if nv % ring:
+        raise ValueError(f"{nv} video blocks do not split into {ring} ring shards; use SequenceParallel.layout_for")
+    return tuple(i * (nv // ring) for i in range(ring + 1))
 
 
-def cat_rows(a: BlockIndex, b: BlockIndex) -> BlockIndex:
-    """Stack the query rows of two indices with the same heads, keys and batch."""
-    if (a.num_heads, a.num_k_blocks, a.block_size, a.batch) != (b.num_heads, b.num_k_blocks, b.block_size, b.batch):
-        raise ValueError(f"cat_rows: incompatible indices {a!r} and {b!r}")
-    w = max(a.max_count, b.max_count)
-
-    def pad(x: BlockIndex) -> torch.Tensor:
-        if x.max_count == w:
-            return x.indices
-        fill = torch.full((*x.counts.shape, w - x.max_count), -1, dtype=torch.int32, device=x.device)
-        return torch.cat([x.indices, fill], dim=-1)
-
-    return BlockIndex(torch.cat([a.counts, b.counts], 2), torch.cat([pad(a), pad(b)], 2), a.block_size, a.num_k_blocks)
-
-
-def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int) -> torch.Tensor:
+def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int,
+               bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
     """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i's video query rows use video shard j (i != j).
 
     ``index`` is a global index (all query and key blocks) restricted to the heads one ring group
-    sees. This is the traffic :class:`RingOps` predicts; text rows never cause transfers.
+    sees; ``bounds`` the ring shard offsets (None = equal shards). This is the traffic
+    :class:`RingOps` predicts; text rows never cause transfers.
     """
+    b = _bounds_or_equal(layout, ring, bounds, "ring_needs")
     nv = layout.num_video_blocks
-    if nv % ring:
-        raise ValueError(f"{nv} video blocks do not split into {ring} ring shards; use SequenceParallel.layout_for")
-    vr = nv // ring
+    shard_of = torch.bucketize(torch.arange(nv), torch.tensor(b[1:-1]), right=True)
     used = torch.zeros(ring, ring, dtype=torch.bool)
     for i in range(ring):
-        sub = index.select_rows(i * vr, (i + 1) * vr)
-        kb = sub.key_blocks_used()[:nv].view(ring, vr).any(-1).cpu()
-        used[i] = kb
+        kb = index.select_rows(b[i], b[i + 1]).key_blocks_used()[:nv].cpu()
+        used[i, shard_of[kb]] = True
         used[i, i] = False
     return used
 
 
 def ring_shard_bytes(layout: VideoLayout, ring: int, *, batch: int, heads: int, head_dim: int,
                      element_size: int) -> int:
-    """Bytes of one ring shard's K and V (``heads``: the heads one ring group sees, i.e. ``H / ulysses``):
-    what :class:`RingOps` sends per rank that needs the shard. A dense ring sends it to the other
-    ``ring - 1`` ranks of the group."""
+    """Bytes of one equal ring shard's K and V (``heads``: the heads one ring group sees, i.e.
+    ``H / ulysses``). A dense ring sends every shard to the other ``ring - 1`` ranks of the group:
+    ``(ring - 1) * ring * ring_shard_bytes`` per group, whatever the shard sizes."""
     return 2 * batch * (layout.num_video_blocks // ring) * layout.block_size * heads * head_dim * element_size
 
 
-def ring_bytes(need: torch.Tensor, shard_bytes: int) -> torch.Tensor:
-    """int64 ``[ring]`` bytes each rank sends: ``shard_bytes`` (K+V of one shard) per rank needing it."""
-    return need.sum(0).to(torch.int64) * shard_bytes
+def shard_kv_bytes(bounds: Sequence[int], block_size: int, *, batch: int, heads: int, head_dim: int,
+                   element_size: int) -> List[int]:
+    """Bytes of each ring shard's K and V for shard offsets ``bounds`` (``ring + 1`` ints)."""
+    per_block = 2 * batch * block_size * heads * head_dim * element_size
+    return [(b - a) * per_block for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def ring_bytes(need: torch.Tensor, shard_bytes: Union[int, Sequence[int]]) -> torch.Tensor:
+    """int64 ``[ring]`` bytes each rank sends: its shard's K+V (``shard_bytes``: one int for equal
+    shards, or one per shard, :func:`shard_kv_bytes`) once per rank needing it."""
+    sb = torch.as_tensor(shard_bytes, dtype=torch.int64)
+    return need.sum(0).to(torch.int64) * sb
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -135,10 +133,29 @@ class RingPlan:
 @dataclass(frozen=True)
 class _Geo:
     bs: int
-    vr: int  # video blocks per ring shard
-    nv: int  # video blocks
+    starts: Tuple[int, ...]  # ring shard offsets in video blocks (ring + 1)
     nt: int  # text blocks
     nb: int  # all blocks
+    rank: int
+
+    @property
+    def nv(self) -> int:
+        return self.starts[-1]
+
+    def size(self, j: int) -> int:
+        return self.starts[j + 1] - self.starts[j]
+
+    @property
+    def vr(self) -> int:  # this rank's video blocks
+        return self.size(self.rank)
+
+    @property
+    def r0(self) -> int:
+        return self.starts[self.rank]
+
+    @property
+    def r1(self) -> int:
+        return self.starts[self.rank + 1]
 
     @property
     def rows(self) -> int:
@@ -153,11 +170,11 @@ class _Valid:
     this rank's local rows (own shard, then text), and slices of them cached by row range.
     """
 
-    def __init__(self, layout: VideoLayout, g: _Geo, rank: int, ring: int, device):
+    def __init__(self, layout: VideoLayout, g: _Geo, device):
         bv = layout.block_valid(device)
-        self.shard = [bv[j * g.vr:(j + 1) * g.vr] for j in range(ring)]
+        self.shard = [bv[a:b] for a, b in zip(g.starts[:-1], g.starts[1:])]
         self.text = bv[g.nv:]
-        self.local = torch.cat([self.shard[rank], self.text])
+        self.local = torch.cat([self.shard[g.rank], self.text])
         self._rows: Dict[Tuple[int, int], torch.Tensor] = {}
 
     def rows(self, a: int, b: int) -> torch.Tensor:
@@ -168,18 +185,57 @@ class _Valid:
         return hit
 
 
+def _plan_of(index: BlockIndex, g: _Geo) -> RingPlan:
+    """The :class:`RingPlan` of ring rank ``g.rank`` for its localized ``index`` (rows: its video
+    shard, then the text blocks; global keys)."""
+    r0, r1 = g.r0, g.r1
+    kmap = torch.full((g.nb,), -1, dtype=torch.long)
+    kmap[r0:r1] = torch.arange(g.vr)
+    kmap[g.nv:] = g.vr + torch.arange(g.nt)
+    vid = index.select_rows(0, g.vr)
+    own = vid.remap_keys(kmap, g.rows)
+    if g.nt:
+        kmap_t = kmap.clone()
+        if g.rank != 0:
+            kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
+        own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
+    remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
+    for j in range(len(g.starts) - 1):
+        if j == g.rank:
+            continue
+        sub = vid.select_keys(g.starts[j], g.starts[j + 1])
+        rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
+        if rows.numel():
+            a, b = int(rows[0]), int(rows[-1]) + 1
+            remote[j] = (a, b, sub.select_rows(a, b))
+    return RingPlan(own, remote, [j in remote for j in range(len(g.starts) - 1)])
+
+
+def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int], rank: int) -> RingPlan:
+    """What ring rank ``rank`` computes for a global ``index`` (already cut to the heads its ring
+    group holds) with shard offsets ``bounds``: the same :class:`RingPlan` :class:`RingOps` runs,
+    without process groups (for cost models and benchmarks)."""
+    b = _check_bounds(bounds, layout.num_video_blocks, len(bounds) - 1, "ring_rank_plan")
+    g = _Geo(layout.block_size, b, layout.num_text_blocks, layout.num_blocks, rank)
+    rows = torch.cat([torch.arange(g.r0, g.r1), torch.arange(g.nv, g.nb)])
+    return _plan_of(index.select_rows_at(rows), g)
+
+
 class _Transfer:
     """Posted point-to-point exchange of shard tensors; wait per source rank, then for all.
 
     ``batch_isend_irecv`` returns one work per op on gloo; NCCL may return one for the whole batch,
-    in which case waiting for any source waits for all.
+    in which case waiting for any source waits for all. With staging, ``bufs`` are host buffers
+    and :meth:`wait` copies a source's tensors to ``device`` (once).
     """
 
     def __init__(self, works, n_ops: int, recv_slots: Dict[int, List[int]], bufs: Dict[int, List[torch.Tensor]],
-                 keep: Sequence[torch.Tensor]):
+                 keep: Sequence[torch.Tensor], device: Optional[torch.device] = None):
         self.works = list(works)
         self.per_op = len(self.works) == n_ops
         self.recv_slots, self.bufs, self._keep = recv_slots, bufs, keep  # sends stay alive until waited
+        self.device = device  # staged: where received tensors go
+        self._landed: Dict[int, List[torch.Tensor]] = {}
 
     def _wait(self, pos: int) -> None:
         # a gloo work must be waited exactly once: a second wait on a finished recv blocks forever
@@ -193,7 +249,11 @@ class _Transfer:
         else:
             for pos in self.recv_slots[j]:
                 self._wait(pos)
-        return self.bufs[j]
+        if self.device is None:
+            return self.bufs[j]
+        if j not in self._landed:
+            self._landed[j] = [b.to(self.device, non_blocking=True) for b in self.bufs[j]]
+        return self._landed[j]
 
     def wait_all(self) -> None:
         for pos in range(len(self.works)):
@@ -210,6 +270,8 @@ class RingOps(HeadShardedOps):
         backend: local kernel backend (``"auto"``, ``"triton"``, ``"torch"``).
         overlap: compute the local shard while the remote shards travel (True), or wait for them
             first (False; for measuring what the overlap hides).
+        bounds: ``bounds(layout)`` -> the ring shard offsets (``ring + 1`` video block offsets, e.g.
+            ``SequenceParallel.ring_bounds``); None = equal shards.
 
     Local tensors are ``[B, (Vr + text_blocks) * block_size, heads_local, D]``; a localized index
     has ``Vr + text_blocks`` query rows (:meth:`q_blocks` gives their global ids) and global keys.
@@ -217,9 +279,11 @@ class RingOps(HeadShardedOps):
 
     _DIGEST_CACHE = 8
 
-    def __init__(self, groups: ParallelGroups, backend: str = "auto", overlap: bool = True):
+    def __init__(self, groups: ParallelGroups, backend: str = "auto", overlap: bool = True,
+                 bounds: Optional[Callable[[VideoLayout], Sequence[int]]] = None):
         super().__init__(groups, backend)
         self.overlap = overlap
+        self._bounds = bounds
         self.bytes_sent = 0
         self.bytes_received = 0
         self.calls = 0
@@ -241,23 +305,22 @@ class RingOps(HeadShardedOps):
         return self.groups.ring_rank
 
     def _geo(self, layout: VideoLayout) -> _Geo:
-        nv = layout.num_video_blocks
-        if nv % self.ring:
-            raise ValueError(
-                f"{layout} has {nv} video blocks, not divisible by ring={self.ring}; "
-                "pass the layout through SequenceParallel.layout_for first"
-            )
-        return _Geo(layout.block_size, nv // self.ring, nv, layout.num_text_blocks, layout.num_blocks)
+        b = _bounds_or_equal(layout, self.ring, None if self._bounds is None else self._bounds(layout), "RingOps")
+        return _Geo(layout.block_size, b, layout.num_text_blocks, layout.num_blocks, self.rank)
+
+    def bounds(self, layout: VideoLayout) -> Tuple[int, ...]:
+        """The ring shard offsets this rank uses for ``layout``."""
+        return self._geo(layout).starts
 
     def q_block_range(self, layout: VideoLayout) -> Tuple[int, int]:
         """This rank's video query blocks ``[start, stop)``; the text blocks are local too (:meth:`q_blocks`)."""
         g = self._geo(layout)
-        return (self.rank * g.vr, (self.rank + 1) * g.vr)
+        return (g.r0, g.r1)
 
     def q_blocks(self, layout: VideoLayout) -> torch.Tensor:
         """int64 global ids of the local query blocks: this shard's video blocks, then all text blocks."""
         g = self._geo(layout)
-        return torch.cat([torch.arange(self.rank * g.vr, (self.rank + 1) * g.vr), torch.arange(g.nv, g.nb)])
+        return torch.cat([torch.arange(g.r0, g.r1), torch.arange(g.nv, g.nb)])
 
     def row_weight(self, layout: VideoLayout) -> torch.Tensor:
         """float32 per local query block: 1 for video rows; text rows (held by every ring rank) 1
@@ -272,7 +335,7 @@ class RingOps(HeadShardedOps):
         key = (layout, str(device))
         hit = self._valids.get(key)
         if hit is None:
-            hit = self._valids[key] = _Valid(layout, g, self.rank, self.ring, device)
+            hit = self._valids[key] = _Valid(layout, g, device)
         return hit
 
     # ------------------------------------------------------------------ index -> plan
@@ -283,47 +346,27 @@ class RingOps(HeadShardedOps):
         g = self._geo(layout)
         if index.num_q_blocks != g.nb or index.num_k_blocks != g.nb:
             raise ValueError(f"localize: {index!r} is not a global index for {layout} ({g.nb} x {g.nb} blocks)")
+        key = (layout, None if self.head_order is None else tuple(self.head_order.tolist()))
         hit = self._local.get(index)
-        if hit is not None and hit[0] == layout:
+        if hit is not None and hit[0] == key:
             return hit[1]
-        h0, h1 = self.head_range(index.num_heads)
-        out = index.select_heads(slice(h0, h1)) if (h0, h1) != (0, index.num_heads) else index
-        out = select_rows_at(out, self.q_blocks(layout))
-        self._local[index] = (layout, out)
+        out = self.local_heads(index).select_rows_at(self.q_blocks(layout))
+        self._local[index] = (key, out)
         return out
 
     def _build_plan(self, index: BlockIndex, g: _Geo) -> RingPlan:
-        r0, r1 = self.rank * g.vr, (self.rank + 1) * g.vr
-        kmap = torch.full((g.nb,), -1, dtype=torch.long)
-        kmap[r0:r1] = torch.arange(g.vr)
-        kmap[g.nv:] = g.vr + torch.arange(g.nt)
-        vid = index.select_rows(0, g.vr)
-        own = remap_keys(vid, kmap, g.rows)
-        if g.nt:
-            kmap_t = kmap.clone()
-            if self.rank != 0:
-                kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
-            own = cat_rows(own, remap_keys(index.select_rows(g.vr, g.rows), kmap_t, g.rows))
-        remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
-        for j in range(self.ring):
-            if j == self.rank:
-                continue
-            sub = vid.select_keys(j * g.vr, (j + 1) * g.vr)
-            rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
-            if rows.numel():
-                a, b = int(rows[0]), int(rows[-1]) + 1
-                remote[j] = (a, b, sub.select_rows(a, b))
-        return RingPlan(own, remote, [j in remote for j in range(self.ring)])
+        return _plan_of(index, g)
 
     def plan(self, index: BlockIndex, layout: VideoLayout) -> RingPlan:
         """The cached plan of a localized index (by object, then by digest)."""
         hit = self._plans.get(index)
         if hit is not None and hit[0] == layout:
             return hit[1]
-        key = (index.digest(), layout)
+        g = self._geo(layout)
+        key = (index.digest(), layout, g.starts)
         plan = self._plans_by_digest.get(key)
         if plan is None:
-            plan = self._build_plan(index, self._geo(layout))
+            plan = self._build_plan(index, g)
             self._plans_by_digest[key] = plan
             while len(self._plans_by_digest) > self._DIGEST_CACHE:
                 self._plans_by_digest.popitem(last=False)
@@ -360,9 +403,28 @@ class RingOps(HeadShardedOps):
         dist.all_gather(parts, t, group=g)
         return torch.stack(parts).bool().cpu().tolist()  # one device->host copy
 
-    def _post(self, tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int]) -> _Transfer:
+    def _staged(self, like: torch.Tensor) -> bool:
+        """Point-to-point through host buffers: forced, or CUDA tensors over a gloo ring group."""
+        if self.groups.stage_p2p:
+            return True
+        return like.is_cuda and dist.get_backend(self.groups.ring_group) == "gloo"
+
+    def _post(self, tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int],
+              recv_tokens: Callable[[int], int]) -> _Transfer:
+        """Post sends of ``tensors`` ``[B, tokens, H, D]`` to ``send_to`` and receives of
+        ``recv_tokens(j)`` tokens (same other dims) from each ``j`` in ``recv_from``."""
         g = self.groups.ring_group
-        sends = [t.contiguous() for t in tensors]
+        staged = self._staged(tensors[0])
+        device = tensors[0].device
+        if staged and (send_to or recv_from):
+            pin = torch.cuda.is_available()  # page-locked host memory needs a CUDA runtime
+            sends = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True) for t in tensors]
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # gloo reads the host copies now
+            buf_dev = torch.device("cpu")
+        else:
+            sends = [t.contiguous() for t in tensors]
+            buf_dev = device
         ops: List = []
         for i in send_to:
             for tag, t in enumerate(sends):
@@ -371,14 +433,17 @@ class RingOps(HeadShardedOps):
         bufs: Dict[int, List[torch.Tensor]] = {}
         slots: Dict[int, List[int]] = {}
         for j in recv_from:
-            bufs[j] = [torch.empty_like(t) for t in sends]
+            n = recv_tokens(j)
+            bufs[j] = [torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=buf_dev,
+                                   pin_memory=staged and buf_dev.type == "cpu" and torch.cuda.is_available())
+                       for t in sends]
             slots[j] = []
             for tag, b in enumerate(bufs[j]):
                 slots[j].append(len(ops))
                 ops.append(dist.P2POp(dist.irecv, b, self._peers[j], group=g, tag=tag))
                 self.bytes_received += b.numel() * b.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Transfer(works, len(ops), slots, bufs, sends)
+        return _Transfer(works, len(ops), slots, bufs, sends, device if staged else None)
 
     # ------------------------------------------------------------------ compute
     def _check(self, q, k, v, index: Optional[BlockIndex], g: _Geo, what: str) -> None:
@@ -429,7 +494,7 @@ class RingOps(HeadShardedOps):
         recv_from = [j for j in range(self.ring) if j != me and need[me][j]]
         if need[me] != plan.needs:
             raise RuntimeError("RingOps: the exchanged needed-shard bits differ from this rank's plan")
-        tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from)
+        tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from, lambda j: g.size(j) * bs)
         if not self.overlap:
             tr.wait_all()
         val = self._valid_for(layout, g, q.device)
@@ -462,7 +527,7 @@ class RingOps(HeadShardedOps):
         self._ensure_ready(q)
         me, vt = self.rank, g.vr * g.bs
         others = [j for j in range(self.ring) if j != me]
-        tr = self._post([k[:, :vt]], others, others)
+        tr = self._post([k[:, :vt]], others, others, lambda j: g.size(j) * g.bs)
         val = self._valid_for(layout, g, q.device)
         B, _, H, _ = q.shape
         mass = torch.empty((B, H, g.rows, g.nb), dtype=torch.float32, device=q.device)
@@ -471,12 +536,12 @@ class RingOps(HeadShardedOps):
             mass[..., c0:c1] = block_attention_mass(q, kk, lse, g.bs, scale=scale, q_valid=val.local,
                                                     kv_valid=kv_valid, query_rows=query_rows, backend=self.backend)
 
-        part(k[:, :vt], val.shard[me], me * g.vr, (me + 1) * g.vr)
+        part(k[:, :vt], val.shard[me], g.r0, g.r1)
         if g.nt:
             part(k[:, vt:], val.text, g.nv, g.nb)
         for j in sorted(others, key=lambda j: (abs(j - me), j)):
             (kj,) = tr.wait(j)
-            part(kj, val.shard[j], j * g.vr, (j + 1) * g.vr)
+            part(kj, val.shard[j], g.starts[j], g.starts[j + 1])
         tr.wait_all()
         return mass
 

@@ -1,0 +1,161 @@
+"""The CPU parts of benchmarks/scaling_model.py and benchmarks/device/share_gpu_check.py: index sources,
+plans, byte counts and cost-model arithmetic, a tiny dry run, --help and the summary table."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dist_compact import VideoLayout
+from dist_compact.parallel import ParallelConfig, ring_bytes, ring_needs, ring_rank_plan, shard_kv_bytes
+from dist_compact.parallel.balance import head_block_costs
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "device")]
+
+import scaling_model as sm  # noqa: E402
+import share_gpu_check as sgc  # noqa: E402
+
+LAYOUT = VideoLayout(6, 9, 10, tile=(1, 4, 4), text_tokens=20)  # 6 x 3 x 3 tiles (ragged) + 2 text blocks
+LAYOUT4 = sm.padded_layout(LAYOUT, ParallelConfig(2, 2))  # 8 slabs: 72 video blocks
+
+
+def test_pooled_compact_source_is_the_pooled_config():
+    src = sm.Source("compact-0.5", LAYOUT, heads=8, layers=3)
+    cfg = sm.pooled_compact("small", 3, 8, "0.5")
+    for l in range(3):
+        assert torch.equal(src.mask(l)[0], cfg.block_mask(l, LAYOUT).reshape(8, LAYOUT.num_blocks, -1))
+    assert [d.tolist() for d in src.draws] != [src.draws[0].tolist()] * 3  # layers draw different heads
+    with pytest.raises(ValueError, match="only 48 patterns"):
+        sm.pooled_compact("small", 1, 49)
+
+
+def test_adaspa_source_rows_keep_their_budget():
+    src = sm.Source("adaspa", LAYOUT, heads=8, layers=2)
+    m = src.mask(1)[0]  # [H, NB, NB]
+    nv = LAYOUT.num_video_blocks
+    valid = LAYOUT.block_valid() > 0
+    assert m[:, nv:][:, :, valid].all()  # text rows keep every real key
+    assert m[:, :nv, nv:].all()  # the text sink
+    per_row = m[:, :nv, :nv].sum(-1)  # video keys per video row: one budget per head
+    assert all(len(set(per_row[h].tolist())) == 1 for h in range(8))
+    assert len(set(per_row[:, 0].tolist())) > 1  # head-adaptive: not every head the same budget
+    with pytest.raises(ValueError, match="unknown index source"):
+        sm.Source("bogus", LAYOUT, 8, 1)
+
+
+def test_plan_for_matches_the_runtime_rule():
+    src = sm.Source("compact-0.5", LAYOUT4, heads=8, layers=3)
+    bounds, orders = sm.plan_for(src, 2, 2, balance=False)
+    assert bounds == (0, 36, 72) and orders == [None] * 3
+    bounds, orders = sm.plan_for(src, 2, 2, balance=True)
+    assert all((y - x) % 2 == 0 for x, y in zip(bounds[:-1], bounds[1:]))
+    assert any(o is not None for o in orders)
+    ada = sm.Source("adaspa", LAYOUT4, heads=8, layers=2)
+    b = sm.plan_for(ada, 1, 2, balance=True)[0]
+    valid = (LAYOUT4.block_valid()[:72] > 0).long()
+    assert b != (0, 36, 72) and abs(int(valid[:b[1]].sum()) - int(valid[b[1]:].sum())) <= 1  # real blocks split evenly
+    assert sm.plan_for(ada, 2, 1, balance=True)[1] == [None, None]  # runtime: contiguous AdaSpa heads
+    assert any(o is not None for o in sm.plan_for(ada, 2, 1, balance=True, oracle=True)[1])
+
+
+def test_imbalance_rows():
+    src = sm.Source("compact-0.5", LAYOUT4, heads=8, layers=3)
+    rows = sm.imbalance_rows(src, "t", [(2, "ulysses2", 2, 1), (4, "hybrid2x2", 2, 2)])
+    for r in rows:
+        assert 1.0 <= r["balanced"] <= r["contiguous"] and r["balanced"] == r["balanced_oracle"]
+    assert rows[0]["balanced_slab_aligned"] == "" and rows[1]["balanced_slab_aligned"] >= rows[1]["balanced"]
+
+
+def test_byte_counts_equal_the_ring_prediction():
+    src = sm.Source("compact-0.5", LAYOUT, heads=8, layers=1)
+    idx = src.index(0)
+    bounds = sm.plan_for(src, 1, 3, balance=True)[0]
+    plans = [ring_rank_plan(idx, LAYOUT, bounds, r) for r in range(3)]
+    needs = [p.needs for p in plans]
+    assert torch.equal(torch.tensor(needs), ring_needs(idx, LAYOUT, 3, bounds=bounds))
+    kv = shard_kv_bytes(bounds, LAYOUT.block_size, batch=1, heads=8, head_dim=128, element_size=2)
+    sent = ring_bytes(torch.tensor(needs), kv)
+    for r in range(3):
+        assert sm.p2p_bytes(needs, kv, r)[0] == int(sent[r])
+    assert sum(sm.p2p_bytes(needs, kv, r)[1] for r in range(3)) == int(sent.sum())  # every byte received once
+    # Ulysses: 4 tensors of the rank's video tokens x all heads, (U-1)/U of them leave
+    assert sm.a2a_bytes(10, 128, 24, 128, 2, 1) == 0
+    assert sm.a2a_bytes(10, 128, 24, 128, 2, 4) == 4 * 10 * 128 * 24 * 128 * 2 * 3 / 4
+    # the docs' calibration: one [S/2, 24, 128] bf16 tensor at P=2 in 0.64 ms is ~285 GB/s sent per rank
+    one = 59_400 * 24 * 128 * 2 / 2
+    assert one / 0.64e-3 / 1e9 == pytest.approx(sm.A2A_GBPS, rel=0.01)
+
+
+def test_rank_ms():
+    # 1e6 bytes at 1 GB/s = 1 ms
+    assert sm.rank_ms(5.0, None, 1e6, 0.0, 1.0, 1.0) == (6.0, 6.0)
+    plain, ov = sm.rank_ms(5.0, 3.0, 0.0, 2e6, 1.0, 1.0)  # own 3 ms hides the 2 ms transfer
+    assert plain == 7.0 and ov == 5.0
+    assert sm.rank_ms(5.0, 1.0, 0.0, 2e6, 1.0, 1.0)[1] == 6.0  # 2 ms transfer > 1 ms own shard
+
+
+def test_costs_of_a_mask_equal_those_of_its_index():
+    src = sm.Source("adaspa", LAYOUT, heads=8, layers=1)
+    a, b = head_block_costs(src.mask(0), LAYOUT), head_block_costs(src.index(0), LAYOUT)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="a mask of shape"):
+        head_block_costs(src.mask(0)[..., :-1], LAYOUT)
+
+
+def test_scaling_model_dry_run(tmp_path):
+    out = tmp_path / "sm"
+    assert sm.main(["--small", "--imbalance-only", "--sources", "compact-0.5,adaspa", "--out", str(out)]) == 0
+    text = (out / "imbalance.csv").read_text().splitlines()
+    assert text[0].startswith("shape,source,density,P,layout") and len(text) == 1 + 2 * 2 * 5
+    pad = sm.padded_layout(sm._layout(sm.SMALL_SHAPES["small"]), ParallelConfig(1, 4))
+    work = sm.Work(pad, 8, 16, torch.float32, torch.device("cpu"), "torch")
+    src = sm.Source("compact-0.5", pad, 8, 4)
+    rows = sm.predict(src, work, [0], [(4, "hybrid2x2", 2, 2)], a2a_gbps=285.0, p2p_gbps=365.0, reps=1,
+                      timer=sm.make_timer(torch.device("cpu")))
+    assert [r["plan"] for r in rows] == ["contiguous", "balanced"]
+    assert all(r["step_ms"] > 0 and r["step_overlap_ms"] <= r["step_ms"] + 1e-9 and r["a2a_mb_per_layer"] > 0
+               for r in rows)
+
+
+@pytest.mark.parametrize("script", ["benchmarks/scaling_model.py", "benchmarks/device/share_gpu_check.py"])
+def test_help(script):
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_share_gpu_summary(tmp_path, capsys):
+    rows = [dict(layout="ring2", P=2, model="embedded", rel=1e-3, max_abs=2e-3, ok=True, imbalance=1.01,
+                 contiguous=1.2, ws_calls=0, seconds=1.0),
+            dict(layout="ulysses4", P=4, model="wan", ok=False, error="RuntimeError: boom")]
+    (tmp_path / "rows-P2.json").write_text(json.dumps(rows[:1]))
+    assert sgc.main(["--summary", "--out", str(tmp_path)]) == 0
+    (tmp_path / "rows-P4.json").write_text(json.dumps(rows[1:]))
+    assert sgc.main(["--summary", "--out", str(tmp_path)]) == 1  # a failed case fails the check
+    out = capsys.readouterr().out
+    assert "1/2 ok" in out and "ring2" in out
+    assert (tmp_path / "share_gpu_check.csv").read_text().count("\n") == 3
+    with pytest.raises(SystemExit):
+        sgc.main(["--models", "nope", "--summary"])
+
+
+def _measure_worker(rank, world):
+    sys.path[:0] = [str(ROOT / "benchmarks")]
+    import scaling_model as sm_w
+
+    lay = sm_w.padded_layout(sm_w._layout(sm_w.SMALL_SHAPES["small-text"]), ParallelConfig(1, 2))
+    src = sm_w.Source("compact-0.5", lay, 8, 2)
+    work = sm_w.Work(lay, 8, 16, torch.float32, torch.device("cpu"), "torch")
+    return sm_w.measure(src, work, [1], [(2, "ring2", 1, 2), (2, "ulysses2", 2, 1), (4, "ring4", 1, 4)], reps=1)
+
+
+def test_scaling_model_measure_on_two_processes(tmp_path):
+    from parallel_helpers import run_workers
+
+    res = run_workers(_measure_worker, 2, tmp_path, timeout=120)
+    assert res[0] == res[1]  # the slowest rank's time, agreed
+    assert set(res[0]) == {(n, p) for n in ("ring2", "ulysses2") for p in ("contiguous", "balanced")}
+    assert all(v > 0 for v in res[0].values())
