@@ -45,8 +45,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ._util import is_int
 from .block_index import BlockIndex
 from .context import AttentionContext
+from .executor import global_head_stats
 from .schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
 
@@ -103,7 +105,7 @@ class SparseAttention:
     """
 
     def __init__(self, layer: int, config: SparsityConfig, compact=None):
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        if not is_int(layer) or layer < 0:
             raise ValueError(f"SparseAttention.layer must be an int >= 0, got {layer!r}")
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"SparseAttention.config must be a SparsityConfig, got {type(config).__name__}")
@@ -261,7 +263,7 @@ class SparseAttention:
         kept = (dense_mask.sum(-1).double() * row_w.view(1, 1, -1)).sum(dim=(0, 2))
         pairs = float(row_w.sum()) * float(key_valid.sum()) * dense_mask.shape[0]
         local_stats = torch.stack([kept, torch.full((Hl,), pairs, dtype=torch.float64, device=q.device)], dim=1)
-        g = ops.gather_heads(ops.reduce_rows(local_stats), dim=0)
+        g = global_head_stats(local_stats, ops)
         density = g[:, 0] / g[:, 1].clamp(min=1)
         entry.static_density = density.float()
         entry.static_dense = bool(density.mean() > self.config.dense_threshold)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ._util import is_int
 from .layout import SUPPORTED_BLOCK_SIZES
 from .schedule import SparsityConfig
 
@@ -52,10 +53,6 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file (or command line) and the key."""
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _choice(obj, name: str, choices: Sequence[str]) -> None:
     val = getattr(obj, name)
     if val not in choices:
@@ -64,7 +61,7 @@ def _choice(obj, name: str, choices: Sequence[str]) -> None:
 
 def _pos_int(obj, name: str, minimum: int = 1) -> None:
     val = getattr(obj, name)
-    if not _is_int(val) or val < minimum:
+    if not is_int(val) or val < minimum:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
 
 
@@ -114,7 +111,7 @@ class ClusterConfig:
                              f"GPU); it cannot go with device: {self.device}, backend: {self.backend}")
         if not isinstance(self.master_addr, str) or not self.master_addr:
             raise ValueError(f"ClusterConfig.master_addr must be a non-empty string, got {self.master_addr!r}")
-        if not _is_int(self.master_port) or not 1 <= self.master_port <= 65535:
+        if not is_int(self.master_port) or not 1 <= self.master_port <= 65535:
             raise ValueError(f"ClusterConfig.master_port must be an int in [1, 65535], got {self.master_port!r}")
         if self.ulysses * self.ring != self.world_size:
             raise ValueError(
@@ -174,7 +171,7 @@ class ModelConfig:
         for name in ("frames", "height", "width"):
             _pos_int(self, name)
         object.__setattr__(self, "tile", tuple(self.tile))
-        if len(self.tile) != 3 or not all(_is_int(t) and t >= 1 for t in self.tile):
+        if len(self.tile) != 3 or not all(is_int(t) and t >= 1 for t in self.tile):
             raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
         vol = self.tile[0] * self.tile[1] * self.tile[2]
         if vol not in SUPPORTED_BLOCK_SIZES:
@@ -355,9 +352,9 @@ def _coerce(value, hint, where: str):
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
-        ok = _is_int(value)
+        ok = is_int(value)
     elif hint is float:
-        ok = _is_int(value) or isinstance(value, float)
+        ok = is_int(value) or isinstance(value, float)
         if ok:
             value = float(value)
     elif hint is str:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Optional, Tuple
 
+from ._util import is_int
 from .ops import TRITON_DENSE_CROSSOVER
 
 __all__ = [
@@ -54,10 +55,6 @@ FUSED = "fused_search"
 CACHED = "cached_search"
 REUSE = "reuse"
 ACTIONS = (DENSE, FUSED, CACHED, REUSE)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x) -> bool:
@@ -145,9 +142,9 @@ class SparsityConfig:
 
         if self.mode not in MODES:
             bad("mode", f"must be one of {MODES}")
-        if not _is_int(self.reference_steps) or self.reference_steps < 1:
+        if not is_int(self.reference_steps) or self.reference_steps < 1:
             bad("reference_steps", "must be an int >= 1")
-        if not _is_int(self.dense_steps) or not 0 <= self.dense_steps <= self.reference_steps:
+        if not is_int(self.dense_steps) or not 0 <= self.dense_steps <= self.reference_steps:
             bad("dense_steps", f"must be an int in [0, reference_steps={self.reference_steps}]")
         # YAML gives lists: store tuples so the config stays hashable
         for name in ("search_steps", "search_kinds"):
@@ -156,7 +153,7 @@ class SparsityConfig:
                 bad(name, "must be a list or tuple")
             object.__setattr__(self, name, tuple(val))
         steps, kinds = self.search_steps, self.search_kinds
-        if not all(_is_int(s) for s in steps):
+        if not all(is_int(s) for s in steps):
             bad("search_steps", "must hold ints")
         if any(b <= a for a, b in zip(steps, steps[1:])):
             bad("search_steps", "must be strictly increasing")
@@ -193,7 +190,7 @@ class SparsityConfig:
         if not (_is_number(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
             bad("dense_threshold", "must be a number in (0, 1]")
         q = self.mass_query_rows
-        if q is not None and not (_is_int(q) and q >= 16 and q & (q - 1) == 0):
+        if q is not None and not (is_int(q) and q >= 16 and q & (q - 1) == 0):
             bad("mass_query_rows", "must be None or a power of two >= 16")
 
     # ------------------------------------------------------------------ construction
@@ -232,7 +229,7 @@ class SparsityConfig:
     def action(self, step: int, num_steps: int) -> str:
         """What to do at ``step`` of a ``num_steps`` run: ``DENSE``, ``FUSED``, ``CACHED`` or ``REUSE``."""
         sched = self.schedule(num_steps)
-        if not _is_int(step) or not 0 <= step < num_steps:
+        if not is_int(step) or not 0 <= step < num_steps:
             raise ValueError(f"step must be an int in [0, num_steps={num_steps}), got {step!r}")
         if self.mode == "dense" or step < sched.dense_steps:
             return DENSE
@@ -254,7 +251,7 @@ class SparsityConfig:
 
 @lru_cache(maxsize=64)
 def _scaled(config: SparsityConfig, num_steps: int) -> Schedule:
-    if not _is_int(num_steps) or num_steps < 1:
+    if not is_int(num_steps) or num_steps < 1:
         raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
     ref = config.reference_steps
 

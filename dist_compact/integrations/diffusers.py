@@ -65,6 +65,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._util import cdiv, is_int
 from ..context import AttentionContext
 from ..executor import AttentionOps
 from ..extras import require
@@ -106,7 +107,7 @@ def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
     T, H, W = grid
 
     def padded(t):
-        return (-(-T // t[0]) * t[0]) * (-(-H // t[1]) * t[1]) * (-(-W // t[2]) * t[2])
+        return (cdiv(T, t[0]) * t[0]) * (cdiv(H, t[1]) * t[1]) * (cdiv(W, t[2]) * t[2])
 
     return min(_DEFAULT_TILES, key=padded)
 
@@ -130,7 +131,7 @@ class DenoisingState:
 
     def begin(self, num_steps: int) -> "DenoisingState":
         """Start a run of ``num_steps`` steps at step 0."""
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        if not is_int(num_steps) or num_steps < 1:
             raise ValueError(f"DenoisingState.begin: num_steps must be an int >= 1, got {num_steps!r}")
         self.step = 0
         self.num_steps = num_steps

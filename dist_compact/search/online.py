@@ -34,6 +34,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 
 from ..block_index import BlockIndex
+from ..executor import global_head_stats
 
 __all__ = [
     "RankedMass",
@@ -321,11 +322,6 @@ def local_query_blocks(ops, layout, device=None) -> Tuple[torch.Tensor, torch.Te
     return ids.to(device), w.to(device)
 
 
-def _gather(ops, t: torch.Tensor) -> torch.Tensor:
-    """Sum over query-row shards, then all heads in global order (design.md contract 5)."""
-    return ops.gather_heads(ops.reduce_rows(t), dim=0)
-
-
 def online_select(mass: torch.Tensor, layout, ops, config, *,
                   static_mask: Optional[torch.Tensor] = None) -> OnlineSearchResult:
     """AdaSpa selection for one layer from this rank's block mass.
@@ -368,7 +364,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     if config.sparsity is not None:
         k0 = budget_for_density(1.0 - config.sparsity, nkv)
         if config.head_adaptive:
-            stats = _gather(ops, head_statistics(ranked, counted_rows.double() * row_w))
+            stats = global_head_stats(head_statistics(ranked, counted_rows.double() * row_w), ops)
             budget_all = head_budgets(stats, k0, nkv, config.head_rule, config.head_threshold)
         top_k = k0 if budget_all is None else None
     # the global head count is known only after a gather; without head-adaptive budgets the
@@ -390,7 +386,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
         kept.sum(dim=(0, 2)),
         pairs * mask.shape[0],
     ], dim=1)
-    g = _gather(ops, local)
+    g = global_head_stats(local, ops)
     H = g.shape[0]
     h0, h1 = ops.head_range(H)
     if h1 - h0 != Hl:
