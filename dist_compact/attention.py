@@ -41,18 +41,18 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from ._util import is_int
 from .block_index import BlockIndex
-from .context import AttentionContext
+from .context import AttentionContext, DenseAttention
 from .executor import global_head_stats
 from .schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
 
-__all__ = ["SparseAttention"]
+__all__ = ["SparseAttention", "build_attention"]
 
 
 @dataclass
@@ -294,3 +294,22 @@ class SparseAttention:
 
     def __repr__(self) -> str:
         return f"SparseAttention(layer={self.layer}, mode={self.config.mode!r})"
+
+
+def build_attention(num_layers: int, sparsity: SparsityConfig, compact=None, sp=None) -> List[Callable]:
+    """One attention callable ``attn(q, k, v, ctx)`` per layer for ``sparsity``.
+
+    ``mode == "dense"`` gives :class:`DenseAttention`; other modes give
+    :class:`~dist_compact.attention.SparseAttention` (``compact`` is the static pattern object of
+    the Compact modes, see :func:`load_compact`). With a sequence-parallel plan ``sp`` every layer is
+    ``sp.wrap``-ped.
+    """
+    if not isinstance(sparsity, SparsityConfig):
+        raise TypeError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
+    if sparsity.mode == "dense":
+        layers: List[Callable] = [DenseAttention(i) for i in range(num_layers)]
+    else:
+        layers = [SparseAttention(i, sparsity, compact) for i in range(num_layers)]
+    if sp is not None:
+        layers = [sp.wrap(a) for a in layers]
+    return layers

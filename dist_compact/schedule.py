@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from ._util import is_int
 from .ops import TRITON_DENSE_CROSSOVER
@@ -43,6 +43,9 @@ __all__ = [
     "CACHED",
     "REUSE",
     "ACTIONS",
+    "step_kinds",
+    "describe_schedule",
+    "sparsity_line",
 ]
 
 MODES = ("dense", "compact", "adaspa", "compact+adaspa")
@@ -269,3 +272,48 @@ def _scaled(config: SparsityConfig, num_steps: int) -> Schedule:
                 searches.append((t, kind))
     dense = min(dense, searches[0][0]) if searches else dense
     return Schedule(num_steps=num_steps, dense_steps=dense, searches=tuple(searches))
+
+
+#: what each :meth:`SparsityConfig.action` does, in the words of the log and the progress bar
+_STEP_WORDS = {"dense": "dense", "fused_search": "fused search", "cached_search": "cached search",
+               "reuse": "sparse"}
+
+
+def step_kinds(sparsity: SparsityConfig, num_steps: int) -> List[str]:
+    """What each step of a ``num_steps`` run does: "dense", "fused search", "cached search" or "sparse".
+
+    From :meth:`SparsityConfig.action`, i.e. the schedule scaled to this run (a "sparse" step uses
+    the cached online index, or the static Compact index before the first search).
+    """
+    return [_STEP_WORDS[sparsity.action(i, num_steps)] for i in range(num_steps)]
+
+
+def describe_schedule(sparsity: SparsityConfig, num_steps: int) -> str:
+    """The schedule of this run in its own step numbers, e.g. for the demo's 20 steps
+    ``"steps 0-7 dense, 8 fused search, 9-11 sparse, 12 fused search, 13-15 sparse, 16 fused search,
+    17-19 sparse"``.
+
+    The config's ``dense_steps`` / ``search_steps`` are written for ``reference_steps`` steps and
+    scaled to the run (the module doc); this is what the run does after scaling.
+    """
+    kinds = step_kinds(sparsity, num_steps)
+    runs: List[str] = []
+    start = 0
+    for i in range(1, num_steps + 1):
+        if i == num_steps or kinds[i] != kinds[start] or kinds[start].endswith("search"):
+            span = str(start) if i - 1 == start else f"{start}-{i - 1}"
+            runs.append(f"{span} {kinds[start]}")
+            start = i
+    return "steps " + ", ".join(runs)
+
+
+def sparsity_line(sparsity: SparsityConfig, num_steps: int) -> str:
+    """The log line of a run's sparsity: the schedule in this run's steps, then the other settings."""
+    if sparsity.mode == "dense":
+        return f"mode dense, {num_steps} steps: {describe_schedule(sparsity, num_steps)}"
+    schedule_keys = ("dense_steps", "search_steps", "search_kinds", "reference_steps")
+    rest = ", ".join(f"{f.name}={getattr(sparsity, f.name)!r}" for f in fields(sparsity)
+                     if f.name not in schedule_keys + ("mode",))
+    scaled = "" if sparsity.reference_steps == num_steps else (
+        f" (the config's step numbers are written for reference_steps={sparsity.reference_steps} and scaled)")
+    return f"mode {sparsity.mode}, {num_steps} steps: {describe_schedule(sparsity, num_steps)}{scaled}; {rest}"

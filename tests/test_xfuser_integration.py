@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from dist_compact.integrations import xfuser as xf
 from dist_compact.executor import AttentionOps
 from dist_compact.schedule import SparsityConfig
-from dist_compact.pipeline import build_attention
+from dist_compact.attention import build_attention
 from dist_compact.context import AttentionContext
 
 DENSE = SparsityConfig(mode="dense")

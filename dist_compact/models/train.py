@@ -308,7 +308,7 @@ def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float 
     import numpy as np
 
     from ..context import DenseAttention
-    from ..pipeline import sample
+    from ..sampler import sample
     from ..png import write_png
     from ..report import frame_grid, to_uint8_frames
 

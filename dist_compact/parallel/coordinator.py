@@ -147,6 +147,11 @@ class Coordinator:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def barrier(self) -> None:
+        """Wait for every rank of the group (nothing on one process)."""
+        if self.active and self.world_size > 1:
+            dist.barrier(group=self.group)
+
     # ------------------------------------------------------------------ agreement
     def check_same(self, what: str, digest: str) -> str:
         """All ranks must hold the same ``digest`` of ``what``; else one clear error on every rank."""
