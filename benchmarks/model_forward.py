@@ -259,7 +259,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     from dist_compact.integrations.random_transformer import weights_fingerprint
     from dist_compact.parallel import Coordinator, RingOps, SequenceParallel
     from dist_compact.attention import build_attention
-    from dist_compact.schedule import SparsityConfig
+    from dist_compact.config import SparsityConfig
     from dist_compact.stats import AttentionStats
 
     world = world or World(device)

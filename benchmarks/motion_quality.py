@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     import torch
 
     from dist_compact.config import load_run_config
-    from dist_compact.executor import AttentionOps
+    from dist_compact.attention_ops import AttentionOps
     from dist_compact.models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
     from dist_compact.models.motion import score_clips, summarize
     from dist_compact.attention import build_attention

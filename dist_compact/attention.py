@@ -2,7 +2,7 @@
 
 ``attn = SparseAttention(layer, config, compact)`` is called by the model as ``attn(q, k, v, ctx)``
 (q, k, v: this rank's ``[batch, seq_local, heads_local, head_dim]`` in block order; see
-:mod:`dist_compact.context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
+:mod:`dist_compact.attention_context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
 
 * ``DENSE``  -> ``ctx.ops.dense`` (the fastest dense path);
 * ``FUSED``  -> ``ctx.ops.dense(return_lse=True)`` (output of the step, exact), ``ctx.ops.block_mass``
@@ -47,9 +47,10 @@ import torch
 
 from ._util import is_int
 from .block_index import BlockIndex
-from .context import AttentionContext, DenseAttention
-from .executor import global_head_stats
-from .schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
+from .attention_context import AttentionContext, DenseAttention
+from .attention_ops import global_head_stats
+from .config import SparsityConfig
+from .step_schedule import CACHED, DENSE, FUSED, REUSE
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
 
 __all__ = ["SparseAttention", "build_attention"]

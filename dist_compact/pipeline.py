@@ -18,12 +18,13 @@ import torch
 
 from . import report as rpt
 from .attention import build_attention
-from .executor import AttentionOps
+from .attention_ops import AttentionOps
 from .integrations.diffusers_pipeline import run_diffusers_generation
 from .integrations.random_transformer import run_random_generation
 from .runner import Job, LoadedModel, RunResult, log, run_job
 from .sampler import sample
-from .schedule import SparsityConfig, sparsity_line, step_kinds
+from .config import SparsityConfig
+from .step_schedule import sparsity_line, step_kinds
 from .stats import AttentionStats
 
 __all__ = ["EmbeddedJob", "run_generation"]

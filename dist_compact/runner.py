@@ -33,7 +33,7 @@ import torch
 from . import report as rpt
 from .parallel import Coordinator, ParallelConfig, init_distributed
 from .search.config_file import load_compact
-from .schedule import SparsityConfig
+from .config import SparsityConfig
 
 __all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "launched_world", "start_process",
            "check_world", "make_parallel", "agree", "run_folder", "run_job", "log"]

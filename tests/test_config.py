@@ -15,7 +15,7 @@ from dist_compact.config import (
     parse_override,
     to_yaml,
 )
-from dist_compact.schedule import SparsityConfig
+from dist_compact.config import SparsityConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_compact.config import load_run_config
-from dist_compact.context import DenseAttention
+from dist_compact.attention_context import DenseAttention
 from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
 from dist_compact.attention import build_attention
 from dist_compact.pipeline import run_generation

@@ -29,7 +29,7 @@ import torch
 from .._util import cdiv, is_int
 from ..extras import require
 from ..layout import VideoLayout
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
 
 __all__ = [
     "MAX_LAYOUTS",

@@ -22,7 +22,7 @@ copied per model):
   ``[B, C, F, H, W]`` and the patch size from ``transformer.config`` (``(F/pt, H/ph, W/pw)``
   tokens), the text token count from ``encoder_attention_mask`` (HunyuanVideo), builds the global
   :class:`~dist_compact.layout.VideoLayout` (``sp.layout_for`` applied) and the
-  :class:`~dist_compact.context.AttentionContext` of this forward (step from the
+  :class:`~dist_compact.attention_context.AttentionContext` of this forward (step from the
   :class:`DenoisingState`);
 * the video tokens go to block order ONCE per forward, and are sharded there: a hook on the first
   module that sees them as tokens (Wan: pre-hook of ``blocks[0]``; HunyuanVideo: output of
@@ -64,10 +64,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..context import AttentionContext
-from ..executor import AttentionOps
+from ..attention_context import AttentionContext
+from ..attention_ops import AttentionOps
 from ..layout import VideoLayout
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
 from .core import (MAX_LAYOUTS, SUPPORTED_MODELS, DenoisingState, IntegrationHandle, checked_install, default_tile,
                    forward_inputs, get_arg, handle_state, hunyuan_qkv, lru, model_kind, new_attentions,
                    remove_handle, replace_arg)

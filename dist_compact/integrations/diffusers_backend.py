@@ -84,12 +84,12 @@ import torch
 import torch.distributed as dist
 
 from ..block_index import BlockIndex
-from ..context import AttentionContext
+from ..attention_context import AttentionContext
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
 from .core import (MAX_LAYOUTS, DenoisingState, checked_install, forward_inputs, handle_state, lru, model_kind,
                    new_attentions, remove_handle)
 from .diffusers import HunyuanVideoSparseAttnProcessor, SparsifyHandle, WanSparseAttnProcessor, sparsify_handle
@@ -259,7 +259,7 @@ def _scatter(x: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- ring ops
 class ChunkRingOps(HeadShardedOps):
-    """:class:`~dist_compact.executor.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
+    """:class:`~dist_compact.attention_ops.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
 
     Tensors handed in: the ring chunk as diffusers holds it after its Ulysses exchange,
     ``[B, Vr + Tp, H/U, D]`` (video in model order, then the padded prompt), see

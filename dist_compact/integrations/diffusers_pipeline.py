@@ -36,7 +36,8 @@ import torch
 from .. import report as rpt
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sync
-from ..schedule import SparsityConfig, sparsity_line
+from ..config import SparsityConfig
+from ..step_schedule import sparsity_line
 from ..stats import AttentionStats
 from .core import DenoisingState, diffusers_module
 from .diffusers import sparsify, sparsify_handle

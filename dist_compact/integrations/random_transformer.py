@@ -58,7 +58,8 @@ from ..layout import VideoLayout
 from ..parallel import Coordinator, ParallelConfig, RingOps, ring_shard_bytes
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sample
-from ..schedule import SparsityConfig, sparsity_line, step_kinds
+from ..config import SparsityConfig
+from ..step_schedule import sparsity_line, step_kinds
 from ..stats import AttentionStats
 from .core import DenoisingState, latent_grid
 from .diffusers import sparsify, sparsify_handle

@@ -57,7 +57,7 @@ all-to-all every rank holds the WHOLE sequence for ``H/U`` heads. That is exactl
 projections, RoPE, sharding and all-to-all, and our attention as the registered backend function.
 It permutes the sequence it gets (xDiT's chunk order, with text chunks / text copies / xDiT's zero
 padding, see :class:`XditSequence`) to our block order with one gather, runs the layer's
-``attn(q, k, v, ctx)`` (:class:`~dist_compact.context.DenseAttention` or
+``attn(q, k, v, ctx)`` (:class:`~dist_compact.attention_context.DenseAttention` or
 :class:`~dist_compact.attention.SparseAttention`) with ``ctx.ops`` a ``UlyssesOps`` around xDiT's
 Ulysses group (``ParallelGroups.from_groups``; handed in explicitly, nothing global here), and
 gathers the output back to xDiT's order. The layer index and the handle travel in the per-layer
@@ -88,11 +88,11 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..context import AttentionContext
-from ..executor import AttentionOps
+from ..attention_context import AttentionContext
+from ..attention_ops import AttentionOps
 from ..extras import install_hint
 from ..layout import VideoLayout
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
 from .core import (MAX_LAYOUTS, DenoisingState, IntegrationHandle, checked_install, default_tile, handle_state,
                    hunyuan_qkv, latent_grid, lru, remove_handle)
 

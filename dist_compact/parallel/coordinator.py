@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..block_index import BlockIndex
-from ..executor import AttentionOps, global_head_stats
+from ..attention_ops import AttentionOps, global_head_stats
 from ..layout import VideoLayout
 
 __all__ = ["Coordinator", "ParallelMismatchError", "config_digest", "gather_index", "global_head_stats"]

@@ -36,8 +36,8 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 
 from .._util import is_int
-from ..context import AttentionContext
-from ..executor import global_head_stats
+from ..attention_context import AttentionContext
+from ..attention_ops import global_head_stats
 from ..layout import VideoLayout
 from ..patterns.compact import real_tile_grid, relative_bins
 

@@ -30,7 +30,7 @@ from typing import Optional, Union
 import yaml
 
 from ..patterns.compact import CompactConfig, HeadPattern
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config",
            "load_compact"]
