@@ -67,14 +67,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dist_compact.config import load_run_config
+    from dist_compact.attention import build_attention
     from dist_compact.attention_ops import AttentionOps
+    from dist_compact.config import load_run_config
     from dist_compact.models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
     from dist_compact.models.motion import score_clips, summarize
-    from dist_compact.attention import build_attention
+    from dist_compact.report import psnr
     from dist_compact.sampler import sample
     from dist_compact.search.config_file import load_compact
-    from dist_compact.report import psnr
     from dist_compact.stats import AttentionStats
 
     variants = [parse_variant(v) for v in args.variant] or [("sparse", [])]

@@ -46,12 +46,12 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ._util import is_int
-from .block_index import BlockIndex
 from .attention_context import AttentionContext, DenseAttention
 from .attention_ops import global_head_stats
+from .block_index import BlockIndex
 from .config import SparsityConfig
-from .step_schedule import CACHED, DENSE, FUSED, REUSE
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
+from .step_schedule import CACHED, DENSE, FUSED, REUSE
 
 __all__ = ["SparseAttention", "build_attention"]
 

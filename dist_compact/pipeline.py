@@ -19,13 +19,13 @@ import torch
 from . import report as rpt
 from .attention import build_attention
 from .attention_ops import AttentionOps
+from .config import SparsityConfig
 from .integrations.diffusers_pipeline import run_diffusers_generation
 from .integrations.random_transformer import run_random_generation
 from .runner import Job, LoadedModel, RunResult, log, run_job
 from .sampler import sample
-from .config import SparsityConfig
-from .step_schedule import sparsity_line, step_kinds
 from .stats import AttentionStats
+from .step_schedule import sparsity_line, step_kinds
 
 __all__ = ["EmbeddedJob", "run_generation"]
 

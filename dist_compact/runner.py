@@ -31,11 +31,12 @@ from typing import Optional, Tuple
 import torch
 
 from . import report as rpt
-from .parallel import Coordinator, ParallelConfig, init_distributed
-from .search.config_file import load_compact
 from .config import SparsityConfig
+from .parallel import Coordinator, ParallelConfig, init_distributed
+from .parallel.launch import launched_world
+from .search.config_file import load_compact
 
-__all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "launched_world", "start_process",
+__all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "start_process",
            "check_world", "make_parallel", "agree", "run_folder", "run_job", "log"]
 
 #: the run's logger (also the sampler's, by name): every rank's log file is attached to it
@@ -78,14 +79,6 @@ class RunResult:
     folder: Optional[str]
     latents: torch.Tensor
     report: dict
-
-
-def launched_world() -> Tuple[int, int, int]:
-    """``(world, rank, local_rank)`` from torchrun's environment (``(1, 0, 0)`` without it)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return world, rank, local
 
 
 def check_world(cluster, world: int) -> None:

@@ -8,14 +8,14 @@ import pathlib
 import pytest
 import torch
 
-from dist_compact.config import load_run_config
-from dist_compact.attention_context import DenseAttention
-from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
 from dist_compact.attention import build_attention
+from dist_compact.attention_context import DenseAttention
+from dist_compact.config import load_run_config
+from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
 from dist_compact.pipeline import run_generation
+from dist_compact.report import psnr, ssim
 from dist_compact.runner import WorldSizeError
 from dist_compact.sampler import NonFiniteLatentsError
-from dist_compact.report import psnr, ssim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

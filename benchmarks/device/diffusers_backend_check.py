@@ -82,8 +82,8 @@ def build(name, size):
 
 
 def configs(heads):
-    from dist_compact.patterns import CompactConfig, HeadPattern
     from dist_compact.config import SparsityConfig
+    from dist_compact.patterns import CompactConfig, HeadPattern
 
     adaspa = SparsityConfig(mode="adaspa", dense_steps=0, search_steps=(0,), search_kinds=("fused",),
                             reference_steps=2, sparsity=0.8, head_adaptive=True)

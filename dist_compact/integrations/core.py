@@ -27,9 +27,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .._util import cdiv, is_int
+from ..config import SparsityConfig
 from ..extras import require
 from ..layout import VideoLayout
-from ..config import SparsityConfig
 
 __all__ = [
     "MAX_LAYOUTS",

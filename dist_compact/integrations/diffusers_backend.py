@@ -83,13 +83,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..block_index import BlockIndex
 from ..attention_context import AttentionContext
+from ..block_index import BlockIndex
+from ..config import SparsityConfig
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
-from ..config import SparsityConfig
 from .core import (MAX_LAYOUTS, DenoisingState, checked_install, forward_inputs, handle_state, lru, model_kind,
                    new_attentions, remove_handle)
 from .diffusers import HunyuanVideoSparseAttnProcessor, SparsifyHandle, WanSparseAttnProcessor, sparsify_handle

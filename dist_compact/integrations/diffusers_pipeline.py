@@ -34,11 +34,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import report as rpt
+from ..config import SparsityConfig
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sync
-from ..config import SparsityConfig
-from ..step_schedule import sparsity_line
 from ..stats import AttentionStats
+from ..step_schedule import sparsity_line
 from .core import DenoisingState, diffusers_module
 from .diffusers import sparsify, sparsify_handle
 

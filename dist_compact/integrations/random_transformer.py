@@ -54,13 +54,13 @@ import torch
 from .. import report as rpt
 from ..attention import build_attention
 from ..config import RANDOM_MODELS
+from ..config import SparsityConfig
 from ..layout import VideoLayout
 from ..parallel import Coordinator, ParallelConfig, RingOps, ring_shard_bytes
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sample
-from ..config import SparsityConfig
-from ..step_schedule import sparsity_line, step_kinds
 from ..stats import AttentionStats
+from ..step_schedule import sparsity_line, step_kinds
 from .core import DenoisingState, latent_grid
 from .diffusers import sparsify, sparsify_handle
 

@@ -90,9 +90,9 @@ import torch
 
 from ..attention_context import AttentionContext
 from ..attention_ops import AttentionOps
+from ..config import SparsityConfig
 from ..extras import install_hint
 from ..layout import VideoLayout
-from ..config import SparsityConfig
 from .core import (MAX_LAYOUTS, DenoisingState, IntegrationHandle, checked_install, default_tile, handle_state,
                    hunyuan_qkv, latent_grid, lru, remove_handle)
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..block_index import BlockIndex
 from ..attention_ops import AttentionOps, global_head_stats
+from ..block_index import BlockIndex
 from ..layout import VideoLayout
 
 __all__ = ["Coordinator", "ParallelMismatchError", "config_digest", "gather_index", "global_head_stats"]

@@ -33,8 +33,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..block_index import BlockIndex
 from ..attention_ops import global_head_stats
+from ..block_index import BlockIndex
 
 __all__ = [
     "RankedMass",
