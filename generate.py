@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     if cfg.cluster.device == "cpu" or (cfg.cluster.device == "auto" and not _cuda()):
         _keep_freed_memory()
     from dist_compact.models.embedded import WeightsError
-    from dist_compact.pipeline import NonFiniteLatentsError, WorldSizeError, run_generation
+    from dist_compact.pipeline import run_generation
+    from dist_compact.runner import WorldSizeError
+    from dist_compact.sampler import NonFiniteLatentsError
 
     from dist_compact.parallel import ParallelConfigError, ParallelMismatchError
     from dist_compact.parallel.launch import shutdown

@@ -48,8 +48,8 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and dist_compact_kernels, uninstalled
 
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
-from dist_compact.context import AttentionContext  # noqa: E402
-from dist_compact.executor import AttentionOps  # noqa: E402
+from dist_compact.attention_context import AttentionContext  # noqa: E402
+from dist_compact.attention_ops import AttentionOps  # noqa: E402
 from dist_compact.parallel import (ParallelConfig, RingOps, SequenceParallel, build_groups, ring_bytes,  # noqa: E402
                                    ring_needs, ring_shard_bytes)
 

@@ -471,8 +471,8 @@ def measure(source: Source, work: Work, measure_layers: Sequence[int], entries, 
     the wrapped layer on the real process groups, slowest rank per call (collective)."""
     import torch.distributed as dist
 
-    from dist_compact.context import AttentionContext
-    from dist_compact.executor import AttentionOps
+    from dist_compact.attention_context import AttentionContext
+    from dist_compact.attention_ops import AttentionOps
     from dist_compact.parallel import SequenceParallel, build_groups
 
     world = dist.get_world_size()

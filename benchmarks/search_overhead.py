@@ -71,10 +71,10 @@ def main(argv=None):
 
     from dist_compact import VideoLayout
     from dist_compact.attention import SparseAttention
-    from dist_compact.context import AttentionContext
-    from dist_compact.executor import AttentionOps
+    from dist_compact.attention_context import AttentionContext
+    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.config import SparsityConfig
     from dist_compact.ops import block_attention_mass
-    from dist_compact.schedule import SparsityConfig
     from dist_compact.search.online import online_select
 
     cuda = torch.cuda.is_available() and not args.small

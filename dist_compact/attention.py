@@ -2,7 +2,7 @@
 
 ``attn = SparseAttention(layer, config, compact)`` is called by the model as ``attn(q, k, v, ctx)``
 (q, k, v: this rank's ``[batch, seq_local, heads_local, head_dim]`` in block order; see
-:mod:`dist_compact.context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
+:mod:`dist_compact.attention_context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
 
 * ``DENSE``  -> ``ctx.ops.dense`` (the fastest dense path);
 * ``FUSED``  -> ``ctx.ops.dense(return_lse=True)`` (output of the step, exact), ``ctx.ops.block_mass``
@@ -41,16 +41,19 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from ._util import is_int
+from .attention_context import AttentionContext, DenseAttention
+from .attention_ops import global_head_stats
 from .block_index import BlockIndex
-from .context import AttentionContext
-from .schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
+from .config import SparsityConfig
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
+from .step_schedule import CACHED, DENSE, FUSED, REUSE
 
-__all__ = ["SparseAttention"]
+__all__ = ["SparseAttention", "build_attention"]
 
 
 @dataclass
@@ -103,7 +106,7 @@ class SparseAttention:
     """
 
     def __init__(self, layer: int, config: SparsityConfig, compact=None):
-        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+        if not is_int(layer) or layer < 0:
             raise ValueError(f"SparseAttention.layer must be an int >= 0, got {layer!r}")
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"SparseAttention.config must be a SparsityConfig, got {type(config).__name__}")
@@ -261,7 +264,7 @@ class SparseAttention:
         kept = (dense_mask.sum(-1).double() * row_w.view(1, 1, -1)).sum(dim=(0, 2))
         pairs = float(row_w.sum()) * float(key_valid.sum()) * dense_mask.shape[0]
         local_stats = torch.stack([kept, torch.full((Hl,), pairs, dtype=torch.float64, device=q.device)], dim=1)
-        g = ops.gather_heads(ops.reduce_rows(local_stats), dim=0)
+        g = global_head_stats(local_stats, ops)
         density = g[:, 0] / g[:, 1].clamp(min=1)
         entry.static_density = density.float()
         entry.static_dense = bool(density.mean() > self.config.dense_threshold)
@@ -292,3 +295,22 @@ class SparseAttention:
 
     def __repr__(self) -> str:
         return f"SparseAttention(layer={self.layer}, mode={self.config.mode!r})"
+
+
+def build_attention(num_layers: int, sparsity: SparsityConfig, compact=None, sp=None) -> List[Callable]:
+    """One attention callable ``attn(q, k, v, ctx)`` per layer for ``sparsity``.
+
+    ``mode == "dense"`` gives :class:`DenseAttention`; other modes give
+    :class:`~dist_compact.attention.SparseAttention` (``compact`` is the static pattern object of
+    the Compact modes, see :func:`load_compact`). With a sequence-parallel plan ``sp`` every layer is
+    ``sp.wrap``-ped.
+    """
+    if not isinstance(sparsity, SparsityConfig):
+        raise TypeError(f"sparsity must be a SparsityConfig, got {type(sparsity).__name__}")
+    if sparsity.mode == "dense":
+        layers: List[Callable] = [DenseAttention(i) for i in range(num_layers)]
+    else:
+        layers = [SparseAttention(i, sparsity, compact) for i in range(num_layers)]
+    if sp is not None:
+        layers = [sp.wrap(a) for a in layers]
+    return layers

@@ -6,7 +6,7 @@ its default)::
     include: [../models/embedded.yaml]     # optional: files merged first (paths relative to this one)
     cluster: {nproc: 2, ulysses: 2, ring: 1, device: cpu, backend: gloo}
     model:   {name: embedded, frames: 16, height: 48, width: 48, tile: [1, 4, 4]}
-    sparsity: {mode: adaspa, sparsity: 0.75}   # dist_compact.schedule.SparsityConfig
+    sparsity: {mode: adaspa, sparsity: 0.75}   # SparsityConfig (below)
     run:     {prompt: "a red square moving left", seed: 0, steps: 20, guidance: 4.0}
 
 Several files are merged in order (later keys win), then ``--section.key value`` overrides. Every
@@ -29,11 +29,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ._util import is_int
 from .layout import SUPPORTED_BLOCK_SIZES
-from .schedule import SparsityConfig
+from .ops import TRITON_DENSE_CROSSOVER
+from .step_schedule import CACHED, DENSE, FUSED, REUSE, Schedule, scale_schedule
 
 __all__ = [
     "ConfigError",
+    "SparsityConfig",
+    "MODES",
     "ClusterConfig",
     "ModelConfig",
     "RunOptions",
@@ -52,10 +56,6 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the file (or command line) and the key."""
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _choice(obj, name: str, choices: Sequence[str]) -> None:
     val = getattr(obj, name)
     if val not in choices:
@@ -64,12 +64,196 @@ def _choice(obj, name: str, choices: Sequence[str]) -> None:
 
 def _pos_int(obj, name: str, minimum: int = 1) -> None:
     val = getattr(obj, name)
-    if not _is_int(val) or val < minimum:
+    if not is_int(val) or val < minimum:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
 
 
 #: ``model.name`` values of ``model.kind: random`` -> their key in dist_compact.integrations.published.
 RANDOM_MODELS = {"hunyuanvideo": "hunyuan", "wan2.1-t2v-14b": "wan"}
+
+
+# ---------------------------------------------------------------------------------------------- sparsity
+MODES = ("dense", "compact", "adaspa", "compact+adaspa")
+SEARCH_KINDS = ("fused", "cached")
+HEAD_RULES = ("paper", "recall")
+BATCH_INDEX = ("shared", "per_sample")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """How sparse attention behaves over a run (validated on construction).
+
+    Args:
+        mode: ``"dense"`` (no sparsity), ``"compact"`` (static Compact index after the warm-up),
+            ``"adaspa"`` (online search), ``"compact+adaspa"`` (union of both indices).
+        dense_steps: warm-up steps that run dense (``step < dense_steps``), in reference steps.
+        search_steps: steps of the online searches, strictly increasing, in reference steps, none
+            before ``dense_steps`` (ignored by the modes without online search). Steps before the
+            first search run dense (``"adaspa"``) or with the static index alone
+            (``"compact+adaspa"``).
+        search_kinds: ``"fused"`` or ``"cached"`` for each search step; the first must be
+            ``"fused"`` (a cached search reuses the LSE of the last fused search).
+        reference_steps: the run length the step numbers are written for (the scaling rule:
+            :mod:`dist_compact.step_schedule`).
+        sparsity: row-wise top-k target ``s``: each query-block row keeps ``round((1 - s) * N)`` of
+            its ``N`` non-empty key blocks (density ``1 - s``). ``None`` for top-p alone.
+        top_p: recall target ``p``: each row keeps the smallest set of key blocks whose attention mass
+            reaches ``p`` of the row. With ``sparsity`` too, the top-k budget caps the top-p set.
+        head_adaptive: give heads different budgets with the same mean (needs ``sparsity``).
+        head_rule: ``"paper"`` (AdaSpa: heads with recall above ``head_threshold`` at the target
+            get sparsity ``(1+s)/2``, as many lowest-recall heads get ``(3s-1)/2``) or ``"recall"``
+            (spend the same total block budget greedily where it buys the most recall).
+        head_threshold: the recall above which the paper rule makes a head sparser.
+        text_sink: always keep text blocks as rows (full) and as columns (in every row).
+        batch_index: ``"shared"`` (one index for the batch, searched on the batch-mean block mass;
+            e.g. the two halves of a classifier-free-guidance batch) or ``"per_sample"``.
+        compact_config: path of a searched Compact config file (read by the launcher, which hands
+            the loaded pattern object to ``SparseAttention``); informational for the library.
+        dense_threshold: a head whose density ends above this runs with full rows, and a layer whose
+            mean density ends above it runs the dense kernel (faster than block-sparse there).
+            ``1.0`` disables both. The default is ``ops.TRITON_DENSE_CROSSOVER`` (0.75), where the
+            Triton kernel and cuDNN cross on an H100; the device's own crossover is
+            ``ops.measured_dense_threshold`` (1.0 for the Hopper warp-specialized kernel: set 1.0 there
+            for speed). The default stays 0.75 so the published quality figures stay reproducible.
+        mass_query_rows: sample this many query rows per block (a power of two >= 16) when computing
+            the block mass of a search: about ``mass_query_rows / block_size`` of the exact cost, an
+            unbiased estimate. None = all rows (exact). Needs ``ops.block_mass(..., query_rows=)``.
+            The default 32 is exact for blocks of <= 32 tokens; for blocks of 128 it brought the
+            added search work of a 50-step Hunyuan-shape schedule from 7.1% to 3.0% of all
+            attention time on an H100 (BENCHMARKS.md).
+    """
+
+    mode: str = "adaspa"
+    dense_steps: int = 10
+    search_steps: Tuple[int, ...] = (10, 30)
+    search_kinds: Tuple[str, ...] = ("fused", "cached")
+    reference_steps: int = 50
+    sparsity: Optional[float] = 0.8
+    top_p: Optional[float] = None
+    head_adaptive: bool = True
+    head_rule: str = "paper"
+    head_threshold: float = 0.8
+    text_sink: bool = True
+    batch_index: str = "shared"
+    compact_config: Optional[str] = None
+    dense_threshold: float = TRITON_DENSE_CROSSOVER
+    mass_query_rows: Optional[int] = 32
+
+    def __post_init__(self) -> None:
+        def bad(name, msg):
+            raise ValueError(f"SparsityConfig.{name} {msg}, got {getattr(self, name)!r}")
+
+        if self.mode not in MODES:
+            bad("mode", f"must be one of {MODES}")
+        if not is_int(self.reference_steps) or self.reference_steps < 1:
+            bad("reference_steps", "must be an int >= 1")
+        if not is_int(self.dense_steps) or not 0 <= self.dense_steps <= self.reference_steps:
+            bad("dense_steps", f"must be an int in [0, reference_steps={self.reference_steps}]")
+        # YAML gives lists: store tuples so the config stays hashable
+        for name in ("search_steps", "search_kinds"):
+            val = getattr(self, name)
+            if isinstance(val, (str, bytes)) or not isinstance(val, (list, tuple)):
+                bad(name, "must be a list or tuple")
+            object.__setattr__(self, name, tuple(val))
+        steps, kinds = self.search_steps, self.search_kinds
+        if not all(is_int(s) for s in steps):
+            bad("search_steps", "must hold ints")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            bad("search_steps", "must be strictly increasing")
+        if self.online and steps and not (self.dense_steps <= steps[0] and steps[-1] < self.reference_steps):
+            bad("search_steps", f"must lie in [dense_steps={self.dense_steps}, reference_steps={self.reference_steps})")
+        if len(kinds) != len(steps):
+            bad("search_kinds", f"must have one entry per search step ({len(steps)})")
+        if any(k not in SEARCH_KINDS for k in kinds):
+            bad("search_kinds", f"entries must be one of {SEARCH_KINDS}")
+        if kinds and kinds[0] != "fused":
+            bad("search_kinds", "must start with 'fused' (a cached search reuses a fused search's LSE)")
+        if self.online and not steps:
+            bad("search_steps", f"must name at least one step for mode {self.mode!r}")
+        if self.sparsity is not None and not (_is_number(self.sparsity) and 0.0 <= self.sparsity < 1.0):
+            bad("sparsity", "must be None or a number in [0, 1)")
+        if self.top_p is not None and not (_is_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            bad("top_p", "must be None or a number in (0, 1]")
+        if self.online and self.sparsity is None and self.top_p is None:
+            bad("sparsity", f"or top_p must be set for mode {self.mode!r}")
+        if not isinstance(self.head_adaptive, bool):
+            bad("head_adaptive", "must be a bool")
+        if self.online and self.head_adaptive and self.sparsity is None:
+            bad("sparsity", "must be set when head_adaptive is on (budgets are shares of it)")
+        if self.head_rule not in HEAD_RULES:
+            bad("head_rule", f"must be one of {HEAD_RULES}")
+        if not (_is_number(self.head_threshold) and 0.0 < self.head_threshold < 1.0):
+            bad("head_threshold", "must be a number in (0, 1)")
+        if not isinstance(self.text_sink, bool):
+            bad("text_sink", "must be a bool")
+        if self.batch_index not in BATCH_INDEX:
+            bad("batch_index", f"must be one of {BATCH_INDEX}")
+        if self.compact_config is not None and (not isinstance(self.compact_config, str) or not self.compact_config):
+            bad("compact_config", "must be None or a non-empty path string")
+        if not (_is_number(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
+            bad("dense_threshold", "must be a number in (0, 1]")
+        q = self.mass_query_rows
+        if q is not None and not (is_int(q) and q >= 16 and q & (q - 1) == 0):
+            bad("mass_query_rows", "must be None or a power of two >= 16")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsityConfig":
+        """From a plain mapping (e.g. a YAML section); unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise TypeError(f"SparsityConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"SparsityConfig: unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def online(self) -> bool:
+        """The mode runs AdaSpa's online search."""
+        return self.mode in ("adaspa", "compact+adaspa")
+
+    @property
+    def uses_compact(self) -> bool:
+        """The mode uses a static Compact index."""
+        return self.mode in ("compact", "compact+adaspa")
+
+    @property
+    def density(self) -> Optional[float]:
+        """Target density ``1 - sparsity`` of the top-k budget (None for top-p alone)."""
+        return None if self.sparsity is None else 1.0 - self.sparsity
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, num_steps: int) -> Schedule:
+        """The schedule scaled to a run of ``num_steps`` steps (:func:`~dist_compact.step_schedule.scale_schedule`)."""
+        return scale_schedule(self, num_steps)
+
+    def action(self, step: int, num_steps: int) -> str:
+        """What to do at ``step`` of a ``num_steps`` run: ``DENSE``, ``FUSED``, ``CACHED`` or ``REUSE``."""
+        sched = self.schedule(num_steps)
+        if not is_int(step) or not 0 <= step < num_steps:
+            raise ValueError(f"step must be an int in [0, num_steps={num_steps}), got {step!r}")
+        if self.mode == "dense" or step < sched.dense_steps:
+            return DENSE
+        if not self.online:
+            return REUSE
+        for s, kind in sched.searches:
+            if s == step:
+                return FUSED if kind == "fused" else CACHED
+        if step < sched.searches[0][0]:
+            # before the first search there is no online index: dense, or the static one alone
+            return REUSE if self.uses_compact else DENSE
+        return REUSE
+
+    def needs_lse_after(self, step: int, num_steps: int) -> bool:
+        """Whether a cached search after ``step`` needs the LSE kept at a fused search (so the
+        LSE cache can be released once the last cached search has run)."""
+        return any(kind == "cached" and s > step for s, kind in self.schedule(num_steps).searches)
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -114,7 +298,7 @@ class ClusterConfig:
                              f"GPU); it cannot go with device: {self.device}, backend: {self.backend}")
         if not isinstance(self.master_addr, str) or not self.master_addr:
             raise ValueError(f"ClusterConfig.master_addr must be a non-empty string, got {self.master_addr!r}")
-        if not _is_int(self.master_port) or not 1 <= self.master_port <= 65535:
+        if not is_int(self.master_port) or not 1 <= self.master_port <= 65535:
             raise ValueError(f"ClusterConfig.master_port must be an int in [1, 65535], got {self.master_port!r}")
         if self.ulysses * self.ring != self.world_size:
             raise ValueError(
@@ -174,7 +358,7 @@ class ModelConfig:
         for name in ("frames", "height", "width"):
             _pos_int(self, name)
         object.__setattr__(self, "tile", tuple(self.tile))
-        if len(self.tile) != 3 or not all(_is_int(t) and t >= 1 for t in self.tile):
+        if len(self.tile) != 3 or not all(is_int(t) and t >= 1 for t in self.tile):
             raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
         vol = self.tile[0] * self.tile[1] * self.tile[2]
         if vol not in SUPPORTED_BLOCK_SIZES:
@@ -277,7 +461,7 @@ class RunConfig:
 
     Attributes:
         cluster: :class:`ClusterConfig`; model: :class:`ModelConfig`;
-        sparsity: :class:`~dist_compact.schedule.SparsityConfig`; run: :class:`RunOptions`;
+        sparsity: :class:`SparsityConfig`; run: :class:`RunOptions`;
         sources: the files (and "command line") this config came from, for messages and reports.
     """
 
@@ -355,9 +539,9 @@ def _coerce(value, hint, where: str):
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
-        ok = _is_int(value)
+        ok = is_int(value)
     elif hint is float:
-        ok = _is_int(value) or isinstance(value, float)
+        ok = is_int(value) or isinstance(value, float)
         if ok:
             value = float(value)
     elif hint is str:

@@ -28,14 +28,12 @@ from typing import Dict, Tuple
 
 import torch
 
+from ._util import cdiv, is_int
+
 __all__ = ["VideoLayout", "SUPPORTED_BLOCK_SIZES"]
 
 #: Block sizes the kernels accept: tl.dot needs at least 16 rows; 64 and 128 are the ones used on GPUs.
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class VideoLayout:
     def __post_init__(self) -> None:
         for name in ("frames", "height", "width"):
             val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+            if not is_int(val) or val < 1:
                 raise ValueError(f"VideoLayout.{name} must be a positive int, got {val!r}")
         tile = tuple(self.tile)
         if len(tile) != 3 or not all(isinstance(t, int) and t >= 1 for t in tile):
@@ -101,9 +99,9 @@ class VideoLayout:
     @property
     def tile_grid(self) -> Tuple[int, int, int]:
         """Number of tiles along (t, h, w); t includes the empty padding slabs."""
-        nt = _cdiv(self.frames, self.tile[0])
-        nt = _cdiv(nt, self.slab_multiple) * self.slab_multiple
-        return (nt, _cdiv(self.height, self.tile[1]), _cdiv(self.width, self.tile[2]))
+        nt = cdiv(self.frames, self.tile[0])
+        nt = cdiv(nt, self.slab_multiple) * self.slab_multiple
+        return (nt, cdiv(self.height, self.tile[1]), cdiv(self.width, self.tile[2]))
 
     @property
     def num_slabs(self) -> int:
@@ -120,7 +118,7 @@ class VideoLayout:
 
     @property
     def num_text_blocks(self) -> int:
-        return _cdiv(self.text_tokens, self.block_size)
+        return cdiv(self.text_tokens, self.block_size)
 
     @property
     def num_blocks(self) -> int:
@@ -150,7 +148,7 @@ class VideoLayout:
         a short text block); kernels skip all masking work when False."""
         T, H, W = self.grid
         tt, th, tw = self.tile
-        return bool(T % tt or H % th or W % tw or self.num_slabs * tt != -(-T // tt) * tt
+        return bool(T % tt or H % th or W % tw or self.num_slabs * tt != cdiv(T, tt) * tt
                     or self.text_tokens % self.block_size)
 
     @property

@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._util import cdiv
 from .block_index import BlockIndex
 
 __all__ = [
@@ -153,7 +154,7 @@ def sampled_query_rows(seqlen: int, block_size: int, valid: Optional[torch.Tenso
     ok = token_valid_mask(seqlen, block_size, valid, device)
     if rows is None or rows >= block_size:
         return ok
-    nb = -(-seqlen // block_size)
+    nb = cdiv(seqlen, block_size)
     n = ok.new_zeros(nb * block_size, dtype=torch.long)
     n[:seqlen] = ok.long()
     n = n.view(nb, block_size).sum(1)  # valid rows per block (valid rows come first)
@@ -178,7 +179,7 @@ def reference_block_mass(q, k, lse, block_size: int, scale=None, q_valid=None, k
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     bs = block_size
-    nq, nk = -(-Sq // bs), -(-Sk // bs)
+    nq, nk = cdiv(Sq, bs), cdiv(Sk, bs)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_tok = token_valid_mask(Sk, bs, kv_valid, q.device)

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanPipeline
 
+from dist_compact.config import SparsityConfig
 from dist_compact.integrations.diffusers_backend import set_sparse_backend, sparse_backend_state
-from dist_compact.schedule import SparsityConfig
 
 
 def generate(path, prompt, steps=50, device="cuda", ulysses=1, ring=1, *, sparsity=None, tile=None, backend="auto",

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention
-from dist_compact.context import AttentionContext
-from dist_compact.executor import AttentionOps
+from dist_compact.attention_context import AttentionContext
+from dist_compact.attention_ops import AttentionOps
 from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
                                            head_costs, imbalance, rank_loads, static_index_of)
 from parallel_helpers import run_workers

@@ -15,7 +15,7 @@ from dist_compact.config import (
     parse_override,
     to_yaml,
 )
-from dist_compact.schedule import SparsityConfig
+from dist_compact.config import SparsityConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))
@@ -49,7 +49,7 @@ def test_shipped_cluster_files():
     assert demo.model.name == "embedded" and demo.sparsity.mode != "dense"
     # the demo sparsity file is the built-in default, and its Compact config fits the shipped model
     assert load_run_config([ROOT / "configs/cluster/1gpu.yaml"]).sparsity == DEMO_SPARSITY
-    from dist_compact.pipeline import load_compact
+    from dist_compact.search.config_file import load_compact
 
     cc = load_compact(DEMO_SPARSITY, model="embedded", num_layers=8, num_heads=6)
     assert cc.num_layers == 8

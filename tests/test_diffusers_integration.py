@@ -25,7 +25,7 @@ from dist_compact.integrations.diffusers import (  # noqa: E402
     unsparsify,
 )
 from dist_compact.patterns import CompactConfig, HeadPattern  # noqa: E402
-from dist_compact.schedule import SparsityConfig  # noqa: E402
+from dist_compact.config import SparsityConfig  # noqa: E402
 from dist_compact.stats import AttentionStats  # noqa: E402
 from parallel_helpers import run_workers  # noqa: E402
 

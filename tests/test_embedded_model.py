@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from dist_compact.context import AttentionContext, DenseAttention
-from dist_compact.executor import AttentionOps
+from dist_compact.attention_context import AttentionContext, DenseAttention
+from dist_compact.attention_ops import AttentionOps
 from dist_compact.models.embedded import (
     DEFAULT_WEIGHTS,
     EmbeddedConfig,

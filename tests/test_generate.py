@@ -8,11 +8,14 @@ import pathlib
 import pytest
 import torch
 
+from dist_compact.attention import build_attention
+from dist_compact.attention_context import DenseAttention
 from dist_compact.config import load_run_config
-from dist_compact.context import DenseAttention
 from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
-from dist_compact.pipeline import NonFiniteLatentsError, WorldSizeError, build_attention, run_generation
+from dist_compact.pipeline import run_generation
 from dist_compact.report import psnr, ssim
+from dist_compact.runner import WorldSizeError
+from dist_compact.sampler import NonFiniteLatentsError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -190,7 +193,7 @@ def test_attention_factory_modes():
 
     dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)
     assert [type(a) for a in dense] == [DenseAttention] * 3
-    from dist_compact.pipeline import load_compact
+    from dist_compact.search.config_file import load_compact
 
     with pytest.raises(ValueError, match="compact"):
         build_attention(2, DEMO_SPARSITY)  # compact+adaspa without its Compact pattern
@@ -306,7 +309,7 @@ def test_compact_and_online_modes_from_a_config_file(tmp_path, weights):
 def test_sampler_and_loss_agree_on_the_flow_convention():
     """With the exact velocity of one data point, training loss is 0 and Euler sampling lands on it."""
     from dist_compact.models.train import flow_matching_loss
-    from dist_compact.pipeline import sample
+    from dist_compact.sampler import sample
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(1, 3, 2, 8, 8, generator=g) * 2 - 1

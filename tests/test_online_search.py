@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dist_compact import VideoLayout
-from dist_compact.executor import AttentionOps
-from dist_compact.schedule import SparsityConfig
+from dist_compact.attention_ops import AttentionOps
+from dist_compact.config import SparsityConfig
 from dist_compact.search.online import (
     budget_for_density,
     head_budgets,

@@ -19,7 +19,8 @@ import yaml
 
 from dist_compact.config import ConfigError, load_run_config
 from dist_compact.parallel import ParallelConfigError
-from dist_compact.pipeline import WorldSizeError, run_generation
+from dist_compact.pipeline import run_generation
+from dist_compact.runner import WorldSizeError
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from dist_compact.config import DEMO_SPARSITY
-from dist_compact.pipeline import _sparsity_line, describe_schedule, run_generation, sample, step_kinds
+from dist_compact.config import SparsityConfig
+from dist_compact.pipeline import run_generation
 from dist_compact.png import colormap, heatmap_figure
 from dist_compact.report import REAL_SPEEDUP_COMMAND, SMALL_SHAPE_TOKENS, heatmap, speed_section
-from dist_compact.schedule import SparsityConfig
+from dist_compact.sampler import sample
+from dist_compact.step_schedule import describe_schedule, sparsity_line, step_kinds
 
 from test_generate import _cfg, weights  # noqa: F401  (the small random-weight model fixture)
 
@@ -73,11 +75,11 @@ def test_schedule_in_this_runs_steps():
     assert describe_schedule(dataclasses.replace(DEMO_SPARSITY, mode="dense"), 20) == "steps 0-19 dense"
     assert describe_schedule(dataclasses.replace(DEMO_SPARSITY, mode="compact"), 20) == "steps 0-7 dense, 8-19 sparse"
     assert step_kinds(paper, 3) == ["dense", "fused search", "cached search"]
-    line = _sparsity_line(DEMO_SPARSITY, 20)
+    line = sparsity_line(DEMO_SPARSITY, 20)
     assert line.startswith("mode compact+adaspa, 20 steps: steps 0-7 dense, 8 fused search, ")
     assert "(the config's step numbers are written for reference_steps=50 and scaled)" in line
     assert "search_steps" not in line and "dense_steps" not in line and "sparsity=0.9" in line
-    assert "written for" not in _sparsity_line(paper, 50)
+    assert "written for" not in sparsity_line(paper, 50)
 
 
 def test_progress_bar_names_the_kind_of_each_step(capsys):

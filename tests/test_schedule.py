@@ -2,7 +2,8 @@
 
 import pytest
 
-from dist_compact.schedule import CACHED, DENSE, FUSED, REUSE, SparsityConfig
+from dist_compact.config import SparsityConfig
+from dist_compact.step_schedule import CACHED, DENSE, FUSED, REUSE
 
 
 def _actions(cfg, n):

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_compact.attention import build_attention
+from dist_compact.attention_context import AttentionContext
+from dist_compact.attention_ops import AttentionOps
+from dist_compact.config import SparsityConfig
 from dist_compact.integrations import xfuser as xf
-from dist_compact.executor import AttentionOps
-from dist_compact.schedule import SparsityConfig
-from dist_compact.pipeline import build_attention
-from dist_compact.context import AttentionContext
 
 DENSE = SparsityConfig(mode="dense")
 ADASPA = SparsityConfig(mode="adaspa", dense_steps=0, search_steps=(0,), search_kinds=("fused",),

@@ -22,7 +22,7 @@ copied per model):
   ``[B, C, F, H, W]`` and the patch size from ``transformer.config`` (``(F/pt, H/ph, W/pw)``
   tokens), the text token count from ``encoder_attention_mask`` (HunyuanVideo), builds the global
   :class:`~dist_compact.layout.VideoLayout` (``sp.layout_for`` applied) and the
-  :class:`~dist_compact.context.AttentionContext` of this forward (step from the
+  :class:`~dist_compact.attention_context.AttentionContext` of this forward (step from the
   :class:`DenoisingState`);
 * the video tokens go to block order ONCE per forward, and are sharded there: a hook on the first
   module that sees them as tokens (Wan: pre-hook of ``blocks[0]``; HunyuanVideo: output of
@@ -58,18 +58,19 @@ them (least recently used dropped).
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..context import AttentionContext
-from ..executor import AttentionOps
-from ..extras import require
+from ..attention_context import AttentionContext
+from ..attention_ops import AttentionOps
+from ..config import SparsityConfig
 from ..layout import VideoLayout
-from ..schedule import SparsityConfig
+from .core import (MAX_LAYOUTS, SUPPORTED_MODELS, DenoisingState, IntegrationHandle, checked_install, default_tile,
+                   forward_inputs, get_arg, handle_state, hunyuan_qkv, lru, model_kind, new_attentions,
+                   remove_handle, replace_arg)
 
 __all__ = [
     "sparsify",
@@ -82,115 +83,6 @@ __all__ = [
     "SUPPORTED_MODELS",
     "MAX_LAYOUTS",
 ]
-
-#: Model classes :func:`sparsify` knows (diffusers' class names, and the embedded model).
-SUPPORTED_MODELS = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "EmbeddedDiT")
-#: Distinct layouts kept with their own attention objects (LRU).
-MAX_LAYOUTS = 4
-#: Tiles of 128 tokens (the kernel's fastest block size, see BENCHMARKS.md) tried by default_tile,
-#: in order of preference at equal padding (compact tiles first: windows stay round).
-_DEFAULT_TILES = ((2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4))
-_ATTR = "_dist_compact_sparsify"
-
-
-def _diffusers():
-    return require("diffusers", "diffusers", "dist_compact.integrations.diffusers")
-
-
-def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
-    """The 128-token tile with the least padding for a token grid ``(T, H, W)``.
-
-    Ties go to the first of ``(2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4)``. Examples:
-    Wan 480p 21x30x52 -> (1, 16, 8) (15% padding); HunyuanVideo 720p 33x45x80 -> (1, 8, 16) (7%).
-    """
-    T, H, W = grid
-
-    def padded(t):
-        return (-(-T // t[0]) * t[0]) * (-(-H // t[1]) * t[1]) * (-(-W // t[2]) * t[2])
-
-    return min(_DEFAULT_TILES, key=padded)
-
-
-# ---------------------------------------------------------------------------------------------- state
-@dataclass
-class DenoisingState:
-    """The denoising step the next transformer forward belongs to (mutable; shared by the hooks).
-
-    Attributes:
-        step: 0-based step index of the next forward.
-        num_steps: steps of the run (the schedule of a :class:`SparsityConfig` is scaled to it).
-
-    The pipeline runner calls :meth:`begin` before a run and passes :meth:`on_step_end` as the
-    pipeline's ``callback_on_step_end`` (or sets ``step`` itself). Several transformers (e.g. Wan2.2's
-    two experts) may share one state.
-    """
-
-    step: int = 0
-    num_steps: int = 50
-
-    def begin(self, num_steps: int) -> "DenoisingState":
-        """Start a run of ``num_steps`` steps at step 0."""
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"DenoisingState.begin: num_steps must be an int >= 1, got {num_steps!r}")
-        self.step = 0
-        self.num_steps = num_steps
-        return self
-
-    def on_step_end(self, pipe, step_index: int, timestep, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-        """diffusers' ``callback_on_step_end``: step ``step_index`` is done, the next is ``+1``."""
-        self.step = int(step_index) + 1
-        return callback_kwargs
-
-    def check(self) -> None:
-        if not (0 <= self.step < self.num_steps):
-            raise ValueError(
-                f"DenoisingState: step {self.step} is outside [0, num_steps={self.num_steps}); call "
-                "state.begin(num_steps) before the run (see dist_compact.integrations.diffusers)"
-            )
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _replace_arg(args: tuple, kwargs: dict, index: int, name: str, fn: Callable) -> Tuple[tuple, dict]:
-    """Apply ``fn`` to the argument given positionally at ``index`` or as ``name=``."""
-    if len(args) > index:
-        args = args[:index] + (fn(args[index]),) + args[index + 1:]
-    elif name in kwargs:
-        kwargs = dict(kwargs, **{name: fn(kwargs[name])})
-    else:
-        raise ValueError(f"dist_compact hook: argument {name!r} not found in the call")
-    return args, kwargs
-
-
-def _get_arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def _lru(cache: "OrderedDict", key, build: Callable, limit: int):
-    """``cache[key]``, built by ``build()`` on a miss; the least recently used beyond ``limit`` go."""
-    val = cache.get(key)
-    if val is None:
-        val = cache[key] = build()
-        while len(cache) > limit:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return val
-
-
-def _new_attentions(h, sp=None) -> List[Callable]:
-    """Per-layer attention callables of handle ``h`` (its ``attention_factory`` or ``build_attention``,
-    ``sparsity``, ``compact``, ``num_layers``) under the sequence-parallel plan ``sp`` (None: none).
-    Shared with :class:`dist_compact.integrations.xfuser.XfuserHandle`."""
-    from ..pipeline import build_attention
-
-    factory = h.attention_factory or build_attention
-    compact = h.compact if h.sparsity.uses_compact else None
-    attns = list(factory(h.num_layers, h.sparsity, compact, sp))
-    if len(attns) != h.num_layers:
-        raise ValueError(f"attention factory gave {len(attns)} callables for {h.num_layers} layers")
-    return attns
 
 
 @dataclass
@@ -212,57 +104,41 @@ class _Forward:
 
 
 # ---------------------------------------------------------------------------------------------- handle
-class SparsifyHandle:
+class SparsifyHandle(IntegrationHandle):
     """What :func:`sparsify` installed on one transformer; ``sparsify_handle(model)`` returns it.
 
-    Attributes:
-        kind: ``"wan"``, ``"hunyuan_video"`` or ``"embedded"``.
-        num_layers, num_heads, head_dim: attention layers we run (Wan: self-attention of each block;
-            HunyuanVideo: dual-stream then single-stream blocks), heads and head size.
-        sparsity, compact, sp, tile, backend: as given to :func:`sparsify` (``tile`` None = per grid).
-        state: the :class:`DenoisingState` read at every forward.
+    Attributes (besides :class:`~dist_compact.integrations.core.IntegrationHandle`'s):
+        kind: ``"wan"``, ``"hunyuan_video"`` or ``"embedded"``; num_layers: Wan: self-attention of
+            each block; HunyuanVideo: dual-stream then single-stream blocks.
+        sp, backend: as given to :func:`sparsify`; ops: this rank's :class:`AttentionOps`.
         stats: the :class:`~dist_compact.stats.AttentionStats` recorder (None: no recording).
         layout: the global layout of the last forward (its first sample group), or None.
     """
 
+    ATTR = "_dist_compact_sparsify"
+
     def __init__(self, model, kind: str, *, num_layers: int, num_heads: int, head_dim: int,
                  sparsity: SparsityConfig, compact, sp, tile, state: DenoisingState, stats, backend: str,
                  attention_factory: Optional[Callable] = None):
-        self.model = model
-        self.attention_factory = attention_factory
-        self.kind = kind
-        self.num_layers = num_layers
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.sparsity = sparsity
-        self.compact = compact
+        super().__init__(model, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                         sparsity=sparsity, compact=compact, tile=tile, state=state, stats=stats,
+                         attention_factory=attention_factory)
         self.sp = sp
-        self.tile = tile
-        self.state = state
-        self.stats = stats
         self.backend = backend
         self.ops = AttentionOps(backend)
-        self.layout: Optional[VideoLayout] = None
-        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
         # one layout instance per (grid, text tokens): its maps and their device copies (validated
         # once by the kernels) are built once, not at every forward
         self._layouts: "OrderedDict[Tuple, VideoLayout]" = OrderedDict()
         self._fwd: Optional[_Forward] = None
-        self._hooks: List[Any] = []
-        self._restore: List[Tuple[Any, Any]] = []  # (module, original processor)
         self._restore_embedded: Optional[List[Callable]] = None
 
     # ------------------------------------------------------------------ attention objects
-    def attentions(self, layout: VideoLayout) -> List[Callable]:
-        """The per-layer attention callables for ``layout`` (built on first use, LRU-bounded)."""
-        return _lru(self._bank, layout, self._build_attentions, MAX_LAYOUTS)
-
     def _build_attentions(self) -> List[Callable]:
-        return _new_attentions(self, self.sp)
+        return new_attentions(self, self.sp)
 
     def reset(self) -> None:
         """Drop every cached index / LSE (e.g. between videos of different prompts)."""
-        self._bank.clear()
+        super().reset()
         self._layouts.clear()
 
     def cache_nbytes(self) -> int:
@@ -287,7 +163,7 @@ class SparsifyHandle:
             layout = VideoLayout(*grid, tile=tuple(tile))
             return self.sp.layout_for(layout) if self.sp is not None else layout
 
-        return _lru(self._layouts, (tuple(grid), text_tokens), build, 2 * MAX_LAYOUTS)
+        return lru(self._layouts, (tuple(grid), text_tokens), build, 2 * MAX_LAYOUTS)
 
     def _ctx(self, layout: VideoLayout) -> AttentionContext:
         self.state.check()
@@ -383,19 +259,11 @@ class SparsifyHandle:
     # ------------------------------------------------------------------ removal
     def remove(self) -> None:
         """Undo :func:`sparsify`: hooks removed, the stock processors / attention restored."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for module, proc in self._restore:
-            module.set_processor(proc)
-        self._restore.clear()
         if self._restore_embedded is not None:
             self.model.set_attention(self._restore_embedded)
             self._restore_embedded = None
-        self.reset()
+        super().remove()
         self._fwd = None
-        if getattr(self.model, _ATTR, None) is self:
-            delattr(self.model, _ATTR)
 
     def __repr__(self) -> str:
         return (f"SparsifyHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
@@ -453,39 +321,11 @@ class HunyuanVideoSparseAttnProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         # attention_mask is the stock model's key mask of the padded prompt tokens; the handle
         # already knows each sample's prompt length from encoder_attention_mask (module doc)
         video_len = hidden_states.shape[1]
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        joint_inputs = attn.add_q_proj is None and encoder_hidden_states is not None
-        if joint_inputs:  # single-stream block: one projection for video and text
-            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:  # the video tokens only
-            def rope(x):
-                vid = apply_rotary_emb(x[:, :video_len], image_rotary_emb, sequence_dim=1)
-                return torch.cat([vid, x[:, video_len:]], dim=1) if joint_inputs else vid
-
-            query, key = rope(query), rope(key)
-        if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ek = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            ev = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            query = torch.cat([query, eq], dim=1)
-            key = torch.cat([key, ek], dim=1)
-            value = torch.cat([value, ev], dim=1)
+        query, key, value = hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = self.handle.attend(self.layer, query, key, value.contiguous(), video_len, text_len)
         out = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
@@ -499,64 +339,16 @@ class HunyuanVideoSparseAttnProcessor:
 
 
 # ---------------------------------------------------------------------------------------------- install
-def _model_kind(model) -> str:
-    name = type(model).__name__
-    from ..models.embedded import EmbeddedDiT
-
-    if isinstance(model, EmbeddedDiT):
-        return "embedded"
-    diffusers = _diffusers()
-    if isinstance(model, diffusers.WanTransformer3DModel) and name == "WanTransformer3DModel":
-        return "wan"
-    if isinstance(model, diffusers.HunyuanVideoTransformer3DModel) and name == "HunyuanVideoTransformer3DModel":
-        return "hunyuan_video"
-    raise TypeError(f"sparsify: unsupported model {name}; supported: {', '.join(SUPPORTED_MODELS)}")
-
-
-def _grid(cfg, kind: str, hidden_states: torch.Tensor, who: str = "sparsify") -> Tuple[int, int, int]:
-    """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the patch size of ``cfg`` (the
-    model's config; ``kind`` "wan" or "hunyuan_video"); ``who`` prefixes the errors."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
-        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-        raise ValueError(f"{who}: hidden_states must be [batch, channels, frames, height, width], got {got}")
-    if kind == "wan":
-        pt, ph, pw = cfg.patch_size
-    else:
-        pt, ph, pw = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
-    _, _, F, H, W = hidden_states.shape
-    # the patch-embedding convolution drops a remainder, and so does the grid
-    grid = (F // pt, H // ph, W // pw)
-    if min(grid) < 1:
-        raise ValueError(f"{who}: latents {tuple(hidden_states.shape)} are smaller than the patch ({pt}, {ph}, {pw})")
-    return grid
-
-
-def _text_lengths(mask: Optional[torch.Tensor], batch: int, text_len: int) -> List[int]:
-    if mask is None:
-        return [text_len] * batch
-    if mask.dim() != 2 or mask.shape != (batch, text_len):
-        raise ValueError(f"sparsify: encoder_attention_mask must be [batch, text_len] = [{batch}, {text_len}], "
-                         f"got {tuple(mask.shape)}")
-    # the stock model keeps the first sum(mask) prompt tokens of each sample (valid tokens first)
-    return [int(n) for n in mask.sum(dim=1, dtype=torch.int64).tolist()]
-
-
 def _install_diffusers(h: SparsifyHandle, model, kind: str) -> None:
     hooks = h._hooks
 
     def pre_forward(module, args, kwargs):
-        hs = _get_arg(args, kwargs, 0, "hidden_states")
-        grid = _grid(model.config, kind, hs)
-        lengths = None
-        if kind == "hunyuan_video":
-            enc = _get_arg(args, kwargs, 2, "encoder_hidden_states")
-            mask = _get_arg(args, kwargs, 3, "encoder_attention_mask")
-            lengths = _text_lengths(mask, hs.shape[0], enc.shape[1])
+        hs, grid, lengths = forward_inputs(model, kind, args, kwargs, "sparsify")
         h._begin(grid, lengths, hs.device)
         if kind == "wan":
-            ts = _get_arg(args, kwargs, 1, "timestep")
+            ts = get_arg(args, kwargs, 1, "timestep")
             if isinstance(ts, torch.Tensor) and ts.dim() == 2:  # Wan2.2 TI2V: one timestep per token
-                args, kwargs = _replace_arg(args, kwargs, 1, "timestep", lambda t: h.to_stream(t, dim=1))
+                args, kwargs = replace_arg(args, kwargs, 1, "timestep", lambda t: h.to_stream(t, dim=1))
         return args, kwargs
 
     def post_forward(module, args, output):
@@ -572,7 +364,7 @@ def _install_diffusers(h: SparsifyHandle, model, kind: str) -> None:
         lambda m, a, out: tuple(h.to_stream(t, dim=rope_dim) for t in out)))
     if kind == "wan":
         hooks.append(model.blocks[0].register_forward_pre_hook(
-            lambda m, args, kwargs: _replace_arg(args, kwargs, 0, "hidden_states", h.to_stream), with_kwargs=True))
+            lambda m, args, kwargs: replace_arg(args, kwargs, 0, "hidden_states", h.to_stream), with_kwargs=True))
     else:
         hooks.append(model.x_embedder.register_forward_hook(lambda m, a, out: h.to_stream(out)))
     hooks.append(model.proj_out.register_forward_hook(lambda m, a, out: h.from_stream(out)))
@@ -596,7 +388,7 @@ def _install_embedded(h: SparsifyHandle, model) -> None:
         # the embedded model takes ctx and sp as arguments: supply them when the caller did not
         if len(args) >= 4 or "ctx" in kwargs:
             return args, kwargs
-        x = _get_arg(args, kwargs, 0, "x")
+        x = get_arg(args, kwargs, 0, "x")
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             return args, kwargs  # the model's own input check reports it
         # the model's video_layout: its token grid, its text tokens after the video
@@ -633,12 +425,12 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         stats: an :class:`~dist_compact.stats.AttentionStats` to record into (default: a new one).
         backend: attention kernels, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
         attention_factory: ``factory(num_layers, sparsity, compact, sp) -> [attn, ...]`` replacing
-            :func:`dist_compact.pipeline.build_attention` (which already wraps with ``sp``).
+            :func:`dist_compact.attention.build_attention` (which already wraps with ``sp``).
 
     Calling it again replaces the previous installation; :func:`unsparsify` removes it.
     """
-    kind = _model_kind(transformer)
-    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = _checked_install(
+    kind = model_kind(transformer)
+    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = checked_install(
         "sparsify", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
     if sequence_parallel is not None:
         if not all(callable(getattr(sequence_parallel, m, None)) for m in ("layout_for", "shard", "gather", "wrap")):
@@ -647,7 +439,7 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         sp_cfg = getattr(sequence_parallel, "config", None)
         if sp_cfg is not None:
             sp_cfg.check(num_heads=num_heads)
-    old = getattr(transformer, _ATTR, None)
+    old = sparsify_handle(transformer)
     if old is not None:
         old.remove()
     h = SparsifyHandle(transformer, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
@@ -657,90 +449,20 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         _install_embedded(h, transformer)
     else:
         _install_diffusers(h, transformer, kind)
-    object.__setattr__(transformer, _ATTR, h)  # a plain attribute, not a submodule
+    object.__setattr__(transformer, h.ATTR, h)  # a plain attribute, not a submodule
     return transformer
-
-
-# shared with dist_compact.integrations.xfuser.sparsify_xfuser
-def _checked_install(who: str, transformer, kind: str, sparsity_config, backend: str, state, compact, tile, stats):
-    """The checks and defaults every install shares (``who`` prefixes the errors): returns ``(sparsity,
-    state, num_layers, num_heads, head_dim, compact, tile, stats)`` with the Compact pattern resolved
-    (Compact modes), the tile from it unless given, a bad tile refused now, fresh state / stats."""
-    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
-    if not isinstance(sparsity, SparsityConfig):
-        raise TypeError(f"{who}: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"{who}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if state is None:
-        state = DenoisingState()
-    if not isinstance(state, DenoisingState):
-        raise TypeError(f"{who}: state must be a DenoisingState, got {type(state).__name__}")
-    cfg = transformer.config
-    if kind == "embedded":
-        num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
-    else:
-        num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-        num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
-        if kind == "hunyuan_video" and getattr(cfg, "image_condition_type", None) == "token_replace":
-            raise ValueError(f"{who}: HunyuanVideo with image_condition_type='token_replace' addresses the "
-                             "first frame's tokens by position, which block order moves; not supported")
-    from ..ops import SUPPORTED_HEAD_DIMS
-
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{who}: head_dim {head_dim} of {type(transformer).__name__} is not supported by the "
-                         f"kernels ({SUPPORTED_HEAD_DIMS})")
-    if sparsity.uses_compact:
-        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
-    if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
-        tile = tuple(compact.tile)
-    if tile is not None:
-        tile = tuple(tile)
-        VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
-    if stats is None:
-        from ..stats import AttentionStats
-
-        stats = AttentionStats()
-    return sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats
-
-
-def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
-    from ..pipeline import load_compact
-
-    if compact is None or isinstance(compact, str):
-        cfg = sparsity if compact is None else dataclasses.replace(sparsity, compact_config=compact)
-        return load_compact(cfg, num_layers=num_layers, num_heads=num_heads)
-    if not callable(getattr(compact, "index_for", None)):
-        raise TypeError("sparsify: compact must have index_for(layer, layout, num_heads) or be a config file path")
-    if hasattr(compact, "check_compatible"):
-        compact.check_compatible(num_layers=num_layers, num_heads=num_heads)
-    return compact
 
 
 def sparsify_handle(transformer) -> Optional[SparsifyHandle]:
     """The :class:`SparsifyHandle` of a sparsified transformer, or None."""
-    return getattr(transformer, _ATTR, None)
+    return getattr(transformer, SparsifyHandle.ATTR, None)
 
 
 def denoising_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` a sparsified transformer reads its step from."""
-    return _state_of(transformer, sparsify_handle(transformer), "sparsify")
+    return handle_state(transformer, sparsify_handle(transformer), "sparsify")
 
 
 def unsparsify(transformer):
     """Remove what :func:`sparsify` installed (stock processors back); returns the transformer."""
-    return _remove(transformer, sparsify_handle(transformer))
-
-
-# shared with dist_compact.integrations.xfuser (its handle lives under its own attribute)
-def _state_of(transformer, handle, install: str) -> DenoisingState:
-    """``handle.state``; a ValueError naming the ``install`` function when ``handle`` is None."""
-    if handle is None:
-        raise ValueError(f"{type(transformer).__name__} is not sparsified (call {install} first)")
-    return handle.state
-
-
-def _remove(transformer, handle):
-    """``handle.remove()`` unless it is None; returns ``transformer``."""
-    if handle is not None:
-        handle.remove()
-    return transformer
+    return remove_handle(transformer, sparsify_handle(transformer))

@@ -83,16 +83,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from ..attention_context import AttentionContext
 from ..block_index import BlockIndex
-from ..context import AttentionContext
+from ..config import SparsityConfig
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
-from ..schedule import SparsityConfig
-from .diffusers import (MAX_LAYOUTS, DenoisingState, HunyuanVideoSparseAttnProcessor, SparsifyHandle,
-                        WanSparseAttnProcessor, _checked_install, _get_arg, _grid, _lru, _model_kind,
-                        _new_attentions, _remove, _state_of, _text_lengths, sparsify_handle)
+from .core import (MAX_LAYOUTS, DenoisingState, checked_install, forward_inputs, handle_state, lru, model_kind,
+                   new_attentions, remove_handle)
+from .diffusers import HunyuanVideoSparseAttnProcessor, SparsifyHandle, WanSparseAttnProcessor, sparsify_handle
 
 __all__ = [
     "set_sparse_backend",
@@ -105,7 +105,6 @@ __all__ = [
     "ChunkGeometry",
 ]
 
-_ATTR = "_dist_compact_backend"
 #: LSE given to rows with no key in the FIRST ring step (the local chunk): diffusers' merge turns an
 #: all -inf accumulator into NaN. exp(-1000 - lse) is 0 for any real row (|lse| < ~900), and the
 #: merge's rounding at this magnitude is <= 3e-5 in the LSE. Rows of an index that keeps the query's
@@ -260,7 +259,7 @@ def _scatter(x: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- ring ops
 class ChunkRingOps(HeadShardedOps):
-    """:class:`~dist_compact.executor.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
+    """:class:`~dist_compact.attention_ops.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
 
     Tensors handed in: the ring chunk as diffusers holds it after its Ulysses exchange,
     ``[B, Vr + Tp, H/U, D]`` (video in model order, then the padded prompt), see
@@ -455,6 +454,8 @@ class BackendHandle(SparsifyHandle):
     (diffusers sets their ``_parallel_config``).
     """
 
+    ATTR = "_dist_compact_backend"
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.processors: List = []
@@ -462,10 +463,10 @@ class BackendHandle(SparsifyHandle):
         self._pos: "OrderedDict[Tuple, torch.Tensor]" = OrderedDict()
 
     def _build_attentions(self) -> List[Callable]:
-        return [_LayerAttention(self, i, a) for i, a in enumerate(_new_attentions(self, None))]
+        return [_LayerAttention(self, i, a) for i, a in enumerate(new_attentions(self, None))]
 
     def positions(self, layout: VideoLayout, device) -> torch.Tensor:
-        return _lru(self._pos, (layout, str(device)), lambda: _model_positions(layout).to(device), 2 * MAX_LAYOUTS)
+        return lru(self._pos, (layout, str(device)), lambda: _model_positions(layout).to(device), 2 * MAX_LAYOUTS)
 
     def ops_for(self, layout: VideoLayout, parallel_config, device):
         """This rank's ops for ``layout`` under diffusers' ``parallel_config`` (built once)."""
@@ -483,17 +484,12 @@ class BackendHandle(SparsifyHandle):
                 return UlyssesOps(groups, self.backend)
             return ChunkRingOps(groups, parallel_config, layout, self.backend)
 
-        return _lru(self._ops, (layout, id(parallel_config), str(device)), build, 2 * MAX_LAYOUTS)
+        return lru(self._ops, (layout, id(parallel_config), str(device)), build, 2 * MAX_LAYOUTS)
 
     def reset(self) -> None:
         super().reset()
         self._ops.clear()
         self._pos.clear()
-
-    def remove(self) -> None:
-        super().remove()
-        if getattr(self.model, _ATTR, None) is self:
-            object.__delattr__(self.model, _ATTR)
 
     def __repr__(self) -> str:
         return (f"BackendHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
@@ -516,8 +512,7 @@ class _HunyuanBackendProcessor(HunyuanVideoSparseAttnProcessor):
 
 def _install(h: BackendHandle, model, kind: str) -> None:
     def pre_forward(module, args, kwargs):
-        hs = _get_arg(args, kwargs, 0, "hidden_states")
-        grid = _grid(model.config, kind, hs, "set_sparse_backend")
+        hs, grid, lengths = forward_inputs(model, kind, args, kwargs, "set_sparse_backend")
         cp = _context_config(h.processors[0]._parallel_config)
         if cp is not None:
             n = cp.ulysses_degree * cp.ring_degree
@@ -526,11 +521,6 @@ def _install(h: BackendHandle, model, kind: str) -> None:
                 raise ValueError(f"set_sparse_backend: {V} video tokens {grid} do not split into "
                                  f"ulysses_degree * ring_degree = {n} equal chunks (diffusers' context parallelism "
                                  "needs that)")
-        lengths = None
-        if kind == "hunyuan_video":
-            enc = _get_arg(args, kwargs, 2, "encoder_hidden_states")
-            mask = _get_arg(args, kwargs, 3, "encoder_attention_mask")
-            lengths = _text_lengths(mask, hs.shape[0], enc.shape[1])
         h._begin(grid, lengths, hs.device)
         return None
 
@@ -570,12 +560,12 @@ def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = 
     The outputs equal :func:`~dist_compact.integrations.diffusers.sparsify`'s for the same config
     (the same per-layer state), on one process and under diffusers' context parallelism.
     """
-    kind = _model_kind(transformer)
+    kind = model_kind(transformer)
     if kind == "embedded":
         raise TypeError("set_sparse_backend: the embedded model has no diffusers attention processors; use sparsify")
     if sparsify_handle(transformer) is not None:
         raise ValueError("set_sparse_backend: the transformer is already sparsified (call unsparsify first)")
-    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = _checked_install(
+    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = checked_install(
         "set_sparse_backend", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
     old = sparse_backend_handle(transformer)
     if old is not None:
@@ -584,20 +574,20 @@ def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = 
                       sparsity=sparsity, compact=compact, sp=None, tile=tile, state=state, stats=stats,
                       backend=backend, attention_factory=attention_factory)
     _install(h, transformer, kind)
-    object.__setattr__(transformer, _ATTR, h)
+    object.__setattr__(transformer, h.ATTR, h)
     return transformer
 
 
 def sparse_backend_handle(transformer) -> Optional[BackendHandle]:
     """The :class:`BackendHandle` of a transformer given :func:`set_sparse_backend`, or None."""
-    return getattr(transformer, _ATTR, None)
+    return getattr(transformer, BackendHandle.ATTR, None)
 
 
 def sparse_backend_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` the transformer's backend reads its step from."""
-    return _state_of(transformer, sparse_backend_handle(transformer), "set_sparse_backend")
+    return handle_state(transformer, sparse_backend_handle(transformer), "set_sparse_backend")
 
 
 def unset_sparse_backend(transformer):
     """Put the stock processors back (with diffusers' settings) and remove the hooks; returns it."""
-    return _remove(transformer, sparse_backend_handle(transformer))
+    return remove_handle(transformer, sparse_backend_handle(transformer))

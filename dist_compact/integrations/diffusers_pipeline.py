@@ -33,11 +33,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..pipeline import _process, _run_folder, _sparse_and_dense, _sync, _write_run, log
-from ..schedule import SparsityConfig
-from .diffusers import DenoisingState, _diffusers, sparsify, sparsify_handle
+from .. import report as rpt
+from ..config import SparsityConfig
+from ..runner import Job, LoadedModel, RunResult, log, run_job
+from ..sampler import SampleResult, sync
+from ..stats import AttentionStats
+from ..step_schedule import sparsity_line
+from .core import DenoisingState, diffusers_module
+from .diffusers import sparsify, sparsify_handle
 
-__all__ = ["PIPELINES", "DiffusersSample", "load_pipeline", "set_flow_shift", "generate", "run_diffusers_generation"]
+__all__ = ["PIPELINES", "DiffusersSample", "DiffusersJob", "load_pipeline", "set_flow_shift", "generate",
+           "run_diffusers_generation"]
 
 #: Pipeline classes this runner knows; their ``__call__`` take the same core arguments.
 PIPELINES = ("WanPipeline", "HunyuanVideoPipeline")
@@ -82,7 +88,7 @@ def load_pipeline(model_path, pipeline: str = "WanPipeline", *, device="cpu", dt
             "download the weights first (e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers "
             "--local-dir <folder>) and pass that folder"
         )
-    cls = getattr(_diffusers(), pipeline)
+    cls = getattr(diffusers_module(), pipeline)
     # diffusers' advice for both models: the VAE in float32 (bf16 decoding shows banding)
     dtypes = {"default": dtype, "vae": torch.float32}
     with warnings.catch_warnings():
@@ -127,8 +133,6 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
         call_kwargs: more keyword arguments for ``pipe(...)`` (e.g. ``prompt_embeds``,
             ``max_sequence_length``).
     """
-    from ..stats import AttentionStats
-
     mods = _transformers(pipe)
     if not mods:
         raise ValueError(f"{type(pipe).__name__} has no transformer to sparsify")
@@ -144,7 +148,7 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
     clock = [0.0]
 
     def on_step_end(p, i, t, kwargs):
-        _sync(device)
+        sync(device)
         now = time.perf_counter()
         times.append(now - clock[0])
         clock[0] = now
@@ -160,7 +164,7 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
     if negative_prompt is not None:
         args["negative_prompt"] = negative_prompt
     args.update(call_kwargs or {})
-    _sync(device)
+    sync(device)
     clock[0] = time.perf_counter()
     with torch.no_grad():
         out = pipe(**args)
@@ -179,63 +183,78 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
 
 
 # ---------------------------------------------------------------------------------------------- main job
-def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = None):
+class DiffusersJob(Job):
+    """The runner of ``model.kind: diffusers`` (see :func:`run_diffusers_generation`)."""
+
+    def __init__(self, cfg, attention_factory: Optional[Callable] = None):
+        super().__init__(cfg)
+        self.attention_factory = attention_factory
+
+    def load(self, proc) -> LoadedModel:
+        run, mcfg = self.cfg.run, self.cfg.model
+        pipe = self.pipe = load_pipeline(mcfg.path, mcfg.pipeline, device=proc.device, dtype=proc.dtype)
+        if run.shift != 1.0:
+            set_flow_shift(pipe, run.shift)
+        tcfg = pipe.transformer.config
+        num_heads = tcfg.num_attention_heads
+        num_layers = tcfg.num_layers + getattr(tcfg, "num_single_layers", 0)
+        self.model_info = {"name": mcfg.name, "path": os.path.abspath(mcfg.path), "pipeline": mcfg.pipeline,
+                           "transformer": type(pipe.transformer).__name__,
+                           "params": sum(p.numel() for p in pipe.transformer.parameters()),
+                           "num_layers": num_layers, "num_heads": num_heads}
+        # the same config on every rank (weights: the same folder by config); the Compact file read on rank 0
+        return LoadedModel(num_layers=num_layers, num_heads=num_heads, weights=None)
+
+    def prepare(self, sp, compact) -> None:
+        self.sp, self.compact = sp, compact
+
+    def begin(self) -> None:
+        p, mcfg = self.proc, self.cfg.model
+        log.info("world %d rank %d device %s dtype %s pipeline %s from %s", p.world, p.rank, p.device, p.dtype,
+                 mcfg.pipeline, mcfg.path)
+
+    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+        run, mcfg, rank = self.cfg.run, self.cfg.model, self.proc.rank
+        log.info("%s run: %s", label, sparsity_line(sparsity, run.steps))
+        stats = AttentionStats()
+        s = generate(self.pipe, prompt=run.prompt, num_steps=run.steps, frames=mcfg.frames, height=mcfg.height,
+                     width=mcfg.width, seed=run.seed, guidance=run.guidance, sparsity=sparsity,
+                     compact=self.compact if sparsity.uses_compact else None, sp=self.sp, tile=mcfg.tile,
+                     backend=run.attn_backend, stats=stats, decode=rank == 0,
+                     progress=run.progress and rank == 0, attention_factory=self.attention_factory)
+        for i, sec in enumerate(s.step_seconds):
+            log.info("%s step %d: %.4f s", label, i, sec)
+        log.info("%s run: %.3f s total, layout %s", label, s.total_seconds, s.layout)
+        # the report's "latents" are the decoded video on rank 0 (what its writers show); the
+        # DiffusersSample rides along for its layout and model latents
+        video = s.video[:1] if s.video is not None else s.latents[:1]
+        return SampleResult(latents=video, step_seconds=s.step_seconds), stats, s
+
+    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+        if folder is None:
+            return {}
+        p, info = self.proc, self.model_info
+        return rpt.build_report(self.cfg, model_info=info, layout=sparse[2].layout, world=p.world,
+                                device=p.device, dtype=p.dtype, sparse=sparse, dense=dense,
+                                num_layers=info["num_layers"], num_heads=info["num_heads"])
+
+    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
+        torch.save(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"))
+        super().write(folder, report, sparse, dense)
+
+
+def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:
     """The main job for ``cfg.model.kind == "diffusers"`` (every rank calls it, as under torchrun).
 
     Loads ``cfg.model.pipeline`` from ``cfg.model.path``, runs ``cfg.run.steps`` steps at
     ``cfg.model.frames x height x width`` pixels with ``cfg.sparsity`` (and a dense run with
-    ``run.compare_dense``), and writes the run folder (see :mod:`dist_compact.report`) on rank 0.
+    ``run.compare_dense``), and writes the run folder (see :mod:`dist_compact.report`) on rank 0,
+    through the run skeleton of :mod:`dist_compact.runner`.
     ``run.shift`` (when not 1.0) replaces the flow shift of the pipeline's scheduler
     (``flow_shift`` of UniPC, ``shift`` of FlowMatchEuler); 1.0 keeps the weights folder's setting.
 
     Returns:
-        :class:`~dist_compact.pipeline.RunResult` (``latents``: the video ``[1, 3, F, H, W]`` in
+        :class:`~dist_compact.runner.RunResult` (``latents``: the video ``[1, 3, F, H, W]`` in
         [-1, 1] on rank 0, the sampler's latents elsewhere).
     """
-    from .. import report as rpt
-    from ..pipeline import RunResult, SampleResult, _agree, _sparsity_line, make_parallel
-    from ..stats import AttentionStats
-
-    world, rank, device, dtype = _process(cfg)
-    run, mcfg = cfg.run, cfg.model
-    pipe = load_pipeline(mcfg.path, mcfg.pipeline, device=device, dtype=dtype)
-    if run.shift != 1.0:
-        set_flow_shift(pipe, run.shift)
-    tcfg = pipe.transformer.config
-    num_heads = tcfg.num_attention_heads
-    num_layers = tcfg.num_layers + getattr(tcfg, "num_single_layers", 0)
-    sp = make_parallel(cfg.cluster, device, num_heads)
-    # the same config on every rank (weights: the same folder by config); the Compact file read on rank 0
-    compact = _agree(cfg, None, num_layers=num_layers, num_heads=num_heads)
-    model_info = {"name": mcfg.name, "path": os.path.abspath(mcfg.path), "pipeline": mcfg.pipeline,
-                  "transformer": type(pipe.transformer).__name__,
-                  "params": sum(p.numel() for p in pipe.transformer.parameters()),
-                  "num_layers": num_layers, "num_heads": num_heads}
-    with _run_folder(cfg, rank) as folder:
-        log.info("world %d rank %d device %s dtype %s pipeline %s from %s", world, rank, device, dtype,
-                 mcfg.pipeline, mcfg.path)
-        def one_run(sparsity: SparsityConfig, label: str):
-            log.info("%s run: %s", label, _sparsity_line(sparsity, run.steps))
-            stats = AttentionStats()
-            s = generate(pipe, prompt=run.prompt, num_steps=run.steps, frames=mcfg.frames, height=mcfg.height,
-                         width=mcfg.width, seed=run.seed, guidance=run.guidance, sparsity=sparsity,
-                         compact=compact if sparsity.uses_compact else None, sp=sp, tile=mcfg.tile,
-                         backend=run.attn_backend, stats=stats, decode=rank == 0,
-                         progress=run.progress and rank == 0, attention_factory=attention_factory)
-            for i, sec in enumerate(s.step_seconds):
-                log.info("%s step %d: %.4f s", label, i, sec)
-            log.info("%s run: %.3f s total, layout %s", label, s.total_seconds, s.layout)
-            # the report's "latents" are the decoded video on rank 0 (what its writers show); the
-            # DiffusersSample rides along for its layout and model latents
-            video = s.video[:1] if s.video is not None else s.latents[:1]
-            return SampleResult(latents=video, step_seconds=s.step_seconds), stats, s
-
-        sparse, dense = _sparse_and_dense(cfg, one_run)
-        report = {}
-        if folder is not None:
-            report = rpt.build_report(cfg, model_info=model_info, layout=sparse[2].layout, world=world,
-                                      device=device, dtype=dtype, sparse=sparse, dense=dense,
-                                      num_layers=num_layers, num_heads=num_heads)
-            torch.save(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"))
-            _write_run(folder, report, sparse, dense, run.fps, run.video)
-    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
+    return run_job(DiffusersJob(cfg, attention_factory))

@@ -12,7 +12,7 @@ tile, a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`), an
   pipelines' shapes (HunyuanVideo: 256 tokens of 4096, all valid, and a pooled 768 vector; Wan: 512
   tokens of 4096); the initial latents ``[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]`` come from a CPU
   generator seeded by ``run.seed`` (the same on every rank and device);
-* the flow-matching Euler sampler of :func:`dist_compact.pipeline.sample` (``run.steps``,
+* the flow-matching Euler sampler of :func:`dist_compact.sampler.sample` (``run.steps``,
   ``run.shift``; per-step synchronised wall times, a NaN / Inf check after every step, tqdm on rank
   0) with NO classifier-free guidance: one transformer forward per step. HunyuanVideo gets its
   distilled guidance embedding ``run.guidance * 1000`` (as diffusers' pipeline passes it); Wan
@@ -51,13 +51,21 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from .. import report as rpt
+from ..attention import build_attention
 from ..config import RANDOM_MODELS
-from ..parallel import Coordinator, ring_shard_bytes
-from ..pipeline import RunResult, SampleResult, _agree, _process, _run_folder, _sparse_and_dense, _write_run, log
-from ..schedule import SparsityConfig
+from ..config import SparsityConfig
+from ..layout import VideoLayout
+from ..parallel import Coordinator, ParallelConfig, RingOps, ring_shard_bytes
+from ..runner import Job, LoadedModel, RunResult, log, run_job
+from ..sampler import SampleResult, sample
+from ..stats import AttentionStats
+from ..step_schedule import sparsity_line, step_kinds
+from .core import DenoisingState, latent_grid
+from .diffusers import sparsify, sparsify_handle
 
 __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_random_transformer",
-           "weights_fingerprint", "random_text_inputs", "latent_preview", "run_random_generation"]
+           "weights_fingerprint", "random_text_inputs", "latent_preview", "RandomJob", "run_random_generation"]
 
 #: ``model.name`` -> the key of :mod:`dist_compact.integrations.published` (``"hunyuan"`` / ``"wan"``).
 MODELS = RANDOM_MODELS
@@ -146,7 +154,7 @@ def random_text_inputs(key: str, cfg: dict, text_tokens: int, gen: torch.Generat
 
 
 class _Forward:
-    """``model(x, t, text, ctx, sp) -> velocity`` for :func:`dist_compact.pipeline.sample`.
+    """``model(x, t, text, ctx, sp) -> velocity`` for :func:`dist_compact.sampler.sample`.
 
     The sparsified transformer reads its step from the :class:`DenoisingState`; this sets it from
     ``ctx.step`` (the hooks build their own context and shards, so ``ctx`` / ``sp`` are not passed on).
@@ -185,8 +193,6 @@ class _Recorder:
         return layers
 
     def ring_ops(self) -> list:
-        from ..parallel import RingOps
-
         return [ops for ops in (getattr(a, "ops", None) for a in self.layers) if isinstance(ops, RingOps)]
 
     def counters(self) -> tuple:
@@ -204,140 +210,159 @@ def _timing(secs: List[float]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main job
+class RandomJob(Job):
+    """The runner of ``model.kind: random`` (see :func:`run_random_generation`)."""
+
+    def __init__(self, cfg, attention_factory: Optional[Callable] = None):
+        super().__init__(cfg)
+        self.attention_factory = attention_factory
+        mcfg, cl = cfg.model, cfg.cluster
+        # cheap checks first (ModelConfig checked the name and video size): heads vs Ulysses, before any
+        # process group or model
+        _, tcfg, _ = published_config(mcfg.name, mcfg.size, mcfg.heads)
+        self.lat = latent_shape(mcfg.frames, mcfg.height, mcfg.width)
+        ParallelConfig(ulysses=cl.ulysses, ring=cl.ring).check(num_heads=tcfg["num_attention_heads"])
+
+    def load(self, proc) -> LoadedModel:
+        mcfg = self.cfg.model
+        model, self.key, self.built, self.text_tokens = build_random_transformer(
+            mcfg.name, mcfg.size, mcfg.layers, heads=mcfg.heads, device=proc.device, dtype=proc.dtype)
+        self.model, built = model, self.built
+        self.num_heads, self.head_dim = built["num_attention_heads"], built["attention_head_dim"]
+        self.num_layers = built["num_layers"] + built.get("num_single_layers", 0)
+        self.weights_fp = weights_fingerprint(model)
+        return LoadedModel(num_layers=self.num_layers, num_heads=self.num_heads,
+                           weights=("random model weights", self.weights_fp))
+
+    def prepare(self, sp, compact) -> None:
+        mcfg, run, proc, model, key = self.cfg.model, self.cfg.run, self.proc, self.model, self.key
+        self.sp, self.compact = sp, compact
+        self.coord = Coordinator()
+        gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same on every rank and device
+        self.noise = torch.randn((1, *self.lat), generator=gen).to(proc.device)
+        self.inputs = random_text_inputs(key, self.built, self.text_tokens, gen, proc.device, proc.dtype, run.guidance)
+        # the layout sparsify will build (for the log and sample's context; the attention reads the handle's)
+        grid = latent_grid(model.config, "wan" if key == "wan" else "hunyuan_video", self.noise, "random model")
+        layout = sp.layout_for(VideoLayout(*grid, tile=tuple(mcfg.tile)))
+        if key == "hunyuan":
+            layout = layout.with_(text_tokens=self.text_tokens, text_position="after")
+        self.layout = layout
+        self.model_info = {
+            "name": mcfg.name, "kind": "random", "published": key, "size": mcfg.size,
+            "transformer": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
+            "num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
+            "weight_seed": WEIGHT_SEED, "weights_fingerprint": self.weights_fp,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.built.items()}}
+        self.cuda = proc.device.type == "cuda"
+        if self.cuda:
+            self.model_info["weights_memory_bytes"] = torch.cuda.memory_allocated(proc.device)
+
+    def begin(self) -> None:
+        p, mcfg = self.proc, self.cfg.model
+        log.info("world %d rank %d device %s dtype %s: random %s (%s, %d layers x %d heads, %d params), "
+                 "latents %s, layout %s", p.world, p.rank, p.device, p.dtype, mcfg.name, mcfg.size, self.num_layers,
+                 self.num_heads, self.model_info["params"], self.lat, self.layout)
+        self.extra: Dict[str, dict] = {}
+        self.raw: Dict[str, torch.Tensor] = {}
+
+    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+        run, cl, mcfg, proc, model = self.cfg.run, self.cfg.cluster, self.cfg.model, self.proc, self.model
+        device, cuda = proc.device, self.cuda
+        section = ("sparse", "dense")[len(self.extra)]  # the report section of this run (the first is "sparse")
+        stats = AttentionStats()
+        state = DenoisingState().begin(run.steps)
+        rec = _Recorder(self.attention_factory or build_attention)
+        sparsify(model, sparsity, compact=self.compact if sparsity.uses_compact else None, sequence_parallel=self.sp,
+                 tile=tuple(mcfg.tile), state=state, stats=stats, backend=run.attn_backend,
+                 attention_factory=rec)
+        log.info("%s run: %s", label, sparsity_line(sparsity, run.steps))
+        per_step: List[int] = []
+        calls_per_step: List[int] = []
+        last = [0, 0]
+
+        def on_step(i, x):
+            sent, calls = rec.counters()
+            per_step.append(sent - last[0])
+            calls_per_step.append(calls - last[1])
+            last[:] = [sent, calls]
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        res = sample(_Forward(model, state, self.inputs, proc.dtype), torch.zeros(1, 0, dtype=torch.long), self.noise,
+                     steps=run.steps, layout=self.layout, guidance=1.0, shift=run.shift, stats=None, sp=None,
+                     progress=run.progress and proc.rank == 0, on_step=on_step,
+                     step_labels=step_kinds(sparsity, run.steps))
+        peak = torch.cuda.max_memory_allocated(device) if cuda else None
+        used = sparsify_handle(model).layout
+        sent, calls = rec.counters()
+        ring = cl.ring
+        shard = ring_shard_bytes(used, ring, batch=self.noise.shape[0], heads=self.num_heads // cl.ulysses,
+                                 head_dim=self.head_dim, element_size=proc.dtype.itemsize)
+        dense_pred = calls * (ring - 1) * shard
+        rows = self.coord.gather_object({"sent": sent, "dense": dense_pred, "peak": peak, "per_step": per_step,
+                                         "dense_per_step": [c * (ring - 1) * shard for c in calls_per_step]})
+        tot, tot_dense = sum(r["sent"] for r in rows), sum(r["dense"] for r in rows)
+        self.extra[section] = {
+            "timing": _timing(res.step_seconds),
+            "parallel": {
+                "ulysses": cl.ulysses, "ring": ring, "world_size": proc.world,
+                "ring_bytes_sent_per_rank": [r["sent"] for r in rows], "ring_bytes_sent": tot,
+                "dense_ring_bytes_per_rank": [r["dense"] for r in rows], "dense_ring_bytes": tot_dense,
+                "ring_vs_dense": tot / tot_dense if tot_dense else None,
+                "ring_bytes_per_step": [sum(v) for v in zip(*(r["per_step"] for r in rows))],
+                "dense_ring_bytes_per_step": [sum(v) for v in zip(*(r["dense_per_step"] for r in rows))],
+                "ring_attention_calls_per_rank": calls,
+            },
+            "peak_memory_bytes_per_rank": [r["peak"] for r in rows],
+            "layout": repr(used),
+        }
+        self.raw[section] = res.latents
+        log.info("%s run: %.3f s total, ring bytes sent %d (dense ring %d), peak memory %s", label,
+                 res.total_seconds, sent, dense_pred, peak)
+        return res, stats
+
+    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+        if folder is None:
+            return {}
+        p, run = self.proc, self.cfg.run
+        ref = sparse[0].latents
+
+        def preview(r: tuple) -> tuple:
+            return SampleResult(latents=latent_preview(r[0].latents, ref), step_seconds=r[0].step_seconds), r[1]
+
+        self.previews = preview(sparse), (preview(dense) if dense is not None else None)
+        report = rpt.build_report(self.cfg, model_info=self.model_info, layout=sparsify_handle(self.model).layout,
+                                  world=p.world, device=p.device, dtype=p.dtype, sparse=self.previews[0],
+                                  dense=self.previews[1], num_layers=self.num_layers, num_heads=self.num_heads)
+        for label, ex in self.extra.items():
+            report[label].update(ex)
+        report["random_model"] = {
+            "note": _PREVIEW_NOTE, "latents": list(self.lat), "text_tokens": self.text_tokens,
+            "forwards_per_step": 1, "classifier_free_guidance": False,
+            "guidance_embedding": run.guidance * 1000.0 if self.key == "hunyuan" else None,
+            "timesteps": "1000 * t, t from flow_timesteps(steps, shift)",
+        }
+        if dense is not None:
+            a, b = sparse[0].latents.float(), dense[0].latents.float()
+            report["latent_quality"] = {"max_abs_diff": float((a - b).abs().max()),
+                                        "rel_l2": float((a - b).norm() / b.norm().clamp(min=1e-30))}
+        return report
+
+    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
+        super().write(folder, report, *self.previews)
+        # latents.pt / dense_latents.pt: the raw latents (write_outputs saved the previews there)
+        for prefix, section in (("", "sparse"), ("dense_", "dense")):
+            if section in self.raw:
+                torch.save(self.raw[section].detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"))
+
+
 def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:
-    """The main job for ``cfg.model.kind == "random"`` (every rank calls it, as under torchrun).
+    """The main job for ``cfg.model.kind == "random"`` (every rank calls it, as under torchrun), through the
+    run skeleton of :mod:`dist_compact.runner`.
 
     See the module doc. Raises (before anything is left in ``output_dir``):
     :class:`~dist_compact.parallel.ParallelConfigError` (heads not divisible by ``cluster.ulysses``),
-    :class:`~dist_compact.pipeline.WorldSizeError`, ``ValueError`` (unknown model name, a video size the
-    model cannot take), :class:`~dist_compact.pipeline.NonFiniteLatentsError` (NaN / Inf latents).
+    :class:`~dist_compact.runner.WorldSizeError`, ``ValueError`` (unknown model name, a video size the
+    model cannot take), :class:`~dist_compact.sampler.NonFiniteLatentsError` (NaN / Inf latents).
     """
-    from .. import report as rpt
-    from ..layout import VideoLayout
-    from ..parallel import ParallelConfig
-    from ..pipeline import _sparsity_line, build_attention, make_parallel, sample, step_kinds
-    from ..stats import AttentionStats
-    from .diffusers import DenoisingState, _grid, sparsify, sparsify_handle
-
-    mcfg, run, cl = cfg.model, cfg.run, cfg.cluster
-    # cheap checks first (ModelConfig checked the name and video size): heads vs Ulysses, before any
-    # process group or model
-    key, tcfg, text_tokens = published_config(mcfg.name, mcfg.size, mcfg.heads)
-    lat = latent_shape(mcfg.frames, mcfg.height, mcfg.width)
-    ParallelConfig(ulysses=cl.ulysses, ring=cl.ring).check(num_heads=tcfg["num_attention_heads"])
-    world, rank, device, dtype = _process(cfg)
-    sp = make_parallel(cl, device, tcfg["num_attention_heads"])
-    model, key, built, text_tokens = build_random_transformer(mcfg.name, mcfg.size, mcfg.layers, heads=mcfg.heads,
-                                                              device=device, dtype=dtype)
-    num_heads, head_dim = built["num_attention_heads"], built["attention_head_dim"]
-    num_layers = built["num_layers"] + built.get("num_single_layers", 0)
-    weights_fp = weights_fingerprint(model)
-    compact = _agree(cfg, ("random model weights", weights_fp), num_layers=num_layers, num_heads=num_heads)
-    coord = Coordinator()
-
-    gen = torch.Generator().manual_seed(run.seed)  # CPU generator: the same on every rank and device
-    noise = torch.randn((1, *lat), generator=gen).to(device)
-    inputs = random_text_inputs(key, built, text_tokens, gen, device, dtype, run.guidance)
-    # the layout sparsify will build (for the log and sample's context; the attention reads the handle's)
-    grid = _grid(model.config, "wan" if key == "wan" else "hunyuan_video", noise, "random model")
-    layout = sp.layout_for(VideoLayout(*grid, tile=tuple(mcfg.tile)))
-    if key == "hunyuan":
-        layout = layout.with_(text_tokens=text_tokens, text_position="after")
-    model_info = {"name": mcfg.name, "kind": "random", "published": key, "size": mcfg.size,
-                  "transformer": type(model).__name__, "params": sum(p.numel() for p in model.parameters()),
-                  "num_layers": num_layers, "num_heads": num_heads, "head_dim": head_dim,
-                  "weight_seed": WEIGHT_SEED, "weights_fingerprint": weights_fp,
-                  "config": {k: list(v) if isinstance(v, tuple) else v for k, v in built.items()}}
-    cuda = device.type == "cuda"
-    if cuda:
-        model_info["weights_memory_bytes"] = torch.cuda.memory_allocated(device)
-
-    with _run_folder(cfg, rank) as folder:
-        log.info("world %d rank %d device %s dtype %s: random %s (%s, %d layers x %d heads, %d params), "
-                 "latents %s, layout %s", world, rank, device, dtype, mcfg.name, mcfg.size, num_layers, num_heads,
-                 model_info["params"], lat, layout)
-        extra: Dict[str, dict] = {}
-        raw: Dict[str, torch.Tensor] = {}
-
-        def one_run(sparsity: SparsityConfig, label: str):
-            section = ("sparse", "dense")[len(extra)]  # the report section of this run (the first is "sparse")
-            stats = AttentionStats()
-            state = DenoisingState().begin(run.steps)
-            rec = _Recorder(attention_factory or build_attention)
-            sparsify(model, sparsity, compact=compact if sparsity.uses_compact else None, sequence_parallel=sp,
-                     tile=tuple(mcfg.tile), state=state, stats=stats, backend=run.attn_backend,
-                     attention_factory=rec)
-            log.info("%s run: %s", label, _sparsity_line(sparsity, run.steps))
-            per_step: List[int] = []
-            calls_per_step: List[int] = []
-            last = [0, 0]
-
-            def on_step(i, x):
-                sent, calls = rec.counters()
-                per_step.append(sent - last[0])
-                calls_per_step.append(calls - last[1])
-                last[:] = [sent, calls]
-
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            res = sample(_Forward(model, state, inputs, dtype), torch.zeros(1, 0, dtype=torch.long), noise,
-                         steps=run.steps, layout=layout, guidance=1.0, shift=run.shift, stats=None, sp=None,
-                         progress=run.progress and rank == 0, on_step=on_step,
-                         step_labels=step_kinds(sparsity, run.steps))
-            peak = torch.cuda.max_memory_allocated(device) if cuda else None
-            used = sparsify_handle(model).layout
-            sent, calls = rec.counters()
-            ring = cl.ring
-            shard = ring_shard_bytes(used, ring, batch=noise.shape[0], heads=num_heads // cl.ulysses,
-                                     head_dim=head_dim, element_size=dtype.itemsize)
-            dense_pred = calls * (ring - 1) * shard
-            rows = coord.gather_object({"sent": sent, "dense": dense_pred, "peak": peak, "per_step": per_step,
-                            "dense_per_step": [c * (ring - 1) * shard for c in calls_per_step]})
-            tot, tot_dense = sum(r["sent"] for r in rows), sum(r["dense"] for r in rows)
-            extra[section] = {
-                "timing": _timing(res.step_seconds),
-                "parallel": {
-                    "ulysses": cl.ulysses, "ring": ring, "world_size": world,
-                    "ring_bytes_sent_per_rank": [r["sent"] for r in rows], "ring_bytes_sent": tot,
-                    "dense_ring_bytes_per_rank": [r["dense"] for r in rows], "dense_ring_bytes": tot_dense,
-                    "ring_vs_dense": tot / tot_dense if tot_dense else None,
-                    "ring_bytes_per_step": [sum(v) for v in zip(*(r["per_step"] for r in rows))],
-                    "dense_ring_bytes_per_step": [sum(v) for v in zip(*(r["dense_per_step"] for r in rows))],
-                    "ring_attention_calls_per_rank": calls,
-                },
-                "peak_memory_bytes_per_rank": [r["peak"] for r in rows],
-                "layout": repr(used),
-            }
-            raw[section] = res.latents
-            log.info("%s run: %.3f s total, ring bytes sent %d (dense ring %d), peak memory %s", label,
-                     res.total_seconds, sent, dense_pred, peak)
-            return res, stats
-
-        sparse, dense = _sparse_and_dense(cfg, one_run)
-        report: dict = {}
-        if folder is not None:
-            ref = sparse[0].latents
-            prev = lambda r: (SampleResult(latents=latent_preview(r[0].latents, ref),  # noqa: E731
-                                           step_seconds=r[0].step_seconds), r[1])
-            psparse, pdense = prev(sparse), (prev(dense) if dense is not None else None)
-            report = rpt.build_report(cfg, model_info=model_info, layout=sparsify_handle(model).layout,
-                                      world=world, device=device, dtype=dtype, sparse=psparse, dense=pdense,
-                                      num_layers=num_layers, num_heads=num_heads)
-            for label, ex in extra.items():
-                report[label].update(ex)
-            report["random_model"] = {
-                "note": _PREVIEW_NOTE, "latents": list(lat), "text_tokens": text_tokens,
-                "forwards_per_step": 1, "classifier_free_guidance": False,
-                "guidance_embedding": run.guidance * 1000.0 if key == "hunyuan" else None,
-                "timesteps": "1000 * t, t from flow_timesteps(steps, shift)",
-            }
-            if dense is not None:
-                a, b = sparse[0].latents.float(), dense[0].latents.float()
-                report["latent_quality"] = {"max_abs_diff": float((a - b).abs().max()),
-                                            "rel_l2": float((a - b).norm() / b.norm().clamp(min=1e-30))}
-            _write_run(folder, report, psparse, pdense, run.fps, run.video)
-            # latents.pt / dense_latents.pt: the raw latents (write_outputs saved the previews there)
-            for prefix, section in (("", "sparse"), ("dense_", "dense")):
-                if section in raw:
-                    torch.save(raw[section].detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"))
-    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
+    return run_job(RandomJob(cfg, attention_factory))

@@ -57,7 +57,7 @@ all-to-all every rank holds the WHOLE sequence for ``H/U`` heads. That is exactl
 projections, RoPE, sharding and all-to-all, and our attention as the registered backend function.
 It permutes the sequence it gets (xDiT's chunk order, with text chunks / text copies / xDiT's zero
 padding, see :class:`XditSequence`) to our block order with one gather, runs the layer's
-``attn(q, k, v, ctx)`` (:class:`~dist_compact.context.DenseAttention` or
+``attn(q, k, v, ctx)`` (:class:`~dist_compact.attention_context.DenseAttention` or
 :class:`~dist_compact.attention.SparseAttention`) with ``ctx.ops`` a ``UlyssesOps`` around xDiT's
 Ulysses group (``ParallelGroups.from_groups``; handed in explicitly, nothing global here), and
 gathers the output back to xDiT's order. The layer index and the handle travel in the per-layer
@@ -67,7 +67,8 @@ gathers the output back to xDiT's order. The layer index and the handle travel i
   ``attention_function`` is ``USP`` with ``backend="dist_compact"`` (xDiT's own q/k/v, norm and
   RoPE code, FlyDSL fusion included);
 * HunyuanVideo: xDiT's processor passes neither ``backend`` nor ``attention_kwargs``, so
-  :class:`_HunyuanProcessor` repeats its body (xfuser 0.7.0, step by step) and adds both.
+  :class:`_HunyuanProcessor` repeats its body (xfuser 0.7.0: the stock q/k/v of
+  :func:`~dist_compact.integrations.core.hunyuan_qkv`, then its USP calls) and adds both.
 
 Limits: ring degree 1 only (xDiT's ring path calls the backend once per K/V chunk through torch's
 ``_templated_ring_attention``; use :class:`dist_compact.parallel.SequenceParallel` for ring / hybrid
@@ -83,17 +84,17 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..context import AttentionContext
-from ..executor import AttentionOps
+from ..attention_context import AttentionContext
+from ..attention_ops import AttentionOps
+from ..config import SparsityConfig
 from ..extras import install_hint
 from ..layout import VideoLayout
-from ..schedule import SparsityConfig
-from .diffusers import (MAX_LAYOUTS, DenoisingState, _checked_install, _grid, _lru, _new_attentions, _remove,
-                        _state_of, default_tile)
+from .core import (MAX_LAYOUTS, DenoisingState, IntegrationHandle, checked_install, default_tile, handle_state,
+                   hunyuan_qkv, latent_grid, lru, remove_handle)
 
 __all__ = [
     "BACKEND_KEY",
@@ -114,7 +115,6 @@ __all__ = [
 BACKEND_KEY = "dist_compact"
 #: Key of the per-layer call object in the ``attention_kwargs`` dict that USP hands the backend.
 KWARGS_KEY = "dist_compact"
-_ATTR = "_dist_compact_xfuser"
 
 _INSTALL_HINT = (
     "dist_compact.integrations.xfuser needs xfuser==0.7.0 and a CUDA/ROCm GPU (xfuser raises at import "
@@ -276,10 +276,11 @@ def _to_blocks(x: torch.Tensor, take: Union[int, torch.Tensor], dst: torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------- handle
-class XfuserHandle:
+class XfuserHandle(IntegrationHandle):
     """What :func:`sparsify_xfuser` installed on one transformer (``xfuser_handle(model)``).
 
     Attributes:
+        ATTR: the transformer attribute the handle lives under.
         kind: ``"wan"`` or ``"hunyuan_video"``.
         num_layers, num_heads, head_dim: the attention layers we run (Wan: ``blocks[i].attn1``;
             HunyuanVideo: dual-stream then single-stream blocks, as :mod:`.diffusers`).
@@ -290,37 +291,26 @@ class XfuserHandle:
         layout: the layout of the last attention call.
     """
 
+    ATTR = "_dist_compact_xfuser"
+
     def __init__(self, kind: str, *, num_layers: int, num_heads: int, head_dim: int, sparsity: SparsityConfig,
                  compact=None, tile=None, state: Optional[DenoisingState] = None, stats=None,
                  ops: Optional[AttentionOps] = None, world: int = 1,
                  attention_factory: Optional[Callable] = None):
         if kind not in ("wan", "hunyuan_video"):
             raise ValueError(f"XfuserHandle: kind must be 'wan' or 'hunyuan_video', got {kind!r}")
-        self.kind = kind
-        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
-        self.sparsity = sparsity
-        self.compact = compact
-        self.tile = None if tile is None else tuple(tile)
-        self.state = state if state is not None else DenoisingState()
-        self.stats = stats
+        super().__init__(None, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
+                         sparsity=sparsity, compact=compact, tile=tile,
+                         state=state if state is not None else DenoisingState(), stats=stats,
+                         attention_factory=attention_factory)
         self.ops = ops if ops is not None else AttentionOps("auto")
         self.world = world
-        self.attention_factory = attention_factory
         self.grid: Optional[Tuple[int, int, int]] = None
-        self.layout: Optional[VideoLayout] = None
-        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
         # one plan (layout instance + gathers) per call shape: the layout's maps and their device
         # copies, and the gathers, are built once, not at every layer of every forward
         self._plans: "OrderedDict[Tuple, _Plan]" = OrderedDict()
-        self._hooks: List[Any] = []
-        self._restore: List[Tuple[Any, Any]] = []
-        self.model = None
 
     # ------------------------------------------------------------------ pieces
-    def attentions(self, layout: VideoLayout) -> List[Callable]:
-        """Per-layer ``attn(q, k, v, ctx)`` for ``layout`` (built once, LRU-bounded)."""
-        return _lru(self._bank, layout, lambda: _new_attentions(self), MAX_LAYOUTS)
-
     def layout_for(self, grid: Sequence[int], text_tokens: int) -> VideoLayout:
         tile = self.tile if self.tile is not None else default_tile(tuple(grid))
         return VideoLayout(*grid, tile=tile, text_tokens=text_tokens, text_position="after")
@@ -332,11 +322,11 @@ class XfuserHandle:
             seq = infer_sequence(T * H * W, self.world, q_len, k_len, joint=self.kind == "hunyuan_video")
             return _build_plan(self.layout_for(self.grid, seq.text), seq, device)
 
-        return _lru(self._plans, (self.grid, q_len, k_len, device), build, 4 * MAX_LAYOUTS)
+        return lru(self._plans, (self.grid, q_len, k_len, device), build, 4 * MAX_LAYOUTS)
 
     def reset(self) -> None:
         """Drop cached attention objects (indices, LSE) and gathers."""
-        self._bank.clear()
+        super().reset()
         self._plans.clear()
 
     # ------------------------------------------------------------------ the backend call
@@ -372,17 +362,12 @@ class XfuserHandle:
         return out.to(query.dtype).index_select(1, plan.out_idx).transpose(1, 2)
 
     # ------------------------------------------------------------------ removal
+    def _put_back(self, module, processor) -> None:
+        module.processor = processor  # xDiT's processors are plain attributes
+
     def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for module, proc in self._restore:
-            module.processor = proc
-        self._restore.clear()
-        self.reset()
+        super().remove()
         self.grid = None
-        if self.model is not None and getattr(self.model, _ATTR, None) is self:
-            delattr(self.model, _ATTR)
 
     def __repr__(self) -> str:
         return (f"XfuserHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, ulysses={self.world}, "
@@ -439,36 +424,13 @@ class _HunyuanProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None, image_rotary_emb=None, *args, **kwargs):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         xdist, _, xusp = _xfuser()
         usp = functools.partial(xusp.USP, dropout_p=0.0, is_causal=False, backend=BACKEND_KEY,
                                 attention_kwargs=self.attention_kwargs)
 
-        def heads(proj, x, norm=None):  # xDiT: proj, unflatten(2, (heads, -1)).transpose(1, 2), then the norm
-            y = proj(x).unflatten(2, (attn.heads, -1)).transpose(1, 2)
-            return y if norm is None else norm(y)
-
-        if attn.add_q_proj is None and encoder_hidden_states is not None:
-            hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-        query = heads(attn.to_q, hidden_states, attn.norm_q)
-        key = heads(attn.to_k, hidden_states, attn.norm_k)
-        value = heads(attn.to_v, hidden_states)
-        if image_rotary_emb is not None:
-            if attn.add_q_proj is None and encoder_hidden_states is not None:
-                n = encoder_hidden_states.shape[1]
-                query = torch.cat([apply_rotary_emb(query[:, :, :-n], image_rotary_emb), query[:, :, -n:]], dim=2)
-                key = torch.cat([apply_rotary_emb(key[:, :, :-n], image_rotary_emb), key[:, :, -n:]], dim=2)
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb)
-                key = apply_rotary_emb(key, image_rotary_emb)
-        if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            eq = heads(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)
-            ek = heads(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)
-            ev = heads(attn.add_v_proj, encoder_hidden_states)
-            query = torch.cat([query, eq], dim=2)
-            key = torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
+        # the stock q, k, v [B, S, H, D] in xDiT's head-major layout [B, H, S, D]
+        query, key, value = (t.transpose(1, 2) for t in
+                             hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb))
         rs = xdist.get_runtime_state()
         n_text = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
                   else rs.max_condition_sequence_length)
@@ -510,7 +472,7 @@ def _kind(transformer) -> str:
 
 def check_grid(kind: str, config, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
     """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the model's patch size."""
-    return _grid(config, kind, hidden_states, "sparsify_xfuser")
+    return latent_grid(config, kind, hidden_states, "sparsify_xfuser")
 
 
 def _ops_for(num_heads: int, backend: str, ulysses_group=None):
@@ -553,12 +515,12 @@ def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = Non
     """
     kind = _kind(transformer)
     _, _, xusp = _xfuser()
-    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = _checked_install(
+    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = checked_install(
         "sparsify_xfuser", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
     cfg = transformer.config
     ops, world = _ops_for(num_heads, backend, ulysses_group)
     register_backend()
-    old = getattr(transformer, _ATTR, None)
+    old = xfuser_handle(transformer)
     if old is not None:
         old.remove()
     h = XfuserHandle(kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, sparsity=sparsity,
@@ -594,23 +556,23 @@ def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = Non
         for i, mod in enumerate(mods):
             h._restore.append((mod, mod.processor))
             mod.processor = _HunyuanProcessor(h, i)
-    object.__setattr__(transformer, _ATTR, h)
+    object.__setattr__(transformer, h.ATTR, h)
     return transformer
 
 
 def xfuser_handle(transformer) -> Optional[XfuserHandle]:
     """The :class:`XfuserHandle` of a transformer sparsified by :func:`sparsify_xfuser`, or None."""
-    return getattr(transformer, _ATTR, None)
+    return getattr(transformer, XfuserHandle.ATTR, None)
 
 
 def denoising_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` the sparsified transformer reads its step from."""
-    return _state_of(transformer, xfuser_handle(transformer), "sparsify_xfuser")
+    return handle_state(transformer, xfuser_handle(transformer), "sparsify_xfuser")
 
 
 def unsparsify_xfuser(transformer):
     """Put xDiT's processors back and remove the hooks; returns the transformer."""
-    return _remove(transformer, xfuser_handle(transformer))
+    return remove_handle(transformer, xfuser_handle(transformer))
 
 
 def xfuser_transformer(model):

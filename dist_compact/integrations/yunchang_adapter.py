@@ -36,6 +36,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .._util import cdiv
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from ..ops import block_sparse_attention
@@ -96,7 +97,7 @@ class YunchangBlockSparse:
     @staticmethod
     def num_blocks(layout: VideoLayout, world: int) -> int:
         """Blocks of the flat sequence: ``layout.num_blocks`` rounded up to a multiple of ``world``."""
-        return -(-layout.num_blocks // world) * world
+        return cdiv(layout.num_blocks, world) * world
 
     @classmethod
     def seq_len(cls, layout: VideoLayout, world: int) -> int:

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..context import AttentionContext, DenseAttention
+from ..attention_context import AttentionContext, DenseAttention
 from ..layout import VideoLayout
 from ..parallel.plan import SequenceParallel
 from .data import VOCAB

@@ -21,6 +21,8 @@ from typing import List, Optional
 
 import torch.distributed as dist
 
+from .._util import is_int
+
 __all__ = ["ParallelConfig", "ParallelGroups", "build_groups", "ParallelConfigError"]
 
 
@@ -29,7 +31,7 @@ class ParallelConfigError(ValueError):
 
 
 def _is_pos_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+    return is_int(x) and x >= 1
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
+from ..attention_ops import AttentionOps, global_head_stats
 from ..block_index import BlockIndex
-from ..executor import AttentionOps
 from ..layout import VideoLayout
 
 __all__ = ["Coordinator", "ParallelMismatchError", "config_digest", "gather_index", "global_head_stats"]
@@ -147,6 +147,11 @@ class Coordinator:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def barrier(self) -> None:
+        """Wait for every rank of the group (nothing on one process)."""
+        if self.active and self.world_size > 1:
+            dist.barrier(group=self.group)
+
     # ------------------------------------------------------------------ agreement
     def check_same(self, what: str, digest: str) -> str:
         """All ranks must hold the same ``digest`` of ``what``; else one clear error on every rank."""
@@ -180,15 +185,6 @@ class Coordinator:
         return f"Coordinator(rank={self.rank}, world_size={self.world_size}, src={self.src})"
 
 
-def global_head_stats(stat: torch.Tensor, ops: AttentionOps, dim: int = 0) -> torch.Tensor:
-    """Per-head statistic summed over all query rows, for all heads (contract 5).
-
-    ``stat`` holds this rank's heads along ``dim``, already summed over its rows (weight the rows
-    with ``ops.row_weight(layout)`` where the ops have it: ring ranks all hold the text rows).
-    """
-    return ops.gather_heads(ops.reduce_rows(stat), dim=dim)
-
-
 def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> BlockIndex:
     """The global index ``[batch, all heads, num_blocks, num_blocks]`` from each rank's local one,
     in model head order (also under a balanced head order, ``ops.head_order``).
@@ -205,7 +201,7 @@ def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> B
     # common width: a one-hot of each rank's width, summed (reduce_rows/gather_heads only sum/concat)
     hot = torch.zeros(1, nb + 2, dtype=torch.float64, device=dev)
     hot[0, local.max_count] = 1
-    hot = ops.gather_heads(ops.reduce_rows(hot), dim=0).sum(0)
+    hot = global_head_stats(hot, ops).sum(0)
     width = int(hot.nonzero().max())
     B, Hl = local.batch, local.num_heads
     counts = torch.zeros(B, Hl, nb, dtype=torch.float64, device=dev)
@@ -214,8 +210,8 @@ def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> B
     counts[:, :, sel] = local.counts[:, :, own].double()
     li = local.indices[:, :, own].double() + 1  # 0 = padding, so the sums over ranks stay exact
     ind[:, :, sel, : li.shape[-1]] = li
-    counts = ops.gather_heads(ops.reduce_rows(counts), dim=1)
-    ind = ops.gather_heads(ops.reduce_rows(ind), dim=1)
+    counts = global_head_stats(counts, ops, dim=1)
+    ind = global_head_stats(ind, ops, dim=1)
     out = BlockIndex(counts.round().to(torch.int32), (ind.round() - 1).to(torch.int32), local.block_size, nb)
     order = getattr(ops, "head_order", None)  # a balanced Ulysses plan gathers heads in its own order
     return out if order is None else out.select_heads(torch.argsort(order.to(dev)))

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from .config import ParallelConfig, ParallelConfigError, build_groups
 from .plan import SequenceParallel
 
-__all__ = ["init_distributed", "local_device", "select_backend", "shutdown"]
+__all__ = ["init_distributed", "launched_world", "local_device", "select_backend", "shutdown"]
 
 
 def local_device() -> torch.device:
@@ -85,6 +85,15 @@ def select_backend(backend: Optional[str], *, device_type: str, local_world_size
     return "gloo", True
 
 
+def launched_world() -> Tuple[int, int, int]:
+    """``(world, rank, local_rank)`` from torchrun's environment (``(1, 0, 0)`` without it), before
+    any process group exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return world, rank, local
+
+
 def init_distributed(config: Optional[ParallelConfig] = None, *, backend: Optional[str] = None,
                      timeout_s: Optional[float] = None, shard_unit: str = "block",
                      use_ulysses_low: bool = True, share_gpus: Optional[bool] = None,
@@ -105,7 +114,7 @@ def init_distributed(config: Optional[ParallelConfig] = None, *, backend: Option
         this rank's :class:`SequenceParallel`.
     """
     if not dist.is_initialized():
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launched_world()[0]
         if world == 1:
             cfg = config or ParallelConfig()
             if cfg.degree != 1:

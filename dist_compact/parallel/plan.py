@@ -55,8 +55,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..context import AttentionContext
-from ..executor import AttentionOps
+from ..attention_context import AttentionContext
+from ..attention_ops import AttentionOps
 from ..layout import VideoLayout
 from .balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs, head_costs, imbalance,
                       rank_loads, static_index_of)

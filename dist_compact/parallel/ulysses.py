@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..executor import AttentionOps
+from ..attention_ops import AttentionOps
 from .config import ParallelGroups
 
 __all__ = ["seq_to_heads", "heads_to_seq", "HeadShardedOps", "UlyssesOps", "all_gather_cat"]

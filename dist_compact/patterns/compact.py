@@ -41,6 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._util import cdiv, is_int
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 
@@ -62,21 +63,13 @@ MAX_WINDOWS = 2
 _INF = 1 << 30
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _big(v: Optional[int]) -> int:
     return _INF if v is None else v
 
 
 def real_tile_grid(layout: VideoLayout) -> Tuple[int, int, int]:
     """Tile grid ``(slabs, tile rows, tile cols)`` of a layout without its empty padding slabs."""
-    return (_cdiv(layout.frames, layout.tile[0]), layout.tile_grid[1], layout.tile_grid[2])
+    return (cdiv(layout.frames, layout.tile[0]), layout.tile_grid[1], layout.tile_grid[2])
 
 
 # ---------------------------------------------------------------------------------------------- types
@@ -93,7 +86,7 @@ class Window:
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
             v = getattr(self, name)
-            if v is not None and not (_is_int(v) and v >= 0):
+            if v is not None and not (is_int(v) and v >= 0):
                 raise ValueError(f"Window.{name} must be an int >= 0 (tiles) or None (whole axis), got {v!r}")
 
     def covers(self, other: "Window") -> bool:
@@ -163,9 +156,9 @@ class FrameGroup:
     windows: Tuple[Window, ...] = ()
 
     def __post_init__(self) -> None:
-        if not (_is_int(self.lo) and self.lo >= 0):
+        if not (is_int(self.lo) and self.lo >= 0):
             raise ValueError(f"FrameGroup.lo must be an int >= 0 (slab distance), got {self.lo!r}")
-        if self.hi is not None and not (_is_int(self.hi) and self.hi >= self.lo):
+        if self.hi is not None and not (is_int(self.hi) and self.hi >= self.lo):
             raise ValueError(f"FrameGroup.hi must be None or an int >= lo={self.lo}, got {self.hi!r}")
         ws = tuple(self.windows) if not isinstance(self.windows, Window) else (self.windows,)
         if len(ws) > MAX_WINDOWS or not all(isinstance(w, Window) for w in ws):
@@ -322,7 +315,7 @@ class HeadPattern:
         def axis(a: Optional[int], n: int, m: int) -> Optional[int]:
             if a is None or a >= n - 1:
                 return None
-            a2 = max(0, _cdiv((2 * a + 1) * m - n, 2 * n))
+            a2 = max(0, cdiv((2 * a + 1) * m - n, 2 * n))
             return None if a2 >= m - 1 else a2
 
         def scale(ws: Sequence[Window]) -> Tuple[Window, ...]:
@@ -330,7 +323,7 @@ class HeadPattern:
 
         per = []
         for d2 in range(mt):
-            lo, hi = (d2 * nt) // mt, _cdiv((d2 + 1) * nt, mt) - 1
+            lo, hi = (d2 * nt) // mt, cdiv((d2 + 1) * nt, mt) - 1
             ws: Tuple[Window, ...] = ()
             for d in range(lo, max(lo, hi) + 1):
                 ws = ws + self.windows_at(d)
@@ -366,7 +359,7 @@ def _tuple3(name: str, v) -> Optional[Tuple[int, int, int]]:
     if v is None:
         return None
     t = tuple(v)
-    if len(t) != 3 or not all(_is_int(x) and x >= 1 for x in t):
+    if len(t) != 3 or not all(is_int(x) and x >= 1 for x in t):
         raise ValueError(f"CompactConfig.{name} must be three positive ints, got {v!r}")
     return t
 
@@ -420,7 +413,7 @@ class CompactConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
                 raise ValueError(f"CompactConfig.{name} must be None or a number >= 0, got {v!r}")
-        if not (_is_int(self.cache_size) and self.cache_size >= 0):
+        if not (is_int(self.cache_size) and self.cache_size >= 0):
             raise ValueError(f"CompactConfig.cache_size must be an int >= 0, got {self.cache_size!r}")
 
     # ---------------------------------------------------------------- sizes / identity
@@ -437,12 +430,12 @@ class CompactConfig:
         """Real tile grid ``(slabs, rows, cols)`` the windows are written for, or ``None``."""
         if self.grid is None:
             return None
-        return tuple(_cdiv(g, t) for g, t in zip(self.grid, self.tile))
+        return tuple(cdiv(g, t) for g, t in zip(self.grid, self.tile))
 
     @classmethod
     def uniform(cls, num_layers: int, num_heads: int, pattern: HeadPattern, **kw) -> "CompactConfig":
         """Every (layer, head) with the same pattern."""
-        if not (_is_int(num_layers) and num_layers >= 1 and _is_int(num_heads) and num_heads >= 1):
+        if not (is_int(num_layers) and num_layers >= 1 and is_int(num_heads) and num_heads >= 1):
             raise ValueError(f"CompactConfig.uniform: num_layers and num_heads must be ints >= 1, got "
                              f"{num_layers!r}, {num_heads!r}")
         return cls(tuple((pattern,) * num_heads for _ in range(num_layers)), **kw)
@@ -488,7 +481,7 @@ class CompactConfig:
         return self._cached(("rescaled", tile_grid), make)
 
     def _check_layer(self, layer: int) -> None:
-        if not (_is_int(layer) and 0 <= layer < self.num_layers):
+        if not (is_int(layer) and 0 <= layer < self.num_layers):
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
 
     def relative_mask(self, layer: int, tile_grid: Tuple[int, int, int]) -> torch.Tensor:

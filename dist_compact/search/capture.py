@@ -35,7 +35,9 @@ from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
-from ..context import AttentionContext
+from .._util import is_int
+from ..attention_context import AttentionContext
+from ..attention_ops import global_head_stats
 from ..layout import VideoLayout
 from ..patterns.compact import real_tile_grid, relative_bins
 
@@ -116,7 +118,7 @@ class MassStore:
     def __init__(self, num_layers: int, num_heads: int, grid: Tuple[int, int, int], tile: Tuple[int, int, int],
                  text_tokens: int = 0, model: str = ""):
         for name, v in (("num_layers", num_layers), ("num_heads", num_heads)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"MassStore.{name} must be a positive int, got {v!r}")
         if not isinstance(model, str):
             raise ValueError(f"MassStore.model must be a string, got {model!r}")
@@ -263,7 +265,7 @@ class CaptureAttention:
         rel, text, total = reduce_block_mass(mass, layout, ops.q_blocks(layout), ops.row_weight(layout))
         H = rel.shape[0]
         packed = torch.cat([rel.reshape(H, -1), text.view(H, 1), total.view(H, 1)], dim=1)
-        packed = ops.gather_heads(ops.reduce_rows(packed), dim=0)
+        packed = global_head_stats(packed, ops)
         if packed.shape[0] != self.store.num_heads:
             raise ValueError(f"CaptureAttention: the model has {packed.shape[0]} heads but the store was made "
                              f"for {self.store.num_heads}")

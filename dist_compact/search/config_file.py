@@ -23,14 +23,17 @@ Only launchers / the CLI read files (the library takes :class:`CompactConfig` ob
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Optional, Union
 
 import yaml
 
+from ..config import SparsityConfig
 from ..patterns.compact import CompactConfig, HeadPattern
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config",
+           "load_compact"]
 
 SCHEMA = "dist_compact.compact_config"
 SCHEMA_VERSION = 1
@@ -143,3 +146,25 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return config
+
+
+def load_compact(sparsity: SparsityConfig, *, model: Optional[str] = None, num_layers: Optional[int] = None,
+                 num_heads: Optional[int] = None):
+    """The static Compact pattern object for ``sparsity`` (None when its mode uses none).
+
+    Reads ``sparsity.compact_config`` (a searched config file, :func:`load_config`) and checks it
+    was searched for this model / layer and head count. A relative path is taken from the working directory, else from the folder of the
+    embedded model's shipped files (``dist_compact/models/weights/``), so shipped configs resolve
+    wherever the package is installed.
+    """
+    if not sparsity.uses_compact:
+        return None
+    if not sparsity.compact_config:
+        raise ValueError(f"sparsity mode {sparsity.mode!r} needs sparsity.compact_config (a searched config file)")
+    from ..models.embedded import DEFAULT_WEIGHTS
+
+    path = sparsity.compact_config
+    shipped = os.path.join(str(DEFAULT_WEIGHTS.parent), path)
+    if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(shipped):
+        path = shipped
+    return load_config(path, model=model, num_layers=num_layers, num_heads=num_heads)

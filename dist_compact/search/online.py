@@ -4,7 +4,7 @@ Everything here is vectorised on the device of the input (sort / cumsum / scatte
 dimension; no Python loop over heads or rows), so it runs on the GPU next to the kernels.
 
 Layouts: ``mass`` is ``[batch, heads, q_blocks, k_blocks]`` float (what
-:meth:`AttentionOps.block_mass <dist_compact.executor.AttentionOps.block_mass>` returns: this rank's
+:meth:`AttentionOps.block_mass <dist_compact.attention_ops.AttentionOps.block_mass>` returns: this rank's
 heads and query blocks, all key blocks in global numbering); masks are bool of the same shape;
 per-key / per-row flags are bool ``[k_blocks]`` / ``[q_blocks]``.
 
@@ -33,6 +33,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from ..attention_ops import global_head_stats
 from ..block_index import BlockIndex
 
 __all__ = [
@@ -321,11 +322,6 @@ def local_query_blocks(ops, layout, device=None) -> Tuple[torch.Tensor, torch.Te
     return ids.to(device), w.to(device)
 
 
-def _gather(ops, t: torch.Tensor) -> torch.Tensor:
-    """Sum over query-row shards, then all heads in global order (design.md contract 5)."""
-    return ops.gather_heads(ops.reduce_rows(t), dim=0)
-
-
 def online_select(mass: torch.Tensor, layout, ops, config, *,
                   static_mask: Optional[torch.Tensor] = None) -> OnlineSearchResult:
     """AdaSpa selection for one layer from this rank's block mass.
@@ -333,10 +329,10 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     Args:
         mass: ``[B, H_local, NQ_local, NK]`` from ``ops.block_mass`` (exact or LSE-cached).
         layout: the global :class:`~dist_compact.layout.VideoLayout`.
-        ops: this rank's :class:`~dist_compact.executor.AttentionOps`; only ``head_range``, the
+        ops: this rank's :class:`~dist_compact.attention_ops.AttentionOps`; only ``head_range``, the
             local query blocks (:func:`local_query_blocks`), ``reduce_rows`` and ``gather_heads`` are
             used. Every rank must call this function together (two gathers of per-head sums).
-        config: a :class:`~dist_compact.schedule.SparsityConfig` (target, head rule, text sink,
+        config: a :class:`~dist_compact.config.SparsityConfig` (target, head rule, text sink,
             batch mode, dense threshold).
         static_mask: bool ``[1 or B, H_local, NQ_local, NK]`` of a localized static index, OR-ed in.
 
@@ -368,7 +364,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     if config.sparsity is not None:
         k0 = budget_for_density(1.0 - config.sparsity, nkv)
         if config.head_adaptive:
-            stats = _gather(ops, head_statistics(ranked, counted_rows.double() * row_w))
+            stats = global_head_stats(head_statistics(ranked, counted_rows.double() * row_w), ops)
             budget_all = head_budgets(stats, k0, nkv, config.head_rule, config.head_threshold)
         top_k = k0 if budget_all is None else None
     # the global head count is known only after a gather; without head-adaptive budgets the
@@ -390,7 +386,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
         kept.sum(dim=(0, 2)),
         pairs * mask.shape[0],
     ], dim=1)
-    g = _gather(ops, local)
+    g = global_head_stats(local, ops)
     H = g.shape[0]
     h0, h1 = ops.head_range(H)
     if h1 - h0 != Hl:

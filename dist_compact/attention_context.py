@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from .executor import AttentionOps
+from .attention_ops import AttentionOps
 from .layout import VideoLayout
 
 __all__ = ["AttentionContext", "DenseAttention"]

@@ -33,7 +33,7 @@ from .block_index import BlockIndex
 from .layout import VideoLayout
 from .ops import block_attention_mass, block_sparse_attention, dense_attention
 
-__all__ = ["AttentionOps"]
+__all__ = ["AttentionOps", "global_head_stats"]
 
 
 class AttentionOps:
@@ -122,3 +122,12 @@ class AttentionOps:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r})"
+
+
+def global_head_stats(stat: torch.Tensor, ops: AttentionOps, dim: int = 0) -> torch.Tensor:
+    """Per-head statistic summed over all query rows, for all heads (contract 5).
+
+    ``stat`` holds this rank's heads along ``dim``, already summed over its rows (weight the rows
+    with ``ops.row_weight(layout)`` where the ops have it: ring ranks all hold the text rows).
+    """
+    return ops.gather_heads(ops.reduce_rows(stat), dim=dim)

@@ -1,0 +1,253 @@
+"""The one run skeleton that the embedded, diffusers and random-weight runners follow.
+
+:func:`run_job` is the order of every run, whatever the model::
+
+    process   start_process: world / rank from the launcher, world size vs the config, device, dtype,
+              the video writers checked on rank 0 (a missing extra fails before any compute)
+    model     job.load: the model, its layer / head counts and what every rank must agree on
+    parallel  make_parallel: the sequence-parallel plan (collective when the world size is > 1)
+    agreement agree: the same config (and weights) on every rank; the Compact config read on rank 0
+    run folder  run_folder: rank 0's temporary folder, one log file per rank
+    runs      job.one_run with the config's sparsity, and a dense run with ``run.compare_dense``
+    report    job.report
+    write     job.write into the temporary folder, renamed to its final name once every rank is done
+              (removed when anything raises: nothing half-written is left in ``run.output_dir``)
+
+A runner is a :class:`Job`: the model-specific parts only. The runners are
+:mod:`dist_compact.pipeline` (embedded model), :mod:`dist_compact.integrations.diffusers_pipeline`
+and :mod:`dist_compact.integrations.random_transformer`; ``run_generation`` in
+:mod:`dist_compact.pipeline` picks one by ``model.kind``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from . import report as rpt
+from .config import SparsityConfig
+from .parallel import Coordinator, ParallelConfig, init_distributed
+from .parallel.launch import launched_world
+from .search.config_file import load_compact
+
+__all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "start_process",
+           "check_world", "make_parallel", "agree", "run_folder", "run_job", "log"]
+
+#: the run's logger (also the sampler's, by name): every rank's log file is attached to it
+log = logging.getLogger("dist_compact.run")
+
+
+class WorldSizeError(RuntimeError):
+    """The number of launched processes does not match the config's parallel degrees."""
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process: ``world`` / ``rank`` / ``local_rank`` as launched, its device and compute dtype."""
+
+    world: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class LoadedModel:
+    """What :meth:`Job.load` tells the skeleton about the model.
+
+    Attributes:
+        num_layers, num_heads: the attention layers and heads (the Compact config is checked against them).
+        weights: ``(what, digest)`` every rank must hold the same of, or None (the same folder by config).
+    """
+
+    num_layers: int
+    num_heads: int
+    weights: Optional[Tuple[str, str]] = None
+
+
+@dataclass
+class RunResult:
+    """What a run produced (``folder`` is None on ranks other than 0)."""
+
+    folder: Optional[str]
+    latents: torch.Tensor
+    report: dict
+
+
+def check_world(cluster, world: int) -> None:
+    """Raises :class:`WorldSizeError` when ``world`` launched processes are not ``cluster``'s degrees."""
+    if world != cluster.world_size:
+        hint = (f"launch it with: torchrun --nproc-per-node {cluster.nproc} --nnodes {cluster.nnodes} generate.py ..." if world == 1 else
+                f"set --cluster.nproc {world} and ulysses x ring = {world} (e.g. --cluster.ulysses {world})")
+        raise WorldSizeError(
+            f"the config asks for {cluster.world_size} processes (nproc {cluster.nproc} x nnodes "
+            f"{cluster.nnodes}; ulysses {cluster.ulysses} x ring {cluster.ring}) but {world} were launched; {hint}"
+        )
+
+
+def _device_for(cluster, local_rank: int) -> torch.device:
+    want = cluster.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("cluster.device is 'cuda' but no CUDA device is available; use --cluster.device cpu")
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def _dtype_for(model_cfg, device: torch.device) -> torch.dtype:
+    name = model_cfg.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def start_process(cfg) -> Process:
+    """This process (see the module doc's ``process`` step).
+
+    Raises:
+        WorldSizeError: the launched world size differs from ``cfg.cluster``'s degrees.
+    """
+    world, rank, local_rank = launched_world()
+    check_world(cfg.cluster, world)
+    if rank == 0 and cfg.run.video:
+        rpt.check_writers()
+    device = _device_for(cfg.cluster, local_rank)
+    return Process(world, rank, local_rank, device, _dtype_for(cfg.model, device))
+
+
+def make_parallel(cluster, device: torch.device, num_heads: int):
+    """The sequence-parallel plan for this process (collective when the world size is > 1).
+
+    Raises:
+        WorldSizeError: the launched world size differs from ``cluster``'s degrees, or ``num_heads``
+            is not divisible by its Ulysses degree.
+    """
+    check_world(cluster, launched_world()[0])
+    if num_heads % cluster.ulysses:
+        raise WorldSizeError(f"the model has {num_heads} heads, not divisible by cluster.ulysses={cluster.ulysses}")
+    # the backend follows the device, and is gloo when ranks share GPUs (parallel.launch.select_backend)
+    return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring),
+                            backend=None if cluster.backend == "auto" else cluster.backend,
+                            share_gpus=cluster.share_gpus, device_type=device.type)
+
+
+def agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
+    """Every rank runs the same config on the same weights (``weights``: ``(what, digest)`` or None), or
+    the shards would disagree: one clear error on every rank otherwise. Returns the Compact config
+    (None when the mode uses none), read on rank 0 and broadcast. On one process: just the load."""
+    coord = Coordinator()
+    if coord.world_size > 1:
+        coord.check_config(cfg.to_dict(), "run config")
+        if weights is not None:
+            coord.check_same(*weights)
+    # read on rank 0 only; every rank gets rank 0's object, so it needs no agreement check of its own
+    return coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name,
+                                                            num_layers=num_layers, num_heads=num_heads))
+
+
+def _rank_logger(log_dir: str, rank: int) -> logging.Handler:
+    os.makedirs(log_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(log_dir, f"rank{rank}.log"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+@contextlib.contextmanager
+def run_folder(cfg, rank: int):
+    """Rank 0's :class:`~dist_compact.report.RunFolder` (None on other ranks), every rank logging into
+    its ``logs/``: renamed to its final name when the body completes (once every rank has closed its
+    log), removed when the body raises."""
+    run = cfg.run
+    coord = Coordinator()
+    folder = rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed) if rank == 0 else None
+    handler = _rank_logger(os.path.join(coord.broadcast_object(folder.tmp if folder else None), "logs"), rank)
+
+    def close_log() -> None:
+        log.removeHandler(handler)
+        handler.close()
+
+    try:
+        log.info("config sources: %s", ", ".join(cfg.sources) or "defaults")
+        yield folder
+        close_log()
+        coord.barrier()  # every rank has closed its log before the folder is renamed
+        if folder is not None:
+            folder.commit()
+    except BaseException:
+        close_log()
+        if folder is not None:
+            folder.discard()
+        raise
+
+
+class Job:
+    """The model-specific parts of a run; :func:`run_job` calls them in the skeleton's order.
+
+    A run's result (what :meth:`one_run` returns) is a tuple whose first two items are the
+    :class:`~dist_compact.sampler.SampleResult` the report shows and the run's
+    :class:`~dist_compact.stats.AttentionStats`; a runner may append its own items.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def load(self, proc: Process) -> LoadedModel:
+        """Load (or build) the model on ``proc.device``; errors here leave nothing behind."""
+        raise NotImplementedError
+
+    def prepare(self, sp, compact) -> None:
+        """After the agreement: the plan ``sp`` and the Compact config (None if the mode uses none)."""
+
+    def begin(self) -> None:
+        """Inside the run folder, before the runs (the log lines of the run)."""
+
+    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+        """One denoising run with ``sparsity``; ``label`` is ``"sparse"`` or ``"dense"``."""
+        raise NotImplementedError
+
+    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+        """The report (``folder`` is None on ranks other than 0)."""
+        raise NotImplementedError
+
+    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
+        """The output files into rank 0's temporary ``folder.tmp`` (see :mod:`dist_compact.report`)."""
+        run = self.cfg.run
+        rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
+                          fps=run.fps, video=run.video)
+        log.info("outputs written to %s", folder.final)
+
+
+def run_job(job: Job) -> RunResult:
+    """One run of ``job`` in the skeleton's order (the module doc); every rank calls it.
+
+    Raises:
+        WorldSizeError, NonFiniteLatentsError, and the job's load / config errors: each before
+        anything is left in ``run.output_dir``.
+    """
+    cfg = job.cfg
+    proc = job.proc = start_process(cfg)
+    model = job.load(proc)
+    sp = make_parallel(cfg.cluster, proc.device, model.num_heads)
+    compact = agree(cfg, model.weights, num_layers=model.num_layers, num_heads=model.num_heads)
+    job.prepare(sp, compact)
+    with run_folder(cfg, proc.rank) as folder:
+        job.begin()
+        sparse = job.one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
+        dense = job.one_run(dataclasses.replace(cfg.sparsity, mode="dense"), "dense") if cfg.run.compare_dense else None
+        report = job.report(folder, sparse, dense)
+        if folder is not None:
+            job.write(folder, report, sparse, dense)
+    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
