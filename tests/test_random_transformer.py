@@ -146,6 +146,9 @@ def test_torchrun_ring2_equals_one_process_and_skips_shards(tmp_path):
     assert 0 < par["ring_bytes_sent"] <= par["dense_ring_bytes"]
     assert par["ring_bytes_per_step"][0] > 0 and par["ring_bytes_per_step"][1] == 0
     assert rep["sparse"]["peak_memory_bytes_per_rank"] == [None, None]
+    bal = rep["sparse"]["parallel_balance"]  # the Compact layers' computed blocks per rank
+    assert bal["ring"] == 2 and len(bal["ring_bounds"]) == 3 and bal["static_layers"] >= 1
+    assert 1.0 <= bal["imbalance"] <= bal["imbalance_contiguous"] + 1e-9 and len(bal["computed_blocks_per_rank"]) == 2
 
 
 @pytest.mark.timeout(60)

@@ -315,6 +315,8 @@ class RandomJob(Job):
             },
             "peak_memory_bytes_per_rank": [r["peak"] for r in rows],
             "layout": repr(used),
+            # imbalance = max / mean computed blocks per rank (the layers' static indices; docs/report.md)
+            "parallel_balance": self.sp.balance_report(used) if self.sp.enabled else None,
         }
         self.raw[section] = res.latents
         log.info("%s run: %.3f s total, ring bytes sent %d (dense ring %d), peak memory %s", label,
