@@ -109,48 +109,45 @@ def test_generate_1gpu_block_resolves_its_configs(tmp_path):
     assert cfg["run"]["prompt"] == "a corgi running on a beach"
 
 
-def test_diffusers_1gpu_block_runs_on_a_tiny_pipeline(tmp_path, monkeypatch):
-    pytest.importorskip("diffusers", reason="the [diffusers] extra")
-    pytest.importorskip("imageio", reason="export_to_video writes through imageio ([video] extra)")
+def _run_wan_block(name: str, tmp_path, begin: str) -> dict:
+    """Run the README block ``name`` on a tiny saved WanPipeline on the CPU (3 steps); its namespace."""
     from test_diffusers_integration import _save_tiny_wan_pipeline
 
-    from dist_compact.integrations.diffusers import sparsify_handle
-
     folder = _save_tiny_wan_pipeline(tmp_path / "tiny-wan")
-    code = patched(block("diffusers-1gpu"), {
+    code = patched(block(name), {
         '"checkpoints/Wan2.1-T2V-1.3B-Diffusers"': repr(str(folder)),
         'torch_dtype=torch.bfloat16).to("cuda")': 'torch_dtype=torch.float32).to("cpu")',
         "height=480, width=832, num_frames=81, num_inference_steps=50":
             "height=64, width=64, num_frames=9, num_inference_steps=3, max_sequence_length=16",
-        "state.begin(50)": "state.begin(3)",
+        f"{begin}(50)": f"{begin}(3)",
     })
-    monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md:diffusers-1gpu", "exec"), scope)
-    assert (tmp_path / "corgi.mp4").stat().st_size > 0
+    exec(compile(code, f"README.md:{name}", "exec"), scope)
     assert len(scope["video"]) == 9
+    return scope
+
+
+def test_diffusers_1gpu_block_runs_on_a_tiny_pipeline(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers", reason="the [diffusers] extra")
+    pytest.importorskip("imageio", reason="export_to_video writes through imageio ([video] extra)")
+    from dist_compact.integrations.diffusers import sparsify_handle
+
+    monkeypatch.chdir(tmp_path)
+    scope = _run_wan_block("diffusers-1gpu", tmp_path, "state.begin")
+    assert (tmp_path / "corgi.mp4").stat().st_size > 0
     assert sparsify_handle(scope["pipe"].transformer) is not None  # the block-sparse processors ran
 
 
 def test_diffusers_backend_block_runs_on_a_tiny_pipeline(tmp_path):
     pytest.importorskip("diffusers", reason="the [diffusers] extra")
-    from test_diffusers_integration import _save_tiny_wan_pipeline
-
     from dist_compact.integrations.diffusers_backend import sparse_backend_handle
 
-    folder = _save_tiny_wan_pipeline(tmp_path / "tiny-wan")
-    code = patched(block("diffusers-backend"), {
-        '"checkpoints/Wan2.1-T2V-1.3B-Diffusers"': repr(str(folder)),
-        'torch_dtype=torch.bfloat16).to("cuda")': 'torch_dtype=torch.float32).to("cpu")',
-        "height=480, width=832, num_frames=81, num_inference_steps=50":
-            "height=64, width=64, num_frames=9, num_inference_steps=3, max_sequence_length=16",
-        ".begin(50)": ".begin(3)",
-    })
-    scope: dict = {}
-    exec(compile(code, "README.md:diffusers-backend", "exec"), scope)
-    assert len(scope["video"]) == 9
+    scope = _run_wan_block("diffusers-backend", tmp_path, ".begin")
     handle = sparse_backend_handle(scope["pipe"].transformer)
-    assert handle is not None and scope["state"].step == 3  # our processors ran every step
+    assert handle is not None and scope["state"].step == 3
+    # our attention ran in every layer at every step (3 steps, the guided and unguided forwards)
+    steps = {(r.layer, r.step) for r in handle.stats.records}
+    assert steps == {(l, s) for l in range(handle.num_layers) for s in range(3)}, sorted(steps)
 
 
 def test_compact_search_block_captures_searches_and_runs(tmp_path):
