@@ -15,10 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dist_compact"
 
 #: ``(importing module, imported module, name)`` allowed to stay; each needs a reason.
-ALLOWED_PRIVATE = {
-    # dist_compact/models/* belongs to the model work; train.py reads the weights file format helper
-    ("dist_compact.models.train", "dist_compact.models.embedded", "_safetensors"),
-}
+ALLOWED_PRIVATE: Set[Tuple[str, str, str]] = set()
 
 
 def _modules(package: pathlib.Path) -> Dict[str, pathlib.Path]:

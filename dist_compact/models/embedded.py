@@ -438,7 +438,8 @@ class EmbeddedDiT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _safetensors():
+def safetensors_io():
+    """``safetensors.torch``, or one ImportError naming the install (the weights file format)."""
     try:
         import safetensors.torch as st
     except ImportError as e:  # not a core dependency
@@ -467,7 +468,7 @@ def save_embedded(model: EmbeddedDiT, path: Union[str, os.PathLike], dtype=torch
 
     Written to temporary names and renamed, so a reader never sees a half-written pair.
     """
-    st = _safetensors()
+    st = safetensors_io()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
@@ -495,7 +496,7 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
         ImportError: the ``safetensors`` package is missing (``pip install -e ".[video]"``).
     """
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
-    st = _safetensors()
+    st = safetensors_io()
     sum_path = _checksum_path(path)
     if not path.is_file():
         raise WeightsError(f"embedded model weights not found: {path} (train them with "

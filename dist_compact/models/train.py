@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import make_batch
-from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, _safetensors, load_embedded, save_embedded, sha256_of
+from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, load_embedded, safetensors_io, save_embedded, sha256_of
 
 __all__ = ["train", "main", "flow_matching_loss", "sample_times", "checkpoint_path"]
 
@@ -390,7 +390,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--time-shift must be > 0")
     if args.init and args.resume:
         raise SystemExit("--init and --resume exclude each other (--resume restores the weights too)")
-    _safetensors()  # fail now, not after the time budget, when the weights cannot be written
+    safetensors_io()  # fail now, not after the time budget, when the weights cannot be written
     train(args, start=start)
     return 0
 
