@@ -348,6 +348,7 @@ class ParallelAttention:
         self.sp = sp
         self.ops: Optional[AttentionOps] = None
         self._orders: Dict[Tuple[VideoLayout, int], Optional[torch.Tensor]] = {}
+        self._device_orders: Dict[Tuple[VideoLayout, int, torch.device], torch.Tensor] = {}
         sp._register(self)
 
     def head_order(self, layout: VideoLayout, num_heads: int, index=None) -> Optional[torch.Tensor]:
@@ -389,7 +390,13 @@ class ParallelAttention:
         g = sp.groups
         vl = sp.video_blocks_per_rank(layout) * layout.block_size
         order = self.head_order(layout, q.shape[2])
-        ops.head_order = order
+        ops.head_order = order  # host copy: it selects heads of the (host-built) index
+        if order is not None:
+            # one device copy per layout and device, so no attention call copies it host -> device again
+            key = (layout, q.shape[2], q.device)
+            if key not in self._device_orders:
+                self._device_orders[key] = order.to(q.device)
+            order = self._device_orders[key]
         if cfg.ulysses > 1:
             q, k, v = seq_to_heads([q, k, v], vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses, order=order)
         out = self.inner(q, k, v, dataclasses.replace(ctx, ops=ops))

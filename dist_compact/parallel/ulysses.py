@@ -121,9 +121,10 @@ def heads_to_seq(x: torch.Tensor, video_len: int, group: Optional[dist.ProcessGr
         out[:, video_len:] = all_gather_cat(x[:, size * video_len:], group, dim=2)
     if order is None:
         return out
+    order = order.to(out.device)  # a no-op for the wrapper's cached device copy
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return out.index_select(2, inverse.to(out.device))
+    return out.index_select(2, inverse)
 
 
 class HeadShardedOps(AttentionOps):
