@@ -421,7 +421,7 @@ class RunOptions:
     seed: int = 0
     steps: int = 20
     guidance: float = 4.0
-    shift: float = 1.0
+    shift: float = 3.0
     output_dir: str = "outputs"
     name: Optional[str] = None
     compare_dense: bool = False
@@ -449,10 +449,12 @@ class RunOptions:
         _choice(self, "attn_backend", ("auto", "triton", "torch"))
 
 
-#: The embedded demo's sparsity (configs/sparsity/demo.yaml): the shipped Compact config united with AdaSpa's online search.
-DEMO_SPARSITY = SparsityConfig(mode="compact+adaspa", compact_config="embedded-compact-0.5.yaml", dense_steps=20,
-                               search_steps=(20, 30, 40), search_kinds=("fused", "fused", "fused"),
-                               reference_steps=50, sparsity=0.9)
+#: The embedded demo's sparsity (configs/sparsity/demo.yaml): AdaSpa's online search, 23% of the key blocks of
+#: every row (sparsity 0.77, equal head budgets), 12 of 20 steps dense, a fused search every other step
+#: after (the measurements behind this choice: BENCHMARKS.md, 2026-12-02, sixth session).
+DEMO_SPARSITY = SparsityConfig(mode="adaspa", compact_config=None, dense_steps=30,
+                               search_steps=(30, 35, 40, 45), search_kinds=("fused", "fused", "fused", "fused"),
+                               reference_steps=50, sparsity=0.77, head_adaptive=False)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Run config: YAML files and --section.key overrides -> typed, validated dataclasses; errors name file and key."""
 
+import dataclasses
+
 import pathlib
 
 import pytest
@@ -51,8 +53,11 @@ def test_shipped_cluster_files():
     assert load_run_config([ROOT / "configs/cluster/1gpu.yaml"]).sparsity == DEMO_SPARSITY
     from dist_compact.search.config_file import load_compact
 
-    cc = load_compact(DEMO_SPARSITY, model="embedded", num_layers=8, num_heads=6)
-    assert cc.num_layers == 8
+    assert DEMO_SPARSITY.mode == "adaspa" and DEMO_SPARSITY.compact_config is None
+    for tau in ("0.5", "0.6", "0.7"):  # the Compact configs searched for the shipped weights fit them
+        shipped = dataclasses.replace(DEMO_SPARSITY, mode="compact", compact_config=f"embedded-compact-{tau}.yaml")
+        cc = load_compact(shipped, model="embedded", num_layers=8, num_heads=6)
+        assert cc.num_layers == 8
     two = load_run_config([ROOT / "configs/cluster/2x8-hybrid.yaml"])
     assert two.cluster.world_size == 16
 
@@ -189,6 +194,6 @@ def test_generate_print_config(capsys):
     spec.loader.exec_module(gen)
     assert gen.main(["--config", str(ROOT / "configs/cluster/1gpu.yaml"), "--steps", "5", "--print-config"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 5" in out and "mode: compact+adaspa" in out
+    assert "steps: 5" in out and "mode: adaspa" in out
     assert gen.main(["--run.steps", "x"]) == 2
     assert "config error: command line: --run.steps" in capsys.readouterr().err

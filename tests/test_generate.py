@@ -1,5 +1,7 @@
 """generate.py end to end on CPU: outputs written atomically, and each bad input one clear error with no outputs."""
 
+import dataclasses
+
 import importlib.util
 import json
 import os
@@ -195,10 +197,13 @@ def test_attention_factory_modes():
     assert [type(a) for a in dense] == [DenseAttention] * 3
     from dist_compact.search.config_file import load_compact
 
+    union = dataclasses.replace(DEMO_SPARSITY, mode="compact+adaspa", compact_config="embedded-compact-0.5.yaml")
     with pytest.raises(ValueError, match="compact"):
-        build_attention(2, DEMO_SPARSITY)  # compact+adaspa without its Compact pattern
-    compact = load_compact(DEMO_SPARSITY, model="embedded", num_layers=8, num_heads=6)
-    sparse = build_attention(8, DEMO_SPARSITY, compact)
+        build_attention(2, union)  # compact+adaspa without its Compact pattern
+    compact = load_compact(union, model="embedded", num_layers=8, num_heads=6)
+    sparse = build_attention(8, union, compact)
+    assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == list(range(8))
+    sparse = build_attention(8, DEMO_SPARSITY)  # the demo: AdaSpa alone needs no pattern
     assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == list(range(8))
 
 

@@ -66,19 +66,19 @@ def test_the_real_speedup_command_is_the_benchmarked_one():
 
 # ---------------------------------------------------------------------------------------------- schedule
 def test_schedule_in_this_runs_steps():
-    assert describe_schedule(DEMO_SPARSITY, 20) == ("steps 0-7 dense, 8 fused search, 9-11 sparse, 12 fused search, "
-                                                    "13-15 sparse, 16 fused search, 17-19 sparse")
+    assert describe_schedule(DEMO_SPARSITY, 20) == ("steps 0-11 dense, 12 fused search, 13 sparse, 14 fused search, "
+                                                    "15 sparse, 16 fused search, 17 sparse, 18 fused search, 19 sparse")
     paper = SparsityConfig()  # AdaSpa's 50 steps: 10 dense, fused at 10, cached at 30
     assert describe_schedule(paper, 50) == "steps 0-9 dense, 10 fused search, 11-29 sparse, 30 cached search, 31-49 sparse"
     # consecutive searches stay separate entries; a 3-step run keeps the schedule's shape
     assert describe_schedule(paper, 3) == "steps 0 dense, 1 fused search, 2 cached search"
     assert describe_schedule(dataclasses.replace(DEMO_SPARSITY, mode="dense"), 20) == "steps 0-19 dense"
-    assert describe_schedule(dataclasses.replace(DEMO_SPARSITY, mode="compact"), 20) == "steps 0-7 dense, 8-19 sparse"
+    assert describe_schedule(dataclasses.replace(DEMO_SPARSITY, mode="compact"), 20) == "steps 0-11 dense, 12-19 sparse"
     assert step_kinds(paper, 3) == ["dense", "fused search", "cached search"]
     line = sparsity_line(DEMO_SPARSITY, 20)
-    assert line.startswith("mode compact+adaspa, 20 steps: steps 0-7 dense, 8 fused search, ")
+    assert line.startswith("mode adaspa, 20 steps: steps 0-11 dense, 12 fused search, ")
     assert "(the config's step numbers are written for reference_steps=50 and scaled)" in line
-    assert "search_steps" not in line and "dense_steps" not in line and "sparsity=0.9" in line
+    assert "search_steps" not in line and "dense_steps" not in line and "sparsity=0.77" in line
     assert "written for" not in sparsity_line(paper, 50)
 
 
