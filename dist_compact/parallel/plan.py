@@ -134,7 +134,10 @@ class SequenceParallel:
         self.shard_unit = shard_unit
         self.balance = balance
         self._layers: List[weakref.ref] = []  # the wrapped layers, in wrap order
-        self._bounds: Dict[VideoLayout, Tuple[int, ...]] = {}  # frozen at a layout's first use
+        # frozen at the first use of a video geometry: the layouts with and without the text tokens
+        # (a diffusers stream shards the video alone; the attention sees text too) share one entry,
+        # so the shards cut and the shards the attention expects are always the same
+        self._bounds: Dict[tuple, Tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ who am I
     @property
@@ -197,7 +200,8 @@ class SequenceParallel:
         the wrapped layers' static indices when ``balance`` and they exist, else over the real
         (non-padding) blocks; equal shards without ``balance`` or when balancing gains nothing.
         """
-        hit = self._bounds.get(layout)
+        key = (layout.frames, layout.height, layout.width, tuple(layout.tile), layout.num_video_blocks)
+        hit = self._bounds.get(key)
         if hit is not None:
             return hit
         self.check_layout(layout)
@@ -222,7 +226,7 @@ class SequenceParallel:
 
             if worst(cand) < worst(bounds):
                 bounds = cand
-        self._bounds[layout] = bounds
+        self._bounds[key] = bounds
         return bounds
 
     def _video_range(self, layout: VideoLayout) -> Tuple[int, int]:
