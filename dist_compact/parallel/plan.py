@@ -200,7 +200,7 @@ class SequenceParallel:
         the wrapped layers' static indices when ``balance`` and they exist, else over the real
         (non-padding) blocks; equal shards without ``balance`` or when balancing gains nothing.
         """
-        key = (layout.frames, layout.height, layout.width, tuple(layout.tile), layout.num_video_blocks)
+        key = (layout.frames, layout.height, layout.width, tuple(layout.tile))  # the video geometry
         hit = self._bounds.get(key)
         if hit is not None:
             return hit
