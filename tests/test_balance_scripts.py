@@ -159,3 +159,13 @@ def test_scaling_model_measure_on_two_processes(tmp_path):
     assert res[0] == res[1]  # the slowest rank's time, agreed
     assert set(res[0]) == {(n, p) for n in ("ring2", "ulysses2") for p in ("contiguous", "balanced")}
     assert all(v > 0 for v in res[0].values())
+
+
+def test_share_gpu_limit_is_floor_relative(tmp_path):
+    # no floor measured: the fixed tolerance
+    assert sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5) == (2e-2, None)
+    (tmp_path / "floor-embedded.json").write_text(json.dumps({"model": "embedded", "bf16_vs_fp32": 4.4e-2}))
+    (tmp_path / "floor-wan.json").write_text(json.dumps({"model": "wan", "bf16_vs_fp32": 5e-3}))
+    lim, floor = sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5)
+    assert floor == 4.4e-2 and abs(lim - 6.6e-2) < 1e-12  # 1.5 x the model's own bf16 floor
+    assert sgc.limit_of(str(tmp_path), "wan", 2e-2, 1.5) == (2e-2, 5e-3)  # a low floor keeps the fixed limit
