@@ -50,8 +50,8 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and dist_
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
 from dist_compact.attention_context import AttentionContext  # noqa: E402
 from dist_compact.attention_ops import AttentionOps  # noqa: E402
-from dist_compact.parallel import (ParallelConfig, RingOps, SequenceParallel, build_groups, ring_bytes,  # noqa: E402
-                                   ring_needs, ring_shard_bytes)
+from dist_compact.parallel import (ParallelConfig, RingOps, SequenceParallel, block_kv_bytes, build_groups,  # noqa: E402
+                                   ring_blocks, ring_bytes, ring_shard_bytes)
 
 FULL = dict(grid=(58, 32, 64), tile=(2, 8, 8), heads=24, head_dim=128, text=0, window=(4, 2, 4),
             dtype=torch.bfloat16, backend="triton")
@@ -198,8 +198,9 @@ def main() -> None:
         if ring_ops:
             shard = ring_shard_bytes(lay, r, batch=q.shape[0], heads=H // u, head_dim=D, element_size=esize)
             h0, h1 = ops.head_range(H)
-            need = ring_needs(index.select_heads(slice(h0, h1)), lay, r)
-            pred = torch.tensor([float(ring_bytes(need, shard).sum())], dtype=torch.float64, device=device)
+            blocks = ring_blocks(index.select_heads(slice(h0, h1)), lay, r, bounds=ops.bounds(lay))
+            per_block = block_kv_bytes(lay.block_size, batch=q.shape[0], heads=H // u, head_dim=D, element_size=esize)
+            pred = torch.tensor([float(ring_bytes(blocks, per_block).sum())], dtype=torch.float64, device=device)
             dist.all_reduce(pred, group=sub)  # each Ulysses rank's ring predicts its own heads
             # every ring rank of a ring group computed the same group total
             traffic.update(ring_pred=pred.item() / r, dense_ring_bytes=float(r * (r - 1) * shard * u))

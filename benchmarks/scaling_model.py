@@ -38,8 +38,9 @@ Scaling model (assumptions; BENCHMARKS.md repeats them):
    ``--measure-layers`` layers and scaled to the model's layer count.
 2. Communication per call from byte counts that are exact and bandwidths from flags: Ulysses 4
    all-to-alls (q, k, v in, out back) of ``(U-1)/U`` of the rank's video q/k/v leaving it at
-   ``--a2a-gbps`` (default 285 GB/s per rank, NCCL on 4 H200); ring K+V shards sent to each rank
-   that needs them, ``max(sent, received) / --p2p-gbps`` (default 365 GB/s: one 730 MB K+V shard
+   ``--a2a-gbps`` (default 285 GB/s per rank, NCCL on 4 H200); ring K+V blocks sent to each rank
+   that needs them (the key range of each shard its rows use, never trailing padding: what
+   ``RingOps`` moves), ``max(sent, received) / --p2p-gbps`` (default 365 GB/s: one 730 MB K+V shard
    step in 2.0 ms on 2 H200). Text all-gathers / all-reduces (a few blocks) are left out.
 3. Ranks meet at every attention call (the collectives), so a layer costs its slowest rank:
    ``step = sum over layers of max over ranks``. Without overlap a rank's time is
@@ -313,11 +314,12 @@ def a2a_bytes(video_blocks: int, block_size: int, heads: int, head_dim: int, ele
     return 4 * video_blocks * block_size * heads * head_dim * element_size * (ulysses - 1) / ulysses
 
 
-def p2p_bytes(needs: Sequence[Sequence[bool]], kv_bytes: Sequence[int], rank: int) -> Tuple[int, int]:
-    """(sent, received) ring bytes of ``rank``: its K+V shard to every rank needing it, every shard it needs."""
-    R = len(kv_bytes)
-    sent = kv_bytes[rank] * sum(1 for i in range(R) if i != rank and needs[i][rank])
-    recv = sum(kv_bytes[j] for j in range(R) if j != rank and needs[rank][j])
+def p2p_bytes(blocks: Sequence[Sequence[int]], block_bytes: int, rank: int) -> Tuple[int, int]:
+    """(sent, received) ring bytes of ``rank``: ``blocks[i][j]`` = key blocks of shard j that rank i
+    fetches (``RingPlan.blocks``, its key ranges), ``block_bytes`` = one block's K+V."""
+    R = len(blocks)
+    sent = block_bytes * sum(int(blocks[i][rank]) for i in range(R) if i != rank)
+    recv = block_bytes * sum(int(blocks[rank][j]) for j in range(R) if j != rank)
     return sent, recv
 
 
@@ -388,9 +390,11 @@ class Work:
         val = torch.cat([self.bv[bounds[rank]:bounds[rank + 1]], self.bv[nv:]])
         calls = []
         for j, (a, b, sub) in sorted(plan.remote.items()):
-            keys = self._tok(bounds[j], bounds[j + 1])
+            lo, hi = plan.ranges[j]  # the key blocks of shard j that travel
+            k0, k1 = bounds[j] + lo, bounds[j] + hi
+            keys = self._tok(k0, k1)
             calls.append((ql[:, a * self.bs:b * self.bs], k.index_select(1, keys), v.index_select(1, keys), sub,
-                          val[a:b], self.bv[bounds[j]:bounds[j + 1]]))
+                          val[a:b], self.bv[k0:k1]))
         own = plan.own
 
         def own_fn():
@@ -427,8 +431,8 @@ def predict(source: Source, work: Work, measure_layers: Sequence[int], entries: 
                     if R > 1:
                         sub = idx[l].select_heads(heads.to(dev))
                         plans = [ring_rank_plan(sub, lay, bounds, r) for r in range(R)]
-                        needs = [p.needs for p in plans]
-                        kv = [2 * (bounds[j + 1] - bounds[j]) * bs * hu * D * es for j in range(R)]
+                        blocks = [p.blocks for p in plans]
+                        kv = 2 * bs * hu * D * es  # one block's K+V
                     for r in range(R):
                         a2a = a2a_bytes((bounds[r + 1] - bounds[r]) // U, bs, H, D, es, U)
                         if R == 1:
@@ -436,7 +440,7 @@ def predict(source: Source, work: Work, measure_layers: Sequence[int], entries: 
                         else:
                             all_fn, own_fn = work.ring_fns(plans[r], heads, bounds, r)
                             comp, own = timer(all_fn, reps), timer(own_fn, reps)
-                            p2p = max(p2p_bytes(needs, kv, r))
+                            p2p = max(p2p_bytes(blocks, kv, r))
                         times.append(rank_ms(comp, own, a2a, p2p, a2a_gbps, p2p_gbps))
                         a2a_tot, p2p_tot = a2a_tot + a2a, p2p_tot + p2p
                 step += max(t[0] for t in times)

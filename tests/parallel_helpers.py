@@ -83,3 +83,24 @@ def run_workers(fn, world, tmp_path, *args, timeout=150.0):
         r, e = sorted(errors.items())[0]
         raise AssertionError(f"{fn.__name__} failed on rank {r} of {world}:\n{e}")
     return [results[r] for r in range(world)]
+
+
+def expected_ring_blocks(index, layout, bounds):
+    """Plain reference of the ring's traffic: ``blocks[i][j]`` = key blocks of shard j that ring rank
+    i fetches = (last - first + 1) over the keys of shard j that its video rows use, not counting
+    blocks without a valid token (padding). Built from the dense mask, independent of RingOps."""
+    import torch
+
+    mask = index.to_dense().any(0).any(0).cpu()  # [NB, NB]: some (batch, head) uses (q, k)
+    real = layout.block_valid()[: layout.num_video_blocks] > 0
+    R = len(bounds) - 1
+    out = [[0] * R for _ in range(R)]
+    for i in range(R):
+        rows = mask[bounds[i]:bounds[i + 1]].any(0)
+        for j in range(R):
+            if i == j:
+                continue
+            used = (rows[bounds[j]:bounds[j + 1]] & real[bounds[j]:bounds[j + 1]]).nonzero().flatten()
+            if used.numel():
+                out[i][j] = int(used[-1] - used[0]) + 1
+    return torch.tensor(out, dtype=torch.int64)

@@ -21,7 +21,7 @@ from dist_compact.attention_context import AttentionContext
 from dist_compact.attention_ops import AttentionOps
 from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
                                            head_costs, imbalance, rank_loads, static_index_of)
-from parallel_helpers import run_workers
+from parallel_helpers import expected_ring_blocks, run_workers
 
 TOL = 1e-5
 H, D = 8, 16
@@ -221,9 +221,10 @@ def _balanced_case(sp_on, sp_off, name, mode, stage_sp=None):
         if isinstance(ops, par.RingOps) and mode == "sparse":
             cfg = sp.config
             b = sp.ring_bounds(layout)
-            need = par.ring_needs(ops.local_heads(idx), layout, cfg.ring, bounds=b)
-            sb = par.ring.shard_kv_bytes(b, bs, batch=B, heads=H // cfg.ulysses, head_dim=D, element_size=4)
-            assert ops.bytes_sent == int(par.ring_bytes(need, sb)[sp.groups.ring_rank])
+            blocks = par.ring_blocks(ops.local_heads(idx), layout, cfg.ring, bounds=b)
+            assert torch.equal(blocks, expected_ring_blocks(ops.local_heads(idx), layout, b))
+            pb = par.block_kv_bytes(bs, batch=B, heads=H // cfg.ulysses, head_dim=D, element_size=4)
+            assert ops.bytes_sent == int(par.ring_bytes(blocks, pb)[sp.groups.ring_rank])
         outs[label] = out
         rep = sp.balance_report(layout)
         # the same video without its text tokens (a diffusers stream shards the video alone) gets the

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from dist_compact import VideoLayout
-from dist_compact.parallel import ParallelConfig, ring_bytes, ring_needs, ring_rank_plan, shard_kv_bytes
+from dist_compact import BlockIndex, VideoLayout
+from dist_compact.parallel import (ParallelConfig, block_kv_bytes, ring_blocks, ring_bytes, ring_needs, ring_rank_plan,
+                                   shard_kv_bytes)
 from dist_compact.parallel.balance import head_block_costs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -18,6 +19,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "device")]
 
 import scaling_model as sm  # noqa: E402
 import share_gpu_check as sgc  # noqa: E402
+from parallel_helpers import expected_ring_blocks  # noqa: E402
 
 LAYOUT = VideoLayout(6, 9, 10, tile=(1, 4, 4), text_tokens=20)  # 6 x 3 x 3 tiles (ragged) + 2 text blocks
 LAYOUT4 = sm.padded_layout(LAYOUT, ParallelConfig(2, 2))  # 8 slabs: 72 video blocks
@@ -75,13 +77,19 @@ def test_byte_counts_equal_the_ring_prediction():
     idx = src.index(0)
     bounds = sm.plan_for(src, 1, 3, balance=True)[0]
     plans = [ring_rank_plan(idx, LAYOUT, bounds, r) for r in range(3)]
-    needs = [p.needs for p in plans]
-    assert torch.equal(torch.tensor(needs), ring_needs(idx, LAYOUT, 3, bounds=bounds))
-    kv = shard_kv_bytes(bounds, LAYOUT.block_size, batch=1, heads=8, head_dim=128, element_size=2)
-    sent = ring_bytes(torch.tensor(needs), kv)
+    blocks = [p.blocks for p in plans]
+    assert torch.equal(torch.tensor(blocks), ring_blocks(idx, LAYOUT, 3, bounds=bounds))
+    assert torch.equal(torch.tensor(blocks), expected_ring_blocks(idx, LAYOUT, bounds))
+    assert torch.equal(torch.tensor([p.needs for p in plans]), ring_needs(idx, LAYOUT, 3, bounds=bounds))
+    pb = block_kv_bytes(LAYOUT.block_size, batch=1, heads=8, head_dim=128, element_size=2)
+    sent = ring_bytes(torch.tensor(blocks), pb)
     for r in range(3):
-        assert sm.p2p_bytes(needs, kv, r)[0] == int(sent[r])
-    assert sum(sm.p2p_bytes(needs, kv, r)[1] for r in range(3)) == int(sent.sum())  # every byte received once
+        assert sm.p2p_bytes(blocks, pb, r)[0] == int(sent[r])
+    assert sum(sm.p2p_bytes(blocks, pb, r)[1] for r in range(3)) == int(sent.sum())  # every byte received once
+    # fetching key ranges never moves more than whole shards
+    whole = ring_bytes(ring_needs(idx, LAYOUT, 3, bounds=bounds),
+                       shard_kv_bytes(bounds, LAYOUT.block_size, batch=1, heads=8, head_dim=128, element_size=2))
+    assert (sent <= whole).all()
     # Ulysses: 4 tensors of the rank's video tokens x all heads, (U-1)/U of them leave
     assert sm.a2a_bytes(10, 128, 24, 128, 2, 1) == 0
     assert sm.a2a_bytes(10, 128, 24, 128, 2, 4) == 4 * 10 * 128 * 24 * 128 * 2 * 3 / 4
@@ -169,3 +177,24 @@ def test_share_gpu_limit_is_floor_relative(tmp_path):
     lim, floor = sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5)
     assert floor == 4.4e-2 and abs(lim - 6.6e-2) < 1e-12  # 1.5 x the model's own bf16 floor
     assert sgc.limit_of(str(tmp_path), "wan", 2e-2, 1.5) == (2e-2, 5e-3)  # a low floor keeps the fixed limit
+
+
+def test_ring_fetches_key_ranges_not_shards_nor_padding():
+    # +-1 slab in time on 8 slabs of 9 blocks, the last 2 slabs padding (18 blocks), 3 equal shards of 24
+    lay = LAYOUT.with_(slab_multiple=4)
+    nv, nb, per = lay.num_video_blocks, lay.num_blocks, lay.blocks_per_slab
+    assert (nv, per) == (72, 9) and int((lay.block_valid()[:nv] > 0).sum()) == 54
+    slab = torch.arange(nv) // per
+    mask = torch.ones(nb, nb, dtype=torch.bool)
+    mask[:nv, :nv] = (slab[:, None] - slab[None, :]).abs() <= 1
+    idx = BlockIndex.from_dense(mask.expand(1, 2, nb, nb), lay.block_size)
+    bounds = (0, 24, 48, 72)
+    want = torch.tensor([[0, 12, 0],    # rank 0 (slabs 0-2) reaches slab 3 only: blocks 24-35
+                         [15, 0, 6],    # rank 1: slab 1 and its part of slab 2 (9-23); the 6 real blocks of shard 2
+                         [0, 12, 0]])   # rank 2 (slab 5 + padding): slabs 4-5 of shard 1, blocks 36-47
+    assert torch.equal(ring_blocks(idx, lay, 3, bounds=bounds), want)
+    assert torch.equal(expected_ring_blocks(idx, lay, bounds), want)
+    pb = block_kv_bytes(lay.block_size, batch=1, heads=2, head_dim=8, element_size=2)
+    whole = ring_bytes(ring_needs(idx, lay, 3, bounds=bounds),
+                       shard_kv_bytes(bounds, lay.block_size, batch=1, heads=2, head_dim=8, element_size=2))
+    assert ring_bytes(want, pb).tolist() == [15 * pb, 24 * pb, 6 * pb] and (ring_bytes(want, pb) < whole).all()

@@ -16,7 +16,7 @@ import torch
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention, dense_attention
 from dist_compact.attention_context import AttentionContext, DenseAttention
 from dist_compact.attention_ops import AttentionOps
-from parallel_helpers import run_workers
+from parallel_helpers import expected_ring_blocks, run_workers
 
 TOL = 1e-5
 H, D = 4, 16
@@ -161,17 +161,23 @@ def _check_case(sp, layout_name, kind, backend, B=2, index_batch=1, scale=None, 
     if isinstance(ops, par.RingOps):
         cfg = sp.config
         bounds = ops.bounds(layout)  # equal shards, or balanced over the real blocks when slabs are padding
-        need = par.ring_needs(index.select_heads(slice(h0, h1)), layout, cfg.ring, bounds=bounds)
+        sub = index.select_heads(slice(h0, h1))
+        blocks = par.ring_blocks(sub, layout, cfg.ring, bounds=bounds)
+        assert torch.equal(blocks, expected_ring_blocks(sub, layout, bounds))
+        assert torch.equal(par.ring_needs(sub, layout, cfg.ring, bounds=bounds), blocks > 0)
         me = sp.groups.ring_rank
+        per_block = par.block_kv_bytes(bs, batch=B, heads=h1 - h0, head_dim=D, element_size=4)
+        real = (layout.block_valid()[bounds[me]:bounds[me + 1]] > 0).nonzero().flatten()
+        real_me = int(real[-1]) + 1 if real.numel() else 0  # my shard before its trailing padding
         shard_bytes = [2 * B * (b - a) * bs * (h1 - h0) * D * 4 for a, b in zip(bounds[:-1], bounds[1:])]  # K+V fp32
         assert par.shard_kv_bytes(bounds, bs, batch=B, heads=h1 - h0, head_dim=D, element_size=4) == shard_bytes
         vr = layout.num_video_blocks // cfg.ring
         assert par.ring_shard_bytes(layout, cfg.ring, batch=B, heads=h1 - h0, head_dim=D,
                                     element_size=4) == 2 * B * vr * bs * (h1 - h0) * D * 4
-        if kind == "mass":  # dense K-only ring on top of the dense ring of the LSE pass
-            predicted = (cfg.ring - 1) * shard_bytes[me] + (cfg.ring - 1) * shard_bytes[me] // 2
+        if kind == "mass":  # dense K-only ring over the real blocks on top of the dense ring of the LSE pass
+            predicted = (cfg.ring - 1) * real_me * per_block * 3 // 2
         else:
-            predicted = int(par.ring_bytes(need, shard_bytes)[me])
+            predicted = int(par.ring_bytes(blocks, per_block)[me])
         assert ops.bytes_sent == predicted, f"{kind}: sent {ops.bytes_sent} B, predicted {predicted} B"
         errs[f"{kind} bytes"] = ops.bytes_sent
         if kind == "diag":

@@ -24,8 +24,13 @@ cost-balanced offsets of :mod:`dist_compact.parallel.balance`, which may differ 
   rows and not others'), so it can never deadlock. Then exactly the needed K/V shards move, all in
   one ``batch_isend_irecv`` posted before the local shard is computed, so the transfer overlaps
   with it. With a temporal window of +-w slabs and shards of >= w slabs this is a halo exchange.
-  Shards of different sizes are received into buffers of the sender's size.
-* ``bytes_sent`` / ``bytes_received`` count the point-to-point payload actually moved.
+* Key ranges: a rank fetches from shard ``j`` only the run of its key blocks that its rows use,
+  ``[lo, hi)`` (first to last used block; the all-gather carries these pairs), and never the
+  trailing padding blocks of a shard (empty slabs ``layout_for`` appended: no valid token, so
+  dropping them from the sub-index changes nothing). A halo exchange thus moves the halo slabs,
+  not the neighbour's whole shard, and a cost-balanced shard that grew by padding costs no bytes.
+* ``bytes_sent`` / ``bytes_received`` count the point-to-point payload actually moved
+  (:func:`ring_blocks` x :func:`block_kv_bytes` predicts it exactly).
 * Staging: gloo cannot send CUDA tensors point to point ("Bad address"; ranks sharing one GPU run
   gloo, since NCCL refuses two ranks on one device). When the ring group is gloo and the tensors
   are on a GPU, or when ``ParallelGroups.stage_p2p`` forces it (to test the path on CPUs), sends are
@@ -50,7 +55,8 @@ from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
 from .ulysses import HeadShardedOps
 
-__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_bytes", "ring_shard_bytes", "shard_kv_bytes", "ring_rank_plan"]
+__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_blocks", "ring_bytes", "ring_shard_bytes", "shard_kv_bytes",
+           "block_kv_bytes", "ring_rank_plan"]
 
 
 # ---------------------------------------------------------------------------- traffic
@@ -73,23 +79,27 @@ def _bounds_or_equal(layout: VideoLayout, ring: int, bounds: Optional[Sequence[i
     return tuple(i * (nv // ring) for i in range(ring + 1))
 
 
-def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int,
-               bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i's video query rows use video shard j (i != j).
+def ring_blocks(index: BlockIndex, layout: VideoLayout, ring: int,
+                bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """int64 ``[ring, ring]``: ``blocks[i, j]`` = key blocks of video shard j that ring rank i
+    fetches (its key range ``hi - lo``, module docstring; 0 on the diagonal and for shards it skips).
 
     ``index`` is a global index (all query and key blocks) restricted to the heads one ring group
     sees; ``bounds`` the ring shard offsets (None = equal shards). This is the traffic
-    :class:`RingOps` predicts; text rows never cause transfers.
+    :class:`RingOps` moves (the same plans); text rows never cause transfers. Bytes:
+    ``ring_bytes(blocks, block_kv_bytes(...))``.
     """
-    b = _bounds_or_equal(layout, ring, bounds, "ring_needs")
-    nv = layout.num_video_blocks
-    shard_of = torch.bucketize(torch.arange(nv), torch.tensor(b[1:-1]), right=True)
-    used = torch.zeros(ring, ring, dtype=torch.bool)
+    b = _bounds_or_equal(layout, ring, bounds, "ring_blocks")
+    out = torch.zeros(ring, ring, dtype=torch.int64)
     for i in range(ring):
-        kb = index.select_rows(b[i], b[i + 1]).key_blocks_used()[:nv].cpu()
-        used[i, shard_of[kb]] = True
-        used[i, i] = False
-    return used
+        out[i] = torch.tensor(ring_rank_plan(index, layout, b, i).blocks, dtype=torch.int64)
+    return out
+
+
+def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int,
+               bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i fetches part of video shard j (i != j)."""
+    return ring_blocks(index, layout, ring, bounds) > 0
 
 
 def ring_shard_bytes(layout: VideoLayout, ring: int, *, batch: int, heads: int, head_dim: int,
@@ -107,11 +117,18 @@ def shard_kv_bytes(bounds: Sequence[int], block_size: int, *, batch: int, heads:
     return [(b - a) * per_block for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def block_kv_bytes(block_size: int, *, batch: int, heads: int, head_dim: int, element_size: int) -> int:
+    """Bytes of one video block's K and V (``heads``: the heads one ring group sees)."""
+    return 2 * batch * block_size * heads * head_dim * element_size
+
+
 def ring_bytes(need: torch.Tensor, shard_bytes: Union[int, Sequence[int]]) -> torch.Tensor:
-    """int64 ``[ring]`` bytes each rank sends: its shard's K+V (``shard_bytes``: one int for equal
-    shards, or one per shard, :func:`shard_kv_bytes`) once per rank needing it."""
+    """int64 ``[ring]`` bytes each rank sends. With ``need`` = :func:`ring_blocks` (int) and
+    ``shard_bytes`` = :func:`block_kv_bytes`: what :class:`RingOps` sends. With a bool ``need``
+    and whole-shard bytes (one int, or one per shard, :func:`shard_kv_bytes`): a ring that sends
+    whole shards (e.g. the dense ring's ``(ring - 1) x`` every shard)."""
     sb = torch.as_tensor(shard_bytes, dtype=torch.int64)
-    return need.sum(0).to(torch.int64) * sb
+    return need.to(torch.int64).sum(0) * sb
 
 
 # ---------------------------------------------------------------------------- the plan
@@ -121,13 +138,22 @@ class RingPlan:
 
     own: every local row against ``[own video shard | text]`` keys (text keys dropped from the text
         rows unless ring rank 0).
-    remote: shard j -> (row0, row1, sub-index of video rows [row0, row1) against shard j's keys).
+    remote: shard j -> (row0, row1, sub-index of video rows [row0, row1) against the fetched keys
+        of shard j, i.e. its blocks ``ranges[j]``).
     needs: R bools, the remote shards this rank needs.
+    ranges: shard j -> ``(lo, hi)``, the key blocks fetched, relative to shard j's start.
     """
 
     own: BlockIndex
     remote: Dict[int, Tuple[int, int, BlockIndex]]
     needs: List[bool]
+    ranges: Dict[int, Tuple[int, int]]
+
+    @property
+    def blocks(self) -> List[int]:
+        """Key blocks fetched from each shard (0 where none)."""
+        n = len(self.needs)
+        return [self.ranges[j][1] - self.ranges[j][0] if j in self.ranges else 0 for j in range(n)]
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,8 @@ class _Geo:
     nt: int  # text blocks
     nb: int  # all blocks
     rank: int
+    real: Tuple[int, ...]  # per shard: its blocks before its trailing padding blocks
+
 
     @property
     def nv(self) -> int:
@@ -162,6 +190,20 @@ class _Geo:
         return self.vr + self.nt
 
 
+def _real_ends(layout: VideoLayout, starts: Sequence[int]) -> Tuple[int, ...]:
+    """Per ring shard: 1 + its last block holding a valid token, relative to the shard (0 = all padding)."""
+    real = (layout.block_valid()[: layout.num_video_blocks] > 0).nonzero().flatten()
+    out = []
+    for a, b in zip(starts[:-1], starts[1:]):
+        inside = real[(real >= a) & (real < b)]
+        out.append(int(inside[-1]) - a + 1 if inside.numel() else 0)
+    return tuple(out)
+
+
+def _make_geo(layout: VideoLayout, starts: Tuple[int, ...], rank: int) -> _Geo:
+    return _Geo(layout.block_size, starts, layout.num_text_blocks, layout.num_blocks, rank, _real_ends(layout, starts))
+
+
 class _Valid:
     """Valid-token counts a ring rank hands the kernels, built once per (layout, device).
 
@@ -176,12 +218,20 @@ class _Valid:
         self.text = bv[g.nv:]
         self.local = torch.cat([self.shard[g.rank], self.text])
         self._rows: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._keys: Dict[Tuple[int, int, int], torch.Tensor] = {}
 
     def rows(self, a: int, b: int) -> torch.Tensor:
         """``local[a:b]``, the same tensor object for the same range."""
         hit = self._rows.get((a, b))
         if hit is None:
             hit = self._rows[(a, b)] = self.local[a:b]
+        return hit
+
+    def keys(self, j: int, lo: int, hi: int) -> torch.Tensor:
+        """``shard[j][lo:hi]``, the same tensor object for the same range."""
+        hit = self._keys.get((j, lo, hi))
+        if hit is None:
+            hit = self._keys[(j, lo, hi)] = self.shard[j][lo:hi]
         return hit
 
 
@@ -200,15 +250,22 @@ def _plan_of(index: BlockIndex, g: _Geo) -> RingPlan:
             kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
         own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
     remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
+    ranges: Dict[int, Tuple[int, int]] = {}
     for j in range(len(g.starts) - 1):
-        if j == g.rank:
+        if j == g.rank or g.real[j] == 0:
             continue
-        sub = vid.select_keys(g.starts[j], g.starts[j + 1])
+        s0 = g.starts[j]
+        sub = vid.select_keys(s0, s0 + g.real[j])  # the trailing padding keys hold no token: dropped
+        used = sub.key_blocks_used().nonzero().flatten()
+        if not used.numel():
+            continue
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        sub = sub.select_keys(lo, hi)
         rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
-        if rows.numel():
-            a, b = int(rows[0]), int(rows[-1]) + 1
-            remote[j] = (a, b, sub.select_rows(a, b))
-    return RingPlan(own, remote, [j in remote for j in range(len(g.starts) - 1)])
+        a, b = int(rows[0]), int(rows[-1]) + 1
+        remote[j] = (a, b, sub.select_rows(a, b))
+        ranges[j] = (lo, hi)
+    return RingPlan(own, remote, [j in remote for j in range(len(g.starts) - 1)], ranges)
 
 
 def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int], rank: int) -> RingPlan:
@@ -216,7 +273,7 @@ def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int]
     group holds) with shard offsets ``bounds``: the same :class:`RingPlan` :class:`RingOps` runs,
     without process groups (for cost models and benchmarks)."""
     b = _check_bounds(bounds, layout.num_video_blocks, len(bounds) - 1, "ring_rank_plan")
-    g = _Geo(layout.block_size, b, layout.num_text_blocks, layout.num_blocks, rank)
+    g = _make_geo(layout, b, rank)
     rows = torch.cat([torch.arange(g.r0, g.r1), torch.arange(g.nv, g.nb)])
     return _plan_of(index.select_rows_at(rows), g)
 
@@ -292,6 +349,7 @@ class RingOps(HeadShardedOps):
         self._plans_by_digest: "OrderedDict" = OrderedDict()  # (digest, layout) -> plan
         self._full: Dict = {}  # (layout, heads, device) -> full local index
         self._valids: Dict = {}  # (layout, device) -> _Valid
+        self._geos: Dict = {}  # (layout, bounds) -> _Geo
         self._peers: Optional[List[int]] = None
         self._ready = False
 
@@ -306,7 +364,11 @@ class RingOps(HeadShardedOps):
 
     def _geo(self, layout: VideoLayout) -> _Geo:
         b = _bounds_or_equal(layout, self.ring, None if self._bounds is None else self._bounds(layout), "RingOps")
-        return _Geo(layout.block_size, b, layout.num_text_blocks, layout.num_blocks, self.rank)
+        key = (layout, b)
+        hit = self._geos.get(key)
+        if hit is None:
+            hit = self._geos[key] = _make_geo(layout, b, self.rank)
+        return hit
 
     def bounds(self, layout: VideoLayout) -> Tuple[int, ...]:
         """The ring shard offsets this rank uses for ``layout``."""
@@ -393,15 +455,17 @@ class RingOps(HeadShardedOps):
         self._peers = [dist.get_global_rank(g, i) for i in range(self.ring)]
         self._ready = True
 
-    def exchange_needs(self, needs: Sequence[bool], like: torch.Tensor) -> List[List[bool]]:
-        """All-gather every rank's needed-shard bits: ``need[i][j]`` = rank i needs shard j."""
+    def exchange_needs(self, ranges: Dict[int, Tuple[int, int]], like: torch.Tensor) -> List[List[Tuple[int, int]]]:
+        """All-gather every rank's fetched key ranges: ``need[i][j]`` = ``(lo, hi)`` blocks of shard j
+        that rank i fetches (``(0, 0)``: none)."""
         if self.ring == 1:
-            return [[False]]
+            return [[(0, 0)]]
         g = self.groups.meta_group or self.groups.ring_group
-        t = torch.tensor(list(needs), dtype=torch.uint8, device=self._comm_device(g, like))
+        mine = [list(ranges.get(j, (0, 0))) for j in range(self.ring)]
+        t = torch.tensor(mine, dtype=torch.int32, device=self._comm_device(g, like))
         parts = [torch.empty_like(t) for _ in range(self.ring)]
         dist.all_gather(parts, t, group=g)
-        return torch.stack(parts).bool().cpu().tolist()  # one device->host copy
+        return [[(int(lo), int(hi)) for lo, hi in p] for p in torch.stack(parts).cpu().tolist()]  # one copy
 
     def _staged(self, like: torch.Tensor) -> bool:
         """Point-to-point through host buffers: forced, or CUDA tensors over a gloo ring group."""
@@ -409,41 +473,47 @@ class RingOps(HeadShardedOps):
             return True
         return like.is_cuda and dist.get_backend(self.groups.ring_group) == "gloo"
 
-    def _post(self, tensors: Sequence[torch.Tensor], send_to: Sequence[int], recv_from: Sequence[int],
-              recv_tokens: Callable[[int], int]) -> _Transfer:
-        """Post sends of ``tensors`` ``[B, tokens, H, D]`` to ``send_to`` and receives of
-        ``recv_tokens(j)`` tokens (same other dims) from each ``j`` in ``recv_from``."""
+    def _post(self, tensors: Sequence[torch.Tensor], send: Dict[int, Tuple[int, int]],
+              recv: Dict[int, int]) -> _Transfer:
+        """Post sends of token ranges of ``tensors`` ``[B, tokens, H, D]`` (``send``: rank i -> its
+        ``(t0, t1)``) and receives of ``recv[j]`` tokens (same other dims) from each rank ``j``."""
         g = self.groups.ring_group
         staged = self._staged(tensors[0])
         device = tensors[0].device
-        if staged and (send_to or recv_from):
-            pin = torch.cuda.is_available()  # page-locked host memory needs a CUDA runtime
-            sends = [torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=True) for t in tensors]
-            if device.type == "cuda":
-                torch.cuda.current_stream(device).synchronize()  # gloo reads the host copies now
-            buf_dev = torch.device("cpu")
-        else:
-            sends = [t.contiguous() for t in tensors]
-            buf_dev = device
+        pin = staged and torch.cuda.is_available()  # page-locked host memory needs a CUDA runtime
+        per_dest: Dict[int, List[torch.Tensor]] = {}
+        cut: Dict[Tuple[int, int], List[torch.Tensor]] = {}  # one copy per distinct range
+        for i, (t0, t1) in send.items():
+            if (t0, t1) not in cut:
+                if staged:
+                    cut[(t0, t1)] = [torch.empty((t.shape[0], t1 - t0, *t.shape[2:]), dtype=t.dtype, pin_memory=pin)
+                                     .copy_(t[:, t0:t1], non_blocking=True) for t in tensors]
+                else:
+                    cut[(t0, t1)] = [t[:, t0:t1].contiguous() for t in tensors]
+            per_dest[i] = cut[(t0, t1)]
+        if staged and send and device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # gloo reads the host copies now
+        buf_dev = torch.device("cpu") if staged else device
         ops: List = []
-        for i in send_to:
-            for tag, t in enumerate(sends):
+        for i in sorted(per_dest):
+            for tag, t in enumerate(per_dest[i]):
                 ops.append(dist.P2POp(dist.isend, t, self._peers[i], group=g, tag=tag))
                 self.bytes_sent += t.numel() * t.element_size()
         bufs: Dict[int, List[torch.Tensor]] = {}
         slots: Dict[int, List[int]] = {}
-        for j in recv_from:
-            n = recv_tokens(j)
+        for j in sorted(recv):
+            n = recv[j]
             bufs[j] = [torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=buf_dev,
-                                   pin_memory=staged and buf_dev.type == "cpu" and torch.cuda.is_available())
-                       for t in sends]
+                                   pin_memory=pin and buf_dev.type == "cpu")
+                       for t in tensors]
             slots[j] = []
             for tag, b in enumerate(bufs[j]):
                 slots[j].append(len(ops))
                 ops.append(dist.P2POp(dist.irecv, b, self._peers[j], group=g, tag=tag))
                 self.bytes_received += b.numel() * b.element_size()
         works = dist.batch_isend_irecv(ops) if ops else []
-        return _Transfer(works, len(ops), slots, bufs, sends, device if staged else None)
+        keep = [t for ts in cut.values() for t in ts]
+        return _Transfer(works, len(ops), slots, bufs, keep, device if staged else None)
 
     # ------------------------------------------------------------------ compute
     def _check(self, q, k, v, index: Optional[BlockIndex], g: _Geo, what: str) -> None:
@@ -489,12 +559,13 @@ class RingOps(HeadShardedOps):
         self._ensure_ready(q)
         self.calls += 1
         me, bs, vt = self.rank, g.bs, g.vr * g.bs
-        need = self.exchange_needs(plan.needs, q)
-        send_to = [i for i in range(self.ring) if i != me and need[i][me]]
-        recv_from = [j for j in range(self.ring) if j != me and need[me][j]]
-        if need[me] != plan.needs:
-            raise RuntimeError("RingOps: the exchanged needed-shard bits differ from this rank's plan")
-        tr = self._post([k[:, :vt], v[:, :vt]], send_to, recv_from, lambda j: g.size(j) * bs)
+        need = self.exchange_needs(plan.ranges, q)
+        if need[me] != [plan.ranges.get(j, (0, 0)) for j in range(self.ring)]:
+            raise RuntimeError("RingOps: the exchanged key ranges differ from this rank's plan")
+        send = {i: (need[i][me][0] * bs, need[i][me][1] * bs) for i in range(self.ring)
+                if i != me and need[i][me][1] > need[i][me][0]}
+        recv_from = sorted(plan.ranges)
+        tr = self._post([k, v], send, {j: (plan.ranges[j][1] - plan.ranges[j][0]) * bs for j in recv_from})
         if not self.overlap:
             tr.wait_all()
         val = self._valid_for(layout, g, q.device)
@@ -506,8 +577,9 @@ class RingOps(HeadShardedOps):
         for j in sorted(recv_from, key=lambda j: (abs(j - me), j)):
             kj, vj = tr.wait(j)
             a, b, sub = plan.remote[j]
+            lo, hi = plan.ranges[j]
             oj, lj = block_sparse_attention(q[:, a * bs:b * bs], kj, vj, sub, scale=scale, return_lse=True,
-                                            q_valid=val.rows(a, b), kv_valid=val.shard[j], backend=self.backend)
+                                            q_valid=val.rows(a, b), kv_valid=val.keys(j, lo, hi), backend=self.backend)
             mo, ml = merge_partials(out[:, a * bs:b * bs], lse[:, :, a * bs:b * bs], oj, lj)
             out[:, a * bs:b * bs] = mo
             lse[:, :, a * bs:b * bs] = ml.to(lse.dtype)
@@ -521,13 +593,16 @@ class RingOps(HeadShardedOps):
 
     def block_mass(self, q, k, lse, layout: VideoLayout, *, scale: Optional[float] = None,
                    query_rows: Optional[int] = None) -> torch.Tensor:
-        """Block mass ``[B, H_local, local rows, num_blocks]``: a ring over every K shard (no V)."""
+        """Block mass ``[B, H_local, local rows, num_blocks]``: a ring over every K shard (no V; not
+        the trailing padding blocks of a shard, whose mass is 0)."""
         g = self._geo(layout)
         self._check(q, k, None, None, g, "block_mass")
         self._ensure_ready(q)
-        me, vt = self.rank, g.vr * g.bs
-        others = [j for j in range(self.ring) if j != me]
-        tr = self._post([k[:, :vt]], others, others, lambda j: g.size(j) * g.bs)
+        me, bs = self.rank, g.bs
+        vt = g.vr * bs
+        others = [j for j in range(self.ring) if j != me and g.real[j] > 0]
+        send = {i: (0, g.real[me] * bs) for i in range(self.ring) if i != me} if g.real[me] > 0 else {}
+        tr = self._post([k], send, {j: g.real[j] * bs for j in others})
         val = self._valid_for(layout, g, q.device)
         B, _, H, _ = q.shape
         mass = torch.empty((B, H, g.rows, g.nb), dtype=torch.float32, device=q.device)
@@ -539,9 +614,12 @@ class RingOps(HeadShardedOps):
         part(k[:, :vt], val.shard[me], g.r0, g.r1)
         if g.nt:
             part(k[:, vt:], val.text, g.nv, g.nb)
+        for j in range(self.ring):
+            if j != me and g.real[j] < g.size(j):
+                mass[..., g.starts[j] + g.real[j]:g.starts[j + 1]] = 0.0  # padding keys: no token, no mass
         for j in sorted(others, key=lambda j: (abs(j - me), j)):
             (kj,) = tr.wait(j)
-            part(kj, val.shard[j], g.starts[j], g.starts[j + 1])
+            part(kj, val.keys(j, 0, g.real[j]), g.starts[j], g.starts[j] + g.real[j])
         tr.wait_all()
         return mass
 
