@@ -39,6 +39,7 @@ per head in both cases.
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -135,6 +136,42 @@ class SparseAttention:
         e = self._entry
         return None if e is None else e.search
 
+    @property
+    def cached_lse(self) -> Optional[torch.Tensor]:
+        """The cached LSE ``[B, local heads, local tokens]`` of the last fused search, or None."""
+        e = self._entry
+        return None if e is None else e.lse
+
+    @property
+    def static_index(self) -> Optional[BlockIndex]:
+        """The localized static (Compact) index, or None."""
+        e = self._entry
+        return None if e is None else e.static
+
+    def move_heads(self, perm: torch.Tensor, index: BlockIndex, lse: Optional[torch.Tensor],
+                   static: Optional[BlockIndex]) -> None:
+        """Adopt a new head assignment of a sequence-parallel plan (its online head re-plan).
+
+        ``perm`` (int64 ``[H]``): new plan position ``i`` holds the head at old plan position
+        ``perm[i]`` (the per-head statistics of ALL heads are permuted with it); ``index``,
+        ``lse`` and ``static``: the searched index, the cached LSE and the static index, already
+        cut for this rank's new heads (None where there is none).
+        """
+        e = self._entry
+        if e is None or e.search is None:
+            raise RuntimeError("move_heads: this layer has no online search result to move")
+        res = e.search
+
+        def p(t):
+            return None if t is None else t[perm.to(t.device)]
+
+        e.set_search(dataclasses.replace(res, index=index, density=p(res.density), recall=p(res.recall),
+                                         budget=p(res.budget)))
+        e.lse = lse
+        if static is not None:
+            e.static = static
+            e.static_density = p(e.static_density)
+
     def cache_info(self) -> dict:
         """What the cache holds: key, whether an index / LSE / static index is held, and bytes."""
         e = self._entry
@@ -181,8 +218,8 @@ class SparseAttention:
             self._search(q, k, lse, ctx, entry)
             entry.lse = lse if self.config.needs_lse_after(ctx.step, ctx.num_steps) else None
             if rec is not None:
-                rec.density = self._densities(entry)  # of the index found (the step itself ran dense)
-                rec.recall = self._recalls(entry)
+                rec.density = self._densities(entry, ctx.ops)  # of the index found (the step itself ran dense)
+                rec.recall = self._recalls(entry, ctx.ops)
         return out
 
     def _cached_search(self, q, k, v, ctx, entry: _Entry) -> torch.Tensor:
@@ -192,8 +229,8 @@ class SparseAttention:
                 entry.lse = None  # the last cached search has run: release the LSE
             out = self._sparse(q, k, v, ctx, entry.search.index, entry.search.dense_layer)
             if rec is not None:
-                rec.density = self._densities(entry)
-                rec.recall = self._recalls(entry)
+                rec.density = self._densities(entry, ctx.ops)
+                rec.recall = self._recalls(entry, ctx.ops)
         return out
 
     def _reuse(self, q, k, v, ctx, entry: _Entry) -> torch.Tensor:
@@ -204,8 +241,8 @@ class SparseAttention:
         with self._call(ctx, "dense" if dense else "sparse", q) as rec:
             out = self._sparse(q, k, v, ctx, index, dense)
             if rec is not None:
-                rec.density = None if dense else self._densities(entry)
-                rec.recall = None if dense or entry.search is None else self._recalls(entry)
+                rec.density = None if dense else self._densities(entry, ctx.ops)
+                rec.recall = None if dense or entry.search is None else self._recalls(entry, ctx.ops)
         return out
 
     def _search(self, q, k, lse, ctx, entry: _Entry) -> None:
@@ -270,17 +307,25 @@ class SparseAttention:
         entry.static_dense = bool(density.mean() > self.config.dense_threshold)
 
     # ------------------------------------------------------------------ stats
-    def _densities(self, entry: _Entry) -> List[float]:
+    @staticmethod
+    def _model_order(t: torch.Tensor, ops) -> List[float]:
+        """Per-head figures of all heads (held in the plan's head order) in model head order."""
+        order = getattr(ops, "head_order", None)
+        if order is not None:
+            t = t[torch.argsort(order.to(t.device))]
+        return [float(x) for x in t.tolist()]
+
+    def _densities(self, entry: _Entry, ops) -> List[float]:
         if entry._density_list is None:
             d = entry.search.density if entry.search is not None else entry.static_density
-            entry._density_list = [float(x) for x in d.tolist()]
+            entry._density_list = self._model_order(d, ops)
         return entry._density_list
 
-    def _recalls(self, entry: _Entry) -> Optional[List[float]]:
+    def _recalls(self, entry: _Entry, ops) -> Optional[List[float]]:
         if entry.search is None:
             return None
         if entry._recall_list is None:
-            entry._recall_list = entry.search.recall_list()
+            entry._recall_list = self._model_order(entry.search.recall, ops)
         return entry._recall_list
 
     def _call(self, ctx, kind: str, q):

@@ -19,6 +19,7 @@ import torch
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention
 from dist_compact.attention_context import AttentionContext
 from dist_compact.attention_ops import AttentionOps
+from dist_compact.stats import AttentionStats
 from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
                                            head_costs, imbalance, rank_loads, static_index_of)
 from parallel_helpers import expected_ring_blocks, run_workers
@@ -335,3 +336,107 @@ def test_embedded_generation_balanced_equals_one_process(tmp_path, one_process_r
         if ring > 1:
             b = bal["ring_bounds"]
             assert b != bal["equal_bounds"] and len({y - x for x, y in zip(b[:-1], b[1:])}) > 1
+
+
+# ---------------------------------------------------------------------------- online head re-plan (AdaSpa)
+ONLINE_STEPS = 4  # 0 fused search, 1 sparse, 2 cached search (the moved LSE), 3 sparse
+
+
+def _online_config():
+    from dist_compact.config import SparsityConfig
+
+    return SparsityConfig(mode="adaspa", dense_steps=0, search_steps=(0, 2), search_kinds=("fused", "cached"),
+                          reference_steps=ONLINE_STEPS, sparsity=0.6, head_adaptive=True, head_rule="paper",
+                          mass_query_rows=None, dense_threshold=1.0)
+
+
+def _online_inputs(layout):
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, layout.padded_len, H, D, generator=g) for _ in range(3))
+    c = torch.randn(D, generator=g)
+    c = 2.0 * c / c.norm()
+    # the first half of the heads attend to the first 3 blocks: their recall at the uniform budget is
+    # high, the paper rule makes them sparser (densities ~0.2 vs ~0.6), the contiguous split is unbalanced
+    q[:, :, : H // 2] += c
+    k[:, : 3 * layout.block_size, : H // 2] += 3.0 * c
+    return q, k, v
+
+
+def _online_reference(layout):
+    from dist_compact.attention import SparseAttention
+
+    q, k, v = _online_inputs(layout)
+    layer = SparseAttention(0, _online_config())
+    outs, dens, idx = [], [], []
+    stats = AttentionStats(timing=False)
+    for step in range(ONLINE_STEPS):
+        ctx = AttentionContext(layout=layout, step=step, num_steps=ONLINE_STEPS, ops=AttentionOps("torch"),
+                               stats=stats)
+        outs.append(layer(q, k, v, ctx))
+        dens.append(layer.last_search.density.tolist())
+        idx.append(layer.index)
+        assert stats.records[-1].density == pytest.approx(dens[-1], abs=1e-6)
+    return outs, dens, idx
+
+
+def _online_worker(rank, world, configs, name):
+    from dist_compact.attention import SparseAttention
+    from dist_compact.parallel import ParallelConfig, SequenceParallel, build_groups
+    from dist_compact.parallel.coordinator import gather_index
+
+    res = {}
+    for u, r in configs:
+        cfg = ParallelConfig(ulysses=u, ring=r)
+        sp = SequenceParallel(cfg, build_groups(cfg))
+        layout = sp.layout_for(LAYOUTS[name])
+        ref_out, ref_dens, ref_idx = _online_reference(layout)
+        q, k, v = _online_inputs(layout)
+        inner = SparseAttention(0, _online_config())
+        wrapped = sp.wrap(inner)
+        local = [sp.shard(t, layout) for t in (q, k, v)]
+        orders = []
+        stats = AttentionStats(timing=False)
+        for step in range(ONLINE_STEPS):
+            ctx = AttentionContext(layout=layout, step=step, num_steps=ONLINE_STEPS, ops=AttentionOps("torch"),
+                                   stats=stats)
+            out = sp.gather(wrapped(*local, ctx), layout)
+            # what the report records: per-head densities in model head order, as one process
+            assert stats.records[-1].density == pytest.approx(ref_dens[step], abs=1e-6), f"{u}x{r} step {step}"
+            err = (out - ref_out[step]).abs().max().item()
+            assert err <= TOL, f"{u}x{r} step {step}: max abs error {err:.3g}"
+            ops = wrapped.ops
+            # the searched index of all heads, gathered in model order, is the one-process index
+            assert gather_index(inner.index, ops, layout).equal(ref_idx[step]), f"{u}x{r} step {step}: index"
+            # per-head densities are held in the plan's order; in model order they are the one-process ones
+            dens = inner.last_search.density
+            if ops.head_order is not None:
+                dens = dens[torch.argsort(ops.head_order)]
+            assert torch.allclose(dens, torch.tensor(ref_dens[step]), atol=1e-6), f"{u}x{r} step {step}: densities"
+            orders.append(None if ops.head_order is None else ops.head_order.tolist())
+        rep = sp.balance_report(layout)["online"]
+        res[(u, r)] = dict(orders=orders, replans=wrapped.replans.get(layout, 0), report=rep)
+    return res
+
+
+@pytest.mark.timeout(240)
+def test_online_head_replan_two_processes(tmp_path):
+    """AdaSpa with per-head budgets under Ulysses 2: after the search the heads are re-planned on the
+    index found; the index and LSE move with them (the cached search at step 2 uses the moved LSE), and
+    every step's output, index and per-head densities equal one process."""
+    res = run_workers(_online_worker, 2, tmp_path, [(2, 1)], "5x6x7-text13", timeout=220)
+    assert res[0] == res[1]  # the same decisions on every rank
+    info = res[0][(2, 1)]
+    assert info["orders"][0] is not None and sorted(info["orders"][0]) == list(range(H))  # moved after step 0
+    assert info["replans"] >= 1
+    rep = info["report"]
+    assert rep["imbalance"] < rep["imbalance_contiguous"] and rep["imbalance"] <= 1.05, rep
+
+
+@pytest.mark.timeout(300)
+def test_online_head_replan_four_processes(tmp_path):
+    res = run_workers(_online_worker, 4, tmp_path, [(4, 1), (2, 2)], "7x4x8-notext", timeout=280)
+    assert all(r == res[0] for r in res)
+    for key in ((4, 1), (2, 2)):
+        info = res[0][key]
+        assert info["replans"] >= 1 and info["orders"][-1] is not None, (key, info)
+        assert info["report"]["imbalance"] < info["report"]["imbalance_contiguous"], (key, info)

@@ -31,10 +31,20 @@ communication:
 
 Without a static index (dense, AdaSpa alone) every real row counts the same and padding slabs
 nothing (the padding ``layout_for`` appends would otherwise all land on the last ring rank), and
-the head order stays contiguous: AdaSpa's per-head budgets exist only after its first search, and
-moving heads then would move its cached index and LSE between ranks. ``balance_report``
-gives the imbalance (max / mean computed blocks per rank) per layer and summed, balanced and
-contiguous.
+the head order starts contiguous.
+
+Online re-plan of the heads (Ulysses, ``balance=True``): AdaSpa's per-head budgets exist only
+after its search, so after each online search of a wrapped layer the exact computed blocks per
+head of the index found are gathered (one small all-gather; the same numbers on every rank) and
+:func:`~dist_compact.parallel.balance.balanced_head_order` re-run on them. When the new order
+lowers the largest Ulysses rank's blocks by more than ``REPLAN_GAIN``, the layer's cached state
+moves with its heads: the searched index is gathered to all heads (model order) and localized
+again, the cached LSE is all-gathered over the Ulysses group and cut for the new heads, the
+per-head statistics are permuted, the static index (if any) is localized again; later calls use
+the new order. Every rank takes the same decision from the same numbers, so no rank waits on a
+collective the others skip. ``balance_report`` gives the imbalance (max / mean computed blocks
+per rank) per layer and summed, balanced and contiguous, of the static indices, and under
+``online`` that of the last search per layer (per Ulysses rank, this plan's order vs contiguous).
 
 Padding. ``layout_for`` adds empty slabs (``slab_multiple``; padding, never truncation) until the
 video blocks split evenly. Default ``shard_unit="block"`` pads to the fewest slabs that make
@@ -58,13 +68,19 @@ import torch
 from ..attention_context import AttentionContext
 from ..attention_ops import AttentionOps
 from ..layout import VideoLayout
+from ..attention_ops import global_head_stats
 from .balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs, head_costs, imbalance,
                       rank_loads, static_index_of)
+from .coordinator import gather_index
 from .config import ParallelConfig, ParallelConfigError, ParallelGroups
 from .ring import RingOps
 from .ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 
-__all__ = ["SequenceParallel", "ParallelAttention", "padded_layout"]
+__all__ = ["SequenceParallel", "ParallelAttention", "padded_layout", "REPLAN_GAIN"]
+
+#: an online head re-plan moves a layer's cached index and LSE only when it lowers the largest
+#: Ulysses rank's computed blocks by more than this fraction
+REPLAN_GAIN = 0.02
 
 _UNITS = ("block", "slab")
 
@@ -320,8 +336,25 @@ class SequenceParallel:
                               "contiguous": imbalance(lc)})
             tot_b = lb if tot_b is None else [x + y for x, y in zip(tot_b, lb)]
             tot_c = lc if tot_c is None else [x + y for x, y in zip(tot_c, lc)]
+        online, on_b, on_c = [], None, None
+        for w in self._live_layers():
+            c = w.online_costs.get(layout)
+            if c is None or U == 1:
+                continue
+            order = w._orders.get((layout, c.numel()))
+            lb = _chunk_loads(c, order, U)
+            lc = _chunk_loads(c, None, U)
+            online.append({"layer": getattr(w.inner, "layer", len(online)), "balanced": imbalance(lb),
+                           "contiguous": imbalance(lc), "replans": w.replans.get(layout, 0)})
+            on_b = lb if on_b is None else [x + y for x, y in zip(on_b, lb)]
+            on_c = lc if on_c is None else [x + y for x, y in zip(on_c, lc)]
         return {
             "balance": self.balance, "ulysses": U, "ring": R, "ring_bounds": list(bounds), "equal_bounds": list(equal),
+            "online": None if not online else {
+                "what": "computed blocks per Ulysses rank of each layer's last online search (all rows)",
+                "imbalance": imbalance(on_b), "imbalance_contiguous": imbalance(on_c),
+                "worst_layer": max(r["balanced"] for r in online),
+                "worst_layer_contiguous": max(r["contiguous"] for r in online), "per_layer": online},
             "static_layers": len(per_layer),
             "imbalance": None if tot_b is None else imbalance(tot_b),
             "imbalance_contiguous": None if tot_c is None else imbalance(tot_c),
@@ -331,6 +364,14 @@ class SequenceParallel:
     def __repr__(self) -> str:
         return (f"SequenceParallel({self.config}, sp_rank={self.sp_rank}, shard_unit={self.shard_unit!r}, "
                 f"balance={self.balance})")
+
+
+def _chunk_loads(costs: torch.Tensor, order: Optional[torch.Tensor], parts: int) -> List[float]:
+    """Summed cost of each Ulysses rank's heads (``order`` None = contiguous)."""
+    c = costs.double().cpu()
+    if order is not None:
+        c = c[order.cpu()]
+    return [float(x) for x in c.view(parts, -1).sum(1)]
 
 
 class ParallelAttention:
@@ -353,6 +394,10 @@ class ParallelAttention:
         self.ops: Optional[AttentionOps] = None
         self._orders: Dict[Tuple[VideoLayout, int], Optional[torch.Tensor]] = {}
         self._device_orders: Dict[Tuple[VideoLayout, int, torch.device], torch.Tensor] = {}
+        #: per layout: model-order computed blocks per head of the last online search, re-plans made
+        self.online_costs: Dict[VideoLayout, torch.Tensor] = {}
+        self.replans: Dict[VideoLayout, int] = {}
+        self._seen_search: Dict[VideoLayout, int] = {}  # id of the last search result looked at
         sp._register(self)
 
     def head_order(self, layout: VideoLayout, num_heads: int, index=None) -> Optional[torch.Tensor]:
@@ -406,7 +451,62 @@ class ParallelAttention:
         out = self.inner(q, k, v, dataclasses.replace(ctx, ops=ops))
         if cfg.ulysses > 1:
             out = heads_to_seq(out, vl, g.ulysses_group, g.ulysses_rank, cfg.ulysses, order=order)
+            if sp.balance:
+                self._replan_heads(layout, out.shape[2], ops)
         return out
+
+    # ------------------------------------------------------------------ online head re-plan
+    def _replan_heads(self, layout: VideoLayout, H: int, ops: HeadShardedOps) -> None:
+        """After an online search of the inner attention: balance the heads on the index it found
+        (module docstring). Collective over the ops' groups when a new search result exists."""
+        res = getattr(self.inner, "last_search", None)
+        if res is None or not callable(getattr(self.inner, "move_heads", None)) or \
+                self._seen_search.get(layout) == id(res):
+            return
+        U = self.sp.config.ulysses
+        idx = res.index
+        w = ops.row_weight(layout).to(idx.device, torch.float64)
+        local = (idx.counts.double() * w.view(1, 1, -1)).sum(dim=(0, 2))  # [Hl] computed blocks
+        plan_costs = global_head_stats(local, ops).cpu()  # [H], plan order, equal on every rank
+        cur = self._orders.get((layout, H))
+        inv = torch.argsort(torch.arange(H) if cur is None else cur)
+        costs = plan_costs[inv]  # model order
+        self.online_costs[layout] = costs
+        self._seen_search[layout] = id(res)
+        if res.dense_layer:
+            return  # runs dense: every head costs the same
+        new = balanced_head_order(costs, U)
+        if max(_chunk_loads(costs, new, U)) >= (1.0 - REPLAN_GAIN) * max(_chunk_loads(costs, cur, U)):
+            return
+        self._move_heads(layout, H, ops, cur, new)
+        self._seen_search[layout] = id(self.inner.last_search)
+        self.replans[layout] = self.replans.get(layout, 0) + 1
+
+    def _move_heads(self, layout: VideoLayout, H: int, ops: HeadShardedOps, cur: Optional[torch.Tensor],
+                    new: torch.Tensor) -> None:
+        """Move the inner attention's cached online state from head order ``cur`` to ``new``
+        (collective over the ops' groups): gather to all heads in model order, cut for the new heads."""
+        inner = self.inner
+        res = inner.last_search
+        inv = torch.argsort(torch.arange(H) if cur is None else cur)
+        ops.head_order = cur
+        full = gather_index(res.index, ops, layout)  # model head order, all rows
+        lse = inner.cached_lse
+        if lse is not None:
+            lse = ops.gather_heads(lse, dim=1).index_select(1, inv.to(lse.device))  # model order
+        order = None if torch.equal(new, torch.arange(H)) else new
+        ops.head_order = order
+        h0, h1 = ops.head_range(H)
+        if lse is not None:
+            lse = lse.index_select(1, new[h0:h1].to(lse.device)).contiguous()
+        static = None
+        compact = getattr(inner, "compact", None)
+        if inner.static_index is not None and compact is not None:
+            static = ops.localize(compact.index_for(inner.layer, layout, H).to(res.index.device), layout)
+        inner.move_heads(inv[new], ops.localize(full, layout), lse, static)
+        self._orders[(layout, H)] = order
+        for key in [k for k in self._device_orders if k[0] == layout and k[1] == H]:
+            del self._device_orders[key]
 
     def __repr__(self) -> str:
         return f"ParallelAttention({self.inner!r}, {self.sp.config})"
