@@ -26,9 +26,10 @@ Indices (per layer, all layers of the model):
 Layouts for P = 2, 4, 8: Ulysses P, ring P, hybrid 2 x P/2 (P >= 4); the layout padding of
 ``SequenceParallel.layout_for``. "balanced" is what ``SequenceParallel(balance=True)`` does (ring
 bounds from the summed static cost of all layers, per-layer Ulysses head order; for AdaSpa, whose
-index exists only after its search, ring bounds over the real blocks and contiguous heads);
-"balanced_oracle" plans from the index itself (for AdaSpa: a re-plan after the search, which the
-runtime does not do); "contiguous" the equal split; "balanced_slab_aligned" whole-slab ring shards.
+index exists only after its search, ring bounds over the real blocks and the Ulysses heads
+re-planned on the index after the search); "balanced_oracle" plans the ring from the index itself
+too (for AdaSpa: ring bounds the runtime does not re-plan); "contiguous" the equal split;
+"balanced_slab_aligned" whole-slab ring shards.
 Imbalance = max / mean computed blocks per rank, summed over all layers (and the worst layer).
 
 Scaling model (assumptions; BENCHMARKS.md repeats them):
@@ -69,6 +70,7 @@ from common import write_csv  # noqa: E402
 
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
 from dist_compact.parallel import ParallelConfig, ring_rank_plan  # noqa: E402
+from dist_compact.parallel.plan import REPLAN_GAIN  # noqa: E402
 from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds,  # noqa: E402
                                            head_block_costs, head_costs, imbalance, rank_loads)
 from dist_compact.parallel.plan import padded_layout  # noqa: E402
@@ -246,8 +248,10 @@ def plan_for(source: Source, U: int, R: int, balance: bool, oracle: bool = False
     """(ring bounds, head order per layer) as ``SequenceParallel(balance=...)`` chooses them.
 
     A Compact source is a static index: the runtime plans from it. AdaSpa's index is found during
-    the run, so the runtime balances the ring over the real blocks and keeps the heads contiguous;
-    ``oracle=True`` plans from the index itself (what a re-plan after the search would give).
+    the run, so the runtime balances the ring over the real blocks, and re-plans the Ulysses heads
+    on the index after the search (``ParallelAttention``'s online re-plan, taken when it lowers the
+    largest rank's blocks by more than ``REPLAN_GAIN``); ``oracle=True`` plans the ring from the
+    index itself too.
     """
     nv = source.layout.num_video_blocks
     bounds = equal_bounds(nv, R)
@@ -265,10 +269,18 @@ def plan_for(source: Source, U: int, R: int, balance: bool, oracle: bool = False
         worst = [max(rank_loads(total.view(1, -1), tt, 1, R, bounds=b)) for b in (cand, bounds)]
         if worst[0] < worst[1]:
             bounds = cand
-    if U > 1 and static:
+    if U > 1:
         for l in range(source.layers):
             c, tt = source.costs(l)
-            o = balanced_head_order(c.sum(1) + tt, U)
+            per_head = c.sum(1) + tt
+            o = balanced_head_order(per_head, U)
+            if not static:  # the online re-plan's rule: move heads only for a real gain
+
+                def top(order):
+                    return float(per_head[order].view(U, -1).sum(1).max())
+
+                if top(o) >= (1.0 - REPLAN_GAIN) * top(torch.arange(source.heads)):
+                    o = torch.arange(source.heads)
             orders[l] = None if torch.equal(o, torch.arange(source.heads)) else o
     return bounds, orders
 

@@ -55,7 +55,10 @@ HEADS = {"embedded": 6, "hunyuan": 24, "wan": 40}
 #: ``--variant``: extra overrides that isolate where a difference comes from (the online search picks
 #: blocks by top-k of the block mass, so bf16 rounding can change its choice; ``compact`` has no online
 #: search, ``fp32`` keeps the search but in float32)
-VARIANTS = {"default": [], "compact": [("sparsity.mode", "compact")], "fp32": [("model.dtype", "float32")]}
+VARIANTS = {"default": [], "compact": [("sparsity.mode", "compact")], "fp32": [("model.dtype", "float32")],
+            # AdaSpa's per-head budgets (the paper rule): heads differ in cost after the search, so the
+            # Ulysses layouts re-plan their heads online and move the index and LSE (``replans``)
+            "paper-heads": [("sparsity.head_adaptive", "true")]}
 SCHEDULE = [("sparsity.mode", "compact+adaspa"), ("sparsity.dense_steps", "1"), ("sparsity.search_steps", "[1]"),
             ("sparsity.search_kinds", "[fused]"), ("sparsity.reference_steps", "3"), ("sparsity.sparsity", "0.8"),
             ("run.steps", "3"), ("run.video", "false"), ("run.progress", "false"), ("run.prompt", "a red circle moving right"),
@@ -178,6 +181,9 @@ def parallel(models, out, tol, cpu=False, variant="default", factor=1.5):
                 row.update(max_abs=float((a - b).abs().max()), rel=float((a - b).norm() / b.norm().clamp(min=1e-30)),
                            nan=bool(torch.isnan(a).any()), imbalance=bal.get("imbalance"),
                            contiguous=bal.get("imbalance_contiguous"), ring_bounds=bal.get("ring_bounds"),
+                           online=(bal.get("online") or {}).get("imbalance"),
+                           online_contiguous=(bal.get("online") or {}).get("imbalance_contiguous"),
+                           replans=sum(r.get("replans", 0) for r in (bal.get("online") or {}).get("per_layer", [])),
                            ws_calls=ws_calls() - before, seconds=round(time.time() - t, 1))
                 row["limit"], row["floor"] = limit_of(out, m, tol, factor)
                 row["ok"] = (not row["nan"]) and row["rel"] <= row["limit"]
@@ -202,7 +208,8 @@ def summary(out, tol, factor=1.5):
     for p in sorted(glob.glob(os.path.join(out, "rows-P*.json"))):
         with open(p) as f:
             rows += json.load(f)
-    keys = ["P", "layout", "model", "rel", "limit", "floor", "max_abs", "ok", "imbalance", "contiguous", "ws_calls", "seconds"]
+    keys = ["P", "layout", "model", "rel", "limit", "floor", "max_abs", "ok", "imbalance", "contiguous", "online",
+            "online_contiguous", "replans", "ws_calls", "seconds"]
 
     def fmt(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -6,7 +6,9 @@
 #   bash benchmarks/device/share_gpu_check.sh              # writes $OUT/share_gpu/{share_gpu_check.csv,runs/,...}
 # Needs diffusers for the random models: carry .whl/ (diffusers-0.42.1 and importlib_metadata wheels),
 # installed here with --no-deps; without diffusers only the embedded model runs (the table says so).
-# Expected: ~3-4 minutes on an H200 (three launches: the references, torchrun 2, torchrun 4).
+# Expected: ~4-5 minutes on an H200 (three launches: the references in bf16 and float32, torchrun 2, torchrun 4).
+# Environment: VARIANT (share_gpu_check.py --variant, default "default"), PS (rank counts, default "2 4"),
+# ONLY_MODELS (e.g. hunyuan,wan; default every model that can run here).
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/kernels
@@ -19,13 +21,15 @@ if ! $PY -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; the
 fi
 MODELS=embedded
 if $PY -c "import diffusers" 2>/dev/null; then MODELS=embedded,hunyuan,wan; else echo "no diffusers: embedded model only"; fi
+MODELS=${ONLY_MODELS:-$MODELS}
+VARIANT=${VARIANT:-default}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 t0=$(date +%s)
-$PY benchmarks/device/share_gpu_check.py --reference --models $MODELS --out "$DIR" || exit 1
-for P in 2 4; do
+$PY benchmarks/device/share_gpu_check.py --reference --models $MODELS --variant $VARIANT --out "$DIR" || exit 1
+for P in ${PS:-2 4}; do
   $PY -m torch.distributed.run --standalone --nproc-per-node $P benchmarks/device/share_gpu_check.py \
-      --models $MODELS --out "$DIR" 2>&1 | grep -v "^W[0-9]* \|OMP_NUM_THREADS\|^\*\*\*\*" | tail -40
+      --models $MODELS --variant $VARIANT --out "$DIR" 2>&1 | grep -v "^W[0-9]* \|OMP_NUM_THREADS\|^\*\*\*\*" | tail -40
 done
 $PY benchmarks/device/share_gpu_check.py --summary --out "$DIR"
 rc=$?
