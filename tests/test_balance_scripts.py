@@ -198,3 +198,14 @@ def test_ring_fetches_key_ranges_not_shards_nor_padding():
     whole = ring_bytes(ring_needs(idx, lay, 3, bounds=bounds),
                        shard_kv_bytes(bounds, lay.block_size, batch=1, heads=2, head_dim=8, element_size=2))
     assert ring_bytes(want, pb).tolist() == [15 * pb, 24 * pb, 6 * pb] and (ring_bytes(want, pb) < whole).all()
+
+
+def test_ring_traffic_dry_run(capsys):
+    import ring_traffic
+
+    assert ring_traffic.main(["--small", "--ring", "2", "--sources", "adaspa"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert len(rows) == 2 * len(sm.SMALL_SHAPES)  # contiguous and balanced per shape
+    for row in rows:
+        new, old = (float(x) for x in row.split()[5:7])
+        assert 0 < new <= old  # key ranges never move more than whole shards

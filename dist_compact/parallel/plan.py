@@ -397,7 +397,8 @@ class ParallelAttention:
         #: per layout: model-order computed blocks per head of the last online search, re-plans made
         self.online_costs: Dict[VideoLayout, torch.Tensor] = {}
         self.replans: Dict[VideoLayout, int] = {}
-        self._seen_search: Dict[VideoLayout, int] = {}  # id of the last search result looked at
+        # the last search result looked at (held, so that a new one is never taken for it: ids are reused)
+        self._seen_search: Dict[VideoLayout, object] = {}
         sp._register(self)
 
     def head_order(self, layout: VideoLayout, num_heads: int, index=None) -> Optional[torch.Tensor]:
@@ -461,7 +462,7 @@ class ParallelAttention:
         (module docstring). Collective over the ops' groups when a new search result exists."""
         res = getattr(self.inner, "last_search", None)
         if res is None or not callable(getattr(self.inner, "move_heads", None)) or \
-                self._seen_search.get(layout) == id(res):
+                self._seen_search.get(layout) is res:
             return
         U = self.sp.config.ulysses
         idx = res.index
@@ -472,14 +473,14 @@ class ParallelAttention:
         inv = torch.argsort(torch.arange(H) if cur is None else cur)
         costs = plan_costs[inv]  # model order
         self.online_costs[layout] = costs
-        self._seen_search[layout] = id(res)
+        self._seen_search[layout] = res
         if res.dense_layer:
             return  # runs dense: every head costs the same
         new = balanced_head_order(costs, U)
         if max(_chunk_loads(costs, new, U)) >= (1.0 - REPLAN_GAIN) * max(_chunk_loads(costs, cur, U)):
             return
         self._move_heads(layout, H, ops, cur, new)
-        self._seen_search[layout] = id(self.inner.last_search)
+        self._seen_search[layout] = self.inner.last_search
         self.replans[layout] = self.replans.get(layout, 0) + 1
 
     def _move_heads(self, layout: VideoLayout, H: int, ops: HeadShardedOps, cur: Optional[torch.Tensor],
