@@ -177,6 +177,8 @@ def test_share_gpu_limit_is_floor_relative(tmp_path):
     lim, floor = sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5)
     assert floor == 4.4e-2 and abs(lim - 6.6e-2) < 1e-12  # 1.5 x the model's own bf16 floor
     assert sgc.limit_of(str(tmp_path), "wan", 2e-2, 1.5) == (2e-2, 5e-3)  # a low floor keeps the fixed limit
+    (tmp_path / "floor-hunyuan.json").write_text(json.dumps({"model": "hunyuan", "bf16_vs_fp32": 0.32}))
+    assert sgc.limit_of(str(tmp_path), "hunyuan", 2e-2, 1.5) == (2e-2, 0.32)  # not a floor model: fixed limit
 
 
 def test_ring_fetches_key_ranges_not_shards_nor_padding():

@@ -18,9 +18,13 @@ Each parallel run goes through ``run_generation`` with ``cluster.share_gpus: tru
 tensors, the ring's point-to-point staged through pinned host memory), bf16, the default kernels
 (the Gluon kernel where it applies: blocks of 128 on an sm_90 GPU; the embedded model's blocks of 16
 use the Triton kernel). Per (layout, model) the latents are compared with the one-process run:
-``rel`` = ||a - b|| / ||b|| must be <= the model's limit, no NaN: ``max(--tol, --floor-factor x floor)``,
-where ``floor`` is the model's own bf16-vs-float32 difference in one process (``--reference`` runs
-both; the embedded model's guided bf16 floor after 3 steps is ~4e-2, the random transformers' ~5e-3).
+``rel`` = ||a - b|| / ||b|| must be <= the model's limit, no NaN: ``--tol``, and for the models of
+``--floor-models`` (default: embedded) ``max(--tol, --floor-factor x floor)``, where ``floor`` is the
+model's own bf16-vs-float32 difference in one process (``--reference`` runs both). The embedded model's
+guided bf16 floor after 3 steps is ~6e-2 (its ring rows ~4.5e-2). The random transformers keep the
+fixed limit: their bf16 and float32 runs pick other blocks in the search at random weights
+(HunyuanVideo 0.32, Wan 0.05 apart, 2026-12-03), so a limit from that would not test anything; their
+parallel rows are ~5e-3 from one process.
 ``ws_calls``: calls of the Gluon kernel on rank 0 (counted by wrapping its entry point for this check). ``imbalance`` /
 ``contiguous``: report.json's ``parallel_balance`` (max / mean computed blocks per rank of the static
 index, this plan vs the contiguous split).
@@ -126,7 +130,7 @@ def reference(models, out, cpu=False, variant="default"):
         res = run_generation(_cfg(m, out, f"ref-{m}", compact, [("cluster.nproc", "1")], cpu, variant))
         torch.save(res.latents, os.path.join(out, f"ref-{m}.pt"))
         floor = None
-        if variant == "default" and not cpu:
+        if variant == "default" and not cpu and m in FLOOR_MODELS:
             # the model's own bf16 floor: the same one-process run in float32
             r32 = run_generation(_cfg(m, out, f"ref32-{m}", compact, [("cluster.nproc", "1")], cpu, "fp32"))
             a, b = res.latents.float(), r32.latents.float()
@@ -138,14 +142,18 @@ def reference(models, out, cpu=False, variant="default"):
         print(f"reference {m}: {time.time() - t:.1f} s", flush=True)
 
 
-def limit_of(out: str, model: str, tol: float, factor: float):
-    """(limit, floor) of a model: ``max(tol, factor * floor)``; floor None (not measured) -> tol."""
+FLOOR_MODELS = ("embedded",)
+
+
+def limit_of(out: str, model: str, tol: float, factor: float, floor_models=FLOOR_MODELS):
+    """(limit, floor) of a model: ``max(tol, factor * floor)`` for ``floor_models``, else ``tol``;
+    floor None (not measured) -> tol."""
     path = os.path.join(out, f"floor-{model}.json")
     floor = None
     if os.path.exists(path):
         with open(path) as f:
             floor = json.load(f).get("bf16_vs_fp32")
-    return (tol if floor is None else max(tol, factor * floor)), floor
+    return (tol if floor is None or model not in floor_models else max(tol, factor * floor)), floor
 
 
 def parallel(models, out, tol, cpu=False, variant="default", factor=1.5):
@@ -177,7 +185,7 @@ def parallel(models, out, tol, cpu=False, variant="default", factor=1.5):
                                            ("cluster.share_gpus", "true")], cpu, variant))
                 ref = torch.load(ref_path)
                 a, b = res.latents.float(), ref.float()
-                bal = res.report.get("parallel_balance") or {}
+                bal = res.report.get("parallel_balance") or (res.report.get("sparse") or {}).get("parallel_balance") or {}
                 row.update(max_abs=float((a - b).abs().max()), rel=float((a - b).norm() / b.norm().clamp(min=1e-30)),
                            nan=bool(torch.isnan(a).any()), imbalance=bal.get("imbalance"),
                            contiguous=bal.get("imbalance_contiguous"), ring_bounds=bal.get("ring_bounds"),
