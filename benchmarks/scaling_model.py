@@ -70,9 +70,8 @@ from common import write_csv  # noqa: E402
 
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
 from dist_compact.parallel import ParallelConfig, ring_rank_plan  # noqa: E402
-from dist_compact.parallel.plan import REPLAN_GAIN  # noqa: E402
-from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds,  # noqa: E402
-                                           head_block_costs, head_costs, imbalance, rank_loads)
+from dist_compact.parallel.balance import (REPLAN_GAIN, balanced_bounds, balanced_head_order, equal_bounds,  # noqa: E402
+                                           head_block_costs, head_costs, imbalance, rank_loads, replan_head_order)
 from dist_compact.parallel.plan import padded_layout  # noqa: E402
 
 SHAPES = {
@@ -273,15 +272,9 @@ def plan_for(source: Source, U: int, R: int, balance: bool, oracle: bool = False
         for l in range(source.layers):
             c, tt = source.costs(l)
             per_head = c.sum(1) + tt
-            o = balanced_head_order(per_head, U)
-            if not static:  # the online re-plan's rule: move heads only for a real gain
-
-                def top(order):
-                    return float(per_head[order].view(U, -1).sum(1).max())
-
-                if top(o) >= (1.0 - REPLAN_GAIN) * top(torch.arange(source.heads)):
-                    o = torch.arange(source.heads)
-            orders[l] = None if torch.equal(o, torch.arange(source.heads)) else o
+            # AdaSpa: the runtime's online re-plan rule (move heads only for a real gain)
+            o = balanced_head_order(per_head, U) if static else replan_head_order(per_head, None, U)
+            orders[l] = None if o is None or torch.equal(o, torch.arange(source.heads)) else o
     return bounds, orders
 
 

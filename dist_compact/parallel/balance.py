@@ -35,6 +35,9 @@ from ..layout import VideoLayout
 __all__ = [
     "head_costs",
     "balanced_head_order",
+    "head_chunk_loads",
+    "replan_head_order",
+    "REPLAN_GAIN",
     "head_block_costs",
     "rank_loads",
     "equal_bounds",
@@ -113,6 +116,28 @@ def balanced_head_order(costs, parts: int) -> torch.Tensor:
     if _chunk_loads(c, ident, parts).max() <= _chunk_loads(c, order, parts).max():
         order = ident
     return torch.from_numpy(order.astype(np.int64))
+
+
+#: an online head re-plan moves a layer's cached index and LSE only when it lowers the largest
+#: Ulysses rank's computed blocks by more than this fraction
+REPLAN_GAIN = 0.02
+
+
+def head_chunk_loads(costs, order: Optional[Sequence[int]], parts: int) -> List[float]:
+    """Summed cost of each of the ``parts`` Ulysses ranks' heads under head ``order`` (None = contiguous)."""
+    c = np.asarray(torch.as_tensor(costs, dtype=torch.float64).cpu(), dtype=np.float64)
+    o = np.arange(c.shape[0]) if order is None else np.asarray(torch.as_tensor(order).cpu(), dtype=np.int64)
+    return [float(x) for x in _chunk_loads(c, o, parts)]
+
+
+def replan_head_order(costs, current: Optional[Sequence[int]], parts: int,
+                      gain: float = REPLAN_GAIN) -> Optional[torch.Tensor]:
+    """The online re-plan rule: :func:`balanced_head_order` of ``costs`` if it lowers the largest
+    chunk of the ``current`` order (None = contiguous) by more than ``gain``, else None (keep it)."""
+    new = balanced_head_order(costs, parts)
+    if max(head_chunk_loads(costs, new, parts)) >= (1.0 - gain) * max(head_chunk_loads(costs, current, parts)):
+        return None
+    return new
 
 
 # ---------------------------------------------------------------------------- per rank work

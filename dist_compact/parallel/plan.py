@@ -66,21 +66,16 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..attention_context import AttentionContext
-from ..attention_ops import AttentionOps
+from ..attention_ops import AttentionOps, global_head_stats
 from ..layout import VideoLayout
-from ..attention_ops import global_head_stats
-from .balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs, head_costs, imbalance,
-                      rank_loads, static_index_of)
-from .coordinator import gather_index
+from .balance import (REPLAN_GAIN, balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
+                      head_chunk_loads, head_costs, imbalance, rank_loads, replan_head_order, static_index_of)
 from .config import ParallelConfig, ParallelConfigError, ParallelGroups
+from .coordinator import gather_index
 from .ring import RingOps
 from .ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 
 __all__ = ["SequenceParallel", "ParallelAttention", "padded_layout", "REPLAN_GAIN"]
-
-#: an online head re-plan moves a layer's cached index and LSE only when it lowers the largest
-#: Ulysses rank's computed blocks by more than this fraction
-REPLAN_GAIN = 0.02
 
 _UNITS = ("block", "slab")
 
@@ -342,8 +337,8 @@ class SequenceParallel:
             if c is None or U == 1:
                 continue
             order = w._orders.get((layout, c.numel()))
-            lb = _chunk_loads(c, order, U)
-            lc = _chunk_loads(c, None, U)
+            lb = head_chunk_loads(c, order, U)
+            lc = head_chunk_loads(c, None, U)
             online.append({"layer": getattr(w.inner, "layer", len(online)), "balanced": imbalance(lb),
                            "contiguous": imbalance(lc), "replans": w.replans.get(layout, 0)})
             on_b = lb if on_b is None else [x + y for x, y in zip(on_b, lb)]
@@ -364,14 +359,6 @@ class SequenceParallel:
     def __repr__(self) -> str:
         return (f"SequenceParallel({self.config}, sp_rank={self.sp_rank}, shard_unit={self.shard_unit!r}, "
                 f"balance={self.balance})")
-
-
-def _chunk_loads(costs: torch.Tensor, order: Optional[torch.Tensor], parts: int) -> List[float]:
-    """Summed cost of each Ulysses rank's heads (``order`` None = contiguous)."""
-    c = costs.double().cpu()
-    if order is not None:
-        c = c[order.cpu()]
-    return [float(x) for x in c.view(parts, -1).sum(1)]
 
 
 class ParallelAttention:
@@ -476,8 +463,8 @@ class ParallelAttention:
         self._seen_search[layout] = res
         if res.dense_layer:
             return  # runs dense: every head costs the same
-        new = balanced_head_order(costs, U)
-        if max(_chunk_loads(costs, new, U)) >= (1.0 - REPLAN_GAIN) * max(_chunk_loads(costs, cur, U)):
+        new = replan_head_order(costs, cur, U)
+        if new is None:
             return
         self._move_heads(layout, H, ops, cur, new)
         self._seen_search[layout] = self.inner.last_search
@@ -490,8 +477,7 @@ class ParallelAttention:
         inner = self.inner
         res = inner.last_search
         inv = torch.argsort(torch.arange(H) if cur is None else cur)
-        ops.head_order = cur
-        full = gather_index(res.index, ops, layout)  # model head order, all rows
+        full = gather_index(res.index, ops, layout)  # model head order (ops.head_order is cur), all rows
         lse = inner.cached_lse
         if lse is not None:
             lse = ops.gather_heads(lse, dim=1).index_select(1, inv.to(lse.device))  # model order

@@ -140,20 +140,24 @@ class RingPlan:
         rows unless ring rank 0).
     remote: shard j -> (row0, row1, sub-index of video rows [row0, row1) against the fetched keys
         of shard j, i.e. its blocks ``ranges[j]``).
-    needs: R bools, the remote shards this rank needs.
     ranges: shard j -> ``(lo, hi)``, the key blocks fetched, relative to shard j's start.
+    ring: the ring degree.
     """
 
     own: BlockIndex
     remote: Dict[int, Tuple[int, int, BlockIndex]]
-    needs: List[bool]
     ranges: Dict[int, Tuple[int, int]]
+    ring: int
+
+    @property
+    def needs(self) -> List[bool]:
+        """R bools, the remote shards this rank fetches from."""
+        return [j in self.ranges for j in range(self.ring)]
 
     @property
     def blocks(self) -> List[int]:
         """Key blocks fetched from each shard (0 where none)."""
-        n = len(self.needs)
-        return [self.ranges[j][1] - self.ranges[j][0] if j in self.ranges else 0 for j in range(n)]
+        return [self.ranges[j][1] - self.ranges[j][0] if j in self.ranges else 0 for j in range(self.ring)]
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,6 @@ class _Geo:
     nb: int  # all blocks
     rank: int
     real: Tuple[int, ...]  # per shard: its blocks before its trailing padding blocks
-
 
     @property
     def nv(self) -> int:
@@ -265,7 +268,7 @@ def _plan_of(index: BlockIndex, g: _Geo) -> RingPlan:
         a, b = int(rows[0]), int(rows[-1]) + 1
         remote[j] = (a, b, sub.select_rows(a, b))
         ranges[j] = (lo, hi)
-    return RingPlan(own, remote, [j in remote for j in range(len(g.starts) - 1)], ranges)
+    return RingPlan(own, remote, ranges, len(g.starts) - 1)
 
 
 def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int], rank: int) -> RingPlan:
