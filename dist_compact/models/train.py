@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -30,9 +31,21 @@ import torch
 import torch.nn.functional as F
 
 from .data import make_batch
-from .embedded import DEFAULT_WEIGHTS, EmbeddedConfig, EmbeddedDiT, load_embedded, safetensors_io, save_embedded, sha256_of
+from .embedded import EmbeddedConfig, EmbeddedDiT, load_embedded, safetensors_io, save_embedded, sha256_of
 
-__all__ = ["train", "main", "flow_matching_loss", "sample_times", "checkpoint_path"]
+__all__ = ["train", "main", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
+           "DEFAULT_OUT"]
+
+#: where a training run writes unless told otherwise: never inside the installed package
+DEFAULT_OUT = Path("outputs") / "train" / "embedded.safetensors"
+
+
+def default_rope_split(head_dim: int) -> tuple:
+    """Head-dim channels rotated by (frame, row, col): a quarter by the frame, the rest split evenly
+    between rows and columns, each even (32 -> (8, 12, 12), 128 -> (32, 48, 48))."""
+    f = (head_dim // 4) // 2 * 2
+    r = (head_dim - f) // 4 * 2
+    return (f, r, head_dim - f - r)
 
 
 def flow_matching_loss(velocity, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor,
@@ -124,10 +137,19 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         _log(f"resumed from {ckpt} at step {state['step']} (EMA from {weights})")
     elif args.init:
         model = load_embedded(args.init, device=device)
+        # progressive resolution: the same weights, trained on from here at another clip size
+        size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
+        if size:
+            model.config = dataclasses.replace(model.config, **size)
         _log(f"initialised from {args.init}")
     else:
-        cfg = EmbeddedConfig(dim=args.dim, depth=args.depth, heads=args.heads, frames=args.frames,
-                             height=args.height, width=args.width)
+        dims = dict(dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
+        size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
+        if args.rope_split is not None:
+            dims["rope_split"] = tuple(args.rope_split)
+        else:
+            dims["rope_split"] = default_rope_split(args.dim // args.heads)
+        cfg = EmbeddedConfig(**dims, rope_theta=args.rope_theta, **size)
         model = EmbeddedDiT(cfg).to(device)
     model.train()
     cfg = model.config
@@ -188,7 +210,8 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         extra = {"steps": step, "minutes": (time.time() - _T0) / 60.0, "device": str(device),
                  "batch_size": batch, "seed": args.seed, "time_shift": args.time_shift,
                  "val_loss": log["val"][-1]["loss"] if log["val"] else None}
-        digest = save_embedded(ema, out, extra=extra)
+        digest = save_embedded(ema, out, dtype=torch.bfloat16 if args.save_dtype == "bf16" else torch.float32,
+                               extra=extra)
         log["sha256"] = digest
         log_path = out.with_name(out.stem + ".train.json")
         log_path.write_text(json.dumps(log, indent=1, default=str))
@@ -330,7 +353,11 @@ def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dist_compact.models.train", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of the whole command")
-    p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file to write (+ .sha256, .train.json)")
+    p.add_argument("--out", default=str(DEFAULT_OUT),
+                   help="weights file to write (+ .sha256, .train.json); default %(default)s. The shipped "
+                        "weights inside the package are replaced only with --replace-shipped")
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="allow --out to name a file inside the installed package (the shipped weights)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on GPUs")
     p.add_argument("--batch-size", type=int, default=None, help="default: 32 on a GPU, 4 on the CPU")
@@ -342,14 +369,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=EmbeddedConfig.dim)
     p.add_argument("--depth", type=int, default=EmbeddedConfig.depth)
     p.add_argument("--heads", type=int, default=EmbeddedConfig.heads)
-    p.add_argument("--frames", type=int, default=EmbeddedConfig.frames, help="training clip length")
-    p.add_argument("--height", type=int, default=EmbeddedConfig.height)
-    p.add_argument("--width", type=int, default=EmbeddedConfig.width)
+    p.add_argument("--mlp-ratio", type=int, default=EmbeddedConfig.mlp_ratio)
+    p.add_argument("--rope-split", type=int, nargs=3, default=None,
+                   help="head-dim channels rotated by frame, row, col (default: a quarter, then half each)")
+    p.add_argument("--rope-theta", type=float, default=EmbeddedConfig.rope_theta)
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"training clip length (default {EmbeddedConfig.frames}, or the --init/--resume model's)")
+    p.add_argument("--height", type=int, default=None, help=f"default {EmbeddedConfig.height} (or the model's)")
+    p.add_argument("--width", type=int, default=None, help=f"default {EmbeddedConfig.width} (or the model's)")
     p.add_argument("--init", default=None, help="start from these weights (fresh optimizer and step count)")
     p.add_argument("--resume", default=None,
                    help="continue a run from its checkpoint (<out stem>.ckpt.pt: weights, optimizer, step)")
     p.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                    help="do not write the resumable checkpoint beside the weights")
+    p.add_argument("--save-dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="dtype of the saved (EMA) weights file")
     p.add_argument("--ckpt-dtype", default="fp32", choices=("fp32", "bf16"),
                    help="dtype of the checkpoint's model and optimizer tensors (bf16: half the size)")
     p.add_argument("--time-shift", type=float, default=3.0,
@@ -390,6 +424,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--time-shift must be > 0")
     if args.init and args.resume:
         raise SystemExit("--init and --resume exclude each other (--resume restores the weights too)")
+    out = Path(args.out).resolve()
+    package = Path(__file__).resolve().parents[1]
+    if not args.replace_shipped and (out == package or package in out.parents):
+        raise SystemExit(f"--out {args.out} is inside the installed package ({package}); write elsewhere "
+                         f"(default {DEFAULT_OUT}) or pass --replace-shipped to replace the shipped weights")
     safetensors_io()  # fail now, not after the time budget, when the weights cannot be written
     train(args, start=start)
     return 0
