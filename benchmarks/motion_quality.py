@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from dist_compact.attention import build_attention
     from dist_compact.attention_ops import AttentionOps
     from dist_compact.config import load_run_config
-    from dist_compact.models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
+    from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
     from dist_compact.report import psnr
     from dist_compact.sampler import sample
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     base = load_run_config(args.config, common)
     device = torch.device("cuda" if base.cluster.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = base.model.path or str(DEFAULT_WEIGHTS)
+    path = base.model.path or str(shipped_weights(base.model.name))
     model = load_embedded(path, device=device, dtype=dtype)
     mcfg = model.config
     digest = sha256_of(path)

@@ -39,10 +39,10 @@ class EmbeddedJob(Job):
         self.factory = attention_factory or build_attention
 
     def load(self, proc) -> LoadedModel:
-        from .models.embedded import DEFAULT_WEIGHTS, load_embedded, sha256_of
+        from .models.embedded import load_embedded, sha256_of, shipped_weights
 
         mc = self.cfg.model
-        path = mc.path or str(DEFAULT_WEIGHTS)
+        path = mc.path or str(shipped_weights(mc.name))
         model = self.model = load_embedded(path, device=proc.device, dtype=proc.dtype)
         self.info = {"name": mc.name, "weights": os.path.abspath(path), "sha256": sha256_of(path),
                      "params": sum(p.numel() for p in model.parameters()),

@@ -50,14 +50,26 @@ __all__ = [
     "LocalPlan",
     "WeightsError",
     "DEFAULT_WEIGHTS",
+    "WEIGHTS_DIR",
+    "shipped_weights",
     "load_embedded",
     "save_embedded",
     "sha256_of",
     "rope_tables",
 ]
 
-#: the shipped weights (trained by ``python -m dist_compact.models.train``); the checksum is beside it
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "embedded.safetensors"
+#: the folder of the shipped weights (trained by ``python -m dist_compact.models.train``), each with its checksum
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+#: the tiny model's weights, the CPU default
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "embedded.safetensors"
+
+
+def shipped_weights(name: str = "embedded") -> Path:
+    """The shipped weights of the embedded model called ``name`` (``model.name`` of a config):
+    ``"embedded"`` (the tiny CPU default) or ``"embedded-gpu"`` (16 x 128 x 128, 16,384 video tokens)."""
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"embedded model name must be a plain name such as 'embedded', got {name!r}")
+    return WEIGHTS_DIR / f"{name}.safetensors"
 _FORMAT = "dist_compact.embedded/1"
 
 
@@ -247,18 +259,33 @@ class Block(nn.Module):
         # per-block offset of the shared modulation (Wan2.1 style); small so blocks start near identity
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d ** 0.5)
 
-    def forward(self, x, mod, cos, sin, attend):
+        # compiled (pre_attention, post_attention) once compile_pointwise() ran, else None (eager)
+        self._compiled = None
+
+    def pre_attention(self, x, mod, cos, sin):
+        """q, k, v ``[B, S, heads, head_dim]`` of ``x`` (modulated norm, projection, q/k norm, RoPE)."""
         B, S, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation).unbind(1)
+        shift1, scale1 = (mod[:, 0] + self.modulation[:, 0]), (mod[:, 1] + self.modulation[:, 1])
         h = self.norm1(x) * (1 + scale1.unsqueeze(1)) + shift1.unsqueeze(1)
         q, k, v = self.qkv(h).view(B, S, 3, self.heads, D // self.heads).unbind(2)
         # one dtype for q, k, v: under autocast the norms' fp32 weights would promote q and k to fp32
         q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
         k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
-        a = attend(q, k, v.contiguous()).reshape(B, S, D)
-        x = x + gate1.unsqueeze(1) * self.proj(a)
+        return q, k, v.contiguous()
+
+    def post_attention(self, x, a, mod):
+        """The residual update of ``x`` with the attention output ``a [B, S, heads, head_dim]``, then the MLP."""
+        B, S, D = x.shape
+        m = mod + self.modulation
+        gate1, shift2, scale2, gate2 = m[:, 2], m[:, 3], m[:, 4], m[:, 5]
+        x = x + gate1.unsqueeze(1) * self.proj(a.reshape(B, S, D))
         h = self.norm2(x) * (1 + scale2.unsqueeze(1)) + shift2.unsqueeze(1)
         return x + gate2.unsqueeze(1) * self.mlp(h)
+
+    def forward(self, x, mod, cos, sin, attend):
+        pre, post = self._compiled or (self.pre_attention, self.post_attention)
+        q, k, v = pre(x, mod, cos, sin)
+        return post(x, attend(q, k, v), mod)
 
 
 class LocalPlan(SequenceParallel):
@@ -303,6 +330,18 @@ class EmbeddedDiT(nn.Module):
             nn.init.zeros_(m.bias)
         self.attn: List = [DenseAttention(i) for i in range(cfg.depth)]
         self.tokenizer = WordTokenizer(cfg.text_len)
+
+    def compile_pointwise(self, enabled: bool = True) -> None:
+        """Run each block's per-token work (everything but attention) through ``torch.compile``.
+
+        Why: at 16K tokens and width 512 the eager norms, modulation, RoPE (fp32) and gates are ~30
+        memory-bound kernels per block, as slow as dense attention itself on a GPU; fused they are a
+        few. Attention stays the installed callables (never traced). Compiled on the first call of
+        each shape; ``enabled=False`` restores the eager functions.
+        """
+        for b in self.blocks:
+            b._compiled = ((torch.compile(b.pre_attention, dynamic=False),
+                            torch.compile(b.post_attention, dynamic=False)) if enabled else None)
 
     def set_attention(self, attns: Sequence) -> None:
         """Install one attention callable ``attn(q, k, v, ctx)`` per block."""

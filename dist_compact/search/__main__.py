@@ -75,7 +75,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     import os
 
     from ..config import parse_generate_args
-    from ..models.embedded import DEFAULT_WEIGHTS, load_embedded
+    from ..models.embedded import load_embedded, shipped_weights
     from ..pipeline import run_generation
     from .capture import CaptureAttention
 
@@ -89,7 +89,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
                               run=dataclasses.replace(cfg.run, compare_dense=False,
                                                       output_dir=os.path.join(out_dir, "runs")))
-    model = load_embedded(cfg.model.path or str(DEFAULT_WEIGHTS), device="cpu")
+    model = load_embedded(cfg.model.path or str(shipped_weights(cfg.model.name)), device="cpu")
     layout = model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile)
     store = MassStore.for_layout(layout, model.config.depth, model.config.heads, model=cfg.model.name)
 
