@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["encode_png", "write_png", "colormap", "heatmap_figure", "VIRIDIS"]
+__all__ = ["encode_png", "write_png", "colormap", "heatmap_figure", "scatter_figure", "VIRIDIS"]
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -192,4 +192,102 @@ def heatmap_figure(matrix: Sequence[Sequence[Optional[float]]], *, title: str, s
         draw.text((bar_x + bar_w + 6, ty - line_h // 2), s, fill=ink, font=font)
     if bar_label:
         draw.text((bar_x, top + bar_h + 4), bar_label, fill=ink, font=font)
+    return np.asarray(pil, dtype=np.uint8).copy()
+
+
+#: marker colours of :func:`scatter_figure`'s series (distinct on white, colour-blind-safe order)
+SERIES_COLOURS: Tuple[Tuple[int, int, int], ...] = (
+    (0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (230, 159, 0), (0, 0, 0),
+)
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 6) -> List[float]:
+    """About ``n`` round tick values covering ``[lo, hi]`` (steps of 1, 2 or 5 times a power of ten)."""
+    span = max(hi - lo, 1e-9)
+    raw = span / max(n - 1, 1)
+    mag = 10 ** np.floor(np.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    start = np.floor(lo / step) * step
+    return [float(start + i * step) for i in range(int(np.ceil((hi - start) / step)) + 1)]
+
+
+def scatter_figure(series, *, title: str, x_label: str, y_label: str, hlines=(), vlines=(),
+                   size: Tuple[int, int] = (760, 520)) -> np.ndarray:
+    """uint8 RGB scatter plot: ``series`` maps a legend name to points ``(x, y, label)``.
+
+    Axes with round ticks, a dashed reference line for each ``(value, text)`` of ``hlines`` /
+    ``vlines``, each point a filled square in its series colour with its label beside it, the legend
+    on the right. Needs Pillow (the [video] extra) for text; without it raises ImportError.
+    """
+    from PIL import Image, ImageDraw
+
+    font = _font()
+    width, height = size
+    pts = [(x, y) for pts_ in series.values() for x, y, _ in pts_]
+    xs = [x for x, _ in pts] + [v for v, _ in vlines] + [1.0]
+    ys = [y for _, y in pts] + [v for v, _ in hlines]
+    x_lo, x_hi = min(xs), max(xs)
+    y_lo, y_hi = min(ys), max(ys)
+    x_pad, y_pad = 0.08 * max(x_hi - x_lo, 0.1), 0.08 * max(y_hi - y_lo, 1.0)
+    xt = _nice_ticks(x_lo - x_pad, x_hi + x_pad)
+    yt = _nice_ticks(y_lo - y_pad, y_hi + y_pad)
+    x_lo, x_hi, y_lo, y_hi = xt[0], xt[-1], yt[0], yt[-1]
+    legend_w = 190
+    left, right, top, bottom = 70, width - legend_w, 44, height - 56
+    pil = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(pil)
+    ink, grey = (0, 0, 0), (200, 200, 200)
+
+    def px(x: float, y: float) -> Tuple[int, int]:
+        return (int(round(left + (x - x_lo) / (x_hi - x_lo) * (right - left))),
+                int(round(bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))))
+
+    for v in xt:
+        x, _ = px(v, y_lo)
+        draw.line([(x, top), (x, bottom)], fill=(235, 235, 235))
+        draw.line([(x, bottom), (x, bottom + 4)], fill=ink)
+        s = f"{v:g}"
+        draw.text((x - font.getbbox(s)[2] // 2, bottom + 6), s, fill=ink, font=font)
+    for v in yt:
+        _, y = px(x_lo, v)
+        draw.line([(left, y), (right, y)], fill=(235, 235, 235))
+        draw.line([(left - 4, y), (left, y)], fill=ink)
+        s = f"{v:g}"
+        draw.text((left - 8 - font.getbbox(s)[2], y - 7), s, fill=ink, font=font)
+    draw.rectangle([left, top, right, bottom], outline=ink)
+
+    def dashed(a, b):
+        (x0, y0), (x1, y1) = a, b
+        n = max(abs(x1 - x0), abs(y1 - y0)) // 6
+        for i in range(0, n, 2):
+            draw.line([(x0 + (x1 - x0) * i // n, y0 + (y1 - y0) * i // n),
+                       (x0 + (x1 - x0) * (i + 1) // n, y0 + (y1 - y0) * (i + 1) // n)], fill=(120, 120, 120))
+
+    for v, s in hlines:
+        if y_lo <= v <= y_hi:
+            _, y = px(x_lo, v)
+            dashed((left, y), (right, y))
+            draw.text((right - font.getbbox(s)[2] - 4, y - 16), s, fill=(90, 90, 90), font=font)
+    for v, s in vlines:
+        if x_lo <= v <= x_hi:
+            x, _ = px(v, y_lo)
+            dashed((x, top), (x, bottom))
+            draw.text((x + 4, top + 2), s, fill=(90, 90, 90), font=font)
+    for i, (name, pts_) in enumerate(series.items()):
+        col = SERIES_COLOURS[i % len(SERIES_COLOURS)]
+        for x, y, label in pts_:
+            cx, cy = px(x, y)
+            draw.rectangle([cx - 4, cy - 4, cx + 4, cy + 4], fill=col, outline=ink)
+            if label:
+                draw.text((cx + 7, cy - 7), label, fill=col, font=font)
+        ly = top + 8 + 20 * i
+        draw.rectangle([right + 16, ly + 2, right + 26, ly + 12], fill=col, outline=ink)
+        draw.text((right + 32, ly), name, fill=ink, font=font)
+    draw.text((left, 12), title, fill=ink, font=font)
+    draw.text(((left + right) // 2 - font.getbbox(x_label)[2] // 2, height - 26), x_label, fill=ink, font=font)
+    lw, lh = font.getbbox(y_label)[2:]
+    tmp = Image.new("RGB", (lw + 2, lh + 4), (255, 255, 255))
+    ImageDraw.Draw(tmp).text((0, 0), y_label, fill=ink, font=font)
+    tmp = tmp.rotate(90, expand=True)
+    pil.paste(tmp, (8, (top + bottom) // 2 - tmp.size[1] // 2))
     return np.asarray(pil, dtype=np.uint8).copy()
