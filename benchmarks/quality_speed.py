@@ -45,6 +45,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_csv  # noqa: E402
 
+#: the modes a demo config may be chosen from (the baselines are for comparison only)
+CHOOSABLE = ("compact", "adaspa", "compact+adaspa")
+
 SUMMARY_FIELDS = ("mode", "level", "pattern", "clips", "steps", "sparse_step_share", "density_sparse_steps",
                   "attn_flops_vs_dense", "denoise_s_median", "speedup_vs_dense", "psnr_mean_db", "psnr_min_db",
                   "ssim_mean", "motion_follow_pct", "device", "weights_sha256")
@@ -82,13 +85,18 @@ def build_modes(args, model_name, num_layers, num_heads, layout, base_sparsity):
     online = dict(search_steps=(args.dense_steps, 30), search_kinds=("fused", "cached"), head_adaptive=True,
                   head_rule="paper")
     modes = [("dense", "-", SparsityConfig(mode="dense"), None, "dense")]
-    densities = [float(x) for x in args.densities.split(",")]
     compacts = []
     for spec in args.compact:
         level, _, path = spec.partition("=")
         cfg = load_config(path, model=model_name, num_layers=num_layers, num_heads=num_heads)
         compacts.append((level, cfg, path))
-        modes.append(("compact", level, SparsityConfig(mode="compact", **warm), cfg, os.path.basename(path)))
+        modes.append(("compact", level, SparsityConfig(mode="compact", compact_config=os.path.basename(path), **warm),
+                      cfg, os.path.basename(path)))
+    if args.densities == "from-compact":
+        # the other modes at the densities the searched configs reached on this layout
+        densities = [round(compact_density(cfg, layout), 3) for _, cfg, _ in compacts]
+    else:
+        densities = [float(x) for x in args.densities.split(",")]
     for d in densities:
         modes.append(("adaspa", f"{d:g}", SparsityConfig(mode="adaspa", sparsity=1.0 - d, **warm, **online), None,
                       f"top-k {d:g}, paper head rule"))
@@ -96,7 +104,8 @@ def build_modes(args, model_name, num_layers, num_heads, layout, base_sparsity):
         # the union spends about half the budget on each part
         s = min(0.99, 1.0 - d / 2)
         modes.append(("compact+adaspa", f"{level}+{d / 2:g}",
-                      SparsityConfig(mode="compact+adaspa", sparsity=s, **warm, **online), cfg,
+                      SparsityConfig(mode="compact+adaspa", sparsity=s, compact_config=os.path.basename(path),
+                                     **warm, **online), cfg,
                       f"{os.path.basename(path)} + top-k {d / 2:g}"))
     for d in densities:
         win, got = window_for_density(layout, num_layers, num_heads, d, model=model_name)
@@ -106,6 +115,14 @@ def build_modes(args, model_name, num_layers, num_heads, layout, base_sparsity):
                       RandomBlocks(d, num_layers, num_heads, seed=args.seed_base), f"random {d:g}"))
     only = set(filter(None, args.modes.split(","))) if args.modes else None
     return [m for m in modes if only is None or m[0] in only or m[0] == "dense"]
+
+
+def compact_density(config, layout) -> float:
+    """Mean density of a Compact config over its layers and heads on ``layout``'s video blocks."""
+    from dist_compact.patterns.baselines import video_density
+
+    return sum(video_density(config.block_mask(i, layout)[0], layout) for i in range(config.num_layers)) \
+        / config.num_layers
 
 
 def small_model(path: str) -> None:
@@ -149,7 +166,9 @@ def main(argv=None) -> int:
                    help="config files (default: configs/models/embedded-gpu.yaml)")
     p.add_argument("--compact", action="append", default=[], metavar="LEVEL=PATH",
                    help="a searched Compact config per level (repeatable, in the order of --densities)")
-    p.add_argument("--densities", default="0.25,0.15", help="target densities of adaspa / window / random")
+    p.add_argument("--densities", default="0.25,0.15",
+                   help="target densities of adaspa / window / random, or 'from-compact': those the --compact "
+                        "configs reach on this layout")
     p.add_argument("--dense-steps", type=int, default=10, help="warm-up of every sparse mode, of 50 reference steps")
     p.add_argument("--modes", default="", help="only these modes (comma list; dense always runs)")
     p.add_argument("--limit", type=int, default=0, help="prompts of the rotated grid (0: all 120)")
@@ -161,7 +180,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="summary rows and run facts")
     p.add_argument("--png", default=None, help="PSNR vs speed-up figure (needs Pillow for its text)")
     p.add_argument("--small", action="store_true", help="CPU smoke run: tiny random model, 4 clips, 4 steps")
+    p.add_argument("--choose", default=None, metavar="JSON",
+                   help="no run: pick the demo sparsity from a --json of an earlier run (choose_demo's rule)")
+    p.add_argument("--sparsity-out", default=None, help="with --choose: the sparsity YAML to write")
     args = p.parse_args(argv)
+    if args.choose:
+        with open(args.choose) as f:
+            row = choose_demo(json.load(f)["summary"])
+        print(f"chosen: {row['mode']} {row['level']} ({row['speedup_vs_dense']}x, {row['psnr_mean_db']} dB)")
+        if args.sparsity_out:
+            write_sparsity_yaml(row, args.sparsity_out, os.path.basename(args.choose))
+        return 0
     if args.small:
         return _small(args)
     return run(args)
@@ -272,12 +301,14 @@ def run(args) -> int:
                "motion_follow_pct": round(summarize(scores)["follows_pct"], 2),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "weights_sha256": digest}
+        # the YAML of modes a config file can express (the baselines' patterns are built in code)
+        row["sparsity"] = dataclasses.asdict(sparsity) if mode in CHOOSABLE else None
         row["speedup_vs_dense"] = round(summary[0]["denoise_s_median"] / row["denoise_s_median"], 3) if summary else 1.0
         summary.append(row)
         print(f"{mode:15s} {level:10s} {row['denoise_s_median']:.4f} s  x{row['speedup_vs_dense']:.2f}  "
               f"PSNR {row['psnr_mean_db']}  motion {row['motion_follow_pct']}%  flops {row['attn_flops_vs_dense']}",
               flush=True)
-        write_csv(args.csv, summary, SUMMARY_FIELDS)  # after every mode: a run cut short keeps what it finished
+        write_csv(args.csv, [{k: r[k] for k in SUMMARY_FIELDS} for r in summary], SUMMARY_FIELDS)  # after every mode: a run cut short keeps what it finished
         write_csv(args.clips_csv, clip_rows)
     facts = {"clips": len(clips), "seeds": [args.seed_base, args.seed_base + args.seeds - 1],
              "steps": run_opts.steps, "guidance": run_opts.guidance, "shift": run_opts.shift,
@@ -294,6 +325,33 @@ def run(args) -> int:
         write_pareto(summary, args.png, title=f"{mc.name}: PSNR vs speed-up ({len(clips)} clips, {facts.get('device', 'cpu')})")
     print_table(summary)
     return 0
+
+
+def choose_demo(summary, min_psnr: float = 30.0, max_motion_drop: float = 3.0):
+    """The demo's sparsity, by a fixed rule over the benchmark's rows: the fastest choosable mode whose
+    mean PSNR is >= ``min_psnr`` and whose motion-follow is within ``max_motion_drop`` points of dense;
+    if none qualifies, the one with the highest PSNR. Returns its row."""
+    dense = next(r for r in summary if r["mode"] == "dense")
+    cands = [r for r in summary if r["mode"] in CHOOSABLE and r.get("sparsity")]
+    if not cands:
+        raise ValueError("no compact / adaspa / compact+adaspa rows to choose a demo sparsity from")
+    ok = [r for r in cands if r["psnr_mean_db"] >= min_psnr
+          and r["motion_follow_pct"] >= dense["motion_follow_pct"] - max_motion_drop]
+    return max(ok, key=lambda r: r["speedup_vs_dense"]) if ok else max(cands, key=lambda r: r["psnr_mean_db"])
+
+
+def write_sparsity_yaml(row, path, source: str) -> None:
+    """A sparsity config file (``sparsity:`` section) of a summary row, with a comment saying where it came from."""
+    import yaml
+
+    keep = {k: v for k, v in row["sparsity"].items() if v is not None}
+    for k in ("search_steps", "search_kinds"):
+        keep[k] = list(keep[k])
+    head = (f"# Chosen by benchmarks/quality_speed.py's rule (fastest mode with mean PSNR >= 30 dB and motion-follow\n"
+            f"# within 3 points of dense) from {source}: {row['mode']} {row['level']}, speed-up "
+            f"{row['speedup_vs_dense']}x, PSNR {row['psnr_mean_db']} dB, motion {row['motion_follow_pct']}%.\n")
+    with open(path, "w") as f:
+        f.write(head + yaml.safe_dump({"sparsity": keep}, sort_keys=False))
 
 
 def print_table(summary) -> None:

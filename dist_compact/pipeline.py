@@ -27,7 +27,14 @@ from .sampler import sample
 from .stats import AttentionStats
 from .step_schedule import sparsity_line, step_kinds
 
-__all__ = ["EmbeddedJob", "run_generation"]
+__all__ = ["EmbeddedJob", "run_generation", "CPU_MAX_VIDEO_TOKENS", "COMPILE_MIN_VIDEO_TOKENS"]
+
+#: the largest embedded-model video a CPU run takes (the GPU model's 16,384 tokens would take hours)
+CPU_MAX_VIDEO_TOKENS = 8192
+#: from this many video tokens a GPU run compiles each block's per-token work
+#: (:meth:`EmbeddedDiT.compile_pointwise`): there it is as slow as attention eager; below, the
+#: compile time outweighs what it saves
+COMPILE_MIN_VIDEO_TOKENS = 8192
 
 
 class EmbeddedJob(Job):
@@ -56,6 +63,14 @@ class EmbeddedJob(Job):
         mc, mcfg = self.cfg.model, self.model.config
         self.sp, self.compact = sp, compact
         self.layout = sp.layout_for(self.model.video_layout(mc.frames, mc.height, mc.width, mc.tile))
+        tokens = self.layout.video_tokens
+        if self.proc.device.type == "cpu" and tokens > CPU_MAX_VIDEO_TOKENS:
+            raise ValueError(
+                f"model {mc.name!r} at {mc.frames} x {mc.height} x {mc.width} px is {tokens:,} video tokens: a GPU "
+                f"job (hours on a CPU); on this machine run the CPU default, `python generate.py` (the tiny "
+                f"embedded model, 2,304 tokens), or a smaller video (--model.height / --model.width)")
+        if self.proc.device.type == "cuda" and tokens >= COMPILE_MIN_VIDEO_TOKENS:
+            self.model.compile_pointwise()
         gen = torch.Generator().manual_seed(self.cfg.run.seed)  # CPU generator: the same noise on every rank and device
         self.noise = torch.randn((1, mcfg.in_channels, mc.frames, mc.height, mc.width),
                                  generator=gen).to(self.proc.device)

@@ -45,6 +45,10 @@ sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels"), os.path.join(_ROOT, "benc
 MODELS = {
     "embedded": [("model.name", "embedded"), ("model.kind", "embedded"), ("model.frames", "16"),
                  ("model.height", "48"), ("model.width", "48"), ("model.tile", "1,4,4"), ("run.guidance", "4.0")],
+    # the GPU-scale embedded model: 16 x 32 x 32 video tokens in tiles of 2 x 8 x 8, 4 heads of 128
+    "embedded-gpu": [("model.name", "embedded-gpu"), ("model.kind", "embedded"), ("model.frames", "16"),
+                     ("model.height", "128"), ("model.width", "128"), ("model.tile", "2,8,8"),
+                     ("run.guidance", "4.0")],
     # 9 x 30 x 53 latent tokens + 256 prompt tokens; 1 dual-stream + 2 single-stream blocks, 24 heads
     "hunyuan": [("model.name", "hunyuanvideo"), ("model.kind", "random"), ("model.layers", "3"),
                 ("model.frames", "33"), ("model.height", "480"), ("model.width", "848"), ("model.tile", "1,8,16"),
@@ -55,7 +59,7 @@ MODELS = {
 }
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}
 #: attention heads per model: a Ulysses degree that does not divide them is not a layout of that model
-HEADS = {"embedded": 6, "hunyuan": 24, "wan": 40}
+HEADS = {"embedded": 6, "embedded-gpu": 4, "hunyuan": 24, "wan": 40}
 #: ``--variant``: extra overrides that isolate where a difference comes from (the online search picks
 #: blocks by top-k of the block mass, so bf16 rounding can change its choice; ``compact`` has no online
 #: search, ``fp32`` keeps the search but in float32)
@@ -73,6 +77,8 @@ def _compact_file(model: str, out: str) -> str:
     """The Compact config of a model: the shipped one for ``embedded``, else a pooled one written under ``out``."""
     if model == "embedded":
         return "embedded-compact-0.5.yaml"
+    if model == "embedded-gpu":
+        return "embedded-gpu-compact-0.9.yaml"
     from scaling_model import pooled_compact
 
     from dist_compact.integrations.random_transformer import published_config
@@ -142,7 +148,7 @@ def reference(models, out, cpu=False, variant="default"):
         print(f"reference {m}: {time.time() - t:.1f} s", flush=True)
 
 
-FLOOR_MODELS = ("embedded",)
+FLOOR_MODELS = ("embedded", "embedded-gpu")
 
 
 def limit_of(out: str, model: str, tol: float, factor: float, floor_models=FLOOR_MODELS):

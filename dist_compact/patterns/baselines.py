@@ -24,7 +24,7 @@ from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from .compact import CompactConfig, HeadPattern, real_tile_grid
 
-__all__ = ["window_for_density", "window_density", "RandomBlocks"]
+__all__ = ["window_for_density", "window_density", "video_density", "RandomBlocks"]
 
 
 def _check_density(density) -> float:
@@ -33,7 +33,7 @@ def _check_density(density) -> float:
     return float(density)
 
 
-def _video_density(mask: torch.Tensor, layout: VideoLayout) -> float:
+def video_density(mask: torch.Tensor, layout: VideoLayout) -> float:
     """Kept share of (real video query block, real video key block) pairs of a ``[.., NB, NB]`` mask."""
     valid = (layout.block_valid() > 0) & ~layout.is_text_block()
     sub = mask[..., valid, :][..., :, valid]
@@ -43,7 +43,7 @@ def _video_density(mask: torch.Tensor, layout: VideoLayout) -> float:
 def window_density(pattern: HeadPattern, layout: VideoLayout) -> float:
     """Density of one head's pattern over the video blocks of ``layout`` (text excluded)."""
     cfg = CompactConfig.uniform(1, 1, pattern)
-    return _video_density(cfg.block_mask(0, layout)[0, 0], layout)
+    return video_density(cfg.block_mask(0, layout)[0, 0], layout)
 
 
 def window_for_density(layout: VideoLayout, num_layers: int, num_heads: int, density: float,
