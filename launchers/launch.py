@@ -25,7 +25,11 @@ Fallbacks on the launching machine (one node only; GPUs counted with torch, or `
 
 When SCRIPT is ``generate.py`` the cluster file is passed on as its first ``--config`` (so its
 world-size check agrees with the launch), followed by the fallback overrides; other scripts get
-their arguments unchanged. ``--dry-run`` prints the command (or the batch script) instead of
+their arguments unchanged. Every name that reaches a shell or a batch script (``--job-name``,
+``--partition``, ``--time``, the config path, the script's arguments, the rendezvous id and host) is
+checked first, one :class:`LaunchError` naming the option otherwise: no control characters (a
+newline would start a new command in the batch script), a partition of SLURM's name characters, a
+time in one of SLURM's forms; and everything is shell-quoted where it is written. ``--dry-run`` prints the command (or the batch script) instead of
 running it; on a machine without GPUs it prints the command for a node with the config's GPUs
 (what the cluster will run), and names the CPU fallback this machine would run on stderr (give
 ``--gpus N`` to plan for N GPUs instead). Reads files (a launcher); the library never does.
@@ -35,17 +39,65 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["LaunchError", "LaunchPlan", "plan_launch", "slurm_script", "load_cluster", "count_gpus", "main"]
+__all__ = ["LaunchError", "LaunchPlan", "plan_launch", "slurm_script", "load_cluster", "count_gpus", "check_text",
+           "check_slurm_options", "main"]
 
 
 class LaunchError(ValueError):
     """A cluster config or launch request that cannot run (the message says why and what to do)."""
+
+
+#: SLURM's --time forms: minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+#: days-hours:minutes, days-hours:minutes:seconds; or no limit
+_SLURM_TIME = re.compile(r"(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|UNLIMITED|unlimited|infinite|INFINITE)")
+#: a partition name, or a comma-separated list of them (SLURM takes the first that can run the job)
+_SLURM_PARTITION = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+#: a job name: the characters that need no quoting in a shell nor in sbatch's own reading of an
+#: ``#SBATCH`` line (which knows double quotes and backslashes, not the shell's single quotes)
+_SLURM_JOB_NAME = re.compile(r"[A-Za-z0-9_.+:@=,%/-]{1,200}")
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` for a one-line message: escaped, and cut after ``limit`` characters."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_text(what: str, value: str) -> str:
+    """``value`` itself, or a :class:`LaunchError` naming ``what`` when it is empty or holds a control
+    character (in a batch script a newline starts a new command)."""
+    from dist_compact._util import control_chars
+
+    if not isinstance(value, str) or not value:
+        raise LaunchError(f"{what} must be a non-empty string, got {value!r}")
+    bad = control_chars(value)
+    if bad:
+        raise LaunchError(f"{what} {_shown(value)} contains control characters ({bad}); remove them (newlines, "
+                          "tabs and escapes cannot go into a command line or a batch script)")
+    return value
+
+
+def check_slurm_options(job_name: str, time_limit: str, partition: Optional[str]) -> None:
+    """One :class:`LaunchError` naming the option when a SLURM option is not a plain value of its kind."""
+    check_text("--job-name", job_name)
+    if not _SLURM_JOB_NAME.fullmatch(job_name):
+        raise LaunchError(f"--job-name {_shown(job_name)} is not a plain job name; use at most 200 letters, digits "
+                          "and _ . + : @ = , % / - (no spaces, quotes or shell characters)")
+    check_text("--time", time_limit)
+    if not _SLURM_TIME.fullmatch(time_limit):
+        raise LaunchError(f"--time {_shown(time_limit)} is not a SLURM time limit; use minutes, HH:MM:SS or "
+                          "D-HH:MM:SS (e.g. 02:00:00)")
+    if partition is not None:
+        check_text("--partition", partition)
+        if not _SLURM_PARTITION.fullmatch(partition):
+            raise LaunchError(f"--partition {_shown(partition)} is not a partition name; use letters, digits, "
+                              "'_', '-', '.' (several: comma-separated)")
 
 
 @dataclass(frozen=True)
@@ -102,6 +154,7 @@ def _is_generate(script: str) -> bool:
 def _script_args(script_args: Sequence[str], config_path: str, overrides: Sequence[str]) -> List[str]:
     if not script_args:
         raise LaunchError("no script to launch: put it after '--', e.g. -- generate.py --prompt '...'")
+    check_text("--config", str(config_path))
     script, rest = script_args[0], list(script_args[1:])
     if _is_generate(script):
         return [script, "--config", config_path, *overrides, *rest]
@@ -125,13 +178,14 @@ def plan_launch(cluster, config_path: str, script_args: Sequence[str], *, gpus: 
         python: the interpreter for single-process runs.
     """
     n, nodes = cluster.nproc, cluster.nnodes
+    check_text("--rdzv-id", rdzv_id)
     if nodes > 1:
         if node_rank is None:
             raise LaunchError(f"{config_path}: {nodes} nodes: give this node's --node-rank (0..{nodes - 1}), or "
                               "use --slurm for a batch script")
         if not 0 <= node_rank < nodes:
             raise LaunchError(f"--node-rank {node_rank} is outside 0..{nodes - 1} for {config_path}")
-        addr = master_addr or cluster.master_addr
+        addr = check_text("--master-addr", master_addr or cluster.master_addr)
         port = master_port or cluster.master_port
         argv = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(n), "--node-rank", str(node_rank),
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{addr}:{port}", "--rdzv-id", rdzv_id,
@@ -172,9 +226,21 @@ def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_n
 
     The rendezvous endpoint is the allocation's first node (``scontrol show hostnames``), the node
     rank ``$SLURM_NODEID`` and the rendezvous id ``$SLURM_JOB_ID``, all read when the job runs.
+
+    Raises:
+        LaunchError: a job name, time, partition, path or argument that is not a plain value
+            (:func:`check_slurm_options`, :func:`check_text`); nothing is written then.
     """
     n, nodes = cluster.nproc, cluster.nnodes
+    check_slurm_options(job_name, time_limit, partition)
     port = master_port or cluster.master_port
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise LaunchError(f"--master-port must be an int in [1, 65535], got {port!r}")
+    if not isinstance(cpus_per_task, int) or cpus_per_task < 1:
+        raise LaunchError(f"cpus_per_task must be an int >= 1, got {cpus_per_task!r}")
+    for i, arg in enumerate(script_args, 1):
+        if arg:  # an empty argument is a value like any other (e.g. --prompt '')
+            check_text(f"argument {i} after '--'", arg)
     args = _script_args(script_args, config_path, [])
     # $VARS stay unquoted so the task's shell expands them; everything else is quoted
     torchrun = ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(n), "--node-rank", '"$SLURM_NODEID"',
@@ -182,7 +248,7 @@ def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_n
     inner = " ".join(torchrun) + " " + " ".join(shlex.quote(a) for a in args)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --job-name={shlex.quote(job_name)}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --gpus-per-node={n}" if cluster.device != "cpu" else "#SBATCH --gpus-per-node=0",
@@ -192,7 +258,7 @@ def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_n
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     lines += [
-        f"# generated by launchers/launch.py from {config_path}: ulysses {cluster.ulysses} x ring {cluster.ring} "
+        f"# generated by launchers/launch.py from {shlex.quote(str(config_path))}: ulysses {cluster.ulysses} x ring {cluster.ring} "
         f"= {nodes} node(s) x {n} process(es)",
         "set -euo pipefail",
         'HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -232,6 +298,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         own, script_args = argv, []
     args = build_parser().parse_args(own)
     try:
+        check_text("--config", args.config)
+        check_text("--rdzv-id", args.rdzv_id)
+        if args.master_addr is not None:
+            check_text("--master-addr", args.master_addr)
         cluster = load_cluster(args.config)
         if args.slurm:
             sys.stdout.write(slurm_script(cluster, args.config, script_args, job_name=args.job_name,

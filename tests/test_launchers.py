@@ -170,3 +170,84 @@ def test_dry_run_without_gpus_prints_the_gpu_command(monkeypatch, capsys):
     monkeypatch.setattr(launch.subprocess, "call", lambda argv, env: ran.append(argv) or 0)
     assert launch.main(["--config", "configs/cluster/1x8-ulysses.yaml", "--", *GEN]) == 0
     assert ran and "--cluster.device" in ran[0] and "gloo" in ran[0]
+
+
+# ---------------------------------------------------------------------------------------------- hostile input
+INJECTIONS = {
+    "job-name-newline": (["--job-name", "x\ntouch {pwned}"], "--job-name"),
+    "job-name-substitution": (["--job-name", "$(touch {pwned})"], "--job-name"),
+    "job-name-quote": (["--job-name", "a'; touch {pwned}; '"], "--job-name"),
+    "partition-newline": (["--partition", "gpu\ntouch {pwned}"], "--partition"),
+    "partition-semicolon": (["--partition", "gpu;touch {pwned}"], "--partition"),
+    "time-newline": (["--time", "02:00:00\ntouch {pwned}"], "--time"),
+    "time-word": (["--time", "$(touch {pwned})"], "--time"),
+    "script-arg-newline": (["--", "generate.py", "--prompt", "a\ntouch {pwned}"], "argument 3 after '--'"),
+    "rdzv-id-newline": (["--rdzv-id", "x\ny"], "--rdzv-id"),
+}
+
+
+@pytest.mark.parametrize("case", list(INJECTIONS))
+def test_slurm_injection_attempts_fail_with_one_line(tmp_path, case):
+    """Every attempt to put a command into the batch script is refused before anything is written:
+    exit 2, nothing on stdout, one line on stderr naming the option."""
+    pwned = tmp_path / "pwned"
+    extra, option = INJECTIONS[case]
+    extra = [a.replace("{pwned}", str(pwned)) for a in extra]
+    script = extra[extra.index("--"):] if "--" in extra else ["--", *GEN]
+    own = extra[:extra.index("--")] if "--" in extra else extra
+    out = subprocess.run([sys.executable, "-m", "launchers", "--config", "configs/cluster/2x8-hybrid.yaml",
+                          "--slurm", *own, *script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
+    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"launchers: error: {option} "), out.stderr
+    assert not pwned.exists()
+
+
+def test_config_path_with_a_newline_is_refused(tmp_path):
+    """A real cluster file whose name holds a newline (it would end the script's comment line)."""
+    evil = tmp_path / "c\ntouch pwned\n.yaml"
+    evil.write_text((CLUSTER / "2x8-hybrid.yaml").read_text())
+    with pytest.raises(LaunchError, match=r"^--config .* control characters \(\\n\)"):
+        slurm_script(load_cluster(str(evil)), str(evil), GEN)
+    out = subprocess.run([sys.executable, "-m", "launchers", "--config", str(evil), "--slurm", "--", *GEN],
+                         cwd=tmp_path, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1
+    assert "--config" in out.stderr and not (tmp_path / "pwned").exists()
+
+
+def test_generated_batch_script_runs_no_injected_command(tmp_path):
+    """Shell characters that are allowed (in arguments and the config path) stay data: the whole batch
+    script runs under bash with stand-ins for scontrol / srun / torchrun, and torchrun receives every
+    argument verbatim while no injected command runs."""
+    pwned = tmp_path / "pwned"
+    hostile = f"a cat'; touch {pwned}; echo \"$(touch {pwned})\" `touch {pwned}` $HOME"
+    cfg_path = tmp_path / "my $(touch pwned) cluster's.yaml"
+    cfg_path.write_text((CLUSTER / "2x8-hybrid.yaml").read_text())
+    text = slurm_script(load_cluster(str(cfg_path)), str(cfg_path), ["generate.py", "--prompt", hostile],
+                        job_name="run-1.a+b@c", partition="gpu,debug", time_limit="1-00:30:00")
+    assert len(text.splitlines()) == 13  # one line per directive / command, whatever the values
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    args_file = tmp_path / "torchrun.args"
+    stubs = {"scontrol": "#!/bin/bash\necho node-a\n",
+             "srun": "#!/bin/bash\nshift\nexec \"$@\"\n",  # drop --ntasks-per-node=1, run the rest
+             "torchrun": f"#!/bin/bash\nprintf '%s\\n' \"$@\" > {shlex.quote(str(args_file))}\n"}
+    for name, body in stubs.items():
+        (bindir / name).write_text(body)
+        (bindir / name).chmod(0o755)
+    (tmp_path / "job.sbatch").write_text(text)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a", SLURM_NODEID="0",
+               SLURM_JOB_ID="7")
+    subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=env, check=True, timeout=60)
+    got = args_file.read_text().split("\n")[:-1]
+    assert got[-5:] == ["generate.py", "--config", str(cfg_path), "--prompt", hostile]
+    assert got[got.index("--rdzv-endpoint") + 1] == "node-a:29500"
+    assert not pwned.exists() and not (tmp_path / "pwned").exists()
+    directives = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert "#SBATCH --job-name=run-1.a+b@c" in directives and "#SBATCH --partition=gpu,debug" in directives
+    assert "#SBATCH --time=1-00:30:00" in directives
+
+
+@pytest.mark.parametrize("value", ["02:00:00", "30", "30:00", "1-0", "1-12:00", "2-00:00:00", "UNLIMITED"])
+def test_slurm_time_forms_accepted(value):
+    path = "configs/cluster/2x8-hybrid.yaml"
+    assert f"#SBATCH --time={value}\n" in slurm_script(load_cluster(str(ROOT / path)), path, GEN, time_limit=value)
