@@ -22,18 +22,21 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .data import make_batch
-from .embedded import EmbeddedConfig, EmbeddedDiT, load_embedded, safetensors_io, save_embedded, sha256_of
+from .embedded import (EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io, save_embedded,
+                       sha256_of)
 
-__all__ = ["train", "main", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
+__all__ = ["train", "main", "model_config", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
            "DEFAULT_OUT"]
 
 #: where a training run writes unless told otherwise: never inside the installed package
@@ -94,21 +97,87 @@ def checkpoint_path(out: Path) -> Path:
     return out.with_name(out.stem + ".ckpt.pt")
 
 
-def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
+#: what a training checkpoint holds (:func:`checkpoint_path`); anything else is not one
+_CKPT_KEYS = ("step", "weights", "sha256", "log", "model", "opt")
+
+
+def _read_checkpoint(ckpt: Path) -> dict:
+    """The checkpoint at ``ckpt`` (tensors and plain data only: ``weights_only``), or one line saying
+    it is not one."""
+    if not ckpt.is_file():
+        raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake for the user
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"--resume {ckpt}: not a training checkpoint ({why}); give the *.ckpt.pt written beside "
+                         "the weights") from None
+    lacks = [k for k in _CKPT_KEYS if k not in state] if isinstance(state, dict) else ["a mapping"]
+    if lacks:
+        raise SystemExit(f"--resume {ckpt}: not a training checkpoint (it lacks {', '.join(lacks)}); give the "
+                         "*.ckpt.pt written beside the weights")
+    return state
+
+
+def _as_options(build):
+    """``build()``, an :class:`EmbeddedConfig` error as one line that names the command-line options."""
+    try:
+        return build()
+    except ValueError as e:
+        text = re.sub(r"EmbeddedConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+        raise SystemExit(text.replace("EmbeddedConfig: ", "")) from None
+
+
+def model_config(args: argparse.Namespace) -> EmbeddedConfig:
+    """The :class:`EmbeddedConfig` of a fresh model from the command line (checked before any work).
+
+    Raises:
+        SystemExit: one line naming the options, e.g. ``--heads 5`` that does not divide ``--dim``.
+    """
+    dim, heads = args.dim, args.heads
+    if dim < 1 or heads < 1:
+        raise SystemExit(f"--dim {dim} and --heads {heads} must be >= 1")
+    if dim % heads or dim // heads not in (16, 32, 64, 128):
+        fits = [str(h) for h in range(1, dim + 1) if dim % h == 0 and dim // h in (16, 32, 64, 128)]
+        fix = f"use --heads {' or '.join(fits)}" if fits else "use a --dim that is a multiple of 16"
+        raise SystemExit(f"--heads {heads} with --dim {dim}: the head size dim / heads must be 16, 32, 64 or 128 "
+                         f"(the kernels' sizes); {fix}")
+    dims = dict(dim=dim, depth=args.depth, heads=heads, mlp_ratio=args.mlp_ratio, rope_theta=args.rope_theta,
+                rope_split=tuple(args.rope_split) if args.rope_split is not None else default_rope_split(dim // heads))
+    size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
+    return _as_options(lambda: EmbeddedConfig(**dims, **size))
+
+
+def _load_weights(option: str, path, device) -> EmbeddedDiT:
+    """:func:`load_embedded`, its errors as one line naming ``option``."""
+    try:
+        return load_embedded(path, device=device)
+    except WeightsError as e:
+        raise SystemExit(f"{option} {path}: {e}") from None
+
+
+def train(args: argparse.Namespace, start: Optional[float] = None, *,
+          clock: Callable[[], float] = time.time) -> dict:
     """Run the training loop described by the parsed command-line ``args``; returns the log dict.
 
-    ``start``: the ``time.time()`` the budget counts from (default: now). The loop stops when the next
+    ``start``: the ``clock()`` the budget counts from (default: now). The loop stops when the next
     step would not leave time for what must follow it (final validation, save, and the preview if
     it still fits: its step count shrinks to the time left, or it is skipped), all timed as it goes.
+    ``clock``: the time source, in seconds (tests give one they control, so no result depends on
+    how loaded the machine is).
+
+    Raises:
+        SystemExit: one line naming the option, when ``--resume`` / ``--init`` is not what it should
+            be, or when the budget leaves no time for one training step (nothing is written then).
     """
-    _T0 = time.time() if start is None else start
+    _T0 = clock() if start is None else start
     budget = args.minutes * 60.0
 
     def _log(msg: str) -> None:
-        print(f"[train {time.time() - _T0:7.1f}s] {msg}", flush=True)
+        print(f"[train {clock() - _T0:7.1f}s] {msg}", flush=True)
 
     def left() -> float:
-        return budget - (time.time() - _T0)
+        return budget - (clock() - _T0)
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,31 +195,24 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         ckpt = Path(args.resume)
         if not ckpt.is_file():
             raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = _read_checkpoint(ckpt)
         weights = Path(state["weights"]) if Path(state["weights"]).is_file() else ckpt.with_name(Path(state["weights"]).name)
         if not weights.is_file() or sha256_of(weights) != state["sha256"]:
             raise SystemExit(f"--resume {ckpt}: its EMA weights {weights} are missing or not the ones saved with it "
                              f"(sha256 {state['sha256'][:16]}...)")
-        ema = load_embedded(weights, device=device)
+        ema = _load_weights("--resume", weights, device)
         model = copy.deepcopy(ema)
         model.load_state_dict({k: v.float() for k, v in state["model"].items()})
         _log(f"resumed from {ckpt} at step {state['step']} (EMA from {weights})")
     elif args.init:
-        model = load_embedded(args.init, device=device)
+        model = _load_weights("--init", args.init, device)
         # progressive resolution: the same weights, trained on from here at another clip size
         size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
         if size:
-            model.config = dataclasses.replace(model.config, **size)
+            model.config = _as_options(lambda: dataclasses.replace(model.config, **size))
         _log(f"initialised from {args.init}")
     else:
-        dims = dict(dim=args.dim, depth=args.depth, heads=args.heads, mlp_ratio=args.mlp_ratio)
-        size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
-        if args.rope_split is not None:
-            dims["rope_split"] = tuple(args.rope_split)
-        else:
-            dims["rope_split"] = default_rope_split(args.dim // args.heads)
-        cfg = EmbeddedConfig(**dims, rope_theta=args.rope_theta, **size)
-        model = EmbeddedDiT(cfg).to(device)
+        model = EmbeddedDiT(model_config(args)).to(device)
     model.train()
     cfg = model.config
     if state is None:
@@ -199,15 +261,15 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
     cost = {"save": 0.0}  # measured seconds of each kind of work, for the budget
 
     def evaluate() -> float:
-        t0 = time.time()
+        t0 = clock()
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, enabled=autocast):
             val = float(flow_matching_loss(ema.forward_plain, vx, vtext, vt, vnoise))
-        cost["eval"] = time.time() - t0
+        cost["eval"] = clock() - t0
         return val
 
     def save(final: bool) -> None:
-        t0 = time.time()
-        extra = {"steps": step, "minutes": (time.time() - _T0) / 60.0, "device": str(device),
+        t0 = clock()
+        extra = {"steps": step, "minutes": (clock() - _T0) / 60.0, "device": str(device),
                  "batch_size": batch, "seed": args.seed, "time_shift": args.time_shift,
                  "val_loss": log["val"][-1]["loss"] if log["val"] else None}
         digest = save_embedded(ema, out, dtype=torch.bfloat16 if args.save_dtype == "bf16" else torch.float32,
@@ -226,13 +288,13 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
                         "model": {k: v.detach().to("cpu", dt) for k, v in model.state_dict().items()},
                         "opt": opt_sd}, tmp)
             tmp.replace(ckpt_out)
-        cost["save"] = max(cost["save"], time.time() - t0)
+        cost["save"] = max(cost["save"], clock() - t0)
         _log(f"{'final' if final else 'periodic'} save: {out} sha256 {digest[:16]}... (step {step})")
 
     # the first validation also times a forward, which predicts the first step: fwd + bwd is ~3
     # forwards on a GPU (5 assumed: the first step also sets up), but ~12 were seen on a CPU, where
     # SDPA's backward runs the math path and stores every attention matrix
-    log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
+    log["val"].append({"step": step, "loss": evaluate(), "time": clock() - _T0})
     _log(f"step {step} val loss (EMA) {log['val'][-1]['loss']:.4f} ({cost['eval']:.2f} s)")
     step_cost = (12.0 if device.type == "cpu" else 5.0) * cost["eval"] * batch / val_batch
 
@@ -240,21 +302,26 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         """Seconds the end needs: final validation and save (+ margin); the preview is optional."""
         return cost["eval"] + max(cost["save"], 0.5) + args.save_margin
 
-    last_save = time.time()
-    t_loop = time.time()
+    last_save = clock()
+    t_loop = clock()
     while True:
         if (args.max_steps and step >= args.max_steps) or (args.stop_after and step - first_step >= args.stop_after):
             break
         if left() < step_cost + reserve():
+            if step == first_step:
+                # nothing trained: saving would write the starting weights as if they were a result
+                raise SystemExit(f"--minutes {args.minutes:g} leaves no time for one training step (one step "
+                                 f"~{step_cost:.1f} s, validation and save ~{reserve():.1f} s, {left():.1f} s "
+                                 "left); give a larger --minutes")
             break
         if args.max_steps:  # the cosine spans the steps: the same schedule however the run is split
             progress = step / args.max_steps
         else:  # the share of this run's time budget used so far
-            progress = (time.time() - t_loop) / max(budget - (t_loop - _T0) - reserve(), 1.0)
+            progress = (clock() - t_loop) / max(budget - (t_loop - _T0) - reserve(), 1.0)
         lr = _lr_at(step, progress, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        t_step = time.time()
+        t_step = clock()
         gen, dgen = _step_generators(args.seed, step, device)
         x0, prompts = make_batch(batch, gen, frames, height, width, device=device)
         drop = torch.rand(batch, generator=gen) < args.cond_drop
@@ -285,23 +352,23 @@ def train(args: argparse.Namespace, start: Optional[float] = None) -> dict:
         done = step - first_step
         # GPU steps are asynchronous: the wall time per step converges over a few steps; the first
         # measured step replaces the forward-based guess, later ones are averaged
-        dt = time.time() - t_step
-        step_cost = dt if done == 1 else max(0.9 * step_cost + 0.1 * dt, (time.time() - t_loop) / done)
+        dt = clock() - t_step
+        step_cost = dt if done == 1 else max(0.9 * step_cost + 0.1 * dt, (clock() - t_loop) / done)
         if step % args.log_every == 0:
             mean = float(loss_sum) / loss_count
             loss_sum.zero_()
             loss_count = 0
-            rate = done / (time.time() - t_loop)
-            log["train"].append({"step": step, "loss": mean, "lr": lr, "time": time.time() - _T0})
+            rate = done / (clock() - t_loop)
+            log["train"].append({"step": step, "loss": mean, "lr": lr, "time": clock() - _T0})
             _log(f"step {step} loss {mean:.4f} lr {lr:.2e} ({rate:.2f} steps/s)")
         if step % args.val_every == 0 and left() > cost["eval"] + reserve():
             vl = evaluate()
-            log["val"].append({"step": step, "loss": vl, "time": time.time() - _T0})
+            log["val"].append({"step": step, "loss": vl, "time": clock() - _T0})
             _log(f"step {step} val loss (EMA) {vl:.4f}")
-        if time.time() - last_save > args.save_every * 60.0 and left() > cost["save"] + reserve():
+        if clock() - last_save > args.save_every * 60.0 and left() > cost["save"] + reserve():
             save(final=False)
-            last_save = time.time()
-    log["val"].append({"step": step, "loss": evaluate(), "time": time.time() - _T0})
+            last_save = clock()
+    log["val"].append({"step": step, "loss": evaluate(), "time": clock() - _T0})
     _log(f"done: {step} steps ({step - first_step} in this run), final val loss (EMA) {log['val'][-1]['loss']:.4f}")
     save(final=True)
     if args.preview:
@@ -407,12 +474,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    start = time.time()
+def main(argv: Optional[List[str]] = None, *, clock: Callable[[], float] = time.time) -> int:
+    """The command line (``--help``); every bad option ends it with one line before any work.
+
+    ``clock``: the time source the ``--minutes`` budget is measured with (see :func:`train`)."""
+    start = clock()
     args = build_parser().parse_args(argv)
     for name in ("minutes", "lr", "save_every"):
-        if getattr(args, name) <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be > 0")
+        val = getattr(args, name)
+        if not (math.isfinite(val) and val > 0):
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number > 0, got {val}")
     for name in ("batch_size", "log_every", "val_every", "val_batch", "preview_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
@@ -424,13 +495,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--time-shift must be > 0")
     if args.init and args.resume:
         raise SystemExit("--init and --resume exclude each other (--resume restores the weights too)")
+    if not (args.init or args.resume):
+        model_config(args)  # a model that cannot be built fails now, not after loading anything
     out = Path(args.out).resolve()
     package = Path(__file__).resolve().parents[1]
     if not args.replace_shipped and (out == package or package in out.parents):
         raise SystemExit(f"--out {args.out} is inside the installed package ({package}); write elsewhere "
                          f"(default {DEFAULT_OUT}) or pass --replace-shipped to replace the shipped weights")
+    if out.is_dir():
+        raise SystemExit(f"--out {args.out} is a directory; give a file name, e.g. {Path(args.out) / DEFAULT_OUT.name}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot create its folder ({e.strerror}); choose a writable place") from None
+    if not os.access(out.parent, os.W_OK):
+        raise SystemExit(f"--out {args.out}: its folder {out.parent} is not writable; choose a writable place")
     safetensors_io()  # fail now, not after the time budget, when the weights cannot be written
-    train(args, start=start)
+    train(args, start=start, clock=clock)
     return 0
 
 
