@@ -17,6 +17,8 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $B/steps.log; tar czf $O
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $B/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $B/gpu.txt
 W=dist_compact/models/weights
+# weights trained by train_embedded_gpu.sh in an earlier call on this (warm) machine win over the tracked ones
+if [ -f outputs/embedded-gpu/embedded-gpu.safetensors ]; then cp outputs/embedded-gpu/embedded-gpu.safetensors* $W/; fi
 sha256sum $W/embedded-gpu.safetensors | tee -a $B/gpu.txt
 M=configs/models/embedded-gpu.yaml
 for S in $STAGES; do

@@ -5,7 +5,8 @@
 # STAGE is the clip size, e.g. 64 (16 x 64 x 64) or 128 (16 x 128 x 128). The first stage starts from
 # INIT (a weights file) if set, else from a new model. Writes under $OUT (<= 16 MiB a file, so the
 # bf16 weights come back split): w.part-aa.. (cat them to embedded-gpu.safetensors), train.tar.gz (the
-# training logs and .train.json of every stage).
+# training logs and .train.json of every stage); the last stage's weights also stay on the machine in
+# outputs/embedded-gpu/ (ignored by git), where embedded_gpu_eval.sh takes them on a warm machine.
 set -u
 export PYTHONPATH=$PWD:$PWD/kernels PYTHONUNBUFFERED=1
 W=/tmp/w; mkdir -p $W/logs
@@ -31,5 +32,9 @@ tar czf $OUT/train.tar.gz -C $W logs
 if [ -n "$PREV" ] && [ "$PREV" != "${INIT:-}" ]; then
   sha256sum $PREV | tee $W/logs/sha256.txt
   split -b 15M $PREV $OUT/w.part-
+  # kept on the machine too (outputs/ is ignored, so a next call on the warm machine finds it there)
+  mkdir -p outputs/embedded-gpu && cp $PREV outputs/embedded-gpu/embedded-gpu.safetensors
+  cp $PREV.sha256 outputs/embedded-gpu/embedded-gpu.safetensors.sha256
+  sed -i "s/ $(basename $PREV)\$/ embedded-gpu.safetensors/" outputs/embedded-gpu/embedded-gpu.safetensors.sha256
 fi
 ls -la $OUT

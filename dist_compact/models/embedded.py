@@ -136,6 +136,26 @@ class EmbeddedConfig:
     def head_dim(self) -> int:
         return self.dim // self.heads
 
+    def forward_flops(self, frames: Optional[int] = None, height: Optional[int] = None,
+                      width: Optional[int] = None) -> dict:
+        """Matmul FLOPs of one dense forward of one clip (default: the trained size), by part.
+
+        ``attention``: ``4 S^2 dim`` per block (QK^T and PV over all ``S`` video + text tokens);
+        ``linear``: ``2 S`` times the block's weights (qkv, proj, MLP) per block, plus the patch embedding
+        and the output projection over the video tokens. Norms, RoPE and the modulation are elementwise
+        and left out. ``attention_share`` = attention / (attention + linear).
+        """
+        f, h, w = frames or self.frames, height or self.height, width or self.width
+        pt, ph, pw = self.patch
+        video = (f // pt) * (h // ph) * (w // pw)
+        S = video + self.text_len
+        d = self.dim
+        attention = self.depth * 4 * S * S * d
+        block_weights = 4 * d * d + 2 * self.mlp_ratio * d * d
+        linear = self.depth * 2 * S * block_weights + 2 * 2 * video * self.patch_dim * d
+        return {"tokens": S, "video_tokens": video, "attention": attention, "linear": linear,
+                "attention_share": attention / (attention + linear)}
+
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.patch[0] * self.patch[1] * self.patch[2]
