@@ -1,8 +1,9 @@
 """Small helpers shared across dist_compact (no torch, no package imports)."""
 
+import math
 import unicodedata
 
-__all__ = ["cdiv", "is_int", "control_chars"]
+__all__ = ["cdiv", "is_int", "control_chars", "softmax_scale"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -23,3 +24,18 @@ def control_chars(text: str) -> str:
     """
     bad = sorted({c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
     return " ".join(repr(c)[1:-1] for c in bad)
+
+
+def softmax_scale(scale, head_dim: int) -> float:
+    """The softmax scale to use: ``head_dim ** -0.5`` for None, else ``scale`` as a float, which must
+    be finite and > 0 (NaN would turn every output into NaN, and a scale <= 0 or inf is no attention)."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    try:
+        val = math.nan if isinstance(scale, (bool, str, bytes)) else float(scale)
+    except (TypeError, ValueError):
+        val = math.nan
+    if not (math.isfinite(val) and val > 0):
+        raise ValueError(f"scale must be a finite number > 0 (or None for head_dim ** -0.5 = "
+                         f"{1.0 / math.sqrt(head_dim):.6g}), got {scale!r}")
+    return val

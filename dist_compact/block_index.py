@@ -7,6 +7,8 @@ from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 
+from ._util import is_int
+
 __all__ = ["BlockIndex"]
 
 HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
@@ -67,9 +69,14 @@ class BlockIndex:
             )
         if counts.device != indices.device:
             raise ValueError(f"BlockIndex: counts on {counts.device} but indices on {indices.device}")
-        if not isinstance(block_size, int) or block_size < 1:
+        for name, t in (("counts", counts), ("indices", indices)):
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                # a float block number would be truncated silently (2.7 -> block 2)
+                raise TypeError(f"BlockIndex: {name} must be an integer tensor (int32 or int64), got {t.dtype}; "
+                                f"convert whole numbers with {name}.round().int() (fractions are no block)")
+        if not is_int(block_size) or block_size < 1:
             raise ValueError(f"BlockIndex: block_size must be a positive int, got {block_size!r}")
-        if not isinstance(num_k_blocks, int) or num_k_blocks < 0:
+        if not is_int(num_k_blocks) or num_k_blocks < 0:
             raise ValueError(f"BlockIndex: num_k_blocks must be an int >= 0, got {num_k_blocks!r}")
         if indices.shape[-1] < 1:  # keep one column so kernels always have a valid pointer
             indices = torch.full((*counts.shape, 1), -1, dtype=torch.int32, device=counts.device)

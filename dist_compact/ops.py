@@ -12,14 +12,13 @@ PyTorch otherwise). These ops are forward-only: the methods are training-free.
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._util import cdiv
+from ._util import cdiv, softmax_scale
 from .block_index import BlockIndex
 from .reference import reference_block_mass, token_mask, token_valid_mask, torch_block_sparse_attention
 
@@ -305,7 +304,7 @@ def block_sparse_attention(
     if index.device != q.device:
         raise ValueError(f"index is on {index.device} but q is on {q.device}; use index.to(q.device)")
     q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, bs, q.device)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = softmax_scale(scale, D)
 
     if (dense_threshold is not None and q.device.type == "cuda" and backend == "auto"
             and index.density() >= dense_threshold):
@@ -360,7 +359,7 @@ def block_attention_mass(
     if lse.device != q.device:
         raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
     q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, block_size, q.device)
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = softmax_scale(scale, D)
     if query_rows is not None:
         if not isinstance(query_rows, int) or query_rows < 16 or query_rows > block_size or (
             query_rows & (query_rows - 1)
@@ -409,7 +408,7 @@ def dense_attention(
     q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
     if (q_valid is not None or kv_valid is not None) and block_size is None:
         raise ValueError("dense_attention: block_size is required with valid-token counts")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale = softmax_scale(scale, D)
     if return_lse and (q.device.type != "cuda" or backend != "auto" or q.dtype == torch.float32):
         return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
     if block_size is not None:

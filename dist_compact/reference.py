@@ -16,12 +16,11 @@ padded query rows (beyond ``q_valid``) get output 0 and LSE -inf.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
-from ._util import cdiv
+from ._util import cdiv, softmax_scale
 from .block_index import BlockIndex
 
 __all__ = [
@@ -64,7 +63,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     mask: bool broadcastable to ``[batch, heads, q_len, kv_len]`` (True = attend), or None.
     Returns out ``[B, Sq, H, D]`` and lse ``[B, H, Sq]``; fully masked rows give 0 and -inf.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(scale, q.shape[-1])
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -103,7 +102,7 @@ def torch_block_sparse_attention(q, k, v, index: BlockIndex, scale=None, q_valid
     bs = index.block_size
     nq, nk = index.num_q_blocks, index.num_k_blocks
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = softmax_scale(scale, D)
     qb = _pad_blocks(q.to(cdtype), nq, bs)  # [B,H,nq,bs,D]
     kb = _pad_blocks(k.to(cdtype), nk, bs)
     vb = _pad_blocks(v.to(cdtype), nk, bs)
@@ -180,7 +179,7 @@ def reference_block_mass(q, k, lse, block_size: int, scale=None, q_valid=None, k
     Sk = k.shape[1]
     bs = block_size
     nq, nk = cdiv(Sq, bs), cdiv(Sk, bs)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    scale = softmax_scale(scale, D)
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     kv_tok = token_valid_mask(Sk, bs, kv_valid, q.device)
     q_tok = sampled_query_rows(Sq, bs, q_valid, query_rows, q.device)

@@ -152,3 +152,54 @@ def test_shipped_weights_load_and_are_small():
     with torch.no_grad():
         out = m.forward_plain(x, torch.ones(1), m.tokenizer.batch(["a red square moving left"]))
     assert torch.isfinite(out).all()
+
+
+def _hostile_weights(tmp_path, name, tensors, config_text):
+    """A weights file with a valid checksum (so the checks behind it are reached) and any metadata."""
+    import safetensors.torch as st
+
+    from dist_compact.models.embedded import _FORMAT
+
+    path = tmp_path / f"{name}.safetensors"
+    st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
+                 metadata={"format": _FORMAT, "config": config_text})
+    (tmp_path / f"{name}.safetensors.sha256").write_text(f"{sha256_of(path)}  {path.name}\n")
+    return path
+
+
+def test_hostile_weights_metadata_and_shapes_are_one_clear_error(tmp_path, monkeypatch):
+    """Metadata that is not JSON, a list, a string rope_theta, a model larger than the tensors (refused
+    before any parameter is allocated), a tensor of the wrong shape: each one WeightsError line."""
+    import json
+
+    m = _model()
+    sd = m.state_dict()
+    cfg = json.loads(m.config.to_json())
+    wrong = dict(sd, **{"patch_embed.weight": torch.zeros(3, 3)})
+    redo = r"; re-train it or re-download the file$"
+    cases = [
+        ("notjson", sd, "{depth: 2", r"its metadata does not describe a model \(EmbeddedConfig: the config is not JSON"),
+        ("list", sd, "[64, 2]", r"the config must be a JSON object of fields, got a list"),
+        ("theta", sd, json.dumps({**cfg, "rope_theta": "1000"}), r"rope_theta must be a finite number > 1, got '1000'"),
+        ("deep", sd, json.dumps({**cfg, "depth": 10 ** 9}), r"describes 1000000000 blocks but the file holds tensors of 2"),
+        ("wide", sd, json.dumps({**cfg, "dim": 2 ** 20, "heads": 2 ** 14, "rope_split": [16, 24, 24]}),
+         r"tensor text_pos has shape \[1, 12, 64\] but the model of its metadata needs \[1, 12, 1048576\]"),
+        ("shape", wrong, json.dumps(cfg), r"tensor patch_embed.weight has shape \[3, 3\] but the model of its metadata "
+                                          r"needs \[64, 48\]"),
+    ]
+    built = []
+    real_init = EmbeddedDiT.__init__
+
+    def spy(self, config=None):
+        built.append(torch.empty(0).device.type)  # the default device the model is built on
+        real_init(self, config)
+
+    monkeypatch.setattr(EmbeddedDiT, "__init__", spy)
+    for name, tensors, text, want in cases:
+        path = _hostile_weights(tmp_path, name, tensors, text)
+        with pytest.raises(WeightsError, match=want + ".*" + redo) as e:
+            load_embedded(path)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+    assert set(built) <= {"meta"}  # no model was built with real memory
+    with pytest.raises(WeightsError, match=rf"^{tmp_path} is a directory; the embedded model's weights are one "):
+        load_embedded(tmp_path)

@@ -93,3 +93,40 @@ def test_valid_counts_checked_again_after_in_place_change():
     bv[1] = 40
     with pytest.raises(ValueError, match=r"\[0, 32\]"):
         block_sparse_attention(q, k, v, idx, block_valid=bv, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bool], ids=str)
+def test_block_index_refuses_non_integer_tensors(dtype):
+    """Float block numbers were truncated silently (2.7 -> block 2): refused, naming the tensor and the fix."""
+    counts = torch.ones(1, 1, 2, dtype=torch.int32)
+    indices = torch.tensor([[[[0], [1]]]])
+    with pytest.raises(TypeError, match=r"indices must be an integer tensor \(int32 or int64\), got torch\."
+                                        r".*indices\.round\(\)\.int\(\)"):
+        BlockIndex(counts, indices.to(dtype), 32, 2)
+    with pytest.raises(TypeError, match=r"counts must be an integer tensor"):
+        BlockIndex(counts.to(dtype), indices, 32, 2)
+    assert BlockIndex(counts.long(), indices.long(), 32, 2).indices.dtype == torch.int32
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), 0.0, -0.5, "0.1", True],
+                         ids=["nan", "inf", "-inf", "zero", "negative", "string", "bool"])
+def test_bad_scale_is_refused_everywhere(scale):
+    from dist_compact import dense_attention
+    from dist_compact.reference import (reference_attention, reference_block_mass, reference_block_sparse_attention,
+                                        torch_block_sparse_attention)
+
+    q, k, v, idx = _ok()
+    lse = torch.zeros(1, 2, 64)
+    msg = r"scale must be a finite number > 0 \(or None for head_dim \*\* -0.5 = 0.176777\), got "
+    calls = [lambda: block_sparse_attention(q, k, v, idx, scale=scale, backend="torch"),
+             lambda: block_attention_mass(q, k, lse, 32, scale=scale, backend="torch"),
+             lambda: dense_attention(q, k, v, block_size=32, scale=scale, backend="torch"),
+             lambda: reference_attention(q, k, v, scale=scale),
+             lambda: reference_block_sparse_attention(q, k, v, idx, scale=scale),
+             lambda: torch_block_sparse_attention(q, k, v, idx, scale=scale),
+             lambda: reference_block_mass(q, k, lse, 32, scale=scale)]
+    for call in calls:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    out = block_sparse_attention(q, k, v, idx, scale=0.1, backend="torch")  # a positive finite scale still works
+    assert torch.isfinite(out).all()

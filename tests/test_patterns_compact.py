@@ -287,6 +287,14 @@ def test_config_file_refuses_bad_files(tmp_path):
     (tmp_path / "broken.yaml").write_text("patterns: [")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+    # binary bytes and a folder: the message names the file (a UnicodeDecodeError named none)
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'binary.yaml'}: not a text file \(byte 128 is not UTF-8\); "
+                                         "give a Compact config"):
+        load_config(tmp_path / "binary.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ValueError, match=rf"^{tmp_path / 'folder.yaml'} is a directory; sparsity.compact_config takes"):
+        load_config(tmp_path / "folder.yaml")
 
 
 def test_relative_bins_are_offsets_and_cached():

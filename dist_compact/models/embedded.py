@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._util import is_int
 from ..attention_context import AttentionContext, DenseAttention
 from ..layout import VideoLayout
 from ..parallel.plan import SequenceParallel
@@ -107,26 +108,31 @@ class EmbeddedConfig:
     width: int = 48
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch", tuple(self.patch))
-        object.__setattr__(self, "rope_split", tuple(self.rope_split))
+        for name in ("patch", "rope_split"):
+            val = getattr(self, name)
+            if not isinstance(val, (list, tuple)):
+                raise ValueError(f"EmbeddedConfig.{name} must be three ints, got {val!r}")
+            object.__setattr__(self, name, tuple(val))
         for name in ("dim", "depth", "heads", "mlp_ratio", "text_len", "vocab_size", "in_channels",
                      "frames", "height", "width"):
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
                 raise ValueError(f"EmbeddedConfig.{name} must be a positive int, got {val!r}")
-        if len(self.patch) != 3 or not all(isinstance(p, int) and p >= 1 for p in self.patch):
+        if len(self.patch) != 3 or not all(is_int(p) and p >= 1 for p in self.patch):
             raise ValueError(f"EmbeddedConfig.patch must be three positive ints, got {self.patch!r}")
         if self.dim % self.heads:
             raise ValueError(f"EmbeddedConfig.dim {self.dim} must be divisible by heads {self.heads}")
         hd = self.dim // self.heads
         if hd not in (16, 32, 64, 128):
             raise ValueError(f"EmbeddedConfig: head_dim {hd} must be one of 16, 32, 64, 128 (kernel sizes)")
-        if len(self.rope_split) != 3 or any(s % 2 or s < 0 for s in self.rope_split) or sum(self.rope_split) != hd:
+        if (len(self.rope_split) != 3 or not all(is_int(s) for s in self.rope_split)
+                or any(s % 2 or s < 0 for s in self.rope_split) or sum(self.rope_split) != hd):
             raise ValueError(
                 f"EmbeddedConfig.rope_split {self.rope_split} must be three even ints summing to head_dim {hd}"
             )
-        if not self.rope_theta > 1:
-            raise ValueError(f"EmbeddedConfig.rope_theta must be > 1, got {self.rope_theta!r}")
+        theta = self.rope_theta
+        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta) and theta > 1):
+            raise ValueError(f"EmbeddedConfig.rope_theta must be a finite number > 1, got {theta!r}")
         for name, size, p in (("frames", self.frames, self.patch[0]), ("height", self.height, self.patch[1]),
                               ("width", self.width, self.patch[2])):
             if size % p:
@@ -165,7 +171,13 @@ class EmbeddedConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "EmbeddedConfig":
-        data = json.loads(text)
+        """From :meth:`to_json`'s text; anything else is one ``ValueError`` saying what is wrong."""
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"EmbeddedConfig: the config is not JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"EmbeddedConfig: the config must be a JSON object of fields, got a {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -557,6 +569,9 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     st = safetensors_io()
     sum_path = _checksum_path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a directory; the embedded model's weights are one .safetensors file (e.g. "
+                           f"{path / DEFAULT_WEIGHTS.name}, with its .sha256 beside it)")
     if not path.is_file():
         raise WeightsError(f"embedded model weights not found: {path} (train them with "
                            f"`python -m dist_compact.models.train`, or reinstall the package)")
@@ -576,13 +591,44 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        tensors = st.load_file(str(path))
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:  # a file with a valid checksum should parse; say which file if not
         raise WeightsError(f"cannot read {path} as safetensors: {e}") from e
     if meta.get("format") != _FORMAT or "config" not in meta:
         raise WeightsError(f"{path} is not an embedded-model weights file (metadata format {meta.get('format')!r})")
-    model = EmbeddedDiT(EmbeddedConfig.from_json(meta["config"]))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise WeightsError(f"{path}: tensors do not match the model (missing {missing}, unexpected {unexpected})")
+    redo = "re-train it or re-download the file"
+    try:
+        cfg = EmbeddedConfig.from_json(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: its metadata does not describe a model ({e}); {redo}") from None
+    _check_shapes(path, cfg, shapes, redo)
+    try:
+        tensors = st.load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the same file parsed above; say which file if not
+        raise WeightsError(f"cannot read {path} as safetensors: {e}") from e
+    model = EmbeddedDiT(cfg)
+    model.load_state_dict(tensors, strict=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _check_shapes(path: Path, cfg: EmbeddedConfig, shapes: dict, redo: str) -> None:
+    """The file's tensors (``name -> shape``, read from its header) are the model its metadata
+    describes, checked before any tensor is read or any parameter allocated: the block count first
+    (a metadata ``depth`` of a billion must not build a billion blocks), then every shape against a
+    model built on the meta device (no memory)."""
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if len(blocks) != cfg.depth:
+        raise WeightsError(f"{path}: its metadata describes {cfg.depth} blocks but the file holds tensors of "
+                           f"{len(blocks)}; {redo}")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in EmbeddedDiT(cfg).state_dict().items()}
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    if missing or unexpected:
+        raise WeightsError(f"{path}: tensors do not match the model of its metadata (missing {missing[:4]}"
+                           f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                           f"{'...' if len(unexpected) > 4 else ''}); {redo}")
+    for k, shape in want.items():
+        if shapes[k] != shape:
+            raise WeightsError(f"{path}: tensor {k} has shape {list(shapes[k])} but the model of its metadata "
+                               f"needs {list(shape)}; {redo}")

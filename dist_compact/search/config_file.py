@@ -132,10 +132,16 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
     """
     path = pathlib.Path(path)
     fmt = _format(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; sparsity.compact_config takes a Compact config file (.yaml / .json) "
+                         "written by `python -m dist_compact.search search`")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the Compact config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a Compact config (.yaml / "
+                         ".json) written by `python -m dist_compact.search search`") from None
     try:
         d = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
