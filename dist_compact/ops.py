@@ -398,9 +398,9 @@ def dense_attention(
     """Dense attention over the valid tokens of block-ordered q, k, v (same layout and padding rules).
 
     It drops the padding, runs dense attention on the real tokens only and scatters back: exact, and
-    as fast as dense gets. Without LSE that is ``scaled_dot_product_attention`` (cuDNN / flash on
-    GPUs); with LSE on a GPU it is SDPA's cuDNN kernel asked for its log-sum-exp, and elsewhere (CPU,
-    fp32, no cuDNN) the block-sparse path with a full index.
+    as fast as dense gets. On a GPU in fp16 / bf16 that is SDPA's cuDNN kernel (asked for its
+    log-sum-exp when wanted); without cuDNN, ``scaled_dot_product_attention``'s own choice, or for the
+    LSE (CPU, fp32) the block-sparse path with a full index.
     """
     _check_qk(q, k, v)
     B, SQ, H, D = q.shape
@@ -425,8 +425,15 @@ def dense_attention(
             return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
         o, lse_c = res
     else:
-        o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), scale=scale)
-        o = o.transpose(1, 2)
+        # cuDNN first where it runs: on Hopper it is the fastest dense kernel (1.8x SDPA's default flash
+        # backend at the HunyuanVideo shape, BENCHMARKS.md), and the dense baseline all speed-ups are
+        # measured against
+        res = _cudnn_dense_with_lse(qq, kk, vv, scale)
+        if res is not None:
+            o = res[0]
+        else:
+            o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                               scale=scale).transpose(1, 2)
     if q_pos is None:
         return (o.contiguous(), lse_c) if return_lse else o.contiguous()
     out = torch.zeros_like(q)
