@@ -45,7 +45,7 @@ def main(argv=None):
     from dist_compact import BlockIndex, VideoLayout
     from dist_compact.attention_context import AttentionContext
     from dist_compact.attention_ops import AttentionOps
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.reference import reference_block_mass, reference_block_sparse_attention
     from dist_compact.search.capture import CaptureAttention, MassStore
     from dist_compact.search.offline import SearchSettings, search_store

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--video", action="store_true", help="also write mp4/gif (needs imageio-ffmpeg)")
     args = p.parse_args(argv)
 
-    from dist_compact.config import load_run_config
+    from dist_compact.run.loader import load_run_config
     from dist_compact.pipeline import run_generation
 
     configs = args.config or ["configs/cluster/1gpu.yaml"]

@@ -256,7 +256,7 @@ def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int,
 
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
     from dist_compact.attention import build_attention
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
     from dist_compact.integrations.random_transformer import weights_fingerprint
     from dist_compact.parallel import Coordinator, RingOps, SequenceParallel

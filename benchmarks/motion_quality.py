@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     from dist_compact.attention import build_attention
     from dist_compact.attention_ops import AttentionOps
-    from dist_compact.config import load_run_config
+    from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
     from dist_compact.report import psnr

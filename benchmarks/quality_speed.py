@@ -76,7 +76,7 @@ def grid_clips(limit: int, seeds: int, seed_base: int):
 
 def build_modes(args, model_name, num_layers, num_heads, layout, base_sparsity):
     """[(mode, level, SparsityConfig, pattern object or None, pattern text)]."""
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.patterns.baselines import RandomBlocks, window_for_density
     from dist_compact.search.config_file import load_config
 
@@ -214,7 +214,7 @@ def run(args) -> int:
 
     from dist_compact.attention import build_attention
     from dist_compact.attention_ops import AttentionOps
-    from dist_compact.config import load_run_config
+    from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
     from dist_compact.report import psnr, ssim

@@ -73,7 +73,7 @@ def main(argv=None):
     from dist_compact.attention import SparseAttention
     from dist_compact.attention_context import AttentionContext
     from dist_compact.attention_ops import AttentionOps
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.ops import block_attention_mass
     from dist_compact.search.online import online_select
 

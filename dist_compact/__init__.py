@@ -7,6 +7,7 @@ Core API (single device):
 * :func:`block_sparse_attention` - the block-sparse attention op (Triton on GPU), with LSE.
 * :func:`block_attention_mass` - AdaSpa's block attention mass statistic.
 * :func:`dense_attention` - dense attention with the same layout conventions.
+* :class:`SparsityConfig` - how sparse attention behaves over a run (mode, schedule, budgets).
 * :func:`sparsify` - install our attention on a diffusers Wan / HunyuanVideo transformer or the
   embedded model (diffusers is imported only when a diffusers model is passed).
 """
@@ -14,6 +15,7 @@ Core API (single device):
 from .block_index import BlockIndex
 from .layout import SUPPORTED_BLOCK_SIZES, VideoLayout
 from .ops import block_attention_mass, block_sparse_attention, dense_attention
+from .sparsity.config import SparsityConfig
 from .integrations.diffusers import sparsify, unsparsify
 
 __version__ = "0.1.0"
@@ -25,6 +27,7 @@ __all__ = [
     "block_sparse_attention",
     "block_attention_mass",
     "dense_attention",
+    "SparsityConfig",
     "sparsify",
     "unsparsify",
     "__version__",

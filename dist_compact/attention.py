@@ -50,9 +50,8 @@ from ._util import is_int
 from .attention_context import AttentionContext, DenseAttention
 from .attention_ops import global_head_stats
 from .block_index import BlockIndex
-from .config import SparsityConfig
+from .sparsity.config import SparsityConfig, CACHED, DENSE, FUSED, REUSE
 from .search.online import OnlineSearchResult, local_query_blocks, online_select
-from .step_schedule import CACHED, DENSE, FUSED, REUSE
 
 __all__ = ["SparseAttention", "build_attention"]
 

@@ -1,6 +1,6 @@
 """One generation run (what ``generate.py`` calls): :func:`run_generation` and the embedded runner.
 
-:func:`run_generation` runs a whole :class:`~dist_compact.config.RunConfig` through the run skeleton
+:func:`run_generation` runs a whole :class:`~dist_compact.run.config.RunConfig` through the run skeleton
 of :mod:`dist_compact.runner` with the runner of its ``model.kind``: the embedded tiny DiT (here),
 a diffusers pipeline (:mod:`dist_compact.integrations.diffusers_pipeline`) or a published
 transformer with random weights (:mod:`dist_compact.integrations.random_transformer`). The sampler
@@ -19,13 +19,12 @@ import torch
 from . import report as rpt
 from .attention import build_attention
 from .attention_ops import AttentionOps
-from .config import SparsityConfig
+from .sparsity.config import SparsityConfig, sparsity_line, step_kinds
 from .integrations.diffusers_pipeline import run_diffusers_generation
 from .integrations.random_transformer import run_random_generation
 from .runner import Job, LoadedModel, RunResult, log, run_job
 from .sampler import sample
 from .stats import AttentionStats
-from .step_schedule import sparsity_line, step_kinds
 
 __all__ = ["EmbeddedJob", "run_generation", "CPU_MAX_VIDEO_TOKENS", "COMPILE_MIN_VIDEO_TOKENS"]
 
@@ -106,7 +105,7 @@ class EmbeddedJob(Job):
 
 
 def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:
-    """One generation run from a :class:`~dist_compact.config.RunConfig` (see the module doc).
+    """One generation run from a :class:`~dist_compact.run.config.RunConfig` (see the module doc).
 
     Every rank calls it (under torchrun); rank 0 writes ``<output_dir>/<name>/`` atomically.
     ``attention_factory(num_layers, sparsity, compact, sp)`` replaces

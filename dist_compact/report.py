@@ -324,7 +324,7 @@ def speed_section(tokens: int, device, sparse_seconds: float, dense_seconds: Opt
 
 def _schedule_section(sparsity, steps: int) -> dict:
     """The report's ``schedule``: the sparsity schedule scaled to this run's steps."""
-    from .step_schedule import describe_schedule, step_kinds
+    from .sparsity.config import describe_schedule, step_kinds
 
     sched = sparsity.schedule(steps)
     return {"num_steps": steps, "summary": describe_schedule(sparsity, steps), "step_kinds": step_kinds(sparsity, steps),

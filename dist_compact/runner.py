@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import report as rpt
-from .config import SparsityConfig
+from .sparsity.config import SparsityConfig
 from .parallel import Coordinator, ParallelConfig, init_distributed
 from .parallel.launch import launched_world
 from .search.config_file import load_compact

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanPipeline
 
-from dist_compact.config import SparsityConfig
+from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.integrations.diffusers_backend import set_sparse_backend, sparse_backend_state
 
 

@@ -6,7 +6,7 @@
     python launchers/launch.py --config configs/cluster/2x8-hybrid.yaml --node-rank 1 -- generate.py ...
     python -m launchers --config configs/cluster/2x8-hybrid.yaml --slurm -- generate.py ... > job.sbatch
 
-What it runs, from the ``cluster`` section (:class:`dist_compact.config.ClusterConfig`; its
+What it runs, from the ``cluster`` section (:class:`dist_compact.run.config.ClusterConfig`; its
 ``ulysses x ring`` must equal ``nproc x nnodes``, else one clear error naming the file):
 
 * one process in all (``nproc x nnodes == 1``): ``python SCRIPT ...`` (no torchrun);
@@ -124,13 +124,14 @@ class LaunchPlan:
 
 
 def load_cluster(path: str):
-    """The :class:`~dist_compact.config.ClusterConfig` of a YAML file (its includes merged).
+    """The :class:`~dist_compact.run.config.ClusterConfig` of a YAML file (its includes merged).
 
     Raises:
         LaunchError: the file is missing or malformed, or its degrees do not multiply to
             ``nproc x nnodes`` (the message names the file).
     """
-    from dist_compact.config import ConfigError, load_run_config
+    from dist_compact.run.config import ConfigError
+    from dist_compact.run.loader import load_run_config
 
     try:
         return load_run_config([path]).cluster
@@ -168,7 +169,7 @@ def plan_launch(cluster, config_path: str, script_args: Sequence[str], *, gpus: 
     """The command for this node (see the module doc for the rules).
 
     Args:
-        cluster: a :class:`~dist_compact.config.ClusterConfig`.
+        cluster: a :class:`~dist_compact.run.config.ClusterConfig`.
         config_path: the cluster file (passed on to ``generate.py``).
         script_args: ``[script, args...]``.
         gpus: GPUs on this node (default: counted with torch; ignored for multi-node plans).

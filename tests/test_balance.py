@@ -294,7 +294,7 @@ COMPACT_RUN = [("sparsity.mode", "compact"), ("sparsity.compact_config", "embedd
 
 
 def _run_cfg(out, name, *extra):
-    from dist_compact.config import load_run_config
+    from dist_compact.run.loader import load_run_config
 
     return load_run_config([], COMPACT_RUN + [("run.output_dir", str(out)), ("run.name", name), *extra])
 
@@ -343,7 +343,7 @@ ONLINE_STEPS = 4  # 0 fused search, 1 sparse, 2 cached search (the moved LSE), 3
 
 
 def _online_config():
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
 
     return SparsityConfig(mode="adaspa", dense_steps=0, search_steps=(0, 2), search_kinds=("fused", "cached"),
                           reference_steps=ONLINE_STEPS, sparsity=0.6, head_adaptive=True, head_rule="paper",

@@ -7,7 +7,7 @@ import torch
 from dist_compact.attention import SparseAttention
 from dist_compact.attention_context import AttentionContext
 from dist_compact.attention_ops import AttentionOps
-from dist_compact.config import SparsityConfig
+from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.layout import VideoLayout
 from dist_compact.patterns.baselines import RandomBlocks, video_density, window_for_density
 from dist_compact.reference import reference_block_sparse_attention

@@ -320,7 +320,7 @@ def test_valid_counts_match_the_oracle(kw):
 
 def test_measured_dense_threshold():
     from dist_compact import ops
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
 
     assert ops.measured_dense_threshold(torch.device("cpu"), torch.bfloat16, 128, 128) == 1.0
     # the schedule's default is the measured Triton crossover, kept at 0.75 (published figures)

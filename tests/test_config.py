@@ -6,18 +6,10 @@ import pathlib
 
 import pytest
 
-from dist_compact.config import (
-    DEMO_SPARSITY,
-    ClusterConfig,
-    ConfigError,
-    ModelConfig,
-    RunConfig,
-    load_run_config,
-    parse_generate_args,
-    parse_override,
-    to_yaml,
-)
-from dist_compact.config import SparsityConfig
+from dist_compact.run.config import DEMO_SPARSITY, ClusterConfig, ConfigError, ModelConfig, RunConfig
+from dist_compact.run.loader import load_run_config, parse_override, to_yaml
+from dist_compact.cli.generate import parse_generate_args
+from dist_compact.sparsity.config import SparsityConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))

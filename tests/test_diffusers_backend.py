@@ -31,7 +31,7 @@ from dist_compact.integrations.diffusers_backend import (  # noqa: E402
     unset_sparse_backend,
 )
 from dist_compact.layout import VideoLayout  # noqa: E402
-from dist_compact.config import SparsityConfig  # noqa: E402
+from dist_compact.sparsity.config import SparsityConfig  # noqa: E402
 from parallel_helpers import run_workers  # noqa: E402
 from test_diffusers_integration import (ADASPA, COMPACT, DENSE, compact_for, hunyuan_inputs, run,  # noqa: E402
                                         tiny_hunyuan, tiny_wan, wan_inputs)

@@ -25,7 +25,7 @@ from dist_compact.integrations.diffusers import (  # noqa: E402
     unsparsify,
 )
 from dist_compact.patterns import CompactConfig, HeadPattern  # noqa: E402
-from dist_compact.config import SparsityConfig  # noqa: E402
+from dist_compact.sparsity.config import SparsityConfig  # noqa: E402
 from dist_compact.stats import AttentionStats  # noqa: E402
 from parallel_helpers import run_workers  # noqa: E402
 
@@ -375,7 +375,7 @@ def test_wan_pipeline_end_to_end(wan_folder):
 @pytest.mark.slow
 def test_main_job_entry_writes_a_run_folder(wan_folder, tmp_path):
     pytest.importorskip("imageio", reason="the run folder's videos need the [video] extra")
-    from dist_compact.config import ClusterConfig, ModelConfig, RunConfig, RunOptions
+    from dist_compact.run.config import ClusterConfig, ModelConfig, RunConfig, RunOptions
     from dist_compact.integrations.diffusers_pipeline import run_diffusers_generation
 
     cfg = RunConfig(

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from dist_compact.config import load_run_config
+from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import (WeightsError, load_embedded, sha256_of, shipped_weights)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

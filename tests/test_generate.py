@@ -12,7 +12,7 @@ import torch
 
 from dist_compact.attention import build_attention
 from dist_compact.attention_context import DenseAttention
-from dist_compact.config import load_run_config
+from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
 from dist_compact.pipeline import run_generation
 from dist_compact.report import psnr, ssim
@@ -191,7 +191,7 @@ def test_cli_end_to_end(tmp_path, weights, capsys):
 
 def test_attention_factory_modes():
     from dist_compact.attention import SparseAttention
-    from dist_compact.config import DEMO_SPARSITY
+    from dist_compact.run.config import DEMO_SPARSITY
 
     dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)
     assert [type(a) for a in dense] == [DenseAttention] * 3

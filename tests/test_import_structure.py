@@ -164,10 +164,3 @@ def test_import_cycle_is_found(tmp_path):
     (pkg / "c.py").write_text("def f():\n    from . import d\n")
     assert import_cycles(pkg) == []
 
-
-def test_old_sparsity_config_path_is_an_alias():
-    # README before 0.2: `from dist_compact.schedule import SparsityConfig`
-    from dist_compact import config, schedule, step_schedule
-
-    assert schedule.SparsityConfig is config.SparsityConfig
-    assert schedule.DENSE is step_schedule.DENSE and schedule.Schedule is step_schedule.Schedule

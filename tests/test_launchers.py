@@ -115,7 +115,7 @@ def test_other_scripts_get_their_arguments_unchanged():
 def test_degrees_that_do_not_multiply_to_the_gpu_count(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("cluster: {nproc: 8, nnodes: 1, ulysses: 4, ring: 1}\n")
-    with pytest.raises(LaunchError, match=r"bad.yaml.*ulysses x ring = 4 x 1 = 4 must equal the world size .* = 8"):
+    with pytest.raises(LaunchError, match=r"bad.yaml.*ulysses x ring = 4 x 1 = 4 ranks, but the world size is 8.* = 8"):
         load_cluster(str(bad))
     bad.write_text("cluster: {nproc: 8, nnodes: 2, ulysses: 8, ring: 1}\n")
     with pytest.raises(LaunchError, match="= 16"):

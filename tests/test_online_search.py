@@ -7,7 +7,7 @@ import torch
 
 from dist_compact import VideoLayout
 from dist_compact.attention_ops import AttentionOps
-from dist_compact.config import SparsityConfig
+from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.search.online import (
     budget_for_density,
     head_budgets,

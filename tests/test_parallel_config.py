@@ -218,7 +218,7 @@ def test_select_backend():
 
 
 def test_cluster_share_gpus_field():
-    from dist_compact.config import ClusterConfig
+    from dist_compact.run.config import ClusterConfig
 
     assert ClusterConfig().share_gpus is None
     assert ClusterConfig(nproc=4, ulysses=2, ring=2, device="cuda", backend="gloo", share_gpus=True).share_gpus

@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from dist_compact.config import ConfigError, load_run_config
+from dist_compact.run.config import ConfigError
+from dist_compact.run.loader import load_run_config
 from dist_compact.parallel import ParallelConfigError
 from dist_compact.pipeline import run_generation
 from dist_compact.runner import WorldSizeError

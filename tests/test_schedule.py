@@ -2,8 +2,7 @@
 
 import pytest
 
-from dist_compact.config import SparsityConfig
-from dist_compact.step_schedule import CACHED, DENSE, FUSED, REUSE
+from dist_compact.sparsity.config import SparsityConfig, CACHED, DENSE, FUSED, REUSE
 
 
 def _actions(cfg, n):

@@ -9,7 +9,7 @@ from dist_compact import BlockIndex, VideoLayout, block_attention_mass
 from dist_compact.attention import SparseAttention
 from dist_compact.attention_context import AttentionContext
 from dist_compact.attention_ops import AttentionOps
-from dist_compact.config import SparsityConfig
+from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.reference import reference_block_mass, reference_block_sparse_attention
 from dist_compact.search.online import kept_mass_share, online_select
 from dist_compact.stats import AttentionStats

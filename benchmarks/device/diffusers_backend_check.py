@@ -82,7 +82,7 @@ def build(name, size):
 
 
 def configs(heads):
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.patterns import CompactConfig, HeadPattern
 
     adaspa = SparsityConfig(mode="adaspa", dense_steps=0, search_steps=(0,), search_kinds=("fused",),
@@ -154,7 +154,7 @@ def check_one(r, args, world, rows, failures):
     from dist_compact.integrations.diffusers import denoising_state, sparsify
     from dist_compact.integrations.diffusers_backend import (hunyuan_video_cp_plan, set_sparse_backend,
                                                              sparse_backend_handle, sparse_backend_state)
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
 
     tag = f"{r.name}/{r.size}"
 

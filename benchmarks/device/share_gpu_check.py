@@ -98,7 +98,7 @@ CPU = [("cluster.device", "cpu"), ("model.dtype", "float32"), ("run.attn_backend
 
 
 def _cfg(model: str, out: str, name: str, compact: str, cluster, cpu: bool = False, variant: str = "default"):
-    from dist_compact.config import load_run_config
+    from dist_compact.run.loader import load_run_config
 
     over = MODELS[model] + SCHEDULE + VARIANTS[variant] + [("sparsity.compact_config", compact), ("run.output_dir", os.path.join(out, "runs")),
                                        ("run.name", name), ("cluster.device", "cuda")] + cluster

@@ -101,7 +101,7 @@ def tiny_hunyuan(args, text_len, valid):
 def run_model(name, model, inputs, args, rank, world):
     from dist_compact.integrations.xfuser import (denoising_state, sparsify_xfuser, unsparsify_xfuser,
                                                   xfuser_handle, xfuser_transformer)
-    from dist_compact.config import SparsityConfig
+    from dist_compact.sparsity.config import SparsityConfig
 
     dev = torch.device("cuda", torch.cuda.current_device())
     model = model.to(dev, torch.bfloat16).eval()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .._util import cdiv, is_int
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig
 from ..extras import require
 from ..layout import VideoLayout
 

@@ -66,7 +66,7 @@ import torch
 
 from ..attention_context import AttentionContext
 from ..attention_ops import AttentionOps
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig
 from ..layout import VideoLayout
 from .core import (MAX_LAYOUTS, SUPPORTED_MODELS, DenoisingState, IntegrationHandle, checked_install, default_tile,
                    forward_inputs, get_arg, handle_state, hunyuan_qkv, lru, model_kind, new_attentions,

@@ -85,7 +85,7 @@ import torch.distributed as dist
 
 from ..attention_context import AttentionContext
 from ..block_index import BlockIndex
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig
 from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups

@@ -8,7 +8,7 @@ Three layers, each usable alone:
   pipeline's transformer(s) with a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`
   (``begin(num_steps)``, then updated by ``callback_on_step_end``), per-step wall times, the final
   latents captured from the callback; returns a :class:`DiffusersSample`.
-* :func:`run_diffusers_generation` - the main job for a :class:`~dist_compact.config.RunConfig` whose
+* :func:`run_diffusers_generation` - the main job for a :class:`~dist_compact.run.config.RunConfig` whose
   ``model.kind`` is ``"diffusers"``: processes and devices, the sparse run (and a dense run from the
   same noise with ``run.compare_dense``), and the run folder through :mod:`dist_compact.report`
   (written by rank 0 under a temporary name, renamed when complete).
@@ -34,11 +34,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import report as rpt
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig, sparsity_line
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sync
 from ..stats import AttentionStats
-from ..step_schedule import sparsity_line
 from .core import DenoisingState, diffusers_module
 from .diffusers import sparsify, sparsify_handle
 

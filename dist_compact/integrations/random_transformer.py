@@ -53,14 +53,13 @@ import torch
 
 from .. import report as rpt
 from ..attention import build_attention
-from ..config import RANDOM_MODELS
-from ..config import SparsityConfig
+from ..run.config import RANDOM_MODELS
+from ..sparsity.config import SparsityConfig, sparsity_line, step_kinds
 from ..layout import VideoLayout
 from ..parallel import Coordinator, ParallelConfig, RingOps, ring_shard_bytes
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sample
 from ..stats import AttentionStats
-from ..step_schedule import sparsity_line, step_kinds
 from .core import DenoisingState, latent_grid
 from .diffusers import sparsify, sparsify_handle
 
@@ -107,7 +106,7 @@ def published_config(name: str, size: str = "full", heads: Optional[int] = None)
 
 def latent_shape(frames: int, height: int, width: int) -> tuple:
     """``(16, T, h, w)`` latents of a ``frames x height x width`` video (VAE 4x time, 8x space); the
-    size is one :class:`~dist_compact.config.ModelConfig` accepts for ``kind: random`` (4k + 1 frames,
+    size is one :class:`~dist_compact.run.config.ModelConfig` accepts for ``kind: random`` (4k + 1 frames,
     height and width multiples of 16)."""
     return (16, (frames - 1) // VAE_T + 1, height // VAE_S, width // VAE_S)
 

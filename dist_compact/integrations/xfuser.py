@@ -90,7 +90,7 @@ import torch
 
 from ..attention_context import AttentionContext
 from ..attention_ops import AttentionOps
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig
 from ..extras import install_hint
 from ..layout import VideoLayout
 from .core import (MAX_LAYOUTS, DenoisingState, IntegrationHandle, checked_install, default_tile, handle_state,

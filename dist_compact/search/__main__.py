@@ -74,7 +74,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     import dataclasses
     import os
 
-    from ..config import parse_generate_args
+    from ..cli.generate import parse_generate_args
     from ..models.embedded import load_embedded, shipped_weights
     from ..pipeline import run_generation
     from .capture import CaptureAttention

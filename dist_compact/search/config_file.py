@@ -29,7 +29,7 @@ from typing import Optional, Union
 
 import yaml
 
-from ..config import SparsityConfig
+from ..sparsity.config import SparsityConfig
 from ..patterns.compact import CompactConfig, HeadPattern
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config",

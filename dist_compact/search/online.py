@@ -332,7 +332,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
         ops: this rank's :class:`~dist_compact.attention_ops.AttentionOps`; only ``head_range``, the
             local query blocks (:func:`local_query_blocks`), ``reduce_rows`` and ``gather_heads`` are
             used. Every rank must call this function together (two gathers of per-head sums).
-        config: a :class:`~dist_compact.config.SparsityConfig` (target, head rule, text sink,
+        config: a :class:`~dist_compact.sparsity.config.SparsityConfig` (target, head rule, text sink,
             batch mode, dense threshold).
         static_mask: bool ``[1 or B, H_local, NQ_local, NK]`` of a localized static index, OR-ed in.
 

@@ -1,0 +1,1 @@
+"""The command-line tools (console scripts of setup.cfg): :mod:`.generate`."""
