@@ -34,10 +34,11 @@ from . import report as rpt
 from .sparsity.config import SparsityConfig
 from .parallel import Coordinator, ParallelConfig, init_distributed
 from .parallel.launch import launched_world
+from .parallel.watch import RankWatch, job_endpoint
 from .search.config_file import load_compact
 
 __all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "start_process",
-           "check_world", "make_parallel", "agree", "run_folder", "run_job", "log"]
+           "check_world", "make_parallel", "agree", "run_folder", "run_job", "watched", "log"]
 
 #: the run's logger (also the sampler's, by name): every rank's log file is attached to it
 log = logging.getLogger("dist_compact.run")
@@ -139,7 +140,7 @@ def make_parallel(cluster, device: torch.device, num_heads: int):
     # the backend follows the device, and is gloo when ranks share GPUs (parallel.launch.select_backend)
     return init_distributed(ParallelConfig(ulysses=cluster.ulysses, ring=cluster.ring),
                             backend=None if cluster.backend == "auto" else cluster.backend,
-                            share_gpus=cluster.share_gpus, device_type=device.type)
+                            share_gpus=cluster.share_gpus, device_type=device.type, timeout_s=cluster.timeout_s)
 
 
 def agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
@@ -241,13 +242,41 @@ def run_job(job: Job) -> RunResult:
     proc = job.proc = start_process(cfg)
     model = job.load(proc)
     sp = make_parallel(cfg.cluster, proc.device, model.num_heads)
-    compact = agree(cfg, model.weights, num_layers=model.num_layers, num_heads=model.num_heads)
-    job.prepare(sp, compact)
-    with run_folder(cfg, proc.rank) as folder:
-        job.begin()
-        sparse = job.one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
-        dense = job.one_run(dataclasses.replace(cfg.sparsity, mode="dense"), "dense") if cfg.run.compare_dense else None
-        report = job.report(folder, sparse, dense)
-        if folder is not None:
-            job.write(folder, report, sparse, dense)
+    with watched(cfg.cluster, proc):
+        compact = agree(cfg, model.weights, num_layers=model.num_layers, num_heads=model.num_heads)
+        job.prepare(sp, compact)
+        with run_folder(cfg, proc.rank) as folder:
+            job.begin()
+            sparse = job.one_run(cfg.sparsity, "sparse" if cfg.sparsity.mode != "dense" else "dense")
+            dense = (job.one_run(dataclasses.replace(cfg.sparsity, mode="dense"), "dense") if cfg.run.compare_dense
+                     else None)
+            report = job.report(folder, sparse, dense)
+            if folder is not None:
+                job.write(folder, report, sparse, dense)
     return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
+
+
+@contextlib.contextmanager
+def watched(cluster, proc: Process):
+    """The ranks' heartbeats for the body (:class:`~dist_compact.parallel.watch.RankWatch`; nothing on
+    one process or without a launcher's store). A failed collective, or this rank stopped by the
+    launcher, becomes a :class:`~dist_compact.parallel.watch.RankFailure` naming the rank that failed
+    or stopped answering; this rank's own error is left in the store for the others to name."""
+    if proc.world == 1 or job_endpoint() is None:
+        yield None
+        return
+    watch = RankWatch(proc.rank, proc.world, cluster.timeout_s).start()
+    try:
+        yield watch
+    except BaseException as e:
+        try:
+            failure = watch.explain(e)
+        except SystemExit:  # the launcher's SIGTERM while looking (a peer is gone): look once more
+            failure = watch.explain(e)
+        if failure is not None:
+            raise failure from None
+        if not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            watch.record_error(e)
+        raise
+    finally:
+        watch.stop()

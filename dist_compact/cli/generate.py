@@ -13,8 +13,10 @@ report.json, logs/); see :mod:`dist_compact.report`. Any config key can be set w
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
+import threading
 from typing import List, Optional, Sequence, Tuple
 
 from ..run.config import ConfigError, RunConfig
@@ -107,40 +109,79 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
+def _launched_rank() -> int:
+    """This process's rank as launched (0 without a launcher or when RANK is not a number): only
+    rank 0 prints an error that every rank meets, so it appears once."""
+    raw = os.environ.get("RANK", "0")
+    return int(raw) if raw.isdigit() else 0
+
+
 def main(argv=None) -> int:
+    rank = _launched_rank()
+
+    def error(text: str, code: int, printer: int = 0) -> int:
+        if rank == printer:
+            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+        return code
+
     try:
         cfg, args = parse_generate_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
-        print(f"{PROG}: config error: {e}", file=sys.stderr)
-        return 2
+        return error(f"config error: {e}", 2)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    # torchrun stops the other ranks with SIGTERM when one fails: turn it into an exception so the
-    # temporary run folder is removed on the way out
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if cfg.cluster.device == "cpu" or (cfg.cluster.device == "auto" and not _cuda()):
         _keep_freed_memory()
     # imported here: --help and --print-config do not load the models and the parallel layer
     from ..models.embedded import WeightsError
     from ..parallel import ParallelConfigError, ParallelMismatchError
+    from ..parallel.coordinator import ParallelLoadError
     from ..parallel.launch import shutdown
+    from ..parallel.watch import RankFailure
     from ..pipeline import run_generation
     from ..runner import WorldSizeError
     from ..sampler import NonFiniteLatentsError
 
+    # torchrun stops the other ranks with SIGTERM when one fails: an exception here, so the temporary
+    # run folder is removed on the way out and the rank that failed can be named; restored on return
+    previous = _set_handler(signal.SIGTERM, _terminated)
     try:
         result = run_generation(cfg)
+    except RankFailure as e:
+        # a rank failed, stopped answering or never joined: one line, from one rank, printed before
+        # the silent ranks are ended (the launcher stops this rank as soon as one of them is gone)
+        _set_handler(signal.SIGTERM, signal.SIG_IGN)
+        code = error(f"error: {e}", 1, printer=e.printer)
+        e.end_silent()
+        return code
+    except KeyboardInterrupt:
+        return error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130)
     except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError,
-            ParallelMismatchError, FileExistsError, ImportError, ValueError) as e:
+            ParallelMismatchError, ParallelLoadError, FileExistsError, ImportError, ValueError) as e:
         # expected failures (bad input, corrupt weights, NaN, wrong world size): one line, no traceback
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
+        return error(f"error: {e}", 1)
     finally:
+        _set_handler(signal.SIGTERM, previous)
         shutdown()
     if result.folder:
         print(summary_lines(result.folder, result.report))
     return 0
+
+
+def _terminated(*_) -> None:
+    """SIGTERM (torchrun stopping this rank): an exception once; a second SIGTERM while the first is
+    handled must not cut the report of which rank failed short."""
+    _set_handler(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(143)
+
+
+def _set_handler(signum, handler):
+    """Install ``handler`` for ``signum`` and return the previous one (None, and nothing changed, off
+    the main thread or for a None handler, where Python cannot set one)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signum, handler)
 
 
 def summary_lines(folder: str, report: dict) -> str:

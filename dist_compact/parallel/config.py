@@ -16,6 +16,7 @@ layouts work. Nothing here is a module-level singleton: groups are values passed
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -156,7 +157,7 @@ class ParallelGroups:
 
 def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup] = None, *,
                  use_ulysses_low: bool = True, meta_backend: Optional[str] = "gloo",
-                 stage_p2p: bool = False) -> ParallelGroups:
+                 stage_p2p: bool = False, timeout_s: Optional[float] = None) -> ParallelGroups:
     """Create the Ulysses and ring groups.
 
     Collective: without ``world_group`` every rank of the world calls it; with one, every rank of
@@ -170,6 +171,8 @@ def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup
         meta_backend: backend of the CPU metadata group over each ring group when the default
             backend is not gloo (``None`` = no extra group; metadata then go through the ring group).
         stage_p2p: see :class:`ParallelGroups`.
+        timeout_s: the longest wait of a collective in these groups (``cluster.timeout_s``; torch's
+            ``new_group`` does not inherit the default group's timeout). None: torch's default.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ParallelConfigError("build_groups needs torch.distributed to be initialized (see launch.init_distributed)")
@@ -189,13 +192,16 @@ def build_groups(config: ParallelConfig, world_group: Optional[dist.ProcessGroup
     want_meta = meta_backend is not None and dist.get_backend() != "gloo" and R > 1
     local = world_group is not None
 
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+
     def make(s, backend=None):
         # Without a world_group, new_group is collective over the whole world: every rank creates
         # every group in one order. With one (e.g. one sequence-parallel replica of several), only
         # the members create a group (use_local_synchronization), so replicas do not interlock.
         if local:
-            return dist.new_group(s, backend=backend, use_local_synchronization=True) if me in s else None
-        return dist.new_group(s, backend=backend)
+            return (dist.new_group(s, backend=backend, timeout=timeout, use_local_synchronization=True)
+                    if me in s else None)
+        return dist.new_group(s, backend=backend, timeout=timeout)
 
     uly_g = ring_g = meta_g = None
     for s in uly_sets:

@@ -26,7 +26,7 @@ from ..attention_ops import AttentionOps, global_head_stats
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 
-__all__ = ["Coordinator", "ParallelMismatchError", "config_digest", "gather_index", "global_head_stats"]
+__all__ = ["Coordinator", "ParallelLoadError", "ParallelMismatchError", "config_digest", "gather_index", "global_head_stats"]
 
 
 class ParallelMismatchError(RuntimeError):
@@ -58,6 +58,11 @@ def config_digest(obj: Any) -> str:
     """sha256 of a config (dataclasses, dicts, lists, scalars, tensors, BlockIndex): equal iff same content."""
     text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ParallelLoadError(RuntimeError):
+    """What a rank could not load, raised on the ranks that waited for it (the loading rank raises its
+    own exception)."""
 
 
 class _LoadError:
@@ -93,21 +98,25 @@ class Coordinator:
                          src: Optional[int] = None) -> Any:
         """``obj`` (or ``load()``, called on the source rank only) from the source rank to all.
 
-        A failing ``load()`` is one ``RuntimeError`` on every rank; on one process its own exception."""
+        A failing ``load()`` fails every rank: the loading rank raises its own exception, the others a
+        :class:`ParallelLoadError` with its message (so no rank waits for an object that never comes)."""
         if not (self.active and self.world_size > 1):
             return load() if load is not None else obj
         src = self.src if src is None else src
+        own = None
         if self.rank == src:
             if load is not None:
                 try:
                     obj = load()
                 except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-                    obj = _LoadError(f"{type(e).__name__}: {e}")
+                    own, obj = e, _LoadError(f"{type(e).__name__}: {e}")
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=self._global(src), group=self.group)
         obj = box[0]
+        if own is not None:
+            raise own
         if isinstance(obj, _LoadError):
-            raise RuntimeError(f"loading on rank {src} failed: {obj.text}")
+            raise ParallelLoadError(f"loading on rank {src} failed: {obj.text}")
         return obj
 
     def broadcast_index(self, index: Optional[BlockIndex], src: Optional[int] = None,

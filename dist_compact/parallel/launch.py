@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from .config import ParallelConfig, ParallelConfigError, build_groups
 from .plan import SequenceParallel
+from .watch import DEFAULT_TIMEOUT_S, job_endpoint, job_store, join
 
-__all__ = ["init_distributed", "launched_world", "local_device", "select_backend", "shutdown"]
+__all__ = ["init_distributed", "launched_world", "local_device", "select_backend", "shutdown", "DEFAULT_TIMEOUT_S"]
 
 
 def local_device() -> torch.device:
@@ -87,10 +88,22 @@ def select_backend(backend: Optional[str], *, device_type: str, local_world_size
 
 def launched_world() -> Tuple[int, int, int]:
     """``(world, rank, local_rank)`` from torchrun's environment (``(1, 0, 0)`` without it), before
-    any process group exists."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    any process group exists.
+
+    Raises:
+        ParallelConfigError: a variable that is not a whole number, or a rank outside the world
+            (one line naming the variable; torchrun sets them, a hand-made environment may not).
+    """
+    vals = []
+    for name, default, lo in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0), ("LOCAL_RANK", "0", 0)):
+        raw = os.environ.get(name, default)
+        if not raw.strip().isdigit() or int(raw) < lo:
+            raise ParallelConfigError(f"{name}={raw!r} is not a whole number >= {lo}; torchrun sets it (unset "
+                                      "WORLD_SIZE, RANK and LOCAL_RANK to run one process)")
+        vals.append(int(raw))
+    world, rank, local = vals
+    if rank >= world:
+        raise ParallelConfigError(f"RANK={rank} is outside the world of WORLD_SIZE={world} processes (0..{world - 1})")
     return world, rank, local
 
 
@@ -104,7 +117,10 @@ def init_distributed(config: Optional[ParallelConfig] = None, *, backend: Option
         config: degrees; default: a ring over every rank (valid for any head count).
         backend: ``"nccl"`` / ``"gloo"``; default NCCL when CUDA is available, else gloo, and gloo
             when ranks share GPUs (:func:`select_backend`).
-        timeout_s: collective timeout.
+        timeout_s: the longest wait for joining and for every collective (default
+            :data:`DEFAULT_TIMEOUT_S`), in the default group and the groups built here. Launched
+            with ``MASTER_ADDR`` / ``MASTER_PORT`` (torchrun), the ranks first meet in the job's store
+            (:func:`dist_compact.parallel.watch.join`): a rank that does not come within it is named.
         shard_unit, use_ulysses_low: see :class:`SequenceParallel` and :func:`build_groups`.
         share_gpus: see :func:`select_backend` (None: automatic).
         device_type: ``"cuda"`` / ``"cpu"``: where this rank computes (default: CUDA when available).
@@ -132,17 +148,23 @@ def init_distributed(config: Optional[ParallelConfig] = None, *, backend: Option
             warn=os.environ.get("LOCAL_RANK", "0") == "0")
         if dev == "cuda":
             torch.cuda.set_device(local_device())
-        kw = {}
-        if timeout_s is not None:
-            kw["timeout"] = datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, init_method="env://", **kw)
+        timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if job_endpoint() is not None:
+            rank = launched_world()[1]
+            store = job_store(rank, world, timeout_s)
+            join(store, rank, world, timeout_s)
+            dist.init_process_group(backend=backend, store=dist.PrefixStore("pg/", store), rank=rank, world_size=world,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     world = dist.get_world_size()
     cfg = config or ParallelConfig(ulysses=1, ring=world)
     cfg.check(world_size=world)
     if cfg.degree == 1:
         return SequenceParallel(cfg, shard_unit=shard_unit, balance=balance)
-    return SequenceParallel(cfg, build_groups(cfg, use_ulysses_low=use_ulysses_low), shard_unit=shard_unit,
-                            balance=balance)
+    return SequenceParallel(cfg, build_groups(cfg, use_ulysses_low=use_ulysses_low, timeout_s=timeout_s),
+                            shard_unit=shard_unit, balance=balance)
 
 
 def shutdown() -> None:

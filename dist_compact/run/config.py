@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from .._util import is_int
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..parallel.config import ParallelConfig, ParallelConfigError
+from ..parallel.watch import DEFAULT_TIMEOUT_S
 from ..sparsity.config import SparsityConfig
 
 __all__ = [
@@ -72,6 +73,10 @@ class ClusterConfig:
             ring's point-to-point staged through pinned host memory; NCCL refuses two ranks on one
             GPU): ``true`` always, ``false`` never (more ranks than GPUs is then an error), ``null``
             (default) when a node has more ranks than GPUs, with a one-line warning.
+        timeout_s: the longest wait, in seconds, for every rank to join and for any collective
+            (gloo and NCCL, every group). A rank that is stopped, hung or dead ends the job within
+            about this plus a few seconds, rank 0 naming it in one line. Default 300
+            (:data:`~dist_compact.parallel.watch.DEFAULT_TIMEOUT_S`); at most 86400.
     """
 
     nproc: int = 1
@@ -83,10 +88,14 @@ class ClusterConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     share_gpus: Optional[bool] = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def __post_init__(self) -> None:
         for name in ("nproc", "nnodes", "ulysses", "ring"):
             _pos_int(self, name)
+        t = self.timeout_s
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 86400):
+            raise ValueError(f"ClusterConfig.timeout_s must be a number of seconds in (0, 86400], got {t!r}")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "gloo", "nccl"))
         if self.device == "cpu" and self.backend == "nccl":
