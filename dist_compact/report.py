@@ -14,23 +14,31 @@
   sparse vs dense; every field is explained in docs/report.md;
 * ``logs/rank<r>.log`` - one log per process.
 
-Atomicity: everything is written under ``<output_dir>/.tmp-<name>-<pid>`` and renamed to
-``<output_dir>/<name>`` only when complete (:class:`RunFolder`); a failed run removes the temporary
-folder, so no half-written run folder is ever left.
+Atomicity (:class:`RunFolder`): the run claims ``<output_dir>/<name>`` at its start by creating it
+empty (``mkdir`` is atomic: of two runs started in the same second, one gets ``<name>``, the other
+``<name>-2``), writes everything under ``<output_dir>/.tmp-<name>-<host>-<pid>``, and renames that
+over its empty claim only when complete. A failed run removes both, so no half-written run folder is
+ever left; finished outputs are never discarded (if the claim was written into meanwhile, they go to
+the next free name). Folders left by killed runs (a pid of this host that is gone) are removed at
+the next start in the same ``output_dir``. A write that fails (full disk, read-only file system, a
+name too long) is one :class:`OutputError` line naming the file and the reason; nothing retries.
 
 Video layout for the helpers here: ``[C, F, H, W]`` (or ``[1, C, F, H, W]``) float in ``[-1, 1]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import time
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +46,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "RunFolder",
+    "OutputError",
+    "check_output_dir",
+    "remove_stale",
+    "writing",
+    "save_tensor",
     "check_writers",
     "psnr",
     "ssim",
@@ -74,47 +87,197 @@ def _slug(text: str, limit: int = 40) -> str:
     return s[:limit].rstrip("-") or "run"
 
 
+class OutputError(RuntimeError):
+    """The run folder cannot be made or written (one line: the path, the reason, what to do)."""
+
+
+#: the longest file name most file systems take (NAME_MAX), in bytes
+NAME_MAX = 255
+_TMP = re.compile(r"^\.tmp-(?P<name>.+)-(?P<host>[^-]+)-(?P<pid>\d+)$")
+
+
+def _host() -> str:
+    # one DNS label, without '-' so the temporary name parses back
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname().split(".")[0])[:40] or "host"
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
+def check_output_dir(output_dir: str, name: Optional[str] = None) -> None:
+    """``output_dir`` is (or can be made) a writable folder, and ``name`` fits in it; one
+    :class:`OutputError` line otherwise. Called before any compute."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise OutputError(f"run.output_dir {output_dir} is not a folder; choose a folder (it is created if missing)")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"run.output_dir {output_dir}: cannot create it ({_reason(e)}); choose a writable "
+                          "place") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"run.output_dir {output_dir} is not writable"
+                          f"{' (read-only file system)' if _read_only(output_dir) else ''}; choose a writable place")
+    if name is not None:
+        longest = NAME_MAX - len(f".tmp--{_host()}-{2 ** 22}".encode())
+        if len(name.encode()) > longest:
+            raise OutputError(f"run.name has {len(name.encode())} bytes; a folder name takes at most {longest} here "
+                              "(file systems allow 255 with the temporary suffix); choose a shorter --name")
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        return False
+
+
+def remove_stale(output_dir: str) -> List[str]:
+    """Remove what runs killed on this host left in ``output_dir`` (their temporary folder and empty
+    claim), recognised by a pid of this host that is gone; returns the removed paths."""
+    removed = []
+    try:
+        entries = os.listdir(output_dir)
+    except OSError:
+        return removed
+    host = _host()
+    for entry in entries:
+        m = _TMP.match(entry)
+        if not m or m["host"] != host or not _pid_gone(int(m["pid"])):
+            continue
+        shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
+        removed.append(os.path.join(output_dir, entry))
+        claim = os.path.join(output_dir, m["name"])
+        try:
+            os.rmdir(claim)  # only if empty: a finished run's folder is never touched
+            removed.append(claim)
+        except OSError:
+            pass
+    return removed
+
+
 class RunFolder:
-    """A run folder written under a temporary name and renamed when complete.
+    """A run folder claimed at the start and filled atomically (see the module doc).
 
     Args:
         output_dir: parent folder (created if missing).
-        name: run folder name; None = ``<YYYYmmdd-HHMMSS>-<prompt slug>-s<seed>`` (made unique).
+        name: run folder name; None = ``<YYYYmmdd-HHMMSS>-<prompt slug>-s<seed>`` (``-2``, ``-3``, ...
+            when taken, also by a run started in the same second).
+        clock: the time the default name is made of (``time.time``; tests give their own).
     Raises:
         FileExistsError: ``name`` is given and ``<output_dir>/<name>`` already exists.
+        OutputError: ``output_dir`` is not a writable folder, or the name does not fit.
     """
 
-    def __init__(self, output_dir: str, name: Optional[str] = None, *, prompt: str = "", seed: int = 0):
-        os.makedirs(output_dir, exist_ok=True)
-        if name is None:
-            base = f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(prompt)}-s{seed}"
-            name, n = base, 1
-            while os.path.exists(os.path.join(output_dir, name)):
+    def __init__(self, output_dir: str, name: Optional[str] = None, *, prompt: str = "", seed: int = 0,
+                 clock: Callable[[], float] = time.time):
+        check_output_dir(output_dir, name)
+        remove_stale(output_dir)
+        self.output_dir = output_dir
+        if name is not None:
+            self.final = self._claim(name)
+            if self.final is None:
+                raise FileExistsError(f"run folder {os.path.join(output_dir, name)} already exists; choose another "
+                                      "--name")
+        else:
+            base = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(clock()))}-{_slug(prompt)}-s{seed}"
+            n = 1
+            while (final := self._claim(base if n == 1 else f"{base}-{n}")) is None:
                 n += 1
-                name = f"{base}-{n}"
-        elif os.path.exists(os.path.join(output_dir, name)):
-            raise FileExistsError(f"run folder {os.path.join(output_dir, name)} already exists; choose another --name")
-        self.name = name
-        self.final = os.path.join(output_dir, name)
-        self.tmp = os.path.join(output_dir, f".tmp-{name}-{os.getpid()}")
-        os.makedirs(self.tmp)
+            self.final = final
+        self.name = os.path.basename(self.final)
+        self.tmp = os.path.join(output_dir, f".tmp-{self.name}-{_host()}-{os.getpid()}")
+        try:
+            os.mkdir(self.tmp)
+        except OSError as e:
+            self._unclaim()
+            raise OutputError(f"cannot create {self.tmp} ({_reason(e)}); choose another run.output_dir") from None
         self.done = False
 
+    def _claim(self, name: str) -> Optional[str]:
+        """``<output_dir>/<name>`` made empty for this run, or None when it exists (atomic)."""
+        path = os.path.join(self.output_dir, name)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return None
+        except OSError as e:
+            raise OutputError(f"cannot create the run folder {path} ({_reason(e)}); choose another run.output_dir or "
+                              "--name") from None
+        return path
+
+    def _unclaim(self) -> None:
+        try:
+            os.rmdir(self.final)
+        except OSError:
+            pass
+
     def commit(self) -> str:
-        """Rename the temporary folder to the final name (atomic on one file system)."""
-        if os.path.exists(self.final):
-            self.discard()
-            raise FileExistsError(f"run folder {self.final} appeared while the run was going; outputs discarded")
-        os.rename(self.tmp, self.final)
+        """Rename the temporary folder over the empty claim (atomic on one file system). If something
+        wrote into the claim meanwhile, the outputs go to the next free name instead: never lost."""
+        try:
+            os.rename(self.tmp, self.final)
+        except OSError:
+            base, n = self.final, 2
+            while True:
+                other = self._claim(f"{os.path.basename(base)}-{n}")
+                if other is not None:
+                    break
+                n += 1
+            try:
+                os.rename(self.tmp, other)
+            except OSError as e:
+                raise OutputError(f"cannot move the finished run to {other} ({_reason(e)}); its files are in "
+                                  f"{self.tmp}") from None
+            self.final, self.name = other, os.path.basename(other)
         self.done = True
         return self.final
 
     def discard(self) -> None:
+        """Remove the temporary folder and the empty claim (a failed run leaves nothing)."""
         if not self.done:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._unclaim()
 
     def __repr__(self) -> str:
         return f"RunFolder({self.final!r}, done={self.done})"
+
+
+def save_tensor(tensor: torch.Tensor, path: str, final: Optional[str] = None) -> None:
+    """``torch.save`` of ``tensor`` to ``path``, a failure being one :class:`OutputError` (:func:`writing`).
+
+    Serialised in memory first: torch's file writer reports a full disk without its errno."""
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    with writing(path, final), open(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+@contextlib.contextmanager
+def writing(path: str, final: Optional[str] = None):
+    """Any failure while writing ``path`` becomes one :class:`OutputError` naming it (as it will be
+    named in the run folder ``final``) and the reason; nothing retries (a full disk stays full)."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, and the writers' own errors around one
+        shown = os.path.join(final, os.path.basename(path)) if final else path
+        raise OutputError(f"cannot write {shown}: {_reason(e)}; free space there or choose another run.output_dir "
+                          "(the unfinished run folder was removed)") from None
 
 
 def check_writers() -> None:
@@ -368,13 +531,20 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
 
 
 def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latents: Optional[torch.Tensor] = None,
-                  *, fps: int = 8, scale: Optional[int] = None, video: bool = True) -> List[str]:
+                  *, fps: int = 8, scale: Optional[int] = None, video: bool = True,
+                  final: Optional[str] = None) -> List[str]:
     """Write every output file of a run into ``folder`` (the temporary run folder); returns the names.
+
+    A failed write is one :class:`OutputError` naming the file (under ``final``, the run folder's
+    name when given) and the reason.
 
     The heatmaps come from ``report["sparse"]``'s per (layer, head) matrices, when they hold a value.
     ``video=False``: no mp4 / gif (no video writer needed).
     """
     from .png import write_png
+
+    def at(name: str):
+        return writing(os.path.join(folder, name), final)
 
     scale = scale or max(1, int(round(192 / latents.shape[-2])))
     files: List[str] = ["report.json"]
@@ -383,16 +553,23 @@ def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latent
         if clip is None:
             continue
         clip = clip.detach().float().cpu()
-        torch.save(clip, os.path.join(folder, prefix + "latents.pt"))
-        paths = write_video(os.path.join(folder, stem), to_uint8_frames(clip, scale), fps) if video else []
-        write_png(os.path.join(folder, prefix + "frames.png"), frame_grid(to_uint8_frames(clip, max(1, scale // 2))))
+        save_tensor(clip, os.path.join(folder, prefix + "latents.pt"), final)
+        paths = []
+        if video:
+            with at(stem + ".mp4"):
+                paths = write_video(os.path.join(folder, stem), to_uint8_frames(clip, scale), fps)
+        with at(prefix + "frames.png"):
+            write_png(os.path.join(folder, prefix + "frames.png"),
+                      frame_grid(to_uint8_frames(clip, max(1, scale // 2))))
         files += [prefix + "latents.pt", *(os.path.basename(p) for p in paths), prefix + "frames.png"]
     for what in ("density", "recall"):
         m = report["sparse"][f"{what}_per_layer_head"]
         if any(v is not None for row in m for v in row):
-            write_png(os.path.join(folder, f"{what}.png"), heatmap(m, what))
+            with at(f"{what}.png"):
+                write_png(os.path.join(folder, f"{what}.png"), heatmap(m, what))
             files.append(f"{what}.png")
     report = dict(report, files=sorted(files))
-    with open(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(_finite(report), f, indent=1, allow_nan=False)
+    text = json.dumps(_finite(report), indent=1, allow_nan=False)
+    with at("report.json"), open(os.path.join(folder, "report.json"), "w") as f:
+        f.write(text)
     return report["files"]

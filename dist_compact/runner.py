@@ -121,6 +121,8 @@ def start_process(cfg) -> Process:
     """
     world, rank, local_rank = launched_world()
     check_world(cfg.cluster, world)
+    if rank == 0:
+        rpt.check_output_dir(cfg.run.output_dir, cfg.run.name)  # before any compute
     if rank == 0 and cfg.run.video:
         rpt.check_writers()
     device = _device_for(cfg.cluster, local_rank)
@@ -157,9 +159,24 @@ def agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
                                                             num_layers=num_layers, num_heads=num_heads))
 
 
-def _rank_logger(log_dir: str, rank: int) -> logging.Handler:
-    os.makedirs(log_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(log_dir, f"rank{rank}.log"))
+class _RankLog(logging.FileHandler):
+    """A rank's log file that keeps its first write error (a full disk) for the run to report as one
+    line, instead of logging's traceback on stderr for every record."""
+
+    failed: Optional[BaseException] = None
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        if self.failed is None:
+            import sys
+
+            self.failed = sys.exc_info()[1]
+
+
+def _rank_logger(log_dir: str, rank: int) -> _RankLog:
+    path = os.path.join(log_dir, f"rank{rank}.log")
+    with rpt.writing(path):
+        os.makedirs(log_dir, exist_ok=True)
+        handler = _RankLog(path)
     handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -173,12 +190,27 @@ def run_folder(cfg, rank: int):
     log), removed when the body raises."""
     run = cfg.run
     coord = Coordinator()
-    folder = rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed) if rank == 0 else None
-    handler = _rank_logger(os.path.join(coord.broadcast_object(folder.tmp if folder else None), "logs"), rank)
+    claimed: list = []
+
+    def claim() -> str:  # on rank 0; its error fails every rank (broadcast_object)
+        claimed.append(rpt.RunFolder(run.output_dir, run.name, prompt=run.prompt, seed=run.seed))
+        return claimed[0].tmp
+
+    tmp = coord.broadcast_object(load=claim)
+    folder = claimed[0] if claimed else None
+    try:
+        handler = _rank_logger(os.path.join(tmp, "logs"), rank)
+    except BaseException:
+        if folder is not None:
+            folder.discard()
+        raise
 
     def close_log() -> None:
         log.removeHandler(handler)
         handler.close()
+        if handler.failed is not None:
+            with rpt.writing(handler.baseFilename, folder.final if folder else None):
+                raise handler.failed
 
     try:
         log.info("config sources: %s", ", ".join(cfg.sources) or "defaults")
@@ -188,7 +220,10 @@ def run_folder(cfg, rank: int):
         if folder is not None:
             folder.commit()
     except BaseException:
-        close_log()
+        try:
+            close_log()
+        except rpt.OutputError:
+            pass  # the error already on its way out is the one to report
         if folder is not None:
             folder.discard()
         raise
@@ -227,7 +262,7 @@ class Job:
         """The output files into rank 0's temporary ``folder.tmp`` (see :mod:`dist_compact.report`)."""
         run = self.cfg.run
         rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
-                          fps=run.fps, video=run.video)
+                          fps=run.fps, video=run.video, final=folder.final)
         log.info("outputs written to %s", folder.final)
 
 

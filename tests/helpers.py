@@ -21,3 +21,16 @@ def assert_close_to_golden(out, golden, eager_lowp=None, k=3.0, atol=1e-5, what=
 
 def tol_for(dtype) -> float:
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def child_env(**extra):
+    """The environment for a child process that runs this checkout (not an installed copy), without
+    any launcher variables of the parent; ``extra`` set on top."""
+    import os
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]), OMP_NUM_THREADS="1", **extra)
+    return env

@@ -22,7 +22,8 @@ import time
 import pytest
 import torch
 
-from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, save_embedded
+from helpers import child_env
+
 from dist_compact.parallel.watch import RankFailure, RankWatch, join
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,13 +31,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MARGIN_S = 20.0
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    m = EmbeddedDiT(EmbeddedConfig(dim=64, depth=2, heads=2, frames=4, height=16, width=16))
-    path = tmp_path_factory.mktemp("w") / "small.safetensors"
-    save_embedded(m, path)
-    return path
 
 
 def _free_port() -> int:
@@ -45,17 +39,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), OMP_NUM_THREADS="1", **extra)
-    return env
 
 
-def _generate_args(weights, out, timeout_s, steps=400):
+def _generate_args(small_weights, out, timeout_s, steps=400):
     """A dense run long enough (many steps of a tiny model) that a fault lands in its collectives."""
     return [str(ROOT / "generate.py"), "--config", str(ROOT / "configs/cluster/cpu-demo.yaml"), "--model-path",
-            str(weights), "--model.frames", "4", "--model.height", "16", "--model.width", "16", "--steps", str(steps),
+            str(small_weights), "--model.frames", "4", "--model.height", "16", "--model.width", "16",
+            "--steps", str(steps),
             "--run.progress", "false", "--run.video", "false", "--sparsity.mode", "dense",
             "--cluster.timeout_s", str(timeout_s), "--output-dir", str(out)]
 
@@ -75,13 +65,14 @@ def _rank_pid(parent: int, rank: int, deadline: float) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {parent}")
 
 
-def _fault_in_run(weights, tmp_path, sig, timeout_s):
+def _fault_in_run(small_weights, tmp_path, sig, timeout_s):
     """torchrun 2 ranks; once the run folder exists (every rank is in the run), send ``sig`` to rank 1.
     Returns (stderr, seconds from the fault to the job's end, the faulted pid, the output folder)."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           *_generate_args(weights, out, timeout_s)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           *_generate_args(small_weights, out, timeout_s)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     pid = None
     try:
         deadline = time.monotonic() + 240
@@ -109,9 +100,9 @@ def _ours(stderr: str):
 
 
 @pytest.mark.slow
-def test_stopped_rank_ends_the_job_with_one_line(weights, tmp_path):
+def test_stopped_rank_ends_the_job_with_one_line(small_weights, tmp_path):
     timeout_s = 3
-    err, took, pid, out = _fault_in_run(weights, tmp_path, signal.SIGSTOP, timeout_s)
+    err, took, pid, out = _fault_in_run(small_weights, tmp_path, signal.SIGSTOP, timeout_s)
     lines = _ours(err)
     assert lines == [f"generate.py: error: rank 1 stopped answering (its process on this host is stopped (SIGSTOP)); "
                      f"the job ends now (collectives wait at most cluster.timeout_s = {timeout_s} s); see its log in "
@@ -122,8 +113,8 @@ def test_stopped_rank_ends_the_job_with_one_line(weights, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_rank_ends_the_job_with_one_line(weights, tmp_path):
-    err, took, _, out = _fault_in_run(weights, tmp_path, signal.SIGKILL, 60)
+def test_killed_rank_ends_the_job_with_one_line(small_weights, tmp_path):
+    err, took, _, out = _fault_in_run(small_weights, tmp_path, signal.SIGKILL, 60)
     assert _ours(err) == ["generate.py: error: rank 1 stopped answering (its process on this host is gone: killed or "
                           "crashed); the job ends now (collectives wait at most cluster.timeout_s = 60 s); see its "
                           "log in the run's logs/ or the launcher's report"], err[-3000:]
@@ -132,12 +123,12 @@ def test_killed_rank_ends_the_job_with_one_line(weights, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_rank_is_named_within_the_timeout(weights, tmp_path):
+def test_missing_rank_is_named_within_the_timeout(small_weights, tmp_path):
     """Rank 0 of two launched alone (rank 1 never starts): it waits cluster.timeout_s, then one line."""
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", RANK="0", LOCAL_RANK="0",
                LOCAL_WORLD_SIZE="2")
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, *_generate_args(weights, tmp_path / "out", 2)], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, *_generate_args(small_weights, tmp_path / "out", 2)], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 1 and res.stderr.splitlines() == [
         "generate.py: error: rank 1 did not join the job within cluster.timeout_s = 2 s (not started, stopped, or "

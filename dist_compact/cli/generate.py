@@ -140,6 +140,7 @@ def main(argv=None) -> int:
     from ..parallel.launch import shutdown
     from ..parallel.watch import RankFailure
     from ..pipeline import run_generation
+    from ..report import OutputError
     from ..runner import WorldSizeError
     from ..sampler import NonFiniteLatentsError
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130)
     except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError,
-            ParallelMismatchError, ParallelLoadError, FileExistsError, ImportError, ValueError) as e:
+            ParallelMismatchError, ParallelLoadError, OutputError, FileExistsError, ImportError, ValueError) as e:
         # expected failures (bad input, corrupt weights, NaN, wrong world size): one line, no traceback
         return error(f"error: {e}", 1)
     finally:

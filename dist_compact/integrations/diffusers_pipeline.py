@@ -238,7 +238,7 @@ class DiffusersJob(Job):
                                 num_layers=info["num_layers"], num_heads=info["num_heads"])
 
     def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
-        torch.save(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"))
+        rpt.save_tensor(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"), folder.final)
         super().write(folder, report, sparse, dense)
 
 

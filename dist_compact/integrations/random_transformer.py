@@ -354,7 +354,8 @@ class RandomJob(Job):
         # latents.pt / dense_latents.pt: the raw latents (write_outputs saved the previews there)
         for prefix, section in (("", "sparse"), ("dense_", "dense")):
             if section in self.raw:
-                torch.save(self.raw[section].detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"))
+                rpt.save_tensor(self.raw[section].detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"),
+                                folder.final)
 
 
 def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:

@@ -37,7 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "RankFailure", "RankWatch", "job_endpoint", "job_store", "join", "is_comm_error", "describe_ranks"]
+__all__ = ["DEFAULT_TIMEOUT_S", "RankFailure", "RankWatch", "job_endpoint", "job_store", "join", "is_comm_error",
+           "describe_ranks"]
 
 
 #: ``cluster.timeout_s``'s default: the longest wait for a rank to join or for a collective. Why 300:
@@ -178,7 +179,8 @@ def join(store: dist.Store, rank: int, world: int, timeout_s: float, *,
             return
         if clock() > deadline:
             missing = [r for r in range(world) if not store.check([f"joined/{r}"])]
-            raise RankFailure(f"{describe_ranks(missing)} did not join the job within cluster.timeout_s = {timeout_s:g} s "
+            raise RankFailure(f"{describe_ranks(missing)} did not join the job within cluster.timeout_s = "
+                              f"{timeout_s:g} s "
                               "(not started, stopped, or crashed at start); launch every rank with the same "
                               "MASTER_ADDR / MASTER_PORT, or raise cluster.timeout_s", silent=missing,
                               printer=min(set(range(world)) - set(missing)))
@@ -317,7 +319,8 @@ class RankWatch:
                                f"{'their' if len(silent) > 1 else 'its'} log in the run's logs/ or the launcher's "
                                "report", silent=silent, printer=printer, end=lambda: self.end_silent(silent))
         if is_comm_error(e) and "Timed out" in str(e):
-            return RankFailure(f"a collective did not complete within cluster.timeout_s = {self.timeout_s:g} s although "
+            return RankFailure(f"a collective did not complete within cluster.timeout_s = {self.timeout_s:g} s "
+                               "although "
                                "every rank is alive: one is slower than that (raise cluster.timeout_s) or the ranks "
                                "took different paths", printer=printer)
         return None
