@@ -308,21 +308,24 @@ def run(args) -> int:
         print(f"{mode:15s} {level:10s} {row['denoise_s_median']:.4f} s  x{row['speedup_vs_dense']:.2f}  "
               f"PSNR {row['psnr_mean_db']}  motion {row['motion_follow_pct']}%  flops {row['attn_flops_vs_dense']}",
               flush=True)
-        write_csv(args.csv, [{k: r[k] for k in SUMMARY_FIELDS} for r in summary], SUMMARY_FIELDS)  # after every mode: a run cut short keeps what it finished
+        # every output after every mode: a run cut short keeps what it finished
+        write_csv(args.csv, [{k: r[k] for k in SUMMARY_FIELDS} for r in summary], SUMMARY_FIELDS)
         write_csv(args.clips_csv, clip_rows)
-    facts = {"clips": len(clips), "seeds": [args.seed_base, args.seed_base + args.seeds - 1],
-             "steps": run_opts.steps, "guidance": run_opts.guidance, "shift": run_opts.shift,
-             "layout": repr(layout), "weights_sha256": digest, "torch": torch.__version__,
-             "seconds": round(time.perf_counter() - t_all, 1), "summary": summary}
-    if device.type == "cuda":
-        import triton
+        facts = {"clips": len(clips), "seeds": [args.seed_base, args.seed_base + args.seeds - 1],
+                 "steps": run_opts.steps, "guidance": run_opts.guidance, "shift": run_opts.shift,
+                 "layout": repr(layout), "weights_sha256": digest, "torch": torch.__version__,
+                 "seconds": round(time.perf_counter() - t_all, 1), "modes_done": len(summary),
+                 "modes": len(modes), "summary": summary}
+        if device.type == "cuda":
+            import triton
 
-        facts.update(device=torch.cuda.get_device_name(device), triton=triton.__version__)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(facts, f, indent=1)
-    if args.png:
-        write_pareto(summary, args.png, title=f"{mc.name}: PSNR vs speed-up ({len(clips)} clips, {facts.get('device', 'cpu')})")
+            facts.update(device=torch.cuda.get_device_name(device), triton=triton.__version__)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(facts, f, indent=1)
+        if args.png and len(summary) > 1:
+            write_pareto(summary, args.png, title=f"{mc.name}: PSNR vs speed-up ({len(clips)} clips, "
+                                                  f"{facts.get('device', 'cpu')})")
     print_table(summary)
     return 0
 
