@@ -35,10 +35,11 @@ from .sparsity.config import SparsityConfig
 from .parallel import Coordinator, ParallelConfig, init_distributed
 from .parallel.launch import launched_world
 from .parallel.watch import RankWatch, job_endpoint
+from .run.config import ConfigError
 from .search.config_file import load_compact
 
 __all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "start_process",
-           "check_world", "make_parallel", "agree", "run_folder", "run_job", "watched", "log"]
+           "check_world", "check_run", "make_parallel", "agree", "run_folder", "run_job", "watched", "log"]
 
 #: the run's logger (also the sampler's, by name): every rank's log file is attached to it
 log = logging.getLogger("dist_compact.run")
@@ -99,7 +100,8 @@ def _device_for(cluster, local_rank: int) -> torch.device:
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("cluster.device is 'cuda' but no CUDA device is available; use --cluster.device cpu")
+            raise ConfigError("cluster.device is 'cuda' but this machine has no CUDA device; use --cluster.device cpu "
+                              "(or auto)")
         idx = local_rank % torch.cuda.device_count()
         torch.cuda.set_device(idx)
         return torch.device("cuda", idx)
@@ -113,19 +115,66 @@ def _dtype_for(model_cfg, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _available_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for this run on ``device`` (None when it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: float32 copies of the video a run holds at once at the least (noise, latents, the model's input
+#: and its velocity, the guidance batch of two): a floor, what the model itself needs comes on top
+VIDEO_COPIES = 8
+
+
+def check_run(cfg, device: torch.device) -> None:
+    """What can be told before loading anything: the model's path for its kind, the attention
+    backend on this device, the video against this device's memory. One line each.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    mc, run = cfg.model, cfg.run
+    if mc.kind == "diffusers" and not mc.path:
+        raise ConfigError("model.kind 'diffusers' needs model.path, the local diffusers pipeline folder: give "
+                          "--model-path DIR (a folder with model_index.json)")
+    if run.attn_backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"run.attn_backend 'triton' needs a CUDA device (this run is on {device.type}); use "
+                          "--run.attn_backend torch (or auto)")
+    need = VIDEO_COPIES * 4 * 3 * mc.frames * mc.height * mc.width
+    have = _available_bytes(device)
+    if have is not None and need > have:
+        raise ConfigError(f"model.frames x height x width = {mc.frames} x {mc.height} x {mc.width} needs at least "
+                          f"{need / 2 ** 30:.1f} GiB on {device} for the video alone, but {have / 2 ** 30:.1f} GiB are "
+                          "free; choose a smaller video (--model.frames / --model.height / --model.width)")
+
+
 def start_process(cfg) -> Process:
     """This process (see the module doc's ``process`` step).
 
     Raises:
         WorldSizeError: the launched world size differs from ``cfg.cluster``'s degrees.
+        ConfigError: :func:`check_run`, or ``cluster.device: cuda`` without a CUDA device.
+        OutputError: ``run.output_dir`` cannot take the run (rank 0).
     """
     world, rank, local_rank = launched_world()
     check_world(cfg.cluster, world)
+    device = _device_for(cfg.cluster, local_rank)
+    check_run(cfg, device)
     if rank == 0:
         rpt.check_output_dir(cfg.run.output_dir, cfg.run.name)  # before any compute
     if rank == 0 and cfg.run.video:
         rpt.check_writers()
-    device = _device_for(cfg.cluster, local_rank)
     return Process(world, rank, local_rank, device, _dtype_for(cfg.model, device))
 
 

@@ -271,7 +271,9 @@ def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from dist_compact.cli.args import OneLineParser
+
+    p = OneLineParser(
         prog="python -m launchers",
         description="Turn a cluster YAML into the command that starts a job (python / torchrun / SLURM).",
         epilog="Everything after '--' is the script and its arguments, e.g. -- generate.py --prompt 'a cat'.",

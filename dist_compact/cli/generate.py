@@ -20,6 +20,7 @@ import threading
 from typing import List, Optional, Sequence, Tuple
 
 from ..run.config import ConfigError, RunConfig
+from .args import OneLineParser
 from ..run.loader import load_run_config, to_yaml
 
 __all__ = ["PROG", "SHORTCUTS", "build_parser", "parse_generate_args", "main", "summary_lines"]
@@ -40,7 +41,7 @@ SHORTCUTS = {
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog=prog,
         description="Generate a video with sparse attention (default: the embedded tiny DiT).",
         epilog="Any config key can be set with --section.key value, e.g. --run.steps 10 "
@@ -116,18 +117,27 @@ def _launched_rank() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
+def _error(text: str, code: int, printer: int = 0) -> int:
+    if _launched_rank() == printer:
+        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
-    rank = _launched_rank()
+    """The command (see the module doc): 0, or the exit code after ONE line on stderr (printed by one
+    rank under torchrun): 2 for a bad command line or config, 1 for a failed run, 130 for Ctrl-C.
+    Leaves no signal handler behind when called as a function."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return _error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130)
 
-    def error(text: str, code: int, printer: int = 0) -> int:
-        if rank == printer:
-            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
-        return code
 
+def _main(argv) -> int:
     try:
         cfg, args = parse_generate_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
-        return error(f"config error: {e}", 2)
+        return _error(f"config error: {e}", 2)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -153,15 +163,13 @@ def main(argv=None) -> int:
         # a rank failed, stopped answering or never joined: one line, from one rank, printed before
         # the silent ranks are ended (the launcher stops this rank as soon as one of them is gone)
         _set_handler(signal.SIGTERM, signal.SIG_IGN)
-        code = error(f"error: {e}", 1, printer=e.printer)
+        code = _error(f"error: {e}", 1, printer=e.printer)
         e.end_silent()
         return code
-    except KeyboardInterrupt:
-        return error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130)
     except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError,
             ParallelMismatchError, ParallelLoadError, OutputError, FileExistsError, ImportError, ValueError) as e:
         # expected failures (bad input, corrupt weights, NaN, wrong world size): one line, no traceback
-        return error(f"error: {e}", 1)
+        return _error(f"error: {e}", 1)
     finally:
         _set_handler(signal.SIGTERM, previous)
         shutdown()

@@ -32,6 +32,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..cli.args import OneLineParser
 from .data import make_batch
 from .embedded import (EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io, save_embedded,
                        sha256_of)
@@ -418,7 +419,7 @@ def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dist_compact.models.train", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m dist_compact.models.train", description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=8.0, help="wall-time budget of the whole command")
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="weights file to write (+ .sha256, .train.json); default %(default)s. The shipped "

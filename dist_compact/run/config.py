@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .._util import is_int
+from .._util import control_chars, is_int
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..parallel.config import ParallelConfig, ParallelConfigError
 from ..parallel.watch import DEFAULT_TIMEOUT_S
@@ -168,8 +168,10 @@ class ModelConfig:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"ModelConfig.name must be a non-empty string, got {self.name!r}")
         _choice(self, "kind", ("embedded", "diffusers", "random"))
-        for name in ("frames", "height", "width"):
-            _pos_int(self, name)
+        for name, most in (("frames", MAX_FRAMES), ("height", MAX_PIXELS), ("width", MAX_PIXELS)):
+            val = getattr(self, name)
+            if not is_int(val) or not 1 <= val <= most:
+                raise ValueError(f"ModelConfig.{name} must be an int in [1, {most}], got {val!r}")
         object.__setattr__(self, "tile", tuple(self.tile))
         if len(self.tile) != 3 or not all(is_int(t) and t >= 1 for t in self.tile):
             raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
@@ -246,8 +248,10 @@ class RunOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             raise ValueError(f"RunOptions.prompt must be a string, got {self.prompt!r}")
-        _pos_int(self, "seed", minimum=0)
-        _pos_int(self, "steps")
+        if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"RunOptions.seed must be an int in [0, 2**63 - 1] (a generator seed), got {self.seed!r}")
+        if not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"RunOptions.steps must be an int in [1, {MAX_STEPS}] (50 is typical), got {self.steps!r}")
         _pos_int(self, "fps")
         for name, lo in (("guidance", 0.0), ("shift", 0.0)):
             val = getattr(self, name)
@@ -257,9 +261,24 @@ class RunOptions:
             raise ValueError(f"RunOptions.output_dir must be a non-empty path, got {self.output_dir!r}")
         if self.name is not None:
             bad = set(self.name) & set('/\\:*?"<>|') or self.name in ("", ".", "..") or self.name.startswith(".")
-            if bad:
-                raise ValueError(f"RunOptions.name must be a plain folder name (no / \\ : * ? \" < > |, no leading dot), got {self.name!r}")
+            if bad or control_chars(self.name):
+                raise ValueError("RunOptions.name must be a plain folder name (no / \\ : * ? \" < > |, no control "
+                                 f"characters, no leading dot), got {self.name!r}")
+            if len(self.name.encode()) > MAX_NAME_BYTES:
+                raise ValueError(f"RunOptions.name has {len(self.name.encode())} bytes; a run folder name takes at "
+                                 f"most {MAX_NAME_BYTES} (choose a shorter --name)")
         _choice(self, "attn_backend", ("auto", "triton", "torch"))
+
+
+#: the largest ``run.seed``: what every generator takes
+MAX_SEED = 2 ** 63 - 1
+#: the most denoising steps of a run (samplers of this kind converge in tens of steps)
+MAX_STEPS = 10000
+#: the longest ``run.name`` in bytes (file systems take 255, less the temporary folder's suffix)
+MAX_NAME_BYTES = 200
+#: the largest ``model.frames`` and ``model.height`` / ``model.width`` (far beyond any published model:
+#: a typo, such as an extra zero, is an error before anything is allocated)
+MAX_FRAMES, MAX_PIXELS = 4096, 16384
 
 
 #: The embedded demo's sparsity (configs/sparsity/demo.yaml): AdaSpa's online search, 23% of the key blocks of

@@ -21,33 +21,124 @@ plain arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .config import DEMO_SPARSITY, SECTIONS, ConfigError, RunConfig, build_section, coerce, field_type
 
 __all__ = ["load_yaml", "load_run_config", "parse_override", "to_yaml"]
 
 
-def load_yaml(path, _stack: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
-    """Read a config file and its ``include`` files: ``[(source, {section: {key: value}})]`` in merge order."""
+#: the deepest chain of ``include`` files, and the most files one config may bring in
+MAX_INCLUDE_DEPTH, MAX_INCLUDE_FILES = 32, 256
+#: the largest config file read (a config is a few hundred bytes; this is far beyond any)
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_mapping(p: Path) -> Dict[str, Any]:
+    """One config file's mapping: a folder, binary bytes, invalid YAML, a key given twice at any
+    level, or a file that is not a mapping is one :class:`ConfigError` naming the file."""
     import yaml
 
-    p = Path(path)
-    if p.resolve() in _stack:
-        chain = " -> ".join(str(s) for s in (*_stack, p.resolve()))
-        raise ConfigError(f"{p}: include cycle: {chain}")
+    if p.is_dir():
+        raise ConfigError(f"{p} is a directory; give a config file (.yaml), e.g. {p / 'cluster.yaml'}")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()[:MAX_CONFIG_BYTES + 1]
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a config file; give a config file "
+                          "(.yaml)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a text file (byte {e.start} is not UTF-8); give a config file (.yaml)") from None
+    if "\x00" in text:
+        raise ConfigError(f"{p}: not a text file (it holds NUL bytes); give a config file (.yaml)")
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise ConfigError(f"{p}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        where = f" (line {e.problem_mark.line + 1})" if getattr(e, "problem_mark", None) else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: not valid YAML{where}: {what}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: a config file must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+#: a number float() reads, unquoted: YAML 1.1 (PyYAML) takes 1e300 and 8e-1 for strings, since its
+#: floats need a dot and a signed exponent (ints still resolve first, so 10 stays an int)
+_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)
+        and reads every unquoted number that Python's float() reads as a float."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise _DuplicateKey(f"{key!r} is given twice (lines {seen[key] + 1} and "
+                                        f"{key_node.start_mark.line + 1}); merge the two into one (YAML would keep "
+                                        "only the last)")
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+    return Loader
+
+
+def read_yaml_value(text: str):
+    """One YAML value (a command-line override) with the config files' reading of numbers."""
+    import yaml
+
+    return yaml.load(text, Loader=_unique_key_loader())
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def load_yaml(path, _stack: Tuple[Path, ...] = (), _seen: Optional[Dict[Path, Any]] = None
+              ) -> List[Tuple[str, Dict[str, Any]]]:
+    """Read a config file and its ``include`` files: ``[(source, {section: {key: value}})]`` in merge order.
+
+    Each file comes once, at its first place in the order (a file included by two others is read
+    once, and a file always overrides what it includes); include chains are at most
+    :data:`MAX_INCLUDE_DEPTH` deep and bring at most :data:`MAX_INCLUDE_FILES` files.
+    """
+    seen: Dict[Path, Any] = {} if _seen is None else _seen
+    p = Path(path)
+    key = p.resolve()
+    if key in _stack:
+        chain = " -> ".join(str(s) for s in (*_stack, key))
+        raise ConfigError(f"{p}: include cycle: {chain}")
+    if key in seen:
+        return []
+    if len(_stack) >= MAX_INCLUDE_DEPTH:
+        raise ConfigError(f"{p}: includes nest more than {MAX_INCLUDE_DEPTH} files deep ({_stack[0]} -> ...); "
+                          "flatten the chain")
+    if len(seen) >= MAX_INCLUDE_FILES:
+        raise ConfigError(f"{_stack[0] if _stack else p}: brings in more than {MAX_INCLUDE_FILES} config files; "
+                          "flatten the includes")
+    data = _read_mapping(p)
+    seen[key] = True
     out: List[Tuple[str, Dict[str, Any]]] = []
     includes = data.pop("include", [])
     if isinstance(includes, str):
@@ -55,7 +146,7 @@ def load_yaml(path, _stack: Tuple[Path, ...] = ()) -> List[Tuple[str, Dict[str, 
     if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
         raise ConfigError(f"{p}: include: expected a path or a list of paths, got {includes!r}")
     for inc in includes:
-        out.extend(load_yaml(p.parent / inc, _stack + (p.resolve(),)))
+        out.extend(load_yaml(p.parent / inc, _stack + (key,), seen))
     for section, body in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"{p}: unknown section {section!r}; sections are: include, {', '.join(SECTIONS)}")
@@ -96,10 +187,19 @@ def parse_override(key: str, raw: str) -> Tuple[str, str, Any]:
     if text.lower() in ("none",):
         text = "null"
     try:
-        value = yaml.safe_load(text) if text else ""
+        value = read_yaml_value(text) if text else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: cannot read value {raw!r}: {e}") from e
+    if isinstance(value, str) and _takes_float(hint):
+        try:  # any text Python's float() reads (the field's own check refuses NaN and inf)
+            value = float(value)
+        except ValueError:
+            pass
     return section, name, coerce(value, hint, where)
+
+
+def _takes_float(hint) -> bool:
+    return hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint))
 
 
 def load_run_config(paths: Sequence = (), overrides: Sequence[Tuple[str, str]] = ()) -> RunConfig:

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import List, Optional, Tuple
 
 import torch
 
+from ..cli.args import OneLineParser
 from .capture import MassStore
-from .config_file import load_config, save_config
+from .config_file import config_format, load_config, save_config
 from .offline import SearchSettings, search_stores
 from .quality import evaluate, write_report
 
@@ -62,9 +64,45 @@ def _sum(stores: List[MassStore]) -> MassStore:
 
 
 def _device(name: str) -> torch.device:
+    """``--device``: auto, cpu, cuda or cuda:N, checked against this machine (one line otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name!r}: the search runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _writable_file(option: str, path: str) -> None:
+    """``path`` can be written as a file: its folder exists and it is not a folder (checked before the
+    search, so no result is lost at the end)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a directory; give a file name, e.g. {os.path.join(path, 'compact.yaml')}")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: its folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: its folder {parent} is not writable; choose another path")
+
+
+def parse_steps(text: str) -> List[int]:
+    """``--capture-steps 4,8,12`` -> ``[4, 8, 12]`` (argparse names the option when it fails)."""
+    try:
+        steps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of step numbers; use e.g. 4,8,12") from None
+    if not steps or any(s < 0 for s in steps):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of step numbers >= 0; use e.g. 4,8,12")
+    return steps
 
 
 def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]], out_dir: str,
@@ -107,7 +145,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dist_compact.search", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m dist_compact.search", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("search", help="search a Compact config from captured mass files")
     s.add_argument("mass", nargs="+", help="MassStore files (.pt), e.g. one per prompt")
@@ -125,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     c = sub.add_parser("capture", help="dense runs of the main job's model that record block-mass files")
     c.add_argument("--out-dir", required=True, help="folder for mass_<i>.pt, one per prompt")
     c.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    c.add_argument("--capture-steps", default=None,
+    c.add_argument("--capture-steps", default=None, type=parse_steps,
                    help="denoising steps to record, e.g. 4,8,12 (default: every step)")
     c.add_argument("generate_args", nargs=argparse.REMAINDER,
                    help="after --: generate.py options / --section.key overrides")
@@ -137,16 +175,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         if args.cmd == "capture":
-            steps = None if args.capture_steps is None else [int(x) for x in args.capture_steps.split(",")]
+            steps = args.capture_steps
             extra = [a for a in args.generate_args if a != "--"]
             for i, prompt in enumerate(args.prompt):
                 path = capture_run(prompt, extra, steps, args.out_dir, i)
                 if path:
                     print(f"wrote {path}")
         elif args.cmd == "search":
+            device = _device(args.device)
+            config_format(args.out)
+            _writable_file("--out", args.out)
             stores = _load_stores(args.mass)
             settings = SearchSettings(tau=args.tau, lam=args.lam, groups=args.groups)
-            config, results = search_stores(stores, settings, device=_device(args.device), model=args.model,
+            config, results = search_stores(stores, settings, device=device, model=args.model,
                                             merge=args.merge)
             save_config(config, args.out)
             for path, res in zip(args.mass if args.merge == "union" else ["(sum)"], results):

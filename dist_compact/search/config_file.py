@@ -32,8 +32,8 @@ import yaml
 from ..sparsity.config import SparsityConfig
 from ..patterns.compact import CompactConfig, HeadPattern
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "config_to_dict", "config_from_dict", "save_config", "load_config",
-           "load_compact"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "config_format", "config_to_dict", "config_from_dict", "save_config",
+           "load_config", "load_compact"]
 
 SCHEMA = "dist_compact.compact_config"
 SCHEMA_VERSION = 1
@@ -102,7 +102,9 @@ def config_from_dict(d: dict, source: str = "<dict>") -> CompactConfig:
         raise ValueError(f"{source}: {e}") from None
 
 
-def _format(path: pathlib.Path) -> str:
+def config_format(path: Union[str, pathlib.Path]) -> str:
+    """``"yaml"`` or ``"json"`` by the file suffix; another suffix is a ValueError naming the file."""
+    path = pathlib.Path(path)
     suffix = path.suffix.lower()
     if suffix in (".yaml", ".yml"):
         return "yaml"
@@ -115,7 +117,7 @@ def save_config(config: CompactConfig, path: Union[str, pathlib.Path]) -> None:
     """Write ``config`` as YAML or JSON (by the file suffix)."""
     path = pathlib.Path(path)
     d = config_to_dict(config)
-    if _format(path) == "json":
+    if config_format(path) == "json":
         text = json.dumps(d, indent=1) + "\n"
     else:
         text = _HEADER + yaml.safe_dump(d, sort_keys=False, default_flow_style=None, width=1 << 16)
@@ -131,7 +133,7 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
         num_layers, num_heads: the model's attention layers and heads per layer.
     """
     path = pathlib.Path(path)
-    fmt = _format(path)
+    fmt = config_format(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; sparsity.compact_config takes a Compact config file (.yaml / .json) "
                          "written by `python -m dist_compact.search search`")
