@@ -18,6 +18,8 @@ import torch
 from helpers import child_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: asserted word for word below (docs/errors.md shows it)
+CTRL_C_LINE = "generate.py: interrupted (Ctrl-C); nothing was written to run.output_dir"
 
 
 def _run_args(weights, out, *extra):
@@ -42,7 +44,7 @@ def test_ctrl_c_is_one_line_and_exit_130(small_weights, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130 and err == "generate.py: interrupted (Ctrl-C); nothing was written to run.output_dir\n"
+    assert proc.returncode == 130 and err == CTRL_C_LINE + "\n"
     assert os.listdir(out) == []
 
 

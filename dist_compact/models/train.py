@@ -107,7 +107,11 @@ def _read_checkpoint(ckpt: Path) -> dict:
     it is not one."""
     if not ckpt.is_file():
         raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
+    with open(ckpt, "rb") as f:
+        magic = f.read(4)
     try:
+        if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+            raise ValueError("not a file written by torch.save")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the same mistake for the user
         why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__

@@ -43,7 +43,8 @@ def _read_mapping(p: Path) -> Dict[str, Any]:
     import yaml
 
     if p.is_dir():
-        raise ConfigError(f"{p} is a directory; give a config file (.yaml), e.g. {p / 'cluster.yaml'}")
+        raise ConfigError(f"{p} is a directory, not a config file; give a .yaml file (e.g. one of "
+                          "configs/cluster/*.yaml)")
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
