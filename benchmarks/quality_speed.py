@@ -140,7 +140,7 @@ def small_model(path: str) -> None:
     save_embedded(model, path)
 
 
-def search_small_compact(model, layout, text, noise, steps, out_dir, levels):
+def search_small_compact(model, layout, text, noise, steps, out_dir, levels, ops):
     """Capture one dense run and search a Compact config per tau (the CPU smoke run's stand-ins)."""
     from dist_compact.search.capture import CaptureAttention, MassStore
     from dist_compact.search.config_file import save_config
@@ -150,7 +150,7 @@ def search_small_compact(model, layout, text, noise, steps, out_dir, levels):
     cfg = model.config
     store = MassStore.for_layout(layout, cfg.depth, cfg.heads, model="small")
     model.set_attention([CaptureAttention(i, store) for i in range(cfg.depth)])
-    sample(model, text, noise, steps=steps, layout=layout, guidance=4.0, shift=3.0)
+    sample(model, text, noise, steps=steps, layout=layout, guidance=4.0, shift=3.0, ops=ops)
     out = []
     for level, tau in levels:
         config = search_store(store, SearchSettings(tau=tau), model="small").config
@@ -203,7 +203,7 @@ def _small(args) -> int:
     args.config = args.config or []
     args._overrides = [("model.path", weights), ("model.name", "small"), ("model.frames", "4"),
                        ("model.height", "32"), ("model.width", "32"), ("model.tile", "1,4,4"),
-                       ("run.steps", str(args.steps or 4)), ("cluster.device", "cpu")]
+                       ("run.steps", str(args.steps or 4)), ("cluster.device", "cpu"), ("run.attn_backend", "torch")]
     args.limit = args.limit or 4
     args._small_dir = tmp
     return run(args)
@@ -243,12 +243,12 @@ def run(args) -> int:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((1, mcfg.in_channels, mc.frames, mc.height, mc.width), generator=gen).to(device)
 
+    ops = AttentionOps(run_opts.attn_backend)
     if args.small and not args.compact:
         args.compact = search_small_compact(model, layout, model.tokenizer.batch([clips[0][0]]).to(device),
                                             noise_of(0), run_opts.steps, args._small_dir,
-                                            [("high", 0.95), ("low", 0.8)])
+                                            [("high", 0.95), ("low", 0.8)], ops)
     modes = build_modes(args, mc.name, mcfg.depth, mcfg.heads, layout, base.sparsity)
-    ops = AttentionOps(run_opts.attn_backend)
     print(f"{len(clips)} clips x {len(modes)} modes, {run_opts.steps} steps, {layout}, {device}, "
           f"weights {digest[:16]}...", flush=True)
 
