@@ -14,6 +14,7 @@ a grid of blocks), the pattern family Compact Attention produces.
 from __future__ import annotations
 
 import argparse
+import json
 import itertools
 import math
 import sys
@@ -165,7 +166,15 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
+    ap.add_argument("--list-variants", action="store_true", help="print the parsed --variants as JSON and exit")
     args = ap.parse_args(argv)
+    try:
+        variants = parse_variants(args.variants)
+    except ValueError as e:
+        ap.error(str(e))
+    if args.list_variants:
+        print(json.dumps(variants))
+        return 0
 
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -181,11 +190,6 @@ def main(argv=None):
         from torch.nn.attention.flex_attention import flex_attention
 
         flex = torch.compile(flex_attention, dynamic=False)
-
-    try:
-        variants = parse_variants(args.variants)
-    except ValueError as e:
-        ap.error(str(e))
 
     rows = []
     bs, D = 128, 128

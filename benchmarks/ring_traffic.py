@@ -2,8 +2,8 @@
 
     python benchmarks/ring_traffic.py [--shapes wan480,hunyuan720] [--sources compact-0.5,adaspa] [--ring 4,8]
 
-For each shape, index source (``scaling_model.Source``: the pooled Compact patterns, AdaSpa's selection on a
-synthetic block mass), ring degree and plan (contiguous / balanced, ``scaling_model.plan_for``): the K+V
+For each shape, index source (``dist_compact.parallel.cost.Source``: the pooled Compact patterns, AdaSpa's
+selection on a synthetic block mass), ring degree and plan (contiguous / balanced, ``cost.plan_for``): the K+V
 bytes per layer summed over ranks (bf16, head_dim 128, batch 1, all heads; layers 0 and L/2), as
 ``RingOps`` moves them (``ring_blocks`` x ``block_kv_bytes``: the key range of each shard the rows use, no
 trailing padding) and as a ring sending whole shards would (``ring_needs`` x ``shard_kv_bytes``), and the
@@ -16,31 +16,14 @@ import argparse
 import os
 import sys
 
-import torch
-
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path[:0] = [_ROOT, os.path.join(_ROOT, "benchmarks")]
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]
 
-import scaling_model as sm  # noqa: E402
-
-from dist_compact.parallel import (ParallelConfig, block_kv_bytes, ring_bytes, ring_rank_plan,  # noqa: E402
-                                   shard_kv_bytes)
-from dist_compact.parallel.plan import padded_layout  # noqa: E402
-
-
-def traffic(src, lay, R: int, bounds, layers, heads: int, head_dim: int = 128, esize: int = 2):
-    """(range bytes per layer, whole-shard bytes per layer, max blocks one rank receives)."""
-    pb = block_kv_bytes(lay.block_size, batch=1, heads=heads, head_dim=head_dim, element_size=esize)
-    kv = shard_kv_bytes(bounds, lay.block_size, batch=1, heads=heads, head_dim=head_dim, element_size=esize)
-    new = old = 0.0
-    worst = 0
-    for l in layers:
-        idx = src.index(l)
-        blocks = torch.tensor([ring_rank_plan(idx, lay, bounds, r).blocks for r in range(R)])
-        new += float(ring_bytes(blocks, pb).sum())
-        old += float(ring_bytes(blocks > 0, kv).sum())
-        worst = max(worst, int(blocks.sum(1).max()))
-    return new / len(layers), old / len(layers), worst
+from dist_compact.models.embedded import shipped_weights  # noqa: E402
+from dist_compact.parallel import ParallelConfig  # noqa: E402
+from dist_compact.parallel.cost import (SHAPES, SMALL_SHAPES, Source, padded_layout, plan_for, ring_traffic,  # noqa: E402
+                                        shape_layout)
+from dist_compact.search.config_file import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,19 +31,22 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="wan480,hunyuan720")
     ap.add_argument("--sources", default="compact-0.5,adaspa")
     ap.add_argument("--ring", default="4,8")
-    ap.add_argument("--small", action="store_true", help="the small shape of scaling_model (a dry run)")
+    ap.add_argument("--small", action="store_true", help="the small shapes of the cost model (a dry run)")
     args = ap.parse_args(argv)
-    shapes = sm.SMALL_SHAPES if args.small else {k: sm.SHAPES[k] for k in args.shapes.split(",")}
+    shapes = SMALL_SHAPES if args.small else {k: SHAPES[k] for k in args.shapes.split(",")}
     print("shape source ring plan bounds range_GB_per_layer whole_shard_GB_per_layer max_blocks_received_per_rank")
     for shape, spec in shapes.items():
         for name in args.sources.split(","):
+            compact = None
+            if name.startswith("compact-"):
+                compact = load_config(str(shipped_weights().parent / f"embedded-{name}.yaml"))
             for R in (int(r) for r in args.ring.split(",")):
-                lay = padded_layout(sm._layout(spec), ParallelConfig(1, R))
-                src = sm.Source(name, lay, spec["heads"], spec["layers"])
+                lay = padded_layout(shape_layout(spec), ParallelConfig(1, R))
+                src = Source(name, lay, spec["heads"], spec["layers"], compact=compact)
                 layers = sorted({0, spec["layers"] // 2})
                 for label, bal in (("contiguous", False), ("balanced", True)):
-                    bounds, _ = sm.plan_for(src, 1, R, bal)
-                    new, old, worst = traffic(src, lay, R, bounds, layers, spec["heads"])
+                    bounds, _ = plan_for(src, 1, R, bal)
+                    new, old, worst = ring_traffic(src, lay, R, bounds, layers, spec["heads"])
                     print(f"{shape} {name} {R} {label} {','.join(map(str, bounds))} {new / 1e9:.3f} {old / 1e9:.3f} {worst}",
                           flush=True)
     return 0

@@ -360,30 +360,3 @@ def test_a_gluon_build_failure_falls_back_once_then_errors_propagate(monkeypatch
     with pytest.raises(ValueError):
         Dsp._run_ws(types.SimpleNamespace(block_sparse_fwd_ws=lambda *a, **kw: (_ for _ in ()).throw(ValueError())),
                   (), {}, auto=True)
-
-
-def test_kernel_bench_variant_specs():
-    import importlib.util
-    import sys
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        spec = importlib.util.spec_from_file_location("kernel_bench", bench / "kernel_bench.py")
-        kb = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(kb)
-    finally:
-        sys.path.remove(str(bench))
-    got = kb.parse_variants("ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu")
-    assert got == {
-        "ours": None,
-        "t": dict(block_n=128, num_warps=8, num_stages=4, use_tma=True, impl="triton"),
-        "p": dict(block_n=64, num_warps=4, num_stages=3, use_tma=False, impl="triton"),
-        "w": dict(impl="ws", ws_stages=3, ws_persistent=True, ws_pingpong=True),
-        "tri": dict(impl="triton"),
-        "o": dict(impl="ws", ws_overlap=True, ws_exp_emu=True),
-    }
-    assert kb.parse_variants("default") == {"ours": None}
-    for bad in ("x=ws:fast", "x=128:8:3:nofold"):
-        with pytest.raises(ValueError, match="variant x"):
-            kb.parse_variants(bad)

@@ -12,7 +12,7 @@ video size; diffusers needed), each under Compact + AdaSpa (a static index, so t
 cost-balanced; and a fused search, so the block-mass ring runs) for 3 steps: step 0 dense, step 1
 the fused search (dense + LSE + block mass), step 2 the sparse step (static union searched index).
 The random models' Compact configs are the shipped embedded patterns drawn per head
-(``benchmarks/scaling_model.pooled_compact``), written under DIR.
+(``dist_compact.parallel.cost.pooled_compact``), written under DIR.
 
 Each parallel run goes through ``run_generation`` with ``cluster.share_gpus: true`` (gloo with CUDA
 tensors, the ring's point-to-point staged through pinned host memory), bf16, the default kernels
@@ -79,16 +79,17 @@ def _compact_file(model: str, out: str) -> str:
         return "embedded-compact-0.5.yaml"
     if model == "embedded-gpu":
         return "embedded-gpu-compact-0.9.yaml"
-    from scaling_model import pooled_compact
-
     from dist_compact.integrations.random_transformer import published_config
-    from dist_compact.search.config_file import save_config
+    from dist_compact.models.embedded import shipped_weights
+    from dist_compact.parallel.cost import pooled_compact
+    from dist_compact.search.config_file import load_config, save_config
 
     name = dict(MODELS[model])["model.name"]
     layers = int(dict(MODELS[model])["model.layers"])  # HunyuanVideo: a third of them dual-stream, all counted
     _, tcfg, _ = published_config(name, "full", None)
     path = os.path.join(out, f"compact-{model}.yaml")
-    save_config(pooled_compact(name, layers, tcfg["num_attention_heads"]), path)
+    shipped = load_config(str(shipped_weights().parent / "embedded-compact-0.5.yaml"))
+    save_config(pooled_compact(shipped, name, layers, tcfg["num_attention_heads"]), path)
     return path
 
 

@@ -14,8 +14,9 @@ from .coordinator import Coordinator, ParallelMismatchError
 from .launch import init_distributed
 from .merge import all_reduce_merge, merge_many, merge_partials
 from .plan import ParallelAttention, SequenceParallel
-from .ring import (RingOps, RingPlan, block_kv_bytes, ring_blocks, ring_bytes, ring_needs, ring_rank_plan, ring_shard_bytes,
-                   shard_kv_bytes)
+from .ring import RingOps
+from .ring_plan import (RingPlan, block_kv_bytes, ring_blocks, ring_bytes, ring_needs, ring_rank_plan, ring_shard_bytes,
+                        shard_kv_bytes)
 from .ulysses import UlyssesOps, heads_to_seq, seq_to_heads
 
 __all__ = [

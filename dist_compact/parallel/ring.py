@@ -1,4 +1,5 @@
-"""Ring attention with shard skipping: RingOps, the AttentionOps of one ring rank.
+"""Ring attention with shard skipping: RingOps, the AttentionOps of one ring rank (the communicating
+half; the plans it runs and their byte model are :mod:`dist_compact.parallel.ring_plan`).
 
 Geometry (global layout ``layout``, ring degree ``R``, this rank ``r``): the video blocks are cut
 into ``R`` contiguous shards at offsets ``bounds = (b_0 = 0, b_1, ..., b_R = num_video_blocks)``
@@ -30,7 +31,7 @@ cost-balanced offsets of :mod:`dist_compact.parallel.balance`, which may differ 
   dropping them from the sub-index changes nothing). A halo exchange thus moves the halo slabs,
   not the neighbour's whole shard, and a cost-balanced shard that grew by padding costs no bytes.
 * ``bytes_sent`` / ``bytes_received`` count the point-to-point payload actually moved
-  (:func:`ring_blocks` x :func:`block_kv_bytes` predicts it exactly).
+  (``ring_plan.ring_blocks`` x ``ring_plan.block_kv_bytes`` predicts it exactly).
 * Staging: gloo cannot send CUDA tensors point to point ("Bad address"; ranks sharing one GPU run
   gloo, since NCCL refuses two ranks on one device). When the ring group is gloo and the tensors
   are on a GPU, or when ``ParallelGroups.stage_p2p`` forces it (to test the path on CPUs), sends are
@@ -42,8 +43,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -53,158 +53,10 @@ from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from .config import ParallelGroups
 from .merge import all_reduce_merge, merge_partials
+from .ring_plan import RingPlan, ShardGeometry, rank_plan, shard_bounds, shard_geometry
 from .ulysses import HeadShardedOps
 
-__all__ = ["RingOps", "RingPlan", "ring_needs", "ring_blocks", "ring_bytes", "ring_shard_bytes", "shard_kv_bytes",
-           "block_kv_bytes", "ring_rank_plan"]
-
-
-# ---------------------------------------------------------------------------- traffic
-def _check_bounds(bounds: Sequence[int], nv: int, ring: int, what: str) -> Tuple[int, ...]:
-    b = tuple(int(x) for x in bounds)
-    if len(b) != ring + 1 or b[0] != 0 or b[-1] != nv or any(y <= x for x, y in zip(b[:-1], b[1:])):
-        raise ValueError(
-            f"{what}: ring shard bounds {b} must be {ring + 1} strictly increasing offsets from 0 to the "
-            f"{nv} video blocks"
-        )
-    return b
-
-
-def _bounds_or_equal(layout: VideoLayout, ring: int, bounds: Optional[Sequence[int]], what: str) -> Tuple[int, ...]:
-    nv = layout.num_video_blocks
-    if bounds is not None:
-        return _check_bounds(bounds, nv, ring, what)
-    if nv % ring:
-        raise ValueError(f"{nv} video blocks do not split into {ring} ring shards; use SequenceParallel.layout_for")
-    return tuple(i * (nv // ring) for i in range(ring + 1))
-
-
-def ring_blocks(index: BlockIndex, layout: VideoLayout, ring: int,
-                bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """int64 ``[ring, ring]``: ``blocks[i, j]`` = key blocks of video shard j that ring rank i
-    fetches (its key range ``hi - lo``, module docstring; 0 on the diagonal and for shards it skips).
-
-    ``index`` is a global index (all query and key blocks) restricted to the heads one ring group
-    sees; ``bounds`` the ring shard offsets (None = equal shards). This is the traffic
-    :class:`RingOps` moves (the same plans); text rows never cause transfers. Bytes:
-    ``ring_bytes(blocks, block_kv_bytes(...))``.
-    """
-    b = _bounds_or_equal(layout, ring, bounds, "ring_blocks")
-    out = torch.zeros(ring, ring, dtype=torch.int64)
-    for i in range(ring):
-        out[i] = torch.tensor(ring_rank_plan(index, layout, b, i).blocks, dtype=torch.int64)
-    return out
-
-
-def ring_needs(index: BlockIndex, layout: VideoLayout, ring: int,
-               bounds: Optional[Sequence[int]] = None) -> torch.Tensor:
-    """bool ``[ring, ring]``: ``need[i, j]`` = ring rank i fetches part of video shard j (i != j)."""
-    return ring_blocks(index, layout, ring, bounds) > 0
-
-
-def ring_shard_bytes(layout: VideoLayout, ring: int, *, batch: int, heads: int, head_dim: int,
-                     element_size: int) -> int:
-    """Bytes of one equal ring shard's K and V (``heads``: the heads one ring group sees, i.e.
-    ``H / ulysses``). A dense ring sends every shard to the other ``ring - 1`` ranks of the group:
-    ``(ring - 1) * ring * ring_shard_bytes`` per group, whatever the shard sizes."""
-    return 2 * batch * (layout.num_video_blocks // ring) * layout.block_size * heads * head_dim * element_size
-
-
-def shard_kv_bytes(bounds: Sequence[int], block_size: int, *, batch: int, heads: int, head_dim: int,
-                   element_size: int) -> List[int]:
-    """Bytes of each ring shard's K and V for shard offsets ``bounds`` (``ring + 1`` ints)."""
-    per_block = 2 * batch * block_size * heads * head_dim * element_size
-    return [(b - a) * per_block for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def block_kv_bytes(block_size: int, *, batch: int, heads: int, head_dim: int, element_size: int) -> int:
-    """Bytes of one video block's K and V (``heads``: the heads one ring group sees)."""
-    return 2 * batch * block_size * heads * head_dim * element_size
-
-
-def ring_bytes(need: torch.Tensor, shard_bytes: Union[int, Sequence[int]]) -> torch.Tensor:
-    """int64 ``[ring]`` bytes each rank sends. With ``need`` = :func:`ring_blocks` (int) and
-    ``shard_bytes`` = :func:`block_kv_bytes`: what :class:`RingOps` sends. With a bool ``need``
-    and whole-shard bytes (one int, or one per shard, :func:`shard_kv_bytes`): a ring that sends
-    whole shards (e.g. the dense ring's ``(ring - 1) x`` every shard)."""
-    sb = torch.as_tensor(shard_bytes, dtype=torch.int64)
-    return need.to(torch.int64).sum(0) * sb
-
-
-# ---------------------------------------------------------------------------- the plan
-@dataclass
-class RingPlan:
-    """How one rank computes one local index.
-
-    own: every local row against ``[own video shard | text]`` keys (text keys dropped from the text
-        rows unless ring rank 0).
-    remote: shard j -> (row0, row1, sub-index of video rows [row0, row1) against the fetched keys
-        of shard j, i.e. its blocks ``ranges[j]``).
-    ranges: shard j -> ``(lo, hi)``, the key blocks fetched, relative to shard j's start.
-    ring: the ring degree.
-    """
-
-    own: BlockIndex
-    remote: Dict[int, Tuple[int, int, BlockIndex]]
-    ranges: Dict[int, Tuple[int, int]]
-    ring: int
-
-    @property
-    def needs(self) -> List[bool]:
-        """R bools, the remote shards this rank fetches from."""
-        return [j in self.ranges for j in range(self.ring)]
-
-    @property
-    def blocks(self) -> List[int]:
-        """Key blocks fetched from each shard (0 where none)."""
-        return [self.ranges[j][1] - self.ranges[j][0] if j in self.ranges else 0 for j in range(self.ring)]
-
-
-@dataclass(frozen=True)
-class _Geo:
-    bs: int
-    starts: Tuple[int, ...]  # ring shard offsets in video blocks (ring + 1)
-    nt: int  # text blocks
-    nb: int  # all blocks
-    rank: int
-    real: Tuple[int, ...]  # per shard: its blocks before its trailing padding blocks
-
-    @property
-    def nv(self) -> int:
-        return self.starts[-1]
-
-    def size(self, j: int) -> int:
-        return self.starts[j + 1] - self.starts[j]
-
-    @property
-    def vr(self) -> int:  # this rank's video blocks
-        return self.size(self.rank)
-
-    @property
-    def r0(self) -> int:
-        return self.starts[self.rank]
-
-    @property
-    def r1(self) -> int:
-        return self.starts[self.rank + 1]
-
-    @property
-    def rows(self) -> int:
-        return self.vr + self.nt
-
-
-def _real_ends(layout: VideoLayout, starts: Sequence[int]) -> Tuple[int, ...]:
-    """Per ring shard: 1 + its last block holding a valid token, relative to the shard (0 = all padding)."""
-    real = (layout.block_valid()[: layout.num_video_blocks] > 0).nonzero().flatten()
-    out = []
-    for a, b in zip(starts[:-1], starts[1:]):
-        inside = real[(real >= a) & (real < b)]
-        out.append(int(inside[-1]) - a + 1 if inside.numel() else 0)
-    return tuple(out)
-
-
-def _make_geo(layout: VideoLayout, starts: Tuple[int, ...], rank: int) -> _Geo:
-    return _Geo(layout.block_size, starts, layout.num_text_blocks, layout.num_blocks, rank, _real_ends(layout, starts))
+__all__ = ["RingOps"]
 
 
 class _Valid:
@@ -215,7 +67,7 @@ class _Valid:
     this rank's local rows (own shard, then text), and slices of them cached by row range.
     """
 
-    def __init__(self, layout: VideoLayout, g: _Geo, device):
+    def __init__(self, layout: VideoLayout, g: ShardGeometry, device):
         bv = layout.block_valid(device)
         self.shard = [bv[a:b] for a, b in zip(g.starts[:-1], g.starts[1:])]
         self.text = bv[g.nv:]
@@ -236,49 +88,6 @@ class _Valid:
         if hit is None:
             hit = self._keys[(j, lo, hi)] = self.shard[j][lo:hi]
         return hit
-
-
-def _plan_of(index: BlockIndex, g: _Geo) -> RingPlan:
-    """The :class:`RingPlan` of ring rank ``g.rank`` for its localized ``index`` (rows: its video
-    shard, then the text blocks; global keys)."""
-    r0, r1 = g.r0, g.r1
-    kmap = torch.full((g.nb,), -1, dtype=torch.long)
-    kmap[r0:r1] = torch.arange(g.vr)
-    kmap[g.nv:] = g.vr + torch.arange(g.nt)
-    vid = index.select_rows(0, g.vr)
-    own = vid.remap_keys(kmap, g.rows)
-    if g.nt:
-        kmap_t = kmap.clone()
-        if g.rank != 0:
-            kmap_t[g.nv:] = -1  # text x text is computed once, on ring rank 0
-        own = own.cat_rows(index.select_rows(g.vr, g.rows).remap_keys(kmap_t, g.rows))
-    remote: Dict[int, Tuple[int, int, BlockIndex]] = {}
-    ranges: Dict[int, Tuple[int, int]] = {}
-    for j in range(len(g.starts) - 1):
-        if j == g.rank or g.real[j] == 0:
-            continue
-        s0 = g.starts[j]
-        sub = vid.select_keys(s0, s0 + g.real[j])  # the trailing padding keys hold no token: dropped
-        used = sub.key_blocks_used().nonzero().flatten()
-        if not used.numel():
-            continue
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        sub = sub.select_keys(lo, hi)
-        rows = (sub.counts > 0).any(0).any(0).nonzero().flatten()
-        a, b = int(rows[0]), int(rows[-1]) + 1
-        remote[j] = (a, b, sub.select_rows(a, b))
-        ranges[j] = (lo, hi)
-    return RingPlan(own, remote, ranges, len(g.starts) - 1)
-
-
-def ring_rank_plan(index: BlockIndex, layout: VideoLayout, bounds: Sequence[int], rank: int) -> RingPlan:
-    """What ring rank ``rank`` computes for a global ``index`` (already cut to the heads its ring
-    group holds) with shard offsets ``bounds``: the same :class:`RingPlan` :class:`RingOps` runs,
-    without process groups (for cost models and benchmarks)."""
-    b = _check_bounds(bounds, layout.num_video_blocks, len(bounds) - 1, "ring_rank_plan")
-    g = _make_geo(layout, b, rank)
-    rows = torch.cat([torch.arange(g.r0, g.r1), torch.arange(g.nv, g.nb)])
-    return _plan_of(index.select_rows_at(rows), g)
 
 
 class _Transfer:
@@ -352,7 +161,7 @@ class RingOps(HeadShardedOps):
         self._plans_by_digest: "OrderedDict" = OrderedDict()  # (digest, layout) -> plan
         self._full: Dict = {}  # (layout, heads, device) -> full local index
         self._valids: Dict = {}  # (layout, device) -> _Valid
-        self._geos: Dict = {}  # (layout, bounds) -> _Geo
+        self._geos: Dict = {}  # (layout, bounds) -> ShardGeometry
         self._peers: Optional[List[int]] = None
         self._ready = False
 
@@ -365,12 +174,12 @@ class RingOps(HeadShardedOps):
     def rank(self) -> int:
         return self.groups.ring_rank
 
-    def _geo(self, layout: VideoLayout) -> _Geo:
-        b = _bounds_or_equal(layout, self.ring, None if self._bounds is None else self._bounds(layout), "RingOps")
+    def _geo(self, layout: VideoLayout) -> ShardGeometry:
+        b = shard_bounds(layout, self.ring, None if self._bounds is None else self._bounds(layout), "RingOps")
         key = (layout, b)
         hit = self._geos.get(key)
         if hit is None:
-            hit = self._geos[key] = _make_geo(layout, b, self.rank)
+            hit = self._geos[key] = shard_geometry(layout, b, self.rank)
         return hit
 
     def bounds(self, layout: VideoLayout) -> Tuple[int, ...]:
@@ -396,7 +205,7 @@ class RingOps(HeadShardedOps):
             w[g.vr:] = 0
         return w
 
-    def _valid_for(self, layout: VideoLayout, g: _Geo, device) -> _Valid:
+    def _valid_for(self, layout: VideoLayout, g: ShardGeometry, device) -> _Valid:
         key = (layout, str(device))
         hit = self._valids.get(key)
         if hit is None:
@@ -419,8 +228,8 @@ class RingOps(HeadShardedOps):
         self._local[index] = (key, out)
         return out
 
-    def _build_plan(self, index: BlockIndex, g: _Geo) -> RingPlan:
-        return _plan_of(index, g)
+    def _build_plan(self, index: BlockIndex, g: ShardGeometry) -> RingPlan:
+        return rank_plan(index, g)
 
     def plan(self, index: BlockIndex, layout: VideoLayout) -> RingPlan:
         """The cached plan of a localized index (by object, then by digest)."""
@@ -519,7 +328,7 @@ class RingOps(HeadShardedOps):
         return _Transfer(works, len(ops), slots, bufs, keep, device if staged else None)
 
     # ------------------------------------------------------------------ compute
-    def _check(self, q, k, v, index: Optional[BlockIndex], g: _Geo, what: str) -> None:
+    def _check(self, q, k, v, index: Optional[BlockIndex], g: ShardGeometry, what: str) -> None:
         want = g.rows * g.bs
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t is None:
@@ -558,7 +367,7 @@ class RingOps(HeadShardedOps):
             self._full[key] = full
         return self._run(q, k, v, self.plan(full, layout), layout, g, return_lse, scale)
 
-    def _run(self, q, k, v, plan: RingPlan, layout: VideoLayout, g: _Geo, return_lse: bool, scale):
+    def _run(self, q, k, v, plan: RingPlan, layout: VideoLayout, g: ShardGeometry, return_lse: bool, scale):
         self._ensure_ready(q)
         self.calls += 1
         me, bs, vt = self.rank, g.bs, g.vr * g.bs

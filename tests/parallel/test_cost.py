@@ -1,38 +1,41 @@
-"""The CPU parts of benchmarks/scaling_model.py and benchmarks/device/share_gpu_check.py: index sources,
-plans, byte counts and cost-model arithmetic, a tiny dry run, --help and the summary table."""
+"""The sequence-parallel cost model (dist_compact/parallel/cost.py): index sources, plans, byte counts
+and cost-model arithmetic, a prediction with a fixed timer, and the real layer on two processes."""
 
-import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout
+from dist_compact.models.embedded import DEFAULT_WEIGHTS
 from dist_compact.parallel import (ParallelConfig, block_kv_bytes, ring_blocks, ring_bytes, ring_needs, ring_rank_plan,
                                    shard_kv_bytes)
+from dist_compact.parallel import cost as sm
 from dist_compact.parallel.balance import head_block_costs
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "device")]
-
-import scaling_model as sm  # noqa: E402
-import share_gpu_check as sgc  # noqa: E402
-from parallel_helpers import expected_ring_blocks  # noqa: E402
+from dist_compact.search.config_file import load_config
+from parallel_helpers import expected_ring_blocks, run_workers
 
 LAYOUT = VideoLayout(6, 9, 10, tile=(1, 4, 4), text_tokens=20)  # 6 x 3 x 3 tiles (ragged) + 2 text blocks
 LAYOUT4 = sm.padded_layout(LAYOUT, ParallelConfig(2, 2))  # 8 slabs: 72 video blocks
+SHIPPED = load_config(str(DEFAULT_WEIGHTS.parent / "embedded-compact-0.5.yaml"))
 
+
+def _compact(layout, heads, layers):
+    return sm.Source("compact-0.5", layout, heads=heads, layers=layers, compact=SHIPPED)
+
+
+def fixed_timer(fn, reps):
+    """A timer that runs ``fn`` (so every call is exercised) and reports 1 ms: no test depends on wall time."""
+    fn()
+    return 1.0
 
 def test_pooled_compact_source_is_the_pooled_config():
-    src = sm.Source("compact-0.5", LAYOUT, heads=8, layers=3)
-    cfg = sm.pooled_compact("small", 3, 8, "0.5")
+    src = _compact(LAYOUT, 8, 3)
+    cfg = sm.pooled_compact(SHIPPED, "small", 3, 8)
     for l in range(3):
         assert torch.equal(src.mask(l)[0], cfg.block_mask(l, LAYOUT).reshape(8, LAYOUT.num_blocks, -1))
     assert [d.tolist() for d in src.draws] != [src.draws[0].tolist()] * 3  # layers draw different heads
     with pytest.raises(ValueError, match="only 48 patterns"):
-        sm.pooled_compact("small", 1, 49)
+        sm.pooled_compact(SHIPPED, "small", 1, 49)
 
 
 def test_adaspa_source_rows_keep_their_budget():
@@ -47,10 +50,12 @@ def test_adaspa_source_rows_keep_their_budget():
     assert len(set(per_row[:, 0].tolist())) > 1  # head-adaptive: not every head the same budget
     with pytest.raises(ValueError, match="unknown index source"):
         sm.Source("bogus", LAYOUT, 8, 1)
+    with pytest.raises(ValueError, match="needs compact="):
+        sm.Source("compact-0.5", LAYOUT, 8, 1)
 
 
 def test_plan_for_matches_the_runtime_rule():
-    src = sm.Source("compact-0.5", LAYOUT4, heads=8, layers=3)
+    src = _compact(LAYOUT4, 8, 3)
     bounds, orders = sm.plan_for(src, 2, 2, balance=False)
     assert bounds == (0, 36, 72) and orders == [None] * 3
     bounds, orders = sm.plan_for(src, 2, 2, balance=True)
@@ -78,7 +83,7 @@ def test_plan_for_matches_the_runtime_rule():
 
 
 def test_imbalance_rows():
-    src = sm.Source("compact-0.5", LAYOUT4, heads=8, layers=3)
+    src = _compact(LAYOUT4, 8, 3)
     rows = sm.imbalance_rows(src, "t", [(2, "ulysses2", 2, 1), (4, "hybrid2x2", 2, 2)])
     for r in rows:
         assert 1.0 <= r["balanced"] <= r["contiguous"] and r["balanced"] == r["balanced_oracle"]
@@ -86,7 +91,7 @@ def test_imbalance_rows():
 
 
 def test_byte_counts_equal_the_ring_prediction():
-    src = sm.Source("compact-0.5", LAYOUT, heads=8, layers=1)
+    src = _compact(LAYOUT, 8, 1)
     idx = src.index(0)
     bounds = sm.plan_for(src, 1, 3, balance=True)[0]
     plans = [ring_rank_plan(idx, LAYOUT, bounds, r) for r in range(3)]
@@ -127,71 +132,51 @@ def test_costs_of_a_mask_equal_those_of_its_index():
         head_block_costs(src.mask(0)[..., :-1], LAYOUT)
 
 
-def test_scaling_model_dry_run(tmp_path):
-    out = tmp_path / "sm"
-    assert sm.main(["--small", "--imbalance-only", "--sources", "compact-0.5,adaspa", "--out", str(out)]) == 0
-    text = (out / "imbalance.csv").read_text().splitlines()
-    assert text[0].startswith("shape,source,density,P,layout") and len(text) == 1 + 2 * 2 * 5
-    pad = sm.padded_layout(sm._layout(sm.SMALL_SHAPES["small"]), ParallelConfig(1, 4))
+def test_predict_with_a_fixed_timer():
+    pad = sm.padded_layout(sm.shape_layout(sm.SMALL_SHAPES["small"]), ParallelConfig(1, 4))
     work = sm.Work(pad, 8, 16, torch.float32, torch.device("cpu"), "torch")
-    src = sm.Source("compact-0.5", pad, 8, 4)
-    rows = sm.predict(src, work, [0], [(4, "hybrid2x2", 2, 2)], a2a_gbps=285.0, p2p_gbps=365.0, reps=1,
-                      timer=sm.make_timer(torch.device("cpu")))
+    src = _compact(pad, 8, 4)
+    # 1 GB/s: the few hundred KB a rank sends per call cost a visible fraction of a ms
+    rows = sm.predict(src, work, [0], [(4, "hybrid2x2", 2, 2)], a2a_gbps=1.0, p2p_gbps=1.0, reps=1,
+                      timer=fixed_timer)
     assert [r["plan"] for r in rows] == ["contiguous", "balanced"]
-    assert all(r["step_ms"] > 0 and r["step_overlap_ms"] <= r["step_ms"] + 1e-9 and r["a2a_mb_per_layer"] > 0
-               for r in rows)
+    # every call 1 ms: one-GPU time = 4 layers x 1 ms; a rank's step adds its communication
+    assert all(r["t1_ms"] == 4.0 and r["step_ms"] > 4.0 and r["step_overlap_ms"] <= r["step_ms"] + 1e-9
+               and r["a2a_mb_per_layer"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("script", ["benchmarks/scaling_model.py", "benchmarks/device/share_gpu_check.py"])
-def test_help(script):
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "usage" in proc.stdout
-
-
-def test_share_gpu_summary(tmp_path, capsys):
-    rows = [dict(layout="ring2", P=2, model="embedded", rel=1e-3, max_abs=2e-3, ok=True, imbalance=1.01,
-                 contiguous=1.2, ws_calls=0, seconds=1.0),
-            dict(layout="ulysses4", P=4, model="wan", ok=False, error="RuntimeError: boom")]
-    (tmp_path / "rows-P2.json").write_text(json.dumps(rows[:1]))
-    assert sgc.main(["--summary", "--out", str(tmp_path)]) == 0
-    (tmp_path / "rows-P4.json").write_text(json.dumps(rows[1:]))
-    assert sgc.main(["--summary", "--out", str(tmp_path)]) == 1  # a failed case fails the check
-    out = capsys.readouterr().out
-    assert "1/2 ok" in out and "ring2" in out
-    assert (tmp_path / "share_gpu_check.csv").read_text().count("\n") == 3
-    with pytest.raises(SystemExit):
-        sgc.main(["--models", "nope", "--summary"])
+def test_ring_traffic_of_key_ranges_is_at_most_whole_shards():
+    lay = sm.padded_layout(sm.shape_layout(sm.SMALL_SHAPES["small"]), ParallelConfig(1, 2))
+    src = sm.Source("adaspa", lay, 8, 4)
+    for bal in (False, True):
+        bounds, _ = sm.plan_for(src, 1, 2, bal)
+        new, old, worst = sm.ring_traffic(src, lay, 2, bounds, [0, 2], 8)
+        assert 0 < new <= old and worst > 0
 
 
 def _measure_worker(rank, world):
-    sys.path[:0] = [str(ROOT / "benchmarks")]
-    import scaling_model as sm_w
+    lay = sm.padded_layout(sm.shape_layout(sm.SMALL_SHAPES["small-text"]), ParallelConfig(1, 2))
+    src = _compact(lay, 8, 2)
+    work = sm.Work(lay, 8, 16, torch.float32, torch.device("cpu"), "torch")
+    calls = []
 
-    lay = sm_w.padded_layout(sm_w._layout(sm_w.SMALL_SHAPES["small-text"]), ParallelConfig(1, 2))
-    src = sm_w.Source("compact-0.5", lay, 8, 2)
-    work = sm_w.Work(lay, 8, 16, torch.float32, torch.device("cpu"), "torch")
-    return sm_w.measure(src, work, [1], [(2, "ring2", 1, 2), (2, "ulysses2", 2, 1), (4, "ring4", 1, 4)], reps=1)
+    def timer(fn, reps):
+        fn()
+        calls.append(1)
+        return 1.0 + rank  # the ranks disagree: the slowest one must win
+
+    got = sm.measure(src, work, [1], [(2, "ring2", 1, 2), (2, "ulysses2", 2, 1), (4, "ring4", 1, 4)], reps=1,
+                     timer=timer)
+    return got, len(calls)
 
 
-def test_scaling_model_measure_on_two_processes(tmp_path):
-    from parallel_helpers import run_workers
-
+def test_measure_on_two_processes(tmp_path):
     res = run_workers(_measure_worker, 2, tmp_path, timeout=120)
     assert res[0] == res[1]  # the slowest rank's time, agreed
-    assert set(res[0]) == {(n, p) for n in ("ring2", "ulysses2") for p in ("contiguous", "balanced")}
-    assert all(v > 0 for v in res[0].values())
-
-
-def test_share_gpu_limit_is_floor_relative(tmp_path):
-    # no floor measured: the fixed tolerance
-    assert sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5) == (2e-2, None)
-    (tmp_path / "floor-embedded.json").write_text(json.dumps({"model": "embedded", "bf16_vs_fp32": 4.4e-2}))
-    (tmp_path / "floor-wan.json").write_text(json.dumps({"model": "wan", "bf16_vs_fp32": 5e-3}))
-    lim, floor = sgc.limit_of(str(tmp_path), "embedded", 2e-2, 1.5)
-    assert floor == 4.4e-2 and abs(lim - 6.6e-2) < 1e-12  # 1.5 x the model's own bf16 floor
-    assert sgc.limit_of(str(tmp_path), "wan", 2e-2, 1.5) == (2e-2, 5e-3)  # a low floor keeps the fixed limit
-    (tmp_path / "floor-hunyuan.json").write_text(json.dumps({"model": "hunyuan", "bf16_vs_fp32": 0.32}))
-    assert sgc.limit_of(str(tmp_path), "hunyuan", 2e-2, 1.5) == (2e-2, 0.32)  # not a floor model: fixed limit
+    got, calls = res[0]
+    assert set(got) == {(n, p) for n in ("ring2", "ulysses2") for p in ("contiguous", "balanced")}
+    assert calls == 4  # one timed layer per (layout of 2 ranks, plan); ring4 is not a layout of 2 ranks
+    assert all(v == 4.0 for v in got.values())  # rank 1 (2 ms) is the slowest; 1 of 2 layers timed: x 2
 
 
 def test_ring_fetches_key_ranges_not_shards_nor_padding():
@@ -215,12 +200,3 @@ def test_ring_fetches_key_ranges_not_shards_nor_padding():
     assert ring_bytes(want, pb).tolist() == [15 * pb, 24 * pb, 6 * pb] and (ring_bytes(want, pb) < whole).all()
 
 
-def test_ring_traffic_dry_run(capsys):
-    import ring_traffic
-
-    assert ring_traffic.main(["--small", "--ring", "2", "--sources", "adaspa"]) == 0
-    rows = capsys.readouterr().out.strip().splitlines()[1:]
-    assert len(rows) == 2 * len(sm.SMALL_SHAPES)  # contiguous and balanced per shape
-    for row in rows:
-        new, old = (float(x) for x in row.split()[5:7])
-        assert 0 < new <= old  # key ranges never move more than whole shards
