@@ -43,13 +43,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from dist_compact import BlockIndex, VideoLayout
-    from dist_compact.attention_context import AttentionContext
-    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.sparsity.context import AttentionContext
+    from dist_compact.sparsity.attention_ops import AttentionOps
     from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.reference import reference_block_mass, reference_block_sparse_attention
     from dist_compact.search.capture import CaptureAttention, MassStore
     from dist_compact.search.offline import SearchSettings, search_store
-    from dist_compact.search.online import kept_mass_share, online_select
+    from dist_compact.sparsity.online import kept_mass_share, online_select
     from dist_compact.synthetic import synthetic_qkv
 
     torch.set_grad_enabled(False)

@@ -81,6 +81,7 @@ from common import write_csv  # noqa: E402
 from dist_compact.integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B  # noqa: E402
 from dist_compact.integrations.published import build_transformer as build_model  # noqa: E402
 from dist_compact.integrations.published import transformer_inputs as make_inputs  # noqa: E402
+from dist_compact.sparsity.context import AttentionLayer  # noqa: E402
 
 
 @dataclass
@@ -133,7 +134,7 @@ class Timer:
         self.spans = []
 
 
-class TimedAttention:
+class TimedAttention(AttentionLayer):
     """Wraps one layer's ``attn(q, k, v, ctx)`` and times every call."""
 
     def __init__(self, inner, timer: Timer):
@@ -145,8 +146,8 @@ class TimedAttention:
         self.timer.stop(s, "attn")
         return out
 
-    def __getattr__(self, name):  # cache_info() etc. of the wrapped layer
-        return getattr(self.inner, name)
+    def cache_nbytes(self) -> int:
+        return self.inner.cache_nbytes() if isinstance(self.inner, AttentionLayer) else 0
 
 
 def _axis_share(n: int, w: Optional[int]) -> float:
@@ -255,11 +256,11 @@ def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int,
 
 
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
-    from dist_compact.attention import build_attention
+    from dist_compact.sparsity.attention import build_attention
     from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
     from dist_compact.integrations.random_transformer import weights_fingerprint
-    from dist_compact.parallel import Coordinator, RingOps, SequenceParallel
+    from dist_compact.parallel import Coordinator, ParallelAttention, RingOps, SequenceParallel
     from dist_compact.stats import AttentionStats
 
     world = world or World(device)
@@ -299,7 +300,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
         return plan if plan.enabled else None
 
     def ring_ops():
-        return [a.ops for a in built if isinstance(getattr(a, "ops", None), RingOps)]
+        return [a.ops for a in built if isinstance(a, ParallelAttention) and isinstance(a.ops, RingOps)]
 
     # a layout to size the windows: one dense forward sets it (under the first plan: every rank takes part)
     sparsify(model, SparsityConfig(mode="dense"), tile=tile, backend=backend, sequence_parallel=sp_arg(plans[0]))

@@ -48,8 +48,8 @@ _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[:0] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and dist_compact_kernels, uninstalled
 
 from dist_compact import BlockIndex, VideoLayout, block_sparse_attention  # noqa: E402
-from dist_compact.attention_context import AttentionContext  # noqa: E402
-from dist_compact.attention_ops import AttentionOps  # noqa: E402
+from dist_compact.sparsity.context import AttentionContext  # noqa: E402
+from dist_compact.sparsity.attention_ops import AttentionOps  # noqa: E402
 from dist_compact.parallel import (ParallelConfig, RingOps, SequenceParallel, block_kv_bytes, build_groups,  # noqa: E402
                                    ring_blocks, ring_bytes, ring_shard_bytes)
 

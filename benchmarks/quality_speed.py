@@ -212,8 +212,8 @@ def _small(args) -> int:
 def run(args) -> int:
     import torch
 
-    from dist_compact.attention import build_attention
-    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.sparsity.attention import build_attention
+    from dist_compact.sparsity.attention_ops import AttentionOps
     from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize

@@ -10,12 +10,12 @@ or on a CPU in seconds (tiny shape, PyTorch backend; checks that the script runs
     python benchmarks/search_overhead.py --small
 
 Timed (``triton.testing.do_bench`` median on CUDA, mean of ``--cpu-reps`` calls on CPU), all through
-the code a run uses (:class:`~dist_compact.attention.SparseAttention`, ``AttentionOps``):
+the code a run uses (:class:`~dist_compact.sparsity.attention.SparseAttention`, ``AttentionOps``):
 
 * ``dense_sdpa``       a dense step: ``ops.dense`` (SDPA; cuDNN forced on CUDA);
 * ``dense_lse``        the dense pass of a fused search (``ops.dense(return_lse=True)``);
 * ``block_mass[rows]`` the block mass, exact and with ``rows`` sampled query rows per block;
-* ``select``           :func:`~dist_compact.search.online.online_select` (top-k at density 0.2 with the
+* ``select``           :func:`~dist_compact.sparsity.online.online_select` (top-k at density 0.2 with the
   paper's head rule, text sink, statistics, BlockIndex build);
 * ``sparse``           ``ops.attention`` with the searched index (density ~0.2);
 * ``fused_search`` / ``cached_search`` / ``reuse``: whole ``SparseAttention`` calls at a fused-search
@@ -70,12 +70,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from dist_compact import VideoLayout
-    from dist_compact.attention import SparseAttention
-    from dist_compact.attention_context import AttentionContext
-    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.sparsity.attention import SparseAttention
+    from dist_compact.sparsity.context import AttentionContext
+    from dist_compact.sparsity.attention_ops import AttentionOps
     from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.ops import block_attention_mass
-    from dist_compact.search.online import online_select
+    from dist_compact.sparsity.online import online_select
 
     cuda = torch.cuda.is_available() and not args.small
     device = torch.device("cuda" if cuda else "cpu")

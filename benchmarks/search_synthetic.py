@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from dist_compact import VideoLayout  # noqa: E402
-from dist_compact.attention_context import AttentionContext  # noqa: E402
-from dist_compact.attention_ops import AttentionOps  # noqa: E402
+from dist_compact.sparsity.context import AttentionContext  # noqa: E402
+from dist_compact.sparsity.attention_ops import AttentionOps  # noqa: E402
 from dist_compact.search.capture import CaptureAttention, MassStore  # noqa: E402
 from dist_compact.search.offline import SearchSettings, search_store  # noqa: E402
 from dist_compact.synthetic import HEAD_KINDS, synthetic_qkv  # noqa: E402

@@ -5,7 +5,7 @@ of :mod:`dist_compact.runner` with the runner of its ``model.kind``: the embedde
 a diffusers pipeline (:mod:`dist_compact.integrations.diffusers_pipeline`) or a published
 transformer with random weights (:mod:`dist_compact.integrations.random_transformer`). The sampler
 is :mod:`dist_compact.sampler`; the attention layers come from
-:func:`dist_compact.attention.build_attention`; the outputs go through :mod:`dist_compact.report`.
+:func:`dist_compact.sparsity.attention.build_attention`; the outputs go through :mod:`dist_compact.report`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Callable, Optional
 import torch
 
 from . import report as rpt
-from .attention import build_attention
-from .attention_ops import AttentionOps
+from .sparsity.attention import build_attention
+from .sparsity.attention_ops import AttentionOps
 from .sparsity.config import SparsityConfig, sparsity_line, step_kinds
 from .integrations.diffusers_pipeline import run_diffusers_generation
 from .integrations.random_transformer import run_random_generation
@@ -119,7 +119,7 @@ def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunR
 
     Every rank calls it (under torchrun); rank 0 writes ``<output_dir>/<name>/`` atomically.
     ``attention_factory(num_layers, sparsity, compact, sp)`` replaces
-    :func:`~dist_compact.attention.build_attention`.
+    :func:`~dist_compact.sparsity.attention.build_attention`.
 
     Raises:
         WorldSizeError, NonFiniteLatentsError, WeightsError, ConfigError-like ValueErrors: each

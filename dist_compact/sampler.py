@@ -1,6 +1,6 @@
 """The flow-matching Euler sampler of the embedded and random-weight runs.
 
-:func:`sample` builds one :class:`~dist_compact.attention_context.AttentionContext` per forward (step,
+:func:`sample` builds one :class:`~dist_compact.sparsity.context.AttentionContext` per forward (step,
 num_steps, layout, ops, stats), times every step (device synchronised, :func:`sync`), and stops with
 :class:`NonFiniteLatentsError` naming the step as soon as the latents hold a NaN / Inf.
 
@@ -19,8 +19,8 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .attention_context import AttentionContext
-from .attention_ops import AttentionOps
+from .sparsity.context import AttentionContext
+from .sparsity.attention_ops import AttentionOps
 from .layout import VideoLayout
 
 __all__ = ["NonFiniteLatentsError", "SampleResult", "flow_timesteps", "sample", "sync"]

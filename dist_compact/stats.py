@@ -1,7 +1,7 @@
 """Recorder of what sparse attention did over a run: kinds of calls, densities, recalls, wall times.
 
 Point ``AttentionContext.stats`` at an :class:`AttentionStats` and every
-:class:`~dist_compact.attention.SparseAttention` call records one :class:`CallRecord` per
+:class:`~dist_compact.sparsity.attention.SparseAttention` call records one :class:`CallRecord` per
 (layer, step): the kind of call (``"dense"``, ``"fused_search"``, ``"cached_search"``,
 ``"sparse"``), the per-head density and, at searches, the per-head recall (the kept share of the
 attention mass), and its wall time. :meth:`AttentionStats.summary` adds them up for the run report:

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention
-from dist_compact.attention_context import AttentionContext
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.context import AttentionContext, AttentionLayer
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.stats import AttentionStats
 from dist_compact.parallel.balance import (balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
                                            head_costs, imbalance, rank_loads, static_index_of)
@@ -156,7 +156,7 @@ class _Pattern:
         return self.index if layout.num_blocks == self.index.num_q_blocks else None
 
 
-class _StaticLayer:
+class _StaticLayer(AttentionLayer):
     """An attention layer with a static index: sparse attention, plus dense / block mass of the rows."""
 
     def __init__(self, index, layer=0, mode="sparse"):
@@ -164,7 +164,7 @@ class _StaticLayer:
 
     def __call__(self, q, k, v, ctx):
         ops, layout = ctx.ops, ctx.layout
-        self.rows, self.head_order = ops.q_blocks(layout), getattr(ops, "head_order", None)
+        self.rows, self.head_order = ops.q_blocks(layout), ops.head_order
         self.heads = ops.head_range(self.compact.num_heads)
         if self.mode == "sparse":
             from dist_compact.parallel.coordinator import gather_index
@@ -363,7 +363,7 @@ def _online_inputs(layout):
 
 
 def _online_reference(layout):
-    from dist_compact.attention import SparseAttention
+    from dist_compact.sparsity.attention import SparseAttention
 
     q, k, v = _online_inputs(layout)
     layer = SparseAttention(0, _online_config())
@@ -380,7 +380,7 @@ def _online_reference(layout):
 
 
 def _online_worker(rank, world, configs, name):
-    from dist_compact.attention import SparseAttention
+    from dist_compact.sparsity.attention import SparseAttention
     from dist_compact.parallel import ParallelConfig, SequenceParallel, build_groups
     from dist_compact.parallel.coordinator import gather_index
 

@@ -4,9 +4,9 @@ random key blocks; both keep the text sink and run through SparseAttention like 
 import pytest
 import torch
 
-from dist_compact.attention import SparseAttention
-from dist_compact.attention_context import AttentionContext
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.attention import SparseAttention
+from dist_compact.sparsity.context import AttentionContext
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.layout import VideoLayout
 from dist_compact.patterns.baselines import RandomBlocks, video_density, window_for_density

@@ -11,8 +11,8 @@ H, D = 4, 32
 
 
 def _capture(sp, layout, q, k, v):
-    from dist_compact.attention_context import AttentionContext
-    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.sparsity.context import AttentionContext
+    from dist_compact.sparsity.attention_ops import AttentionOps
     from dist_compact.search.capture import CaptureAttention, MassStore
 
     store = MassStore.for_layout(layout, num_layers=1, num_heads=H)

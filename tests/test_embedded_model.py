@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from dist_compact.attention_context import AttentionContext, DenseAttention
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.context import AttentionContext, DenseAttention
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.models.embedded import (
     DEFAULT_WEIGHTS,
     EmbeddedConfig,

@@ -10,8 +10,8 @@ import pathlib
 import pytest
 import torch
 
-from dist_compact.attention import build_attention
-from dist_compact.attention_context import DenseAttention
+from dist_compact.sparsity.attention import build_attention
+from dist_compact.sparsity.context import DenseAttention
 from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
 from dist_compact.pipeline import run_generation
@@ -190,7 +190,7 @@ def test_cli_end_to_end(tmp_path, weights, capsys):
 
 
 def test_attention_factory_modes():
-    from dist_compact.attention import SparseAttention
+    from dist_compact.sparsity.attention import SparseAttention
     from dist_compact.run.config import DEMO_SPARSITY
 
     dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)

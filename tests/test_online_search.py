@@ -1,4 +1,4 @@
-"""AdaSpa online selection (dist_compact.search.online) against brute-force references."""
+"""AdaSpa online selection (dist_compact.sparsity.online) against brute-force references."""
 
 import threading
 
@@ -6,19 +6,9 @@ import pytest
 import torch
 
 from dist_compact import VideoLayout
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.sparsity.config import SparsityConfig
-from dist_compact.search.online import (
-    budget_for_density,
-    head_budgets,
-    head_statistics,
-    kept_mass_share,
-    online_select,
-    paper_head_budgets,
-    rank_blocks,
-    recall_head_budgets,
-    select_blocks,
-)
+from dist_compact.sparsity.online import (budget_for_density, head_budgets, head_statistics, kept_mass_share, online_select, paper_head_budgets, rank_blocks, recall_head_budgets, select_blocks)
 
 
 def _random_mass(B, H, NQ, NK, seed):

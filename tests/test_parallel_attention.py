@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass, block_sparse_attention, dense_attention
-from dist_compact.attention_context import AttentionContext, DenseAttention
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.context import AttentionContext, DenseAttention
+from dist_compact.sparsity.attention_ops import AttentionOps
 from parallel_helpers import expected_ring_blocks, run_workers
 
 TOL = 1e-5

@@ -35,8 +35,8 @@ def _expect(exc, match, fn, *args, **kwargs):
 def _worker(rank, world):
     import torch.distributed as dist
 
-    from dist_compact.attention_context import AttentionContext
-    from dist_compact.attention_ops import AttentionOps
+    from dist_compact.sparsity.context import AttentionContext
+    from dist_compact.sparsity.attention_ops import AttentionOps
     from dist_compact.parallel import (
         Coordinator,
         ParallelConfig,

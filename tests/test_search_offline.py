@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout
-from dist_compact.attention_context import AttentionContext
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.context import AttentionContext
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.patterns import HeadPattern
 from dist_compact.png import colormap, encode_png
 from dist_compact.reference import reference_attention, reference_block_mass, token_mask

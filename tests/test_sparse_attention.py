@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dist_compact import BlockIndex, VideoLayout, block_attention_mass
-from dist_compact.attention import SparseAttention
-from dist_compact.attention_context import AttentionContext
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.attention import SparseAttention
+from dist_compact.sparsity.context import AttentionContext
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.reference import reference_block_mass, reference_block_sparse_attention
-from dist_compact.search.online import kept_mass_share, online_select
+from dist_compact.sparsity.online import kept_mass_share, online_select
 from dist_compact.stats import AttentionStats
 from helpers import assert_close_to_golden, rel_err
 from parallel_helpers import run_workers
@@ -492,7 +492,7 @@ def _sp_run(sp, layout, name, q, k, v):
     inner = getattr(par, "inner", par)
     a, b = inner.last_search, one.last_search
     # per-head figures are held in the plan's head order (an online re-plan may have moved heads)
-    order = getattr(getattr(par, "ops", None), "head_order", None)
+    order = par.ops.head_order if par.ops is not None else None
     inv = None if order is None else torch.argsort(order)
 
     def model(t):

@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_compact.attention import build_attention
-from dist_compact.attention_context import AttentionContext
-from dist_compact.attention_ops import AttentionOps
+from dist_compact.sparsity.attention import build_attention
+from dist_compact.sparsity.context import AttentionContext
+from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.integrations import xfuser as xf
 

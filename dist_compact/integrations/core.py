@@ -154,7 +154,7 @@ def new_attentions(h, sp=None) -> List[Callable]:
     ``sparsity``, ``compact``, ``num_layers``) under the sequence-parallel plan ``sp`` (None: none).
     """
     # imported on first use: ``import dist_compact`` does not load the sparse attention and its search
-    from ..attention import build_attention
+    from ..sparsity.attention import build_attention
 
     factory = h.attention_factory or build_attention
     compact = h.compact if h.sparsity.uses_compact else None

@@ -22,7 +22,7 @@ copied per model):
   ``[B, C, F, H, W]`` and the patch size from ``transformer.config`` (``(F/pt, H/ph, W/pw)``
   tokens), the text token count from ``encoder_attention_mask`` (HunyuanVideo), builds the global
   :class:`~dist_compact.layout.VideoLayout` (``sp.layout_for`` applied) and the
-  :class:`~dist_compact.attention_context.AttentionContext` of this forward (step from the
+  :class:`~dist_compact.sparsity.context.AttentionContext` of this forward (step from the
   :class:`DenoisingState`);
 * the video tokens go to block order ONCE per forward, and are sharded there: a hook on the first
   module that sees them as tokens (Wan: pre-hook of ``blocks[0]``; HunyuanVideo: output of
@@ -64,8 +64,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..attention_context import AttentionContext
-from ..attention_ops import AttentionOps
+from ..sparsity.context import AttentionContext, AttentionLayer
+from ..sparsity.attention_ops import AttentionOps
 from ..sparsity.config import SparsityConfig
 from ..layout import VideoLayout
 from .core import (MAX_LAYOUTS, SUPPORTED_MODELS, DenoisingState, IntegrationHandle, checked_install, default_tile,
@@ -143,15 +143,7 @@ class SparsifyHandle(IntegrationHandle):
 
     def cache_nbytes(self) -> int:
         """Bytes held by the attention layers' caches (indices, LSE), all layouts together."""
-        n = 0
-        for attns in self._bank.values():
-            for a in attns:
-                a = getattr(a, "inner", a)  # through sequence-parallel / timing wrappers
-                a = getattr(a, "inner", a)
-                info = getattr(a, "cache_info", None)
-                if callable(info):
-                    n += int(info()["nbytes"])
-        return n
+        return sum(a.cache_nbytes() for attns in self._bank.values() for a in attns if isinstance(a, AttentionLayer))
 
     # ------------------------------------------------------------------ per forward
     def _layout(self, grid: Tuple[int, int, int], text_tokens: int = 0) -> VideoLayout:
@@ -425,7 +417,7 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
         stats: an :class:`~dist_compact.stats.AttentionStats` to record into (default: a new one).
         backend: attention kernels, ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
         attention_factory: ``factory(num_layers, sparsity, compact, sp) -> [attn, ...]`` replacing
-            :func:`dist_compact.attention.build_attention` (which already wraps with ``sp``).
+            :func:`dist_compact.sparsity.attention.build_attention` (which already wraps with ``sp``).
 
     Calling it again replaces the previous installation; :func:`unsparsify` removes it.
     """

@@ -83,7 +83,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..attention_context import AttentionContext
+from ..sparsity.context import AttentionContext, AttentionLayer
 from ..block_index import BlockIndex
 from ..sparsity.config import SparsityConfig
 from ..layout import VideoLayout
@@ -259,7 +259,7 @@ def _scatter(x: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- ring ops
 class ChunkRingOps(HeadShardedOps):
-    """:class:`~dist_compact.attention_ops.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
+    """:class:`~dist_compact.sparsity.attention_ops.AttentionOps` of one rank of diffusers' ring (or Ulysses x ring).
 
     Tensors handed in: the ring chunk as diffusers holds it after its Ulysses exchange,
     ``[B, Vr + Tp, H/U, D]`` (video in model order, then the padded prompt), see
@@ -406,7 +406,7 @@ class ChunkRingOps(HeadShardedOps):
 
 
 # ---------------------------------------------------------------------------------------------- per layer
-class _LayerAttention:
+class _LayerAttention(AttentionLayer):
     """``attn(q, k, v, ctx)`` of one layer as :class:`BackendHandle` calls it: q, k, v are this rank's
     ``[B, Vc + Tp, H, D]`` (its diffusers chunk of the video in model order, then the padded prompt);
     maps them to what the layer's inner attention (DenseAttention / SparseAttention) expects."""
@@ -443,6 +443,9 @@ class _LayerAttention:
         if U > 1:
             out = heads_to_seq(out, vc, ug, u, U)
         return out
+
+    def cache_nbytes(self) -> int:
+        return self.inner.cache_nbytes() if isinstance(self.inner, AttentionLayer) else 0
 
 
 # ---------------------------------------------------------------------------------------------- handle

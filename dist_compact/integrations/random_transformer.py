@@ -52,11 +52,11 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import report as rpt
-from ..attention import build_attention
+from ..sparsity.attention import build_attention
 from ..run.config import RANDOM_MODELS
 from ..sparsity.config import SparsityConfig, sparsity_line, step_kinds
 from ..layout import VideoLayout
-from ..parallel import Coordinator, ParallelConfig, RingOps, ring_shard_bytes
+from ..parallel import Coordinator, ParallelAttention, ParallelConfig, RingOps, ring_shard_bytes
 from ..runner import Job, LoadedModel, RunResult, log, run_job
 from ..sampler import SampleResult, sample
 from ..stats import AttentionStats
@@ -192,7 +192,7 @@ class _Recorder:
         return layers
 
     def ring_ops(self) -> list:
-        return [ops for ops in (getattr(a, "ops", None) for a in self.layers) if isinstance(ops, RingOps)]
+        return [a.ops for a in self.layers if isinstance(a, ParallelAttention) and isinstance(a.ops, RingOps)]
 
     def counters(self) -> tuple:
         """``(bytes sent, ring attention calls)`` of this rank so far."""

@@ -57,8 +57,8 @@ all-to-all every rank holds the WHOLE sequence for ``H/U`` heads. That is exactl
 projections, RoPE, sharding and all-to-all, and our attention as the registered backend function.
 It permutes the sequence it gets (xDiT's chunk order, with text chunks / text copies / xDiT's zero
 padding, see :class:`XditSequence`) to our block order with one gather, runs the layer's
-``attn(q, k, v, ctx)`` (:class:`~dist_compact.attention_context.DenseAttention` or
-:class:`~dist_compact.attention.SparseAttention`) with ``ctx.ops`` a ``UlyssesOps`` around xDiT's
+``attn(q, k, v, ctx)`` (:class:`~dist_compact.sparsity.context.DenseAttention` or
+:class:`~dist_compact.sparsity.attention.SparseAttention`) with ``ctx.ops`` a ``UlyssesOps`` around xDiT's
 Ulysses group (``ParallelGroups.from_groups``; handed in explicitly, nothing global here), and
 gathers the output back to xDiT's order. The layer index and the handle travel in the per-layer
 ``attention_kwargs`` dict under ``"dist_compact"``:
@@ -88,8 +88,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..attention_context import AttentionContext
-from ..attention_ops import AttentionOps
+from ..sparsity.context import AttentionContext
+from ..sparsity.attention_ops import AttentionOps
 from ..sparsity.config import SparsityConfig
 from ..extras import install_hint
 from ..layout import VideoLayout

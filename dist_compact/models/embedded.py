@@ -16,7 +16,7 @@ Architecture (a small single-stream HunyuanVideo / Wan-style flow-matching DiT, 
 Attention: the block-order forward (:meth:`EmbeddedDiT.forward`) permutes the tokens to the kernel
 block order ONCE (``VideoLayout.to_blocks``, RoPE positions permuted with them through
 ``layout.token_positions``), calls ``self.attn[i](q, k, v, ctx)`` in block ``i`` (attention callables
-installed from outside; default :class:`~dist_compact.attention_context.DenseAttention`) and permutes back at
+installed from outside; default :class:`~dist_compact.sparsity.context.DenseAttention`) and permutes back at
 the end. All other ops are per token, so the order does not change the result. With a sequence
 parallel plan ``sp`` the block-ordered tokens are sharded once after the permutation and gathered
 once before it is undone (docs/design.md, contract 7). :meth:`EmbeddedDiT.forward_plain` is the same
@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._util import is_int
-from ..attention_context import AttentionContext, DenseAttention
+from ..sparsity.context import AttentionContext, DenseAttention
 from ..layout import VideoLayout
 from ..parallel.plan import SequenceParallel
 from .data import VOCAB

@@ -402,7 +402,7 @@ def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float 
     """Sample ``prompts`` with the inference path (block order, DenseAttention) and write a PNG grid."""
     import numpy as np
 
-    from ..attention_context import DenseAttention
+    from ..sparsity.context import DenseAttention
     from ..sampler import sample
     from ..png import write_png
     from ..report import frame_grid, to_uint8_frames

@@ -31,6 +31,7 @@ import torch
 
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
+from ..sparsity.context import AttentionLayer
 
 __all__ = [
     "head_costs",
@@ -234,22 +235,10 @@ def balanced_bounds(costs, parts: int, unit: int = 1) -> Tuple[int, ...]:
 
 # ---------------------------------------------------------------------------- where costs come from
 def static_index_of(attn, layout: VideoLayout, num_heads: Optional[int] = None) -> Optional[BlockIndex]:
-    """The static global index of an attention layer, if it has one, else None.
-
-    A layer with a static pattern exposes it as ``attn.compact.index_for(attn.layer, layout, H)``
-    (:class:`~dist_compact.attention.SparseAttention` with a Compact config; the benchmarks' window
-    layers); ``num_heads`` None = ``attn.compact.num_heads`` (before any call, the head count of
-    the q, k, v is not known yet). Online (AdaSpa) indices do not exist before the first search; their row-wise top-k
-    gives every row the same count, so the contiguous row split is already balanced for them.
+    """The static global index of an attention layer, or None: what an
+    :class:`~dist_compact.sparsity.context.AttentionLayer` declares (``static_index``); a plain
+    callable declares none. ``num_heads`` None = the pattern's own head count. Online (AdaSpa) indices
+    do not exist before the first search; their row-wise top-k gives every row the same count, so the
+    contiguous row split is already balanced for them.
     """
-    compact = getattr(attn, "compact", None)
-    layer = getattr(attn, "layer", None)
-    if compact is None or not callable(getattr(compact, "index_for", None)) or not isinstance(layer, int):
-        return None
-    if num_heads is None:
-        num_heads = getattr(compact, "num_heads", None)
-        if not isinstance(num_heads, int):
-            return None
-    idx = compact.index_for(layer, layout, num_heads)
-    return idx if isinstance(idx, BlockIndex) else None
-
+    return attn.static_index(layout, num_heads) if isinstance(attn, AttentionLayer) else None

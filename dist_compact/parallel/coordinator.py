@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from ..attention_ops import AttentionOps, global_head_stats
+from ..sparsity.attention_ops import AttentionOps, global_head_stats
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 
@@ -222,5 +222,5 @@ def gather_index(local: BlockIndex, ops: AttentionOps, layout: VideoLayout) -> B
     counts = global_head_stats(counts, ops, dim=1)
     ind = global_head_stats(ind, ops, dim=1)
     out = BlockIndex(counts.round().to(torch.int32), (ind.round() - 1).to(torch.int32), local.block_size, nb)
-    order = getattr(ops, "head_order", None)  # a balanced Ulysses plan gathers heads in its own order
+    order = ops.head_order  # a balanced Ulysses plan gathers heads in its own order
     return out if order is None else out.select_heads(torch.argsort(order.to(dev)))

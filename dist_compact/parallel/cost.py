@@ -15,7 +15,7 @@ Indices (per layer, all layers of the model):
   rescaled to the shape;
   each target layer's heads are a seeded random draw (without replacement within the layer) of
   those 48 searched (layer, head) patterns: :func:`pooled_compact`;
-* ``adaspa``: AdaSpa's selection (``search.online.select_blocks``, the paper's head-adaptive rule
+* ``adaspa``: AdaSpa's selection (``sparsity.online.select_blocks``, the paper's head-adaptive rule
   at sparsity 0.8, text sink) on a synthetic block mass whose heads are of the four kinds of
   :mod:`dist_compact.synthetic` (local / cross / temporal / global, random widths):
   :func:`synthetic_mass`, :class:`Source`.
@@ -55,13 +55,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..attention_context import AttentionContext
-from ..attention_ops import AttentionOps
+from ..sparsity.context import AttentionContext, AttentionLayer
+from ..sparsity.attention_ops import AttentionOps
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 from ..ops import block_sparse_attention
 from ..patterns.compact import CompactConfig
-from ..search.online import RankedMass, budget_for_density, paper_head_budgets, rank_blocks, select_blocks
+from ..sparsity.online import RankedMass, budget_for_density, paper_head_budgets, rank_blocks, select_blocks
 from .balance import (REPLAN_GAIN, balanced_bounds, balanced_head_order, equal_bounds, head_block_costs, imbalance,
                       rank_loads, replan_head_order)
 from .config import ParallelConfig, build_groups
@@ -425,7 +425,7 @@ def predict(source: Source, work: Work, measure_layers: Sequence[int], entries: 
 
 
 # ---------------------------------------------------------------------------- the real layer (multi-GPU)
-class StaticLayer:
+class StaticLayer(AttentionLayer):
     """A wrapped attention layer with a static index (the ``compact.index_for`` protocol that
     ``SequenceParallel`` balances from): localize, then the ops' block-sparse attention."""
 

@@ -65,8 +65,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..attention_context import AttentionContext
-from ..attention_ops import AttentionOps, global_head_stats
+from ..sparsity.context import AttentionContext, AttentionLayer, OnlineState
+from ..sparsity.attention_ops import AttentionOps, global_head_stats
 from ..layout import VideoLayout
 from .balance import (REPLAN_GAIN, balanced_bounds, balanced_head_order, equal_bounds, head_block_costs,
                       head_chunk_loads, head_costs, imbalance, rank_loads, replan_head_order, static_index_of)
@@ -201,7 +201,7 @@ class SequenceParallel:
         for i, w in enumerate(self._live_layers()):
             idx = static_index_of(w.inner, layout)
             if idx is not None:
-                out.append((getattr(w.inner, "layer", i), *head_block_costs(idx, layout)))
+                out.append((w.layer if w.layer is not None else i, *head_block_costs(idx, layout)))
         return out
 
     def ring_bounds(self, layout: VideoLayout) -> Tuple[int, ...]:
@@ -327,7 +327,7 @@ class SequenceParallel:
             order = w.head_order(layout, idx.num_heads, idx) if U > 1 else None
             lb = rank_loads(c, tt, U, R, order=order, bounds=bounds)
             lc = rank_loads(c, tt, U, R, bounds=equal)
-            per_layer.append({"layer": getattr(w.inner, "layer", len(per_layer)), "balanced": imbalance(lb),
+            per_layer.append({"layer": w.layer if w.layer is not None else len(per_layer), "balanced": imbalance(lb),
                               "contiguous": imbalance(lc)})
             tot_b = lb if tot_b is None else [x + y for x, y in zip(tot_b, lb)]
             tot_c = lc if tot_c is None else [x + y for x, y in zip(tot_c, lc)]
@@ -339,7 +339,7 @@ class SequenceParallel:
             order = w._orders.get((layout, c.numel()))
             lb = head_chunk_loads(c, order, U)
             lc = head_chunk_loads(c, None, U)
-            online.append({"layer": getattr(w.inner, "layer", len(online)), "balanced": imbalance(lb),
+            online.append({"layer": w.layer if w.layer is not None else len(online), "balanced": imbalance(lb),
                            "contiguous": imbalance(lc), "replans": w.replans.get(layout, 0)})
             on_b = lb if on_b is None else [x + y for x, y in zip(on_b, lb)]
             on_c = lc if on_c is None else [x + y for x, y in zip(on_c, lc)]
@@ -361,7 +361,7 @@ class SequenceParallel:
                 f"balance={self.balance})")
 
 
-class ParallelAttention:
+class ParallelAttention(AttentionLayer):
     """``attn(q, k, v, ctx)`` over a sequence-parallel group (built by :meth:`SequenceParallel.wrap`).
 
     q, k, v: this rank's ``[B, local_len, H, D]`` (its video blocks + the text blocks, all heads);
@@ -370,7 +370,9 @@ class ParallelAttention:
     ring = 1) for this rank's heads; with ring > 1 its ``ctx.ops`` is a :class:`RingOps`, else a
     :class:`UlyssesOps`. The output comes back to ``[B, local_len, H, D]``.
 
-    ``self.ops`` is kept per wrapped layer (plan caches and traffic counters live there).
+    ``self.ops`` is kept per wrapped layer (plan caches and traffic counters live there). The wrapped
+    layer's :class:`~dist_compact.sparsity.context.AttentionLayer` declarations (layer number, static
+    pattern, online state) are all the plan reads of it; a plain callable has none.
     """
 
     def __init__(self, inner: Callable, sp: SequenceParallel):
@@ -387,6 +389,21 @@ class ParallelAttention:
         # the last search result looked at (held, so that a new one is never taken for it: ids are reused)
         self._seen_search: Dict[VideoLayout, object] = {}
         sp._register(self)
+
+    # ------------------------------------------------------------------ the wrapped layer's declarations
+    @property
+    def layer(self) -> Optional[int]:
+        return self.inner.layer if isinstance(self.inner, AttentionLayer) else None
+
+    @property
+    def compact(self):
+        return self.inner.compact if isinstance(self.inner, AttentionLayer) else None
+
+    def static_index(self, layout: VideoLayout, num_heads: Optional[int] = None):
+        return self.inner.static_index(layout, num_heads) if isinstance(self.inner, AttentionLayer) else None
+
+    def cache_nbytes(self) -> int:
+        return self.inner.cache_nbytes() if isinstance(self.inner, AttentionLayer) else 0
 
     def head_order(self, layout: VideoLayout, num_heads: int, index=None) -> Optional[torch.Tensor]:
         """This layer's Ulysses head permutation for ``layout`` (None = contiguous), decided once
@@ -407,7 +424,7 @@ class ParallelAttention:
     def _ops_for(self, ctx: AttentionContext) -> AttentionOps:
         if isinstance(ctx.ops, HeadShardedOps):
             raise TypeError("ParallelAttention: ctx.ops is already a parallel AttentionOps (wrapped twice?)")
-        backend = getattr(ctx.ops, "backend", "auto")
+        backend = ctx.ops.backend
         if self.ops is None or self.ops.backend != backend:
             self.ops = self.sp.make_ops(backend)
         return self.ops
@@ -447,11 +464,11 @@ class ParallelAttention:
     def _replan_heads(self, layout: VideoLayout, H: int, ops: HeadShardedOps) -> None:
         """After an online search of the inner attention: balance the heads on the index it found
         (module docstring). Collective over the ops' groups when a new search result exists."""
-        res = getattr(self.inner, "last_search", None)
-        if res is None or not callable(getattr(self.inner, "move_heads", None)) or \
-                self._seen_search.get(layout) is res:
+        state = self.inner.export_online() if isinstance(self.inner, AttentionLayer) else None
+        if state is None or self._seen_search.get(layout) is state.search:
             return
         U = self.sp.config.ulysses
+        res = state.search
         idx = res.index
         w = ops.row_weight(layout).to(idx.device, torch.float64)
         local = (idx.counts.double() * w.view(1, 1, -1)).sum(dim=(0, 2))  # [Hl] computed blocks
@@ -466,19 +483,18 @@ class ParallelAttention:
         new = replan_head_order(costs, cur, U)
         if new is None:
             return
-        self._move_heads(layout, H, ops, cur, new)
-        self._seen_search[layout] = self.inner.last_search
+        self._move_heads(layout, H, ops, cur, new, state)
+        self._seen_search[layout] = self.inner.export_online().search
         self.replans[layout] = self.replans.get(layout, 0) + 1
 
     def _move_heads(self, layout: VideoLayout, H: int, ops: HeadShardedOps, cur: Optional[torch.Tensor],
-                    new: torch.Tensor) -> None:
-        """Move the inner attention's cached online state from head order ``cur`` to ``new``
-        (collective over the ops' groups): gather to all heads in model order, cut for the new heads."""
-        inner = self.inner
-        res = inner.last_search
+                    new: torch.Tensor, state: OnlineState) -> None:
+        """Move the inner attention's online ``state`` from head order ``cur`` to ``new`` (collective
+        over the ops' groups): gathered to all heads in model order, cut for the new heads."""
+        res = state.search
         inv = torch.argsort(torch.arange(H) if cur is None else cur)
         full = gather_index(res.index, ops, layout)  # model head order (ops.head_order is cur), all rows
-        lse = inner.cached_lse
+        lse = state.lse
         if lse is not None:
             lse = ops.gather_heads(lse, dim=1).index_select(1, inv.to(lse.device))  # model order
         order = None if torch.equal(new, torch.arange(H)) else new
@@ -487,10 +503,10 @@ class ParallelAttention:
         if lse is not None:
             lse = lse.index_select(1, new[h0:h1].to(lse.device)).contiguous()
         static = None
-        compact = getattr(inner, "compact", None)
-        if inner.static_index is not None and compact is not None:
-            static = ops.localize(compact.index_for(inner.layer, layout, H).to(res.index.device), layout)
-        inner.move_heads(inv[new], ops.localize(full, layout), lse, static)
+        if state.static is not None:
+            static = ops.localize(self.inner.static_index(layout, H).to(res.index.device), layout)
+        moved = dataclasses.replace(res, index=ops.localize(full, layout))
+        self.inner.import_online(OnlineState(search=moved, lse=lse, static=static), inv[new])
         self._orders[(layout, H)] = order
         for key in [k for k in self._device_orders if k[0] == layout and k[1] == H]:
             del self._device_orders[key]

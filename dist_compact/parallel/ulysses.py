@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..attention_ops import AttentionOps
+from ..sparsity.attention_ops import AttentionOps
 from .config import ParallelGroups
 
 __all__ = ["seq_to_heads", "heads_to_seq", "HeadShardedOps", "UlyssesOps", "all_gather_cat"]
@@ -141,7 +141,6 @@ class HeadShardedOps(AttentionOps):
     def __init__(self, groups: ParallelGroups, backend: str = "auto"):
         super().__init__(backend)
         self.groups = groups
-        self.head_order: Optional[torch.Tensor] = None
 
     def local_heads(self, index):
         """The heads of a global ``index`` that this rank holds (in its local order)."""

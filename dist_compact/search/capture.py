@@ -36,8 +36,8 @@ from typing import Iterable, Optional, Tuple, Union
 import torch
 
 from .._util import is_int
-from ..attention_context import AttentionContext
-from ..attention_ops import global_head_stats
+from ..sparsity.context import AttentionContext, AttentionLayer
+from ..sparsity.attention_ops import global_head_stats
 from ..layout import VideoLayout
 from ..patterns.compact import real_tile_grid, relative_bins
 
@@ -235,7 +235,7 @@ class MassStore:
                 f"samples/layer={self.samples.tolist() if self.num_layers <= 8 else int(self.samples.sum())})")
 
 
-class CaptureAttention:
+class CaptureAttention(AttentionLayer):
     """Attention entry point that runs dense attention and records block mass into a :class:`MassStore`.
 
     ``out = attn(q, k, v, ctx)`` with this rank's q, k, v ``[batch, seq_local, heads_local, head_dim]``

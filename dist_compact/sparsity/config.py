@@ -1,6 +1,6 @@
 """How sparse attention behaves over a run: :class:`SparsityConfig`, its step schedule and actions.
 
-:class:`SparsityConfig` says *what* a :class:`~dist_compact.attention.SparseAttention` layer does at
+:class:`SparsityConfig` says *what* a :class:`~dist_compact.sparsity.attention.SparseAttention` layer does at
 each denoising step; :meth:`SparsityConfig.action` turns ``(step, num_steps)`` into one of
 
 * ``DENSE``   - dense attention (warm-up steps, or ``mode="dense"``);

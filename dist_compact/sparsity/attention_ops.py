@@ -1,6 +1,6 @@
 """AttentionOps: how one rank computes its part of one attention call.
 
-The schedule / search logic (:mod:`dist_compact.attention`) never talks to torch.distributed. It asks
+The schedule / search logic (:mod:`dist_compact.sparsity.attention`) never talks to torch.distributed. It asks
 an ``AttentionOps`` for the four things it needs, and the parallel layer provides versions of this
 class that communicate (Ulysses: this rank holds some heads of the full sequence; ring: this rank
 holds some query blocks, keys travel). The single-device version is :class:`AttentionOps` itself.
@@ -21,6 +21,9 @@ Contract, for every implementation:
   :meth:`gather_heads` concatenates per-head tensors over the ranks that hold other heads (global
   head order). Both are identities on one device. Head-adaptive decisions use them so that every
   rank decides the same thing from global statistics.
+* :attr:`~AttentionOps.head_order`: where this rank's heads come from when a balanced
+  sequence-parallel plan permuted them (None: model order); per-head figures of all heads are held
+  in that order, and :meth:`AttentionOps.to_model_order` puts them back.
 """
 
 from __future__ import annotations
@@ -29,9 +32,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .block_index import BlockIndex
-from .layout import VideoLayout
-from .ops import block_attention_mass, block_sparse_attention, dense_attention
+from ..block_index import BlockIndex
+from ..layout import VideoLayout
+from ..ops import block_attention_mass, block_sparse_attention, dense_attention
 
 __all__ = ["AttentionOps", "global_head_stats"]
 
@@ -41,10 +44,16 @@ class AttentionOps:
 
     Args:
         backend: ``"auto"``, ``"triton"`` or ``"torch"``, passed to the kernels' dispatch.
+
+    Attributes:
+        head_order: int64 ``[H]`` on the host, or None (model order): plan position ``i`` holds model
+            head ``head_order[i]``. A head-balanced Ulysses plan sets it before each call; the
+            local heads are positions :meth:`head_range` of it.
     """
 
     def __init__(self, backend: str = "auto"):
         self.backend = backend
+        self.head_order: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ what is local
     def head_range(self, num_heads: int) -> Tuple[int, int]:
@@ -106,6 +115,12 @@ class AttentionOps:
         bv = self._valid(layout, q.device)
         return block_attention_mass(q, k, lse, layout.block_size, scale=scale, block_valid=bv,
                                     query_rows=query_rows, backend=self.backend)
+
+    def to_model_order(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """A per-head tensor of all heads, held in :attr:`head_order`, in model head order."""
+        if self.head_order is None:
+            return t
+        return t.index_select(dim, torch.argsort(self.head_order).to(t.device))
 
     # ------------------------------------------------------------------ global statistics
     def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ Everything here is vectorised on the device of the input (sort / cumsum / scatte
 dimension; no Python loop over heads or rows), so it runs on the GPU next to the kernels.
 
 Layouts: ``mass`` is ``[batch, heads, q_blocks, k_blocks]`` float (what
-:meth:`AttentionOps.block_mass <dist_compact.attention_ops.AttentionOps.block_mass>` returns: this rank's
+:meth:`AttentionOps.block_mass <dist_compact.sparsity.attention_ops.AttentionOps.block_mass>` returns: this rank's
 heads and query blocks, all key blocks in global numbering); masks are bool of the same shape;
 per-key / per-row flags are bool ``[k_blocks]`` / ``[q_blocks]``.
 
@@ -33,8 +33,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..attention_ops import global_head_stats
 from ..block_index import BlockIndex
+from .attention_ops import global_head_stats
 
 __all__ = [
     "RankedMass",
@@ -329,7 +329,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     Args:
         mass: ``[B, H_local, NQ_local, NK]`` from ``ops.block_mass`` (exact or LSE-cached).
         layout: the global :class:`~dist_compact.layout.VideoLayout`.
-        ops: this rank's :class:`~dist_compact.attention_ops.AttentionOps`; only ``head_range``, the
+        ops: this rank's :class:`~dist_compact.sparsity.attention_ops.AttentionOps`; only ``head_range``, the
             local query blocks (:func:`local_query_blocks`), ``reduce_rows`` and ``gather_heads`` are
             used. Every rank must call this function together (two gathers of per-head sums).
         config: a :class:`~dist_compact.sparsity.config.SparsityConfig` (target, head rule, text sink,

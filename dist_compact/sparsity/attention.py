@@ -2,11 +2,11 @@
 
 ``attn = SparseAttention(layer, config, compact)`` is called by the model as ``attn(q, k, v, ctx)``
 (q, k, v: this rank's ``[batch, seq_local, heads_local, head_dim]`` in block order; see
-:mod:`dist_compact.attention_context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
+:mod:`dist_compact.sparsity.context`). At each call it asks ``config.action(ctx.step, ctx.num_steps)`` and
 
 * ``DENSE``  -> ``ctx.ops.dense`` (the fastest dense path);
 * ``FUSED``  -> ``ctx.ops.dense(return_lse=True)`` (output of the step, exact), ``ctx.ops.block_mass``
-  with that LSE, :func:`~dist_compact.search.online.online_select`; caches the index, and the LSE
+  with that LSE, :func:`~dist_compact.sparsity.online.online_select`; caches the index, and the LSE
   while a later LSE-cached search still needs it;
 * ``CACHED`` -> ``ctx.ops.block_mass`` with the cached LSE, selection, then ``ctx.ops.attention`` with
   the new index (one pass over QK^T for the search, one sparse pass for the output);
@@ -46,12 +46,12 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ._util import is_int
-from .attention_context import AttentionContext, DenseAttention
+from .._util import is_int
+from ..block_index import BlockIndex
 from .attention_ops import global_head_stats
-from .block_index import BlockIndex
-from .sparsity.config import SparsityConfig, CACHED, DENSE, FUSED, REUSE
-from .search.online import OnlineSearchResult, local_query_blocks, online_select
+from .config import CACHED, DENSE, FUSED, REUSE, SparsityConfig
+from .context import AttentionContext, AttentionLayer, DenseAttention, OnlineState
+from .online import OnlineSearchResult, local_query_blocks, online_select
 
 __all__ = ["SparseAttention", "build_attention"]
 
@@ -95,7 +95,7 @@ def _block_mass(ops, q, k, lse, layout, scale, query_rows):
     return ops.block_mass(q, k, lse, layout, scale=scale, query_rows=rows)
 
 
-class SparseAttention:
+class SparseAttention(AttentionLayer):
     """Sparse attention of one layer, following a :class:`SparsityConfig` schedule (module doc).
 
     Args:
@@ -132,44 +132,34 @@ class SparseAttention:
 
     @property
     def last_search(self) -> Optional[OnlineSearchResult]:
+        """The last online search result (localized index, per-head figures of all heads), or None."""
         e = self._entry
         return None if e is None else e.search
 
-    @property
-    def cached_lse(self) -> Optional[torch.Tensor]:
-        """The cached LSE ``[B, local heads, local tokens]`` of the last fused search, or None."""
-        e = self._entry
-        return None if e is None else e.lse
-
-    @property
-    def static_index(self) -> Optional[BlockIndex]:
-        """The localized static (Compact) index, or None."""
-        e = self._entry
-        return None if e is None else e.static
-
-    def move_heads(self, perm: torch.Tensor, index: BlockIndex, lse: Optional[torch.Tensor],
-                   static: Optional[BlockIndex]) -> None:
-        """Adopt a new head assignment of a sequence-parallel plan (its online head re-plan).
-
-        ``perm`` (int64 ``[H]``): new plan position ``i`` holds the head at old plan position
-        ``perm[i]`` (the per-head statistics of ALL heads are permuted with it); ``index``,
-        ``lse`` and ``static``: the searched index, the cached LSE and the static index, already
-        cut for this rank's new heads (None where there is none).
-        """
+    def export_online(self) -> Optional[OnlineState]:
         e = self._entry
         if e is None or e.search is None:
-            raise RuntimeError("move_heads: this layer has no online search result to move")
+            return None
+        return OnlineState(search=e.search, lse=e.lse, static=e.static)
+
+    def import_online(self, state: OnlineState, perm: torch.Tensor) -> None:
+        e = self._entry
+        if e is None or e.search is None:
+            raise RuntimeError("import_online: this layer has no online search result to replace")
         res = e.search
 
         def p(t):
             return None if t is None else t[perm.to(t.device)]
 
-        e.set_search(dataclasses.replace(res, index=index, density=p(res.density), recall=p(res.recall),
-                                         budget=p(res.budget)))
-        e.lse = lse
-        if static is not None:
-            e.static = static
+        e.set_search(dataclasses.replace(res, index=state.search.index, density=p(res.density),
+                                         recall=p(res.recall), budget=p(res.budget)))
+        e.lse = state.lse
+        if state.static is not None:
+            e.static = state.static
             e.static_density = p(e.static_density)
+
+    def cache_nbytes(self) -> int:
+        return self._entry.nbytes() if self._entry is not None else 0
 
     def cache_info(self) -> dict:
         """What the cache holds: key, whether an index / LSE / static index is held, and bytes."""
@@ -309,10 +299,7 @@ class SparseAttention:
     @staticmethod
     def _model_order(t: torch.Tensor, ops) -> List[float]:
         """Per-head figures of all heads (held in the plan's head order) in model head order."""
-        order = getattr(ops, "head_order", None)
-        if order is not None:
-            t = t[torch.argsort(order.to(t.device))]
-        return [float(x) for x in t.tolist()]
+        return [float(x) for x in ops.to_model_order(t).tolist()]
 
     def _densities(self, entry: _Entry, ops) -> List[float]:
         if entry._density_list is None:
@@ -345,7 +332,7 @@ def build_attention(num_layers: int, sparsity: SparsityConfig, compact=None, sp=
     """One attention callable ``attn(q, k, v, ctx)`` per layer for ``sparsity``.
 
     ``mode == "dense"`` gives :class:`DenseAttention`; other modes give
-    :class:`~dist_compact.attention.SparseAttention` (``compact`` is the static pattern object of
+    :class:`~dist_compact.sparsity.attention.SparseAttention` (``compact`` is the static pattern object of
     the Compact modes, see :func:`load_compact`). With a sequence-parallel plan ``sp`` every layer is
     ``sp.wrap``-ped.
     """
