@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from dist_compact.run.loader import load_run_config
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
 
     configs = args.config or ["configs/cluster/1gpu.yaml"]
     variants = [parse_variant(v) for v in args.variant] or [("default", [])]

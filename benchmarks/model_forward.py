@@ -259,7 +259,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     from dist_compact.sparsity.attention import build_attention
     from dist_compact.sparsity.config import SparsityConfig
     from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
-    from dist_compact.integrations.random_transformer import weights_fingerprint
+    from dist_compact.run.jobs.random_weights import weights_fingerprint
     from dist_compact.parallel import Coordinator, ParallelAttention, RingOps, SequenceParallel
     from dist_compact.stats import AttentionStats
 

@@ -5,7 +5,7 @@ prompts, e.g. "a red square moving left on stripes"); ``--backgrounds rotate`` k
 shape x motion once with the background rotated through the four (120 prompts). Every prompt runs
 with each of ``--seeds`` seeds; seed s gets the noise ``generate.py --seed s`` draws. Every clip is
 sampled dense and with each ``--variant`` of the sparsity config (default: the demo's), from the same
-noise, in batches through the pipeline's sampler (``dist_compact.sampler.sample``), scored by
+noise, in batches through the pipeline's sampler (``dist_compact.run.sampler.sample``), scored by
 :mod:`dist_compact.models.motion` and compared with its dense clip (PSNR). One CSV row per (clip,
 mode); a summary table per mode last.
 
@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
-    from dist_compact.report import psnr
-    from dist_compact.sampler import sample
+    from dist_compact.run.report import psnr
+    from dist_compact.run.sampler import sample
     from dist_compact.search.config_file import load_compact
     from dist_compact.stats import AttentionStats
 

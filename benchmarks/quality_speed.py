@@ -145,7 +145,7 @@ def search_small_compact(model, layout, text, noise, steps, out_dir, levels, ops
     from dist_compact.search.capture import CaptureAttention, MassStore
     from dist_compact.search.config_file import save_config
     from dist_compact.search.offline import SearchSettings, search_store
-    from dist_compact.sampler import sample
+    from dist_compact.run.sampler import sample
 
     cfg = model.config
     store = MassStore.for_layout(layout, cfg.depth, cfg.heads, model="small")
@@ -217,8 +217,8 @@ def run(args) -> int:
     from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
-    from dist_compact.report import psnr, ssim
-    from dist_compact.sampler import sample
+    from dist_compact.run.report import psnr, ssim
+    from dist_compact.run.sampler import sample
     from dist_compact.stats import AttentionStats
 
     configs = args.config or ([] if args.small else ["configs/models/embedded-gpu.yaml"])

@@ -302,7 +302,7 @@ def _run_cfg(out, name, *extra):
 def _generation_worker(rank, world, out, ulysses, ring):
     import os
 
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     res = run_generation(_run_cfg(out, f"u{ulysses}r{ring}", ("cluster.nproc", str(world)),
@@ -312,7 +312,7 @@ def _generation_worker(rank, world, out, ulysses, ring):
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
 
     return run_generation(_run_cfg(tmp_path_factory.mktemp("one"), "one"))
 

@@ -351,7 +351,7 @@ def wan_folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_wan_pipeline_end_to_end(wan_folder):
-    from dist_compact.integrations.diffusers_pipeline import generate, load_pipeline
+    from dist_compact.run.jobs.diffusers import generate, load_pipeline
 
     pipe = load_pipeline(wan_folder, "WanPipeline")
     call = dict(max_sequence_length=16)
@@ -376,7 +376,7 @@ def test_wan_pipeline_end_to_end(wan_folder):
 def test_main_job_entry_writes_a_run_folder(wan_folder, tmp_path):
     pytest.importorskip("imageio", reason="the run folder's videos need the [video] extra")
     from dist_compact.run.config import ClusterConfig, ModelConfig, RunConfig, RunOptions
-    from dist_compact.integrations.diffusers_pipeline import run_diffusers_generation
+    from dist_compact.run.jobs.diffusers import run_diffusers_generation
 
     cfg = RunConfig(
         cluster=ClusterConfig(device="cpu"),
@@ -397,7 +397,7 @@ def test_main_job_entry_writes_a_run_folder(wan_folder, tmp_path):
 
 
 def test_load_pipeline_needs_a_local_folder(tmp_path):
-    from dist_compact.integrations.diffusers_pipeline import load_pipeline
+    from dist_compact.run.jobs.diffusers import load_pipeline
 
     with pytest.raises(ValueError, match="model_index.json"):
         load_pipeline(tmp_path, "WanPipeline")

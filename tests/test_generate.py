@@ -14,10 +14,10 @@ from dist_compact.sparsity.attention import build_attention
 from dist_compact.sparsity.context import DenseAttention
 from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT, WeightsError, save_embedded
-from dist_compact.pipeline import run_generation
-from dist_compact.report import psnr, ssim
-from dist_compact.runner import WorldSizeError
-from dist_compact.sampler import NonFiniteLatentsError
+from dist_compact.run.generation import run_generation
+from dist_compact.run.report import psnr, ssim
+from dist_compact.run.runner import WorldSizeError
+from dist_compact.run.sampler import NonFiniteLatentsError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_short_run_writes_all_outputs(tmp_path, weights):
 
 def test_video_false_needs_no_video_writer(tmp_path, weights, monkeypatch):
     """run.video false: no writer check, no mp4/gif, every other output written."""
-    import dist_compact.report as rpt
+    import dist_compact.run.report as rpt
 
     def missing(*a, **k):
         raise ImportError("no imageio-ffmpeg here")
@@ -314,7 +314,7 @@ def test_compact_and_online_modes_from_a_config_file(tmp_path, weights):
 def test_sampler_and_loss_agree_on_the_flow_convention():
     """With the exact velocity of one data point, training loss is 0 and Euler sampling lands on it."""
     from dist_compact.models.train import flow_matching_loss
-    from dist_compact.sampler import sample
+    from dist_compact.run.sampler import sample
 
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(1, 3, 2, 8, 8, generator=g) * 2 - 1

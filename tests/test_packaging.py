@@ -95,7 +95,7 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
                                                 r"installed\): pip install \"dist_compact\[usp\]\""):
         require("dist_compact_no_such_mod", "usp", "feature X")
 
-    from dist_compact import report
+    from dist_compact.run import report
     from dist_compact.integrations import core as dc_core
     from dist_compact.integrations.published import build_transformer
 

@@ -20,8 +20,8 @@ import yaml
 from dist_compact.run.config import ConfigError
 from dist_compact.run.loader import load_run_config
 from dist_compact.parallel import ParallelConfigError
-from dist_compact.pipeline import run_generation
-from dist_compact.runner import WorldSizeError
+from dist_compact.run.generation import run_generation
+from dist_compact.run.runner import WorldSizeError
 
 diffusers = pytest.importorskip("diffusers")
 

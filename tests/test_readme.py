@@ -182,7 +182,7 @@ def test_the_set_up_commands_are_shell_lines():
 def test_the_demo_section_shows_what_the_run_prints():
     """The console example's schedule line is the demo's, and the speed-up command is the report's."""
     from dist_compact.run.config import DEMO_SPARSITY
-    from dist_compact.report import REAL_SPEEDUP_COMMAND
+    from dist_compact.run.report import REAL_SPEEDUP_COMMAND
     from dist_compact.sparsity.config import describe_schedule
 
     assert f"\nschedule: {describe_schedule(DEMO_SPARSITY, 20)}\n" in README

@@ -13,10 +13,10 @@ import torch
 
 from dist_compact.run.config import DEMO_SPARSITY
 from dist_compact.sparsity.config import SparsityConfig, describe_schedule, sparsity_line, step_kinds
-from dist_compact.pipeline import run_generation
+from dist_compact.run.generation import run_generation
 from dist_compact.png import colormap, heatmap_figure
-from dist_compact.report import REAL_SPEEDUP_COMMAND, SMALL_SHAPE_TOKENS, heatmap, speed_section
-from dist_compact.sampler import sample
+from dist_compact.run.report import REAL_SPEEDUP_COMMAND, SMALL_SHAPE_TOKENS, heatmap, speed_section
+from dist_compact.run.sampler import sample
 
 from test_generate import _cfg, weights  # noqa: F401  (the small random-weight model fixture)
 

@@ -19,8 +19,8 @@ import pytest
 
 from helpers import child_env
 
-from dist_compact import report as rpt
-from dist_compact.report import OutputError, RunFolder
+from dist_compact.run import report as rpt
+from dist_compact.run.report import OutputError, RunFolder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXED = 1_900_000_000.0  # one second for every run of a test
@@ -96,7 +96,7 @@ def test_two_identical_processes_in_the_same_second(tmp_path):
     """Two processes claim with the same clock second at once, then both finish: two complete folders."""
     script = textwrap.dedent(f"""
         import pathlib, sys, time
-        from dist_compact.report import RunFolder
+        from dist_compact.run.report import RunFolder
         f = RunFolder(sys.argv[1], prompt="same", seed=0, clock=lambda: {FIXED})
         pathlib.Path(sys.argv[2], f.name).touch()
         while len(list(pathlib.Path(sys.argv[2]).iterdir())) < 2:  # both have claimed
@@ -133,7 +133,7 @@ def test_two_identical_generate_runs_at_once_keep_both(small_weights, tmp_path):
 # ---------------------------------------------------------------------------------------------- checks
 def test_output_dir_checked_before_any_compute(tmp_path, small_weights, monkeypatch):
     from dist_compact.run.loader import load_run_config
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
     import dist_compact.models.embedded as emb
 
     loads = []

@@ -79,7 +79,7 @@ def _compact_file(model: str, out: str) -> str:
         return "embedded-compact-0.5.yaml"
     if model == "embedded-gpu":
         return "embedded-gpu-compact-0.9.yaml"
-    from dist_compact.integrations.random_transformer import published_config
+    from dist_compact.run.jobs.random_weights import published_config
     from dist_compact.models.embedded import shipped_weights
     from dist_compact.parallel.cost import pooled_compact
     from dist_compact.search.config_file import load_config, save_config
@@ -128,7 +128,7 @@ def _count_ws():
 def reference(models, out, cpu=False, variant="default"):
     import torch
 
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
 
     os.makedirs(out, exist_ok=True)
     for m in models:
@@ -167,7 +167,7 @@ def parallel(models, out, tol, cpu=False, variant="default", factor=1.5):
     import torch
     import torch.distributed as dist
 
-    from dist_compact.pipeline import run_generation
+    from dist_compact.run.generation import run_generation
 
     world = int(os.environ["WORLD_SIZE"])
     rank = int(os.environ["RANK"])

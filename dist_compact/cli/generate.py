@@ -6,7 +6,7 @@
     dist-compact-generate --config configs/cluster/1gpu.yaml --run.steps 30 --sparsity.sparsity 0.8
 
 Writes outputs/<run>/ (video.mp4, video.gif, latents.pt, frames.png, density/recall heatmaps,
-report.json, logs/); see :mod:`dist_compact.report`. Any config key can be set with
+report.json, logs/); see :mod:`dist_compact.run.report`. Any config key can be set with
 ``--section.key value`` (:mod:`dist_compact.run.loader`).
 """
 
@@ -149,10 +149,10 @@ def _main(argv) -> int:
     from ..parallel.coordinator import ParallelLoadError
     from ..parallel.launch import shutdown
     from ..parallel.watch import RankFailure
-    from ..pipeline import run_generation
-    from ..report import OutputError
-    from ..runner import WorldSizeError
-    from ..sampler import NonFiniteLatentsError
+    from ..run.generation import run_generation
+    from ..run.report import OutputError
+    from ..run.runner import WorldSizeError
+    from ..run.sampler import NonFiniteLatentsError
 
     # torchrun stops the other ranks with SIGTERM when one fails: an exception here, so the temporary
     # run folder is removed on the way out and the rank that failed can be named; restored on return

@@ -48,7 +48,7 @@ The denoising step. Schedules (dense warm-up, searches) need the step index; the
 not know it, so it is read from a :class:`DenoisingState` that the pipeline runner updates:
 ``state.begin(num_steps)`` before the pipeline call and ``callback_on_step_end=state.on_step_end``
 (diffusers calls it after every step ``i``; it sets ``step = i + 1``).
-:mod:`dist_compact.integrations.diffusers_pipeline` does both. Without it the step stays 0.
+:mod:`dist_compact.run.jobs.diffusers` does both. Without it the step stays 0.
 
 One layout, one set of attention objects: every distinct layout (Wan: one per video size;
 HunyuanVideo: one per prompt length) gets its own per-layer attention objects (so the cached

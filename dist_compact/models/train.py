@@ -403,9 +403,9 @@ def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float 
     import numpy as np
 
     from ..sparsity.context import DenseAttention
-    from ..sampler import sample
+    from ..run.sampler import sample
     from ..png import write_png
-    from ..report import frame_grid, to_uint8_frames
+    from ..run.report import frame_grid, to_uint8_frames
 
     cfg = model.config
     device = next(model.parameters()).device

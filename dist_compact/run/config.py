@@ -133,7 +133,7 @@ class ModelConfig:
             ``kind: random`` one of :data:`RANDOM_MODELS` (the published transformer config it builds).
         kind: ``"embedded"``, ``"diffusers"`` (a diffusers pipeline from a local folder) or
             ``"random"`` (the published transformer of ``name`` with RANDOM weights, no text encoder
-            and no VAE: for speed runs, see :mod:`dist_compact.integrations.random_transformer`).
+            and no VAE: for speed runs, see :mod:`dist_compact.run.jobs.random_weights`).
         path: weights: for ``embedded`` a ``.safetensors`` file (None = the shipped weights); for
             ``diffusers`` the local model folder (required); unused by ``random``.
         pipeline: diffusers pipeline class name (``"WanPipeline"``, ``"HunyuanVideoPipeline"``).

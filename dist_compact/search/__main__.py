@@ -114,7 +114,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
 
     from ..cli.generate import parse_generate_args
     from ..models.embedded import load_embedded, shipped_weights
-    from ..pipeline import run_generation
+    from ..run.generation import run_generation
     from .capture import CaptureAttention
 
     cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{index}"])

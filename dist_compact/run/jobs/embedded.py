@@ -1,11 +1,8 @@
-"""One generation run (what ``generate.py`` calls): :func:`run_generation` and the embedded runner.
+"""The embedded tiny DiT's job (``model.kind: embedded``): its weights, prompt tokens and the sampler.
 
-:func:`run_generation` runs a whole :class:`~dist_compact.run.config.RunConfig` through the run skeleton
-of :mod:`dist_compact.runner` with the runner of its ``model.kind``: the embedded tiny DiT (here),
-a diffusers pipeline (:mod:`dist_compact.integrations.diffusers_pipeline`) or a published
-transformer with random weights (:mod:`dist_compact.integrations.random_transformer`). The sampler
-is :mod:`dist_compact.sampler`; the attention layers come from
-:func:`dist_compact.sparsity.attention.build_attention`; the outputs go through :mod:`dist_compact.report`.
+The skeleton is :mod:`dist_compact.run.runner`; the sampler :mod:`dist_compact.run.sampler`; the
+attention layers come from :func:`dist_compact.sparsity.attention.build_attention`; the outputs go
+through :mod:`dist_compact.run.report`.
 """
 
 from __future__ import annotations
@@ -16,17 +13,15 @@ from typing import Callable, Optional
 
 import torch
 
-from . import report as rpt
-from .sparsity.attention import build_attention
-from .sparsity.attention_ops import AttentionOps
-from .sparsity.config import SparsityConfig, sparsity_line, step_kinds
-from .integrations.diffusers_pipeline import run_diffusers_generation
-from .integrations.random_transformer import run_random_generation
-from .runner import Job, LoadedModel, RunResult, log, run_job
-from .sampler import sample
-from .stats import AttentionStats
+from .. import report as rpt
+from ...sparsity.attention import build_attention
+from ...sparsity.attention_ops import AttentionOps
+from ...sparsity.config import SparsityConfig, sparsity_line, step_kinds
+from ..runner import Job, LoadedModel, RunOutput, log
+from ..sampler import sample
+from ...stats import AttentionStats
 
-__all__ = ["EmbeddedJob", "run_generation", "CPU_MAX_VIDEO_TOKENS", "COMPILE_MIN_VIDEO_TOKENS"]
+__all__ = ["EmbeddedJob", "CPU_MAX_VIDEO_TOKENS", "COMPILE_MIN_VIDEO_TOKENS"]
 
 #: the largest embedded-model video a CPU run takes (the GPU model's 16,384 tokens would take hours)
 CPU_MAX_VIDEO_TOKENS = 8192
@@ -38,14 +33,14 @@ COMPILE_MIN_VIDEO_TOKENS = 8192
 
 class EmbeddedJob(Job):
     """The embedded tiny DiT (``model.kind: embedded``): its weights file, prompt tokens, the sampler of
-    :mod:`dist_compact.sampler`; the report is built on every rank (rank 0 writes it)."""
+    :mod:`dist_compact.run.sampler`; the report is built on every rank (rank 0 writes it)."""
 
     def __init__(self, cfg, attention_factory: Optional[Callable] = None):
         super().__init__(cfg)
         self.factory = attention_factory or build_attention
 
     def load(self, proc) -> LoadedModel:
-        from .models.embedded import load_embedded, sha256_of, shipped_weights
+        from ...models.embedded import load_embedded, sha256_of, shipped_weights
 
         mc = self.cfg.model
         path = mc.path or str(shipped_weights(mc.name))
@@ -91,7 +86,7 @@ class EmbeddedJob(Job):
                    shift=run.shift, ops=self.ops, sp=self.sp)
             log.info("warm-up run done (untimed)")
 
-    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+    def one_run(self, sparsity: SparsityConfig, label: str) -> RunOutput:
         run, sp, model = self.cfg.run, self.sp, self.model
         stats = AttentionStats()
         model.set_attention(self.factory(model.config.depth, sparsity,
@@ -103,30 +98,12 @@ class EmbeddedJob(Job):
         log.info("%s run: %.3f s total", label, res.total_seconds)
         if sp.enabled and not self.balance:
             self.balance.update(sp.balance_report(self.layout))
-        return res, stats
+        return RunOutput(sample=res, stats=stats, layout=self.layout)
 
-    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+    def report(self, folder, sparse: RunOutput, dense: Optional[RunOutput]) -> dict:
         p, mcfg = self.proc, self.model.config
         report = rpt.build_report(self.cfg, model_info=self.info, layout=self.layout, world=p.world, device=p.device,
                                   dtype=p.dtype, sparse=sparse, dense=dense, num_layers=mcfg.depth,
                                   num_heads=mcfg.heads)
         report["parallel_balance"] = self.balance or None  # imbalance = max / mean computed blocks per rank
         return report
-
-
-def run_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:
-    """One generation run from a :class:`~dist_compact.run.config.RunConfig` (see the module doc).
-
-    Every rank calls it (under torchrun); rank 0 writes ``<output_dir>/<name>/`` atomically.
-    ``attention_factory(num_layers, sparsity, compact, sp)`` replaces
-    :func:`~dist_compact.sparsity.attention.build_attention`.
-
-    Raises:
-        WorldSizeError, NonFiniteLatentsError, WeightsError, ConfigError-like ValueErrors: each
-        before anything is left in ``output_dir``.
-    """
-    if cfg.model.kind == "diffusers":
-        return run_diffusers_generation(cfg, attention_factory=attention_factory)
-    if cfg.model.kind == "random":
-        return run_random_generation(cfg, attention_factory=attention_factory)
-    return run_job(EmbeddedJob(cfg, attention_factory))

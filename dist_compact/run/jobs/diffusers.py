@@ -10,7 +10,7 @@ Three layers, each usable alone:
   latents captured from the callback; returns a :class:`DiffusersSample`.
 * :func:`run_diffusers_generation` - the main job for a :class:`~dist_compact.run.config.RunConfig` whose
   ``model.kind`` is ``"diffusers"``: processes and devices, the sparse run (and a dense run from the
-  same noise with ``run.compare_dense``), and the run folder through :mod:`dist_compact.report`
+  same noise with ``run.compare_dense``), and the run folder through :mod:`dist_compact.run.report`
   (written by rank 0 under a temporary name, renamed when complete).
 
 Sequence parallelism: every rank runs the whole pipeline (text encoder, sampler, VAE) on the same
@@ -34,12 +34,12 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import report as rpt
-from ..sparsity.config import SparsityConfig, sparsity_line
-from ..runner import Job, LoadedModel, RunResult, log, run_job
+from ...sparsity.config import SparsityConfig, sparsity_line
+from ..runner import Job, LoadedModel, RunOutput, RunResult, log, run_job
 from ..sampler import SampleResult, sync
-from ..stats import AttentionStats
-from .core import DenoisingState, diffusers_module
-from .diffusers import sparsify, sparsify_handle
+from ...stats import AttentionStats
+from ...integrations.core import DenoisingState, diffusers_module
+from ...integrations.diffusers import sparsify, sparsify_handle
 
 __all__ = ["PIPELINES", "DiffusersSample", "DiffusersJob", "load_pipeline", "set_flow_shift", "generate",
            "run_diffusers_generation"]
@@ -212,7 +212,7 @@ class DiffusersJob(Job):
         log.info("world %d rank %d device %s dtype %s pipeline %s from %s", p.world, p.rank, p.device, p.dtype,
                  mcfg.pipeline, mcfg.path)
 
-    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+    def one_run(self, sparsity: SparsityConfig, label: str) -> RunOutput:
         run, mcfg, rank = self.cfg.run, self.cfg.model, self.proc.rank
         log.info("%s run: %s", label, sparsity_line(sparsity, run.steps))
         stats = AttentionStats()
@@ -224,21 +224,21 @@ class DiffusersJob(Job):
         for i, sec in enumerate(s.step_seconds):
             log.info("%s step %d: %.4f s", label, i, sec)
         log.info("%s run: %.3f s total, layout %s", label, s.total_seconds, s.layout)
-        # the report's "latents" are the decoded video on rank 0 (what its writers show); the
-        # DiffusersSample rides along for its layout and model latents
+        # the report's "latents" are the decoded video on rank 0 (what its writers show)
         video = s.video[:1] if s.video is not None else s.latents[:1]
-        return SampleResult(latents=video, step_seconds=s.step_seconds), stats, s
+        return RunOutput(sample=SampleResult(latents=video, step_seconds=s.step_seconds), stats=stats,
+                         layout=s.layout, model_latents=s.latents)
 
-    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+    def report(self, folder, sparse: RunOutput, dense: Optional[RunOutput]) -> dict:
         if folder is None:
             return {}
         p, info = self.proc, self.model_info
-        return rpt.build_report(self.cfg, model_info=info, layout=sparse[2].layout, world=p.world,
+        return rpt.build_report(self.cfg, model_info=info, layout=sparse.layout, world=p.world,
                                 device=p.device, dtype=p.dtype, sparse=sparse, dense=dense,
                                 num_layers=info["num_layers"], num_heads=info["num_heads"])
 
-    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
-        rpt.save_tensor(sparse[2].latents, os.path.join(folder.tmp, "model_latents.pt"), folder.final)
+    def write(self, folder, report: dict, sparse: RunOutput, dense: Optional[RunOutput]) -> None:
+        rpt.save_tensor(sparse.model_latents, os.path.join(folder.tmp, "model_latents.pt"), folder.final)
         super().write(folder, report, sparse, dense)
 
 
@@ -247,13 +247,13 @@ def run_diffusers_generation(cfg, *, attention_factory: Optional[Callable] = Non
 
     Loads ``cfg.model.pipeline`` from ``cfg.model.path``, runs ``cfg.run.steps`` steps at
     ``cfg.model.frames x height x width`` pixels with ``cfg.sparsity`` (and a dense run with
-    ``run.compare_dense``), and writes the run folder (see :mod:`dist_compact.report`) on rank 0,
-    through the run skeleton of :mod:`dist_compact.runner`.
+    ``run.compare_dense``), and writes the run folder (see :mod:`dist_compact.run.report`) on rank 0,
+    through the run skeleton of :mod:`dist_compact.run.runner`.
     ``run.shift`` (when not 1.0) replaces the flow shift of the pipeline's scheduler
     (``flow_shift`` of UniPC, ``shift`` of FlowMatchEuler); 1.0 keeps the weights folder's setting.
 
     Returns:
-        :class:`~dist_compact.runner.RunResult` (``latents``: the video ``[1, 3, F, H, W]`` in
+        :class:`~dist_compact.run.runner.RunResult` (``latents``: the video ``[1, 3, F, H, W]`` in
         [-1, 1] on rank 0, the sampler's latents elsewhere).
     """
     return run_job(DiffusersJob(cfg, attention_factory))

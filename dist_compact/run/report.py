@@ -282,7 +282,7 @@ def writing(path: str, final: Optional[str] = None):
 
 def check_writers() -> None:
     """Raise one clear ImportError naming the [video] extra when imageio / imageio-ffmpeg is missing."""
-    from .extras import require
+    from ..extras import require
 
     for mod in ("imageio", "imageio_ffmpeg"):
         require(mod, "video", "writing the video (run.video true)")
@@ -370,8 +370,10 @@ def frame_grid(frames: np.ndarray, cols: Optional[int] = None, pad: int = 2) -> 
 def per_layer_head(stats, num_layers: int, num_heads: int, what: str = "density") -> List[List[Optional[float]]]:
     """``[layers][heads]`` of the last recorded per-head ``what`` ("density" / "recall"), None if none."""
     out: List[List[Optional[float]]] = [[None] * num_heads for _ in range(num_layers)]
-    for rec in getattr(stats, "records", []) or []:
-        vals = getattr(rec, what, None)
+    if what not in ("density", "recall"):
+        raise ValueError(f"per_layer_head: what must be 'density' or 'recall', got {what!r}")
+    for rec in stats.records if stats is not None else []:
+        vals = rec.density if what == "density" else rec.recall
         if vals is None or not 0 <= rec.layer < num_layers or len(vals) != num_heads:
             continue
         out[rec.layer] = [float(v) for v in vals]
@@ -392,7 +394,7 @@ def heatmap(matrix: Sequence[Sequence[Optional[float]]], what: str = "density") 
     runs compare), and a subtitle with the values' min / mean / max; white = no value (a layer
     whose sparse calls recorded none, e.g. it ran dense). See :func:`dist_compact.png.heatmap_figure`.
     """
-    from .png import heatmap_figure
+    from ..png import heatmap_figure
 
     if what not in HEATMAPS:
         raise ValueError(f"heatmap: what must be one of {sorted(HEATMAPS)}, got {what!r}")
@@ -435,9 +437,10 @@ def _finite(obj):
     return obj
 
 
-def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
-    summary = stats.summary() if stats is not None and hasattr(stats, "summary") else None
-    secs = list(res.step_seconds)
+def _run_section(out, num_layers: int, num_heads: int) -> dict:
+    stats = out.stats
+    summary = stats.summary() if stats is not None else None
+    secs = list(out.sample.step_seconds)
     return {
         "step_seconds": secs,
         "total_seconds": sum(secs),
@@ -448,6 +451,7 @@ def _run_section(res, stats, num_layers: int, num_heads: int) -> dict:
         "search_overhead_s": None if summary is None else summary.get("search_overhead_s"),
         "mean_density": None if summary is None else summary.get("mean_density"),
         "mean_density_sparse": None if summary is None else summary.get("mean_density_sparse"),
+        **out.extra,
     }
 
 
@@ -487,7 +491,7 @@ def speed_section(tokens: int, device, sparse_seconds: float, dense_seconds: Opt
 
 def _schedule_section(sparsity, steps: int) -> dict:
     """The report's ``schedule``: the sparsity schedule scaled to this run's steps."""
-    from .sparsity.config import describe_schedule, step_kinds
+    from ..sparsity.config import describe_schedule, step_kinds
 
     sched = sparsity.schedule(steps)
     return {"num_steps": steps, "summary": describe_schedule(sparsity, steps), "step_kinds": step_kinds(sparsity, steps),
@@ -497,8 +501,9 @@ def _schedule_section(sparsity, steps: int) -> dict:
 
 def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sparse, dense=None,
                  num_layers: int, num_heads: int) -> dict:
-    """The report.json payload (see the module doc); ``sparse`` / ``dense`` are ``(SampleResult, stats)``."""
-    from . import __version__
+    """The report.json payload (see the module doc); ``sparse`` / ``dense`` are the runs'
+    :class:`~dist_compact.run.runner.RunOutput` (``sample``, ``stats``, ``extra``)."""
+    from .. import __version__
 
     rep = {
         "dist_compact_version": __version__,
@@ -516,11 +521,11 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
         "layout": {"repr": repr(layout), "tokens": layout.seq_len, "padded": layout.padded_len,
                    "blocks": layout.num_blocks, "block_size": layout.block_size, "tile": list(layout.tile)},
         "schedule": _schedule_section(cfg.sparsity, cfg.run.steps),
-        "sparse": _run_section(sparse[0], sparse[1], num_layers, num_heads),
+        "sparse": _run_section(sparse, num_layers, num_heads),
     }
     if dense is not None:
-        rep["dense"] = _run_section(dense[0], dense[1], num_layers, num_heads)
-        a, b = sparse[0].latents, dense[0].latents
+        rep["dense"] = _run_section(dense, num_layers, num_heads)
+        a, b = sparse.sample.latents, dense.sample.latents
         rep["quality"] = {"psnr_db": psnr(a, b), "ssim": ssim(a, b),
                           "max_abs_diff": float((a.float() - b.float()).abs().max())}
     rep["speed"] = speed_section(layout.seq_len, device, rep["sparse"]["total_seconds"],
@@ -541,7 +546,7 @@ def write_outputs(folder: str, report: dict, latents: torch.Tensor, dense_latent
     The heatmaps come from ``report["sparse"]``'s per (layer, head) matrices, when they hold a value.
     ``video=False``: no mp4 / gif (no video writer needed).
     """
-    from .png import write_png
+    from ..png import write_png
 
     def at(name: str):
         return writing(os.path.join(folder, name), final)

@@ -1,4 +1,4 @@
-"""The one run skeleton that the embedded, diffusers and random-weight runners follow.
+"""The one run skeleton that the embedded, diffusers and random-weight jobs follow.
 
 :func:`run_job` is the order of every run, whatever the model::
 
@@ -8,15 +8,15 @@
     parallel  make_parallel: the sequence-parallel plan (collective when the world size is > 1)
     agreement agree: the same config (and weights) on every rank; the Compact config read on rank 0
     run folder  run_folder: rank 0's temporary folder, one log file per rank
-    runs      job.one_run with the config's sparsity, and a dense run with ``run.compare_dense``
+    runs      job.one_run with the config's sparsity, and a dense run with ``run.compare_dense``: each a
+              typed :class:`RunOutput`
     report    job.report
     write     job.write into the temporary folder, renamed to its final name once every rank is done
               (removed when anything raises: nothing half-written is left in ``run.output_dir``)
 
-A runner is a :class:`Job`: the model-specific parts only. The runners are
-:mod:`dist_compact.pipeline` (embedded model), :mod:`dist_compact.integrations.diffusers_pipeline`
-and :mod:`dist_compact.integrations.random_transformer`; ``run_generation`` in
-:mod:`dist_compact.pipeline` picks one by ``model.kind``.
+A job is a :class:`Job`: the model-specific parts only. The jobs are in :mod:`dist_compact.run.jobs`
+(:mod:`~.jobs.embedded`, :mod:`~.jobs.diffusers`, :mod:`~.jobs.random_weights`);
+:func:`dist_compact.run.generation.run_generation` picks one by ``model.kind``.
 """
 
 from __future__ import annotations
@@ -25,20 +25,23 @@ import contextlib
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from . import report as rpt
-from .sparsity.config import SparsityConfig
-from .parallel import Coordinator, ParallelConfig, init_distributed
-from .parallel.launch import launched_world
-from .parallel.watch import RankWatch, job_endpoint
-from .run.config import ConfigError
-from .search.config_file import load_compact
+from ..layout import VideoLayout
+from ..parallel import Coordinator, ParallelConfig, init_distributed
+from ..parallel.launch import launched_world
+from ..parallel.watch import RankWatch, job_endpoint
+from ..search.config_file import load_compact
+from ..sparsity.config import SparsityConfig
+from ..stats import AttentionStats
+from .config import ConfigError
+from .sampler import SampleResult
 
-__all__ = ["WorldSizeError", "Process", "LoadedModel", "RunResult", "Job", "start_process",
+__all__ = ["WorldSizeError", "Process", "LoadedModel", "RunOutput", "RunResult", "Job", "start_process",
            "check_world", "check_run", "make_parallel", "agree", "run_folder", "run_job", "watched", "log"]
 
 #: the run's logger (also the sampler's, by name): every rank's log file is attached to it
@@ -72,6 +75,27 @@ class LoadedModel:
     num_layers: int
     num_heads: int
     weights: Optional[Tuple[str, str]] = None
+
+
+@dataclass
+class RunOutput:
+    """One denoising run of a job (what :meth:`Job.one_run` returns).
+
+    Attributes:
+        sample: what the report shows and ``latents.pt`` / ``frames.png`` hold: the final latents
+            (or the decoded video, or a latent preview; see ``model_latents``) and the step times.
+        stats: the run's :class:`~dist_compact.stats.AttentionStats`.
+        layout: the global layout the run's attention used, or None (the job's own).
+        model_latents: the model's latents when ``sample`` holds something else (a decoded video, a
+            preview), else None.
+        extra: job-specific fields of the run's report section (``report["sparse"]`` / ``["dense"]``).
+    """
+
+    sample: SampleResult
+    stats: Optional[AttentionStats] = None
+    layout: Optional[VideoLayout] = None
+    model_latents: Optional[torch.Tensor] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -234,7 +258,7 @@ def _rank_logger(log_dir: str, rank: int) -> _RankLog:
 
 @contextlib.contextmanager
 def run_folder(cfg, rank: int):
-    """Rank 0's :class:`~dist_compact.report.RunFolder` (None on other ranks), every rank logging into
+    """Rank 0's :class:`~dist_compact.run.report.RunFolder` (None on other ranks), every rank logging into
     its ``logs/``: renamed to its final name when the body completes (once every rank has closed its
     log), removed when the body raises."""
     run = cfg.run
@@ -279,12 +303,7 @@ def run_folder(cfg, rank: int):
 
 
 class Job:
-    """The model-specific parts of a run; :func:`run_job` calls them in the skeleton's order.
-
-    A run's result (what :meth:`one_run` returns) is a tuple whose first two items are the
-    :class:`~dist_compact.sampler.SampleResult` the report shows and the run's
-    :class:`~dist_compact.stats.AttentionStats`; a runner may append its own items.
-    """
+    """The model-specific parts of a run; :func:`run_job` calls them in the skeleton's order."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -299,19 +318,20 @@ class Job:
     def begin(self) -> None:
         """Inside the run folder, before the runs (the log lines of the run)."""
 
-    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+    def one_run(self, sparsity: SparsityConfig, label: str) -> RunOutput:
         """One denoising run with ``sparsity``; ``label`` is ``"sparse"`` or ``"dense"``."""
         raise NotImplementedError
 
-    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+    def report(self, folder, sparse: RunOutput, dense: Optional[RunOutput]) -> dict:
         """The report (``folder`` is None on ranks other than 0)."""
         raise NotImplementedError
 
-    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
-        """The output files into rank 0's temporary ``folder.tmp`` (see :mod:`dist_compact.report`)."""
+    def write(self, folder, report: dict, sparse: RunOutput, dense: Optional[RunOutput]) -> None:
+        """The output files into rank 0's temporary ``folder.tmp`` (see :mod:`dist_compact.run.report`)."""
         run = self.cfg.run
-        rpt.write_outputs(folder.tmp, report, sparse[0].latents, dense[0].latents if dense is not None else None,
-                          fps=run.fps, video=run.video, final=folder.final)
+        rpt.write_outputs(folder.tmp, report, sparse.sample.latents,
+                          dense.sample.latents if dense is not None else None, fps=run.fps, video=run.video,
+                          final=folder.final)
         log.info("outputs written to %s", folder.final)
 
 
@@ -337,7 +357,7 @@ def run_job(job: Job) -> RunResult:
             report = job.report(folder, sparse, dense)
             if folder is not None:
                 job.write(folder, report, sparse, dense)
-    return RunResult(folder=folder.final if folder else None, latents=sparse[0].latents.cpu(), report=report)
+    return RunResult(folder=folder.final if folder else None, latents=sparse.sample.latents.cpu(), report=report)
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ tile, a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`), an
   pipelines' shapes (HunyuanVideo: 256 tokens of 4096, all valid, and a pooled 768 vector; Wan: 512
   tokens of 4096); the initial latents ``[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]`` come from a CPU
   generator seeded by ``run.seed`` (the same on every rank and device);
-* the flow-matching Euler sampler of :func:`dist_compact.sampler.sample` (``run.steps``,
+* the flow-matching Euler sampler of :func:`dist_compact.run.sampler.sample` (``run.steps``,
   ``run.shift``; per-step synchronised wall times, a NaN / Inf check after every step, tqdm on rank
   0) with NO classifier-free guidance: one transformer forward per step. HunyuanVideo gets its
   distilled guidance embedding ``run.guidance * 1000`` (as diffusers' pipeline passes it); Wan
@@ -20,14 +20,14 @@ tile, a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`), an
 * the sparsity schedule follows the steps: the step of every forward goes into the
   :class:`DenoisingState` (dense warm-up, searches, reuse as ``sparsity`` says).
 
-Outputs (rank 0, through :mod:`dist_compact.report`'s run folder): ``latents.pt`` (the final latents
+Outputs (rank 0, through :mod:`dist_compact.run.report`'s run folder): ``latents.pt`` (the final latents
 ``[1, 16, T, h, w]`` float32), ``report.json`` and a LATENT PREVIEW as ``frames.png`` (and
 ``video.mp4`` / ``video.gif`` with ``run.video``): latent channels 0-2, each normalised with the
 sparse run's mean and 3 standard deviations to [-1, 1] - not decoded video (there is no VAE). The
 report's ``quality`` (PSNR / SSIM with ``--compare-dense``) is computed on these previews; the raw
 latents' difference is in ``latent_quality``. With random weights neither measures a real model.
 
-report.json adds to :func:`dist_compact.report.build_report`'s payload:
+report.json adds to :func:`dist_compact.run.report.build_report`'s payload:
 
 * ``random_model``: what was built (published name, size, layers, heads, head size, weight seed,
   text tokens, forwards per step, guidance embedding) and a note on the preview;
@@ -45,6 +45,7 @@ report.json adds to :func:`dist_compact.report.build_report`'s payload:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 from typing import Callable, Dict, List, Optional
@@ -52,16 +53,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import report as rpt
-from ..sparsity.attention import build_attention
-from ..run.config import RANDOM_MODELS
-from ..sparsity.config import SparsityConfig, sparsity_line, step_kinds
-from ..layout import VideoLayout
-from ..parallel import Coordinator, ParallelAttention, ParallelConfig, RingOps, ring_shard_bytes
-from ..runner import Job, LoadedModel, RunResult, log, run_job
+from ...sparsity.attention import build_attention
+from ..config import RANDOM_MODELS
+from ...sparsity.config import SparsityConfig, sparsity_line, step_kinds
+from ...layout import VideoLayout
+from ...parallel import Coordinator, ParallelAttention, ParallelConfig, RingOps, ring_shard_bytes
+from ..runner import Job, LoadedModel, RunOutput, RunResult, log, run_job
 from ..sampler import SampleResult, sample
-from ..stats import AttentionStats
-from .core import DenoisingState, latent_grid
-from .diffusers import sparsify, sparsify_handle
+from ...stats import AttentionStats
+from ...integrations.core import DenoisingState, latent_grid
+from ...integrations.diffusers import sparsify, sparsify_handle
 
 __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_random_transformer",
            "weights_fingerprint", "random_text_inputs", "latent_preview", "RandomJob", "run_random_generation"]
@@ -89,7 +90,7 @@ def _key(name: str) -> str:
 def published_config(name: str, size: str = "full", heads: Optional[int] = None):
     """``(key, transformer config dict, text tokens)`` of ``name`` (``size``: ``"full"`` or ``"small"``;
     ``heads``: another head count, the head size kept)."""
-    from .published import HUNYUAN, SHAPES, SMALL, WAN_14B
+    from ...integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B
 
     key = _key(name)
     if size == "full":
@@ -118,7 +119,7 @@ def build_random_transformer(name: str, size: str = "full", layers: Optional[int
 
     Returns ``(model, key, config dict as built, text tokens)``.
     """
-    from .published import build_transformer
+    from ...integrations.published import build_transformer
 
     key, cfg, text_tokens = published_config(name, size, heads)
     torch.manual_seed(seed)  # CPU and every CUDA device: the same weights on every rank
@@ -153,7 +154,7 @@ def random_text_inputs(key: str, cfg: dict, text_tokens: int, gen: torch.Generat
 
 
 class _Forward:
-    """``model(x, t, text, ctx, sp) -> velocity`` for :func:`dist_compact.sampler.sample`.
+    """``model(x, t, text, ctx, sp) -> velocity`` for :func:`dist_compact.run.sampler.sample`.
 
     The sparsified transformer reads its step from the :class:`DenoisingState`; this sets it from
     ``ctx.step`` (the hooks build their own context and shards, so ``ctx`` / ``sp`` are not passed on).
@@ -261,13 +262,10 @@ class RandomJob(Job):
         log.info("world %d rank %d device %s dtype %s: random %s (%s, %d layers x %d heads, %d params), "
                  "latents %s, layout %s", p.world, p.rank, p.device, p.dtype, mcfg.name, mcfg.size, self.num_layers,
                  self.num_heads, self.model_info["params"], self.lat, self.layout)
-        self.extra: Dict[str, dict] = {}
-        self.raw: Dict[str, torch.Tensor] = {}
 
-    def one_run(self, sparsity: SparsityConfig, label: str) -> tuple:
+    def one_run(self, sparsity: SparsityConfig, label: str) -> RunOutput:
         run, cl, mcfg, proc, model = self.cfg.run, self.cfg.cluster, self.cfg.model, self.proc, self.model
         device, cuda = proc.device, self.cuda
-        section = ("sparse", "dense")[len(self.extra)]  # the report section of this run (the first is "sparse")
         stats = AttentionStats()
         state = DenoisingState().begin(run.steps)
         rec = _Recorder(self.attention_factory or build_attention)
@@ -301,7 +299,7 @@ class RandomJob(Job):
         rows = self.coord.gather_object({"sent": sent, "dense": dense_pred, "peak": peak, "per_step": per_step,
                                          "dense_per_step": [c * (ring - 1) * shard for c in calls_per_step]})
         tot, tot_dense = sum(r["sent"] for r in rows), sum(r["dense"] for r in rows)
-        self.extra[section] = {
+        extra = {
             "timing": _timing(res.step_seconds),
             "parallel": {
                 "ulysses": cl.ulysses, "ring": ring, "world_size": proc.world,
@@ -317,26 +315,25 @@ class RandomJob(Job):
             # imbalance = max / mean computed blocks per rank (the layers' static indices; docs/report.md)
             "parallel_balance": self.sp.balance_report(used) if self.sp.enabled else None,
         }
-        self.raw[section] = res.latents
         log.info("%s run: %.3f s total, ring bytes sent %d (dense ring %d), peak memory %s", label,
                  res.total_seconds, sent, dense_pred, peak)
-        return res, stats
+        return RunOutput(sample=res, stats=stats, layout=used, extra=extra)
 
-    def report(self, folder, sparse: tuple, dense: Optional[tuple]) -> dict:
+    def report(self, folder, sparse: RunOutput, dense: Optional[RunOutput]) -> dict:
         if folder is None:
             return {}
         p, run = self.proc, self.cfg.run
-        ref = sparse[0].latents
+        ref = sparse.sample.latents
 
-        def preview(r: tuple) -> tuple:
-            return SampleResult(latents=latent_preview(r[0].latents, ref), step_seconds=r[0].step_seconds), r[1]
+        def preview(out: RunOutput) -> RunOutput:
+            """The run with a latent preview to show, its raw latents kept as the model's."""
+            shown = SampleResult(latents=latent_preview(out.sample.latents, ref), step_seconds=out.sample.step_seconds)
+            return dataclasses.replace(out, sample=shown, model_latents=out.sample.latents)
 
         self.previews = preview(sparse), (preview(dense) if dense is not None else None)
-        report = rpt.build_report(self.cfg, model_info=self.model_info, layout=sparsify_handle(self.model).layout,
+        report = rpt.build_report(self.cfg, model_info=self.model_info, layout=sparse.layout,
                                   world=p.world, device=p.device, dtype=p.dtype, sparse=self.previews[0],
                                   dense=self.previews[1], num_layers=self.num_layers, num_heads=self.num_heads)
-        for label, ex in self.extra.items():
-            report[label].update(ex)
         report["random_model"] = {
             "note": _PREVIEW_NOTE, "latents": list(self.lat), "text_tokens": self.text_tokens,
             "forwards_per_step": 1, "classifier_free_guidance": False,
@@ -344,27 +341,27 @@ class RandomJob(Job):
             "timesteps": "1000 * t, t from flow_timesteps(steps, shift)",
         }
         if dense is not None:
-            a, b = sparse[0].latents.float(), dense[0].latents.float()
+            a, b = sparse.sample.latents.float(), dense.sample.latents.float()
             report["latent_quality"] = {"max_abs_diff": float((a - b).abs().max()),
                                         "rel_l2": float((a - b).norm() / b.norm().clamp(min=1e-30))}
         return report
 
-    def write(self, folder, report: dict, sparse: tuple, dense: Optional[tuple]) -> None:
+    def write(self, folder, report: dict, sparse: RunOutput, dense: Optional[RunOutput]) -> None:
         super().write(folder, report, *self.previews)
         # latents.pt / dense_latents.pt: the raw latents (write_outputs saved the previews there)
-        for prefix, section in (("", "sparse"), ("dense_", "dense")):
-            if section in self.raw:
-                rpt.save_tensor(self.raw[section].detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"),
+        for prefix, out in (("", self.previews[0]), ("dense_", self.previews[1])):
+            if out is not None:
+                rpt.save_tensor(out.model_latents.detach().float().cpu(), os.path.join(folder.tmp, prefix + "latents.pt"),
                                 folder.final)
 
 
 def run_random_generation(cfg, *, attention_factory: Optional[Callable] = None) -> RunResult:
     """The main job for ``cfg.model.kind == "random"`` (every rank calls it, as under torchrun), through the
-    run skeleton of :mod:`dist_compact.runner`.
+    run skeleton of :mod:`dist_compact.run.runner`.
 
     See the module doc. Raises (before anything is left in ``output_dir``):
     :class:`~dist_compact.parallel.ParallelConfigError` (heads not divisible by ``cluster.ulysses``),
-    :class:`~dist_compact.runner.WorldSizeError`, ``ValueError`` (unknown model name, a video size the
-    model cannot take), :class:`~dist_compact.sampler.NonFiniteLatentsError` (NaN / Inf latents).
+    :class:`~dist_compact.run.runner.WorldSizeError`, ``ValueError`` (unknown model name, a video size the
+    model cannot take), :class:`~dist_compact.run.sampler.NonFiniteLatentsError` (NaN / Inf latents).
     """
     return run_job(RandomJob(cfg, attention_factory))

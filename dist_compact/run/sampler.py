@@ -19,13 +19,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .sparsity.context import AttentionContext
-from .sparsity.attention_ops import AttentionOps
-from .layout import VideoLayout
+from ..sparsity.context import AttentionContext
+from ..sparsity.attention_ops import AttentionOps
+from ..layout import VideoLayout
 
 __all__ = ["NonFiniteLatentsError", "SampleResult", "flow_timesteps", "sample", "sync"]
 
-# the run's logger: the runner (dist_compact.runner) attaches each rank's log file to it
+# the run's logger: the runner (dist_compact.run.runner) attaches each rank's log file to it
 log = logging.getLogger("dist_compact.run")
 
 
