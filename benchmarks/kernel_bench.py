@@ -25,7 +25,7 @@ from common import write_csv
 
 SHAPES = {
     # name: (S, H, block grid (t, h, w) with t*h*w*128 == S)
-    "hunyuan": (118_784, 24, (29, 4, 8)),
+    "hunyuan_video": (118_784, 24, (29, 4, 8)),
     "wan": (32_768, 40, (16, 4, 4)),
 }
 
@@ -154,7 +154,7 @@ def parse_variants(text: str) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shapes", default="hunyuan,wan")
+    ap.add_argument("--shapes", default="hunyuan_video,wan")
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.19,0.12")
     ap.add_argument("--variants", default="default",
                     help="comma list of name=BN:warps:stages[:tma] (the Triton kernel; tma: K/V through tensor "

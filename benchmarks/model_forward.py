@@ -4,7 +4,7 @@ Run on one GPU from the repository root (diffusers needed; random weights from t
 configs, built directly on the GPU in bf16, nothing downloaded):
 
     PYTHONPATH=.:kernels python benchmarks/model_forward.py --csv $OUT/model_forward.csv
-    PYTHONPATH=.:kernels python benchmarks/model_forward.py --model hunyuan --layers 6     # quick estimate
+    PYTHONPATH=.:kernels python benchmarks/model_forward.py --model hunyuan_video --layers 6     # quick estimate
     python benchmarks/model_forward.py --small                                             # CPU, tiny configs
 
 Shapes: Wan2.1-T2V-14B 480p 81 frames (latents 16 x 21 x 60 x 104 -> 21 x 30 x 52 = 32,760 tokens, 512
@@ -39,9 +39,9 @@ on every process) runs on one process only and is skipped otherwise. On 4 GPUs (
 from the repository root:
 
     PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/model_forward.py \
-        --model hunyuan,wan --layers 6 --parallel 4x1,2x2 --csv $OUT/forward4.csv          # quick estimate
+        --model hunyuan_video,wan --layers 6 --parallel 4x1,2x2 --csv $OUT/forward4.csv          # quick estimate
     PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 4 benchmarks/model_forward.py \
-        --model hunyuan,wan --parallel 4x1,2x2 --csv $OUT/forward4_full.csv                # all layers
+        --model hunyuan_video,wan --parallel 4x1,2x2 --csv $OUT/forward4_full.csv                # all layers
     torchrun --standalone --nproc-per-node 2 benchmarks/model_forward.py --small --parallel 2x1,1x2 --check  # CPU
 
 (1 GPU: the commands at the top, ``--csv $OUT/forward1.csv``; their output is unchanged.) With
@@ -78,9 +78,9 @@ sys.path[1:1] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and its 
 
 from common import write_csv  # noqa: E402
 
-from dist_compact.integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B  # noqa: E402
-from dist_compact.integrations.published import build_transformer as build_model  # noqa: E402
-from dist_compact.integrations.published import transformer_inputs as make_inputs  # noqa: E402
+from dist_compact.models.published import HUNYUAN_VIDEO, SHAPES, SMALL, WAN_14B  # noqa: E402
+from dist_compact.models.published import build_transformer as build_model  # noqa: E402
+from dist_compact.models.published import transformer_inputs as make_inputs  # noqa: E402
 from dist_compact.sparsity.context import AttentionLayer  # noqa: E402
 
 
@@ -235,7 +235,7 @@ def model_config(name: str, small: bool):
     if small:
         cfg, (latents, text_tokens) = SMALL[name]
         return cfg, latents, text_tokens
-    return {"wan": WAN_14B, "hunyuan": HUNYUAN}[name], *SHAPES[name]
+    return {"wan": WAN_14B, "hunyuan_video": HUNYUAN_VIDEO}[name], *SHAPES[name]
 
 
 def block_counts(name: str, cfg: dict) -> Dict[str, int]:
@@ -258,7 +258,7 @@ def dense_ring_bytes(layout, ulysses: int, ring: int, heads: int, head_dim: int,
 def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, world: Optional[World] = None) -> None:
     from dist_compact.sparsity.attention import build_attention
     from dist_compact.sparsity.config import SparsityConfig
-    from dist_compact.integrations.diffusers import sparsify, sparsify_handle, unsparsify
+    from dist_compact import installed, sparsify, unsparsify
     from dist_compact.run.jobs.random_weights import weights_fingerprint
     from dist_compact.parallel import Coordinator, ParallelAttention, RingOps, SequenceParallel
     from dist_compact.stats import AttentionStats
@@ -274,7 +274,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     built_s = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
     text_dim = cfg["text_dim"] if name == "wan" else cfg["text_embed_dim"]
-    valid = min(args.text_tokens, text_tokens) if name == "hunyuan" else text_tokens
+    valid = min(args.text_tokens, text_tokens) if name == "hunyuan_video" else text_tokens
     inputs = make_inputs(name, latents, text_tokens, text_dim, cfg.get("pooled_projection_dim", 0), valid, device,
                          dtype)
     heads = cfg["num_attention_heads"]
@@ -306,7 +306,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
     sparsify(model, SparsityConfig(mode="dense"), tile=tile, backend=backend, sequence_parallel=sp_arg(plans[0]))
     with torch.no_grad():
         model(**inputs)
-    layout = sparsify_handle(model).layout
+    layout = installed(model).layout
     say(f"# {name}: {layout}", flush=True)
     R = args.warmup + args.reps
     cases = [Case("stock", None), Case("dense", SparsityConfig(mode="dense"))]
@@ -335,7 +335,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
         if case.sparsity is None:
             return None, [0] * R
         sparsify(model, case.sparsity, compact=case.compact, tile=tile, backend=backend, stats=stats, **kw)
-        state = sparsify_handle(model).state
+        state = installed(model).state
         state.begin(max(case.steps) + 1 if case.steps else 1)
         return state, case.steps or [0] * R
 
@@ -408,7 +408,7 @@ def run_model(name: str, args, device, dtype, rows: List[dict], plans=None, worl
                 if stats is not None:
                     summ = stats.summary()
                     density = summ.get("mean_density_sparse") or summ.get("mean_density")
-                h = sparsify_handle(model)
+                h = installed(model)
                 lay = h.layout if h is not None and h.layout is not None else layout
                 idx_mb = h.cache_nbytes() / 2**20 if h is not None else 0.0
                 # ring point-to-point bytes per attention call on this rank (K/V shards; a search's block mass adds K)
@@ -502,7 +502,7 @@ def parse_parallel(text: str) -> List[tuple]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="wan,hunyuan", help="comma list of wan, hunyuan")
+    ap.add_argument("--model", default="wan,hunyuan_video", help="comma list of wan, hunyuan_video")
     ap.add_argument("--densities", default="0.4,0.2,0.12", help="window densities")
     ap.add_argument("--layers", type=int, default=None, help="build N blocks and scale per-block times to the model")
     ap.add_argument("--reps", type=int, default=3, help="timed forwards per case (median)")
@@ -538,8 +538,8 @@ def main(argv=None) -> int:
 
     names = [n.strip() for n in args.model.split(",") if n.strip()]
     for n in names:
-        if n not in ("wan", "hunyuan"):
-            return fail(f"unknown model {n!r}; --model takes a comma list of wan, hunyuan")
+        if n not in ("wan", "hunyuan_video"):
+            return fail(f"unknown model {n!r}; --model takes a comma list of wan, hunyuan_video")
     try:
         layouts = parse_parallel(args.parallel or f"{world_size}x1")
         configs = [ParallelConfig(u, r) for u, r in layouts]

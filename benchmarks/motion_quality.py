@@ -67,8 +67,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from dist_compact.sparsity.attention import build_attention
-    from dist_compact.sparsity.attention_ops import AttentionOps
+    from dist_compact import sparsify
+    from dist_compact.integrations import DenoisingState
     from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
@@ -103,15 +103,15 @@ def main(argv=None) -> int:
 
     def run_all(sparsity):
         compact = load_compact(sparsity, model=base.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
-        model.set_attention(build_attention(mcfg.depth, sparsity, compact))
         videos, dens, seconds = [], [], 0.0
         for i in range(0, len(clips), args.batch):
             part = clips[i:i + args.batch]
             text = model.tokenizer.batch([g[0] for g, _ in part]).to(device)
             noise = torch.cat([noise_of(s) for _, s in part]).to(device)
-            stats = AttentionStats(timing=False)
-            res = sample(model, text, noise, steps=run.steps, layout=layout, guidance=run.guidance, shift=run.shift,
-                         ops=AttentionOps(run.attn_backend), stats=stats)
+            stats, state = AttentionStats(timing=False), DenoisingState()
+            sparsify(model, sparsity, compact=compact if sparsity.uses_compact else None, tile=layout.tile, state=state,
+                     stats=stats, backend=run.attn_backend)
+            res = sample(model, text, noise, steps=run.steps, guidance=run.guidance, shift=run.shift, state=state)
             seconds += res.total_seconds
             videos.append(res.latents.float().cpu())
             dens.append(stats.summary()["mean_density_sparse"])

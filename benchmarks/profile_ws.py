@@ -4,7 +4,7 @@ Nsight Compute on the device (clocks left alone, the second launch is the measur
 
     PYTHONPATH=.:kernels ncu --clock-control none -k regex:block_sparse --launch-skip 1 --launch-count 1 \\
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \\
-        python benchmarks/profile_ws.py --shape hunyuan --density 0.5 --variant ws:ov
+        python benchmarks/profile_ws.py --shape hunyuan_video --density 0.5 --variant ws:ov
 
 ``--variant`` takes kernel_bench's spec syntax (``ws``, ``ws:ov``, ``ws:emu``, ``triton``, ...). The
 script launches the kernel twice (build, then the launch to profile) and prints the effective TFLOP/s
@@ -23,7 +23,7 @@ from kernel_bench import SHAPES, parse_variants, window_for_density, window_mask
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="hunyuan", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="hunyuan_video", choices=sorted(SHAPES))
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--variant", default="ws")
     args = ap.parse_args(argv)

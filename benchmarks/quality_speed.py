@@ -140,17 +140,22 @@ def small_model(path: str) -> None:
     save_embedded(model, path)
 
 
-def search_small_compact(model, layout, text, noise, steps, out_dir, levels, ops):
+def search_small_compact(model, layout, text, noise, steps, out_dir, levels, backend):
     """Capture one dense run and search a Compact config per tau (the CPU smoke run's stand-ins)."""
     from dist_compact.search.capture import CaptureAttention, MassStore
     from dist_compact.search.config_file import save_config
     from dist_compact.search.offline import SearchSettings, search_store
+    from dist_compact import SparsityConfig, sparsify, unsparsify
+    from dist_compact.integrations import DenoisingState
     from dist_compact.run.sampler import sample
 
     cfg = model.config
     store = MassStore.for_layout(layout, cfg.depth, cfg.heads, model="small")
-    model.set_attention([CaptureAttention(i, store) for i in range(cfg.depth)])
-    sample(model, text, noise, steps=steps, layout=layout, guidance=4.0, shift=3.0, ops=ops)
+    state = DenoisingState()
+    sparsify(model, SparsityConfig(mode="dense"), tile=layout.tile, state=state, backend=backend,
+             attention_factory=lambda n, s, c, sp: [CaptureAttention(i, store) for i in range(n)])
+    sample(model, text, noise, steps=steps, guidance=4.0, shift=3.0, state=state)
+    unsparsify(model)
     out = []
     for level, tau in levels:
         config = search_store(store, SearchSettings(tau=tau), model="small").config
@@ -212,8 +217,8 @@ def _small(args) -> int:
 def run(args) -> int:
     import torch
 
-    from dist_compact.sparsity.attention import build_attention
-    from dist_compact.sparsity.attention_ops import AttentionOps
+    from dist_compact import sparsify
+    from dist_compact.integrations import DenoisingState
     from dist_compact.run.loader import load_run_config
     from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
@@ -243,25 +248,26 @@ def run(args) -> int:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((1, mcfg.in_channels, mc.frames, mc.height, mc.width), generator=gen).to(device)
 
-    ops = AttentionOps(run_opts.attn_backend)
     if args.small and not args.compact:
         args.compact = search_small_compact(model, layout, model.tokenizer.batch([clips[0][0]]).to(device),
                                             noise_of(0), run_opts.steps, args._small_dir,
-                                            [("high", 0.95), ("low", 0.8)], ops)
+                                            [("high", 0.95), ("low", 0.8)], run_opts.attn_backend)
     modes = build_modes(args, mc.name, mcfg.depth, mcfg.heads, layout, base.sparsity)
     print(f"{len(clips)} clips x {len(modes)} modes, {run_opts.steps} steps, {layout}, {device}, "
           f"weights {digest[:16]}...", flush=True)
 
     def one(sparsity, pattern, prompt, seed, stats=None):
         text = model.tokenizer.batch([prompt]).to(device)
-        return sample(model, text, noise_of(seed), steps=run_opts.steps, layout=layout, guidance=run_opts.guidance,
-                      shift=run_opts.shift, ops=ops, stats=stats)
+        state = DenoisingState()
+        sparsify(model, sparsity, compact=pattern if sparsity.uses_compact else None, tile=layout.tile, state=state,
+                 stats=stats, backend=run_opts.attn_backend)
+        return sample(model, text, noise_of(seed), steps=run_opts.steps, guidance=run_opts.guidance,
+                      shift=run_opts.shift, state=state)
 
     dense_videos = []
     summary, clip_rows = [], []
     t_all = time.perf_counter()
     for mode, level, sparsity, pattern, text in modes:
-        model.set_attention(build_attention(mcfg.depth, sparsity, pattern))
         one(sparsity, pattern, clips[0][0], clips[0][1] + 7919)  # warm-up: compile, autotune, index caches
         secs, videos, flops, dens, sparse_share = [], [], [], [], []
         for k, (prompt, seed) in enumerate(clips):

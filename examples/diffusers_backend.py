@@ -18,7 +18,8 @@ import torch.distributed as dist
 from diffusers import ContextParallelConfig, WanPipeline
 
 from dist_compact.sparsity.config import SparsityConfig
-from dist_compact.integrations.diffusers_backend import set_sparse_backend, sparse_backend_state
+from dist_compact import denoising_state
+from dist_compact.integrations.diffusers_backend import set_sparse_backend
 
 
 def generate(path, prompt, steps=50, device="cuda", ulysses=1, ring=1, *, sparsity=None, tile=None, backend="auto",
@@ -29,7 +30,7 @@ def generate(path, prompt, steps=50, device="cuda", ulysses=1, ring=1, *, sparsi
                        backend=backend)
     if ulysses * ring > 1:  # under torchrun: diffusers' own context parallelism around our attention
         pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
-    state = sparse_backend_state(pipe.transformer).begin(steps)
+    state = denoising_state(pipe.transformer).begin(steps)
     return pipe(prompt, num_inference_steps=steps, callback_on_step_end=state.on_step_end,
                 generator=torch.Generator().manual_seed(0), **call).frames[0]
 

@@ -21,15 +21,8 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install -e '.[diffusers]'")
 
-from dist_compact.integrations.diffusers import sparsify  # noqa: E402
-from dist_compact.integrations.diffusers_backend import (  # noqa: E402
-    ChunkGeometry,
-    hunyuan_video_cp_plan,
-    set_sparse_backend,
-    sparse_backend_handle,
-    sparse_backend_state,
-    unset_sparse_backend,
-)
+from dist_compact import denoising_state, installed, sparsify, unsparsify  # noqa: E402
+from dist_compact.integrations.diffusers_backend import ChunkGeometry, cp_plan, set_sparse_backend  # noqa: E402
 from dist_compact.layout import VideoLayout  # noqa: E402
 from dist_compact.sparsity.config import SparsityConfig  # noqa: E402
 from parallel_helpers import run_workers  # noqa: E402
@@ -67,9 +60,7 @@ def install(model, mode, how):
 
 def two_steps(model, name, how):
     """Step 0 (AdaSpa: the fused search) and step 1 (the found index reused)."""
-    from dist_compact.integrations.diffusers import denoising_state
-
-    state = sparse_backend_state(model) if how == "backend" else denoising_state(model)
+    state = denoising_state(model)
     state.begin(2)
     outs = []
     for step in range(2):
@@ -79,9 +70,7 @@ def two_steps(model, name, how):
 
 
 def records(model, how):
-    from dist_compact.integrations.diffusers import sparsify_handle
-
-    h = sparse_backend_handle(model) if how == "backend" else sparsify_handle(model)
+    h = installed(model)
     return [(r.layer, r.step, r.kind, r.density or [], r.recall or []) for r in h.stats.records]
 
 
@@ -112,10 +101,10 @@ def test_dense_equals_stock(name):
     out = run(model, inputs(name))
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= TOL
-    h = sparse_backend_handle(model)
+    h = installed(model)
     assert h.layout.grid == (3, 6, 6)
-    unset_sparse_backend(model)
-    assert sparse_backend_handle(model) is None
+    unsparsify(model)
+    assert installed(model) is None
     assert (run(model, inputs(name)) - ref).abs().max().item() == 0.0
 
 
@@ -166,13 +155,13 @@ def test_chunk_geometry_packs_cut_tiles():
 def test_errors_are_clear():
     model = tiny_wan()
     install(model, "dense", "backend")
-    with pytest.raises(ValueError, match="already sparsified"):
+    with pytest.raises(ValueError, match="already has SparsifyHandle installed"):
         set_sparse_backend(tiny_wan_sparsified(), DENSE)
     with pytest.raises(TypeError, match="embedded model"):
         from dist_compact.models.embedded import EmbeddedConfig, EmbeddedDiT
 
         set_sparse_backend(EmbeddedDiT(EmbeddedConfig(dim=32, depth=1, heads=2, rope_split=(4, 6, 6))), DENSE)
-    proc = sparse_backend_handle(model).processors[0]
+    proc = installed(model).processors[0]
     cp = SimpleNamespace(ulysses_degree=2, ring_degree=2, ulysses_anything=False, ring_anything=False,
                          _ulysses_mesh=object(), _ring_mesh=object())
     for bad, err, msg in [
@@ -223,7 +212,7 @@ def test_diffusers_internals_we_rely_on():
     assert hasattr(WanAttnProcessor, "_parallel_config") and hasattr(WanAttnProcessor, "_attention_backend")
     # the plan we give HunyuanVideo (diffusers 0.42.1 has none) names modules the model has
     model = tiny_hunyuan()
-    for name in hunyuan_video_cp_plan():
+    for name in cp_plan(model):
         assert isinstance(model.get_submodule(name), torch.nn.Module)
 
 
@@ -248,7 +237,7 @@ def _cp_worker(rank, world, cases):
             ref_rec = records(ref_model, "sparsify")
         model = BUILD[name]()
         cfg = ContextParallelConfig(ulysses_degree=U, ring_degree=R)
-        plan = hunyuan_video_cp_plan() if name == "hunyuan" else None
+        plan = cp_plan(model)
         if enable_first:
             model.enable_parallelism(config=cfg, cp_plan=plan)
             install(model, mode, "backend")

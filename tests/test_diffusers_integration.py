@@ -16,14 +16,9 @@ pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip ins
 
 from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel  # noqa: E402
 
-from dist_compact.integrations.diffusers import (  # noqa: E402
-    DenoisingState,
-    default_tile,
-    denoising_state,
-    sparsify,
-    sparsify_handle,
-    unsparsify,
-)
+from dist_compact import denoising_state, installed, sparsify, unsparsify  # noqa: E402
+from dist_compact.integrations import DenoisingState  # noqa: E402
+from dist_compact.integrations.core import default_tile  # noqa: E402
 from dist_compact.patterns import CompactConfig, HeadPattern  # noqa: E402
 from dist_compact.sparsity.config import SparsityConfig  # noqa: E402
 from dist_compact.stats import AttentionStats  # noqa: E402
@@ -104,7 +99,7 @@ def test_dense_equals_stock(case):
     out = run(model, inputs)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= TOL
-    h = sparsify_handle(model)
+    h = installed(model)
     assert h.layout.grid == (3, 5, 7)
     if tile is None:
         assert h.layout.tile == default_tile((3, 5, 7))
@@ -120,7 +115,7 @@ def test_unsparsify_restores_stock_processors():
     sparsify(model, COMPACT, compact=compact_for(2), tile=(1, 4, 4), backend="torch")
     assert not torch.allclose(run(model, inputs), ref, atol=1e-4)
     unsparsify(model)
-    assert sparsify_handle(model) is None
+    assert installed(model) is None
     assert {k: type(v) for k, v in model.attn_processors.items()} == procs
     assert torch.equal(run(model, inputs), ref)
 
@@ -131,7 +126,7 @@ def test_one_layout_instance_per_grid_and_prompt_length():
 
     model = tiny_hunyuan()
     sparsify(model, DENSE, tile=(1, 4, 4), backend="torch")
-    h = sparsify_handle(model)
+    h = installed(model)
     inputs = hunyuan_inputs(lengths=(5, 9))
     run(model, inputs)
     first = h.layout
@@ -147,9 +142,9 @@ def test_one_layout_instance_per_grid_and_prompt_length():
     text = emb.tokenizer.encode("a red square").unsqueeze(0)
     with torch.no_grad():
         emb(x, t, text)
-        layout = sparsify_handle(emb).layout
+        layout = installed(emb).layout
         emb(x, t, text)
-    assert sparsify_handle(emb).layout is layout
+    assert installed(emb).layout is layout
     assert layout == emb.video_layout(4, 16, 16, tile=(1, 4, 4))
 
 
@@ -243,7 +238,7 @@ def test_errors_are_clear():
         sparsify(model, DENSE, tile=(1, 2, 2))
     with pytest.raises(TypeError, match="SparsityConfig"):
         sparsify(model, {"mode": "dense"})
-    with pytest.raises(ValueError, match="not sparsified"):
+    with pytest.raises(ValueError, match="has no dist_compact attention installed"):
         denoising_state(model)
     sparsify(model, ADASPA, tile=(1, 4, 4), backend="torch")
     state = denoising_state(model)

@@ -1,17 +1,16 @@
-"""The embedded DiT: shapes, the exactness of its block-order forward, the tokenizer, the weights file."""
+"""The embedded DiT: shapes, the exactness of its block-order forward under an install, the tokenizer, the
+weights file."""
 
 import os
 
 import pytest
 import torch
 
-from dist_compact.sparsity.context import AttentionContext, DenseAttention
-from dist_compact.sparsity.attention_ops import AttentionOps
+from dist_compact import SparsityConfig, installed, sparsify, unsparsify
 from dist_compact.models.embedded import (
     DEFAULT_WEIGHTS,
     EmbeddedConfig,
     EmbeddedDiT,
-    LocalPlan,
     WeightsError,
     WordTokenizer,
     load_embedded,
@@ -19,6 +18,7 @@ from dist_compact.models.embedded import (
     save_embedded,
     sha256_of,
 )
+from dist_compact.sparsity.context import DenseAttention
 
 SMALL = dict(dim=64, depth=2, heads=2, rope_split=(8, 12, 12), frames=4, height=16, width=16)
 
@@ -48,17 +48,22 @@ def _inputs(m, B=2, frames=4, height=16, width=16, seed=1):
     ids=["even-2x4x4", "ragged-w-1x4x8", "ragged-all-2x4x4", "ragged-t-4x2x4"],
 )
 def test_block_order_forward_equals_plain_forward(frames, height, width, tile):
-    """The ONE permutation per forward is exact: dense block-order forward == model-order SDPA forward."""
+    """The ONE permutation per forward is exact: dense attention installed (block order) == the stock
+    model-order SDPA forward; removing the install gives the stock forward back."""
     m = _model()
     x, t, text = _inputs(m, frames=frames, height=height, width=width)
-    layout = m.video_layout(frames, height, width, tile)
-    ctx = AttentionContext(layout=layout, ops=AttentionOps("torch"))
     with torch.no_grad():
-        out = m(x, t, text, ctx)
-        ref = m.forward_plain(x, t, text)
+        stock = m(x, t, text)
+        sparsify(m, SparsityConfig(mode="dense"), tile=tile, backend="torch")
+        out = m(x, t, text)
+        ref = m.forward_plain(x, t, text)  # the stock network whatever is installed
+        assert installed(m).layout == m.video_layout(frames, height, width, tile)
+        unsparsify(m)
+        back = m(x, t, text)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert ref.abs().max() > 0.1  # a real signal, not zeros
     assert (out - ref).abs().max().item() <= 1e-5
+    assert torch.equal(stock, ref) and torch.equal(back, ref)
 
 
 def test_attention_is_called_in_block_order_with_the_context():
@@ -69,27 +74,32 @@ def test_attention_is_called_in_block_order_with_the_context():
 
     class Spy(DenseAttention):
         def __call__(self, q, k, v, ctx):
-            seen.append((self.layer, tuple(q.shape), ctx.step))
+            seen.append((self.layer, tuple(q.shape), ctx.step, ctx.layout))
             return super().__call__(q, k, v, ctx)
 
-    m.set_attention([Spy(i) for i in range(2)])
+    sparsify(m, SparsityConfig(mode="dense"), tile=(2, 4, 4), backend="torch",
+             attention_factory=lambda n, s, c, sp: [Spy(i) for i in range(n)])
+    installed(m).state.begin(5)
+    installed(m).state.step = 3
     with torch.no_grad():
-        m(x, t, text, AttentionContext(layout=layout, step=3, num_steps=5, ops=AttentionOps("torch")), sp=LocalPlan())
-    assert seen == [(0, (2, layout.padded_len, 2, 32), 3), (1, (2, layout.padded_len, 2, 32), 3)]
+        m(x, t, text)
+    assert seen == [(0, (2, layout.padded_len, 2, 32), 3, layout), (1, (2, layout.padded_len, 2, 32), 3, layout)]
 
 
 def test_bad_inputs():
     m = _model()
     x, t, text = _inputs(m)
     with torch.no_grad():
-        with pytest.raises(ValueError, match="ctx.layout"):
-            m(x, t, text, AttentionContext(layout=m.video_layout(8, 16, 16)))
         with pytest.raises(ValueError, match="multiple of the model's patch"):
             m(torch.randn(2, 3, 4, 18, 16), t, text)
         with pytest.raises(ValueError, match="text must be int64"):
             m(x, t, text[:, :5])
-    with pytest.raises(ValueError, match="one per block"):
-        m.set_attention([DenseAttention(0)])
+    with pytest.raises(TypeError, match="processor must be callable"):
+        m.blocks[0].set_processor(None)
+    with pytest.raises(ValueError, match="attention factory gave 1 callables for 2 layers"):
+        sparsify(m, SparsityConfig(mode="dense"), attention_factory=lambda n, s, c, sp: [DenseAttention(0)])
+        with torch.no_grad():
+            m(x, t, text)
     with pytest.raises(ValueError, match="head_dim"):
         EmbeddedConfig(dim=96, heads=2)
 

@@ -41,7 +41,7 @@ def _env() -> dict:
 def test_two_processes_ulysses_and_ring_equal_one_process(tmp_path):
     out = tmp_path / "forward2.csv"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(SCRIPT), "--small", "--model", "hunyuan,wan", "--parallel", "2x1,1x2", "--check", "--reps", "1",
+           str(SCRIPT), "--small", "--model", "hunyuan_video,wan", "--parallel", "2x1,1x2", "--check", "--reps", "1",
            "--warmup", "0", "--csv", str(out)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
@@ -50,7 +50,7 @@ def test_two_processes_ulysses_and_ring_equal_one_process(tmp_path):
     assert "stock (diffusers' own processors) skipped" in proc.stdout
     rows = list(csv.DictReader(out.open()))
     got = sorted((r["model"], r["case"], r["parallel"]) for r in rows)
-    want = sorted((m, c, p) for m in ("hunyuan", "wan") for c in CASES for p in ("2x1", "1x2"))
+    want = sorted((m, c, p) for m in ("hunyuan_video", "wan") for c in CASES for p in ("2x1", "1x2"))
     assert got == want  # one row per (model, case, layout); no stock row
     for r in rows:
         key = (r["model"], r["case"], r["parallel"])
@@ -71,7 +71,7 @@ def test_two_processes_ulysses_and_ring_equal_one_process(tmp_path):
             assert 0 <= sent <= dense, key
         if r["case"] in ("dense", "search_fused"):  # every shard moves
             assert sent == dense * (1.5 if r["case"] == "search_fused" else 1), key
-    for model in ("hunyuan", "wan"):
+    for model in ("hunyuan_video", "wan"):
         ring = {r["case"]: float(r["ring_bytes"]) for r in rows if r["model"] == model and r["parallel"] == "1x2"}
         # windows that stay inside a shard's slabs skip the exchange (shard skipping is visible)
         assert min(ring[c] for c in CASES if c.startswith("window@")) < ring["dense"], (model, ring)
@@ -79,7 +79,7 @@ def test_two_processes_ulysses_and_ring_equal_one_process(tmp_path):
 
 
 def test_world_size_mismatch_is_one_clear_error(tmp_path):
-    cmd = [sys.executable, str(SCRIPT), "--small", "--model", "hunyuan", "--parallel", "2x1", "--reps", "1",
+    cmd = [sys.executable, str(SCRIPT), "--small", "--model", "hunyuan_video", "--parallel", "2x1", "--reps", "1",
            "--warmup", "0"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

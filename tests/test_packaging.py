@@ -96,13 +96,13 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
         require("dist_compact_no_such_mod", "usp", "feature X")
 
     from dist_compact.run import report
-    from dist_compact.integrations import core as dc_core
-    from dist_compact.integrations.published import build_transformer
+    from dist_compact.models.adapters.wan import WanAdapter
+    from dist_compact.models.published import build_transformer
 
     for mod in ("diffusers", "imageio"):
         monkeypatch.setitem(sys.modules, mod, None)  # `import mod` raises ImportError
     with pytest.raises(ImportError, match=r"needs the \[diffusers\] extra .*dist_compact\[diffusers\]"):
-        dc_core.diffusers_module()
+        WanAdapter.matches(object())
     with pytest.raises(ImportError, match=r"random-weight Wan / HunyuanVideo transformers needs the \[diffusers\]"):
         build_transformer("wan", {}, "cpu", None, None)
     with pytest.raises(ImportError, match=r"writing the video .* needs the \[video\] extra"):

@@ -26,7 +26,7 @@ from dist_compact.run.runner import WorldSizeError
 diffusers = pytest.importorskip("diffusers")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HUNYUAN = ROOT / "configs/models/hunyuanvideo-random.yaml"
+HUNYUAN_VIDEO = ROOT / "configs/models/hunyuanvideo-random.yaml"
 WAN = ROOT / "configs/models/wan2.1-t2v-14b-random.yaml"
 
 #: the small stand-ins on the CPU (what docs/usage.md tells users for a CPU check)
@@ -74,7 +74,7 @@ def _window_config(path, layers=6, heads=2) -> str:
 @pytest.mark.timeout(120)
 def test_one_process_dense_vs_adaspa_writes_run_folder(tmp_path):
     out = tmp_path / "out"
-    res = run_generation(_cfg(HUNYUAN, out, *ADASPA, ("run.name", "hy"), ("run.compare_dense", "true")))
+    res = run_generation(_cfg(HUNYUAN_VIDEO, out, *ADASPA, ("run.name", "hy"), ("run.compare_dense", "true")))
     folder = out / "hy"
     assert res.folder == str(folder) and sorted(os.listdir(out)) == ["hy"]
     names = set(os.listdir(folder))
@@ -113,8 +113,8 @@ def test_one_process_dense_vs_adaspa_writes_run_folder(tmp_path):
 @pytest.mark.timeout(240)
 def test_torchrun_ulysses2_equals_one_process(tmp_path):
     out = tmp_path / "out"
-    one = run_generation(_cfg(HUNYUAN, out, *ADASPA, ("run.name", "one")))
-    _torchrun(tmp_path, HUNYUAN, SMALL + ADASPA + [("run.output_dir", str(out)), ("run.name", "two"),
+    one = run_generation(_cfg(HUNYUAN_VIDEO, out, *ADASPA, ("run.name", "one")))
+    _torchrun(tmp_path, HUNYUAN_VIDEO, SMALL + ADASPA + [("run.output_dir", str(out)), ("run.name", "two"),
                                                     ("cluster.nproc", "2"), ("cluster.ulysses", "2")])
     two = out / "two"
     assert sorted(os.listdir(two / "logs")) == ["rank0.log", "rank1.log"]
@@ -131,8 +131,8 @@ def test_torchrun_ring2_equals_one_process_and_skips_shards(tmp_path):
     compact = [("sparsity.mode", "compact"), ("sparsity.compact_config", _window_config(tmp_path / "win.yaml")),
                ("sparsity.dense_steps", "1"), ("sparsity.reference_steps", "2"), ("sparsity.search_steps", "[]"),
                ("sparsity.search_kinds", "[]"), ("run.steps", "2"), ("run.compare_dense", "true")]
-    one = run_generation(_cfg(HUNYUAN, out, *compact, ("run.name", "one")))
-    _torchrun(tmp_path, HUNYUAN, SMALL + compact + [("run.output_dir", str(out)), ("run.name", "two"),
+    one = run_generation(_cfg(HUNYUAN_VIDEO, out, *compact, ("run.name", "one")))
+    _torchrun(tmp_path, HUNYUAN_VIDEO, SMALL + compact + [("run.output_dir", str(out)), ("run.name", "two"),
                                                      ("cluster.nproc", "2"), ("cluster.ring", "2")])
     two = out / "two"
     assert (torch.load(two / "latents.pt") - one.latents).abs().max().item() <= 1e-4
@@ -157,18 +157,18 @@ def test_bad_inputs_one_clear_error_no_outputs(tmp_path, capsys):
     out = tmp_path / "out"
     known = r"known: hunyuanvideo, wan2\.1-t2v-14b"
     with pytest.raises(ConfigError, match=r"'hunyuan' is not a random-weight model; " + known):
-        _cfg(HUNYUAN, out, ("model.name", "hunyuan"))
+        _cfg(HUNYUAN_VIDEO, out, ("model.name", "hunyuan"))
     with pytest.raises(ConfigError, match=r"frames 12 is not 4k \+ 1"):
-        _cfg(HUNYUAN, out, ("model.frames", "12"))
+        _cfg(HUNYUAN_VIDEO, out, ("model.frames", "12"))
     with pytest.raises(ConfigError, match=r"width 200 is not a multiple of 16"):
         _cfg(WAN, out, ("model.width", "200"))
     with pytest.raises(ConfigError, match=r"size / layers / heads apply to kind 'random' only"):
         load_run_config([], [("model.size", "small")])
     with pytest.raises(ConfigError, match=r"ModelConfig.size must be one of"):
-        _cfg(HUNYUAN, out, ("model.size", "tiny"))
+        _cfg(HUNYUAN_VIDEO, out, ("model.size", "tiny"))
     # 2 heads (the small stand-in) on Ulysses 4
     with pytest.raises(ParallelConfigError, match=r"2 attention heads are not divisible by ulysses=4"):
-        run_generation(_cfg(HUNYUAN, out, ("cluster.nproc", "4"), ("cluster.ulysses", "4")))
+        run_generation(_cfg(HUNYUAN_VIDEO, out, ("cluster.nproc", "4"), ("cluster.ulysses", "4")))
     with pytest.raises(ParallelConfigError, match=r"6 attention heads are not divisible by ulysses=4"):
         run_generation(_cfg(WAN, out, ("model.heads", "6"), ("cluster.nproc", "4"), ("cluster.ulysses", "4")))
     with pytest.raises(WorldSizeError, match=r"asks for 2 processes.*1 were launched"):
@@ -177,5 +177,5 @@ def test_bad_inputs_one_clear_error_no_outputs(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("generate_main", ROOT / "generate.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    assert gen.main(["--config", str(HUNYUAN), "--model.name", "hunyuan-video"]) == 2
+    assert gen.main(["--config", str(HUNYUAN_VIDEO), "--model.name", "hunyuan-video"]) == 2
     assert "known: hunyuanvideo, wan2.1-t2v-14b" in capsys.readouterr().err

@@ -130,20 +130,20 @@ def _run_wan_block(name: str, tmp_path, begin: str) -> dict:
 def test_diffusers_1gpu_block_runs_on_a_tiny_pipeline(tmp_path, monkeypatch):
     pytest.importorskip("diffusers", reason="the [diffusers] extra")
     pytest.importorskip("imageio", reason="export_to_video writes through imageio ([video] extra)")
-    from dist_compact.integrations.diffusers import sparsify_handle
+    from dist_compact import installed
 
     monkeypatch.chdir(tmp_path)
     scope = _run_wan_block("diffusers-1gpu", tmp_path, "state.begin")
     assert (tmp_path / "corgi.mp4").stat().st_size > 0
-    assert sparsify_handle(scope["pipe"].transformer) is not None  # the block-sparse processors ran
+    assert installed(scope["pipe"].transformer) is not None  # the block-sparse processors ran
 
 
 def test_diffusers_backend_block_runs_on_a_tiny_pipeline(tmp_path):
     pytest.importorskip("diffusers", reason="the [diffusers] extra")
-    from dist_compact.integrations.diffusers_backend import sparse_backend_handle
+    from dist_compact import installed
 
     scope = _run_wan_block("diffusers-backend", tmp_path, ".begin")
-    handle = sparse_backend_handle(scope["pipe"].transformer)
+    handle = installed(scope["pipe"].transformer)
     assert handle is not None and scope["state"].step == 3
     # our attention ran in every layer at every step (3 steps, the guided and unguided forwards)
     steps = {(r.layer, r.step) for r in handle.stats.records}

@@ -82,12 +82,18 @@ def test_schedule_in_this_runs_steps():
 
 
 def test_progress_bar_names_the_kind_of_each_step(capsys):
-    from dist_compact.layout import VideoLayout
+    from dist_compact.integrations import DenoisingState
 
-    layout = VideoLayout(2, 4, 4, tile=(1, 4, 4))
     labels = ["dense", "fused search", "sparse"]
-    sample(lambda x, t, text, ctx, sp: torch.zeros_like(x), torch.zeros(1, 1, dtype=torch.long),
-           torch.zeros(1, 3, 2, 4, 4), steps=3, layout=layout, progress=True, step_labels=labels)
+    state, seen = DenoisingState(), []
+
+    def model(x, t, text):
+        seen.append((state.step, state.num_steps))
+        return torch.zeros_like(x)
+
+    sample(model, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 3, 2, 4, 4), steps=3, state=state,
+           progress=True, step_labels=labels)
+    assert seen == [(0, 3), (1, 3), (2, 3)]  # the step of every forward, for the installed attention
     err = capsys.readouterr().err
     for i, lab in enumerate(labels):
         assert f"step {i}: {lab}" in err

@@ -235,13 +235,14 @@ def test_usp_with_backend_fills_only_a_missing_backend():
     assert calls == [xf.BACKEND_KEY, xf.BACKEND_KEY, "cross"]
 
 
-def test_check_grid():
-    class Cfg:
-        patch_size = (1, 2, 2)
+def test_latent_grid():
+    from dist_compact.models.adapters.base import latent_grid
 
-    assert xf.check_grid("wan", Cfg, torch.zeros(1, 4, 3, 8, 10)) == (3, 4, 5)
+    assert latent_grid(torch.zeros(1, 4, 3, 8, 10), (1, 2, 2), "x") == (3, 4, 5)
     with pytest.raises(ValueError, match="frames"):
-        xf.check_grid("wan", Cfg, torch.zeros(1, 4, 8, 10))
+        latent_grid(torch.zeros(1, 4, 8, 10), (1, 2, 2), "x")
+    with pytest.raises(ValueError, match="smaller than the patch"):
+        latent_grid(torch.zeros(1, 4, 3, 1, 10), (1, 2, 2), "x")
 
 
 # ---------------------------------------------------------------------------------------------- with xfuser

@@ -7,7 +7,7 @@ Run from the repository root (diffusers 0.42.1 importable):
     PYTHONPATH=$PWD:$PWD/kernels torchrun --standalone --nproc-per-node 2 \
         benchmarks/device/diffusers_backend_check.py --out $OUT
 
-Per model (``wan``, ``hunyuan``) and size (``tiny``: 4 heads of 64, 5x12x20 latents; ``medium``: 12
+Per model (``wan``, ``hunyuan_video``) and size (``tiny``: 4 heads of 64, 5x12x20 latents; ``medium``: 12
 heads of 128, Wan 13x30x52 = 20,280 tokens, HunyuanVideo 9x30x52 + a 64-token prompt), random weights
 seeded alike on every rank, 2 attention layers each:
 
@@ -54,7 +54,7 @@ def build(name, size):
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
     s = dict(SIZES[size])
-    if name == "hunyuan" and size == "medium":
+    if name == "hunyuan_video" and size == "medium":
         s["frames"] = 9
     d = s["head_dim"]
     torch.manual_seed(0)
@@ -151,9 +151,8 @@ def density_of(handle):
 def check_one(r, args, world, rows, failures):
     from diffusers import ContextParallelConfig
 
-    from dist_compact.integrations.diffusers import denoising_state, sparsify
-    from dist_compact.integrations.diffusers_backend import (hunyuan_video_cp_plan, set_sparse_backend,
-                                                             sparse_backend_handle, sparse_backend_state)
+    from dist_compact import denoising_state, installed, sparsify
+    from dist_compact.integrations.diffusers_backend import cp_plan, set_sparse_backend
     from dist_compact.sparsity.config import SparsityConfig
 
     tag = f"{r.name}/{r.size}"
@@ -174,18 +173,18 @@ def check_one(r, args, world, rows, failures):
     rows.append(dict(case=tag, what="stock bf16 vs fp32 (floor)", rel_l2=floor, limit=None, ok=True, note=""))
     m = set_sparse_backend(r.model(), SparsityConfig(mode="dense"))
     record("backend dense vs stock fp32", rel(r.fwd(m), stock32), limit)
-    plan = hunyuan_video_cp_plan() if r.name == "hunyuan" else None
+    plan = cp_plan(r.model())
     for mode, (cfg, compact) in configs(r.heads).items():
         ours = sparsify(r.model(), cfg, compact=compact)
         ref = r.steps(ours, denoising_state(ours))
         m = set_sparse_backend(r.model(), cfg, compact=compact)
-        out = r.steps(m, sparse_backend_state(m))
-        d = density_of(sparse_backend_handle(m))
+        out = r.steps(m, denoising_state(m))
+        d = density_of(installed(m))
         note = f"density {d:.3f}" if d is not None else "ran dense (index above the dense threshold)"
         record(f"backend {mode} vs sparsify (steps 0, 1)", max_rel(out, ref), args.tol, note)
         if timed:
             for what, model, state in (("sparsify", ours, denoising_state(ours)),
-                                       ("backend", m, sparse_backend_state(m))):
+                                       ("backend", m, denoising_state(m))):
                 rows.append(dict(case=tag, what=f"time {what} {mode} (ms)", rel_l2=r.time_ms(model, args.rep, state),
                                  limit=None, ok=True, note=note))
         del ours, m
@@ -197,7 +196,7 @@ def check_one(r, args, world, rows, failures):
                 cp = ContextParallelConfig(ulysses_degree=U, ring_degree=R)
                 m = set_sparse_backend(r.model(), cfg, compact=compact)
                 m.enable_parallelism(config=cp, cp_plan=plan)
-                out = r.steps(m, sparse_backend_state(m))
+                out = r.steps(m, denoising_state(m))
                 lim = args.tol if R == 1 else ring_limit
                 record(f"CP {U}x{R} backend {mode} vs one-GPU sparsify", max_rel(out, ref), lim)
                 par = ParallelConfig(ulysses=U, ring=R)
@@ -220,7 +219,7 @@ def check_one(r, args, world, rows, failures):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--models", default="wan,hunyuan")
+    ap.add_argument("--models", default="wan,hunyuan_video")
     ap.add_argument("--sizes", default="tiny,medium")
     ap.add_argument("--tol", type=float, default=2e-3, help="rel L2 limit (bf16)")
     ap.add_argument("--rep", type=int, default=10)

@@ -7,7 +7,7 @@ Driven by share_gpu_check.sh (read it first); three kinds of call, all from the 
     python benchmarks/device/share_gpu_check.py --summary --out DIR              # the table + CSV
 
 Models (``--models``): ``embedded`` (the shipped tiny DiT, 16 x 48 x 48, its shipped Compact config),
-``hunyuan`` / ``wan`` (the published transformers with random weights and few layers, at a reduced
+``hunyuan_video`` / ``wan`` (the published transformers with random weights and few layers, at a reduced
 video size; diffusers needed), each under Compact + AdaSpa (a static index, so the shards are
 cost-balanced; and a fused search, so the block-mass ring runs) for 3 steps: step 0 dense, step 1
 the fused search (dense + LSE + block mass), step 2 the sparse step (static union searched index).
@@ -50,7 +50,7 @@ MODELS = {
                      ("model.height", "128"), ("model.width", "128"), ("model.tile", "2,8,8"),
                      ("run.guidance", "4.0")],
     # 9 x 30 x 53 latent tokens + 256 prompt tokens; 1 dual-stream + 2 single-stream blocks, 24 heads
-    "hunyuan": [("model.name", "hunyuanvideo"), ("model.kind", "random"), ("model.layers", "3"),
+    "hunyuan_video": [("model.name", "hunyuanvideo"), ("model.kind", "random"), ("model.layers", "3"),
                 ("model.frames", "33"), ("model.height", "480"), ("model.width", "848"), ("model.tile", "1,8,16"),
                 ("run.guidance", "6.0")],
     # 6 x 30 x 52 latent tokens, 2 blocks, 40 heads
@@ -59,7 +59,7 @@ MODELS = {
 }
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}
 #: attention heads per model: a Ulysses degree that does not divide them is not a layout of that model
-HEADS = {"embedded": 6, "embedded-gpu": 4, "hunyuan": 24, "wan": 40}
+HEADS = {"embedded": 6, "embedded-gpu": 4, "hunyuan_video": 24, "wan": 40}
 #: ``--variant``: extra overrides that isolate where a difference comes from (the online search picks
 #: blocks by top-k of the block mass, so bf16 rounding can change its choice; ``compact`` has no online
 #: search, ``fp32`` keeps the search but in float32)
@@ -246,7 +246,7 @@ def summary(out, tol, factor=1.5):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "share_gpu"))
-    ap.add_argument("--models", default="embedded,hunyuan,wan")
+    ap.add_argument("--models", default="embedded,hunyuan_video,wan")
     ap.add_argument("--tol", type=float, default=2e-2, help="largest ||a - b|| / ||b|| of the latents (bf16)")
     ap.add_argument("--floor-factor", type=float, default=1.5,
                     help="limit = max(--tol, this x the model's one-process bf16-vs-fp32 difference)")

@@ -8,7 +8,7 @@
 # installed here with --no-deps; without diffusers only the embedded model runs (the table says so).
 # Expected: ~4-5 minutes on an H200 (three launches: the references in bf16 and float32, torchrun 2, torchrun 4).
 # Environment: VARIANT (share_gpu_check.py --variant, default "default"), PS (rank counts, default "2 4"),
-# ONLY_MODELS (e.g. hunyuan,wan; default every model that can run here).
+# ONLY_MODELS (e.g. hunyuan_video,wan; default every model that can run here).
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD:$PWD/kernels
@@ -20,7 +20,7 @@ if ! $PY -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; the
   $PY -m pip install -q --no-deps .whl/diffusers-*.whl .whl/importlib_metadata-*.whl 2>&1 | tail -2
 fi
 MODELS=embedded
-if $PY -c "import diffusers" 2>/dev/null; then MODELS=embedded,hunyuan,wan; else echo "no diffusers: embedded model only"; fi
+if $PY -c "import diffusers" 2>/dev/null; then MODELS=embedded,hunyuan_video,wan; else echo "no diffusers: embedded model only"; fi
 MODELS=${ONLY_MODELS:-$MODELS}
 VARIANT=${VARIANT:-default}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -9,7 +9,7 @@ timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_block
   > $OUT/tests.txt 2>&1; echo "rc $?" >> $OUT/tests.txt
 tail -3 $OUT/tests.txt
 timeout ${BENCH_S:-300} python3 benchmarks/kernel_bench.py --csv $OUT/bench.csv --rep ${REP:-500} \
-  --shapes ${SHAPES:-hunyuan,wan} --densities ${DENS:-0.5,0.25,0.19,0.12} --variants "${VARIANTS:-ws=ws}" ${BENCH_ARGS:-} \
+  --shapes ${SHAPES:-hunyuan_video,wan} --densities ${DENS:-0.5,0.25,0.19,0.12} --variants "${VARIANTS:-ws=ws}" ${BENCH_ARGS:-} \
   > $OUT/bench.txt 2>&1; echo "rc $?" >> $OUT/bench.txt
 grep -v "^#" $OUT/bench.txt | tail -40
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader >> $OUT/gpu.txt
@@ -19,7 +19,7 @@ for p in ${PROFILE:-}; do
   timeout ${NCU_S:-90} ncu --clock-control none -k regex:block_sparse --launch-skip 1 --launch-count 1 \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section WarpStateStats \
     --metrics lts__t_sector_hit_rate.pct,dram__bytes_read.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,lts__t_bytes.sum.per_second \
-    python3 benchmarks/profile_ws.py --shape ${PSHAPE:-hunyuan} --density $d --variant $v >> $OUT/ncu.txt 2>&1
+    python3 benchmarks/profile_ws.py --shape ${PSHAPE:-hunyuan_video} --density $d --variant $v >> $OUT/ncu.txt 2>&1
   echo "rc $?" >> $OUT/ncu.txt
 done
 [ -f $OUT/ncu.txt ] && grep -E "==|Throughput|Hit Rate|hit_rate|hmma|pipe_xu|dram__bytes|lts__t_bytes|Duration|Stall|Issued|Eligible|rc " $OUT/ncu.txt | head -120

@@ -99,8 +99,8 @@ def tiny_hunyuan(args, text_len, valid):
 
 
 def run_model(name, model, inputs, args, rank, world):
-    from dist_compact.integrations.xfuser import (denoising_state, sparsify_xfuser, unsparsify_xfuser,
-                                                  xfuser_handle, xfuser_transformer)
+    from dist_compact import denoising_state, installed, unsparsify
+    from dist_compact.integrations.xfuser import sparsify_xfuser, xfuser_transformer
     from dist_compact.sparsity.config import SparsityConfig
 
     dev = torch.device("cuda", torch.cuda.current_device())
@@ -131,7 +131,7 @@ def run_model(name, model, inputs, args, rank, world):
     row["ours_dense_vs_xdit_rel"] = rel(dense, ref)
     row["ours_dense_vs_stock_rel"] = rel(dense, stock)
     row["ours_dense_max_abs"] = float((dense - ref).abs().max())
-    h = xfuser_handle(xd)
+    h = installed(xd)
     row["layout"] = repr(h.layout)
     row["ops"] = repr(h.ops)
 
@@ -143,13 +143,13 @@ def run_model(name, model, inputs, args, rank, world):
     s0 = fwd(xd)
     state.step = 1
     s1 = fwd(xd)
-    summ = xfuser_handle(xd).stats.summary()
+    summ = installed(xd).stats.summary()
     row["sparse_step0_vs_dense_rel"] = rel(s0, dense)  # a fused search computes its output densely
     row["sparse_step1_vs_dense_rel"] = rel(s1, dense)
     row["density"] = summ.get("mean_density_sparse")
     row["calls"] = summ.get("calls")
 
-    unsparsify_xfuser(xd)
+    unsparsify(xd)
     back = fwd(xd)
     row["unsparsified_equal"] = bool(torch.equal(back, ref))
     finite = all(torch.isfinite(x).all().item() for x in (ref, dense, s0, s1))

@@ -1,20 +1,20 @@
-"""The integration core shared by every way our attention is installed in a video DiT.
+"""The one installer mechanism: every way our attention enters a video DiT is an :class:`IntegrationHandle`.
 
 :func:`~dist_compact.integrations.diffusers.sparsify` (stream hooks, our sharding),
 :func:`~dist_compact.integrations.diffusers_backend.set_sparse_backend` (diffusers' own attention
 processors and context parallelism) and :func:`~dist_compact.integrations.xfuser.sparsify_xfuser`
-(xDiT's USP) differ in how the tokens reach the attention; what they share is here:
+(xDiT's USP) differ only in how the tokens reach the attention. What a model is comes from its
+adapter (:mod:`dist_compact.models.adapters`); what every install shares is here:
 
-* :class:`DenoisingState` - the step the next forward belongs to, and :func:`handle_state`;
-* :class:`IntegrationHandle` - the base of every handle: the per-layout attention objects (LRU,
-  :data:`MAX_LAYOUTS`), the hooks and replaced processors, and their removal (:func:`remove_handle`);
-* :func:`checked_install` - the checks and defaults of every install (sparsity config, backend,
-  state, layer / head counts, head size, Compact config, tile, stats); :func:`model_kind`;
-* :func:`latent_grid`, :func:`text_lengths`, :func:`forward_inputs` - what a forward pre-hook reads
-  from the transformer's arguments (:func:`get_arg`, :func:`replace_arg`); :func:`default_tile`;
-* :func:`hunyuan_qkv` - HunyuanVideo's joint q, k, v (both block types), the stock processor's steps.
+* :class:`DenoisingState` - the step the next forward belongs to;
+* :class:`IntegrationHandle` - the base of every handle: the checks of an install
+  (:meth:`IntegrationHandle.checked`), the per-layout attention objects (LRU, :data:`MAX_LAYOUTS`),
+  the layouts and contexts of a forward, the attention call of a layer (:meth:`~IntegrationHandle.attend`),
+  the stream to and from block order, the hooks and replaced processors, and their removal;
+* :func:`install`, :func:`installed`, :func:`denoising_state`, :func:`unsparsify` - attach a handle to a
+  transformer (one at a time), find it, read its step state, remove it: the same for every install.
 
-diffusers is imported only when a diffusers model is passed (:func:`diffusers_module`).
+diffusers is imported only when a diffusers model is passed.
 """
 
 from __future__ import annotations
@@ -27,44 +27,35 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .._util import cdiv, is_int
-from ..sparsity.config import SparsityConfig
-from ..extras import require
 from ..layout import VideoLayout
+from ..models.adapters import ModelAdapter
+from ..ops import SUPPORTED_HEAD_DIMS
+from ..sparsity.attention import build_attention
+from ..sparsity.attention_ops import AttentionOps
+from ..sparsity.config import SparsityConfig
+from ..sparsity.context import AttentionContext, AttentionLayer
+from ..stats import AttentionStats
 
 __all__ = [
     "MAX_LAYOUTS",
     "DEFAULT_TILES",
-    "SUPPORTED_MODELS",
     "DenoisingState",
     "IntegrationHandle",
-    "diffusers_module",
     "default_tile",
-    "replace_arg",
-    "get_arg",
     "lru",
-    "new_attentions",
-    "model_kind",
-    "latent_grid",
-    "text_lengths",
-    "forward_inputs",
-    "checked_install",
-    "handle_state",
-    "remove_handle",
-    "hunyuan_qkv",
+    "install",
+    "installed",
+    "denoising_state",
+    "unsparsify",
 ]
 
-#: Model classes :func:`~dist_compact.integrations.diffusers.sparsify` knows (diffusers' class names,
-#: and the embedded model).
-SUPPORTED_MODELS = ("WanTransformer3DModel", "HunyuanVideoTransformer3DModel", "EmbeddedDiT")
 #: Distinct layouts kept with their own attention objects (LRU).
 MAX_LAYOUTS = 4
 #: Tiles of 128 tokens (the kernel's fastest block size, see BENCHMARKS.md) tried by default_tile,
 #: in order of preference at equal padding (compact tiles first: windows stay round).
 DEFAULT_TILES = ((2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4))
-
-def diffusers_module():
-    return require("diffusers", "diffusers", "dist_compact.integrations.diffusers")
-
+#: The transformer attribute an installed handle lives under (a plain attribute, not a submodule).
+ATTR = "_dist_compact"
 
 
 def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
@@ -79,7 +70,6 @@ def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
         return (cdiv(T, t[0]) * t[0]) * (cdiv(H, t[1]) * t[1]) * (cdiv(W, t[2]) * t[2])
 
     return min(DEFAULT_TILES, key=padded)
-
 
 
 @dataclass
@@ -119,24 +109,6 @@ class DenoisingState:
             )
 
 
-
-def replace_arg(args: tuple, kwargs: dict, index: int, name: str, fn: Callable) -> Tuple[tuple, dict]:
-    """Apply ``fn`` to the argument given positionally at ``index`` or as ``name=``."""
-    if len(args) > index:
-        args = args[:index] + (fn(args[index]),) + args[index + 1:]
-    elif name in kwargs:
-        kwargs = dict(kwargs, **{name: fn(kwargs[name])})
-    else:
-        raise ValueError(f"dist_compact hook: argument {name!r} not found in the call")
-    return args, kwargs
-
-
-def get_arg(args: tuple, kwargs: dict, index: int, name: str, default=None):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
 def lru(cache: "OrderedDict", key, build: Callable, limit: int):
     """``cache[key]``, built by ``build()`` on a miss; the least recently used beyond ``limit`` go."""
     val = cache.get(key)
@@ -149,104 +121,282 @@ def lru(cache: "OrderedDict", key, build: Callable, limit: int):
     return val
 
 
+@dataclass
+class _Group:
+    """Samples of one forward that share a layout (one attention call per layer)."""
+
+    layout: VideoLayout
+    ctx: AttentionContext
+    attns: List[Callable]
+    samples: Optional[torch.Tensor]  # int64 batch indices, None = the whole batch
+
+
+@dataclass
+class _Forward:
+    """What the hooks computed for the forward in progress."""
+
+    stream_layout: VideoLayout  # the token stream's block order and shards (text in it only if in the stream)
+    groups: List[_Group]
+
+
+# ---------------------------------------------------------------------------------------------- handle
+class IntegrationHandle:
+    """What one install put on one transformer (subclasses: one per install function).
+
+    Attributes:
+        model: the transformer; adapter: its :class:`~dist_compact.models.adapters.ModelAdapter`.
+        num_layers, num_heads, head_dim: the attention layers we run, their heads and head size.
+        sparsity, compact, tile, state, stats, attention_factory, backend: as given to the install
+            (``tile`` None = :func:`default_tile` per grid).
+        sp: this rank's sequence-parallel plan, or None (one process, or the framework shards).
+        ops: this rank's :class:`~dist_compact.sparsity.attention_ops.AttentionOps`.
+        layout: the global layout of the last forward (its first sample group), or None.
+    """
+
+    WHO = "install"
+
+    def __init__(self, model, adapter: ModelAdapter, *, sparsity: SparsityConfig, compact, tile,
+                 state: "DenoisingState", stats, backend: str = "auto", sp=None,
+                 attention_factory: Optional[Callable] = None, ops: Optional[AttentionOps] = None):
+        self.model = model
+        self.adapter = adapter
+        self.num_layers, self.num_heads, self.head_dim = adapter.num_layers, adapter.num_heads, adapter.head_dim
+        self.sparsity = sparsity
+        self.compact = compact
+        self.tile = None if tile is None else tuple(tile)
+        self.state = state
+        self.stats = stats
+        self.backend = backend
+        self.sp = sp
+        self.ops = ops if ops is not None else AttentionOps(backend)
+        self.attention_factory = attention_factory
+        self.layout: Optional[VideoLayout] = None
+        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
+        # one layout instance per (grid, text tokens): its maps and their device copies (validated
+        # once by the kernels) are built once, not at every forward
+        self._layouts: "OrderedDict[Tuple, VideoLayout]" = OrderedDict()
+        self._fwd: Optional[_Forward] = None
+        self._hooks: List[Any] = []
+        self._restore: List[Tuple[Any, Any]] = []  # (module, original processor)
+
+    @property
+    def kind(self) -> str:
+        """The model family's one name (the adapter's)."""
+        return self.adapter.name
+
+    # ------------------------------------------------------------------ the checks of every install
+    @staticmethod
+    def checked(who: str, adapter: ModelAdapter, sparsity_config, backend: str, state, compact, tile, stats):
+        """The checks and defaults every install shares (``who`` prefixes the errors): returns ``(sparsity,
+        state, compact, tile, stats)`` with the Compact pattern resolved (Compact modes), the tile from it
+        unless given, a bad tile refused now, fresh state / stats."""
+        sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
+        if not isinstance(sparsity, SparsityConfig):
+            raise TypeError(f"{who}: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"{who}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if state is None:
+            state = DenoisingState()
+        if not isinstance(state, DenoisingState):
+            raise TypeError(f"{who}: state must be a DenoisingState, got {type(state).__name__}")
+        adapter.check(who)
+        if adapter.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"{who}: head_dim {adapter.head_dim} of {type(adapter.model).__name__} is not supported "
+                             f"by the kernels ({SUPPORTED_HEAD_DIMS})")
+        if sparsity.uses_compact:
+            compact = _resolve_compact(sparsity, compact, adapter.num_layers, adapter.num_heads)
+        if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
+            tile = tuple(compact.tile)  # the tile a Compact config was searched with (optional in the protocol)
+        if tile is not None:
+            tile = tuple(tile)
+            VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
+        return sparsity, state, compact, tile, (stats if stats is not None else AttentionStats())
+
+    # ------------------------------------------------------------------ attention objects
+    def attentions(self, layout: VideoLayout) -> List[Callable]:
+        """The per-layer attention callables for ``layout`` (built on first use, LRU-bounded)."""
+        return lru(self._bank, layout, self._build_attentions, MAX_LAYOUTS)
+
+    def _build_attentions(self) -> List[Callable]:
+        return new_attentions(self, self.sp)
+
+    def reset(self) -> None:
+        """Drop every cached attention object (indices, LSE), e.g. between videos of different prompts."""
+        self._bank.clear()
+        self._layouts.clear()
+
+    def cache_nbytes(self) -> int:
+        """Bytes held by the attention layers' caches (indices, LSE), all layouts together."""
+        return sum(a.cache_nbytes() for attns in self._bank.values() for a in attns if isinstance(a, AttentionLayer))
+
+    # ------------------------------------------------------------------ per forward
+    def layout_of(self, grid: Tuple[int, int, int], text_tokens: int = 0) -> VideoLayout:
+        """The global layout of ``grid`` with ``text_tokens`` text tokens after the video (cached)."""
+        def build() -> VideoLayout:
+            if text_tokens:
+                return self.layout_of(grid).with_(text_tokens=text_tokens, text_position="after")
+            tile = self.tile if self.tile is not None else default_tile(grid)
+            layout = VideoLayout(*grid, tile=tuple(tile))
+            return self.sp.layout_for(layout) if self.sp is not None else layout
+
+        return lru(self._layouts, (tuple(grid), text_tokens), build, 2 * MAX_LAYOUTS)
+
+    def context(self, layout: VideoLayout) -> AttentionContext:
+        """The :class:`AttentionContext` of a forward at the state's step."""
+        self.state.check()
+        return AttentionContext(layout=layout, step=self.state.step, num_steps=self.state.num_steps,
+                                ops=self.ops, stats=self.stats)
+
+    def begin(self, grid: Tuple[int, int, int], text_lengths: Optional[List[int]] = None, device=None) -> None:
+        """Layouts and contexts of one forward: one sample group per distinct prompt length
+        (``text_lengths`` None: no text tokens in the attention); ``device`` holds the batch."""
+        lengths = text_lengths if text_lengths is not None else [0]
+        distinct = sorted(set(lengths))
+        groups: List[_Group] = []
+        for n in distinct:
+            lay = self.layout_of(grid, n)
+            samples = None
+            if len(distinct) > 1:  # made once per forward on the batch's device, used by every layer
+                samples = torch.tensor([b for b, m in enumerate(lengths) if m == n], dtype=torch.int64,
+                                       device=device)
+            groups.append(_Group(lay, self.context(lay), self.attentions(lay), samples))
+        stream = groups[0].layout if self.adapter.text_in_stream else self.layout_of(grid)
+        self._fwd = _Forward(stream, groups)
+        self.layout = groups[0].layout
+
+    def current(self) -> _Forward:
+        if self._fwd is None:
+            raise RuntimeError(
+                "dist_compact: an attention processor ran outside a hooked transformer forward; call the "
+                "transformer itself (its hooks set the layout), not one of its blocks"
+            )
+        return self._fwd
+
+    def end(self) -> None:
+        self._fwd = None
+
+    # ------------------------------------------------------------------ the attention call
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               video_len: int, text_len: int = 0) -> torch.Tensor:
+        """Attention of this rank's tokens ``[B, video_len + text_len, H, D]`` (video shard in block
+        order, then the ``text_len`` prompt tokens in model order, valid ones first; a model whose
+        prompt is in the stream hands its whole block-order stream as ``video_len``) -> same shape.
+        Prompt tokens past a sample's valid length get zeros."""
+        fwd = self.current()
+        if len(fwd.groups) == 1:  # the whole batch (samples is None)
+            return self._attend_group(fwd.groups[0], layer, q, k, v, video_len, text_len)
+        out = torch.zeros_like(q)
+        for g in fwd.groups:
+            idx = g.samples
+            o = self._attend_group(g, layer, q.index_select(0, idx), k.index_select(0, idx),
+                                   v.index_select(0, idx), video_len, text_len)
+            out.index_copy_(0, idx, o)
+        return out
+
+    def _attend_group(self, g: _Group, layer: int, q, k, v, video_len: int, text_len: int) -> torch.Tensor:
+        layout = g.layout
+        n_txt = layout.text_tokens
+        if self.adapter.text_in_stream or (n_txt == 0 and text_len == 0):
+            return g.attns[layer](q, k, v, g.ctx)
+        pad = layout.num_text_blocks * layout.block_size - n_txt
+
+        def to_local(x):
+            # this rank's video blocks, then the valid prompt tokens padded to whole text blocks
+            parts = [x[:, :video_len], x[:, video_len:video_len + n_txt]]
+            if pad:
+                parts.append(x.new_zeros(x.shape[0], pad, *x.shape[2:]))
+            return torch.cat(parts, dim=1)
+
+        o = g.attns[layer](to_local(q), to_local(k), to_local(v), g.ctx)
+        parts = [o[:, :video_len + n_txt]]
+        if text_len > n_txt:
+            parts.append(o.new_zeros(o.shape[0], text_len - n_txt, *o.shape[2:]))
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ the token stream
+    def to_stream(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Model-order tokens -> this rank's block-order shard (along ``dim``)."""
+        lay = self.current().stream_layout
+        if x.shape[dim] != lay.seq_len:
+            raise RuntimeError(
+                f"dist_compact: expected {lay.seq_len} tokens along dim {dim} for {lay}, got "
+                f"{tuple(x.shape)} (was the stream permuted twice?)"
+            )
+        x = lay.to_blocks(x, dim=dim)
+        return self.sp.shard(x, lay, dim=dim) if self.sp is not None else x
+
+    def from_stream(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's block-order shard -> every rank's whole sequence in model order."""
+        lay = self.current().stream_layout
+        if self.sp is not None:
+            x = self.sp.gather(x, lay, dim=dim)
+        return lay.from_blocks(x, dim=dim)
+
+    # ------------------------------------------------------------------ hooks and processors
+    def hook_forward(self, stream: bool) -> None:
+        """The transformer's pre-hook (the forward's layouts, from the adapter's view of its
+        arguments) and post-hook; with ``stream`` the adapter's stream hooks too."""
+        model, adapter = self.model, self.adapter
+
+        def pre_forward(module, args, kwargs):
+            hs, grid, lengths = adapter.forward_inputs(args, kwargs, self.WHO)
+            self.check_forward(grid)
+            self.begin(grid, lengths, hs.device)
+            return adapter.on_begin(self, args, kwargs) if stream else (args, kwargs)
+
+        def post_forward(module, args, output):
+            self.end()
+            return output
+
+        self._hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+        self._hooks.append(model.register_forward_hook(post_forward))
+        if stream:
+            self._hooks.extend(adapter.stream_hooks(self))
+
+    def check_forward(self, grid: Tuple[int, int, int]) -> None:
+        """A forward's grid refused before any work (default: every grid runs)."""
+
+    def set_processors(self, make: Callable[[int], Any]) -> List[Any]:
+        """Replace the adapter's attention modules' processors with ``make(layer)``; returns them."""
+        procs = []
+        for layer, mod in enumerate(self.adapter.attention_modules()):
+            proc = make(layer)
+            self._restore.append((mod, mod.processor))
+            self._put_back(mod, proc)
+            procs.append(proc)
+        return procs
+
+    def _put_back(self, module, processor) -> None:
+        module.set_processor(processor)
+
+    def remove(self) -> None:
+        """Undo the install: hooks removed, the original processors back, the handle detached."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for module, proc in self._restore:
+            self._put_back(module, proc)
+        self._restore.clear()
+        self.reset()
+        self._fwd = None
+        if self.model is not None and installed(self.model) is self:
+            object.__delattr__(self.model, ATTR)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
+                f"mode={self.sparsity.mode!r}, sp={self.sp}, tile={self.tile})")
+
+
 def new_attentions(h, sp=None) -> List[Callable]:
     """Per-layer attention callables of handle ``h`` (its ``attention_factory`` or ``build_attention``,
     ``sparsity``, ``compact``, ``num_layers``) under the sequence-parallel plan ``sp`` (None: none).
     """
-    # imported on first use: ``import dist_compact`` does not load the sparse attention and its search
-    from ..sparsity.attention import build_attention
-
     factory = h.attention_factory or build_attention
     compact = h.compact if h.sparsity.uses_compact else None
     attns = list(factory(h.num_layers, h.sparsity, compact, sp))
     if len(attns) != h.num_layers:
         raise ValueError(f"attention factory gave {len(attns)} callables for {h.num_layers} layers")
     return attns
-
-
-
-def model_kind(model) -> str:
-    name = type(model).__name__
-    from ..models.embedded import EmbeddedDiT
-
-    if isinstance(model, EmbeddedDiT):
-        return "embedded"
-    diffusers = diffusers_module()
-    if isinstance(model, diffusers.WanTransformer3DModel) and name == "WanTransformer3DModel":
-        return "wan"
-    if isinstance(model, diffusers.HunyuanVideoTransformer3DModel) and name == "HunyuanVideoTransformer3DModel":
-        return "hunyuan_video"
-    raise TypeError(f"sparsify: unsupported model {name}; supported: {', '.join(SUPPORTED_MODELS)}")
-
-
-def latent_grid(cfg, kind: str, hidden_states: torch.Tensor, who: str = "sparsify") -> Tuple[int, int, int]:
-    """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the patch size of ``cfg`` (the
-    model's config; ``kind`` "wan" or "hunyuan_video"); ``who`` prefixes the errors."""
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
-        got = tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor) else type(hidden_states).__name__
-        raise ValueError(f"{who}: hidden_states must be [batch, channels, frames, height, width], got {got}")
-    if kind == "wan":
-        pt, ph, pw = cfg.patch_size
-    else:
-        pt, ph, pw = cfg.patch_size_t, cfg.patch_size, cfg.patch_size
-    _, _, F, H, W = hidden_states.shape
-    # the patch-embedding convolution drops a remainder, and so does the grid
-    grid = (F // pt, H // ph, W // pw)
-    if min(grid) < 1:
-        raise ValueError(f"{who}: latents {tuple(hidden_states.shape)} are smaller than the patch ({pt}, {ph}, {pw})")
-    return grid
-
-
-def text_lengths(mask: Optional[torch.Tensor], batch: int, text_len: int) -> List[int]:
-    if mask is None:
-        return [text_len] * batch
-    if mask.dim() != 2 or mask.shape != (batch, text_len):
-        raise ValueError(f"sparsify: encoder_attention_mask must be [batch, text_len] = [{batch}, {text_len}], "
-                         f"got {tuple(mask.shape)}")
-    # the stock model keeps the first sum(mask) prompt tokens of each sample (valid tokens first)
-    return [int(n) for n in mask.sum(dim=1, dtype=torch.int64).tolist()]
-
-
-
-def checked_install(who: str, transformer, kind: str, sparsity_config, backend: str, state, compact, tile, stats):
-    """The checks and defaults every install shares (``who`` prefixes the errors): returns ``(sparsity,
-    state, num_layers, num_heads, head_dim, compact, tile, stats)`` with the Compact pattern resolved
-    (Compact modes), the tile from it unless given, a bad tile refused now, fresh state / stats."""
-    sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
-    if not isinstance(sparsity, SparsityConfig):
-        raise TypeError(f"{who}: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"{who}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if state is None:
-        state = DenoisingState()
-    if not isinstance(state, DenoisingState):
-        raise TypeError(f"{who}: state must be a DenoisingState, got {type(state).__name__}")
-    cfg = transformer.config
-    if kind == "embedded":
-        num_layers, num_heads, head_dim = cfg.depth, cfg.heads, cfg.head_dim
-    else:
-        num_heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
-        num_layers = cfg.num_layers + (cfg.num_single_layers if kind == "hunyuan_video" else 0)
-        if kind == "hunyuan_video" and getattr(cfg, "image_condition_type", None) == "token_replace":
-            raise ValueError(f"{who}: HunyuanVideo with image_condition_type='token_replace' addresses the "
-                             "first frame's tokens by position, which block order moves; not supported")
-    from ..ops import SUPPORTED_HEAD_DIMS
-
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"{who}: head_dim {head_dim} of {type(transformer).__name__} is not supported by the "
-                         f"kernels ({SUPPORTED_HEAD_DIMS})")
-    if sparsity.uses_compact:
-        compact = _resolve_compact(sparsity, compact, num_layers, num_heads)
-    if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
-        tile = tuple(compact.tile)
-    if tile is not None:
-        tile = tuple(tile)
-        VideoLayout(1, 1, 1, tile=tile)  # one clear error for a bad tile, now rather than at the first forward
-    if stats is None:
-        from ..stats import AttentionStats
-
-        stats = AttentionStats()
-    return sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats
 
 
 def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
@@ -262,126 +412,37 @@ def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_hea
     return compact
 
 
-
-def handle_state(transformer, handle, install: str) -> DenoisingState:
-    """``handle.state``; a ValueError naming the ``install`` function when ``handle`` is None."""
-    if handle is None:
-        raise ValueError(f"{type(transformer).__name__} is not sparsified (call {install} first)")
-    return handle.state
-
-
-def remove_handle(transformer, handle):
-    """``handle.remove()`` unless it is None; returns ``transformer``."""
-    if handle is not None:
-        handle.remove()
+# ---------------------------------------------------------------------------------------------- attach
+def install(transformer, handle: IntegrationHandle):
+    """Attach ``handle`` to ``transformer`` after removing a handle of the same install; a handle of
+    another install is an error (remove it first with :func:`unsparsify`). Returns ``transformer``."""
+    old = installed(transformer)
+    if old is not None:
+        if type(old) is not type(handle):
+            raise ValueError(f"{handle.WHO}: {type(transformer).__name__} already has {type(old).__name__} "
+                             "installed; remove it first with dist_compact.unsparsify(model)")
+        old.remove()
+    object.__setattr__(transformer, ATTR, handle)  # a plain attribute, not a submodule
     return transformer
 
 
-def forward_inputs(model, kind: str, args: tuple, kwargs: dict, who: str):
-    """``(hidden_states, grid, text lengths)`` of a transformer forward's arguments (a pre-hook's
-    view): the latent token grid, and HunyuanVideo's valid prompt length per sample (None for Wan)."""
-    hs = get_arg(args, kwargs, 0, "hidden_states")
-    grid = latent_grid(model.config, kind, hs, who)
-    lengths = None
-    if kind == "hunyuan_video":
-        enc = get_arg(args, kwargs, 2, "encoder_hidden_states")
-        mask = get_arg(args, kwargs, 3, "encoder_attention_mask")
-        lengths = text_lengths(mask, hs.shape[0], enc.shape[1])
-    return hs, grid, lengths
+def installed(transformer) -> Optional[IntegrationHandle]:
+    """The handle of whatever install put our attention on ``transformer``, or None."""
+    return transformer.__dict__.get(ATTR)
 
 
-# ---------------------------------------------------------------------------------------------- handle
-class IntegrationHandle:
-    """What one install put on one transformer (subclasses: one per install function).
-
-    Attributes:
-        ATTR: the transformer attribute the handle lives under (a plain attribute, not a submodule).
-        kind: ``"wan"``, ``"hunyuan_video"`` or ``"embedded"``.
-        num_layers, num_heads, head_dim: the attention layers we run, their heads and head size.
-        sparsity, compact, tile, state, stats, attention_factory: as given to the install
-            (``tile`` None = :func:`default_tile` per grid).
-        layout: the global layout of the last forward, or None.
-    """
-
-    ATTR = ""
-
-    def __init__(self, model, kind: str, *, num_layers: int, num_heads: int, head_dim: int,
-                 sparsity: SparsityConfig, compact, tile, state: DenoisingState, stats,
-                 attention_factory: Optional[Callable] = None):
-        self.model = model
-        self.kind = kind
-        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
-        self.sparsity = sparsity
-        self.compact = compact
-        self.tile = None if tile is None else tuple(tile)
-        self.state = state
-        self.stats = stats
-        self.attention_factory = attention_factory
-        self.layout: Optional[VideoLayout] = None
-        self._bank: "OrderedDict[VideoLayout, List[Callable]]" = OrderedDict()
-        self._hooks: List[Any] = []
-        self._restore: List[Tuple[Any, Any]] = []  # (module, original processor)
-
-    def attentions(self, layout: VideoLayout) -> List[Callable]:
-        """The per-layer attention callables for ``layout`` (built on first use, LRU-bounded)."""
-        return lru(self._bank, layout, self._build_attentions, MAX_LAYOUTS)
-
-    def _build_attentions(self) -> List[Callable]:
-        return new_attentions(self, None)
-
-    def reset(self) -> None:
-        """Drop every cached attention object (indices, LSE), e.g. between videos of different prompts."""
-        self._bank.clear()
-
-    def _put_back(self, module, processor) -> None:
-        module.set_processor(processor)
-
-    def remove(self) -> None:
-        """Undo the install: hooks removed, the original processors back, the handle detached."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-        for module, proc in self._restore:
-            self._put_back(module, proc)
-        self._restore.clear()
-        self.reset()
-        if self.model is not None and getattr(self.model, self.ATTR, None) is self:
-            object.__delattr__(self.model, self.ATTR)
+def denoising_state(transformer) -> DenoisingState:
+    """The :class:`DenoisingState` an installed transformer reads its step from."""
+    h = installed(transformer)
+    if h is None:
+        raise ValueError(f"{type(transformer).__name__} has no dist_compact attention installed (call sparsify, "
+                         "set_sparse_backend or sparsify_xfuser first)")
+    return h.state
 
 
-# ---------------------------------------------------------------------------------------------- HunyuanVideo
-def hunyuan_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
-                image_rotary_emb) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v ``[B, V + L, heads, head_dim]`` of HunyuanVideo's joint attention, as its stock
-    processor computes them: the video tokens ``hidden_states [B, V, C]`` then the prompt tokens
-    ``encoder_hidden_states [B, L, C]`` (None: video only).
-
-    Single-stream blocks (no ``add_q_proj``) project video and prompt together; dual-stream blocks
-    project the prompt with the ``add_*`` projections. The rotary embedding goes to the video
-    tokens only; the norms act on the head dimension.
-    """
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    video_len = hidden_states.shape[1]
-    joint_inputs = attn.add_q_proj is None and encoder_hidden_states is not None
-    if joint_inputs:  # single-stream block: one projection for video and text
-        hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-
-    def heads(proj, x, norm=None):
-        y = proj(x).unflatten(2, (attn.heads, -1))
-        return y if norm is None else norm(y)
-
-    query = heads(attn.to_q, hidden_states, attn.norm_q)
-    key = heads(attn.to_k, hidden_states, attn.norm_k)
-    value = heads(attn.to_v, hidden_states)
-    if image_rotary_emb is not None:  # the video tokens only
-        def rope(x):
-            vid = apply_rotary_emb(x[:, :video_len], image_rotary_emb, sequence_dim=1)
-            return torch.cat([vid, x[:, video_len:]], dim=1) if joint_inputs else vid
-
-        query, key = rope(query), rope(key)
-    if attn.add_q_proj is not None and encoder_hidden_states is not None:
-        query = torch.cat([query, heads(attn.add_q_proj, encoder_hidden_states, attn.norm_added_q)], dim=1)
-        key = torch.cat([key, heads(attn.add_k_proj, encoder_hidden_states, attn.norm_added_k)], dim=1)
-        value = torch.cat([value, heads(attn.add_v_proj, encoder_hidden_states)], dim=1)
-    return query, key, value
+def unsparsify(transformer):
+    """Remove whatever install put our attention on ``transformer`` (stock processors back); returns it."""
+    h = installed(transformer)
+    if h is not None:
+        h.remove()
+    return transformer

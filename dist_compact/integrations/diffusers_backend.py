@@ -2,16 +2,17 @@
 
 ::
 
+    from dist_compact import SparsityConfig, denoising_state
     from dist_compact.integrations.diffusers_backend import set_sparse_backend
     pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
     set_sparse_backend(pipe.transformer, SparsityConfig(mode="adaspa", sparsity=0.8))
     # optional, under torchrun: diffusers' own context parallelism, before or after the line above
     pipe.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ring_degree=2))
-    state = sparse_backend_state(pipe.transformer); state.begin(50)
+    state = denoising_state(pipe.transformer); state.begin(50)
     video = pipe(prompt, num_inference_steps=50, callback_on_step_end=state.on_step_end).frames[0]
 
-HunyuanVideo has no ``_cp_plan`` in diffusers 0.42.1: pass ours,
-``enable_parallelism(config=..., cp_plan=hunyuan_video_cp_plan())``.
+HunyuanVideo has no ``_cp_plan`` in diffusers 0.42.1: pass the adapter's,
+``enable_parallelism(config=..., cp_plan=cp_plan(pipe.transformer))``.
 
 What diffusers 0.42.1 allows (read from ``models/attention_dispatch.py``, ``models/modeling_utils.py``,
 ``models/_modeling_parallel.py``, ``hooks/context_parallel.py``):
@@ -56,7 +57,7 @@ attention call maps the sequence it gets to our block order:
   LSE of the ring group, so a cut tile gets the mass of all its tokens on both ranks (the same
   selection), and per-head statistics count it once (on the rank holding its first token).
 
-HunyuanVideo's prompt tokens are NOT split (:func:`hunyuan_video_cp_plan`): every rank holds all of
+HunyuanVideo's prompt tokens are NOT split (:func:`cp_plan`, the adapter's): every rank holds all of
 them; their queries attend every key, they are keys of every video query, and in a ring they are
 keys only of the local step (each query sees them once).
 
@@ -90,17 +91,13 @@ from ..layout import VideoLayout
 from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
-from .core import (MAX_LAYOUTS, DenoisingState, checked_install, forward_inputs, handle_state, lru, model_kind,
-                   new_attentions, remove_handle)
-from .diffusers import HunyuanVideoSparseAttnProcessor, SparsifyHandle, WanSparseAttnProcessor, sparsify_handle
+from ..models.adapters import adapter_for
+from .core import MAX_LAYOUTS, DenoisingState, IntegrationHandle, install, lru, new_attentions
 
 __all__ = [
     "set_sparse_backend",
-    "unset_sparse_backend",
-    "sparse_backend_handle",
-    "sparse_backend_state",
-    "hunyuan_video_cp_plan",
     "BackendHandle",
+    "cp_plan",
     "ChunkRingOps",
     "ChunkGeometry",
 ]
@@ -120,23 +117,10 @@ def _ring_attention_class():
     return attention_dispatch.TemplatedRingAttention
 
 
-def hunyuan_video_cp_plan() -> Dict:
-    """A ``_cp_plan`` for diffusers' ``HunyuanVideoTransformer3DModel`` (it ships none in 0.42.1).
-
-    Splits the patchified video tokens (``x_embedder``'s output) and the rotary tables (``rope``'s
-    two outputs, ``[V, head_dim]``) into equal chunks, and gathers ``proj_out``'s output. The prompt
-    tokens stay whole on every rank (the stock model's text mask assumes that; our processors read
-    the valid lengths from ``encoder_attention_mask``). Only for :func:`set_sparse_backend`'s
-    processors: diffusers' stock processors would count the replicated prompt once per rank.
-    """
-    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
-
-    rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
-    return {
-        "x_embedder": {0: ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)},
-        "rope": {0: rope, 1: rope},
-        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
-    }
+def cp_plan(transformer) -> Optional[Dict]:
+    """The ``_cp_plan`` to pass to ``transformer.enable_parallelism(config=..., cp_plan=...)``: its
+    adapter's (HunyuanVideo ships none in diffusers 0.42.1), or None where the model has its own."""
+    return adapter_for(transformer, "cp_plan").cp_plan()
 
 
 def _context_config(parallel_config):
@@ -426,7 +410,7 @@ class _LayerAttention(AttentionLayer):
             raise RuntimeError(
                 f"dist_compact backend (layer {self.layer}): got {q.shape[1]} tokens, expected {vc} video tokens "
                 f"(1/{U * R} of {layout.video_tokens}) + {tp} prompt tokens; diffusers' cp plan must split the "
-                "video tokens only (HunyuanVideo: enable_parallelism(..., cp_plan=hunyuan_video_cp_plan()))")
+                "video tokens only (HunyuanVideo: enable_parallelism(..., cp_plan=cp_plan(transformer)))")
         ops = h.ops_for(layout, h.processors[self.layer]._parallel_config, q.device)
         ug = ops.groups.ulysses_group if U > 1 else None
         u = ops.groups.ulysses_rank if U > 1 else 0
@@ -449,15 +433,14 @@ class _LayerAttention(AttentionLayer):
 
 
 # ---------------------------------------------------------------------------------------------- handle
-class BackendHandle(SparsifyHandle):
-    """What :func:`set_sparse_backend` installed (``sparse_backend_handle(model)``).
+class BackendHandle(IntegrationHandle):
+    """What :func:`set_sparse_backend` installed (``dist_compact.integrations.installed(model)``).
 
-    A :class:`~dist_compact.integrations.diffusers.SparsifyHandle` without stream hooks: the model
-    keeps its token order and diffusers its sharding. ``processors``: our processor of each layer
-    (diffusers sets their ``_parallel_config``).
+    No stream hooks: the model keeps its token order and diffusers its sharding. ``processors``: our
+    processor of each layer (diffusers sets their ``_parallel_config``).
     """
 
-    ATTR = "_dist_compact_backend"
+    WHO = "set_sparse_backend"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -489,34 +472,8 @@ class BackendHandle(SparsifyHandle):
 
         return lru(self._ops, (layout, id(parallel_config), str(device)), build, 2 * MAX_LAYOUTS)
 
-    def reset(self) -> None:
-        super().reset()
-        self._ops.clear()
-        self._pos.clear()
-
-    def __repr__(self) -> str:
-        return (f"BackendHandle({self.kind}, layers={self.num_layers}, heads={self.num_heads}, "
-                f"mode={self.sparsity.mode!r}, tile={self.tile})")
-
-
-class _WanBackendProcessor(WanSparseAttnProcessor):
-    """Wan self-attention: stock q/k/v, our attention; diffusers' processor attributes."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-
-class _HunyuanBackendProcessor(HunyuanVideoSparseAttnProcessor):
-    """HunyuanVideo joint attention: stock q/k/v, our attention; diffusers' processor attributes."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-
-def _install(h: BackendHandle, model, kind: str) -> None:
-    def pre_forward(module, args, kwargs):
-        hs, grid, lengths = forward_inputs(model, kind, args, kwargs, "set_sparse_backend")
-        cp = _context_config(h.processors[0]._parallel_config)
+    def check_forward(self, grid: Tuple[int, int, int]) -> None:
+        cp = _context_config(self.processors[0]._parallel_config)
         if cp is not None:
             n = cp.ulysses_degree * cp.ring_degree
             V = grid[0] * grid[1] * grid[2]
@@ -524,28 +481,21 @@ def _install(h: BackendHandle, model, kind: str) -> None:
                 raise ValueError(f"set_sparse_backend: {V} video tokens {grid} do not split into "
                                  f"ulysses_degree * ring_degree = {n} equal chunks (diffusers' context parallelism "
                                  "needs that)")
-        h._begin(grid, lengths, hs.device)
-        return None
 
-    def post_forward(module, args, output):
-        h._end()
-        return output
+    def reset(self) -> None:
+        super().reset()
+        self._ops.clear()
+        self._pos.clear()
 
-    h._hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
-    h._hooks.append(model.register_forward_hook(post_forward))
-    if kind == "wan":
-        modules, cls = [blk.attn1 for blk in model.blocks], _WanBackendProcessor
-    else:
-        modules = [b.attn for b in model.transformer_blocks] + [b.attn for b in model.single_transformer_blocks]
-        cls = _HunyuanBackendProcessor
-    for layer, mod in enumerate(modules):
-        proc = cls(h, layer)
-        # enable_parallelism may have run first: keep what diffusers set on the stock processor
-        proc._parallel_config = getattr(mod.processor, "_parallel_config", None)
-        proc._attention_backend = getattr(mod.processor, "_attention_backend", None)
-        h._restore.append((mod, mod.processor))
-        mod.set_processor(proc)
-        h.processors.append(proc)
+
+def _backend_processor(h: BackendHandle, layer: int, stock):
+    """The adapter's processor of ``layer``, carrying diffusers' processor settings (``_attention_backend``,
+    ``_parallel_config``: what diffusers configures; ``enable_parallelism`` may have run first, so the
+    stock processor's are kept)."""
+    proc = h.adapter.processor(h, layer)
+    proc._parallel_config = getattr(stock, "_parallel_config", None)
+    proc._attention_backend = getattr(stock, "_attention_backend", None)
+    return proc
 
 
 def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = None, *, compact=None,
@@ -556,41 +506,24 @@ def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = 
     Args:
         transformer: diffusers' ``WanTransformer3DModel`` (Wan2.1 / 2.2) or
             ``HunyuanVideoTransformer3DModel``; with or without ``enable_parallelism`` (before or after
-            this call; HunyuanVideo with ``cp_plan=hunyuan_video_cp_plan()``).
+            this call; HunyuanVideo with ``cp_plan=cp_plan(transformer)``).
         sparsity_config, compact, tile, state, stats, backend, attention_factory: as
             :func:`dist_compact.integrations.diffusers.sparsify` (``attention_factory`` gets ``sp=None``).
+
+    :func:`dist_compact.unsparsify` puts the stock processors back (with diffusers' settings).
 
     The outputs equal :func:`~dist_compact.integrations.diffusers.sparsify`'s for the same config
     (the same per-layer state), on one process and under diffusers' context parallelism.
     """
-    kind = model_kind(transformer)
-    if kind == "embedded":
+    adapter = adapter_for(transformer, "set_sparse_backend")
+    if adapter.name == "embedded":
         raise TypeError("set_sparse_backend: the embedded model has no diffusers attention processors; use sparsify")
-    if sparsify_handle(transformer) is not None:
-        raise ValueError("set_sparse_backend: the transformer is already sparsified (call unsparsify first)")
-    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = checked_install(
-        "set_sparse_backend", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
-    old = sparse_backend_handle(transformer)
-    if old is not None:
-        old.remove()
-    h = BackendHandle(transformer, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
-                      sparsity=sparsity, compact=compact, sp=None, tile=tile, state=state, stats=stats,
+    sparsity, state, compact, tile, stats = BackendHandle.checked(
+        "set_sparse_backend", adapter, sparsity_config, backend, state, compact, tile, stats)
+    h = BackendHandle(transformer, adapter, sparsity=sparsity, compact=compact, tile=tile, state=state, stats=stats,
                       backend=backend, attention_factory=attention_factory)
-    _install(h, transformer, kind)
-    object.__setattr__(transformer, h.ATTR, h)
+    install(transformer, h)
+    h.hook_forward(stream=False)
+    stock = [mod.processor for mod in adapter.attention_modules()]
+    h.processors = h.set_processors(lambda layer: _backend_processor(h, layer, stock[layer]))
     return transformer
-
-
-def sparse_backend_handle(transformer) -> Optional[BackendHandle]:
-    """The :class:`BackendHandle` of a transformer given :func:`set_sparse_backend`, or None."""
-    return getattr(transformer, BackendHandle.ATTR, None)
-
-
-def sparse_backend_state(transformer) -> DenoisingState:
-    """The :class:`DenoisingState` the transformer's backend reads its step from."""
-    return handle_state(transformer, sparse_backend_handle(transformer), "set_sparse_backend")
-
-
-def unset_sparse_backend(transformer):
-    """Put the stock processors back (with diffusers' settings) and remove the hooks; returns it."""
-    return remove_handle(transformer, sparse_backend_handle(transformer))

@@ -93,8 +93,9 @@ from ..sparsity.attention_ops import AttentionOps
 from ..sparsity.config import SparsityConfig
 from ..extras import install_hint
 from ..layout import VideoLayout
-from .core import (MAX_LAYOUTS, DenoisingState, IntegrationHandle, checked_install, default_tile, handle_state,
-                   hunyuan_qkv, latent_grid, lru, remove_handle)
+from ..models.adapters import HunyuanVideoAdapter, ModelAdapter, WanAdapter
+from ..models.adapters.hunyuan_video import hunyuan_qkv
+from .core import MAX_LAYOUTS, DenoisingState, IntegrationHandle, default_tile, install, lru
 
 __all__ = [
     "BACKEND_KEY",
@@ -105,9 +106,6 @@ __all__ = [
     "xdit_attention",
     "register_backend",
     "sparsify_xfuser",
-    "unsparsify_xfuser",
-    "xfuser_handle",
-    "denoising_state",
     "xfuser_transformer",
 ]
 
@@ -277,13 +275,9 @@ def _to_blocks(x: torch.Tensor, take: Union[int, torch.Tensor], dst: torch.Tenso
 
 # ---------------------------------------------------------------------------------------------- handle
 class XfuserHandle(IntegrationHandle):
-    """What :func:`sparsify_xfuser` installed on one transformer (``xfuser_handle(model)``).
+    """What :func:`sparsify_xfuser` installed on one transformer (``dist_compact.integrations.installed(model)``).
 
-    Attributes:
-        ATTR: the transformer attribute the handle lives under.
-        kind: ``"wan"`` or ``"hunyuan_video"``.
-        num_layers, num_heads, head_dim: the attention layers we run (Wan: ``blocks[i].attn1``;
-            HunyuanVideo: dual-stream then single-stream blocks, as :mod:`.diffusers`).
+    Attributes (besides :class:`~dist_compact.integrations.core.IntegrationHandle`'s):
         ops: the :class:`AttentionOps` of this rank (``UlyssesOps`` on xDiT's Ulysses group when
             ``P > 1``).
         world: the Ulysses degree ``P``.
@@ -291,19 +285,16 @@ class XfuserHandle(IntegrationHandle):
         layout: the layout of the last attention call.
     """
 
-    ATTR = "_dist_compact_xfuser"
+    WHO = "sparsify_xfuser"
 
-    def __init__(self, kind: str, *, num_layers: int, num_heads: int, head_dim: int, sparsity: SparsityConfig,
-                 compact=None, tile=None, state: Optional[DenoisingState] = None, stats=None,
-                 ops: Optional[AttentionOps] = None, world: int = 1,
-                 attention_factory: Optional[Callable] = None):
-        if kind not in ("wan", "hunyuan_video"):
-            raise ValueError(f"XfuserHandle: kind must be 'wan' or 'hunyuan_video', got {kind!r}")
-        super().__init__(None, kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim,
-                         sparsity=sparsity, compact=compact, tile=tile,
+    def __init__(self, model, adapter: ModelAdapter, *, sparsity: SparsityConfig, compact=None, tile=None,
+                 state: Optional[DenoisingState] = None, stats=None, ops: Optional[AttentionOps] = None,
+                 world: int = 1, attention_factory: Optional[Callable] = None):
+        if adapter.name not in ("wan", "hunyuan_video"):
+            raise ValueError(f"XfuserHandle: the model must be Wan or HunyuanVideo, got {adapter.name!r}")
+        super().__init__(model, adapter, sparsity=sparsity, compact=compact, tile=tile,
                          state=state if state is not None else DenoisingState(), stats=stats,
-                         attention_factory=attention_factory)
-        self.ops = ops if ops is not None else AttentionOps("auto")
+                         attention_factory=attention_factory, ops=ops)
         self.world = world
         self.grid: Optional[Tuple[int, int, int]] = None
         # one plan (layout instance + gathers) per call shape: the layout's maps and their device
@@ -364,6 +355,12 @@ class XfuserHandle(IntegrationHandle):
     # ------------------------------------------------------------------ removal
     def _put_back(self, module, processor) -> None:
         module.processor = processor  # xDiT's processors are plain attributes
+
+    def begin(self, grid, text_lengths=None, device=None) -> None:
+        self.grid = tuple(grid)  # the layouts follow from each call's lengths (``_plan``)
+
+    def end(self) -> None:
+        self.grid = None
 
     def remove(self) -> None:
         super().remove()
@@ -456,23 +453,18 @@ class _HunyuanProcessor:
 
 
 # ---------------------------------------------------------------------------------------------- install
-def _kind(transformer) -> str:
-    """``"wan"`` / ``"hunyuan_video"`` for xDiT's wrappers (checked against xfuser's classes)."""
+def _adapter(transformer) -> ModelAdapter:
+    """The adapter of xDiT's wrappers (checked against xfuser's classes: they subclass diffusers' models)."""
     wan, hy = _xfuser_models()
     if isinstance(transformer, wan.xFuserWanTransformer3DWrapper):
-        return "wan"
+        return WanAdapter(transformer)
     if isinstance(transformer, hy.xFuserHunyuanVideoTransformer3DWrapper):
-        return "hunyuan_video"
+        return HunyuanVideoAdapter(transformer)
     raise TypeError(
         f"sparsify_xfuser: {type(transformer).__name__} is not xDiT's xFuserWanTransformer3DWrapper or "
         "xFuserHunyuanVideoTransformer3DWrapper (only those shard the sequence for USP); convert a diffusers "
         "model with dist_compact.integrations.xfuser.xfuser_transformer(model)"
     )
-
-
-def check_grid(kind: str, config, hidden_states: torch.Tensor) -> Tuple[int, int, int]:
-    """Latent token grid of ``hidden_states [B, C, F, H, W]`` under the model's patch size."""
-    return latent_grid(config, kind, hidden_states, "sparsify_xfuser")
 
 
 def _ops_for(num_heads: int, backend: str, ulysses_group=None):
@@ -513,66 +505,33 @@ def sparsify_xfuser(transformer, sparsity_config: Optional[SparsityConfig] = Non
         ulysses_group: the Ulysses process group (default xDiT's ``get_sp_group().ulysses_group``).
         attention_factory: ``factory(num_layers, sparsity, compact, None) -> [attn, ...]``.
     """
-    kind = _kind(transformer)
+    adapter = _adapter(transformer)
     _, _, xusp = _xfuser()
-    sparsity, state, num_layers, num_heads, head_dim, compact, tile, stats = checked_install(
-        "sparsify_xfuser", transformer, kind, sparsity_config, backend, state, compact, tile, stats)
-    cfg = transformer.config
-    ops, world = _ops_for(num_heads, backend, ulysses_group)
+    sparsity, state, compact, tile, stats = XfuserHandle.checked(
+        "sparsify_xfuser", adapter, sparsity_config, backend, state, compact, tile, stats)
+    ops, world = _ops_for(adapter.num_heads, backend, ulysses_group)
     register_backend()
-    old = xfuser_handle(transformer)
-    if old is not None:
-        old.remove()
-    h = XfuserHandle(kind, num_layers=num_layers, num_heads=num_heads, head_dim=head_dim, sparsity=sparsity,
-                     compact=compact, tile=tile, state=state, stats=stats, ops=ops, world=world,
-                     attention_factory=attention_factory)
-    h.model = transformer
-
-    def pre_forward(module, args, kwargs):
-        hs = args[0] if args else kwargs.get("hidden_states")
-        h.grid = check_grid(kind, cfg, hs)
-        return None
-
-    def post_forward(module, args, output):
-        h.grid = None
-        return output
-
-    h._hooks.append(transformer.register_forward_pre_hook(pre_forward, with_kwargs=True))
-    h._hooks.append(transformer.register_forward_hook(post_forward))
-    if kind == "wan":
+    h = XfuserHandle(transformer, adapter, sparsity=sparsity, compact=compact, tile=tile, state=state, stats=stats,
+                     ops=ops, world=world, attention_factory=attention_factory)
+    install(transformer, h)
+    h.hook_forward(stream=False)
+    if adapter.name == "wan":
         wan, _ = _xfuser_models()
-        for i, blk in enumerate(transformer.blocks):
-            mod = blk.attn1
+        for i, mod in enumerate(adapter.attention_modules()):
             if not isinstance(mod.processor, wan.xFuserWanAttnProcessor):
                 raise TypeError(f"sparsify_xfuser: blocks[{i}].attn1 has {type(mod.processor).__name__}, not xDiT's "
                                 "xFuserWanAttnProcessor")
+
+        def make(layer):
             proc = wan.xFuserWanAttnProcessor(use_ulysses_parallel_attention=True, is_cross_attention=False,
-                                              attention_kwargs={KWARGS_KEY: _LayerCall(h, i)})
+                                              attention_kwargs={KWARGS_KEY: _LayerCall(h, layer)})
             proc.attention_function = _usp_with_backend(xusp.USP)
-            h._restore.append((mod, mod.processor))
-            mod.processor = proc
+            return proc
     else:
-        mods = [b.attn for b in transformer.transformer_blocks] + [b.attn for b in transformer.single_transformer_blocks]
-        for i, mod in enumerate(mods):
-            h._restore.append((mod, mod.processor))
-            mod.processor = _HunyuanProcessor(h, i)
-    object.__setattr__(transformer, h.ATTR, h)
+        def make(layer):
+            return _HunyuanProcessor(h, layer)
+    h.set_processors(make)
     return transformer
-
-
-def xfuser_handle(transformer) -> Optional[XfuserHandle]:
-    """The :class:`XfuserHandle` of a transformer sparsified by :func:`sparsify_xfuser`, or None."""
-    return getattr(transformer, XfuserHandle.ATTR, None)
-
-
-def denoising_state(transformer) -> DenoisingState:
-    """The :class:`DenoisingState` the sparsified transformer reads its step from."""
-    return handle_state(transformer, xfuser_handle(transformer), "sparsify_xfuser")
-
-
-def unsparsify_xfuser(transformer):
-    """Put xDiT's processors back and remove the hooks; returns the transformer."""
-    return remove_handle(transformer, xfuser_handle(transformer))
 
 
 def xfuser_transformer(model):

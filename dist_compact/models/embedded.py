@@ -13,15 +13,16 @@ Architecture (a small single-stream HunyuanVideo / Wan-style flow-matching DiT, 
 * output: velocity ``noise - x0`` of rectified flow (``x_t = (1 - t) x0 + t noise``, ``t = 1`` is
   noise), as Wan and HunyuanVideo.
 
-Attention: the block-order forward (:meth:`EmbeddedDiT.forward`) permutes the tokens to the kernel
-block order ONCE (``VideoLayout.to_blocks``, RoPE positions permuted with them through
-``layout.token_positions``), calls ``self.attn[i](q, k, v, ctx)`` in block ``i`` (attention callables
-installed from outside; default :class:`~dist_compact.sparsity.context.DenseAttention`) and permutes back at
-the end. All other ops are per token, so the order does not change the result. With a sequence
-parallel plan ``sp`` the block-ordered tokens are sharded once after the permutation and gathered
-once before it is undone (docs/design.md, contract 7). :meth:`EmbeddedDiT.forward_plain` is the same
-network in model order with PyTorch SDPA: used for training (it has gradients) and as the oracle of
-the block-order forward in tests.
+Attention: like the diffusers models, the model runs on one device in its own token order; each
+block's attention is its ``processor`` (default: PyTorch SDPA), and the token stream passes three
+hook points: ``stream_in`` (the tokens after embedding), ``rope`` (their rotary tables) and
+``stream_out`` (the output tokens). dist_compact's installers
+(:func:`dist_compact.integrations.diffusers.sparsify`, through
+:class:`~dist_compact.models.adapters.embedded.EmbeddedAdapter`) put the stream in kernel block order
+and this rank's shard once per forward at those points and replace the processors. All other ops
+are per token, so the order does not change the result. :meth:`EmbeddedDiT.forward_plain` is the
+same network with SDPA whatever is installed: used for training (it has gradients) and as the
+oracle in tests.
 """
 
 from __future__ import annotations
@@ -39,16 +40,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._util import is_int
-from ..sparsity.context import AttentionContext, DenseAttention
 from ..layout import VideoLayout
-from ..parallel.plan import SequenceParallel
 from .data import VOCAB
 
 __all__ = [
     "EmbeddedConfig",
     "EmbeddedDiT",
     "WordTokenizer",
-    "LocalPlan",
+    "RotaryTables",
+    "sdpa_attention",
     "WeightsError",
     "DEFAULT_WEIGHTS",
     "WEIGHTS_DIR",
@@ -268,12 +268,31 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense attention of ``[B, S, heads, head_dim]`` tensors (PyTorch SDPA): the stock processor."""
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return o.transpose(1, 2)
+
+
+class RotaryTables(nn.Module):
+    """``(cos, sin)`` ``[1, S, head_dim / 2]`` of token positions ``[S, 3]`` (a module: a hook point)."""
+
+    def __init__(self, split: Sequence[int], theta: float):
+        super().__init__()
+        self.split, self.theta = tuple(split), theta
+
+    def forward(self, pos: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = rope_tables(pos, self.split, self.theta)
+        return cos.unsqueeze(0), sin.unsqueeze(0)
+
+
 class Block(nn.Module):
     """Joint text+video transformer block: adaLN-modulated attention and MLP with gates.
 
     ``x [B, S, dim]`` in any token order; ``mod [B, 6, dim]`` the shared modulation of this forward;
-    ``cos, sin [B|1, S, head_dim/2]`` in the same token order as ``x``; ``attend(q, k, v)`` computes
-    attention on ``[B, S, heads, head_dim]`` tensors.
+    ``cos, sin [B|1, S, head_dim/2]`` in the same token order as ``x``. The attention of
+    ``[B, S, heads, head_dim]`` tensors is ``attend`` when given, else :attr:`processor`
+    (``processor(q, k, v)``; default :func:`sdpa_attention`; replace with :meth:`set_processor`).
     """
 
     def __init__(self, cfg: EmbeddedConfig):
@@ -293,6 +312,14 @@ class Block(nn.Module):
 
         # compiled (pre_attention, post_attention) once compile_pointwise() ran, else None (eager)
         self._compiled = None
+        self.processor = sdpa_attention
+
+    def set_processor(self, processor) -> None:
+        """Install the attention of this block: ``processor(q, k, v) -> out`` (``[B, S, heads, head_dim]``)."""
+        if not callable(processor):
+            raise TypeError(f"set_processor: the processor must be callable as processor(q, k, v), got "
+                            f"{type(processor).__name__}")
+        self.processor = processor
 
     def pre_attention(self, x, mod, cos, sin):
         """q, k, v ``[B, S, heads, head_dim]`` of ``x`` (modulated norm, projection, q/k norm, RoPE)."""
@@ -314,18 +341,10 @@ class Block(nn.Module):
         h = self.norm2(x) * (1 + scale2.unsqueeze(1)) + shift2.unsqueeze(1)
         return x + gate2.unsqueeze(1) * self.mlp(h)
 
-    def forward(self, x, mod, cos, sin, attend):
+    def forward(self, x, mod, cos, sin, attend=None):
         pre, post = self._compiled or (self.pre_attention, self.post_attention)
         q, k, v = pre(x, mod, cos, sin)
-        return post(x, attend(q, k, v), mod)
-
-
-class LocalPlan(SequenceParallel):
-    """The one-process sequence-parallel plan, ``SequenceParallel()``: every method is the identity
-    (docs/design.md, contract 7)."""
-
-    def __repr__(self) -> str:
-        return "LocalPlan()"
+        return post(x, (attend or self.processor)(q, k, v), mod)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -334,8 +353,8 @@ class EmbeddedDiT(nn.Module):
 
     Attributes:
         config: :class:`EmbeddedConfig`.
-        attn: list of ``depth`` attention callables ``attn(q, k, v, ctx)``; default
-            :class:`DenseAttention`; replace with :meth:`set_attention`.
+        blocks: the transformer blocks; each block's attention is its ``processor``.
+        stream_in, rope, stream_out: the hook points of the token stream (module doc).
         tokenizer: :class:`WordTokenizer` for prompts.
     """
 
@@ -360,7 +379,10 @@ class EmbeddedDiT(nn.Module):
         for m in (self.mod_proj[1], self.final_mod[1], self.final):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
-        self.attn: List = [DenseAttention(i) for i in range(cfg.depth)]
+        # hook points of the token stream (identities here; installers hook them)
+        self.stream_in = nn.Identity()
+        self.rope = RotaryTables(cfg.rope_split, cfg.rope_theta)
+        self.stream_out = nn.Identity()
         self.tokenizer = WordTokenizer(cfg.text_len)
 
     def compile_pointwise(self, enabled: bool = True) -> None:
@@ -374,15 +396,6 @@ class EmbeddedDiT(nn.Module):
         for b in self.blocks:
             b._compiled = ((torch.compile(b.pre_attention, dynamic=False),
                             torch.compile(b.post_attention, dynamic=False)) if enabled else None)
-
-    def set_attention(self, attns: Sequence) -> None:
-        """Install one attention callable ``attn(q, k, v, ctx)`` per block."""
-        attns = list(attns)
-        if len(attns) != self.config.depth:
-            raise ValueError(f"set_attention: expected {self.config.depth} callables (one per block), got {len(attns)}")
-        if not all(callable(a) for a in attns):
-            raise TypeError("set_attention: every entry must be callable as attn(q, k, v, ctx)")
-        self.attn = attns
 
     # ------------------------------------------------------------------ shapes
     def grid(self, frames: int, height: int, width: int) -> Tuple[int, int, int]:
@@ -441,71 +454,46 @@ class EmbeddedDiT(nn.Module):
         shift, scale = self.final_mod(cond).chunk(2, dim=1)
         return self.final(self.final_norm(h) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1))
 
+    def token_positions(self, frames: int, height: int, width: int, device="cpu") -> torch.Tensor:
+        """int64 ``[N + text_len, 3]``: (frame, row, col) of each token in model order (video raster,
+        then the text tokens at -1: not rotated)."""
+        T, Hp, Wp = self.grid(frames, height, width)
+        f = torch.arange(T, device=device).view(T, 1, 1).expand(T, Hp, Wp)
+        r = torch.arange(Hp, device=device).view(1, Hp, 1).expand(T, Hp, Wp)
+        c = torch.arange(Wp, device=device).view(1, 1, Wp).expand(T, Hp, Wp)
+        pos = torch.stack([f, r, c], -1).reshape(-1, 3)
+        return torch.cat([pos, torch.full((self.config.text_len, 3), -1, device=device, dtype=pos.dtype)])
+
     # ------------------------------------------------------------------ forwards
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                ctx: Optional[AttentionContext] = None, sp=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Velocity ``[B, C, F, H, W]`` of video ``x [B, C, F, H, W]`` at times ``t [B]``.
 
         Args:
             text: int64 ``[B, text_len]`` token ids (:attr:`tokenizer`).
-            ctx: the :class:`AttentionContext` of this forward; its ``layout`` must describe this
-                video's token grid and ``text_len`` text tokens after it (any tile; with ``sp`` it is
-                ``sp.layout_for(...)`` of that). Default: dense ctx with tile (2, 4, 4).
-            sp: sequence-parallel plan (``layout_for`` / ``shard`` / ``gather``), default one process.
         """
         self._check_inputs(x, t, text)
         B, _, Fr, H, W = x.shape
-        sp = sp if sp is not None else LocalPlan()
-        if ctx is None:
-            ctx = AttentionContext(layout=sp.layout_for(self.video_layout(Fr, H, W)))
-        layout = ctx.layout
-        grid = self.grid(Fr, H, W)
-        if (layout.grid != grid or layout.text_tokens != self.config.text_len or layout.text_position != "after"):
-            raise ValueError(
-                f"ctx.layout {layout} does not match the input: token grid {grid} with "
-                f"{self.config.text_len} text tokens after the video"
-            )
         seq, cond, mod = self._embed(x, t, text)
-        # ONE permutation per forward: tokens and their RoPE positions go to block order together
-        seq = layout.to_blocks(seq, dim=1)
-        cos, sin = rope_tables(layout.token_positions(x.device), self.config.rope_split, self.config.rope_theta)
-        seq = sp.shard(seq, layout, dim=1)
-        cos = sp.shard(cos.unsqueeze(0), layout, dim=1)
-        sin = sp.shard(sin.unsqueeze(0), layout, dim=1)
-        for i, block in enumerate(self.blocks):
-            attn = self.attn[i]
-            seq = block(seq, mod, cos, sin, lambda q, k, v, _a=attn: _a(q, k, v, ctx))
-        out = self._head(seq, cond)  # per token, so it runs on the shard
-        out = sp.gather(out, layout, dim=1)
-        out = layout.from_blocks(out, dim=1)  # model order: the video tokens, then the text
-        return self.unpatchify(out[:, :layout.video_tokens], Fr, H, W)
+        seq = self.stream_in(seq)
+        cos, sin = self.rope(self.token_positions(Fr, H, W, x.device))
+        for block in self.blocks:
+            seq = block(seq, mod, cos, sin)
+        out = self.stream_out(self._head(seq, cond))  # model order again: the video tokens, then the text
+        return self.unpatchify(out[:, : out.shape[1] - self.config.text_len], Fr, H, W)
 
     def forward_plain(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The same network in model order with PyTorch SDPA (never permutes; differentiable).
-
-        Used for training and as the oracle of :meth:`forward` in tests.
-        """
+        """The same network with PyTorch SDPA whatever processors and hooks are installed (never
+        permutes; differentiable). Used for training and as the oracle of :meth:`forward` in tests."""
         self._check_inputs(x, t, text)
         B, _, Fr, H, W = x.shape
-        T, Hp, Wp = self.grid(Fr, H, W)
         seq, cond, mod = self._embed(x, t, text)
-        dev = x.device
-        f = torch.arange(T, device=dev).view(T, 1, 1).expand(T, Hp, Wp)
-        r = torch.arange(Hp, device=dev).view(1, Hp, 1).expand(T, Hp, Wp)
-        c = torch.arange(Wp, device=dev).view(1, 1, Wp).expand(T, Hp, Wp)
-        pos = torch.stack([f, r, c], -1).reshape(-1, 3)
-        pos = torch.cat([pos, torch.full((self.config.text_len, 3), -1, device=dev, dtype=pos.dtype)])
-        cos, sin = rope_tables(pos, self.config.rope_split, self.config.rope_theta)
+        cos, sin = rope_tables(self.token_positions(Fr, H, W, x.device), self.config.rope_split,
+                               self.config.rope_theta)
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-
-        def sdpa(q, k, v):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return o.transpose(1, 2)
-
         for block in self.blocks:
-            seq = block(seq, mod, cos, sin, sdpa)
+            seq = block(seq, mod, cos, sin, sdpa_attention)
         out = self._head(seq, cond)
-        return self.unpatchify(out[:, : T * Hp * Wp], Fr, H, W)
+        return self.unpatchify(out[:, : out.shape[1] - self.config.text_len], Fr, H, W)
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -399,24 +399,21 @@ PREVIEW_PROMPTS = (
 
 
 def preview(model: EmbeddedDiT, prompts, path, steps: int = 20, guidance: float = 4.0, seed: int = 0) -> None:
-    """Sample ``prompts`` with the inference path (block order, DenseAttention) and write a PNG grid."""
+    """Sample ``prompts`` with the inference path (the installed attention, here the stock SDPA) and write a PNG grid."""
     import numpy as np
 
-    from ..sparsity.context import DenseAttention
     from ..run.sampler import sample
     from ..png import write_png
     from ..run.report import frame_grid, to_uint8_frames
 
     cfg = model.config
     device = next(model.parameters()).device
-    model.set_attention([DenseAttention(i) for i in range(cfg.depth)])
-    layout = model.video_layout(cfg.frames, cfg.height, cfg.width)
     rows = []
     for i, p in enumerate(prompts):
         g = torch.Generator().manual_seed(seed + i)
         noise = torch.randn(1, cfg.in_channels, cfg.frames, cfg.height, cfg.width, generator=g).to(device)
         text = model.tokenizer.batch([p]).to(device)
-        res = sample(model, text, noise, steps=steps, layout=layout, guidance=guidance)
+        res = sample(model, text, noise, steps=steps, guidance=guidance)
         frames = to_uint8_frames(res.latents[0, :, ::2], 2)
         rows.append(frame_grid(frames, cols=frames.shape[0]))
     write_png(str(path), np.concatenate(rows, axis=0))

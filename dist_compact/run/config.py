@@ -53,8 +53,8 @@ def _pos_int(obj, name: str, minimum: int = 1) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
 
 
-#: ``model.name`` values of ``model.kind: random`` -> their key in dist_compact.integrations.published.
-RANDOM_MODELS = {"hunyuanvideo": "hunyuan", "wan2.1-t2v-14b": "wan"}
+#: ``model.name`` values of ``model.kind: random`` -> their key in dist_compact.models.published.
+RANDOM_MODELS = {"hunyuanvideo": "hunyuan_video", "wan2.1-t2v-14b": "wan"}
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -143,7 +143,7 @@ class ModelConfig:
         tile: kernel tile ``(t, h, w)`` in latent tokens; ``t*h*w`` is the block size (16..128).
         dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
         size: ``random`` only: ``"full"`` (the published widths and depths) or ``"small"`` (the tiny
-            stand-ins of :data:`dist_compact.integrations.published.SMALL`: 2 heads of 32, for CPU tests).
+            stand-ins of :data:`dist_compact.models.published.SMALL`: 2 heads of 32, for CPU tests).
         layers: ``random`` only: build this many transformer blocks instead of the config's (None =
             all; Wan: ``min(layers, num_layers)``; HunyuanVideo: ``round(layers / 3)`` dual-stream
             blocks, the rest single-stream), e.g. for a quick check of a full-size run.

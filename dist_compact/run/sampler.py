@@ -1,7 +1,9 @@
 """The flow-matching Euler sampler of the embedded and random-weight runs.
 
-:func:`sample` builds one :class:`~dist_compact.sparsity.context.AttentionContext` per forward (step,
-num_steps, layout, ops, stats), times every step (device synchronised, :func:`sync`), and stops with
+:func:`sample` calls ``model(x, t, text)`` once per step (the conditional and unconditional inputs as one
+batch under classifier-free guidance), sets the step of the model's
+:class:`~dist_compact.integrations.core.DenoisingState` before each forward (what its installed
+attention reads), times every step (device synchronised, :func:`sync`), and stops with
 :class:`NonFiniteLatentsError` naming the step as soon as the latents hold a NaN / Inf.
 
 Latent layout: ``[batch, channels, frames, height, width]`` float32; for the embedded model the
@@ -19,9 +21,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from ..sparsity.context import AttentionContext
-from ..sparsity.attention_ops import AttentionOps
-from ..layout import VideoLayout
+from ..integrations.core import DenoisingState
 
 __all__ = ["NonFiniteLatentsError", "SampleResult", "flow_timesteps", "sample", "sync"]
 
@@ -68,24 +68,24 @@ class SampleResult:
         return float(sum(self.step_seconds))
 
 
-def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout: VideoLayout,
-           guidance: float = 1.0, shift: float = 1.0, ops: Optional[AttentionOps] = None, stats=None,
-           sp=None, progress: bool = False, null_text: Optional[torch.Tensor] = None,
+def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, guidance: float = 1.0,
+           shift: float = 1.0, state: Optional[DenoisingState] = None, progress: bool = False,
+           null_text: Optional[torch.Tensor] = None,
            on_step: Optional[Callable[[int, torch.Tensor], None]] = None,
            step_labels: Optional[Sequence[str]] = None) -> SampleResult:
     """Flow-matching Euler sampling from ``noise`` (``t = 1``) to data (``t = 0``).
 
     Args:
-        model: ``model(x, t, text, ctx, sp) -> velocity`` (e.g. :class:`EmbeddedDiT`), attention
-            layers already installed.
+        model: ``model(x, t, text) -> velocity`` (e.g. :class:`EmbeddedDiT`, its attention already
+            installed).
         text: int64 ``[B, L]`` prompt token ids; ``null_text`` the unconditional ids (default: zeros,
             the empty prompt).
         noise: float32 ``[B, C, F, H, W]`` initial latents.
         steps, shift: number of Euler steps and the time shift (:func:`flow_timesteps`).
-        layout: the GLOBAL layout of the forward (``sp.layout_for(...)`` already applied).
         guidance: classifier-free guidance scale; ``!= 1`` runs the conditional and unconditional
             inputs as one batch of ``2B`` and uses ``v_u + guidance * (v_c - v_u)``.
-        ops, stats, sp: this rank's :class:`AttentionOps`, a stats recorder, the parallel plan.
+        state: the :class:`DenoisingState` the model's installed attention reads its step from
+            (``begin(steps)`` here, then the step before each forward); None: the model keeps none.
         progress: show a tqdm bar (callers pass True on rank 0 only).
         on_step: called as ``on_step(step, latents)`` after every step (tests, previews).
         step_labels: what each step does (:func:`step_kinds`), shown beside the progress bar while
@@ -94,7 +94,8 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
     Raises:
         NonFiniteLatentsError: the latents hold NaN / Inf after a step (the message names it).
     """
-    ops = ops if ops is not None else AttentionOps()
+    if state is not None:
+        state.begin(steps)
     device = noise.device
     ts_cpu = flow_timesteps(steps, shift)
     ts = ts_cpu.to(device)
@@ -123,14 +124,15 @@ def sample(model, text: torch.Tensor, noise: torch.Tensor, *, steps: int, layout
                     bar.set_postfix_str(f"step {i}: {step_labels[i]}")
                 sync(device)
                 t0 = time.perf_counter()
-                ctx = AttentionContext(layout=layout, step=i, num_steps=steps, ops=ops, stats=stats)
+                if state is not None:
+                    state.step = i
                 t = ts[i].expand(B)
                 if cfg_on:
-                    v = model(torch.cat([x, x], 0), torch.cat([t, t], 0), text_in, ctx, sp).float()
+                    v = model(torch.cat([x, x], 0), torch.cat([t, t], 0), text_in).float()
                     v_c, v_u = v.chunk(2, 0)
                     v = v_u + guidance * (v_c - v_u)
                 else:
-                    v = model(x, t, text_in, ctx, sp).float()
+                    v = model(x, t, text_in).float()
                 x = x + (ts[i + 1] - ts[i]) * v
                 bad = ~torch.isfinite(x)
                 if bool(bad.any()):

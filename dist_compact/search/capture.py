@@ -22,7 +22,7 @@ offsets and adds it to the store (for the chosen steps only). Under sequence par
 statistics go through ``ctx.ops.reduce_rows`` and ``ctx.ops.gather_heads`` (contract 5), so every
 rank holds the full store and rank 0 can save it::
 
-    store = MassStore.for_layout(layout, num_layers=30, num_heads=24, model="hunyuan")
+    store = MassStore.for_layout(layout, num_layers=30, num_heads=24, model="hunyuan_video")
     attns = [CaptureAttention(i, store, steps=range(15, 50, 5)) for i in range(30)]
     ...  # run the denoising loop with these attention entry points
     store.save("mass_prompt0.pt")

@@ -5,7 +5,7 @@ Three layers, each usable alone:
 * :func:`load_pipeline` - a pipeline from a LOCAL weights folder (``save_pretrained`` layout:
   ``model_index.json`` + one folder per component); nothing is downloaded.
 * :func:`generate` - one video: :func:`~dist_compact.integrations.diffusers.sparsify` on the
-  pipeline's transformer(s) with a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`
+  pipeline's transformer(s) with a shared :class:`~dist_compact.integrations.core.DenoisingState`
   (``begin(num_steps)``, then updated by ``callback_on_step_end``), per-step wall times, the final
   latents captured from the callback; returns a :class:`DiffusersSample`.
 * :func:`run_diffusers_generation` - the main job for a :class:`~dist_compact.run.config.RunConfig` whose
@@ -38,8 +38,9 @@ from ...sparsity.config import SparsityConfig, sparsity_line
 from ..runner import Job, LoadedModel, RunOutput, RunResult, log, run_job
 from ..sampler import SampleResult, sync
 from ...stats import AttentionStats
-from ...integrations.core import DenoisingState, diffusers_module
-from ...integrations.diffusers import sparsify, sparsify_handle
+from ...extras import require
+from ...integrations.core import DenoisingState, installed
+from ...integrations.diffusers import sparsify
 
 __all__ = ["PIPELINES", "DiffusersSample", "DiffusersJob", "load_pipeline", "set_flow_shift", "generate",
            "run_diffusers_generation"]
@@ -87,7 +88,7 @@ def load_pipeline(model_path, pipeline: str = "WanPipeline", *, device="cpu", dt
             "download the weights first (e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers "
             "--local-dir <folder>) and pass that folder"
         )
-    cls = getattr(diffusers_module(), pipeline)
+    cls = getattr(require("diffusers", "diffusers", "the diffusers runner"), pipeline)
     # diffusers' advice for both models: the VAE in float32 (bf16 decoding shows banding)
     dtypes = {"default": dtype, "vae": torch.float32}
     with warnings.catch_warnings():
@@ -178,7 +179,7 @@ def generate(pipe, *, prompt: Optional[str], num_steps: int, frames: int, height
     if latents is None:
         raise RuntimeError("the pipeline never called callback_on_step_end; cannot read its final latents")
     return DiffusersSample(video=video, latents=latents.cpu(), step_seconds=times,
-                           layout=sparsify_handle(mods[0]).layout, stats=stats)
+                           layout=installed(mods[0]).layout, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------- main job

@@ -15,11 +15,12 @@ import torch
 
 from .. import report as rpt
 from ...sparsity.attention import build_attention
-from ...sparsity.attention_ops import AttentionOps
 from ...sparsity.config import SparsityConfig, sparsity_line, step_kinds
 from ..runner import Job, LoadedModel, RunOutput, log
 from ..sampler import sample
 from ...stats import AttentionStats
+from ...integrations.core import DenoisingState
+from ...integrations.diffusers import sparsify
 
 __all__ = ["EmbeddedJob", "CPU_MAX_VIDEO_TOKENS", "COMPILE_MIN_VIDEO_TOKENS"]
 
@@ -73,27 +74,32 @@ class EmbeddedJob(Job):
         p = self.proc
         log.info("world %d rank %d device %s dtype %s layout %s", p.world, p.rank, p.device, p.dtype, self.layout)
         log.info("model %s (%d params, sha256 %s)", self.info["weights"], self.info["params"], self.info["sha256"])
-        self.ops = AttentionOps(self.cfg.run.attn_backend)
         self.balance = {}  # the sequence-parallel plan's per-rank work, of the first run's layers
         if p.device.type == "cuda" and self.cfg.run.compare_dense:
             # the timed runs are compared: run the schedule once untimed first, so torch.compile, the Triton
             # autotuner and cuDNN's plans are not billed to whichever run comes first (on the GPU model
             # that was 2.1 s of a 0.3 s run)
-            model, run = self.model, self.cfg.run
-            model.set_attention(self.factory(model.config.depth, self.cfg.sparsity,
-                                             self.compact if self.cfg.sparsity.uses_compact else None, self.sp))
-            sample(model, self.text, self.noise, steps=run.steps, layout=self.layout, guidance=run.guidance,
-                   shift=run.shift, ops=self.ops, sp=self.sp)
+            run = self.cfg.run
+            state = self._install(self.cfg.sparsity, AttentionStats())
+            sample(self.model, self.text, self.noise, steps=run.steps, guidance=run.guidance, shift=run.shift,
+                   state=state)
             log.info("warm-up run done (untimed)")
+
+    def _install(self, sparsity: SparsityConfig, stats: AttentionStats) -> DenoisingState:
+        """Our attention on the model for one run (the plan's shards, the config's tile); its step state."""
+        state = DenoisingState()
+        sparsify(self.model, sparsity, compact=self.compact if sparsity.uses_compact else None,
+                 sequence_parallel=self.sp, tile=self.cfg.model.tile, state=state, stats=stats,
+                 backend=self.cfg.run.attn_backend, attention_factory=self.factory)
+        return state
 
     def one_run(self, sparsity: SparsityConfig, label: str) -> RunOutput:
         run, sp, model = self.cfg.run, self.sp, self.model
         stats = AttentionStats()
-        model.set_attention(self.factory(model.config.depth, sparsity,
-                                         self.compact if sparsity.uses_compact else None, sp))
+        state = self._install(sparsity, stats)
         log.info("%s run: %s", label, sparsity_line(sparsity, run.steps))
-        res = sample(model, self.text, self.noise, steps=run.steps, layout=self.layout, guidance=run.guidance,
-                     shift=run.shift, ops=self.ops, stats=stats, sp=sp, progress=run.progress and self.proc.rank == 0,
+        res = sample(model, self.text, self.noise, steps=run.steps, guidance=run.guidance, shift=run.shift,
+                     state=state, progress=run.progress and self.proc.rank == 0,
                      step_labels=step_kinds(sparsity, run.steps))
         log.info("%s run: %.3f s total", label, res.total_seconds)
         if sp.enabled and not self.balance:

@@ -2,11 +2,11 @@
 
 For speed runs where no weights can be downloaded (speed does not depend on the weights' values):
 every rank builds the same published transformer (``model.name``: ``"hunyuanvideo"`` or
-``"wan2.1-t2v-14b"``, :mod:`dist_compact.integrations.published`) with random weights (seed
+``"wan2.1-t2v-14b"``, :mod:`dist_compact.models.published`) with random weights (seed
 :data:`WEIGHT_SEED` on every rank; bfloat16 on GPUs, float32 on the CPU with ``model.dtype: auto``),
 installs our attention with :func:`~dist_compact.integrations.diffusers.sparsify` exactly as the
 diffusers runner does (the run's :class:`~dist_compact.parallel.SequenceParallel` plan, the config's
-tile, a shared :class:`~dist_compact.integrations.diffusers.DenoisingState`), and denoises:
+tile, a shared :class:`~dist_compact.integrations.core.DenoisingState`), and denoises:
 
 * no text encoder and no VAE: the prompt embeddings are random (seeded by ``run.seed``) in the
   pipelines' shapes (HunyuanVideo: 256 tokens of 4096, all valid, and a pooled 768 vector; Wan: 512
@@ -61,13 +61,14 @@ from ...parallel import Coordinator, ParallelAttention, ParallelConfig, RingOps,
 from ..runner import Job, LoadedModel, RunOutput, RunResult, log, run_job
 from ..sampler import SampleResult, sample
 from ...stats import AttentionStats
-from ...integrations.core import DenoisingState, latent_grid
-from ...integrations.diffusers import sparsify, sparsify_handle
+from ...integrations.core import DenoisingState, installed
+from ...integrations.diffusers import sparsify
+from ...models.adapters import adapter_for
 
 __all__ = ["MODELS", "WEIGHT_SEED", "published_config", "latent_shape", "build_random_transformer",
            "weights_fingerprint", "random_text_inputs", "latent_preview", "RandomJob", "run_random_generation"]
 
-#: ``model.name`` -> the key of :mod:`dist_compact.integrations.published` (``"hunyuan"`` / ``"wan"``).
+#: ``model.name`` -> the key of :mod:`dist_compact.models.published` (``"hunyuan_video"`` / ``"wan"``).
 MODELS = RANDOM_MODELS
 #: Seed of the random weights (the same on every rank and in every run, whatever ``run.seed``).
 WEIGHT_SEED = 0
@@ -90,11 +91,11 @@ def _key(name: str) -> str:
 def published_config(name: str, size: str = "full", heads: Optional[int] = None):
     """``(key, transformer config dict, text tokens)`` of ``name`` (``size``: ``"full"`` or ``"small"``;
     ``heads``: another head count, the head size kept)."""
-    from ...integrations.published import HUNYUAN, SHAPES, SMALL, WAN_14B
+    from ...models.published import HUNYUAN_VIDEO, SHAPES, SMALL, WAN_14B
 
     key = _key(name)
     if size == "full":
-        cfg, text = dict({"hunyuan": HUNYUAN, "wan": WAN_14B}[key]), SHAPES[key][1]
+        cfg, text = dict({"hunyuan_video": HUNYUAN_VIDEO, "wan": WAN_14B}[key]), SHAPES[key][1]
     elif size == "small":
         small, (_, text) = SMALL[key]
         cfg = dict(small)
@@ -119,7 +120,7 @@ def build_random_transformer(name: str, size: str = "full", layers: Optional[int
 
     Returns ``(model, key, config dict as built, text tokens)``.
     """
-    from ...integrations.published import build_transformer
+    from ...models.published import build_transformer
 
     key, cfg, text_tokens = published_config(name, size, heads)
     torch.manual_seed(seed)  # CPU and every CUDA device: the same weights on every rank
@@ -154,17 +155,13 @@ def random_text_inputs(key: str, cfg: dict, text_tokens: int, gen: torch.Generat
 
 
 class _Forward:
-    """``model(x, t, text, ctx, sp) -> velocity`` for :func:`dist_compact.run.sampler.sample`.
+    """``model(x, t, text) -> velocity`` for :func:`dist_compact.run.sampler.sample` (the prompt is the
+    random embeddings of ``inputs``; ``text`` is not used)."""
 
-    The sparsified transformer reads its step from the :class:`DenoisingState`; this sets it from
-    ``ctx.step`` (the hooks build their own context and shards, so ``ctx`` / ``sp`` are not passed on).
-    """
+    def __init__(self, model, inputs: Dict[str, torch.Tensor], dtype: torch.dtype):
+        self.model, self.inputs, self.dtype = model, inputs, dtype
 
-    def __init__(self, model, state, inputs: Dict[str, torch.Tensor], dtype: torch.dtype):
-        self.model, self.state, self.inputs, self.dtype = model, state, inputs, dtype
-
-    def __call__(self, x, t, text, ctx, sp):
-        self.state.step = ctx.step
+    def __call__(self, x, t, text):
         ts = (t.float() * 1000.0).to(x.device)  # diffusers' flow-matching timesteps: 1000 * sigma
         return self.model(hidden_states=x.to(self.dtype), timestep=ts, return_dict=False, **self.inputs)[0]
 
@@ -242,9 +239,9 @@ class RandomJob(Job):
         self.noise = torch.randn((1, *self.lat), generator=gen).to(proc.device)
         self.inputs = random_text_inputs(key, self.built, self.text_tokens, gen, proc.device, proc.dtype, run.guidance)
         # the layout sparsify will build (for the log and sample's context; the attention reads the handle's)
-        grid = latent_grid(model.config, "wan" if key == "wan" else "hunyuan_video", self.noise, "random model")
+        grid = adapter_for(model, "random model").grid(self.noise, "random model")
         layout = sp.layout_for(VideoLayout(*grid, tile=tuple(mcfg.tile)))
-        if key == "hunyuan":
+        if key == "hunyuan_video":
             layout = layout.with_(text_tokens=self.text_tokens, text_position="after")
         self.layout = layout
         self.model_info = {
@@ -267,7 +264,7 @@ class RandomJob(Job):
         run, cl, mcfg, proc, model = self.cfg.run, self.cfg.cluster, self.cfg.model, self.proc, self.model
         device, cuda = proc.device, self.cuda
         stats = AttentionStats()
-        state = DenoisingState().begin(run.steps)
+        state = DenoisingState()
         rec = _Recorder(self.attention_factory or build_attention)
         sparsify(model, sparsity, compact=self.compact if sparsity.uses_compact else None, sequence_parallel=self.sp,
                  tile=tuple(mcfg.tile), state=state, stats=stats, backend=run.attn_backend,
@@ -285,12 +282,11 @@ class RandomJob(Job):
 
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        res = sample(_Forward(model, state, self.inputs, proc.dtype), torch.zeros(1, 0, dtype=torch.long), self.noise,
-                     steps=run.steps, layout=self.layout, guidance=1.0, shift=run.shift, stats=None, sp=None,
-                     progress=run.progress and proc.rank == 0, on_step=on_step,
+        res = sample(_Forward(model, self.inputs, proc.dtype), torch.zeros(1, 0, dtype=torch.long), self.noise,
+                     steps=run.steps, guidance=1.0, shift=run.shift, state=state, progress=run.progress and proc.rank == 0, on_step=on_step,
                      step_labels=step_kinds(sparsity, run.steps))
         peak = torch.cuda.max_memory_allocated(device) if cuda else None
-        used = sparsify_handle(model).layout
+        used = installed(model).layout
         sent, calls = rec.counters()
         ring = cl.ring
         shard = ring_shard_bytes(used, ring, batch=self.noise.shape[0], heads=self.num_heads // cl.ulysses,
@@ -337,7 +333,7 @@ class RandomJob(Job):
         report["random_model"] = {
             "note": _PREVIEW_NOTE, "latents": list(self.lat), "text_tokens": self.text_tokens,
             "forwards_per_step": 1, "classifier_free_guidance": False,
-            "guidance_embedding": run.guidance * 1000.0 if self.key == "hunyuan" else None,
+            "guidance_embedding": run.guidance * 1000.0 if self.key == "hunyuan_video" else None,
             "timesteps": "1000 * t, t from flow_timesteps(steps, shift)",
         }
         if dense is not None:

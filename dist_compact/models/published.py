@@ -13,23 +13,23 @@ from typing import Optional
 
 import torch
 
-__all__ = ["WAN_14B", "HUNYUAN", "SHAPES", "SMALL", "build_transformer", "transformer_inputs"]
+__all__ = ["WAN_14B", "HUNYUAN_VIDEO", "SHAPES", "SMALL", "build_transformer", "transformer_inputs"]
 
 # published configs (diffusers format: Wan-AI/Wan2.1-T2V-14B-Diffusers, hunyuanvideo-community/HunyuanVideo)
 WAN_14B = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
                text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
-HUNYUAN = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
+HUNYUAN_VIDEO = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
                num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
                qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768,
                rope_theta=256.0, rope_axes_dim=(16, 56, 56))
 # latents [C, F, H, W] of the benchmark videos and the text length the pipelines use
-SHAPES = {"wan": ((16, 21, 60, 104), 512), "hunyuan": ((16, 33, 90, 160), 256)}
+SHAPES = {"wan": ((16, 21, 60, 104), 512), "hunyuan_video": ((16, 33, 90, 160), 256)}
 # tiny stand-ins for --small (CPU)
 SMALL = {
     "wan": (dict(WAN_14B, num_attention_heads=2, attention_head_dim=32, text_dim=32, freq_dim=32, ffn_dim=64,
                  num_layers=4), ((16, 4, 16, 24), 16)),
-    "hunyuan": (dict(HUNYUAN, num_attention_heads=2, attention_head_dim=32, num_layers=2, num_single_layers=4,
+    "hunyuan_video": (dict(HUNYUAN_VIDEO, num_attention_heads=2, attention_head_dim=32, num_layers=2, num_single_layers=4,
                      num_refiner_layers=1, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(8, 12, 12)),
                 ((16, 4, 16, 24), 16)),
 }
