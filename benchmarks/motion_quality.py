@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from dist_compact import sparsify
     from dist_compact.integrations import DenoisingState
     from dist_compact.run.loader import load_run_config
-    from dist_compact.models.embedded import load_embedded, sha256_of, shipped_weights
+    from dist_compact.models.embedded import WEIGHTS_DIR, load_embedded, sha256_of, shipped_weights
     from dist_compact.models.motion import score_clips, summarize
     from dist_compact.run.report import psnr
     from dist_compact.run.sampler import sample
@@ -102,7 +102,8 @@ def main(argv=None) -> int:
         return torch.randn((1, mcfg.in_channels, base.model.frames, base.model.height, base.model.width), generator=gen)
 
     def run_all(sparsity):
-        compact = load_compact(sparsity, model=base.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
+        compact = load_compact(sparsity, model=base.model.name, num_layers=mcfg.depth, num_heads=mcfg.heads,
+                               shipped_dir=WEIGHTS_DIR)
         videos, dens, seconds = [], [], 0.0
         for i in range(0, len(clips), args.batch):
             part = clips[i:i + args.batch]

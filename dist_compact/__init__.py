@@ -22,7 +22,7 @@ from .integrations.core import denoising_state, installed, unsparsify
 from .integrations.diffusers import sparsify
 from .sparsity.attention import SparseAttention
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "BlockIndex",

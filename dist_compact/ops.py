@@ -12,6 +12,7 @@ PyTorch otherwise). These ops are forward-only: the methods are training-free.
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 from typing import Optional, Tuple, Union
 
@@ -237,6 +238,8 @@ def _use_triton(backend: str, device: torch.device) -> bool:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
+    if backend == "auto" and device.type == "cpu" and importlib.util.find_spec("triton") is None:
+        return False  # platforms without Triton wheels: the CPU path is the PyTorch reference
     interp = _kernels().interpreting() if device.type == "cpu" else False
     if backend == "triton":
         if device.type != "cuda" and not interp:

@@ -1,5 +1,5 @@
 """Launch helpers: cluster YAML -> python / torchrun / multi-node torchrun / SLURM commands.
 
-Run from the repository root (not installed with the package): ``python -m launchers --help`` or
-``python launchers/launch.py --help``. See :mod:`launchers.launch`.
+Installed with the package: ``dist-compact-launch --help`` or ``python -m launchers --help`` from any
+directory (``python launchers/launch.py --help`` from a checkout). See :mod:`launchers.launch`.
 """

@@ -271,7 +271,7 @@ def slurm_script(cluster, config_path: str, script_args: Sequence[str], *, job_n
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dist_compact.cli.args import OneLineParser
+    from dist_compact.cmdline import OneLineParser
 
     p = OneLineParser(
         prog="python -m launchers",

@@ -87,7 +87,7 @@ def test_an_error_every_rank_meets_is_printed_once_under_torchrun(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- commands
 def _search(*argv, capsys):
-    from dist_compact.search.__main__ import main
+    from dist_compact.cli.search import main
 
     with pytest.raises(SystemExit) as e:
         rc = main(list(argv))
@@ -107,7 +107,7 @@ def mass_file(tmp_path_factory):
 
 
 def test_search_refuses_a_missing_out_folder_before_searching(tmp_path, mass_file, capsys, monkeypatch):
-    import dist_compact.search.__main__ as cli
+    import dist_compact.cli.search as cli
 
     monkeypatch.setattr(cli, "_load_stores", lambda paths: pytest.fail("searched before checking --out"))
     out = tmp_path / "missing" / "c.yaml"
@@ -125,7 +125,7 @@ def test_search_device_cuda_without_a_gpu(tmp_path, mass_file, capsys):
 def test_capture_steps_that_are_not_numbers_name_the_option(tmp_path, capsys):
     code, err = _search("capture", "--out-dir", str(tmp_path), "--prompt", "a cat", "--capture-steps", "a,b",
                         capsys=capsys)
-    assert code == 2 and err == ("python -m dist_compact.search capture: error: argument --capture-steps: 'a,b' is "
+    assert code == 2 and err == ("dist-compact-search capture: error: argument --capture-steps: 'a,b' is "
                                  "not a list of step numbers; use e.g. 4,8,12 (see --help)\n")
 
 

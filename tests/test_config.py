@@ -43,12 +43,13 @@ def test_shipped_cluster_files():
     assert demo.model.name == "embedded" and demo.sparsity.mode != "dense"
     # the demo sparsity file is the built-in default, and its Compact config fits the shipped model
     assert load_run_config([ROOT / "configs/cluster/1gpu.yaml"]).sparsity == DEMO_SPARSITY
+    from dist_compact.models.embedded import WEIGHTS_DIR
     from dist_compact.search.config_file import load_compact
 
     assert DEMO_SPARSITY.mode == "adaspa" and DEMO_SPARSITY.compact_config is None
     for tau in ("0.5", "0.6", "0.7"):  # the Compact configs searched for the shipped weights fit them
         shipped = dataclasses.replace(DEMO_SPARSITY, mode="compact", compact_config=f"embedded-compact-{tau}.yaml")
-        cc = load_compact(shipped, model="embedded", num_layers=8, num_heads=6)
+        cc = load_compact(shipped, model="embedded", num_layers=8, num_heads=6, shipped_dir=WEIGHTS_DIR)
         assert cc.num_layers == 8
     two = load_run_config([ROOT / "configs/cluster/2x8-hybrid.yaml"])
     assert two.cluster.world_size == 16

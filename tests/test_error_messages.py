@@ -258,7 +258,7 @@ def _(d, w):
 
 # ---------------------------------------------------------------------------------------------- other commands
 def _search(*argv) -> str:
-    from dist_compact.search.__main__ import main
+    from dist_compact.cli.search import main
 
     return _one_line(lambda: sys.exit(main(list(argv))))
 

@@ -195,12 +195,13 @@ def test_attention_factory_modes():
 
     dense = build_attention(3, load_run_config([], [("sparsity.mode", "dense")]).sparsity)
     assert [type(a) for a in dense] == [DenseAttention] * 3
+    from dist_compact.models.embedded import WEIGHTS_DIR
     from dist_compact.search.config_file import load_compact
 
     union = dataclasses.replace(DEMO_SPARSITY, mode="compact+adaspa", compact_config="embedded-compact-0.5.yaml")
     with pytest.raises(ValueError, match="compact"):
         build_attention(2, union)  # compact+adaspa without its Compact pattern
-    compact = load_compact(union, model="embedded", num_layers=8, num_heads=6)
+    compact = load_compact(union, model="embedded", num_layers=8, num_heads=6, shipped_dir=WEIGHTS_DIR)
     sparse = build_attention(8, union, compact)
     assert all(isinstance(a, SparseAttention) for a in sparse) and [a.layer for a in sparse] == list(range(8))
     sparse = build_attention(8, DEMO_SPARSITY)  # the demo: AdaSpa alone needs no pattern

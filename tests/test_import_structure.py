@@ -1,21 +1,35 @@
-"""The package's import structure: no module imports a private name of another, and the
-module-level imports among dist_compact's modules form no cycle (issue #17's floors).
+"""The package's import structure: every import (module level or inside a function) points down the
+floors of docs/design.md or stays on its floor, no module imports a private name of another, and the
+module-level imports among dist_compact's modules form no cycle.
 
-Both checks read the source with ``ast`` (nothing is imported); the last tests feed them small
-made-up packages, so each check is seen to fail on what it forbids.
+The floors are read from docs/design.md's table (between its ``floors`` markers); the checks read the
+source with ``ast`` (nothing is imported); the last tests feed them small made-up packages and tables,
+so each check is seen to fail on what it forbids.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 from typing import Dict, List, Set, Tuple
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dist_compact"
+DESIGN = ROOT / "docs" / "design.md"
 
 #: ``(importing module, imported module, name)`` allowed to stay; each needs a reason.
 ALLOWED_PRIVATE: Set[Tuple[str, str, str]] = set()
+
+#: ``(importing module, imported module) -> reason``: the imports allowed to go up a floor (at most two).
+ALLOWED_UPWARD: Dict[Tuple[str, str], str] = {
+    ("dist_compact.models.train", "dist_compact.run.sampler"):
+        "the training command's preview samples the model it trained with the inference sampler",
+    ("dist_compact.models.train", "dist_compact.run.report"):
+        "the training command's preview writes its frames with the run report's frame-grid helpers",
+}
 
 
 def _modules(package: pathlib.Path) -> Dict[str, pathlib.Path]:
@@ -108,7 +122,86 @@ def import_cycles(package: pathlib.Path) -> List[List[str]]:
     return cycles
 
 
+def read_floors(text: str) -> List[Tuple[int, List[str]]]:
+    """``[(floor, [path, ...])]`` of the table between ``<!-- floors -->`` and ``<!-- /floors -->``:
+    a row ``| 3 search | `search/` | ...`` starts a floor, a row ``| | `x.py` | ...`` adds to it."""
+    m = re.search(r"<!-- floors -->(.*?)<!-- /floors -->", text, re.S)
+    if m is None:
+        raise ValueError("no <!-- floors --> table")
+    rows: List[Tuple[int, List[str]]] = []
+    for line in m.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[1].startswith("`"):
+            continue
+        paths = re.findall(r"`([^`]+)`", cells[1])
+        head = re.match(r"(\d+)\b", cells[0])
+        if head:
+            rows.append((int(head.group(1)), paths))
+        elif cells[0] == "" and rows:
+            rows[-1][1].extend(paths)
+        else:
+            raise ValueError(f"floors table: cannot read the row {line.strip()!r}")
+    return rows
+
+
+def floor_of(module: str, floors: List[Tuple[int, List[str]]], root: str = "dist_compact") -> int:
+    """The floor of ``module``: the most specific path of the table that holds it."""
+    rel = module[len(root) + 1:].replace(".", "/") if module != root else ""
+    best, best_len = None, -1
+    for floor, paths in floors:
+        for p in paths:
+            if p == "__init__.py":
+                hit = rel == ""
+            elif p.endswith("/"):
+                hit = rel == p[:-1] or rel.startswith(p)
+            else:
+                hit = rel == p[:-3]
+            if hit and len(p) > best_len:
+                best, best_len = floor, len(p)
+    if best is None:
+        raise LookupError(f"{module} is on no floor of docs/design.md's table")
+    return best
+
+
+def upward_imports(package: pathlib.Path, floors) -> List[Tuple[str, str, int, int]]:
+    """``(module, imported module, its floor, the imported floor)`` of every import (module level and
+    inside functions) that goes up a floor."""
+    mods = _modules(package)
+    out = set()
+    for mod, target, _, _ in _imports(package):
+        # ``import a.b.c`` / ``from a.b import c``: the deepest module named is what is imported
+        while target not in mods and "." in target:
+            target = target.rsplit(".", 1)[0]
+        if target not in mods or target == mod or mod.startswith(target + "."):
+            continue  # a module's own parent packages are imported with it
+        a, b = floor_of(mod, floors, package.name), floor_of(target, floors, package.name)
+        if b > a:
+            out.add((mod, target, a, b))
+    return sorted(out)
+
+
 # ---------------------------------------------------------------------------------------------- the tree
+def test_every_module_has_one_floor():
+    floors = read_floors(DESIGN.read_text())
+    assert [f for f, _ in floors] == sorted({f for f, _ in floors}, reverse=True), "floors listed top to bottom"
+    for mod in _modules(PACKAGE):
+        floor_of(mod, floors)  # raises for a module on no floor
+
+
+def test_imports_point_down_the_floors():
+    floors = read_floors(DESIGN.read_text())
+    bad = [f"{m} (floor {a}) imports {t} (floor {b})" for m, t, a, b in upward_imports(PACKAGE, floors)
+           if (m, t) not in ALLOWED_UPWARD]
+    assert not bad, "imports going up a floor of docs/design.md (fix them, or list one with its reason):\n" + \
+        "\n".join(bad)
+
+
+def test_allowed_upward_imports_are_few_and_still_exist():
+    assert len(ALLOWED_UPWARD) <= 2 and all(reason for reason in ALLOWED_UPWARD.values())
+    found = {(m, t) for m, t, _, _ in upward_imports(PACKAGE, read_floors(DESIGN.read_text()))}
+    assert set(ALLOWED_UPWARD) <= found, sorted(set(ALLOWED_UPWARD) - found)
+
+
 def test_no_private_name_imported_across_modules():
     bad = private_imports(PACKAGE)
     assert not bad, "private names imported from another module (make them public or move them):\n" + "\n".join(bad)
@@ -164,3 +257,30 @@ def test_import_cycle_is_found(tmp_path):
     (pkg / "c.py").write_text("def f():\n    from . import d\n")
     assert import_cycles(pkg) == []
 
+
+def test_upward_import_is_found(tmp_path):
+    table = """<!-- floors -->
+| floor | modules | what |
+| --- | --- | --- |
+| 2 top | `__init__.py`, `top.py` | x |
+| 1 mid | `mid/` | y |
+| | `mid/inner.py` | z |
+| 0 ground | `base.py` | w |
+<!-- /floors -->"""
+    floors = read_floors(table)
+    assert floors == [(2, ["__init__.py", "top.py"]), (1, ["mid/", "mid/inner.py"]), (0, ["base.py"])]
+    pkg = _package(tmp_path, {
+        "__init__.py": "",
+        "top.py": "from .mid import inner\n",
+        "base.py": "def f():\n    from . import top\n",  # inside a function: still an import
+        "mid/__init__.py": "",
+        "mid/inner.py": "from ..base import f\nimport dist_compact.top\n",
+    })
+    assert floor_of("dist_compact", floors) == 2 and floor_of("dist_compact.mid.inner", floors) == 1
+    assert upward_imports(pkg, floors) == [("dist_compact.base", "dist_compact.top", 0, 2),
+                                           ("dist_compact.mid.inner", "dist_compact.top", 1, 2)]
+    (pkg / "other.py").write_text("")
+    with pytest.raises(LookupError, match="dist_compact.other is on no floor"):
+        floor_of("dist_compact.other", floors)
+    with pytest.raises(ValueError, match="cannot read the row"):
+        read_floors(table.replace("| | `mid/inner.py`", "| x | `mid/inner.py`"))

@@ -1,8 +1,11 @@
-"""Packaging: every package is listed in setup.cfg, and nothing installs a top-level `kernels`."""
+"""Packaging: every package is listed in setup.cfg, nothing installs a top-level `kernels`, the console
+scripts work after `pip install -e .` from any directory, and the CPU paths need no Triton."""
 
 import configparser
 import importlib
 import pathlib
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -23,7 +26,7 @@ def test_every_package_is_listed():
         for p in (ROOT / "dist_compact").rglob("__init__.py")
         if "__pycache__" not in p.parts
     }
-    found |= {"dist_compact_kernels"}
+    found |= {"dist_compact_kernels", "launchers"}
     assert found == _listed(), f"setup.cfg [options] packages must list exactly {sorted(found)}"
 
 
@@ -82,7 +85,6 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch):
     """Each optional import site says which extra of setup.cfg installs what is missing."""
     import sys
 
-    import pytest
 
     from dist_compact.extras import EXTRAS, MissingExtraError, install_hint, require
 
@@ -126,3 +128,92 @@ def test_random_model_without_diffusers_is_one_line_naming_the_extra(monkeypatch
     assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert 'needs the [diffusers] extra (diffusers is not installed): pip install "dist_compact[diffusers]"' in err
     assert list(tmp_path.iterdir()) == []
+
+
+CONSOLE_SCRIPTS = {"dist-compact-generate": "usage: dist-compact-generate", "dist-compact-launch": "usage:",
+                   "dist-compact-search": "usage: dist-compact-search", "dist-compact-train": "usage:"}
+
+
+def test_console_scripts_are_declared():
+    scripts = {line.split("=")[0].strip(): line.split("=")[1].strip()
+               for line in _cfg()["options.entry_points"]["console_scripts"].splitlines() if line.strip()}
+    assert set(scripts) == set(CONSOLE_SCRIPTS)
+    for target in scripts.values():  # every entry point names a function that exists
+        mod, func = target.split(":")
+        assert callable(getattr(importlib.import_module(mod), func)), target
+
+
+def _pip_works() -> bool:
+    import subprocess
+    import sys
+
+    try:
+        import venv  # noqa: F401
+        import setuptools  # noqa: F401
+    except ImportError:
+        return False
+    return subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_pip_install_editable_then_every_console_script_from_another_directory(tmp_path):
+    """`pip install -e .` into a fresh environment, then each console script's --help (and `python -m
+    launchers`) from a directory outside the checkout: the installed entry points, not the working tree."""
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    if not _pip_works():
+        pytest.skip("pip, venv or setuptools is not available here")
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # the dependencies (torch, pyyaml, setuptools, ...) come from this environment, as plain paths: its own
+    # .pth files (an editable install of another checkout among them) are not run
+    here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    with open(os.path.join(site, "deps.pth"), "w") as f:
+        f.write("\n".join(sorted(here)) + "\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
+                              "--no-build-isolation", "--no-index", "-q", "-e", str(ROOT)],
+                             capture_output=True, text=True, timeout=600, env=clean)
+    assert install.returncode == 0, install.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    where = subprocess.run([str(py), "-c", "import dist_compact, launchers; print(dist_compact.__file__); "
+                            "print(launchers.__file__)"], cwd=elsewhere, capture_output=True, text=True, env=clean)
+    assert where.returncode == 0, where.stderr[-2000:]
+    assert all(line.startswith(str(ROOT)) for line in where.stdout.split()), where.stdout
+    for script, usage in CONSOLE_SCRIPTS.items():
+        proc = subprocess.run([str(env_dir / "bin" / script), "--help"], cwd=elsewhere, capture_output=True,
+                              text=True, timeout=300, env=clean)
+        assert proc.returncode == 0 and usage in proc.stdout, (script, proc.stderr[-2000:])
+    proc = subprocess.run([str(py), "-m", "launchers", "--help"], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=300, env=clean)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cpu_paths_run_without_triton():
+    """Where Triton has no wheels it is not installed (setup.cfg's marker): the package imports and the
+    CPU op runs the PyTorch reference."""
+    import subprocess
+    import sys
+
+    code = ("import sys, importlib.util\n"
+            "real = importlib.util.find_spec\n"
+            "importlib.util.find_spec = lambda n, *a: None if n == 'triton' else real(n, *a)\n"
+            "sys.modules['triton'] = None\n"
+            "import torch, dist_compact\n"
+            "from dist_compact import BlockIndex, block_sparse_attention, dense_attention\n"
+            "q = torch.randn(1, 32, 2, 16)\n"
+            "out = block_sparse_attention(q, q, q, BlockIndex.full(1, 2, 2, 2, 16))\n"
+            "assert torch.allclose(out, dense_attention(q, q, q, block_size=16, backend='torch'), atol=1e-6)\n"
+            "import dist_compact.cli.generate, dist_compact.run.generation\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    marker = [line for line in _cfg()["options"]["install_requires"].splitlines() if "triton" in line]
+    assert marker and "platform_system" in marker[0]

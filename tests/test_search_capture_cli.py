@@ -1,10 +1,10 @@
-"""`python -m dist_compact.search capture` records block-mass files from dense runs of the main job's
+"""`dist-compact-search capture` records block-mass files from dense runs of the main job's
 model, and `search` turns them into a config the main job can load."""
 
 import pytest
 import torch
 
-from dist_compact.search.__main__ import main
+from dist_compact.cli.search import main
 from dist_compact.search.capture import MassStore
 from dist_compact.search.config_file import load_config
 

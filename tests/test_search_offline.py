@@ -14,7 +14,7 @@ from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.patterns import HeadPattern
 from dist_compact.png import colormap, encode_png
 from dist_compact.reference import reference_attention, reference_block_mass, token_mask
-from dist_compact.search.__main__ import main as cli_main
+from dist_compact.cli.search import main as cli_main
 from dist_compact.search.capture import CaptureAttention, MassStore, reduce_block_mass
 from dist_compact.search.config_file import load_config
 from dist_compact.search.offline import SearchSettings, search_store, search_stores

@@ -20,10 +20,10 @@ import threading
 from typing import List, Optional, Sequence, Tuple
 
 from ..run.config import ConfigError, RunConfig
-from .args import OneLineParser
 from ..run.loader import load_run_config, to_yaml
+from ..cmdline import OneLineParser
 
-__all__ = ["PROG", "SHORTCUTS", "build_parser", "parse_generate_args", "main", "summary_lines"]
+__all__ = ["PROG", "SHORTCUTS", "build_parser", "parse_generate_args", "main", "console", "summary_lines"]
 
 #: the name errors are printed under (the script users run from a checkout)
 PROG = "generate.py"
@@ -62,9 +62,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def parse_generate_args(argv: Sequence[str]) -> Tuple[RunConfig, argparse.Namespace]:
-    """The command line -> (:class:`RunConfig`, the parsed flags)."""
-    parser = build_parser()
+def parse_generate_args(argv: Sequence[str], prog: str = PROG) -> Tuple[RunConfig, argparse.Namespace]:
+    """The command line -> (:class:`RunConfig`, the parsed flags); ``prog`` names the command in its help."""
+    parser = build_parser(prog)
     args, rest = parser.parse_known_args(list(argv))
     overrides: List[Tuple[str, str]] = []
     for flag, key in SHORTCUTS.items():
@@ -117,27 +117,28 @@ def _launched_rank() -> int:
     return int(raw) if raw.isdigit() else 0
 
 
-def _error(text: str, code: int, printer: int = 0) -> int:
+def _error(text: str, code: int, printer: int = 0, prog: str = PROG) -> int:
     if _launched_rank() == printer:
-        print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
     return code
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = PROG) -> int:
     """The command (see the module doc): 0, or the exit code after ONE line on stderr (printed by one
     rank under torchrun): 2 for a bad command line or config, 1 for a failed run, 130 for Ctrl-C.
-    Leaves no signal handler behind when called as a function."""
+    Leaves no signal handler behind when called as a function. ``prog`` names the command in its help
+    and its error lines."""
     try:
-        return _main(argv)
+        return _main(argv, prog)
     except KeyboardInterrupt:
-        return _error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130)
+        return _error("interrupted (Ctrl-C); nothing was written to run.output_dir", 130, prog=prog)
 
 
-def _main(argv) -> int:
+def _main(argv, prog: str) -> int:
     try:
-        cfg, args = parse_generate_args(sys.argv[1:] if argv is None else argv)
+        cfg, args = parse_generate_args(sys.argv[1:] if argv is None else argv, prog)
     except ConfigError as e:
-        return _error(f"config error: {e}", 2)
+        return _error(f"config error: {e}", 2, prog=prog)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -163,19 +164,24 @@ def _main(argv) -> int:
         # a rank failed, stopped answering or never joined: one line, from one rank, printed before
         # the silent ranks are ended (the launcher stops this rank as soon as one of them is gone)
         _set_handler(signal.SIGTERM, signal.SIG_IGN)
-        code = _error(f"error: {e}", 1, printer=e.printer)
+        code = _error(f"error: {e}", 1, printer=e.printer, prog=prog)
         e.end_silent()
         return code
     except (ConfigError, WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError,
             ParallelMismatchError, ParallelLoadError, OutputError, FileExistsError, ImportError, ValueError) as e:
         # expected failures (bad input, corrupt weights, NaN, wrong world size): one line, no traceback
-        return _error(f"error: {e}", 1)
+        return _error(f"error: {e}", 1, prog=prog)
     finally:
         _set_handler(signal.SIGTERM, previous)
         shutdown()
     if result.folder:
         print(summary_lines(result.folder, result.report))
     return 0
+
+
+def console() -> int:
+    """The ``dist-compact-generate`` console script."""
+    return main(prog="dist-compact-generate")
 
 
 def _terminated(*_) -> None:

@@ -29,6 +29,8 @@ import torch
 from .._util import cdiv, is_int
 from ..layout import VideoLayout
 from ..models.adapters import ModelAdapter
+from ..models.embedded import WEIGHTS_DIR
+from ..search.config_file import load_compact
 from ..ops import SUPPORTED_HEAD_DIMS
 from ..sparsity.attention import build_attention
 from ..sparsity.attention_ops import AttentionOps
@@ -400,11 +402,9 @@ def new_attentions(h, sp=None) -> List[Callable]:
 
 
 def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
-    from ..search.config_file import load_compact
-
     if compact is None or isinstance(compact, str):
         cfg = sparsity if compact is None else dataclasses.replace(sparsity, compact_config=compact)
-        return load_compact(cfg, num_layers=num_layers, num_heads=num_heads)
+        return load_compact(cfg, num_layers=num_layers, num_heads=num_heads, shipped_dir=WEIGHTS_DIR)
     if not callable(getattr(compact, "index_for", None)):
         raise TypeError("sparsify: compact must have index_for(layer, layout, num_heads) or be a config file path")
     if hasattr(compact, "check_compatible"):

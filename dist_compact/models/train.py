@@ -32,7 +32,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..cli.args import OneLineParser
+from ..cmdline import OneLineParser
 from .data import make_batch
 from .embedded import (EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io, save_embedded,
                        sha256_of)

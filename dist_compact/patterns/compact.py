@@ -452,7 +452,7 @@ class CompactConfig:
             problems.append(f"{self.num_heads} heads per layer (model has {num_heads})")
         if problems:
             raise ValueError("Compact config does not fit this model: it is for " + ", ".join(problems)
-                             + "; search a config for this model (python -m dist_compact.search)")
+                             + "; search a config for this model (dist-compact-search)")
 
     # ---------------------------------------------------------------- geometry
     def _cached(self, key, make):

@@ -503,7 +503,7 @@ def build_report(cfg, *, model_info: dict, layout, world: int, device, dtype, sp
                  num_layers: int, num_heads: int) -> dict:
     """The report.json payload (see the module doc); ``sparse`` / ``dense`` are the runs'
     :class:`~dist_compact.run.runner.RunOutput` (``sample``, ``stats``, ``extra``)."""
-    from .. import __version__
+    from .._version import __version__
 
     rep = {
         "dist_compact_version": __version__,

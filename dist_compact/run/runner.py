@@ -32,6 +32,7 @@ import torch
 
 from . import report as rpt
 from ..layout import VideoLayout
+from ..models.embedded import WEIGHTS_DIR
 from ..parallel import Coordinator, ParallelConfig, init_distributed
 from ..parallel.launch import launched_world
 from ..parallel.watch import RankWatch, job_endpoint
@@ -228,7 +229,7 @@ def agree(cfg, weights: Optional[tuple], *, num_layers: int, num_heads: int):
         if weights is not None:
             coord.check_same(*weights)
     # read on rank 0 only; every rank gets rank 0's object, so it needs no agreement check of its own
-    return coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name,
+    return coord.broadcast_object(load=lambda: load_compact(cfg.sparsity, model=cfg.model.name, shipped_dir=WEIGHTS_DIR,
                                                             num_layers=num_layers, num_heads=num_heads))
 
 

@@ -2,7 +2,7 @@
 
 * Offline (Compact Attention): :mod:`.capture` records block-mass statistics from a dense run,
   :mod:`.offline` searches per-(layer, head) window configs, :mod:`.config_file` saves/loads them,
-  :mod:`.quality` reports recall and density; CLI: ``python -m dist_compact.search``.
+  :mod:`.quality` reports recall and density; CLI: ``dist-compact-search``.
 * Online (AdaSpa): :mod:`.online` selects blocks from the block mass at run time.
 """
 

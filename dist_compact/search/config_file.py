@@ -136,14 +136,14 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
     fmt = config_format(path)
     if path.is_dir():
         raise ValueError(f"{path} is a directory; sparsity.compact_config takes a Compact config file (.yaml / .json) "
-                         "written by `python -m dist_compact.search search`")
+                         "written by `dist-compact-search search`")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ValueError(f"{path}: cannot read the Compact config ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not a text file (byte {e.start} is not UTF-8); give a Compact config (.yaml / "
-                         ".json) written by `python -m dist_compact.search search`") from None
+                         ".json) written by `dist-compact-search search`") from None
     try:
         d = json.loads(text) if fmt == "json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -157,22 +157,22 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
 
 
 def load_compact(sparsity: SparsityConfig, *, model: Optional[str] = None, num_layers: Optional[int] = None,
-                 num_heads: Optional[int] = None):
+                 num_heads: Optional[int] = None, shipped_dir=None):
     """The static Compact pattern object for ``sparsity`` (None when its mode uses none).
 
     Reads ``sparsity.compact_config`` (a searched config file, :func:`load_config`) and checks it
-    was searched for this model / layer and head count. A relative path is taken from the working directory, else from the folder of the
-    embedded model's shipped files (``dist_compact/models/weights/``), so shipped configs resolve
-    wherever the package is installed.
+    was searched for this model / layer and head count. A relative path is taken from the working
+    directory, else from ``shipped_dir`` (the callers pass the folder of the embedded model's shipped
+    files, ``dist_compact.models.embedded.WEIGHTS_DIR``, so shipped configs resolve wherever the
+    package is installed).
     """
     if not sparsity.uses_compact:
         return None
     if not sparsity.compact_config:
         raise ValueError(f"sparsity mode {sparsity.mode!r} needs sparsity.compact_config (a searched config file)")
-    from ..models.embedded import DEFAULT_WEIGHTS
-
     path = sparsity.compact_config
-    shipped = os.path.join(str(DEFAULT_WEIGHTS.parent), path)
-    if not os.path.isabs(path) and not os.path.exists(path) and os.path.exists(shipped):
-        path = shipped
+    if shipped_dir is not None and not os.path.isabs(path) and not os.path.exists(path):
+        shipped = os.path.join(str(shipped_dir), path)
+        if os.path.exists(shipped):
+            path = shipped
     return load_config(path, model=model, num_layers=num_layers, num_heads=num_heads)

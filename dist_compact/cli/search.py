@@ -1,16 +1,16 @@
-"""Command line for the offline Compact search.
+"""The offline Compact searchs command line: ``dist-compact-search`` (also ``python -m dist_compact.cli.search``).
 
     # search one config from captured block-mass files (one per prompt; merged by union)
-    python -m dist_compact.search search mass_p0.pt mass_p1.pt --out configs/wan_compact.yaml \\
+    dist-compact-search search mass_p0.pt mass_p1.pt --out configs/wan_compact.yaml \\
         --tau 0.9 [--lam 0.05] [--groups 0,1,2-3,4-7,8+] [--merge union|average] [--device cuda] \\
         [--report reports/wan_compact]
 
     # recall / density of a config on captures (CSV, PNG heatmaps, summary)
-    python -m dist_compact.search report --config configs/wan_compact.yaml --mass mass_p2.pt --out reports/p2
+    dist-compact-search report --config configs/wan_compact.yaml --mass mass_p2.pt --out reports/p2
 
     # capture block-mass files from dense runs of the main job's model (one file per prompt);
     # every generate.py option and --section.key override after "--" applies
-    python -m dist_compact.search capture --out-dir captures --prompt "a red square moving left" \
+    dist-compact-search capture --out-dir captures --prompt "a red square moving left" \
         --prompt "a blue circle bouncing" --capture-steps 4,8,12,16 -- --config configs/cluster/cpu-demo.yaml
 
 Mass files come from :class:`dist_compact.search.capture.MassStore.save` (``CaptureAttention`` during
@@ -27,11 +27,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..cli.args import OneLineParser
-from .capture import MassStore
-from .config_file import config_format, load_config, save_config
-from .offline import SearchSettings, search_stores
-from .quality import evaluate, write_report
+from ..search.capture import MassStore
+from ..search.config_file import config_format, load_config, save_config
+from ..search.offline import SearchSettings, search_stores
+from ..search.quality import evaluate, write_report
+from ..cmdline import OneLineParser
 
 
 def parse_groups(text: Optional[str]) -> Optional[Tuple[Tuple[int, Optional[int]], ...]]:
@@ -112,10 +112,10 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
     import dataclasses
     import os
 
-    from ..cli.generate import parse_generate_args
+    from .generate import parse_generate_args
     from ..models.embedded import load_embedded, shipped_weights
     from ..run.generation import run_generation
-    from .capture import CaptureAttention
+    from ..search.capture import CaptureAttention
 
     cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{index}"])
     if cfg.model.kind != "embedded":
@@ -145,7 +145,7 @@ def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = OneLineParser(prog="python -m dist_compact.search", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="dist-compact-search", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("search", help="search a Compact config from captured mass files")
     s.add_argument("mass", nargs="+", help="MassStore files (.pt), e.g. one per prompt")
