@@ -1,4 +1,4 @@
-"""Cost of AdaSpa's online search and its share of a 50-step schedule (issue 5).
+"""Cost of AdaSpa's online search and its share of a 50-step schedule.
 
 Run on a GPU from the repository root (HunyuanVideo 720p shape: S = 118,784, H = 24, d = 128, bf16,
 block 128 = tile (2, 8, 8) on a 58 x 32 x 64 latent grid, 928 blocks):

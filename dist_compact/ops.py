@@ -172,7 +172,7 @@ def measured_dense_threshold(device: torch.device, dtype: torch.dtype, head_dim:
     * ``SparsityConfig.dense_threshold`` (default ``TRITON_DENSE_CROSSOVER``, 0.75): the schedule
       runs heads above it with full rows and layers whose mean density is above it dense.
 
-    Measured on an H100 (BENCHMARKS.md, 2026-11-23; sparse time scales with density). Triton kernel:
+    Measured on an H100 (docs/history/notebook.md, 2026-11-23; sparse time scales with density). Triton kernel:
     379 ms at density 1.0 vs SDPA-cuDNN 288 ms at S=118,784 H=24 d=128 bf16 -> they cross near 0.76
     (``TRITON_DENSE_CROSSOVER``). The warp-specialized kernel (sm_90, block size 128) with its
     overlapped consumer loop: 274 ms at density 1.0 vs cuDNN 282 ms (Wan shape: 34.1 vs 36.1 ms), so

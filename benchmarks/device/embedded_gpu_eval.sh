@@ -25,12 +25,12 @@ for S in $STAGES; do
   stamp "$S"
   case $S in
   search)
-    timeout ${SEARCH_S:-150} python3 -m dist_compact.search capture --out-dir /tmp/mass --capture-steps 4,8,12,16 \
+    timeout ${SEARCH_S:-150} python3 -m dist_compact.cli.search capture --out-dir /tmp/mass --capture-steps 4,8,12,16 \
       --prompt "a green circle moving right" --prompt "a purple square bouncing on a checkerboard" \
       --prompt "an orange triangle moving down on a gradient" --prompt "a white square moving up" \
       -- --config $M --run.video false --run.progress false > $B/capture.log 2>&1 || tail -5 $B/capture.log
     for TAU in 0.9 0.8; do
-      timeout 60 python3 -m dist_compact.search search /tmp/mass/mass_*.pt --out $W/embedded-gpu-compact-$TAU.yaml \
+      timeout 60 python3 -m dist_compact.cli.search search /tmp/mass/mass_*.pt --out $W/embedded-gpu-compact-$TAU.yaml \
         --tau $TAU --model embedded-gpu --device cuda 2>&1 | tail -1 | tee -a $B/steps.log
       cp $W/embedded-gpu-compact-$TAU.yaml $B/ 2>/dev/null
     done ;;

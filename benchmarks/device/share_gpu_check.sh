@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Ranks sharing ONE GPU (issue #16): every layout (Ulysses 2/4, ring 2/4, hybrid 2x2) of generate's
+# Ranks sharing ONE GPU: every layout (Ulysses 2/4, ring 2/4, hybrid 2x2) of generate's
 # pipeline with the embedded model and the random-weight HunyuanVideo / Wan transformers (few layers)
 # equals one process at bf16 tolerance, through gloo with CUDA tensors, the staged ring and the GPU
 # kernels (Gluon where blocks are 128). One device call, from the repository root:

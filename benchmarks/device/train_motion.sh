@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call for issue 19: train the embedded model (continuing the shipped weights, training
+# One device call: train the embedded model (continuing the shipped weights, training
 # times shifted toward the noise), re-search the demo's Compact config on the new weights, then the
 # motion benchmark (dense vs the demo's sparse config, prompt grid), sparse-vs-dense PSNR on the demo
 # path, and frames.png of the default prompt.
@@ -30,10 +30,10 @@ split -b 15M $OUT/w/embedded.ckpt.pt $OUT/w/ckpt.part- && rm $OUT/w/embedded.ckp
 stamp capture  # the demo's Compact config, re-searched on the new weights (same prompts / steps as before)
 P=(--prompt "a green circle moving right" --prompt "a purple square bouncing on a checkerboard"
    --prompt "an orange triangle moving down on a gradient" --prompt "a white square moving up")
-timeout 100 python3 -m dist_compact.search capture --out-dir /tmp/mass --capture-steps 4,8,12,16 "${P[@]}" \
+timeout 100 python3 -m dist_compact.cli.search capture --out-dir /tmp/mass --capture-steps 4,8,12,16 "${P[@]}" \
   -- --config configs/cluster/1gpu.yaml --run.video false --model.tile 1,4,4 > $B/capture.log 2>&1 || tail -5 $B/capture.log
 for TAU in 0.5 0.6 0.7; do
-  timeout 30 python3 -m dist_compact.search search /tmp/mass/mass_*.pt --out $B/embedded-compact-$TAU.yaml \
+  timeout 30 python3 -m dist_compact.cli.search search /tmp/mass/mass_*.pt --out $B/embedded-compact-$TAU.yaml \
     --tau $TAU --model embedded 2>&1 | tail -1
 done
 [ -f $B/embedded-compact-0.5.yaml ] && cp $B/embedded-compact-0.5.yaml $W/embedded-compact-0.5.yaml

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One device call for the Gluon kernel's schedule variants (issue 3): GPU tests of the kernel, a
+# One device call for the Gluon kernel's schedule variants: GPU tests of the kernel, a
 # side-by-side timing of the variants, then Nsight Compute on single launches.
 #   VARIANTS="ws=ws,ov=ws:ov" DENS=0.5,0.19 PROFILE="ws@0.5 ws:ov@0.5" bash benchmarks/device/ws_explore.sh
 set -u

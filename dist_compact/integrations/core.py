@@ -53,7 +53,7 @@ __all__ = [
 
 #: Distinct layouts kept with their own attention objects (LRU).
 MAX_LAYOUTS = 4
-#: Tiles of 128 tokens (the kernel's fastest block size, see BENCHMARKS.md) tried by default_tile,
+#: Tiles of 128 tokens (the kernel's fastest block size, see docs/history/notebook.md) tried by default_tile,
 #: in order of preference at equal padding (compact tiles first: windows stay round).
 DEFAULT_TILES = ((2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4))
 #: The transformer attribute an installed handle lives under (a plain attribute, not a submodule).

@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at this total step (resumed steps count); the LR cosine then spans the steps, "
                         "else the time budget (0: time only)")
     p.add_argument("--stop-after", type=int, default=0,
-                   help="end this run after this many steps (a schedule split over several runs / sessions)")
+                   help="end this run after this many steps (a schedule split over several runs)")
     p.add_argument("--save-every", type=float, default=2.0, help="minutes between periodic saves")
     p.add_argument("--save-margin", type=float, default=2.0,
                    help="seconds kept free beyond the measured cost of the final validation and save")

@@ -283,7 +283,7 @@ MAX_FRAMES, MAX_PIXELS = 4096, 16384
 
 #: The embedded demo's sparsity (configs/sparsity/demo.yaml): AdaSpa's online search, 23% of the key blocks of
 #: every row (sparsity 0.77, equal head budgets), 12 of 20 steps dense, a fused search every other step
-#: after (the measurements behind this choice: BENCHMARKS.md, "Embedded demo").
+#: after (the measurements behind this choice: BENCHMARKS.md, "Embedded demo model").
 DEMO_SPARSITY = SparsityConfig(mode="adaspa", dense_steps=30,
                                search_steps=(30, 35, 40, 45), search_kinds=("fused", "fused", "fused", "fused"),
                                reference_steps=50, sparsity=0.77, head_adaptive=False)

@@ -69,7 +69,7 @@ __all__ = [
 #: The command that shows the real speed-up: one HunyuanVideo 720p transformer forward (33x45x80 =
 #: 118,800 video tokens, random weights from the published config) on one GPU, our dense path vs
 #: 3D windows and an AdaSpa reuse step. Needs the [diffusers] extra. BENCHMARKS.md: 2.52x at window
-#: density 0.2 on an H100 (the fourth session's table).
+#: density 0.2 on an H100 ("Full transformer forward").
 REAL_SPEEDUP_COMMAND = ("python benchmarks/model_forward.py --model hunyuan_video --layers 6 --reps 2 --mass-rows 32 "
                         "--cases dense,window@0.4,window@0.2,window@0.12,adaspa_reuse@0.2")
 _REAL_SPEEDUP = (f"for the real speed-up run on a GPU: {REAL_SPEEDUP_COMMAND} (HunyuanVideo 720p, 118,800 tokens, "

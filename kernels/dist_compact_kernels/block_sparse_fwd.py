@@ -182,7 +182,7 @@ def _block_sparse_fwd_kernel(
 
 
 def _default_config(block_size: int, head_dim: int, tma: bool):
-    """(BLOCK_N, num_warps, num_stages), from the H100 sweeps in BENCHMARKS.md: BLOCK_N = block size
+    """(BLOCK_N, num_warps, num_stages), from the H100 sweeps in docs/history/notebook.md: BLOCK_N = block size
     with 8 warps for 128x128 tiles (BLOCK_N 64 or 4 warps: 10-20% slower); 3 stages on the pointer
     path, 4 with tensor descriptors (steadier across densities). Smaller tiles need fewer warps."""
     block_n = block_size

@@ -2,7 +2,7 @@
 
 Why a second kernel: the Triton kernel (block_sparse_fwd.py) issues the QK^T and PV tensor-core
 products and the softmax from the same warps, with CTA-wide barriers between pipeline stages, so
-the tensor cores idle while the exponentials run (BENCHMARKS.md, notes of issue 3). Here one
+the tensor cores idle while the exponentials run (docs/history/notebook.md, the kernel notes). Here one
 program = one 128-row query block of one (z, h), split over three partitions:
 
 * the loader (the default partition, 4 warps, few registers) reads the row's key-block indices and
@@ -49,9 +49,9 @@ BLOCK = 128  # query and key block size (rows of Q per program, keys per K/V til
 ROWS = 64  # query rows per consumer warpgroup
 STAGES = 2  # K/V ring depth (3 also fits: Q 32 KiB + 3 x 64 KiB of K/V, the output reuses Q's buffer)
 PINGPONG = False
-OVERLAP = True  # measured: +13-26% over the serial consumer loop (BENCHMARKS.md, fourth session)
+OVERLAP = True  # measured: +13-26% over the serial consumer loop on an H100 (docs/history/notebook.md)
 EXP_EMU = False
-PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (BENCHMARKS.md)
+PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (docs/history/notebook.md)
 CONSUMER_REGS = gl.constexpr(240)
 # Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
 # -> async_store) and made the old names raise; the kernels call whichever this Triton has (same arguments)

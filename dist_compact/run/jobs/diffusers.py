@@ -85,7 +85,7 @@ def load_pipeline(model_path, pipeline: str = "WanPipeline", *, device="cpu", dt
     if not (path / "model_index.json").is_file():
         raise ValueError(
             f"--model-path {model_path}: not a local diffusers pipeline folder (no model_index.json); "
-            "download the weights first (e.g. huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers "
+            "download the weights first (e.g. hf download Wan-AI/Wan2.1-T2V-14B-Diffusers "
             "--local-dir <folder>) and pass that folder"
         )
     cls = getattr(require("diffusers", "diffusers", "the diffusers runner"), pipeline)
