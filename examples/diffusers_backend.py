@@ -7,7 +7,7 @@
 Every rank runs the same pipeline on the same seed; diffusers shards the video tokens over the
 ranks inside the transformer, and rank 0 writes the video (an mp4 through diffusers'
 ``export_to_video``; ``--out x.pt``: the denoised latents instead, before the VAE). ``--device cpu
---backend torch`` with a tiny pipeline folder is what the tests run (``tests/test_diffusers_backend.py``).
+--backend torch`` with a tiny pipeline folder is what the tests run (``tests/integrations/test_diffusers_backend.py``).
 """
 
 import argparse

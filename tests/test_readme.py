@@ -97,7 +97,7 @@ def test_launchers_block_prints_the_gpu_commands(tmp_path):
 
 def test_generate_1gpu_block_resolves_its_configs(tmp_path):
     """Every config file and flag of the block resolves (the run itself needs the real weights; the
-    diffusers path of generate.py runs on a tiny pipeline in tests/test_diffusers_integration.py)."""
+    diffusers path of generate.py runs on a tiny pipeline in tests/integrations/test_diffusers_integration.py)."""
     import yaml
 
     env = _sandbox(tmp_path)
@@ -111,9 +111,9 @@ def test_generate_1gpu_block_resolves_its_configs(tmp_path):
 
 def _run_wan_block(name: str, tmp_path, begin: str) -> dict:
     """Run the README block ``name`` on a tiny saved WanPipeline on the CPU (3 steps); its namespace."""
-    from test_diffusers_integration import _save_tiny_wan_pipeline
+    from helpers import save_tiny_wan_pipeline
 
-    folder = _save_tiny_wan_pipeline(tmp_path / "tiny-wan")
+    folder = save_tiny_wan_pipeline(tmp_path / "tiny-wan")
     code = patched(block(name), {
         '"checkpoints/Wan2.1-T2V-1.3B-Diffusers"': repr(str(folder)),
         'torch_dtype=torch.bfloat16).to("cuda")': 'torch_dtype=torch.float32).to("cpu")',

@@ -5,7 +5,7 @@
 set -u
 export PYTHONPATH=$PWD:$PWD/kernels
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu --format=csv,noheader > $OUT/gpu.txt
-timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/test_block_sparse_ws.py -k "not compiles" \
+timeout ${TEST_S:-150} python3 -m pytest -q -p no:cacheprovider tests/kernels/test_block_sparse_ws.py -k "not compiles" \
   > $OUT/tests.txt 2>&1; echo "rc $?" >> $OUT/tests.txt
 tail -3 $OUT/tests.txt
 timeout ${BENCH_S:-300} python3 benchmarks/kernel_bench.py --csv $OUT/bench.csv --rep ${REP:-500} \

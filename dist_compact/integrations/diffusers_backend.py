@@ -62,7 +62,7 @@ them; their queries attend every key, they are keys of every video query, and in
 keys only of the local step (each query sees them once).
 
 What is relied on beyond diffusers' public API (checked by
-``tests/test_diffusers_backend.py::test_diffusers_internals_we_rely_on``, so an upgrade that changes
+``tests/integrations/test_diffusers_backend.py::test_diffusers_internals_we_rely_on``, so an upgrade that changes
 them fails loudly): ``attention_dispatch.TemplatedRingAttention.apply(q, k, v, attn_mask, dropout_p,
 is_causal, scale, enable_gqa, return_lse, forward_op, backward_op, _parallel_config)`` and the call
 order of ``forward_op`` (first call ``_save_ctx=True`` with the local chunk, then ``r+1, r+2, ...``);

@@ -21,7 +21,7 @@ A clip *follows its prompt* when all of these hold (pixels and frames of the cli
 
 :func:`score_clips` returns one :class:`MotionScore` per clip with these verdicts and the numbers behind
 them (travel, worst step, jerk = mean |second difference| / mean speed); :func:`summarize` gives the
-shares of a list of scores. The training data scores 100% (tests/test_motion.py).
+shares of a list of scores. The training data scores 100% (tests/models/test_motion.py).
 """
 
 from __future__ import annotations

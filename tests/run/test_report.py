@@ -20,7 +20,7 @@ from dist_compact.run.sampler import sample
 
 from test_generate import _cfg, weights  # noqa: F401  (the small random-weight model fixture)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 REAL = (f"for the real speed-up run on a GPU: {REAL_SPEEDUP_COMMAND} (HunyuanVideo 720p, 118,800 tokens, random "
         "weights; 2.52x at density 0.2 on an H100, BENCHMARKS.md)")
 CPU_WHY = ("on a CPU the sparse path is PyTorch SDPA with the index as a mask (every block is still computed) plus "

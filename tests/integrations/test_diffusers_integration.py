@@ -22,6 +22,7 @@ from dist_compact.integrations.core import default_tile  # noqa: E402
 from dist_compact.patterns import CompactConfig, HeadPattern  # noqa: E402
 from dist_compact.sparsity.config import SparsityConfig  # noqa: E402
 from dist_compact.stats import AttentionStats  # noqa: E402
+from helpers import save_tiny_wan_pipeline  # noqa: E402
 from parallel_helpers import run_workers  # noqa: E402
 
 TOL = 1e-5
@@ -312,36 +313,9 @@ def test_two_processes_equal_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- WanPipeline
-def _save_tiny_wan_pipeline(folder):
-    """A tiny WanPipeline (random weights, word-level tokenizer built offline) saved to ``folder``."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in "a red blue square circle moving left right".split():
-        vocab[w] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                               num_heads=4, relative_attention_num_buckets=8,
-                                               relative_attention_max_distance=16))
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
-                                        in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32,
-                                        num_layers=2, rope_max_seq_len=32)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    pipe.save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def wan_folder(tmp_path_factory):
-    return _save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan"))
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan"))
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch
 
 from helpers import child_env
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: asserted word for word below (docs/errors.md shows it)
 CTRL_C_LINE = "generate.py: interrupted (Ctrl-C); nothing was written to run.output_dir"
 

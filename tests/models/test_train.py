@@ -172,7 +172,7 @@ def test_bad_training_option_as_a_process_prints_one_line(tmp_path):
     import subprocess
     import sys
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
     out = subprocess.run([sys.executable, "-m", "dist_compact.models.train", "--heads", "5"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)

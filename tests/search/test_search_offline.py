@@ -21,7 +21,7 @@ from dist_compact.search.offline import SearchSettings, search_store, search_sto
 from dist_compact.search.quality import evaluate, heatmap_image
 from dist_compact.synthetic import HEAD_KINDS, synthetic_qkv
 
-from test_patterns_compact import random_config
+from helpers import random_config
 
 TORCH_OPS = AttentionOps(backend="torch")
 

@@ -25,7 +25,7 @@ from dist_compact.run.runner import WorldSizeError
 
 diffusers = pytest.importorskip("diffusers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 HUNYUAN_VIDEO = ROOT / "configs/models/hunyuanvideo-random.yaml"
 WAN = ROOT / "configs/models/wan2.1-t2v-14b-random.yaml"
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # launchers/ is run from the repository root, not installed
 
 from launchers.launch import LaunchError, load_cluster, plan_launch, slurm_script  # noqa: E402

@@ -285,7 +285,7 @@ def test_four_processes_equal_one(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the example
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "diffusers_backend.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "diffusers_backend.py"
 TINY = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--steps", "2", "--frames", "9",
         "--height", "64", "--width", "64", "--tile", "1,4,4", "--max-sequence-length", "16",
         "--prompt", "a red square moving left"]
@@ -293,9 +293,9 @@ TINY = ["--device", "cpu", "--backend", "torch", "--dtype", "float32", "--steps"
 
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory):
-    from test_diffusers_integration import _save_tiny_wan_pipeline
+    from helpers import save_tiny_wan_pipeline
 
-    return _save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan-backend"))
+    return save_tiny_wan_pipeline(tmp_path_factory.mktemp("tiny-wan-backend"))
 
 
 def _example(folder, out, *extra, torchrun=0):

@@ -19,7 +19,7 @@ from dist_compact.run.report import psnr, ssim
 from dist_compact.run.runner import WorldSizeError
 from dist_compact.run.sampler import NonFiniteLatentsError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from dist_compact import BlockIndex, VideoLayout
 from dist_compact.patterns import CompactConfig, FrameGroup, HeadPattern, Window, cover_windows, merge_union
 from dist_compact.reference import token_mask
 from dist_compact.search.config_file import config_to_dict, load_config, save_config
+from helpers import random_config, random_window
 
 LAYOUTS = [
     VideoLayout(5, 9, 11, tile=(1, 4, 4)),                                                   # ragged h, w
@@ -22,29 +23,6 @@ LAYOUTS = [
 
 def _lid(lay):
     return f"{lay.frames}x{lay.height}x{lay.width}-t{''.join(map(str, lay.tile))}-txt{lay.text_tokens}-sm{lay.slab_multiple}"
-
-
-def _rand_window(rng, nh, nw):
-    pick = lambda n: None if rng.random() < 0.2 else rng.randrange(0, n + 1)  # noqa: E731
-    return Window(pick(nh), pick(nw))
-
-
-def random_pattern(rng, nt=5, nh=4, nw=4):
-    """Random groups over slab distances: gaps, 0-2 windows, bounded or open last group."""
-    cuts = sorted(rng.sample(range(1, nt + 2), rng.randrange(0, 3)))
-    bounds = [0] + cuts
-    groups = []
-    for i, lo in enumerate(bounds):
-        last = i == len(bounds) - 1
-        hi = (None if rng.random() < 0.5 else lo + rng.randrange(0, 2)) if last else bounds[i + 1] - 1
-        k = rng.randrange(1 if lo == 0 else 0, 3)
-        groups.append(FrameGroup(lo, hi, tuple(_rand_window(rng, nh, nw) for _ in range(k))))
-    return HeadPattern(tuple(groups))
-
-
-def random_config(seed, layers=2, heads=3, **kw):
-    rng = random.Random(seed)
-    return CompactConfig(tuple(tuple(random_pattern(rng) for _ in range(heads)) for _ in range(layers)), **kw)
 
 
 def brute_force_mask(pattern: HeadPattern, lay: VideoLayout) -> torch.Tensor:
@@ -181,7 +159,7 @@ def _region(ws, n=7):
 @pytest.mark.parametrize("seed", range(6))
 def test_cover_windows_is_a_superset(seed):
     rng = random.Random(seed)
-    ws = [_rand_window(rng, 6, 6) for _ in range(rng.randrange(1, 6))]
+    ws = [random_window(rng, 6, 6) for _ in range(rng.randrange(1, 6))]
     cov = cover_windows(ws)
     assert 1 <= len(cov) <= 2
     assert bool((_region(cov) >= _region(ws)).all())

@@ -22,7 +22,7 @@ from helpers import child_env
 from dist_compact.run import report as rpt
 from dist_compact.run.report import OutputError, RunFolder
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXED = 1_900_000_000.0  # one second for every run of a test
 #: asserted word for word below (docs/errors.md shows it)
 FULL_DISK_LINE = ("generate.py: error: cannot write {final}/{file}: No space left on device; free space there or choose "

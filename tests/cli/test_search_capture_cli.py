@@ -40,7 +40,7 @@ def test_capture_then_search(tmp_path):
 def test_capture_refuses_other_models_up_front(tmp_path, model, capsys):
     from pathlib import Path
 
-    cfg = Path(__file__).resolve().parents[1] / model
+    cfg = Path(__file__).resolve().parents[2] / model
     assert main(["capture", "--out-dir", str(tmp_path), "--prompt", "x", "--", "--config", str(cfg)]) == 2
     assert "runs the embedded model, not model.kind 'random'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

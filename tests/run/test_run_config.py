@@ -11,7 +11,7 @@ from dist_compact.run.loader import load_run_config, parse_override, to_yaml
 from dist_compact.cli.generate import parse_generate_args
 from dist_compact.sparsity.config import SparsityConfig
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

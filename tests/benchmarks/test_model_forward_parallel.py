@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "model_forward.py"
 CASES = ["dense", "window@0.4", "window@0.2", "window@0.12", "search_fused", "search_cached", "adaspa_reuse@0.2"]
 

@@ -11,7 +11,7 @@ import torch
 from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import (WeightsError, load_embedded, sha256_of, shipped_weights)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "models", "embedded-gpu.yaml")
 WEIGHTS = shipped_weights("embedded-gpu")
 

@@ -26,7 +26,7 @@ from helpers import child_env
 
 from dist_compact.parallel.watch import RankFailure, RankWatch, join
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 #: a loaded 2-core CI machine: generous for process start and the verdict, below torchrun's 30 s grace
 MARGIN_S = 20.0
 
