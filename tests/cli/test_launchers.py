@@ -9,7 +9,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # launchers/ is run from the repository root, not installed
+sys.path.insert(0, str(ROOT))  # this checkout's launchers/, whether or not an install put another on the path
 
 from launchers.launch import LaunchError, load_cluster, plan_launch, slurm_script  # noqa: E402
 
