@@ -16,6 +16,51 @@ import time
 import traceback
 
 
+class _ByValue:
+    """A tensor carried in the pickle itself. torch's own pickling of a tensor hands the parent a file
+    descriptor that it must fetch from the worker, which may have exited by then (a rank that ends
+    right after reporting): the parent then fails with FileNotFoundError."""
+
+    def __init__(self, t):
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(t.detach().cpu(), buf)
+        self.data = buf.getvalue()
+
+    def load(self):
+        import io
+
+        import torch
+
+        return torch.load(io.BytesIO(self.data))
+
+
+def _by_value(obj):
+    """``obj`` with every tensor inside tuples / lists / dicts wrapped in :class:`_ByValue`."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return _ByValue(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_by_value(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _by_value(v) for k, v in obj.items()}
+    return obj
+
+
+def _unwrap(obj):
+    if isinstance(obj, _ByValue):
+        return obj.load()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_unwrap(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _unwrap(v) for k, v in obj.items()}
+    return obj
+
+
 def _entry(fn, rank, world, store, args, out_q, timeout):
     import faulthandler
     import sys
@@ -32,7 +77,7 @@ def _entry(fn, rank, world, store, args, out_q, timeout):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
         try:
             res = fn(rank, world, *args)
-            out_q.put(("ok", rank, res))
+            out_q.put(("ok", rank, _by_value(res)))
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything to the parent
@@ -68,7 +113,7 @@ def run_workers(fn, world, tmp_path, *args, timeout=150.0):
                                              f"(exit codes {[procs[i].exitcode for i in dead]})")
                 continue
             if kind == "ok":
-                results[rank] = payload
+                results[rank] = _unwrap(payload)
             else:
                 errors[rank] = payload
                 break  # the others may block on the failed rank: stop now

@@ -49,6 +49,14 @@ def _sandbox(tmp_path) -> dict:
     # a wrapper, not a link: a link to a venv's interpreter outside the venv loses the venv
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     (bin_dir / "python").chmod(0o755)
+    # the console scripts as `pip install` writes them: each calls its entry point of setup.cfg
+    scripts = {"dist-compact-generate": "dist_compact.cli.generate:console", "dist-compact-launch": "launchers.launch:main",
+               "dist-compact-search": "dist_compact.cli.search:main", "dist-compact-train": "dist_compact.cli.train:main"}
+    for name, target in scripts.items():
+        mod, func = target.split(":")
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c '
+                                    f'"import sys; from {mod} import {func}; sys.exit({func}())" "$@"\n')
+        (bin_dir / name).chmod(0o755)
     # sbatch stands in for SLURM: it checks the batch script it is given
     (bin_dir / "sbatch").write_text('#!/bin/bash\nhead -n 1 "$1" | grep -qx "#!/bin/bash" && echo "Submitted batch job 1"\n')
     (bin_dir / "sbatch").chmod(0o755)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from dist_compact.sparsity.attention import build_attention
 from dist_compact.sparsity.context import AttentionContext
 from dist_compact.sparsity.attention_ops import AttentionOps
+from dist_compact.models.adapters import ModelAdapter
 from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.integrations import xfuser as xf
 
@@ -83,9 +84,21 @@ def test_sequence_hunyuan_split_and_replicated():
 
 
 # ---------------------------------------------------------------------------------------------- backend function
+class _Adapter(ModelAdapter):
+    """A model family's dimensions without a model: the backend function needs nothing else."""
+
+    def __init__(self, name, layers, heads):
+        super().__init__(None)
+        self.name, self._layers, self._heads = name, layers, heads
+
+    num_layers = property(lambda self: self._layers)
+    num_heads = property(lambda self: self._heads)
+    head_dim = property(lambda self: 16)
+
+
 def _handle(kind, heads, world, sparsity, grid, tile=(1, 4, 4), layers=1):
-    h = xf.XfuserHandle(kind, num_layers=layers, num_heads=heads, head_dim=16, sparsity=sparsity, tile=tile,
-                        ops=AttentionOps("torch"), world=world)
+    h = xf.XfuserHandle(None, _Adapter(kind, layers, heads), sparsity=sparsity, tile=tile, ops=AttentionOps("torch"),
+                        world=world)
     h.grid = grid
     return h
 
@@ -218,8 +231,8 @@ def test_backend_argument_checks():
     h.grid = None
     with pytest.raises(RuntimeError, match="grid"):
         xf.xdit_attention(x, x, x, attention_kwargs=kw)
-    with pytest.raises(ValueError, match="kind"):
-        xf.XfuserHandle("flux", num_layers=1, num_heads=2, head_dim=16, sparsity=DENSE)
+    with pytest.raises(ValueError, match="must be Wan or HunyuanVideo"):
+        xf.XfuserHandle(None, _Adapter("flux", 1, 2), sparsity=DENSE)
 
 
 def test_usp_with_backend_fills_only_a_missing_backend():
