@@ -1,0 +1,55 @@
+"""The quality / speed evaluation's arithmetic and its rule for the demo sparsity (``benchmarks/quality_speed.py``
+drives them): the attention FLOPs of a run relative to dense, the summary table's columns, and the
+fixed rule that picks the demo's sparsity from the benchmark's rows."""
+
+from __future__ import annotations
+
+__all__ = ["CHOOSABLE", "SUMMARY_FIELDS", "attention_flops_share", "choose_demo", "write_sparsity_yaml"]
+
+#: the modes a demo config may be chosen from (the baselines are for comparison only)
+CHOOSABLE = ("compact", "adaspa", "compact+adaspa")
+
+#: the columns of the summary table (one row per mode)
+SUMMARY_FIELDS = ("mode", "level", "pattern", "clips", "steps", "sparse_step_share", "density_sparse_steps",
+                  "attn_flops_vs_dense", "denoise_s_median", "speedup_vs_dense", "psnr_mean_db", "psnr_min_db",
+                  "ssim_mean", "motion_follow_pct", "device", "weights_sha256")
+
+
+def attention_flops_share(stats_summary: dict, rows, block_size: int, query_rows) -> float:
+    """Attention FLOPs of a run relative to dense: the mean over its attention calls of the computed block
+    share (1 for dense calls and fused searches, the index density otherwise), plus half a pass per
+    search for the block mass, of the sampled query rows only (``query_rows`` of ``block_size``)."""
+    dens = [1.0 if r["kind"] in ("dense", "fused_search") else r["density"] for r in rows]
+    dens = [d for d in dens if d is not None]
+    if not dens:
+        return 1.0
+    searches = stats_summary["calls"]["fused_search"] + stats_summary["calls"]["cached_search"]
+    sampled = 1.0 if query_rows is None else min(1.0, query_rows / block_size)
+    return (sum(dens) + searches * 0.5 * sampled) / len(dens)
+
+
+def choose_demo(summary, min_psnr: float = 30.0, max_motion_drop: float = 3.0):
+    """The demo's sparsity, by a fixed rule over the benchmark's rows: the fastest choosable mode whose
+    mean PSNR is >= ``min_psnr`` and whose motion-follow is within ``max_motion_drop`` points of dense;
+    if none qualifies, the one with the highest PSNR. Returns its row."""
+    dense = next(r for r in summary if r["mode"] == "dense")
+    cands = [r for r in summary if r["mode"] in CHOOSABLE and r.get("sparsity")]
+    if not cands:
+        raise ValueError("no compact / adaspa / compact+adaspa rows to choose a demo sparsity from")
+    ok = [r for r in cands if r["psnr_mean_db"] >= min_psnr
+          and r["motion_follow_pct"] >= dense["motion_follow_pct"] - max_motion_drop]
+    return max(ok, key=lambda r: r["speedup_vs_dense"]) if ok else max(cands, key=lambda r: r["psnr_mean_db"])
+
+
+def write_sparsity_yaml(row, path, source: str) -> None:
+    """A sparsity config file (``sparsity:`` section) of a summary row, with a comment saying where it came from."""
+    import yaml
+
+    keep = {k: v for k, v in row["sparsity"].items() if v is not None}
+    for k in ("search_steps", "search_kinds"):
+        keep[k] = list(keep[k])
+    head = (f"# Chosen by benchmarks/quality_speed.py's rule (fastest mode with mean PSNR >= 30 dB and motion-follow\n"
+            f"# within 3 points of dense) from {source}: {row['mode']} {row['level']}, speed-up "
+            f"{row['speedup_vs_dense']}x, PSNR {row['psnr_mean_db']} dB, motion {row['motion_follow_pct']}%.\n")
+    with open(path, "w") as f:
+        f.write(head + yaml.safe_dump({"sparsity": keep}, sort_keys=False))
