@@ -87,7 +87,13 @@ def test_generate_on_a_cpu_names_the_cpu_default(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("generate_main", os.path.join(ROOT, "generate.py"))
     generate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate)
-    rc = generate.main(["--config", CONFIG, "--cluster.device", "cpu", "--output-dir", str(tmp_path)])
+    # the README's GPU demo command, as written there, on this CPU
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split("<!-- gpu-demo-command -->", 1)[1].split("```")[1].strip()
+    words = block.split()
+    assert words[:2] == ["python", "generate.py"] and "--compare-dense" in words
+    args = [os.path.join(ROOT, w) if w.startswith("configs/") else w for w in words[2:]]
+    rc = generate.main(args + ["--cluster.device", "cpu", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1, err
     assert "16,384 video tokens" in err[0] and "python generate.py" in err[0]
