@@ -163,9 +163,10 @@ def _(d, w):
     return _generate(d, w, "--steps", "100000")
 
 
-@case("video-memory", "`--model.frames 4096 --model.height 16384 --model.width 16384`")
+@case("video-memory", "`--model.frames 4096 --model.height 16384 --model.width 16384` (on the CPU)")
 def _(d, w):
-    line = _generate(d, w, "--model.frames", "4096", "--model.height", "16384", "--model.width", "16384")
+    line = _generate(d, w, "--model.frames", "4096", "--model.height", "16384", "--model.width", "16384",
+                     "--cluster.device", "cpu")
     return re.sub(r"but [\d.]+ GiB are free", "but N GiB are free", line)
 
 

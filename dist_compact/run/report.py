@@ -326,10 +326,12 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
     n, c, h, w = x.shape
     win = min(window, h, w)
     g = _gauss(win, sigma)
-    k = (g.view(-1, 1) * g.view(1, -1)).expand(c, 1, win, win).contiguous()
+    # the 2D Gaussian is the outer product of two 1D ones: filter rows, then columns (same valid region)
+    kh = g.view(1, 1, win, 1).expand(c, 1, win, 1).contiguous()
+    kw = g.view(1, 1, 1, win).expand(c, 1, 1, win).contiguous()
 
     def filt(t):
-        return F.conv2d(t, k, groups=c)
+        return F.conv2d(F.conv2d(t, kh, groups=c), kw, groups=c)
 
     mx, my = filt(x), filt(y)
     sxx = filt(x * x) - mx * mx

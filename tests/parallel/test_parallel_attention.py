@@ -8,6 +8,7 @@ mass and the head statistics too; the ring's bytes sent equal the count predicte
 a repeated call re-plans, re-hashes and re-checks nothing.
 """
 
+import os
 import zlib
 
 import pytest
@@ -199,6 +200,10 @@ CASES_2 = [
     ("3x5x9-text20before", "diag", "torch", 1, 1),
     ("5x6x7-text13", "window", "triton", 1, 1),  # the Triton kernel (interpreter on CPU)
 ]
+if os.environ.get("TRITON_INTERPRET") != "1":
+    # the ranks hold CPU tensors; on a GPU machine the Triton path of the parallel ops is checked with
+    # CUDA tensors by benchmarks/device/share_gpu_check.sh
+    CASES_2 = [c for c in CASES_2 if c[2] != "triton"]
 
 CASES_4 = [
     ("5x6x7-text13", "random", "torch", 1, 1),

@@ -30,3 +30,6 @@ def test_demo_choice_rule(tmp_path):
     import yaml
 
     assert yaml.safe_load(path.read_text())["sparsity"]["search_steps"] == [10, 30]
+    assert path.read_text().startswith("# Chosen by benchmarks/quality_speed.py's rule")
+    write_sparsity_yaml(choose_demo([rows[0], rows[1]]), path, "run.json")  # the fallback says it is one
+    assert path.read_text().startswith("# No mode met benchmarks/quality_speed.py's rule")
