@@ -32,7 +32,10 @@ def _run_args(weights, out, *extra):
 def test_ctrl_c_is_one_line_and_exit_130(small_weights, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *_run_args(small_weights, out, "--steps", "2000")],
-                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell that started pytest in the background hands on SIGINT ignored: undo that,
+                            # as a terminal's Ctrl-C reaches a foreground command
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while not (out.exists() and any(p.name.startswith(".tmp-") for p in out.iterdir())):
@@ -55,13 +58,14 @@ def test_main_leaves_no_signal_handler_behind(small_weights, tmp_path, capsys):
         pass
 
     before = signal.signal(signal.SIGTERM, mine)
+    sigint = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN under a background shell
     try:
         assert main(_run_args(small_weights, tmp_path / "a", "--steps", "1", "--name", "x")) == 0
         assert signal.getsignal(signal.SIGTERM) is mine
         assert main(_run_args(small_weights, tmp_path / "a", "--steps", "1", "--name", "x")) == 1  # exists
         assert signal.getsignal(signal.SIGTERM) is mine
         assert main(["--steps", "0"]) == 2
-        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is sigint
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "already exists" in capsys.readouterr().err
