@@ -48,7 +48,8 @@ for S in $STAGES; do
     cp /tmp/runs/demo/report.json $B/demo_report.json 2>/dev/null
     cp /tmp/runs/demo/frames.png $OUT/demo_frames.png 2>/dev/null ;;
   share)
-    ONLY_MODELS=embedded-gpu OUT=$B timeout ${SHARE_S:-240} bash benchmarks/device/share_gpu_check.sh > $B/share.log 2>&1
+    # about 150 s for the one-process references alone on an H100, then one launch per rank count
+    ONLY_MODELS=embedded-gpu OUT=$B timeout ${SHARE_S:-480} bash benchmarks/device/share_gpu_check.sh > $B/share.log 2>&1
     tail -12 $B/share.log ;;
   esac
 done
