@@ -41,6 +41,19 @@ def child_env(**extra):
     return env
 
 
+def video_writers_installed() -> bool:
+    """Whether the [video] extra is here (the README's test install has it; a bare GPU image may not), by
+    the check generate.py runs before any compute."""
+    from dist_compact.extras import MissingExtraError
+    from dist_compact.run.report import check_writers
+
+    try:
+        check_writers()
+    except MissingExtraError:
+        return False
+    return True
+
+
 def eager_lowp_attention(q, k, v, mask=None, scale=None):
     """Masked attention as PyTorch eager computes it in the inputs' low precision, the way a flash
     kernel does: scores and softmax in float32 from the low-precision q and k, the probabilities

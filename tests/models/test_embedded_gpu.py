@@ -10,6 +10,7 @@ import torch
 
 from dist_compact.run.loader import load_run_config
 from dist_compact.models.embedded import (WeightsError, load_embedded, sha256_of, shipped_weights)
+from helpers import video_writers_installed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "models", "embedded-gpu.yaml")
@@ -93,7 +94,7 @@ def test_generate_on_a_cpu_names_the_cpu_default(tmp_path, capsys):
     words = block.split()
     assert words[:2] == ["python", "generate.py"] and "--compare-dense" in words
     args = [os.path.join(ROOT, w) if w.startswith("configs/") else w for w in words[2:]]
-    video = [] if importlib.util.find_spec("imageio_ffmpeg") else ["--run.video", "false"]  # no [video] extra here
+    video = [] if video_writers_installed() else ["--run.video", "false"]  # no [video] extra here
     rc = generate.main(args + ["--cluster.device", "cpu", "--output-dir", str(tmp_path), *video])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1, err

@@ -18,6 +18,7 @@ from dist_compact.run.generation import run_generation
 from dist_compact.run.report import psnr, ssim
 from dist_compact.run.runner import WorldSizeError
 from dist_compact.run.sampler import NonFiniteLatentsError
+from helpers import video_writers_installed
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -44,7 +45,7 @@ ADASPA_ARGS = [a for k, v in ADASPA for a in ("--" + k, v)]
 
 #: the video files need the [video] extra (the README's test install has it); where it is missing (a
 #: bare GPU image) the runs below skip the video and check every other output
-VIDEO = importlib.util.find_spec("imageio_ffmpeg") is not None
+VIDEO = video_writers_installed()
 NO_VIDEO = [] if VIDEO else [("run.video", "false")]
 NO_VIDEO_ARGS = [a for k, v in NO_VIDEO for a in ("--" + k, v)]
 
@@ -305,20 +306,19 @@ def test_torchrun_eight_processes_equal_one_process(tmp_path):
     one = run_generation(load_run_config([], over + [("run.name", "one")]))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     for name in ("1x8-ulysses", "1x8-ring4"):
-        cl = load_run_config([ROOT / f"configs/cluster/{name}.yaml"],
-                             over + [("cluster.device", "cpu"), ("cluster.backend", "gloo")]).cluster
+        cl = load_run_config([ROOT / f"configs/cluster/{name}.yaml"], over + [("cluster.backend", "gloo")]).cluster
         assert cl.nproc * cl.nnodes == cl.ulysses * cl.ring == 8, name
-    for name in ("1x8-hybrid",):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port", str(_free_port()),
-               str(ROOT / "generate.py"), "--config", str(ROOT / f"configs/cluster/{name}.yaml"),
-               "--cluster.device", "cpu", "--cluster.backend", "gloo", "--name", name,
-               *(a for k, v in over for a in ("--" + k, v))]
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, (name, proc.stderr[-3000:])
-        lat = torch.load(tmp_path / "out" / name / "latents.pt")
-        assert (lat - one.latents).abs().max().item() <= 1e-4, name
-        rep = json.loads((tmp_path / "out" / name / "report.json").read_text())
-        assert rep["world_size"] == 8 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
+    name = "1x8-hybrid"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port", str(_free_port()),
+           str(ROOT / "generate.py"), "--config", str(ROOT / f"configs/cluster/{name}.yaml"),
+           "--cluster.device", "cpu", "--cluster.backend", "gloo", "--name", name,
+           *(a for k, v in over for a in ("--" + k, v))]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    lat = torch.load(tmp_path / "out" / name / "latents.pt")
+    assert (lat - one.latents).abs().max().item() <= 1e-4, name
+    rep = json.loads((tmp_path / "out" / name / "report.json").read_text())
+    assert rep["world_size"] == 8 and rep["sparse"]["attention"]["calls"]["fused_search"] == 2
 
 
 def test_compact_and_online_modes_from_a_config_file(tmp_path, weights):
