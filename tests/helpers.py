@@ -41,6 +41,11 @@ def child_env(**extra):
     return env
 
 
+def cli_flags(pairs):
+    """``[("run.steps", "3"), ...]`` -> ``["--run.steps", "3", ...]``: config overrides as command-line flags."""
+    return [a for k, v in pairs for a in ("--" + k, v)]
+
+
 def video_writers_installed() -> bool:
     """Whether the [video] extra is here (the README's test install has it; a bare GPU image may not), by
     the check generate.py runs before any compute."""

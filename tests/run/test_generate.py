@@ -18,7 +18,7 @@ from dist_compact.run.generation import run_generation
 from dist_compact.run.report import psnr, ssim
 from dist_compact.run.runner import WorldSizeError
 from dist_compact.run.sampler import NonFiniteLatentsError
-from helpers import video_writers_installed
+from helpers import cli_flags, video_writers_installed
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -41,13 +41,13 @@ def weights(tmp_path_factory):
 #: shipped 8 x 6 model): these tests run AdaSpa alone, one fused and one cached search
 ADASPA = [("sparsity.mode", "adaspa"), ("sparsity.compact_config", "null"), ("sparsity.dense_steps", "10"),
           ("sparsity.search_steps", "10,30"), ("sparsity.search_kinds", "fused,cached"), ("sparsity.sparsity", "0.75")]
-ADASPA_ARGS = [a for k, v in ADASPA for a in ("--" + k, v)]
+ADASPA_ARGS = cli_flags(ADASPA)
 
 #: the video files need the [video] extra (the README's test install has it); where it is missing (a
 #: bare GPU image) the runs below skip the video and check every other output
 VIDEO = video_writers_installed()
 NO_VIDEO = [] if VIDEO else [("run.video", "false")]
-NO_VIDEO_ARGS = [a for k, v in NO_VIDEO for a in ("--" + k, v)]
+NO_VIDEO_ARGS = cli_flags(NO_VIDEO)
 
 
 def _cfg(out, weights, *extra):
@@ -312,7 +312,7 @@ def test_torchrun_eight_processes_equal_one_process(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port", str(_free_port()),
            str(ROOT / "generate.py"), "--config", str(ROOT / f"configs/cluster/{name}.yaml"),
            "--cluster.device", "cpu", "--cluster.backend", "gloo", "--name", name,
-           *(a for k, v in over for a in ("--" + k, v))]
+           *cli_flags(over)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, (name, proc.stderr[-3000:])
     lat = torch.load(tmp_path / "out" / name / "latents.pt")

@@ -22,6 +22,7 @@ from dist_compact.run.loader import load_run_config
 from dist_compact.parallel import ParallelConfigError
 from dist_compact.run.generation import run_generation
 from dist_compact.run.runner import WorldSizeError
+from helpers import cli_flags
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -39,10 +40,6 @@ ADASPA = [("sparsity.mode", "adaspa"), ("sparsity.dense_steps", "1"), ("sparsity
           ("run.steps", "3")]
 
 
-def _args(pairs):
-    return [a for k, v in pairs for a in ("--" + k, v)]
-
-
 def _cfg(model, out, *extra):
     return load_run_config([model], SMALL + [("run.output_dir", str(out))] + list(extra))
 
@@ -56,7 +53,7 @@ def _free_port() -> int:
 def _torchrun(tmp_path, model, pairs):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(ROOT / "generate.py"), "--config", str(model), *_args(pairs)]
+           str(ROOT / "generate.py"), "--config", str(model), *cli_flags(pairs)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -99,7 +96,7 @@ def test_one_process_dense_vs_adaspa_writes_run_folder(tmp_path):
     spec = importlib.util.spec_from_file_location("generate_main", ROOT / "generate.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    rc = gen.main(["--config", str(WAN), *_args(SMALL), "--steps", "2", "--output-dir", str(out), "--name", "wan",
+    rc = gen.main(["--config", str(WAN), *cli_flags(SMALL), "--steps", "2", "--output-dir", str(out), "--name", "wan",
                    "--sparsity.mode", "dense"])
     assert rc == 0
     rep = json.loads((out / "wan" / "report.json").read_text())
