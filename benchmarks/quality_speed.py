@@ -11,6 +11,9 @@ does), after one untimed warm-up clip. Per mode it reports:
   pass);
 * the wall time of denoising (the whole sampler, searches included, device-synchronised per step;
   median over clips) and the speed-up vs dense measured in the same run;
+* the median wall time of a step by what it did (``dense_step_ms``, ``search_step_ms``,
+  ``sparse_step_ms``; :func:`dist_compact.run.evaluation.step_kinds`), which splits a speed-up into its
+  dense warm-up, its searches and its sparse steps;
 * PSNR / SSIM vs the dense clip from the same noise (mean, min) and motion-follow % (the motion
   metric of :mod:`dist_compact.models.motion`).
 
@@ -45,8 +48,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import write_csv  # noqa: E402
 
-from dist_compact.run.evaluation import (CHOOSABLE, SUMMARY_FIELDS, attention_flops_share, choose_demo,  # noqa: E402
-                                         write_sparsity_yaml)
+from dist_compact.run.evaluation import (CHOOSABLE, STEP_KINDS, SUMMARY_FIELDS, attention_flops_share,  # noqa: E402
+                                         choose_demo, step_kinds, write_sparsity_yaml)
 
 def grid_clips(limit: int, seeds: int, seed_base: int):
     """(prompt, seed) pairs: the rotated prompt grid (every colour x shape x motion once) x seeds."""
@@ -254,14 +257,17 @@ def run(args) -> int:
     for mode, level, sparsity, pattern, text in modes:
         one(sparsity, pattern, clips[0][0], clips[0][1] + 7919)  # warm-up: compile, autotune, index caches
         secs, videos, flops, dens, sparse_share = [], [], [], [], []
+        kind_secs = {k: [] for k in STEP_KINDS}  # every step's wall time, by what the step did
         for k, (prompt, seed) in enumerate(clips):
             stats = AttentionStats(timing=False) if mode != "dense" else None
             res = one(sparsity, pattern, prompt, seed, stats)
             secs.append(res.total_seconds)
             videos.append(res.latents.float().cpu())
+            rows = stats.rows() if stats is not None else []
+            for kind, sec in zip(step_kinds(rows, run_opts.steps), res.step_seconds):
+                kind_secs[kind].append(sec)
             if stats is not None:
                 s = stats.summary()
-                rows = stats.rows()
                 flops.append(attention_flops_share(s, rows, layout.block_size, sparsity.mass_query_rows))
                 dens.append(s["mean_density_sparse"])
                 sparse_steps = {r["step"] for r in rows if r["kind"] in ("sparse", "cached_search")}
@@ -289,6 +295,7 @@ def run(args) -> int:
                "psnr_min_db": round(min(q), 3) if q else None,
                "ssim_mean": round(statistics.mean(s_), 5) if s_ else None,
                "motion_follow_pct": round(summarize(scores)["follows_pct"], 2),
+               **{f"{k}_step_ms": round(1e3 * statistics.median(v), 3) if v else None for k, v in kind_secs.items()},
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "weights_sha256": digest}
         # the YAML of modes a config file can express (the baselines' patterns are built in code)
@@ -296,7 +303,8 @@ def run(args) -> int:
         row["speedup_vs_dense"] = round(summary[0]["denoise_s_median"] / row["denoise_s_median"], 3) if summary else 1.0
         summary.append(row)
         print(f"{mode:15s} {level:10s} {row['denoise_s_median']:.4f} s  x{row['speedup_vs_dense']:.2f}  "
-              f"PSNR {row['psnr_mean_db']}  motion {row['motion_follow_pct']}%  flops {row['attn_flops_vs_dense']}",
+              f"PSNR {row['psnr_mean_db']}  motion {row['motion_follow_pct']}%  flops {row['attn_flops_vs_dense']}  "
+              f"step ms dense/search/sparse {row['dense_step_ms']}/{row['search_step_ms']}/{row['sparse_step_ms']}",
               flush=True)
         # every output after every mode: a run cut short keeps what it finished
         write_csv(args.csv, [{k: r[k] for k in SUMMARY_FIELDS} for r in summary], SUMMARY_FIELDS)

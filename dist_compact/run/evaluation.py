@@ -4,7 +4,8 @@ fixed rule that picks the demo's sparsity from the benchmark's rows."""
 
 from __future__ import annotations
 
-__all__ = ["CHOOSABLE", "SUMMARY_FIELDS", "attention_flops_share", "choose_demo", "write_sparsity_yaml"]
+__all__ = ["CHOOSABLE", "SUMMARY_FIELDS", "STEP_KINDS", "attention_flops_share", "choose_demo", "step_kinds",
+           "write_sparsity_yaml"]
 
 #: the modes a demo config may be chosen from (the baselines are for comparison only)
 CHOOSABLE = ("compact", "adaspa", "compact+adaspa")
@@ -12,7 +13,29 @@ CHOOSABLE = ("compact", "adaspa", "compact+adaspa")
 #: the columns of the summary table (one row per mode)
 SUMMARY_FIELDS = ("mode", "level", "pattern", "clips", "steps", "sparse_step_share", "density_sparse_steps",
                   "attn_flops_vs_dense", "denoise_s_median", "speedup_vs_dense", "psnr_mean_db", "psnr_min_db",
-                  "ssim_mean", "motion_follow_pct", "device", "weights_sha256")
+                  "ssim_mean", "motion_follow_pct", "dense_step_ms", "search_step_ms", "sparse_step_ms", "device",
+                  "weights_sha256")
+
+#: what a denoising step is, by the attention calls it made (see :func:`step_kinds`)
+STEP_KINDS = ("dense", "search", "sparse")
+
+
+def step_kinds(rows, steps: int):
+    """The kind of every step ``0 .. steps - 1`` from the stats rows of one run: ``"search"`` where any
+    call searched (fused or cached), ``"sparse"`` where every call ran an index, else ``"dense"`` (also a
+    step that made no recorded call, as every step of a dense run)."""
+    kinds = ["dense"] * steps
+    by_step = {}
+    for r in rows:
+        by_step.setdefault(r["step"], set()).add(r["kind"])
+    for step, ks in by_step.items():
+        if not 0 <= step < steps:
+            raise ValueError(f"stats row of step {step} outside a run of {steps} steps")
+        if ks & {"fused_search", "cached_search"}:
+            kinds[step] = "search"
+        elif ks == {"sparse"}:
+            kinds[step] = "sparse"
+    return kinds
 
 
 def attention_flops_share(stats_summary: dict, rows, block_size: int, query_rows) -> float:

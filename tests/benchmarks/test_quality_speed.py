@@ -30,6 +30,9 @@ def test_small_run_writes_every_output(tmp_path):
     for r in facts["summary"][1:]:
         assert r["psnr_mean_db"] is not None and 0 < r["attn_flops_vs_dense"] < 1.5
         assert 0 < r["sparse_step_share"] < 1  # 3 steps: the warm-up and (AdaSpa) the fused search are dense
+    dense = facts["summary"][0]
+    assert dense["dense_step_ms"] > 0 and dense["search_step_ms"] is None and dense["sparse_step_ms"] is None
+    assert all(r["search_step_ms"] > 0 for r in facts["summary"] if r["mode"] == "adaspa")  # its fused search
     adaspa = [r for r in facts["summary"] if r["mode"] == "adaspa"]
     assert adaspa[0]["density_sparse_steps"] > adaspa[1]["density_sparse_steps"]
     assert open(out["png"], "rb").read(4) == b"\x89PNG"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dist_compact.run.evaluation import attention_flops_share, choose_demo, write_sparsity_yaml
+from dist_compact.run.evaluation import attention_flops_share, choose_demo, step_kinds, write_sparsity_yaml
 
 
 def test_flop_share_counts_blocks_and_search_passes():
@@ -12,6 +12,18 @@ def test_flop_share_counts_blocks_and_search_passes():
     # (1 + 1 + 0.2 + 0.4 + 2 searches x half a pass x 32/128 of the rows) / 4 calls
     assert attention_flops_share(summary, rows, 128, 32) == pytest.approx((2.6 + 2 * 0.5 * 0.25) / 4)
     assert attention_flops_share(summary, rows, 128, None) == pytest.approx((2.6 + 1.0) / 4)
+
+
+def test_step_kinds_by_the_calls_of_each_step():
+    def r(layer, step, kind):
+        return {"layer": layer, "step": step, "kind": kind}
+
+    rows = [r(0, 0, "dense"), r(1, 0, "dense"), r(0, 1, "fused_search"), r(1, 1, "sparse"), r(0, 2, "sparse"),
+            r(1, 2, "sparse"), r(0, 3, "sparse"), r(1, 3, "cached_search"), r(0, 4, "sparse"), r(1, 4, "dense")]
+    assert step_kinds(rows, 6) == ["dense", "search", "sparse", "search", "dense", "dense"]
+    assert step_kinds([], 2) == ["dense", "dense"]  # a dense run records no calls
+    with pytest.raises(ValueError, match="step 7 outside a run of 6 steps"):
+        step_kinds([r(0, 7, "sparse")], 6)
 
 
 def test_demo_choice_rule(tmp_path):
