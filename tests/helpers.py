@@ -41,6 +41,20 @@ def child_env(**extra):
     return env
 
 
+def run_concurrently(cmds, timeout=300, **kw):
+    """``subprocess.run(cmd, capture_output=True, text=True, **kw)`` for every command of ``cmds``, as many
+    at a time as this process has cores (independent processes whose start-up, a torch import each, then
+    overlaps); their ``CompletedProcess`` in the order given. ``kw``: keywords common to all (cwd, env)."""
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    with ThreadPoolExecutor(max(1, min(len(cmds), cores))) as pool:
+        return list(pool.map(lambda cmd: subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw),
+                             cmds))
+
+
 def cli_flags(pairs):
     """``[("run.steps", "3"), ...]`` -> ``["--run.steps", "3", ...]``: config overrides as command-line flags."""
     return [a for k, v in pairs for a in ("--" + k, v)]

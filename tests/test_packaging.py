@@ -183,16 +183,17 @@ def test_pip_install_editable_then_every_console_script_from_another_directory(t
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(py), "-c", "import dist_compact, launchers; print(dist_compact.__file__); "
-                            "print(launchers.__file__)"], cwd=elsewhere, capture_output=True, text=True, env=clean)
+    from helpers import run_concurrently
+
+    # the six commands are independent: they run as many at a time as there are cores
+    where, *procs, proc = run_concurrently(
+        [[str(py), "-c", "import dist_compact, launchers; print(dist_compact.__file__); print(launchers.__file__)"]]
+        + [[str(env_dir / "bin" / script), "--help"] for script in CONSOLE_SCRIPTS]
+        + [[str(py), "-m", "launchers", "--help"]], cwd=elsewhere, env=clean)
     assert where.returncode == 0, where.stderr[-2000:]
     assert all(line.startswith(str(ROOT)) for line in where.stdout.split()), where.stdout
-    for script, usage in CONSOLE_SCRIPTS.items():
-        proc = subprocess.run([str(env_dir / "bin" / script), "--help"], cwd=elsewhere, capture_output=True,
-                              text=True, timeout=300, env=clean)
-        assert proc.returncode == 0 and usage in proc.stdout, (script, proc.stderr[-2000:])
-    proc = subprocess.run([str(py), "-m", "launchers", "--help"], cwd=elsewhere, capture_output=True, text=True,
-                          timeout=300, env=clean)
+    for (script, usage), p in zip(CONSOLE_SCRIPTS.items(), procs):
+        assert p.returncode == 0 and usage in p.stdout, (script, p.stderr[-2000:])
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
 
 

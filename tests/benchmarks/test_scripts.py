@@ -1,39 +1,69 @@
 """The benchmark scripts run as users run them (``python benchmarks/x.py``): their help, their CPU dry runs
-and their summaries. Their logic lives in the package and is tested there; here only the drivers."""
+and their summaries. Their logic lives in the package and is tested there; here only the drivers.
+
+Every run of this file is an independent process; the module fixture starts them all, as many at a time as
+there are cores (each spends most of its time importing torch), and each test checks its own runs."""
 
 import json
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
+from helpers import run_concurrently
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+HELP = ["benchmarks/scaling_model.py", "benchmarks/ring_traffic.py", "benchmarks/kernel_bench.py",
+        "benchmarks/device/share_gpu_check.py"]
+KERNEL_BENCH = ROOT / "benchmarks/kernel_bench.py"
+SHARE_GPU = ROOT / "benchmarks/device/share_gpu_check.py"
+SHARE_ROWS = [dict(layout="ring2", P=2, model="embedded", rel=1e-3, max_abs=2e-3, ok=True, imbalance=1.01,
+                   contiguous=1.2, ws_calls=0, seconds=1.0),
+              dict(layout="ulysses4", P=4, model="wan", ok=False, error="RuntimeError: boom")]
 
 
-def _run(*args, timeout=300):
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """name -> (CompletedProcess, its folder) of every script run below, in cwd = the repository root."""
+    tmp = tmp_path_factory.mktemp("scripts")
+    one, both = tmp / "share-one", tmp / "share-both"  # the summary of one P, and of two with a failed case
+    for folder, rows in ((one, SHARE_ROWS[:1]), (both, SHARE_ROWS)):
+        folder.mkdir()
+        for row in rows:
+            (folder / f"rows-P{row['P']}.json").write_text(json.dumps([row]))
+    cmds = {f"help {s}": [ROOT / s, "--help"] for s in HELP}
+    cmds.update({
+        "scaling imbalance": [ROOT / "benchmarks/scaling_model.py", "--small", "--imbalance-only", "--sources",
+                              "compact-0.5,adaspa", "--out", tmp / "sm"],
+        "ring traffic": [ROOT / "benchmarks/ring_traffic.py", "--small", "--ring", "2", "--sources", "adaspa"],
+        "variants": [KERNEL_BENCH, "--list-variants", "--variants",
+                     "ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu"],
+        "variants default": [KERNEL_BENCH, "--list-variants"],
+        "variant bad 1": [KERNEL_BENCH, "--list-variants", "--variants", "x=ws:fast"],
+        "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
+        "share one": [SHARE_GPU, "--summary", "--out", one],
+        "share both": [SHARE_GPU, "--summary", "--out", both],
+        "share unknown model": [SHARE_GPU, "--models", "nope", "--summary"],
+    })
+    done = run_concurrently([[sys.executable, *map(str, args)] for args in cmds.values()], cwd=ROOT)
+    return dict(zip(cmds, done)), tmp
 
 
-@pytest.mark.parametrize("script", ["benchmarks/scaling_model.py", "benchmarks/ring_traffic.py",
-                                    "benchmarks/kernel_bench.py", "benchmarks/device/share_gpu_check.py"])
-def test_help(script):
-    proc = _run(ROOT / script, "--help")
+@pytest.mark.parametrize("script", HELP)
+def test_help(runs, script):
+    proc = runs[0][f"help {script}"]
     assert proc.returncode == 0 and "usage" in proc.stdout, proc.stderr[-2000:]
 
 
-def test_scaling_model_imbalance_dry_run(tmp_path):
-    out = tmp_path / "sm"
-    proc = _run(ROOT / "benchmarks/scaling_model.py", "--small", "--imbalance-only", "--sources", "compact-0.5,adaspa",
-                "--out", out)
+def test_scaling_model_imbalance_dry_run(runs):
+    proc = runs[0]["scaling imbalance"]
     assert proc.returncode == 0, proc.stderr[-2000:]
-    text = (out / "imbalance.csv").read_text().splitlines()
+    text = (runs[1] / "sm" / "imbalance.csv").read_text().splitlines()
     assert text[0].startswith("shape,source,density,P,layout") and len(text) == 1 + 2 * 2 * 5
 
 
-def test_ring_traffic_dry_run():
-    proc = _run(ROOT / "benchmarks/ring_traffic.py", "--small", "--ring", "2", "--sources", "adaspa")
+def test_ring_traffic_dry_run(runs):
+    proc = runs[0]["ring traffic"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = proc.stdout.strip().splitlines()[1:]
     assert len(rows) == 2 * 2  # contiguous and balanced per small shape
@@ -42,9 +72,8 @@ def test_ring_traffic_dry_run():
         assert 0 < new <= old  # key ranges never move more than whole shards
 
 
-def test_kernel_bench_variant_specs():
-    proc = _run(ROOT / "benchmarks/kernel_bench.py", "--list-variants", "--variants",
-                "ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu")
+def test_kernel_bench_variant_specs(runs):
+    proc = runs[0]["variants"]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout) == {
         "ours": None,
@@ -54,23 +83,17 @@ def test_kernel_bench_variant_specs():
         "tri": dict(impl="triton"),
         "o": dict(impl="ws", ws_overlap=True, ws_exp_emu=True),
     }
-    assert json.loads(_run(ROOT / "benchmarks/kernel_bench.py", "--list-variants").stdout) == {"ours": None}
-    for bad in ("x=ws:fast", "x=128:8:3:nofold"):
-        proc = _run(ROOT / "benchmarks/kernel_bench.py", "--list-variants", "--variants", bad)
+    assert json.loads(runs[0]["variants default"].stdout) == {"ours": None}
+    for bad in ("variant bad 1", "variant bad 2"):
+        proc = runs[0][bad]
         assert proc.returncode == 2 and "variant x" in proc.stderr
 
 
-def test_share_gpu_summary(tmp_path):
-    rows = [dict(layout="ring2", P=2, model="embedded", rel=1e-3, max_abs=2e-3, ok=True, imbalance=1.01,
-                 contiguous=1.2, ws_calls=0, seconds=1.0),
-            dict(layout="ulysses4", P=4, model="wan", ok=False, error="RuntimeError: boom")]
-    script = ROOT / "benchmarks/device/share_gpu_check.py"
-    (tmp_path / "rows-P2.json").write_text(json.dumps(rows[:1]))
-    assert _run(script, "--summary", "--out", tmp_path).returncode == 0
-    (tmp_path / "rows-P4.json").write_text(json.dumps(rows[1:]))
-    proc = _run(script, "--summary", "--out", tmp_path)
+def test_share_gpu_summary(runs):
+    assert runs[0]["share one"].returncode == 0
+    proc = runs[0]["share both"]
     assert proc.returncode == 1  # a failed case fails the check
     assert "1/2 ok" in proc.stdout and "ring2" in proc.stdout
-    assert (tmp_path / "share_gpu_check.csv").read_text().count("\n") == 3
-    proc = _run(script, "--models", "nope", "--summary")
+    assert (runs[1] / "share-both" / "share_gpu_check.csv").read_text().count("\n") == 3
+    proc = runs[0]["share unknown model"]
     assert proc.returncode == 2 and "unknown models" in proc.stderr

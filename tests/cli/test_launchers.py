@@ -132,15 +132,17 @@ def test_too_few_gpus_for_the_node_is_an_error():
         plan("1x8-ulysses", 4)
 
 
-def test_cli_dry_run_prints_the_command():
-    for argv in (["-m", "launchers"], ["launchers/launch.py"]):
-        out = subprocess.run([sys.executable, *argv, "--config", "configs/cluster/1x8-ulysses.yaml", "--gpus", "8",
-                              "--dry-run", "--", *GEN], cwd=ROOT, capture_output=True, text=True)
+def test_cli_dry_run_prints_the_command(monkeypatch, capsys):
+    from helpers import run_concurrently
+
+    entries = (["-m", "launchers"], ["launchers/launch.py"])
+    for out in run_concurrently([[sys.executable, *argv, "--config", "configs/cluster/1x8-ulysses.yaml", "--gpus", "8",
+                                  "--dry-run", "--", *GEN] for argv in entries], cwd=ROOT):
         assert out.returncode == 0, out.stderr
         assert out.stdout == EXPECTED[("1x8-ulysses", 8)] + "\n"
-    out = subprocess.run([sys.executable, "-m", "launchers", "--config", "configs/cluster/1x8-ulysses.yaml", "--dry-run"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and "no script to launch" in out.stderr
+    code, _, err = _launchers_here(["--config", "configs/cluster/1x8-ulysses.yaml", "--dry-run"], ROOT, monkeypatch,
+                                   capsys)
+    assert code == 2 and "no script to launch" in err
 
 
 def test_dry_run_without_gpus_prints_the_gpu_command(monkeypatch, capsys):
@@ -186,8 +188,23 @@ INJECTIONS = {
 }
 
 
+def _launchers_here(args, cwd, monkeypatch, capsys):
+    """``python -m launchers ARGS`` run in this process (its ``__main__`` module and its ``sys.exit``, by
+    runpy): (exit code, stdout, stderr). A fresh interpreter costs a torch import (seconds on a 2-core
+    machine) per call; the launcher as a process is run by the tests above and below."""
+    import runpy
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["launchers", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_module("launchers", run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    return ended.value.code, out, err
+
+
 @pytest.mark.parametrize("case", list(INJECTIONS))
-def test_slurm_injection_attempts_fail_with_one_line(tmp_path, case):
+def test_slurm_injection_attempts_fail_with_one_line(tmp_path, case, monkeypatch, capsys):
     """Every attempt to put a command into the batch script is refused before anything is written:
     exit 2, nothing on stdout, one line on stderr naming the option."""
     pwned = tmp_path / "pwned"
@@ -195,10 +212,10 @@ def test_slurm_injection_attempts_fail_with_one_line(tmp_path, case):
     extra = [a.replace("{pwned}", str(pwned)) for a in extra]
     script = extra[extra.index("--"):] if "--" in extra else ["--", *GEN]
     own = extra[:extra.index("--")] if "--" in extra else extra
-    out = subprocess.run([sys.executable, "-m", "launchers", "--config", "configs/cluster/2x8-hybrid.yaml",
-                          "--slurm", *own, *script], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 2 and out.stdout == "", (out.stdout, out.stderr)
-    assert len(out.stderr.splitlines()) == 1 and out.stderr.startswith(f"launchers: error: {option} "), out.stderr
+    code, stdout, stderr = _launchers_here(["--config", "configs/cluster/2x8-hybrid.yaml", "--slurm", *own, *script],
+                                           ROOT, monkeypatch, capsys)
+    assert code == 2 and stdout == "", (stdout, stderr)
+    assert len(stderr.splitlines()) == 1 and stderr.startswith(f"launchers: error: {option} "), stderr
     assert not pwned.exists()
 
 

@@ -11,11 +11,13 @@ from dist_compact.search.config_file import load_config
 
 @pytest.mark.timeout(300)
 def test_capture_then_search(tmp_path):
+    """The shipped model at 4 frames (4 x 12 x 12 tokens; its 16 frames cost 16x the attention work on a CPU):
+    the README's compact-search block runs the same commands at this size (tests/test_readme.py)."""
     pytest.importorskip("safetensors")
     out = tmp_path / "cap"
     rc = main(["capture", "--out-dir", str(out), "--prompt", "a red square moving left",
                "--prompt", "a blue circle bouncing", "--capture-steps", "1",
-               "--", "--steps", "2", "--run.guidance", "1.0",
+               "--", "--steps", "2", "--run.guidance", "1.0", "--model.frames", "4",
                "--cluster.device", "cpu", "--run.attn_backend", "torch", "--run.video", "false"])
     assert rc == 0
     # the dense runs' clips are kept beside the capture, one run folder per prompt

@@ -11,8 +11,6 @@ checked, so an upgrade that moves them fails here.
 import dataclasses
 import inspect
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,7 +297,10 @@ def tiny_pipeline(tmp_path_factory):
 
 
 def _example(folder, out, *extra, torchrun=0):
-    """Run examples/diffusers_backend.py: in this process, or as a script under torchrun."""
+    """Run examples/diffusers_backend.py: in this process, or as a script on ``torchrun`` ranks launched as
+    torchrun launches them (parallel_helpers.run_like_torchrun: its environment and store, the script as
+    ``__main__``; forked from a server that has torch and diffusers imported, where a fresh interpreter per
+    rank spends about 10 s importing them on a 2-core machine)."""
     args = [str(folder), *TINY, "--out", str(out), *extra]
     if not torchrun:
         import importlib.util
@@ -309,11 +310,12 @@ def _example(folder, out, *extra, torchrun=0):
         spec.loader.exec_module(mod)
         mod.main(args)
         return torch.load(out)
+    from parallel_helpers import run_like_torchrun
+
     root = EXAMPLE.parents[1]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels"),
                                                         os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)]
-    p = subprocess.run([*cmd, str(EXAMPLE), *args], env=env, capture_output=True, text=True, timeout=300)
+    p = run_like_torchrun(EXAMPLE, args, torchrun, out.parent, env=env, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert f"wrote {out}" in p.stdout
     return torch.load(out)

@@ -28,24 +28,32 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9,
 
 
 _COMPILE = """
-import json, re, subprocess, sys
+import json, subprocess, sys, traceback
 from pathlib import Path
 import triton
 from dist_compact_kernels.block_sparse_ws import compile_sm90
-D = int(sys.argv[1])
-kern = compile_sm90(D, True, **json.loads(sys.argv[3]))
-cubin = Path(sys.argv[2]) / "k.cubin"
-cubin.write_bytes(kern.asm["cubin"])
 tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-print(json.dumps(dict(shared=kern.metadata.shared, sass=sass)))
+out = []
+for i, (D, variant) in enumerate(json.loads(sys.argv[2])):
+    try:
+        kern = compile_sm90(D, True, **variant)
+        cubin = Path(sys.argv[1]) / f"k{i}.cubin"
+        cubin.write_bytes(kern.asm["cubin"])
+        sass = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        out.append(dict(shared=kern.metadata.shared, sass=sass))
+    except Exception:
+        out.append(dict(error=traceback.format_exc()))
+print(json.dumps(out))
 """
 
+VARIANTS = [(128, {}), (64, {}), (128, dict(overlap=False)), (128, dict(pingpong=True)),
+            (128, dict(overlap=False, exp_emu=True)), (128, dict(valid=True)), (64, dict(valid=True, overlap=False))]
 
-@pytest.mark.parametrize("D,variant", [(128, {}), (64, {}), (128, dict(overlap=False)), (128, dict(pingpong=True)),
-                                       (128, dict(overlap=False, exp_emu=True)), (128, dict(valid=True)),
-                                       (64, dict(valid=True, overlap=False))])
-def test_compiles_for_sm90_with_the_intended_structure(D, variant, tmp_path):
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """Every variant below compiled for sm_90 by one child process (each compile is its own kernel; one
+    interpreter start and Triton import for all of them): ``[{"shared", "sass"} or {"error"}]`` in order."""
     import json
     import os
     import sys
@@ -56,10 +64,16 @@ def test_compiles_for_sm90_with_the_intended_structure(D, variant, tmp_path):
         pytest.skip("this Triton ships no cuobjdump")
     # compiled, not interpreted: a child process without TRITON_INTERPRET
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE, str(D), str(tmp_path), json.dumps(variant)],
+    res = subprocess.run([sys.executable, "-c", _COMPILE, str(tmp_path_factory.mktemp("sm90")), json.dumps(VARIANTS)],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("D,variant", VARIANTS)
+def test_compiles_for_sm90_with_the_intended_structure(D, variant, compiled):
+    got = compiled[VARIANTS.index((D, variant))]
+    assert "error" not in got, got.get("error", "")[-3000:]
     sass = got["sass"]
     ops = re.findall(r"(HGMMA|USETMAXREG|UTMALDG|UTMASTG|LDL|STL)\b", sass)
     # two consumers, each D/16 k-steps of QK^T (64x128) and 128/16 of PV (64xD); the ping-pong loop

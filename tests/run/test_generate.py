@@ -286,11 +286,12 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, weights):
 @pytest.mark.timeout(600)
 def test_torchrun_eight_processes_equal_one_process(tmp_path):
     """The 1x8 hybrid layout (4 x ring 2) of generate.py on 8 CPU processes (gloo): the same latents as one
-    process (fp32, <= 1e-4), AdaSpa searches included. Each 8-process launch costs about 40 s on a 2-core
-    machine, so the other two 1x8 layouts (ulysses 8; 2 x ring 4) run at the attention level on 8 processes
-    (tests/parallel/test_parallel_attention.py) and are loaded and checked here."""
-    import subprocess
-    import sys
+    process (fp32, <= 1e-4), AdaSpa searches included. The ranks get torchrun's environment and store
+    (parallel_helpers.run_like_torchrun: forked, not 8 fresh interpreters importing torch on a 2-core
+    machine); torchrun itself runs generate.py in the 2-process test above. The other two 1x8 layouts
+    (ulysses 8; 2 x ring 4) run at the attention level on 8 processes (tests/parallel/test_parallel_attention.py)
+    and are loaded and checked here."""
+    from parallel_helpers import run_like_torchrun
 
     torch.manual_seed(1)
     m = EmbeddedDiT(EmbeddedConfig(dim=128, depth=2, heads=8, rope_split=(4, 6, 6), frames=4, height=16, width=16))
@@ -304,16 +305,13 @@ def test_torchrun_eight_processes_equal_one_process(tmp_path):
             ("run.steps", "3"), ("run.progress", "false"), ("run.seed", "2"), ("run.video", "false"),
             ("run.attn_backend", "torch"), ("cluster.device", "cpu"), ("run.output_dir", str(tmp_path / "out")), *ADASPA]
     one = run_generation(load_run_config([], over + [("run.name", "one")]))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     for name in ("1x8-ulysses", "1x8-ring4"):
         cl = load_run_config([ROOT / f"configs/cluster/{name}.yaml"], over + [("cluster.backend", "gloo")]).cluster
         assert cl.nproc * cl.nnodes == cl.ulysses * cl.ring == 8, name
     name = "1x8-hybrid"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "--master-port", str(_free_port()),
-           str(ROOT / "generate.py"), "--config", str(ROOT / f"configs/cluster/{name}.yaml"),
-           "--cluster.device", "cpu", "--cluster.backend", "gloo", "--name", name,
-           *cli_flags(over)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    args = ["--config", str(ROOT / f"configs/cluster/{name}.yaml"), "--cluster.device", "cpu",
+            "--cluster.backend", "gloo", "--name", name, *cli_flags(over)]
+    proc = run_like_torchrun(ROOT / "generate.py", args, 8, tmp_path, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, (name, proc.stderr[-3000:])
     lat = torch.load(tmp_path / "out" / name / "latents.pt")
     assert (lat - one.latents).abs().max().item() <= 1e-4, name

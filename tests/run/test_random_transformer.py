@@ -1,17 +1,14 @@
 """model.kind: random - the published HunyuanVideo / Wan transformers with random weights, end to end on CPU.
 
 The tiny stand-ins (model.size: small, 2 heads of 32) at 13 x 128 x 192 pixels = latents 16 x 4 x 16 x 24
-(4 x 8 x 12 tokens, tiles of 1 x 4 x 4 = 24 video blocks): one process (dense vs AdaSpa), torchrun
-with 2 processes (Ulysses 2, ring 2) equal to one process, ring bytes, and the bad inputs.
+(4 x 8 x 12 tokens, tiles of 1 x 4 x 4 = 24 video blocks): one process (dense vs AdaSpa), 2 ranks
+launched as torchrun launches them (Ulysses 2, ring 2) equal to one process, ring bytes, and the bad inputs.
 """
 
 import importlib.util
 import json
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -44,17 +41,14 @@ def _cfg(model, out, *extra):
     return load_run_config([model], SMALL + [("run.output_dir", str(out))] + list(extra))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, model, pairs):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(ROOT / "generate.py"), "--config", str(model), *cli_flags(pairs)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    """generate.py on 2 ranks with torchrun's environment and store (forked from a server that has torch and
+    diffusers imported: a fresh interpreter per rank spends about 10 s importing them on a 2-core machine);
+    torchrun itself runs generate.py in tests/run/test_generate.py."""
+    from parallel_helpers import run_like_torchrun
+
+    proc = run_like_torchrun(ROOT / "generate.py", ["--config", str(model), *cli_flags(pairs)], 2, tmp_path,
+                             cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
