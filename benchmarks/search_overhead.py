@@ -5,6 +5,11 @@ block 128 = tile (2, 8, 8) on a 58 x 32 x 64 latent grid, 928 blocks):
 
     PYTHONPATH=$PWD:$PWD/kernels python benchmarks/search_overhead.py --csv $OUT/search_overhead.csv
 
+At the GPU-scale embedded model's shape (its guidance pair of 2 clips shares one index; 129 blocks, 4 heads):
+
+    PYTHONPATH=$PWD:$PWD/kernels python benchmarks/search_overhead.py --grid 16 32 32 --tile 2 8 8 --text 12 \
+        --text-position after --heads 4 --batch 2 --query-rows 32 --steps 20
+
 or on a CPU in seconds (tiny shape, PyTorch backend; checks that the script runs, timings mean little):
 
     python benchmarks/search_overhead.py --small
@@ -58,6 +63,10 @@ def main(argv=None):
     ap.add_argument("--grid", type=int, nargs=3, default=None, metavar=("T", "H", "W"))
     ap.add_argument("--tile", type=int, nargs=3, default=None, metavar=("t", "h", "w"))
     ap.add_argument("--text", type=int, default=0, help="text tokens")
+    ap.add_argument("--text-position", choices=["before", "after"], default="after",
+                    help="text tokens before or after the video tokens in the model's order")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="clips per call (2: a guidance pair, one index shared by the batch)")
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--head-dim", type=int, default=None)
     ap.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
@@ -68,6 +77,8 @@ def main(argv=None):
     ap.add_argument("--cpu-reps", type=int, default=2)
     ap.add_argument("--csv", default=None, help="CSV path (default $OUT/search_overhead.csv when $OUT is set)")
     args = ap.parse_args(argv)
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
 
     from dist_compact import VideoLayout
     from dist_compact.sparsity.attention import SparseAttention
@@ -89,7 +100,7 @@ def main(argv=None):
     D = args.head_dim or D
     if args.dtype:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    layout = VideoLayout(*grid, tile=tile, text_tokens=args.text)
+    layout = VideoLayout(*grid, tile=tile, text_tokens=args.text, text_position=args.text_position)
     S, bs = layout.padded_len, layout.block_size
     ops = AttentionOps(backend="auto" if cuda else "torch")
     info = (f"{torch.cuda.get_device_name()} " if cuda else "CPU ") + f"torch {torch.__version__}"
@@ -99,11 +110,13 @@ def main(argv=None):
         info += f" triton {triton.__version__}"
     except ImportError:
         pass
-    print(f"# {info}\n# {layout}, H={H}, d={D}, {dtype}, sparsity {args.sparsity}", flush=True)
+    print(f"# {info}\n# {layout}, batch {args.batch}, H={H}, d={D}, {dtype}, sparsity {args.sparsity}", flush=True)
 
     g = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(1, S, H, D, generator=g, device=device, dtype=dtype) for _ in range(3))
-    ctx_of = lambda step: AttentionContext(layout=layout, step=step, num_steps=args.steps, ops=ops)
+    q, k, v = (torch.randn(args.batch, S, H, D, generator=g, device=device, dtype=dtype) for _ in range(3))
+    # the calls are timed at steps of the 50-step frame their search steps are given in; --steps only sets
+    # the schedule of the estimate below
+    ctx_of = lambda step: AttentionContext(layout=layout, step=step, num_steps=50, ops=ops)
     timings = {}
 
     def timed(name, fn):
@@ -172,7 +185,7 @@ def main(argv=None):
         search_ms = sum(fused if kind == "fused" else cached for kind in search_types)
         total = n_dense * timings["dense_sdpa"] + search_ms + n_reuse * timings["reuse"]
         overhead = n_searches * (mass_ms + timings["select"])
-        row = dict(shape=f"S={S} H={H} d={D} {str(dtype).replace('torch.', '')}", device=info,
+        row = dict(shape=f"B={q.shape[0]} S={S} H={H} d={D} {str(dtype).replace('torch.', '')}", device=info,
                    query_rows=rows or "all", dense_ms=timings["dense_sdpa"], dense_lse_ms=timings["dense_lse"],
                    block_mass_ms=mass_ms, select_ms=timings["select"], sparse_ms=timings["reuse"],
                    fused_search_ms=fused, cached_search_ms=cached, total_attention_ms=total,

@@ -41,12 +41,25 @@ def runs(tmp_path_factory):
         "variants default": [KERNEL_BENCH, "--list-variants"],
         "variant bad 1": [KERNEL_BENCH, "--list-variants", "--variants", "x=ws:fast"],
         "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
+        "search overhead": [ROOT / "benchmarks/search_overhead.py", "--small", "--batch", "2", "--text", "4",
+                            "--query-rows", "16", "--steps", "20", "--csv", tmp / "so.csv"],
         "share one": [SHARE_GPU, "--summary", "--out", one],
         "share both": [SHARE_GPU, "--summary", "--out", both],
         "share unknown model": [SHARE_GPU, "--models", "nope", "--summary"],
     })
     done = run_concurrently([[sys.executable, *map(str, args)] for args in cmds.values()], cwd=ROOT)
     return dict(zip(cmds, done)), tmp
+
+
+def test_search_overhead_dry_run_on_a_guidance_pair(runs):
+    proc, tmp = runs[0]["search overhead"], runs[1]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp / "so.csv")))
+    assert [r["query_rows"] for r in rows] == ["16"] and rows[0]["shape"].startswith("B=2 ")
+    assert "20-step schedule: 4 dense" in proc.stdout  # the estimate's schedule, scaled to --steps
+    assert 0 < float(rows[0]["overhead_share"]) < float(rows[0]["search_share"]) < 1
 
 
 @pytest.mark.parametrize("script", HELP)
