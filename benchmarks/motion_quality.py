@@ -12,6 +12,13 @@ mode); a summary table per mode last.
     python benchmarks/motion_quality.py --csv benchmarks/results/motion.csv --seeds 2
     python benchmarks/motion_quality.py --backgrounds rotate --seeds 1 --variant "adaspa=sparsity.mode=adaspa"
 
+``--direction-probe`` skips the sampling: it runs :func:`dist_compact.models.motion.direction_probe`
+(one guided forward at t = 0.9 per colour x straight motion x seed; does the predicted clip move the
+prompted way, and along the prompted axis at all?), which a CPU does in a minute at 48 px:
+
+    python benchmarks/motion_quality.py --config configs/models/embedded-gpu.yaml --direction-probe --seeds 4 \
+        --set model.height=48 --set model.width=48
+
 Batches: the sparse runs search one index per sample (``sparsity.batch_index=per_sample``): the
 cond and uncond halves of a clip's guidance batch get their own index, where ``generate.py`` (one
 clip) shares one between them. ``benchmarks/embedded_quality.py`` measures that exact path.
@@ -63,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=1, help="only every N-th clip of (seeds x grid), for a quick subset")
     p.add_argument("--batch", type=int, default=32, help="clips per sampler call")
     p.add_argument("--csv", default=None)
+    p.add_argument("--direction-probe", action="store_true",
+                   help="only the direction probe (no sampling): seeds 0 .. --seeds - 1, colours --probe-colours")
+    p.add_argument("--probe-colours", default="red,cyan", help="comma-separated colours of the direction probe")
     args = p.parse_args(argv)
 
     import torch
@@ -89,6 +99,21 @@ def main(argv=None) -> int:
     mcfg = model.config
     digest = sha256_of(path)
     run = base.run
+    if args.direction_probe:
+        from dist_compact.models.motion import direction_probe
+
+        colours = [c.strip() for c in args.probe_colours.split(",") if c.strip()]
+        res = direction_probe(model, model.tokenizer, base.model.frames, base.model.height, base.model.width,
+                              guidance=base.run.guidance, seeds=range(args.seeds), colours=colours, device=device,
+                              dtype=dtype)
+        print(f"direction probe, {res['clips']} clips ({len(colours)} colours x 4 motions x {args.seeds} seeds), "
+              f"{base.model.frames}x{base.model.height}x{base.model.width}, guidance {base.run.guidance}, t = 0.9, "
+              f"weights {digest[:16]}...")
+        print("| right way % | on the axis % | " + " | ".join(f"{m} %" for m in res["per_motion"]) + " |")
+        print("|---|---|" + "---|" * len(res["per_motion"]))
+        print(f"| {res['right_way_pct']:.1f} | {res['axis_pct']:.1f} | "
+              + " | ".join(f"{v:.1f}" for v in res["per_motion"].values()) + " |")
+        return 0
     layout = model.video_layout(base.model.frames, base.model.height, base.model.width, base.model.tile)
     grid = grid_prompts(args.backgrounds)
     if args.limit:

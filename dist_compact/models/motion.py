@@ -22,6 +22,10 @@ A clip *follows its prompt* when all of these hold (pixels and frames of the cli
 :func:`score_clips` returns one :class:`MotionScore` per clip with these verdicts and the numbers behind
 them (travel, worst step, jerk = mean |second difference| / mean speed); :func:`summarize` gives the
 shares of a list of scores. The training data scores 100% (tests/models/test_motion.py).
+
+:func:`direction_probe` is a cheap proxy for the direction verdict that needs no sampling: one guided
+forward at a high noise level, scored on the clean video the model predicts there (where a flow model
+decides the layout of the clip). Training logs it at every validation.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import torch
 
 from .data import COLORS, MOTIONS, prompt_parts
 
-__all__ = ["MotionCriteria", "MotionScore", "track", "score_track", "score_clips", "summarize"]
+__all__ = ["MotionCriteria", "MotionScore", "track", "score_track", "score_clips", "summarize", "DIRECTIONS",
+           "direction_probe"]
 
 
 @dataclass(frozen=True)
@@ -161,3 +166,58 @@ def summarize(scores: Sequence[MotionScore]) -> Dict[str, float]:
     return {"clips": n, "follows_pct": pct("follows"), "direction_pct": pct("direction"),
             "smooth_pct": pct("smooth"), "visible_pct": pct("visible"), "median_max_step": median("max_step"),
             "median_jerk": median("jerk"), "median_travel": median("travel")}
+
+
+#: the straight motions, whose sign the direction probe checks
+DIRECTIONS = tuple(m for m, d in MOTIONS.items() if d is not None)
+
+
+def direction_probe(velocity, tokenizer, frames: int, height: int, width: int, *, t: float = 0.9,
+                    guidance: float = 4.0, seeds: Sequence[int] = (0, 1), colours: Sequence[str] = ("red", "cyan"),
+                    min_travel: float = 2.0, device="cpu", dtype=torch.float32) -> Dict[str, object]:
+    """Does the model's clean-video prediction at noise level ``t`` move the object the prompted way?
+
+    For every colour x straight motion x seed, ``"a <colour> square <motion>"`` is run once through
+    ``velocity(x_t, t, text)`` with classifier-free guidance from the same noise ``x_t`` (``torch.randn``
+    of ``[1, 3, frames, height, width]`` seeded by the seed; the same noise for every prompt), the clean
+    video is predicted as ``x_t - t v`` (rectified flow: ``v = noise - x0``), the colour is tracked
+    (:func:`track`) and the clip counts as going the right way when its net displacement along the
+    prompted direction is >= ``min_travel`` px and larger than across it.
+
+    Returns ``{"right_way_pct": share of all clips, "per_motion": {motion: pct}, "axis_pct": share that
+    moves more along the prompted axis than across it (either sign), "clips": count}``. A model that reads
+    the axis of a motion from the prompt but not its sign scores about 50% right way at a high axis share.
+    """
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"direction_probe: t must be in (0, 1], got {t}")
+    if not seeds or not colours:
+        raise ValueError("direction_probe: needs at least one seed and one colour")
+    for c in colours:
+        if c not in COLORS:
+            raise ValueError(f"direction_probe: colour {c!r} is not one of {list(COLORS)}")
+    prompts = [(c, m) for c in colours for m in DIRECTIONS]
+    text = tokenizer.batch([f"a {c} square {m}" for c, m in prompts]).to(device)
+    null = tokenizer.batch([""] * len(prompts)).to(device)
+    right = {m: [] for m in DIRECTIONS}
+    axis = []
+    with torch.no_grad():
+        for seed in seeds:
+            g = torch.Generator().manual_seed(int(seed))
+            noise = torch.randn(1, 3, frames, height, width, generator=g)
+            x = noise.expand(len(prompts), -1, -1, -1, -1).to(device=device, dtype=dtype)
+            tt = torch.full((2 * len(prompts),), float(t), device=device, dtype=dtype)
+            v = velocity(torch.cat([x, x]), tt, torch.cat([text, null])).float()
+            v_c, v_u = v.chunk(2)
+            x0 = (x.float() - t * (v_u + guidance * (v_c - v_u))).clamp(-1, 1).cpu()
+            for b, (c, m) in enumerate(prompts):
+                cen, _ = track(x0[b:b + 1], COLORS[c])
+                net = cen[0, -1] - cen[0, 0]
+                u = torch.tensor(MOTIONS[m], dtype=torch.float32)
+                along = float(net @ u)
+                across = float(abs(net[0] * u[1] - net[1] * u[0]))
+                right[m].append(along >= min_travel and along > across)
+                axis.append(abs(along) >= min_travel and abs(along) > across)
+    n = len(axis)
+    return {"right_way_pct": 100.0 * sum(sum(v) for v in right.values()) / n,
+            "per_motion": {m: 100.0 * sum(v) / len(v) for m, v in right.items()},
+            "axis_pct": 100.0 * sum(axis) / n, "clips": n}

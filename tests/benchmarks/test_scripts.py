@@ -43,6 +43,9 @@ def runs(tmp_path_factory):
         "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
         "search overhead": [ROOT / "benchmarks/search_overhead.py", "--small", "--batch", "2", "--text", "4",
                             "--query-rows", "16", "--steps", "20", "--csv", tmp / "so.csv"],
+        "motion probe": [ROOT / "benchmarks/motion_quality.py", "--direction-probe", "--seeds", "1", "--set",
+                         "model.frames=4", "--set", "model.height=16", "--set", "model.width=16", "--probe-colours",
+                         "red"],
         "share one": [SHARE_GPU, "--summary", "--out", one],
         "share both": [SHARE_GPU, "--summary", "--out", both],
         "share unknown model": [SHARE_GPU, "--models", "nope", "--summary"],
@@ -60,6 +63,14 @@ def test_search_overhead_dry_run_on_a_guidance_pair(runs):
     assert [r["query_rows"] for r in rows] == ["16"] and rows[0]["shape"].startswith("B=2 ")
     assert "20-step schedule: 4 dense" in proc.stdout  # the estimate's schedule, scaled to --steps
     assert 0 < float(rows[0]["overhead_share"]) < float(rows[0]["search_share"]) < 1
+
+
+def test_motion_quality_direction_probe_on_the_tiny_model(runs):
+    proc = runs[0]["motion probe"]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "direction probe, 4 clips (1 colours x 4 motions x 1 seeds), 4x16x16" in proc.stdout
+    row = proc.stdout.strip().splitlines()[-1].strip("| ").split(" | ")
+    assert len(row) == 6 and all(0 <= float(x) <= 100 for x in row), proc.stdout
 
 
 @pytest.mark.parametrize("script", HELP)

@@ -116,3 +116,52 @@ def test_bad_inputs():
         score_track(torch.zeros(2, 2), torch.ones(2), "bouncing")
     with pytest.raises(ValueError, match="no scores"):
         summarize([])
+
+
+class _RenderingModel:
+    """A stand-in velocity field whose clean-video prediction is the data's own clip of the prompt (with
+    its motion word mapped by ``swap``): ``v = (x_t - x0) / t``, so the probe's ``x_t - t v`` is ``x0``."""
+
+    def __init__(self, swap=None):
+        from dist_compact.models.data import VOCAB
+
+        self.vocab, self.swap = VOCAB, swap or {}
+
+    def __call__(self, x, t, text):
+        from dist_compact.models.data import render, scenes_from_prompt
+
+        out = torch.zeros_like(x)
+        for b in range(x.shape[0]):
+            words = [self.vocab[i] for i in text[b].tolist() if i != 0]
+            if not words:  # the empty prompt: predict grey
+                out[b] = x[b] / t[b]
+                continue
+            prompt = " ".join(words)
+            said = next((a for a in self.swap if a in prompt), None)  # one swap, never swapped back
+            if said is not None:
+                prompt = prompt.replace(said, self.swap[said])
+            scenes = scenes_from_prompt(prompt, 1, torch.Generator().manual_seed(b), *x.shape[2:])
+            out[b] = (x[b] - render(scenes, *x.shape[2:])[0]) / t[b]
+        return out
+
+
+def test_direction_probe_scores_sign_and_axis():
+    from dist_compact.models.embedded import WordTokenizer
+    from dist_compact.models.motion import DIRECTIONS, direction_probe
+
+    tok = WordTokenizer(12)
+    kw = dict(guidance=1.0, seeds=(0,), colours=("red", "cyan"))
+    right = direction_probe(_RenderingModel(), tok, 16, 48, 48, **kw)
+    assert right["right_way_pct"] == 100.0 and right["axis_pct"] == 100.0 and right["clips"] == 8
+    assert set(right["per_motion"]) == set(DIRECTIONS)
+    flipped = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    rev = direction_probe(_RenderingModel({f"moving {a}": f"moving {b}" for a, b in flipped.items()}), tok, 16, 48,
+                          48, **kw)
+    assert rev["right_way_pct"] == 0.0 and rev["axis_pct"] == 100.0  # the axis without the sign
+    blind = direction_probe(_RenderingModel({"moving right": "moving left", "moving down": "moving up"}), tok, 16,
+                            48, 48, **kw)
+    assert blind["right_way_pct"] == 50.0 and blind["per_motion"]["moving right"] == 0.0
+    with pytest.raises(ValueError, match="colour 'pink'"):
+        direction_probe(_RenderingModel(), tok, 16, 48, 48, colours=("pink",))
+    with pytest.raises(ValueError, match="t must be in"):
+        direction_probe(_RenderingModel(), tok, 16, 48, 48, t=0.0)

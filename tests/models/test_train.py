@@ -16,17 +16,20 @@ TINY = ["--batch-size", "4", "--dim", "64", "--depth", "2", "--heads", "2", "--f
 def test_short_training_run_learns_and_saves(tmp_path, capsys):
     out = tmp_path / "tiny.safetensors"
     rc = main(["--minutes", "2", "--max-steps", "40", *TINY, "--lr", "3e-3", "--warmup", "5", "--ema", "0.9",
-               "--log-every", "10", "--val-every", "20", "--val-batch", "8", "--out", str(out)])
+               "--log-every", "10", "--val-every", "20", "--val-batch", "8", "--direction-probe", "--out", str(out)])
     assert rc == 0
     log = json.loads((tmp_path / "tiny.train.json").read_text())
     val = [v["loss"] for v in log["val"]]
+    # the direction probe at every validation (asked for: on a CPU it is off by default)
+    assert all(0 <= v["direction_pct"] <= v["axis_pct"] <= 100 for v in log["val"]), log["val"]
     assert len(val) >= 3 and val[-1] < 0.8 * val[0], val
     assert log["train"][-1]["step"] == 40 and log["val"][0]["step"] == 0
     model = load_embedded(out)  # checksum verified
     assert (model.config.dim, model.config.frames, model.config.height) == (64, 4, 16)
     assert (tmp_path / "tiny.preview.png").read_bytes()[:4] == b"\x89PNG"
     assert checkpoint_path(out).is_file()
-    assert "final save" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "final save" in text and "% right way, " in text
 
 
 class WorkClock:
@@ -100,6 +103,7 @@ def test_resumed_run_equals_the_uninterrupted_run(tmp_path):
     assert not all(torch.equal(first.state_dict()[k], b[k]) for k in a)  # the resumed run did train
     log = json.loads((tmp_path / "part.train.json").read_text())
     assert log["resumed"][0]["step"] == 7 and log["val"][-1]["step"] == 12
+    assert "direction_pct" not in log["val"][-1]  # the probe is off on a CPU unless asked for
     # a bf16 checkpoint saved every step (as on the GPU) leaves the live optimizer state alone and resumes
     half = tmp_path / "half.safetensors"
     assert main([*args, "--stop-after", "3", "--ckpt-dtype", "bf16", "--save-every", "1e-6", "--out", str(half)]) == 0
