@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         res = direction_probe(model, model.tokenizer, base.model.frames, base.model.height, base.model.width,
                               guidance=base.run.guidance, seeds=range(args.seeds), colours=colours, device=device,
                               dtype=dtype)
-        print(f"direction probe, {res['clips']} clips ({len(colours)} colours x 4 motions x {args.seeds} seeds), "
+        print(f"direction probe, {res['clips']} clips ({len(colours)} colours x {len(res['per_motion'])} motions x "
+              f"{args.seeds} seeds), "
               f"{base.model.frames}x{base.model.height}x{base.model.width}, guidance {base.run.guidance}, t = 0.9, "
               f"weights {digest[:16]}...")
         print("| right way % | on the axis % | " + " | ".join(f"{m} %" for m in res["per_motion"]) + " |")

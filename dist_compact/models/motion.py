@@ -98,6 +98,13 @@ def track(video: torch.Tensor, rgb: Sequence[float], colour_tol: float = 0.3) ->
     return torch.stack([cx, cy], -1), area
 
 
+def _along_across(centroid: torch.Tensor, u: torch.Tensor) -> Tuple[float, float]:
+    """Net displacement of a track ``[T, 2]`` from its first to its last frame along the unit direction
+    ``u`` (signed) and across it (unsigned), px."""
+    net = centroid[-1] - centroid[0]
+    return float(net @ u), float(abs(net[0] * u[1] - net[1] * u[0]))
+
+
 def score_track(centroid: torch.Tensor, area: torch.Tensor, motion: str,
                 criteria: MotionCriteria = MotionCriteria()) -> MotionScore:
     """Score one trajectory: ``centroid [T, 2]``, ``area [T]``, the prompted ``motion`` (a MOTIONS key)."""
@@ -120,9 +127,7 @@ def score_track(centroid: torch.Tensor, area: torch.Tensor, motion: str,
         direction = med >= c.min_speed and float((speed >= 0.5 * med).float().mean()) >= c.min_monotone
     else:
         u = torch.tensor(d, dtype=torch.float32)
-        net = centroid[-1] - centroid[0]
-        travel = float(net @ u)
-        across = float(abs(net[0] * u[1] - net[1] * u[0]))
+        travel, across = _along_across(centroid, u)
         along_steps = steps @ u
         direction = (travel >= c.min_travel and across <= c.max_across * travel
                      and float((along_steps > 0).float().mean()) >= c.min_monotone)
@@ -211,10 +216,7 @@ def direction_probe(velocity, tokenizer, frames: int, height: int, width: int, *
             x0 = (x.float() - t * (v_u + guidance * (v_c - v_u))).clamp(-1, 1).cpu()
             for b, (c, m) in enumerate(prompts):
                 cen, _ = track(x0[b:b + 1], COLORS[c])
-                net = cen[0, -1] - cen[0, 0]
-                u = torch.tensor(MOTIONS[m], dtype=torch.float32)
-                along = float(net @ u)
-                across = float(abs(net[0] * u[1] - net[1] * u[0]))
+                along, across = _along_across(cen[0], torch.tensor(MOTIONS[m], dtype=torch.float32))
                 right[m].append(along >= min_travel and along > across)
                 axis.append(abs(along) >= min_travel and abs(along) > across)
     n = len(axis)

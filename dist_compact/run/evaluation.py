@@ -22,8 +22,9 @@ STEP_KINDS = ("dense", "search", "sparse")
 
 def step_kinds(rows, steps: int):
     """The kind of every step ``0 .. steps - 1`` from the stats rows of one run: ``"search"`` where any
-    call searched (fused or cached), ``"sparse"`` where every call ran an index, else ``"dense"`` (also a
-    step that made no recorded call, as every step of a dense run)."""
+    call searched (fused or cached), ``"sparse"`` where any call ran an index (a near-dense layer of a
+    sparse step runs, and is recorded, dense), else ``"dense"`` (also a step that made no recorded call,
+    as every step of a dense run)."""
     kinds = ["dense"] * steps
     by_step = {}
     for r in rows:
@@ -33,7 +34,7 @@ def step_kinds(rows, steps: int):
             raise ValueError(f"stats row of step {step} outside a run of {steps} steps")
         if ks & {"fused_search", "cached_search"}:
             kinds[step] = "search"
-        elif ks == {"sparse"}:
+        elif "sparse" in ks:
             kinds[step] = "sparse"
     return kinds
 

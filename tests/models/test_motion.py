@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from dist_compact.models.data import COLORS, MOTIONS, prompt_of, render, sample_scenes
-from dist_compact.models.motion import MotionCriteria, score_clips, score_track, summarize, track
+from dist_compact.models.motion import DIRECTIONS, MotionCriteria, score_clips, score_track, summarize, track
 
-STRAIGHT = [m for m, d in MOTIONS.items() if d is not None]
+STRAIGHT = list(DIRECTIONS)
 
 
 def _clips(motion, n=6, seed=0):
@@ -147,7 +147,7 @@ class _RenderingModel:
 
 def test_direction_probe_scores_sign_and_axis():
     from dist_compact.models.embedded import WordTokenizer
-    from dist_compact.models.motion import DIRECTIONS, direction_probe
+    from dist_compact.models.motion import direction_probe
 
     tok = WordTokenizer(12)
     kw = dict(guidance=1.0, seeds=(0,), colours=("red", "cyan"))

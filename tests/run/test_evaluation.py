@@ -20,7 +20,8 @@ def test_step_kinds_by_the_calls_of_each_step():
 
     rows = [r(0, 0, "dense"), r(1, 0, "dense"), r(0, 1, "fused_search"), r(1, 1, "sparse"), r(0, 2, "sparse"),
             r(1, 2, "sparse"), r(0, 3, "sparse"), r(1, 3, "cached_search"), r(0, 4, "sparse"), r(1, 4, "dense")]
-    assert step_kinds(rows, 6) == ["dense", "search", "sparse", "search", "dense", "dense"]
+    # step 4: one layer sparse, one near-dense layer run dense - a sparse step of the schedule
+    assert step_kinds(rows, 6) == ["dense", "search", "sparse", "search", "sparse", "dense"]
     assert step_kinds([], 2) == ["dense", "dense"]  # a dense run records no calls
     with pytest.raises(ValueError, match="step 7 outside a run of 6 steps"):
         step_kinds([r(0, 7, "sparse")], 6)
