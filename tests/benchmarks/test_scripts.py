@@ -43,6 +43,8 @@ def runs(tmp_path_factory):
         "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
         "search overhead": [ROOT / "benchmarks/search_overhead.py", "--small", "--batch", "2", "--text", "4",
                             "--query-rows", "16", "--steps", "20", "--csv", tmp / "so.csv"],
+        "step profile": [ROOT / "benchmarks/step_profile.py", "--small", "--repeats", "1", "--csv", tmp / "sp.csv",
+                         "--kernels", tmp / "sp.txt", "--top", "3"],
         "motion probe": [ROOT / "benchmarks/motion_quality.py", "--direction-probe", "--seeds", "1", "--set",
                          "model.frames=4", "--set", "model.height=16", "--set", "model.width=16", "--probe-colours",
                          "red"],
@@ -63,6 +65,22 @@ def test_search_overhead_dry_run_on_a_guidance_pair(runs):
     assert [r["query_rows"] for r in rows] == ["16"] and rows[0]["shape"].startswith("B=2 ")
     assert "20-step schedule: 4 dense" in proc.stdout  # the estimate's schedule, scaled to --steps
     assert 0 < float(rows[0]["overhead_share"]) < float(rows[0]["search_share"]) < 1
+
+
+def test_step_profile_dry_run(runs):
+    proc, tmp = runs[0]["step profile"], runs[1]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = {(r["case"], r["step_kind"]): r for r in csv.DictReader(open(tmp / "sp.csv"))}
+    assert set(rows) == {("dense", "dense"), ("no-attention", "dense"), ("window 0.5", "dense"),
+                         ("window 0.5", "sparse"), ("config adaspa", "dense"), ("config adaspa", "search")}
+    assert rows[("dense", "dense")]["steps"] == "4" and rows[("window 0.5", "sparse")]["density_sparse_steps"]
+    for r in rows.values():  # the parts add up to the step
+        parts = float(r["attention_ms"]) + float(r["other_forward_ms"]) + float(r["outside_forward_ms"])
+        assert abs(parts - float(r["step_ms"])) < 0.01 and float(r["attention_ms"]) >= 0
+    text = (tmp / "sp.txt").read_text()
+    assert "## dense:" in text and "## no-attention:" in text and "## window 0.5 (all steps sparse):" in text
 
 
 def test_motion_quality_direction_probe_on_the_tiny_model(runs):
