@@ -240,13 +240,12 @@ def paper_head_budgets(recall: torch.Tensor, k0: int, num_keys: int, threshold: 
     if delta <= 0 or H < 2:
         return k
     order = torch.sort(recall.double(), descending=True, stable=True).indices  # ties: lower head first
-    high = int((recall > threshold).sum())
-    n = min(high, H - high)
-    if n == 0:
-        return k
-    k[order[:n]] = k0 - delta
-    k[order[H - n:]] = k0 + delta
-    return k
+    # on the device, without reading the count back: the n highest-ranked heads go down, the n lowest up
+    high = (recall > threshold).sum()
+    n = torch.minimum(high, H - high)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(H, device=dev)
+    return k - delta * (rank < n).long() + delta * (rank >= H - n).long()
 
 
 def recall_head_budgets(stats: torch.Tensor, k0: int, num_keys: int) -> torch.Tensor:
@@ -265,7 +264,9 @@ def recall_head_budgets(stats: torch.Tensor, k0: int, num_keys: int) -> torch.Te
     gains[:, 0] = float("inf")  # every head keeps at least one block per row
     budget = min(H * k0, H * num_keys)
     top = torch.sort(gains.reshape(-1), descending=True, stable=True).indices[:budget]
-    return torch.bincount(top // num_keys, minlength=H).long()
+    # per-head counts by scatter (bincount reads its input's maximum back to the host on a GPU)
+    head = top // num_keys
+    return torch.zeros(H, dtype=torch.long, device=head.device).scatter_add_(0, head, torch.ones_like(head))
 
 
 def head_budgets(stats: torch.Tensor, k0: int, num_keys: int, rule: str = "paper",
@@ -322,6 +323,48 @@ def local_query_blocks(ops, layout, device=None) -> Tuple[torch.Tensor, torch.Te
     return ids.to(device), w.to(device)
 
 
+@dataclass(frozen=True)
+class _SelectConstants:
+    """What :func:`online_select` needs of the layout and the rank, on the mass's device (built once)."""
+
+    rows: torch.Tensor
+    row_w: torch.Tensor
+    key_valid: torch.Tensor
+    forced_keys: Optional[torch.Tensor]
+    row_valid: torch.Tensor
+    full_rows: Optional[torch.Tensor]
+    counted_rows: torch.Tensor
+    nkv: int
+
+
+def _select_constants(ops, layout, device, text_sink: bool) -> _SelectConstants:
+    """The layout's and this rank's constants of a selection, cached with the layout's own device tensors:
+    a search then copies nothing from the host (each blocking copy to a GPU waits for its queue)."""
+    ids = torch.as_tensor(ops.q_blocks(layout)).long()
+    w = torch.as_tensor(ops.row_weight(layout)).double()
+    if w.shape != ids.shape:
+        raise ValueError(f"ops.row_weight gave {tuple(w.shape)} weights for {ids.shape[0]} local query blocks")
+    key = ("online_select", tuple(ids.tolist()), tuple(w.tolist()), str(torch.device(device)), bool(text_sink))
+    cache = layout._device_cache
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    key_valid_host = layout.block_valid() > 0
+    text = layout.is_text_block()
+    row_valid = key_valid_host[ids]
+    full_rows = (text[ids] & row_valid) if text_sink else None
+    counted_rows = row_valid & ~text[ids] if text_sink else row_valid
+
+    def on(t):
+        return None if t is None else t.to(device)
+
+    hit = cache[key] = _SelectConstants(
+        rows=on(ids), row_w=on(w), key_valid=on(key_valid_host),
+        forced_keys=on(text & key_valid_host) if text_sink else None, row_valid=on(row_valid),
+        full_rows=on(full_rows), counted_rows=on(counted_rows), nkv=int(key_valid_host.sum()))
+    return hit
+
+
 def online_select(mass: torch.Tensor, layout, ops, config, *,
                   static_mask: Optional[torch.Tensor] = None) -> OnlineSearchResult:
     """AdaSpa selection for one layer from this rank's block mass.
@@ -342,21 +385,16 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     _check_mass(mass)
     B, Hl, NQl, NK = mass.shape
     dev = mass.device
-    rows, row_w = local_query_blocks(ops, layout, dev)
-    if NK != layout.num_blocks or NQl != rows.shape[0]:
+    c = _select_constants(ops, layout, dev, config.text_sink)
+    if NK != layout.num_blocks or NQl != c.rows.shape[0]:
         raise ValueError(
-            f"mass {tuple(mass.shape)} does not match {layout}: expected {rows.shape[0]} local query "
+            f"mass {tuple(mass.shape)} does not match {layout}: expected {c.rows.shape[0]} local query "
             f"blocks and {layout.num_blocks} key blocks"
         )
-    key_valid = layout.block_valid(dev) > 0
-    text = layout.is_text_block().to(dev)
-    forced_keys = text & key_valid if config.text_sink else None
-    row_valid = key_valid[rows]
-    full_rows = (text[rows] & row_valid) if config.text_sink else None
-    counted_rows = row_valid & ~text[rows] if config.text_sink else row_valid
+    key_valid, forced_keys, row_valid, full_rows, counted_rows, row_w, nkv = (
+        c.key_valid, c.forced_keys, c.row_valid, c.full_rows, c.counted_rows, c.row_w, c.nkv)
     if config.batch_index == "shared" and B > 1:
         mass = mass.mean(0, keepdim=True)
-    nkv = int(key_valid.sum())
 
     ranked = rank_blocks(mass, key_valid, forced_keys)
     budget_all = None
@@ -394,14 +432,18 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
     recall = torch.where(g[:, 1] > 0, g[:, 0] / g[:, 1].clamp(min=1), torch.ones_like(g[:, 0]))
     density = g[:, 2] / g[:, 3].clamp(min=1)
 
-    # near-dense heads: full rows (a little more work, no error); near-dense layers: dense kernel
-    full_heads = density > config.dense_threshold
-    if bool(full_heads.any()):
+    # near-dense heads: full rows (a little more work, no error); near-dense layers: dense kernel.
+    # A density is at most 1, so a threshold of 1 (the Hopper kernel's) decides nothing: the search then
+    # reads nothing back from the device here
+    if config.dense_threshold < 1.0:
+        full_heads = density > config.dense_threshold
         density = torch.where(full_heads, torch.ones_like(density), density)
         recall = torch.where(full_heads, torch.ones_like(recall), recall)
         fh = full_heads[h0:h1].view(1, Hl, 1, 1)
         mask = mask | (fh & key_valid.view(1, 1, 1, NK) & row_valid.view(1, 1, NQl, 1))
-    dense_layer = bool(density.mean() > config.dense_threshold)
+        dense_layer = bool(density.mean() > config.dense_threshold)
+    else:
+        dense_layer = False
     index = BlockIndex.from_dense(mask, layout.block_size)
     budget = budget_all
     if budget is None and isinstance(top_k, int):

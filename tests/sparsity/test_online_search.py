@@ -212,6 +212,29 @@ def test_dense_threshold_full_heads_and_dense_layer():
     assert res.dense_layer and torch.all(res.density == 1.0)
 
 
+def test_selection_reads_back_only_the_index_width(monkeypatch):
+    """On a GPU every value read back to the host waits for the device's queue. The selection at the
+    Hopper kernel's threshold (1) reads none, except the index width inside BlockIndex.from_dense: on
+    the meta device (which holds no values, so any read fails) it runs to that point."""
+    import dist_compact.sparsity.online as online
+
+    lay = VideoLayout(4, 8, 8, tile=(1, 4, 4), text_tokens=5, text_position="after")
+    nb = lay.num_blocks
+    got = {}
+
+    def from_dense(mask, block_size):
+        got["mask"] = mask
+        return "index"
+
+    monkeypatch.setattr(online.BlockIndex, "from_dense", staticmethod(from_dense))
+    for rule in ("paper", "recall"):
+        cfg = SparsityConfig(sparsity=0.6, head_rule=rule, dense_threshold=1.0)
+        res = online_select(torch.rand(2, 4, nb, nb, device="meta"), lay, AttentionOps(backend="torch"), cfg)
+        assert res.index == "index" and got["mask"].shape == (1, 4, nb, nb) and not res.dense_layer
+    # the paper rule's budgets alone, on the device
+    assert paper_head_budgets(torch.rand(6, device="meta"), k0=10, num_keys=40).device.type == "meta"
+
+
 # ---------------------------------------------------------------------------------- sharded decisions
 class _ThreadOps(AttentionOps):
     """Two 'ranks' as threads: heads split (Ulysses-like) or query rows split (ring-like)."""
