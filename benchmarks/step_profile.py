@@ -14,8 +14,10 @@ processors: the whole attention layer, block-order and search work included). Ca
 * ``dense``: our dense path (SDPA, cuDNN);
 * ``no-attention``: the same forward with each attention replaced by returning ``v`` (no attention at
   all): what the rest of the transformer costs;
-* ``compact <level>`` / ``<mode> <level>``: the Compact configs given by ``--compact LEVEL=PATH``, and the
-  config's own sparsity (its demo), on the config's schedule.
+* ``compact <level>`` / ``config <mode>``: the Compact configs given by ``--compact LEVEL=PATH``, and the
+  config's own sparsity (its demo), on the config's schedule;
+* ``window <d>`` / ``random <d>``: a fixed 3D window and random blocks at the first Compact config's density
+  ``d`` (``--no-baselines`` skips them): the same amount of work in other rows.
 
 Rows, per case and kind of step (dense / search / sparse, :func:`dist_compact.run.evaluation.step_kinds`):
 median ``step_ms``, ``forward_ms``, ``attention_ms`` (sum over layers), ``other_forward_ms`` (forward minus
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=None)
     p.add_argument("--kernels", default=None, help="write the profiler's per-kernel table here")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip the fixed window and random blocks at the first Compact config's density")
     p.add_argument("--small", action="store_true", help="CPU smoke run: a tiny random model, 4 steps")
     args = p.parse_args(argv)
     return run(args)
@@ -167,6 +171,16 @@ def run(args) -> int:
         win, _ = window_for_density(layout, mcfg.depth, mcfg.heads, 0.5, model="small")
         first_compact = ("window 0.5", SparsityConfig(mode="compact", **warm), win)
         cases.append(first_compact)
+    if first_compact is not None and args.baselines:
+        # the fixed 3D window and random blocks at the first Compact config's density: the same work, other rows
+        from dist_compact.patterns.baselines import RandomBlocks, video_density, window_for_density
+
+        d = sum(video_density(first_compact[2].block_mask(i, layout)[0], layout)
+                for i in range(mcfg.depth)) / mcfg.depth
+        win, _ = window_for_density(layout, mcfg.depth, mcfg.heads, d, model=mc.name)
+        cases.append((f"window {d:.3f}", SparsityConfig(mode="compact", **warm), win))
+        cases.append((f"random {d:.3f}", SparsityConfig(mode="compact", **warm),
+                      RandomBlocks(d, mcfg.depth, mcfg.heads, seed=args.seed)))
     own = base.sparsity
     own_compact = None
     if own.uses_compact and own.compact_config:
