@@ -18,18 +18,25 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
     """Per row, the ``values`` where ``keep`` is True, in order, then ``-1``: ``[..., width]`` int32.
 
     A kept entry's slot is the number of kept entries before it (a cumsum); the others go to a
-    spare column that is dropped. One scatter, no sort. Done one (batch, head) slice at a time so the
-    int64 slot tensor stays the size of one head's rows.
+    spare column that is dropped. One scatter, no sort. Done a few (batch, head) slices at a time
+    (up to ``_ROWS_CHUNK`` entries) so the int64 slot tensor stays small at long sequences, and a
+    short one (an online search's, launched between attention kernels) takes one pass.
     """
     lead = keep.shape[:-1]
     out = torch.full((*lead, width + 1), -1, dtype=torch.int32, device=keep.device)
     k2 = keep.reshape(-1, *keep.shape[-2:]) if keep.dim() > 2 else keep.reshape(1, *keep.shape)
     v2 = values.expand_as(keep).reshape(k2.shape)
     o2 = out.view(k2.shape[0], k2.shape[1], width + 1)
-    for i in range(k2.shape[0]):
-        slot = torch.where(k2[i], k2[i].cumsum(-1) - 1, torch.full_like(k2[i], width, dtype=torch.long))
-        o2[i].scatter_(-1, slot, v2[i].to(torch.int32))
+    step = max(1, _ROWS_CHUNK // max(k2.shape[1] * k2.shape[2], 1))
+    for i in range(0, k2.shape[0], step):
+        k = k2[i:i + step]
+        slot = torch.where(k, k.cumsum(-1) - 1, width)
+        o2[i:i + step].scatter_(-1, slot, v2[i:i + step].to(torch.int32))
     return out[..., :width]
+
+
+#: entries of a mask that :func:`_compact_rows` turns into slots at a time (int64: 128 MiB)
+_ROWS_CHUNK = 1 << 24
 
 
 class BlockIndex:

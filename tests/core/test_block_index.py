@@ -46,6 +46,18 @@ def test_union_intersection_broadcast():
         ia.union(BlockIndex.from_dense(_rand_mask(nk=6), 32))
 
 
+@pytest.mark.parametrize("chunk", [1, 7 * 5, 2 * 7 * 5, 1 << 24])
+def test_from_dense_in_chunks_of_head_slices(monkeypatch, chunk):
+    """Rows are compacted a few (batch, head) slices at a time: one, several, a remainder, all at once."""
+    import dist_compact.block_index as bi
+
+    monkeypatch.setattr(bi, "_ROWS_CHUNK", chunk)
+    m = _rand_mask(B=2, H=3)
+    idx = BlockIndex.from_dense(m, 16)
+    assert torch.equal(idx.to_dense(), m) and idx.counts.tolist() == m.sum(-1).tolist()
+    assert torch.all(idx.indices[~idx.entry_mask()] == -1)
+
+
 def test_selections_match_dense_slicing():
     m = _rand_mask(B=1, H=4, nq=6, nk=9)
     idx = BlockIndex.from_dense(m, 16)
