@@ -57,6 +57,30 @@ def _bench(fn, device, rep_ms, cpu_reps):
     return (time.perf_counter() - t0) / cpu_reps * 1e3
 
 
+def count_select_ops(mass, layout, cfg):
+    """(tensor ops, values read back to the host) of one ``online_select`` on CPU tensors: on a GPU each op is
+    a kernel launch and each read waits for the device's queue. Counted at the dispatcher (after one call
+    that fills the caches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dist_compact.sparsity.attention_ops import AttentionOps
+    from dist_compact.sparsity.online import online_select
+
+    class Count(TorchDispatchMode):
+        ops = reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            Count.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    ops = AttentionOps(backend="torch")
+    online_select(mass, layout, ops, cfg)
+    with Count():
+        online_select(mass, layout, ops, cfg)
+    return Count.ops, Count.reads
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny CPU shape (smoke run)")
@@ -73,6 +97,11 @@ def main(argv=None):
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--query-rows", default="none,64,32,16", help="block-mass variants: none = exact")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--dense-threshold", type=float, default=None,
+                    help="SparsityConfig.dense_threshold (default its own; the GPU models' configs use 1.0)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="only count, on the CPU, the tensor ops of one selection at this shape (random block mass) "
+                         "and the values it reads back to the host; no timings")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) on CUDA")
     ap.add_argument("--cpu-reps", type=int, default=2)
     ap.add_argument("--csv", default=None, help="CSV path (default $OUT/search_overhead.csv when $OUT is set)")
@@ -112,6 +141,13 @@ def main(argv=None):
         pass
     print(f"# {info}\n# {layout}, batch {args.batch}, H={H}, d={D}, {dtype}, sparsity {args.sparsity}", flush=True)
 
+    if args.count_ops:
+        cfg = SparsityConfig(sparsity=args.sparsity, mass_query_rows=None, **(
+            {} if args.dense_threshold is None else {"dense_threshold": args.dense_threshold}))
+        mass = torch.rand(args.batch, H, layout.num_blocks, layout.num_blocks, generator=torch.Generator().manual_seed(0))
+        n_ops, reads = count_select_ops(mass, layout, cfg)
+        print(f"# selection on the CPU: {n_ops} tensor ops, {reads} values read back to the host", flush=True)
+        return [n_ops]
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(args.batch, S, H, D, generator=g, device=device, dtype=dtype) for _ in range(3))
     # the calls are timed at steps of the 50-step frame their search steps are given in; --steps only sets
@@ -150,6 +186,8 @@ def main(argv=None):
     # mass_query_rows=None: these calls measure the exact block mass; sampled variants are set below
     base = dict(sparsity=args.sparsity, search_steps=(10, 30, 40), search_kinds=("fused", "cached", "cached"),
                 mass_query_rows=None)
+    if args.dense_threshold is not None:
+        base["dense_threshold"] = args.dense_threshold
     cfg = SparsityConfig(**base)
     mass = ops.block_mass(q, k, lse, layout)
     timed("select", lambda: online_select(mass, layout, ops, cfg))

@@ -42,7 +42,9 @@ def runs(tmp_path_factory):
         "variant bad 1": [KERNEL_BENCH, "--list-variants", "--variants", "x=ws:fast"],
         "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
         "search overhead": [ROOT / "benchmarks/search_overhead.py", "--small", "--batch", "2", "--text", "4",
-                            "--query-rows", "16", "--steps", "20", "--csv", tmp / "so.csv"],
+                            "--query-rows", "16", "--steps", "20", "--csv", tmp / "so.csv", "--dense-threshold", "1"],
+        "select ops": [ROOT / "benchmarks/search_overhead.py", "--grid", "16", "32", "32", "--tile", "2", "8", "8",
+                       "--text", "12", "--batch", "2", "--heads", "4", "--dense-threshold", "1", "--count-ops"],
         "step profile": [ROOT / "benchmarks/step_profile.py", "--small", "--repeats", "1", "--csv", tmp / "sp.csv",
                          "--kernels", tmp / "sp.txt", "--top", "3"],
         "motion probe": [ROOT / "benchmarks/motion_quality.py", "--direction-probe", "--seeds", "1", "--set",
@@ -64,6 +66,9 @@ def test_search_overhead_dry_run_on_a_guidance_pair(runs):
     rows = list(csv.DictReader(open(tmp / "so.csv")))
     assert [r["query_rows"] for r in rows] == ["16"] and rows[0]["shape"].startswith("B=2 ")
     assert "20-step schedule: 4 dense" in proc.stdout  # the estimate's schedule, scaled to --steps
+    # at threshold 1 the selection reads back one value (the index width), at the GPU model's shape too
+    ops = runs[0]["select ops"]
+    assert ops.returncode == 0 and "tensor ops, 1 values read back to the host" in ops.stdout, ops.stderr[-2000:]
     assert 0 < float(rows[0]["overhead_share"]) < float(rows[0]["search_share"]) < 1
 
 
