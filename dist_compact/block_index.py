@@ -14,6 +14,10 @@ __all__ = ["BlockIndex"]
 HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
 
 
+#: entries of a mask that :func:`_compact_rows` turns into slots at a time (int64: 128 MiB)
+_ROWS_CHUNK = 1 << 24
+
+
 def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch.Tensor:
     """Per row, the ``values`` where ``keep`` is True, in order, then ``-1``: ``[..., width]`` int32.
 
@@ -33,10 +37,6 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
         slot = torch.where(k, k.cumsum(-1) - 1, width)
         o2[i:i + step].scatter_(-1, slot, v2[i:i + step].to(torch.int32))
     return out[..., :width]
-
-
-#: entries of a mask that :func:`_compact_rows` turns into slots at a time (int64: 128 MiB)
-_ROWS_CHUNK = 1 << 24
 
 
 class BlockIndex:

@@ -212,12 +212,17 @@ class VideoLayout:
         pos[vid] = torch.stack([f, r, c], dim=1)
         return pos
 
+    def cached(self, key, build):
+        """A value derived from this layout alone (with ``key`` naming what else it depends on, e.g. a
+        device), built by ``build()`` on the first call and kept with the layout."""
+        hit = self._device_cache.get(key)
+        if hit is None:
+            hit = self._device_cache[key] = build()
+        return hit
+
     def _on(self, name: str, device) -> torch.Tensor:
         device = torch.device(device)
-        key = (name, str(device))
-        if key not in self._device_cache:
-            self._device_cache[key] = getattr(self, name).to(device)
-        return self._device_cache[key]
+        return self.cached((name, str(device)), lambda: getattr(self, name).to(device))
 
     def permutation(self, device="cpu") -> torch.Tensor:
         """int64 [seq_len]: position in block order of each token of the model order."""

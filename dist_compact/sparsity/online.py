@@ -338,31 +338,28 @@ class _SelectConstants:
 
 
 def _select_constants(ops, layout, device, text_sink: bool) -> _SelectConstants:
-    """The layout's and this rank's constants of a selection, cached with the layout's own device tensors:
-    a search then copies nothing from the host (each blocking copy to a GPU waits for its queue)."""
-    ids = torch.as_tensor(ops.q_blocks(layout)).long()
-    w = torch.as_tensor(ops.row_weight(layout)).double()
-    if w.shape != ids.shape:
-        raise ValueError(f"ops.row_weight gave {tuple(w.shape)} weights for {ids.shape[0]} local query blocks")
+    """The layout's and this rank's constants of a selection, kept with the layout's own device tensors
+    (keyed by the rank's rows, which a re-planned ring shard changes): a search then copies nothing from
+    the host (each blocking copy to a GPU waits for its queue)."""
+    ids, w = local_query_blocks(ops, layout)
+
+    def build() -> _SelectConstants:
+        key_valid = layout.block_valid() > 0
+        text = layout.is_text_block()
+        row_valid = key_valid[ids]
+        full_rows = (text[ids] & row_valid) if text_sink else None
+        counted_rows = row_valid & ~text[ids] if text_sink else row_valid
+        forced_keys = text & key_valid if text_sink else None
+
+        def on(t):
+            return None if t is None else t.to(device)
+
+        return _SelectConstants(rows=on(ids), row_w=on(w), key_valid=on(key_valid), forced_keys=on(forced_keys),
+                                row_valid=on(row_valid), full_rows=on(full_rows), counted_rows=on(counted_rows),
+                                nkv=int(key_valid.sum()))
+
     key = ("online_select", tuple(ids.tolist()), tuple(w.tolist()), str(torch.device(device)), bool(text_sink))
-    cache = layout._device_cache
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    key_valid_host = layout.block_valid() > 0
-    text = layout.is_text_block()
-    row_valid = key_valid_host[ids]
-    full_rows = (text[ids] & row_valid) if text_sink else None
-    counted_rows = row_valid & ~text[ids] if text_sink else row_valid
-
-    def on(t):
-        return None if t is None else t.to(device)
-
-    hit = cache[key] = _SelectConstants(
-        rows=on(ids), row_w=on(w), key_valid=on(key_valid_host),
-        forced_keys=on(text & key_valid_host) if text_sink else None, row_valid=on(row_valid),
-        full_rows=on(full_rows), counted_rows=on(counted_rows), nkv=int(key_valid_host.sum()))
-    return hit
+    return layout.cached(key, build)
 
 
 def online_select(mass: torch.Tensor, layout, ops, config, *,
