@@ -76,7 +76,7 @@ import torch
 _ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path[1:1] = [_ROOT, os.path.join(_ROOT, "kernels")]  # dist_compact and its kernels, uninstalled too
 
-from common import write_csv  # noqa: E402
+from common import Timer, write_csv  # noqa: E402
 
 from dist_compact.models.published import HUNYUAN_VIDEO, SHAPES, SMALL, WAN_14B  # noqa: E402
 from dist_compact.models.published import build_transformer as build_model  # noqa: E402
@@ -91,47 +91,6 @@ class Case:
     compact: object = None
     target: Optional[float] = None
     steps: Optional[List[int]] = None  # steps of the state for warm-up + timed forwards
-
-
-class Timer:
-    """CUDA events on a GPU, perf_counter on the CPU; ``elapsed_ms`` after a synchronisation."""
-
-    def __init__(self, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.spans = []
-
-    def start(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def stop(self, start, key="all"):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.spans.append((key, start, e))
-        else:
-            self.spans.append((key, start, time.perf_counter()))
-
-    def totals(self) -> Dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-        out: Dict[str, float] = {}
-        for key, a, b in self.spans:
-            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-            out[key] = out.get(key, 0.0) + ms
-        return out
-
-    def counts(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        for key, _, _ in self.spans:
-            out[key] = out.get(key, 0) + 1
-        return out
-
-    def reset(self):
-        self.spans = []
 
 
 class TimedAttention(AttentionLayer):

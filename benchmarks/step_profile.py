@@ -29,6 +29,7 @@ first Compact case: each kernel's total time per step, top ``--top`` by time, gr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import statistics
@@ -38,7 +39,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import write_csv  # noqa: E402
+from common import Timer, write_csv  # noqa: E402
 
 FIELDS = ["case", "step_kind", "steps", "step_ms", "forward_ms", "attention_ms", "other_forward_ms",
           "outside_forward_ms", "density_sparse_steps", "device"]
@@ -61,32 +62,16 @@ def kernel_kind(name: str) -> str:
 
 
 class Timed:
-    """An attention processor timed per call (CUDA events, or perf_counter on a CPU)."""
+    """An attention processor whose every call is a span ``"attn"`` of ``timer``."""
 
-    def __init__(self, inner, spans, cuda: bool):
-        self.inner, self.spans, self.cuda = inner, spans, cuda
+    def __init__(self, inner, timer):
+        self.inner, self.timer = inner, timer
 
     def __call__(self, q, k, v):
-        s = _mark(self.cuda)
+        s = self.timer.start()
         out = self.inner(q, k, v)
-        self.spans.append(("attn", s, _mark(self.cuda)))
+        self.timer.stop(s, "attn")
         return out
-
-
-def _mark(cuda: bool):
-    import time
-
-    import torch
-
-    if cuda:
-        e = torch.cuda.Event(enable_timing=True)
-        e.record()
-        return e
-    return time.perf_counter()
-
-
-def _ms(a, b) -> float:
-    return a.elapsed_time(b) if hasattr(a, "elapsed_time") else (b - a) * 1e3
 
 
 def no_attention(q, k, v):
@@ -189,13 +174,13 @@ def run(args) -> int:
     if own.mode != "dense":
         cases.append((f"config {own.mode}", own, own_compact))
 
-    def one(name, sparsity, compact, stats=None, spans=None):
+    def one(name, sparsity, compact, stats=None, timer=None):
         state = DenoisingState()
         sparsify(model, sparsity, compact=compact if sparsity.uses_compact else None, tile=layout.tile, state=state,
                  stats=stats, backend=ro.attn_backend)
         for b in model.blocks:
             inner = no_attention if name == "no-attention" else b.processor
-            b.processor = Timed(inner, spans, cuda) if spans is not None else inner
+            b.processor = Timed(inner, timer) if timer is not None else inner
         return sample(model, text, noise, steps=ro.steps, guidance=ro.guidance, shift=ro.shift, state=state)
 
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
@@ -204,30 +189,28 @@ def run(args) -> int:
         one(name, sparsity, compact)  # warm-up: compile, autotune, index caches
         per_kind = {}
         for _ in range(args.repeats):
-            spans, stats = [], AttentionStats(timing=False)
-            fwd = {}
-            h1 = model.register_forward_pre_hook(lambda m, a: fwd.setdefault("s", []).append(_mark(cuda)))
-            h2 = model.register_forward_hook(lambda m, a, o: fwd.setdefault("e", []).append(_mark(cuda)))
+            timer, stats, mark = Timer(device), AttentionStats(timing=False), {}
+            h1 = model.register_forward_pre_hook(lambda m, a: mark.__setitem__("fwd", timer.start()))
+            h2 = model.register_forward_hook(lambda m, a, o: timer.stop(mark["fwd"], "fwd"))
             try:
-                res = one(name, sparsity, compact, stats, spans)
+                res = one(name, sparsity, compact, stats, timer)
             finally:
                 h1.remove()
                 h2.remove()
-            if cuda:
-                torch.cuda.synchronize(device)
             layers = mcfg.depth
-            attn = [_ms(a, b) for _, a, b in spans]
-            if len(attn) != layers * ro.steps or len(fwd["s"]) != ro.steps:
-                raise RuntimeError(f"{name}: {len(attn)} attention calls and {len(fwd['s'])} forwards for "
+            attn, fwd = timer.span_ms("attn"), timer.span_ms("fwd")
+            if len(attn) != layers * ro.steps or len(fwd) != ro.steps:
+                raise RuntimeError(f"{name}: {len(attn)} attention calls and {len(fwd)} forwards for "
                                    f"{ro.steps} steps of {layers} layers")
             srows = stats.rows()
-            kinds = step_kinds(srows, ro.steps)
-            for i, kind in enumerate(kinds):
-                f_ms = _ms(fwd["s"][i], fwd["e"][i])
-                a_ms = sum(attn[i * layers:(i + 1) * layers])
-                d = [r["density"] for r in srows if r["step"] == i and r["kind"] == "sparse"
-                     and r["density"] is not None]
-                per_kind.setdefault(kind, []).append((1e3 * res.step_seconds[i], f_ms, a_ms,
+            sparse_density = {}  # step -> densities of its sparse calls
+            for r in srows:
+                if r["kind"] == "sparse" and r["density"] is not None:
+                    sparse_density.setdefault(r["step"], []).append(r["density"])
+            for i, kind in enumerate(step_kinds(srows, ro.steps)):
+                d = sparse_density.get(i)
+                per_kind.setdefault(kind, []).append((1e3 * res.step_seconds[i], fwd[i],
+                                                      sum(attn[i * layers:(i + 1) * layers]),
                                                       statistics.mean(d) if d else None))
         for kind in ("dense", "search", "sparse"):
             got = per_kind.get(kind)
@@ -250,7 +233,7 @@ def run(args) -> int:
         prof_cases = [c for c in cases if c[0] in ("dense", "no-attention")]
         if first_compact is not None:  # every step sparse: the sparse step's kernels alone
             name, sp, cfg = first_compact
-            all_sparse = SparsityConfig(**{**sp.__dict__, "dense_steps": 0})
+            all_sparse = dataclasses.replace(sp, dense_steps=0)
             prof_cases.append((name + " (all steps sparse)", all_sparse, cfg))
         lines = [f"# torch.profiler, {dev_name}, torch {torch.__version__}, {layout}, {ro.steps} steps, "
                  f"weights {sha256_of(path)[:16]}; ms per step (kernel time / steps)"]
