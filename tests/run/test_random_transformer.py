@@ -7,6 +7,7 @@ launched as torchrun launches them (Ulysses 2, ring 2) equal to one process, rin
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 
@@ -35,6 +36,11 @@ SMALL = [("model.size", "small"), ("model.frames", "13"), ("model.height", "128"
 ADASPA = [("sparsity.mode", "adaspa"), ("sparsity.dense_steps", "1"), ("sparsity.search_steps", "[1]"),
           ("sparsity.search_kinds", "[fused]"), ("sparsity.reference_steps", "3"), ("sparsity.sparsity", "0.75"),
           ("run.steps", "3")]
+
+
+def _is_reported(x) -> bool:
+    """A reported timing figure: a finite number (its size depends on the machine and is never checked)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def _cfg(model, out, *extra):
@@ -79,11 +85,12 @@ def test_one_process_dense_vs_adaspa_writes_run_folder(tmp_path):
     assert "LATENT PREVIEW" in rep["random_model"]["note"] and rep["random_model"]["guidance_embedding"] == 6000.0
     assert rep["random_model"]["latents"] == [16, 4, 16, 24] and rep["random_model"]["forwards_per_step"] == 1
     sp = rep["sparse"]
-    # timings are reported (present and positive), never compared: speed lives in the benchmarks
-    assert len(sp["step_seconds"]) == 3 and sp["timing"]["mean_step_seconds"] > 0
+    # timings are reported (present, one per step, finite numbers), never compared or bounded: speed lives in
+    # the benchmarks
+    assert len(sp["step_seconds"]) == 3 and _is_reported(sp["timing"]["mean_step_seconds"])
     assert sp["attention"]["calls"]["fused_search"] == 6 and 0 < sp["mean_density_sparse"] < 1
     assert sp["peak_memory_bytes_per_rank"] == [None] and sp["parallel"]["ring_bytes_sent"] == 0
-    assert len(rep["dense"]["step_seconds"]) == 3 and rep["speedup_vs_dense"] > 0
+    assert len(rep["dense"]["step_seconds"]) == 3 and _is_reported(rep["speedup_vs_dense"])
     assert rep["latent_quality"]["max_abs_diff"] == pytest.approx(float((lat - dense).abs().max()))
 
     # Wan through generate.py's command line (the dense baseline alone: sparsity dense)
