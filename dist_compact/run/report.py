@@ -93,6 +93,8 @@ class OutputError(RuntimeError):
 
 #: the longest file name most file systems take (NAME_MAX), in bytes
 NAME_MAX = 255
+#: how often :meth:`RunFolder.discard` retries a step an interrupt cut short
+_DISCARD_TRIES = 4
 _TMP = re.compile(r"^\.tmp-(?P<name>.+)-(?P<host>[^-]+)-(?P<pid>\d+)$")
 
 
@@ -247,10 +249,23 @@ class RunFolder:
         return self.final
 
     def discard(self) -> None:
-        """Remove the temporary folder and the empty claim (a failed run leaves nothing)."""
-        if not self.done:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self._unclaim()
+        """Remove the temporary folder and the empty claim (a failed run leaves nothing).
+
+        An interrupt that lands meanwhile (the launcher's SIGTERM, raised as SystemExit, while a peer's
+        failure is being cleaned up; Ctrl-C) does not cut the removal short: it finishes, then the
+        first interrupt is raised again."""
+        if self.done:
+            return
+        pending: Optional[BaseException] = None
+        for step in (lambda: shutil.rmtree(self.tmp, ignore_errors=True), self._unclaim):
+            for _ in range(_DISCARD_TRIES):
+                try:
+                    step()
+                    break
+                except BaseException as e:  # noqa: BLE001 - re-raised below, once the folder is gone
+                    pending = pending or e
+        if pending is not None:
+            raise pending
 
     def __repr__(self) -> str:
         return f"RunFolder({self.final!r}, done={self.done})"

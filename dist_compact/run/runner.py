@@ -298,8 +298,9 @@ def run_folder(cfg, rank: int):
             close_log()
         except rpt.OutputError:
             pass  # the error already on its way out is the one to report
-        if folder is not None:
-            folder.discard()
+        finally:  # also when the launcher's SIGTERM lands here: a failed run leaves nothing
+            if folder is not None:
+                folder.discard()
         raise
 
 

@@ -70,6 +70,64 @@ def test_a_given_name_that_exists_is_refused_and_a_failed_run_leaves_nothing(tmp
     assert os.listdir(tmp_path) == ["taken"]
 
 
+@pytest.mark.parametrize("where", ["rmtree", "unclaim"])
+def test_an_interrupt_during_the_removal_does_not_leave_a_half_removed_run(tmp_path, monkeypatch, where):
+    """The launcher's SIGTERM (SystemExit here) landing while a failed run is removed: the removal
+    finishes, then the interrupt goes on."""
+    f = RunFolder(str(tmp_path), "failed")
+    (pathlib.Path(f.tmp) / "logs").mkdir()
+    pathlib.Path(f.tmp, "logs", "rank0.log").write_text("x")
+    real_rmtree, real_rmdir = shutil.rmtree, os.rmdir
+    hits = []
+
+    def rmtree(path, *a, **k):
+        if where == "rmtree" and not hits:  # cut short after removing a part, as a signal would
+            real_rmtree(os.path.join(path, "logs"))
+            hits.append(path)
+            raise SystemExit(143)
+        return real_rmtree(path, *a, **k)
+
+    def rmdir(path, *a, **k):
+        if where == "unclaim" and not hits:
+            hits.append(path)
+            raise SystemExit(143)
+        return real_rmdir(path, *a, **k)
+
+    monkeypatch.setattr(rpt.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(rpt.os, "rmdir", rmdir)
+    with pytest.raises(SystemExit) as e:
+        f.discard()
+    assert e.value.code == 143 and hits
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupt_while_a_failed_run_closes_its_log_still_leaves_nothing(tmp_path, monkeypatch):
+    """run_folder's way out of a failed body: the launcher's SIGTERM landing while the log is closed
+    does not skip the removal."""
+    import dataclasses
+    import logging
+
+    from dist_compact.run import runner
+    from dist_compact.run.config import RunConfig
+
+    cfg = RunConfig()
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=str(tmp_path), name="failed"))
+    real_close = logging.FileHandler.close
+    closes = []
+
+    def close(self):
+        real_close(self)
+        if not closes:
+            closes.append(self.baseFilename)
+            raise SystemExit(143)
+
+    monkeypatch.setattr(runner._RankLog, "close", close)
+    with pytest.raises(SystemExit):
+        with runner.run_folder(cfg, 0):
+            raise RuntimeError("a peer's collective failed")
+    assert closes and os.listdir(tmp_path) == []
+
+
 def test_what_killed_runs_left_is_removed_at_the_next_start(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
