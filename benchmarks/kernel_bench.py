@@ -141,6 +141,8 @@ def parse_variants(text: str) -> dict:
                     variants[name]["ws_overlap"] = r == "ov"
                 elif r in ("emu", "noemu"):
                     variants[name]["ws_exp_emu"] = r == "emu"
+                elif r in ("longest", "natural"):
+                    variants[name]["ws_order"] = r
                 else:
                     raise ValueError(f"variant {name}: unknown ws option {r!r}")
             continue
@@ -160,8 +162,8 @@ def main(argv=None):
                     help="comma list of name=BN:warps:stages[:tma] (the Triton kernel; tma: K/V through tensor "
                          "descriptors), name=ws (the warp-specialized Gluon kernel; ws:2/ws:3 K/V stages, ws:grid one "
                          "CTA per tile, ws:persistent, ws:pp ping-pong consumers, ws:ov softmax overlapped with the previous PV, "
-                         "ws:emu half the exponentials on the FMA pipe), name=triton (Triton kernel "
-                         "defaults), name=auto (block_sparse_attention), or 'default' (= ours=auto)")
+                         "ws:emu half the exponentials on the FMA pipe, ws:longest tiles with the most key blocks "
+                         "first), name=triton (Triton kernel defaults), name=auto (block_sparse_attention), or 'default' (= ours=auto)")
     ap.add_argument("--mass", action="store_true", help="also time block_attention_mass and cuDNN dense+LSE")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--csv", default=None)

@@ -17,7 +17,10 @@ processors: the whole attention layer, block-order and search work included). Ca
 * ``compact <level>`` / ``config <mode>``: the Compact configs given by ``--compact LEVEL=PATH``, and the
   config's own sparsity (its demo), on the config's schedule;
 * ``window <d>`` / ``random <d>``: a fixed 3D window and random blocks at the first Compact config's density
-  ``d`` (``--no-baselines`` skips them): the same amount of work in other rows.
+  ``d`` (``--no-baselines`` skips them): the same amount of work in other rows;
+* ``<compact case> order=<o>``: with ``--orders natural,longest``, each Compact case again with the Hopper
+  kernel's tiles started in that order (``block_sparse_ws.Schedule``: ``longest`` = rows with the most key
+  blocks first), for an A/B of the tile order in the same run.
 
 Rows, per case and kind of step (dense / search / sparse, :func:`dist_compact.run.evaluation.step_kinds`):
 median ``step_ms``, ``forward_ms``, ``attention_ms`` (sum over layers), ``other_forward_ms`` (forward minus
@@ -29,6 +32,7 @@ first Compact case: each kernel's total time per step, top ``--top`` by time, gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -74,6 +78,21 @@ class Timed:
         return out
 
 
+@contextlib.contextmanager
+def tile_order(order):
+    """The Hopper kernel's default tile order set to ``order`` for the body (nothing for None)."""
+    if order is None:
+        yield
+        return
+    from dist_compact_kernels import block_sparse_ws as ws
+
+    before, ws.ORDER = ws.ORDER, order
+    try:
+        yield
+    finally:
+        ws.ORDER = before
+
+
 def no_attention(q, k, v):
     """The stand-in of the no-attention case: the values, unchanged (nothing computed)."""
     return v
@@ -93,8 +112,15 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="skip the fixed window and random blocks at the first Compact config's density")
+    p.add_argument("--orders", default="natural",
+                   help="comma list of Hopper-kernel tile orders (natural, longest); each order past the first "
+                        "repeats the Compact cases with it")
     p.add_argument("--small", action="store_true", help="CPU smoke run: a tiny random model, 4 steps")
     args = p.parse_args(argv)
+    orders = args.orders.split(",")
+    known = ("natural", "longest")
+    if not orders or any(o not in known for o in orders):
+        p.error(f"--orders {args.orders}: each must be one of {', '.join(known)}")
     return run(args)
 
 
@@ -144,18 +170,21 @@ def run(args) -> int:
                 dense_threshold=1.0)
     cases = [("dense", SparsityConfig(mode="dense"), None), ("no-attention", SparsityConfig(mode="dense"), None)]
     first_compact = None
+    timed_compacts = []  # the Compact cases (repeated per --orders)
     for spec in compacts:
         level, _, cpath = spec.partition("=")
         cfg = load_config(cpath, model=mc.name, num_layers=mcfg.depth, num_heads=mcfg.heads)
         cases.append((f"compact {level}", SparsityConfig(mode="compact", compact_config=os.path.basename(cpath),
                                                          **warm), cfg))
         first_compact = first_compact or cases[-1]
+        timed_compacts.append(cases[-1])
     if args.small:  # no shipped Compact config fits the tiny model: a fixed window stands in
         from dist_compact.patterns.baselines import window_for_density
 
         win, _ = window_for_density(layout, mcfg.depth, mcfg.heads, 0.5, model="small")
         first_compact = ("window 0.5", SparsityConfig(mode="compact", **warm), win)
         cases.append(first_compact)
+        timed_compacts.append(first_compact)
     if first_compact is not None and args.baselines:
         # the fixed 3D window and random blocks at the first Compact config's density: the same work, other rows
         from dist_compact.patterns.baselines import RandomBlocks, video_density, window_for_density
@@ -166,6 +195,11 @@ def run(args) -> int:
         cases.append((f"window {d:.3f}", SparsityConfig(mode="compact", **warm), win))
         cases.append((f"random {d:.3f}", SparsityConfig(mode="compact", **warm),
                       RandomBlocks(d, mcfg.depth, mcfg.heads, seed=args.seed)))
+    order_of = {}  # case name -> the kernel's tile order (the module default where absent)
+    for o in args.orders.split(",")[1:]:
+        for name, sp, cfg in timed_compacts:
+            cases.append((f"{name} order={o}", sp, cfg))
+            order_of[cases[-1][0]] = o
     own = base.sparsity
     own_compact = None
     if own.uses_compact and own.compact_config:
@@ -181,7 +215,8 @@ def run(args) -> int:
         for b in model.blocks:
             inner = no_attention if name == "no-attention" else b.processor
             b.processor = Timed(inner, timer) if timer is not None else inner
-        return sample(model, text, noise, steps=ro.steps, guidance=ro.guidance, shift=ro.shift, state=state)
+        with tile_order(order_of.get(name)):
+            return sample(model, text, noise, steps=ro.steps, guidance=ro.guidance, shift=ro.shift, state=state)
 
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
     rows = []

@@ -52,6 +52,8 @@ PINGPONG = False
 OVERLAP = True  # measured: +13-26% over the serial consumer loop on an H100 (docs/history/notebook.md)
 EXP_EMU = False
 PERSISTENT = False  # measured: the one-CTA-per-tile grid was as fast or faster (docs/history/notebook.md)
+ORDER = "natural"  # the order tiles start in; "longest" (longest rows first) is not yet measured
+ORDERS = ("natural", "longest")
 CONSUMER_REGS = gl.constexpr(240)
 # Later Tritons renamed the TMA copies (async_copy_global_to_shared -> async_load, async_copy_shared_to_global
 # -> async_store) and made the old names raise; the kernels call whichever this Triton has (same arguments)
@@ -66,9 +68,14 @@ def _acc_layout(n):
 
 
 @gluon.jit
-def _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq):
+def _tile(t, NQ, H, COUNTS, INDICES, ORDER, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+          HAS_ORDER: gl.constexpr):
     # tile t = query block t % NQ of (z, h) = divmod(t // NQ, H): query blocks fastest, so the CTAs
-    # running at the same time share a head and most of their key blocks (L2 hits)
+    # running at the same time share a head and most of their key blocks (L2 hits). With an order,
+    # the t-th tile to start is ORDER[t] (the launcher's longest rows first: a long row that starts
+    # last would run alone at the end of the grid)
+    if HAS_ORDER:
+        t = gl.load(ORDER + t)
     qb = t % NQ
     zh = t // NQ
     z = zh // H
@@ -80,16 +87,17 @@ def _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih,
 
 @gluon.jit
 def _loader(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty,
-            COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+            COUNTS, INDICES, ORDER, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
             NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM: gl.constexpr, STAGES_: gl.constexpr,
-            QBUF: gl.constexpr):
+            QBUF: gl.constexpr, HAS_ORDER: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     kv_bytes: gl.constexpr = k_desc.block_type.nbytes + v_desc.block_type.nbytes
     kv = 0  # K/V tiles issued so far by this CTA: ring slot kv % STAGES_, pass kv // STAGES_
     i = 0  # query tiles issued so far
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq)
+        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, ORDER, stride_cz, stride_ch, stride_iz, stride_ih,
+                                   stride_iq, HAS_ORDER)
         col = h * HEAD_DIM
         qs = i % QBUF
         # a fresh barrier counts as having completed the phase before phase 0: the first pass
@@ -317,10 +325,11 @@ def _overlapped_loop(q, k_smem, v_smem, ready, empty, idx, cnt, kv, m_i, l_i, ac
 
 @gluon.jit
 def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
-              COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
+              COUNTS, INDICES, ORDER, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq, stride_lz, stride_lh,
               NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES_: gl.constexpr, QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-              EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr, WHICH: gl.constexpr):
+              EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr, HAS_ORDER: gl.constexpr,
+              WHICH: gl.constexpr):
     dtype: gl.constexpr = o_desc.dtype
     ROWS_: gl.constexpr = o_desc.block_type.shape[0]
     BLOCK_M: gl.constexpr = 2 * ROWS_
@@ -335,7 +344,8 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
     i = 0
     ph = 0  # turns taken (ping-pong)
     for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq)
+        qb, z, h, cnt, idx = _tile(t, NQ, H, COUNTS, INDICES, ORDER, stride_cz, stride_ch, stride_iz, stride_ih,
+                                   stride_iq, HAS_ORDER)
         qs = i % QBUF
         mbarrier.wait(q_ready.index(qs), (i // QBUF) & 1)
         q = q_smem.index(qs).slice(WHICH * ROWS_, ROWS_, dim=0)
@@ -380,12 +390,13 @@ def _consumer(o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, tu
 
 
 @gluon.jit
-def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, Q_VALID, KV_VALID, COUNTS, INDICES, qk_scale,
+def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, Q_VALID, KV_VALID, COUNTS, INDICES, ORDER, qk_scale,
                             stride_lz, stride_lh, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                             H, SEQ_Q, SEQ_K, NQ, num_tiles,
                             HEAD_DIM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
                             QBUF: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                            EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr):
+                            EXP_EMU: gl.constexpr, HAS_Q_VALID: gl.constexpr, HAS_KV_VALID: gl.constexpr,
+                            HAS_ORDER: gl.constexpr):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     dtype: gl.constexpr = q_desc.dtype
@@ -409,18 +420,18 @@ def _block_sparse_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, Q_VALID, KV_VAL
     gl.warp_specialize(
         [
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, COUNTS, INDICES,
-                       stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
-                       NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM, STAGES, QBUF)),
+                       ORDER, stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
+                       NQ, H, SEQ_Q, SEQ_K, num_tiles, HEAD_DIM, STAGES, QBUF, HAS_ORDER)),
             (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
-                         COUNTS, INDICES,
+                         COUNTS, INDICES, ORDER,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, 0)),
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, HAS_ORDER, 0)),
             (_consumer, (o_desc, q_smem, k_smem, v_smem, q_ready, q_empty, ready, empty, turn, LSE, Q_VALID, KV_VALID,
-                         COUNTS, INDICES,
+                         COUNTS, INDICES, ORDER,
                          stride_cz, stride_ch, stride_iz, stride_ih, stride_iq,
                          stride_lz, stride_lh, NQ, H, SEQ_Q, num_tiles, qk_scale, RETURN_LSE, HEAD_DIM,
-                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, 1)),
+                         STAGES, QBUF, PINGPONG, OVERLAP, EXP_EMU, HAS_Q_VALID, HAS_KV_VALID, HAS_ORDER, 1)),
         ],
         [4, 4],
         [CONSUMER_REGS, CONSUMER_REGS],
@@ -466,6 +477,8 @@ class Schedule:
     turns on the tensor cores, the in-warpgroup overlap, or neither: the serial loop); ping-pong and
     overlap exclude each other. ``exp_emu``: every second exponential of P on the FMA pipe.
     ``persistent``: the grid (False: one CTA per tile; True: one per SM; an int: that many CTAs).
+    ``order``: the order tiles start in: ``"natural"`` (query blocks of one head after another) or
+    ``"longest"`` (rows with the most key blocks first, ties in the natural order).
     """
 
     stages: int
@@ -473,6 +486,7 @@ class Schedule:
     overlap: bool
     exp_emu: bool
     persistent: Union[bool, int] = False
+    order: str = "natural"
 
     def __post_init__(self):
         if self.pingpong and self.overlap:
@@ -480,16 +494,19 @@ class Schedule:
         object.__setattr__(self, "stages", int(self.stages))
         if self.stages not in (2, 3):
             raise ValueError(f"stages must be 2 or 3, got {self.stages}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
 
     @classmethod
-    def of(cls, stages=None, persistent=None, pingpong=None, overlap=None, exp_emu=None) -> "Schedule":
+    def of(cls, stages=None, persistent=None, pingpong=None, overlap=None, exp_emu=None, order=None) -> "Schedule":
         """The schedule a call gets, defaults filled in: asking for ping-pong turns the default overlap
         off; the overlapped loop holds a stage one iteration longer, so it defaults to 3 stages."""
         pingpong = PINGPONG if pingpong is None else bool(pingpong)
         overlap = (OVERLAP and not pingpong) if overlap is None else bool(overlap)
         return cls(stages=stages or (3 if overlap else STAGES), pingpong=pingpong, overlap=overlap,
                    exp_emu=EXP_EMU if exp_emu is None else bool(exp_emu),
-                   persistent=PERSISTENT if persistent is None else persistent)
+                   persistent=PERSISTENT if persistent is None else persistent,
+                   order=ORDER if order is None else order)
 
     @property
     def qbuf(self) -> int:
@@ -499,7 +516,16 @@ class Schedule:
     def constexprs(self) -> dict:
         """The kernel's compile-time arguments for this schedule (the grid is not one of them)."""
         return dict(STAGES=self.stages, QBUF=self.qbuf, PINGPONG=self.pingpong, OVERLAP=self.overlap,
-                    EXP_EMU=self.exp_emu)
+                    EXP_EMU=self.exp_emu, HAS_ORDER=self.order != "natural")
+
+    def tile_order(self, counts, Z: int, H: int, nq: int):
+        """The ``ORDER`` argument: None in the natural order, else int32 ``[Z * H * nq]``, the tiles
+        (``(z * H + h) * nq + qb``) by descending key-block count, ties in the natural order. Computed on
+        counts' device, nothing read back."""
+        if self.order == "natural":
+            return None
+        flat = counts.expand(Z, H, nq).reshape(-1)
+        return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
 
     def grid(self, num_tiles: int, device) -> int:
         if self.persistent is True:
@@ -510,7 +536,7 @@ class Schedule:
 
 
 def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages=None, persistent=None,
-                        pingpong=None, overlap=None, exp_emu=None, q_valid=None, kv_valid=None):
+                        pingpong=None, overlap=None, exp_emu=None, q_valid=None, kv_valid=None, order=None):
     """Launch the warp-specialized kernel (the caller checked `dispatch.ws_supported`). Returns (out, lse|None).
 
     ``stages``: K/V ring depth, 2 or 3 (default: 3 with the overlapped loop, else STAGES).
@@ -525,12 +551,13 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     order (rescale, then add P V), so the output is equal bit for bit to the serial loop's;
     ``exp_emu`` rounds differently (within bf16 of the oracle). ``q_valid`` / ``kv_valid``: int32
     valid tokens per query / key block (padded keys masked, their V rows zeroed in shared memory;
-    padded query rows give 0 and LSE -inf); not with ``pingpong``.
+    padded query rows give 0 and LSE -inf); not with ``pingpong``. ``order`` (default ORDER): the
+    order tiles start in (`Schedule`); like the grid, it changes when a tile runs, not what it computes.
     """
     Z, SQ, H, D = q.shape
     SK = k.shape[1]
     nq = SQ // BLOCK
-    sched = Schedule.of(stages, persistent, pingpong, overlap, exp_emu)
+    sched = Schedule.of(stages, persistent, pingpong, overlap, exp_emu, order)
     if sched.pingpong and (q_valid is not None or kv_valid is not None):
         raise ValueError("the ping-pong schedule does not take valid counts (the default schedule does)")
     out = torch.empty((Z, SQ, H, D), dtype=q.dtype, device=q.device)
@@ -544,9 +571,11 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
     o_desc = TensorDescriptor.from_tensor(_view2d(out), [ROWS, D], half)
     lse_arg = lse if lse is not None else counts
     num_tiles = nq * Z * H
+    tile_order = sched.tile_order(counts, Z, H, nq)
     _block_sparse_ws_kernel[(sched.grid(num_tiles, q.device),)](
         q_desc, k_desc, v_desc, o_desc, lse_arg, q_valid if q_valid is not None else counts,
-        kv_valid if kv_valid is not None else counts, counts, indices, scale * LOG2E,
+        kv_valid if kv_valid is not None else counts, counts, indices,
+        tile_order if tile_order is not None else counts, scale * LOG2E,
         lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
         counts.stride(0) if counts.shape[0] > 1 else 0, counts.stride(1),
         indices.stride(0) if indices.shape[0] > 1 else 0, indices.stride(1), indices.stride(2),
@@ -558,13 +587,14 @@ def block_sparse_fwd_ws(q, k, v, counts, indices, scale, return_lse=True, stages
 
 
 def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingpong=None, overlap=None, exp_emu=None,
-                 valid=False):
+                 valid=False, order=None):
     """Compile the kernel for sm_90 without a GPU (Triton's bundled ptxas) and return the compiled
     kernel (``.asm["cubin"]``, ``.metadata``); the schedule arguments and their defaults are the
     launcher's. The tests use it to check, on any machine, that this Triton still builds the kernel
     with the intended structure. Not under TRITON_INTERPRET=1."""
     constexprs = dict(HEAD_DIM=head_dim, RETURN_LSE=bool(return_lse), HAS_Q_VALID=bool(valid),
-                      HAS_KV_VALID=bool(valid), **Schedule.of(stages, None, pingpong, overlap, exp_emu).constexprs())
+                      HAS_KV_VALID=bool(valid),
+                      **Schedule.of(stages, None, pingpong, overlap, exp_emu, order).constexprs())
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -573,7 +603,7 @@ def compile_sm90(head_dim=128, return_lse=True, dtype="bf16", stages=None, pingp
     half = gl.NVMMASharedLayout.get_default_for([ROWS, head_dim], gdt)
     kinds = {"q_desc": f"tensordesc<{dtype}[{BLOCK}, {head_dim}],{tile!r}>",
              "o_desc": f"tensordesc<{dtype}[{ROWS}, {head_dim}],{half!r}>",
-             "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "qk_scale": "fp32",
+             "LSE": "*fp32", "COUNTS": "*i32", "INDICES": "*i32", "ORDER": "*i32", "qk_scale": "fp32",
              "Q_VALID": "*i32", "KV_VALID": "*i32", **dict.fromkeys(constexprs, "constexpr")}
     kinds["k_desc"] = kinds["v_desc"] = kinds["q_desc"]
     fn = _block_sparse_ws_kernel

@@ -66,16 +66,17 @@ def _run_ws(ws, args, kwargs, auto):
 def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, kv_valid=None,
                      return_lse=True, block_n=None, num_warps=None, num_stages=None, use_tma=True,
                      impl="auto", ws_stages=None, ws_persistent=None, ws_pingpong=None, ws_overlap=None,
-                     ws_exp_emu=None):
+                     ws_exp_emu=None, ws_order=None):
     """Block-sparse attention forward on the kernel ``impl`` picks. Inputs are assumed checked by the
     caller (dist_compact.ops); layouts as in block_sparse_fwd.py. Returns (out, lse) with lse None
     unless return_lse.
 
     ``impl``: "auto", "triton" or "ws" (see the module docstring). ``block_n`` / ``num_warps`` /
     ``num_stages`` / ``use_tma`` tune the Triton kernel (any of the first three keeps "auto" on it);
-    ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` / ``ws_overlap`` / ``ws_exp_emu`` are the
-    Gluon kernel's schedule (block_sparse_ws.Schedule: K/V ring depth 2 or 3, the grid, ping-pong
-    turns, the overlapped consumer loop, half the exponentials on the FMA pipe).
+    ``ws_stages`` / ``ws_persistent`` / ``ws_pingpong`` / ``ws_overlap`` / ``ws_exp_emu`` / ``ws_order``
+    are the Gluon kernel's schedule (block_sparse_ws.Schedule: K/V ring depth 2 or 3, the grid,
+    ping-pong turns, the overlapped consumer loop, half the exponentials on the FMA pipe, the order
+    tiles start in).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be 'auto', 'triton' or 'ws', got {impl!r}")
@@ -86,7 +87,7 @@ def block_sparse_fwd(q, k, v, counts, indices, block_size, scale, q_valid=None, 
             res = _run_ws(ws, (q, k, v, counts, indices, scale),
                           dict(return_lse=return_lse, stages=ws_stages, persistent=ws_persistent,
                                pingpong=ws_pingpong, overlap=ws_overlap, exp_emu=ws_exp_emu, q_valid=q_valid,
-                               kv_valid=kv_valid),
+                               kv_valid=kv_valid, order=ws_order),
                           auto=impl == "auto")
             if res is not None:
                 return res

@@ -37,7 +37,7 @@ def runs(tmp_path_factory):
                               "compact-0.5,adaspa", "--out", tmp / "sm"],
         "ring traffic": [ROOT / "benchmarks/ring_traffic.py", "--small", "--ring", "2", "--sources", "adaspa"],
         "variants": [KERNEL_BENCH, "--list-variants", "--variants",
-                     "ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu"],
+                     "ours=auto,t=128:8:4:tma,p=64:4:3,w=ws:3:persistent:pp,tri=triton,o=ws:ov:emu,l=ws:longest"],
         "variants default": [KERNEL_BENCH, "--list-variants"],
         "variant bad 1": [KERNEL_BENCH, "--list-variants", "--variants", "x=ws:fast"],
         "variant bad 2": [KERNEL_BENCH, "--list-variants", "--variants", "x=128:8:3:nofold"],
@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
         "select ops": [ROOT / "benchmarks/search_overhead.py", "--grid", "16", "32", "32", "--tile", "2", "8", "8",
                        "--text", "12", "--batch", "2", "--heads", "4", "--dense-threshold", "1", "--count-ops"],
         "step profile": [ROOT / "benchmarks/step_profile.py", "--small", "--repeats", "1", "--csv", tmp / "sp.csv",
-                         "--kernels", tmp / "sp.txt", "--top", "3"],
+                         "--kernels", tmp / "sp.txt", "--top", "3", "--orders", "natural,longest"],
         "motion probe": [ROOT / "benchmarks/motion_quality.py", "--direction-probe", "--seeds", "1", "--set",
                          "model.frames=4", "--set", "model.height=16", "--set", "model.width=16", "--probe-colours",
                          "red"],
@@ -80,9 +80,13 @@ def test_step_profile_dry_run(runs):
     rows = {(r["case"], r["step_kind"]): r for r in csv.DictReader(open(tmp / "sp.csv"))}
     # the baselines take the stand-in window's video density (0.438 of this layout's blocks)
     assert set(rows) == {(c, k) for c in ("dense", "no-attention") for k in ["dense"]} | {
-        (c, k) for c in ("window 0.5", "window 0.438", "random 0.438") for k in ("dense", "sparse")} | {
+        (c, k) for c in ("window 0.5", "window 0.438", "random 0.438", "window 0.5 order=longest")
+        for k in ("dense", "sparse")} | {
         ("config adaspa", "dense"), ("config adaspa", "search")}
     assert rows[("dense", "dense")]["steps"] == "4" and rows[("window 0.5", "sparse")]["density_sparse_steps"]
+    # another tile order repeats the Compact case: the same blocks
+    assert (rows[("window 0.5 order=longest", "sparse")]["density_sparse_steps"]
+            == rows[("window 0.5", "sparse")]["density_sparse_steps"])
     for r in rows.values():  # the parts add up to the step
         parts = float(r["attention_ms"]) + float(r["other_forward_ms"]) + float(r["outside_forward_ms"])
         assert abs(parts - float(r["step_ms"])) < 0.01 and float(r["attention_ms"]) >= 0
@@ -131,6 +135,7 @@ def test_kernel_bench_variant_specs(runs):
         "w": dict(impl="ws", ws_stages=3, ws_persistent=True, ws_pingpong=True),
         "tri": dict(impl="triton"),
         "o": dict(impl="ws", ws_overlap=True, ws_exp_emu=True),
+        "l": dict(impl="ws", ws_order="longest"),
     }
     assert json.loads(runs[0]["variants default"].stdout) == {"ours": None}
     for bad in ("variant bad 1", "variant bad 2"):

@@ -4,7 +4,8 @@ On any machine: it compiles for sm_90 with the installed Triton (no GPU needed: 
 builds the cubin), and its partitions get the register budgets and tensor-core instructions it was
 written for. On a Hopper GPU: it matches the float64 oracle (output and LSE) on random per-head
 masks with empty and full rows, batch 2 with a shared or per-batch index, cross attention,
-strided inputs, head_dim 64/128, bf16/fp16, and `block_sparse_fwd` picks it by default.
+strided inputs, head_dim 64/128, bf16/fp16, and `block_sparse_fwd` picks it by default; the
+schedule knobs (ring depth, grid, consumer loop, tile order) give the same bits.
 """
 
 import re
@@ -47,7 +48,8 @@ print(json.dumps(out))
 """
 
 VARIANTS = [(128, {}), (64, {}), (128, dict(overlap=False)), (128, dict(pingpong=True)),
-            (128, dict(overlap=False, exp_emu=True)), (128, dict(valid=True)), (64, dict(valid=True, overlap=False))]
+            (128, dict(overlap=False, exp_emu=True)), (128, dict(valid=True)), (64, dict(valid=True, overlap=False)),
+            (128, dict(order="longest")), (128, dict(valid=True, order="longest"))]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +104,11 @@ def test_compiles_for_sm90_with_the_intended_structure(D, variant, compiled):
 
 def test_schedule_resolves_the_defaults_and_refuses_bad_combinations():
     # the default: the overlapped loop on a 3-deep ring (one Q buffer), one CTA per tile
-    assert W.Schedule.of() == W.Schedule(stages=3, pingpong=False, overlap=True, exp_emu=False, persistent=False)
-    assert W.Schedule.of().constexprs() == dict(STAGES=3, QBUF=1, PINGPONG=False, OVERLAP=True, EXP_EMU=False)
+    assert W.Schedule.of() == W.Schedule(stages=3, pingpong=False, overlap=True, exp_emu=False, persistent=False,
+                                         order="natural")
+    assert W.Schedule.of().constexprs() == dict(STAGES=3, QBUF=1, PINGPONG=False, OVERLAP=True, EXP_EMU=False,
+                                                HAS_ORDER=False)
+    assert W.Schedule.of(order="longest").constexprs()["HAS_ORDER"] is True
     # ping-pong turns the default overlap off; the serial loops default to STAGES (2: two Q buffers)
     assert W.Schedule.of(pingpong=True) == W.Schedule(2, True, False, False)
     assert W.Schedule.of(overlap=False).qbuf == 2 and W.Schedule.of(overlap=False, stages=3).qbuf == 1
@@ -112,8 +117,24 @@ def test_schedule_resolves_the_defaults_and_refuses_bad_combinations():
         W.Schedule.of(pingpong=True, overlap=True)
     with pytest.raises(ValueError, match="stages must be 2 or 3, got 4"):
         W.Schedule.of(stages=4)
+    with pytest.raises(ValueError, match=r"order must be one of \('natural', 'longest'\), got 'short'"):
+        W.Schedule.of(order="short")
     with pytest.raises(AttributeError):
         W.Schedule.of().stages = 2  # frozen: one resolved schedule per launch
+
+
+@pytest.mark.parametrize("index_batch", [1, 2])
+def test_longest_first_order_is_a_permutation_by_descending_count(index_batch):
+    Z, H, nq = 2, 3, 5
+    counts = torch.randint(0, 6, (index_batch, H, nq), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    counts[0, 1, 2] = 9  # one long row (a text query block)
+    assert W.Schedule.of().tile_order(counts, Z, H, nq) is None
+    order = W.Schedule.of(order="longest").tile_order(counts, Z, H, nq)
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(Z * H * nq))
+    flat = counts.expand(Z, H, nq).reshape(-1)  # tile t = (z * H + h) * nq + qb
+    got = [(-int(flat[t]), t) for t in order.tolist()]
+    assert got == sorted(got)  # longest first, ties in the natural order
+    assert order[0] == 1 * nq + 2  # z = 0, h = 1, qb = 2
 
 
 def _golden(q, k, v, idx, scale=None, q_valid=None, kv_valid=None):
@@ -266,6 +287,15 @@ def test_persistent_walk_matches_one_cta_per_tile(stages, overlap):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("kw", [dict(), dict(ws_persistent=3), dict(ws_overlap=False, ws_stages=2)])
+def test_longest_first_order_matches_the_natural_order(kw):
+    # the order changes when a tile starts, not what it computes: equal bit for bit, per-batch index
+    (q, k, v, idx), run = _variant_problem(5)
+    assert not torch.equal(idx.counts[0], idx.counts[1])
+    assert _same(run(ws_order="longest", **kw), run(ws_order="natural", **kw))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
 @pytest.mark.parametrize("persistent", [False, 3])
 def test_pingpong_consumers_match(persistent):
     (q, k, v, idx), run = _variant_problem(7)
@@ -309,7 +339,8 @@ def test_fma_pipe_exponentials_match_the_oracle(overlap):
 # memory (here they hold NaN and inf, as uninitialised padding may), padded query rows 0 / -inf; a key
 # block with no valid key, a query block with none, and rows whose only keys are padding.
 @pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("kw", [dict(), dict(ws_overlap=False), dict(ws_exp_emu=True), dict(ws_persistent=3)])
+@pytest.mark.parametrize("kw", [dict(), dict(ws_overlap=False), dict(ws_exp_emu=True), dict(ws_persistent=3),
+                                dict(ws_order="longest")])
 def test_valid_counts_match_the_oracle(kw):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(11)
