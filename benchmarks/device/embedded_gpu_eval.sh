@@ -7,6 +7,9 @@
 #   demo    the demo sparsity chosen from the benchmark (configs/sparsity/embedded-gpu-demo.yaml), then
 #           generate.py --config configs/models/embedded-gpu.yaml --compare-dense (its printed lines)
 #   share   ranks sharing the GPU (Ulysses 2/4, ring 2/4, hybrid 2x2) equal one process on this model
+#   profile where a step's time goes (benchmarks/step_profile.py: attention, the rest of the forward, the
+#           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), then the online
+#           search's cost at this shape (benchmarks/search_overhead.py)
 # Writes under $OUT: eval.tar.gz (logs, CSVs, JSON, searched configs, demo report), pareto.png.
 set -u
 export PYTHONPATH=$PWD:$PWD/kernels PYTHONUNBUFFERED=1
@@ -47,6 +50,12 @@ for S in $STAGES; do
       --name demo 2>&1 | grep -v "^\s*$" | tail -4 | tee $B/demo.log
     cp /tmp/runs/demo/report.json $B/demo_report.json 2>/dev/null
     cp /tmp/runs/demo/frames.png $OUT/demo_frames.png 2>/dev/null ;;
+  profile)
+    timeout ${PROFILE_S:-240} python3 benchmarks/step_profile.py --repeats 2 --orders natural,longest \
+      --csv $B/step_profile.csv --kernels $B/step_kernels.txt > $B/profile.log 2>&1; grep -v "^#" $B/profile.log | head -24
+    timeout ${OVERHEAD_S:-90} python3 benchmarks/search_overhead.py --grid 16 32 32 --tile 2 8 8 --text 12 \
+      --text-position after --heads 4 --batch 2 --query-rows 32 --steps 20 --dense-threshold 1 \
+      --csv $B/search_overhead.csv > $B/search_overhead.log 2>&1; tail -12 $B/search_overhead.log ;;
   share)
     # about 150 s for the one-process references alone on an H100, then one launch per rank count
     ONLY_MODELS=embedded-gpu OUT=$B timeout ${SHARE_S:-480} bash benchmarks/device/share_gpu_check.sh > $B/share.log 2>&1
