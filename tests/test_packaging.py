@@ -48,13 +48,18 @@ def test_kernels_package_imports_beside_a_kernels_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # the repository root first, as when running generate.py
     import sys
 
-    for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+    ours = lambda: [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]  # noqa: E731
+    for name in ours():
         monkeypatch.delitem(sys.modules, name)
-    hf = importlib.import_module("kernels")
-    assert getattr(hf, "HF_KERNELS", False)
-    import dist_compact_kernels
+    try:
+        hf = importlib.import_module("kernels")
+        assert getattr(hf, "HF_KERNELS", False)
+        import dist_compact_kernels
 
-    assert hasattr(dist_compact_kernels, "block_sparse_fwd")
+        assert hasattr(dist_compact_kernels, "block_sparse_fwd")
+    finally:  # the stand-in must not stay imported: later imports of Hugging Face's kernels would get it
+        for name in ours():
+            del sys.modules[name]
 
 
 def test_no_side_effects_at_import(monkeypatch):
