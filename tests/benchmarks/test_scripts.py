@@ -47,6 +47,8 @@ def runs(tmp_path_factory):
                        "--text", "12", "--batch", "2", "--heads", "4", "--dense-threshold", "1", "--count-ops"],
         "step profile": [ROOT / "benchmarks/step_profile.py", "--small", "--repeats", "1", "--csv", tmp / "sp.csv",
                          "--kernels", tmp / "sp.txt", "--top", "3", "--orders", "natural,longest"],
+        "tile schedule": [ROOT / "benchmarks/tile_schedule.py", "--csv", tmp / "ts.csv"],
+        "tile schedule bad": [ROOT / "benchmarks/tile_schedule.py", "--sms", "0"],
         "motion probe": [ROOT / "benchmarks/motion_quality.py", "--direction-probe", "--seeds", "1", "--set",
                          "model.frames=4", "--set", "model.height=16", "--set", "model.width=16", "--probe-colours",
                          "red"],
@@ -70,6 +72,31 @@ def test_search_overhead_dry_run_on_a_guidance_pair(runs):
     ops = runs[0]["select ops"]
     assert ops.returncode == 0 and "tensor ops, 1 values read back to the host" in ops.stdout, ops.stderr[-2000:]
     assert 0 < float(rows[0]["overhead_share"]) < float(rows[0]["search_share"]) < 1
+
+
+def test_grid_time_hands_tiles_to_the_first_free_sm():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from tile_schedule import grid_time
+
+    assert grid_time([3, 1, 1, 1], 2) == 3  # the long tile first: the short ones fill the other SM
+    assert grid_time([1, 1, 1, 3], 2) == 4  # last: it runs alone at the end
+    assert grid_time([2, 2], 8) == 2 and grid_time([], 4) == 0
+
+
+def test_tile_schedule_on_the_shipped_gpu_configs(runs):
+    proc, tmp = runs[0]["tile schedule"], runs[1]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp / "ts.csv")))
+    assert {r["config"] for r in rows} == {"embedded-gpu-compact-0.9.yaml", "embedded-gpu-compact-0.8.yaml"}
+    assert [r["layer"] for r in rows[:7]] == ["0", "1", "2", "3", "4", "5", "all"]
+    for r in rows:  # no order beats the bound; on these configs longest first lies between it and natural
+        natural, longest, bound = (float(r[k]) for k in ("natural", "longest", "bound"))
+        assert bound <= longest <= natural + 1e-9, r
+    assert any(float(r["saving"]) > 0 for r in rows)  # the text rows (129 key blocks) started last cost time
+    bad = runs[0]["tile schedule bad"]
+    assert bad.returncode == 2 and "--sms 0: give a positive count" in bad.stderr
 
 
 def test_step_profile_dry_run(runs):
