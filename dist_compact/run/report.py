@@ -19,8 +19,12 @@ empty (``mkdir`` is atomic: of two runs started in the same second, one gets ``<
 ``<name>-2``), writes everything under ``<output_dir>/.tmp-<name>-<host>-<pid>``, and renames that
 over its empty claim only when complete. A failed run removes both, so no half-written run folder is
 ever left; finished outputs are never discarded (if the claim was written into meanwhile, they go to
-the next free name). Folders left by killed runs (a pid of this host that is gone) are removed at
-the next start in the same ``output_dir``. A write that fails (full disk, read-only file system, a
+the next free name). While it runs, the run holds an exclusive lock (``flock``) on
+``.tmp-<name>-<host>-<pid>.lock`` beside its temporary folder; the operating system releases it when
+the process ends, however it ends. Folders left by killed runs (their lock free) are removed at the
+next start in the same ``output_dir``; a run's pid is never the test, since runs in other containers
+or PID namespaces with the same host name reuse pids. Folders without a lock file (a file system
+without locks) are removed only when their pid of this host is gone. A write that fails (full disk, read-only file system, a
 name too long) is one :class:`OutputError` line naming the file and the reason; nothing retries.
 
 Video layout for the helpers here: ``[C, F, H, W]`` (or ``[1, C, F, H, W]``) float in ``[-1, 1]``.
@@ -96,6 +100,8 @@ NAME_MAX = 255
 #: how often :meth:`RunFolder.discard` retries a step an interrupt cut short
 _DISCARD_TRIES = 4
 _TMP = re.compile(r"^\.tmp-(?P<name>.+)-(?P<host>[^-]+)-(?P<pid>\d+)$")
+#: the suffix of a running run's lock file, beside its temporary folder
+_LOCK = ".lock"
 
 
 def _host() -> str:
@@ -120,6 +126,36 @@ def _pid_gone(pid: int) -> bool:
     return False
 
 
+def _lock(path: str, create: bool) -> Optional[int]:
+    """An fd holding an exclusive ``flock`` on ``path`` (created when ``create``), or None when another
+    process holds it, the file is missing, or the file system takes no locks."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: the pid rule alone
+        return None
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(path: str, fd: Optional[int]) -> None:
+    """Remove the lock file ``path`` (while still holding it), then release ``fd``."""
+    if fd is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os.close(fd)
+
+
 def check_output_dir(output_dir: str, name: Optional[str] = None) -> None:
     """``output_dir`` is (or can be made) a writable folder, and ``name`` fits in it; one
     :class:`OutputError` line otherwise. Called before any compute."""
@@ -134,7 +170,7 @@ def check_output_dir(output_dir: str, name: Optional[str] = None) -> None:
         raise OutputError(f"run.output_dir {output_dir} is not writable"
                           f"{' (read-only file system)' if _read_only(output_dir) else ''}; choose a writable place")
     if name is not None:
-        longest = NAME_MAX - len(f".tmp--{_host()}-{2 ** 22}".encode())
+        longest = NAME_MAX - len(f".tmp--{_host()}-{2 ** 22}{_LOCK}".encode())
         if len(name.encode()) > longest:
             raise OutputError(f"run.name has {len(name.encode())} bytes; a folder name takes at most {longest} here "
                               "(file systems allow 255 with the temporary suffix); choose a shorter --name")
@@ -148,8 +184,8 @@ def _read_only(path: str) -> bool:
 
 
 def remove_stale(output_dir: str) -> List[str]:
-    """Remove what runs killed on this host left in ``output_dir`` (their temporary folder and empty
-    claim), recognised by a pid of this host that is gone; returns the removed paths."""
+    """Remove what killed runs left in ``output_dir`` (their temporary folder, empty claim and lock
+    file), recognised by a lock file no process holds (the module doc); returns the removed paths."""
     removed = []
     try:
         entries = os.listdir(output_dir)
@@ -158,16 +194,27 @@ def remove_stale(output_dir: str) -> List[str]:
     host = _host()
     for entry in entries:
         m = _TMP.match(entry)
-        if not m or m["host"] != host or not _pid_gone(int(m["pid"])):
+        if not m:
             continue
-        shutil.rmtree(os.path.join(output_dir, entry), ignore_errors=True)
-        removed.append(os.path.join(output_dir, entry))
+        path = os.path.join(output_dir, entry)
+        lock_path = path + _LOCK
+        if os.path.exists(lock_path):
+            fd = _lock(lock_path, create=False)
+            if fd is None:  # held: its run is alive (or this file system cannot tell: keep it)
+                continue
+        elif m["host"] == host and _pid_gone(int(m["pid"])):
+            fd = None  # a run without a lock file: the pid rule
+        else:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
         claim = os.path.join(output_dir, m["name"])
         try:
             os.rmdir(claim)  # only if empty: a finished run's folder is never touched
             removed.append(claim)
         except OSError:
             pass
+        _unlock(lock_path, fd)
     return removed
 
 
@@ -202,9 +249,18 @@ class RunFolder:
             self.final = final
         self.name = os.path.basename(self.final)
         self.tmp = os.path.join(output_dir, f".tmp-{self.name}-{_host()}-{os.getpid()}")
+        # locked before the folder exists: a temporary folder with a lock file is never unlocked while its run lives
+        self._lock_path = self.tmp + _LOCK
+        self._lock_fd = _lock(self._lock_path, create=True)
+        if self._lock_fd is None:  # a file system without locks: the folder falls back on the pid rule
+            try:
+                os.unlink(self._lock_path)
+            except OSError:
+                pass
         try:
             os.mkdir(self.tmp)
         except OSError as e:
+            self._release()
             self._unclaim()
             raise OutputError(f"cannot create {self.tmp} ({_reason(e)}); choose another run.output_dir") from None
         self.done = False
@@ -227,6 +283,10 @@ class RunFolder:
         except OSError:
             pass
 
+    def _release(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        _unlock(self._lock_path, fd)
+
     def commit(self) -> str:
         """Rename the temporary folder over the empty claim (atomic on one file system). If something
         wrote into the claim meanwhile, the outputs go to the next free name instead: never lost."""
@@ -246,6 +306,7 @@ class RunFolder:
                                   f"{self.tmp}") from None
             self.final, self.name = other, os.path.basename(other)
         self.done = True
+        self._release()
         return self.final
 
     def discard(self) -> None:
@@ -257,7 +318,7 @@ class RunFolder:
         if self.done:
             return
         pending: Optional[BaseException] = None
-        for step in (lambda: shutil.rmtree(self.tmp, ignore_errors=True), self._unclaim):
+        for step in (lambda: shutil.rmtree(self.tmp, ignore_errors=True), self._unclaim, self._release):
             for _ in range(_DISCARD_TRIES):
                 try:
                     step()

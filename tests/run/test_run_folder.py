@@ -149,6 +149,36 @@ def test_what_killed_runs_left_is_removed_at_the_next_start(tmp_path):
     assert {live.name, other_host.name, "finished", "new"} <= left
 
 
+def test_a_live_run_is_known_by_its_lock_not_its_pid(tmp_path):
+    """Runs in other containers or PID namespaces with the same host name reuse pids: a run whose pid
+    looks gone here but whose lock is held is alive, and its folder stays; once the lock is free it goes."""
+    import fcntl
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    other = tmp_path / f".tmp-elsewhere-{rpt._host()}-{int(dead.stdout)}"
+    (other / "logs").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()  # its claim
+    lock = os.open(str(other) + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held, as by the live process in the other namespace
+    try:
+        RunFolder(str(tmp_path), "mine").discard()
+        assert sorted(os.listdir(tmp_path)) == sorted([other.name, other.name + ".lock", "elsewhere"])
+    finally:
+        os.close(lock)  # that run ends: its lock is free
+    RunFolder(str(tmp_path), "next").discard()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_run_holds_its_lock_until_it_ends(tmp_path):
+    f = RunFolder(str(tmp_path), "run")
+    lock = f.tmp + ".lock"
+    assert os.path.exists(lock) and rpt._lock(lock, create=False) is None  # held
+    pathlib.Path(f.tmp, "report.json").write_text("{}")
+    f.commit()
+    assert sorted(os.listdir(tmp_path)) == ["run"] and os.listdir(tmp_path / "run") == ["report.json"]
+
+
 @pytest.mark.slow
 def test_two_identical_processes_in_the_same_second(tmp_path):
     """Two processes claim with the same clock second at once, then both finish: two complete folders."""
