@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -111,14 +112,19 @@ def _keep_freed_memory() -> None:
 
 
 def _launched_rank() -> int:
-    """This process's rank as launched (0 without a launcher or when RANK is not a number): only
-    rank 0 prints an error that every rank meets, so it appears once."""
-    raw = os.environ.get("RANK", "0")
-    return int(raw) if raw.isdigit() else 0
+    """This process's rank as launched (0 without a launcher or when RANK is not a number)."""
+    raw = os.environ.get("RANK", "0").strip()
+    return int(raw) if re.fullmatch(r"[0-9]{1,9}", raw) else 0
 
 
-def _error(text: str, code: int, printer: int = 0, prog: str = PROG) -> int:
-    if _launched_rank() == printer:
+def _error(text: str, code: int, printer: Optional[int] = None, prog: str = PROG) -> int:
+    """Print ``prog: text`` once per job and return ``code``. ``printer``: the rank that prints (a rank
+    failure's verdict). None: an error every rank meets, printed by rank 0 under torchrun and by every
+    process otherwise (a hand-made or stale environment, e.g. RANK left set in a shell, may have no
+    rank 0)."""
+    if printer is None and "TORCHELASTIC_RUN_ID" not in os.environ:
+        printer = _launched_rank()
+    if _launched_rank() == (printer or 0):
         print(f"{prog}: {text}", file=sys.stderr, flush=True)
     return code
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import warnings
 from typing import Optional, Tuple
 
@@ -91,19 +92,24 @@ def launched_world() -> Tuple[int, int, int]:
     any process group exists.
 
     Raises:
-        ParallelConfigError: a variable that is not a whole number, or a rank outside the world
-            (one line naming the variable; torchrun sets them, a hand-made environment may not).
+        ParallelConfigError: a variable that is not a whole number, a rank outside the world, or (for
+            more than one process) a MASTER_PORT that is not a port number (one line naming the
+            variable; torchrun sets them, a hand-made environment may not).
     """
     vals = []
     for name, default, lo in (("WORLD_SIZE", "1", 1), ("RANK", "0", 0), ("LOCAL_RANK", "0", 0)):
         raw = os.environ.get(name, default)
-        if not raw.strip().isdigit() or int(raw) < lo:
-            raise ParallelConfigError(f"{name}={raw!r} is not a whole number >= {lo}; torchrun sets it (unset "
+        if not re.fullmatch(r"\s*[0-9]{1,9}\s*", raw) or int(raw) < lo:
+            raise ParallelConfigError(f"{name}={raw[:40]!r} is not a whole number >= {lo}; torchrun sets it (unset "
                                       "WORLD_SIZE, RANK and LOCAL_RANK to run one process)")
         vals.append(int(raw))
     world, rank, local = vals
     if rank >= world:
         raise ParallelConfigError(f"RANK={rank} is outside the world of WORLD_SIZE={world} processes (0..{world - 1})")
+    port = os.environ.get("MASTER_PORT")
+    if world > 1 and port is not None and not (re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
+        raise ParallelConfigError(f"MASTER_PORT={port[:40]!r} is not a port number (1-65535); torchrun sets it "
+                                  "(--master-port), a hand-made launch must give every rank the same one")
     return world, rank, local
 
 

@@ -1,5 +1,6 @@
 """How the commands fail: one line, once. Ctrl-C is one line and exit 130; under torchrun an error every
-rank meets is printed by rank 0 alone; generate's main() leaves no signal handler behind; argparse
+rank meets is printed by rank 0 alone (outside torchrun by every process, since a stale RANK may have no rank
+0); generate's main() leaves no signal handler behind; argparse
 errors are one line; the search and capture commands name the option and the fix."""
 
 from __future__ import annotations
@@ -87,6 +88,26 @@ def test_an_error_every_rank_meets_is_printed_once_under_torchrun(tmp_path):
     assert res.returncode != 0 and ours == [
         f"generate.py: config error: {cluster}/../models/embedded.yaml, {cluster}/cpu-demo.yaml, command line: "
         "[run] RunOptions.steps must be an int in [1, 10000] (50 is typical), got 0"], res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_stale_rank_outside_torchrun_still_prints_its_error(monkeypatch, capsys, torchrun):
+    """RANK=1 left in a shell: one process, no rank 0 to print; under torchrun rank 0 prints instead."""
+    from dist_compact.cli.generate import main
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert main(["--seed", "-1", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    if torchrun:
+        assert err == ""
+    else:
+        assert err.splitlines() == ["generate.py: config error: command line: [run] RunOptions.seed must be an int "
+                                    "in [0, 2**63 - 1] (a generator seed), got -1"]
 
 
 # ---------------------------------------------------------------------------------------------- commands

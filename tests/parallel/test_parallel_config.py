@@ -228,3 +228,26 @@ def test_cluster_share_gpus_field():
         ClusterConfig(nproc=2, ulysses=2, backend="nccl", share_gpus=True)
     with pytest.raises(ValueError, match="share_gpus must be true, false or null"):
         ClusterConfig(share_gpus="yes")
+
+
+@pytest.mark.parametrize("env,line", [
+    (dict(RANK="\u00b2"), "RANK='\u00b2' is not a whole number >= 0"),  # a digit to str.isdigit, not to int()
+    (dict(WORLD_SIZE="\u00b2"), "WORLD_SIZE='\u00b2' is not a whole number >= 1"),
+    (dict(WORLD_SIZE="2", RANK="3"), "RANK=3 is outside the world of WORLD_SIZE=2 processes (0..1)"),
+    (dict(WORLD_SIZE="2", RANK="0", MASTER_PORT="abc"), "MASTER_PORT='abc' is not a port number (1-65535)"),
+    (dict(WORLD_SIZE="2", RANK="0", MASTER_PORT="70000"), "MASTER_PORT='70000' is not a port number (1-65535)"),
+])
+def test_a_hand_made_launch_environment_is_one_line(monkeypatch, env, line):
+    from dist_compact.parallel.launch import launched_world
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ParallelConfigError) as e:
+        launched_world()
+    assert str(e.value).startswith(line) and "\n" not in str(e.value)
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert launched_world() == (2, 1, 0)
