@@ -31,6 +31,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -521,6 +523,22 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def _file_kind(path: Path) -> str:
+    """``"file"``, ``"directory"``, ``"missing"``, or why the path is neither (a device, a name too
+    long, a symlink loop, ...)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    return "file"
+
+
 def save_embedded(model: EmbeddedDiT, path: Union[str, os.PathLike], dtype=torch.float32,
                   extra: Optional[dict] = None) -> str:
     """Write ``path`` (safetensors, config in the metadata) and ``path.sha256``; returns the sha256.
@@ -557,18 +575,31 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     st = safetensors_io()
     sum_path = _checksum_path(path)
-    if path.is_dir():
+    kind = _file_kind(path)
+    if kind == "directory":
         raise WeightsError(f"{path} is a directory; the embedded model's weights are one .safetensors file (e.g. "
                            f"{path / DEFAULT_WEIGHTS.name}, with its .sha256 beside it)")
-    if not path.is_file():
+    if kind == "missing":
         raise WeightsError(f"embedded model weights not found: {path} (train them with "
                            f"`python -m dist_compact.models.train`, or reinstall the package)")
-    if not sum_path.is_file():
+    if kind != "file":
+        raise WeightsError(f"model weights {path}: {kind}; give the .safetensors file of the weights")
+    sum_kind = _file_kind(sum_path)
+    if sum_kind == "missing":
         raise WeightsError(f"checksum file missing for {path}: expected {sum_path}")
-    expected = sum_path.read_text().split()
-    if not expected or len(expected[0]) != 64:
+    if sum_kind != "file":
+        raise WeightsError(f"checksum file {sum_path}: {sum_kind}; it must be a text file "
+                           f"'<sha256 hex>  {path.name}'")
+    try:
+        expected = sum_path.read_bytes()[:4096].decode("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        expected = []
+    if not expected or not re.fullmatch(r"[0-9a-fA-F]{64}", expected[0]):
         raise WeightsError(f"checksum file {sum_path} is malformed (want '<sha256 hex>  {path.name}')")
-    actual = sha256_of(path)
+    try:
+        actual = sha256_of(path)
+    except OSError as e:
+        raise WeightsError(f"cannot read model weights {path}: {e.strerror or e}") from None
     if actual != expected[0].lower():
         raise WeightsError(
             f"checksum mismatch for {path}: sha256 {actual} but {sum_path.name} says {expected[0]}; "
@@ -604,7 +635,7 @@ def _check_shapes(path: Path, cfg: EmbeddedConfig, shapes: dict, redo: str) -> N
     describes, checked before any tensor is read or any parameter allocated: the block count first
     (a metadata ``depth`` of a billion must not build a billion blocks), then every shape against a
     model built on the meta device (no memory)."""
-    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    blocks = {int(k.split(".")[1]) for k in shapes if re.fullmatch(r"blocks\.[0-9]{1,9}(\..*)?", k)}
     if len(blocks) != cfg.depth:
         raise WeightsError(f"{path}: its metadata describes {cfg.depth} blocks but the file holds tensors of "
                            f"{len(blocks)}; {redo}")

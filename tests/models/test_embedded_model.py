@@ -152,6 +152,44 @@ def test_weights_refused_when_corrupt_or_missing(tmp_path):
         load_embedded(path)
 
 
+def test_weights_paths_that_are_not_plain_files_are_one_line(tmp_path):
+    m = _model()
+    path = tmp_path / "w.safetensors"
+    save_embedded(m, path)
+    checksum = tmp_path / "w.safetensors.sha256"
+    checksum.write_bytes(b"\x8a\xff" * 40)  # binary, not '<hex>  <name>'
+    with pytest.raises(WeightsError, match=r"checksum file .*w\.safetensors\.sha256 is malformed"):
+        load_embedded(path)
+    checksum.unlink()
+    checksum.mkdir()
+    with pytest.raises(WeightsError, match=r"checksum file .*w\.safetensors\.sha256: directory; it must be a text file"):
+        load_embedded(path)
+    with pytest.raises(WeightsError, match=r"model weights /dev/null: not a regular file"):
+        load_embedded("/dev/null")
+    with pytest.raises(WeightsError, match=r"cannot be read \(File name too long\)"):
+        load_embedded(tmp_path / ("x" * 300 + ".safetensors"))
+
+
+def test_a_block_number_that_is_not_ascii_digits_is_a_shape_error(tmp_path):
+    """'blocks.\u00b2.x' (a digit to str.isdigit, not to int): the file does not match its model."""
+    from safetensors.torch import load_file, save_file
+
+    m = _model()
+    path = tmp_path / "w.safetensors"
+    save_embedded(m, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["blocks.\u00b2.extra"] = torch.zeros(1)
+    save_file(tensors, str(path), metadata=meta)
+    (tmp_path / "w.safetensors.sha256").write_text(f"{sha256_of(path)}  w.safetensors\n")
+    with pytest.raises(WeightsError, match=r"do not match the model of its metadata \(missing \[\], unexpected "
+                                           r"\['blocks\.\u00b2\.extra'\]"):
+        load_embedded(path)
+
+
 def test_shipped_weights_load_and_are_small():
     assert DEFAULT_WEIGHTS.is_file(), "the embedded model's weights must ship with the package"
     assert DEFAULT_WEIGHTS.stat().st_size <= 20 * 2 ** 20
