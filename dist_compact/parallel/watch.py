@@ -115,6 +115,7 @@ def job_store(rank: int, world: int, timeout_s: float, *, host: Optional[bool] =
     if host is None:
         host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     addr, port = endpoint
+    _await_endpoint(rank, addr, port, timeout_s, listen=host)
     try:
         store = dist.TCPStore(addr, port, world_size=world, is_master=host, wait_for_workers=False,
                               timeout=datetime.timedelta(seconds=timeout_s), multi_tenant=host)
@@ -123,6 +124,32 @@ def job_store(rank: int, world: int, timeout_s: float, *, host: Optional[bool] =
                           f"{timeout_s:g} s ({_first_line(e, 160)}); check MASTER_ADDR / MASTER_PORT and that rank 0 "
                           "is running", silent=[0] if rank else [], printer=rank) from None
     return dist.PrefixStore(_namespace(), store)
+
+
+def _await_endpoint(rank: int, addr: str, port: int, timeout_s: float, listen: bool) -> None:
+    """Resolve ``addr``, and unless this process serves the store, wait (quietly, within ``timeout_s``)
+    until something accepts connections at ``addr:port``: the store client's own retries print a
+    C++ warning and stack for every attempt."""
+    fail = dict(silent=[0] if rank else [], printer=rank)
+    try:
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise RankFailure(f"MASTER_ADDR={addr[:80]!r} does not resolve to an address ({_first_line(e, 120)}); give "
+                          "the host name or address of rank 0's machine", **fail) from None
+    if listen:
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.05, min(1.0, left))):
+                return
+        except OSError as e:
+            if left <= 0:
+                raise RankFailure(f"rank {rank} could not reach the job's store at {addr}:{port} within "
+                                  f"cluster.timeout_s = {timeout_s:g} s ({_first_line(e, 120)}); check MASTER_ADDR / "
+                                  "MASTER_PORT and that rank 0 is running", **fail) from None
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def _start_ticks(pid: int) -> Optional[int]:

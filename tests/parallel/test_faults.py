@@ -240,3 +240,22 @@ def test_a_joined_rank_proceeds(tmp_path):
     for t in threads:
         t.join(timeout=60)
     assert sorted(done) == [0, 1, 2]
+
+
+def test_an_unreachable_store_is_one_line_without_the_clients_retry_noise(monkeypatch, capfd):
+    """A host name that does not resolve, and a port where nothing listens: one RankFailure each, and
+    none of the store client's C++ warnings and stacks (it prints one per retry)."""
+    from dist_compact.parallel.watch import job_store
+
+    monkeypatch.setenv("MASTER_ADDR", "no.such.host.invalid")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    with pytest.raises(RankFailure, match=r"MASTER_ADDR='no\.such\.host\.invalid' does not resolve to an address"):
+        job_store(0, 2, 1.0)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    port = _free_port()  # free: nothing listens there
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    with pytest.raises(RankFailure, match=rf"rank 1 could not reach the job's store at 127\.0\.0\.1:{port} within "
+                                          r"cluster\.timeout_s = 1 s \(.*\); check MASTER_ADDR / MASTER_PORT") as e:
+        job_store(1, 2, 1.0)
+    assert e.value.printer == 1
+    assert "c10d" not in capfd.readouterr().err
