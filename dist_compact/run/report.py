@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import io
 import json
 import math
@@ -156,19 +157,39 @@ def _unlock(path: str, fd: Optional[int]) -> None:
     os.close(fd)
 
 
-def check_output_dir(output_dir: str, name: Optional[str] = None) -> None:
-    """``output_dir`` is (or can be made) a writable folder, and ``name`` fits in it; one
-    :class:`OutputError` line otherwise. Called before any compute."""
+def check_output_dir(output_dir: str, name: Optional[str] = None, create: bool = False) -> None:
+    """``output_dir`` is a writable folder or can be made one (``create``: make it), and ``name`` fits
+    in it; one :class:`OutputError` line otherwise. Called before any compute, without ``create``: a
+    run that fails before its run folder is claimed leaves no folder behind, not even the parent."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputError(f"run.output_dir {output_dir} is not a folder; choose a folder (it is created if missing)")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"run.output_dir {output_dir}: cannot create it ({_reason(e)}); choose a writable "
-                          "place") from None
+    cannot = f"run.output_dir {output_dir}: cannot create it ({{}}); choose a writable place"
+    if not os.path.isdir(output_dir):
+        if any(len(part.encode()) > NAME_MAX for part in output_dir.split(os.sep)):
+            raise OutputError(cannot.format(os.strerror(errno.ENAMETOOLONG)))
+        if create:
+            try:
+                os.makedirs(output_dir, exist_ok=True)
+            except OSError as e:
+                raise OutputError(cannot.format(_reason(e))) from None
+        else:  # the nearest folder that exists must take the new ones
+            parent = os.path.dirname(os.path.abspath(output_dir))
+            while not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                raise OutputError(cannot.format(os.strerror(errno.ENOTDIR)))
+            if not os.access(parent, os.W_OK | os.X_OK):
+                why = "read-only file system" if _read_only(parent) else f"{parent} is not writable"
+                raise OutputError(cannot.format(why))
+            _check_name(name)
+            return
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise OutputError(f"run.output_dir {output_dir} is not writable"
                           f"{' (read-only file system)' if _read_only(output_dir) else ''}; choose a writable place")
+    _check_name(name)
+
+
+def _check_name(name: Optional[str]) -> None:
     if name is not None:
         longest = NAME_MAX - len(f".tmp--{_host()}-{2 ** 22}{_LOCK}".encode())
         if len(name.encode()) > longest:
@@ -233,7 +254,7 @@ class RunFolder:
 
     def __init__(self, output_dir: str, name: Optional[str] = None, *, prompt: str = "", seed: int = 0,
                  clock: Callable[[], float] = time.time):
-        check_output_dir(output_dir, name)
+        check_output_dir(output_dir, name, create=True)
         remove_stale(output_dir)
         self.output_dir = output_dir
         if name is not None:

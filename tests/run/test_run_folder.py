@@ -234,6 +234,18 @@ def test_output_dir_checked_before_any_compute(tmp_path, small_weights, monkeypa
     with pytest.raises(OutputError, match=rf"^run.output_dir {a_file / 'sub'}: cannot create it \(Not a directory\)"):
         run_generation(load_run_config([], base + [("run.output_dir", str(a_file / "sub"))]))
     assert loads == []
+    # a run that fails before its folder is claimed leaves nothing, not even the output folder's parents
+    from dist_compact.models.embedded import WeightsError
+
+    def refuse(*a, **k):
+        raise WeightsError("refused")
+
+    monkeypatch.setattr(emb, "load_embedded", refuse)
+    with pytest.raises(WeightsError):
+        run_generation(load_run_config([], base + [("run.output_dir", str(tmp_path / "new" / "runs"))]))
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(OutputError, match=r"cannot create it \(File name too long\)"):
+        rpt.check_output_dir(str(tmp_path / ("x" * 300) / "runs"))
     # the config takes names of up to 200 bytes; the folder check also counts this host's suffix
     with pytest.raises(OutputError, match=r"^run.name has 240 bytes; a folder name takes at most \d+ here"):
         rpt.check_output_dir(str(tmp_path / "o"), "n" * 240)
