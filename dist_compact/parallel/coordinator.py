@@ -54,6 +54,35 @@ def _plain(obj: Any) -> Any:
     return repr(obj)
 
 
+def _leaves(obj: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"a.b": value}`` of a plain config (:func:`_plain`); lists are leaves."""
+    if isinstance(obj, dict):
+        out: Dict[str, Any] = {}
+        for k, v in obj.items():
+            if k != "__type__":
+                out.update(_leaves(v, f"{prefix}.{k}" if prefix else k))
+        return out
+    return {prefix: obj}
+
+
+def _differing_keys(configs: List[Any], limit: int = 3) -> List[str]:
+    """``"<key>: ranks [0]: <value>; ranks [1]: <value>"`` for the first ``limit`` keys whose values differ
+    between the ranks' plain configs (values shown up to 40 characters)."""
+    leaves = [_leaves(c) for c in configs]
+    out = []
+    for key in sorted(set().union(*leaves)):
+        groups: Dict[str, List[int]] = {}
+        for r, lv in enumerate(leaves):
+            text = json.dumps(lv.get(key, "<missing>"), sort_keys=True)
+            groups.setdefault(text[:40] + ("..." if len(text) > 40 else ""), []).append(r)
+        if len(groups) > 1:
+            out.append(f"{key} differs: " + ", ".join(f"ranks {rs}: {v}" for v, rs in
+                                                     sorted(groups.items(), key=lambda kv: kv[1])))
+        if len(out) == limit:
+            break
+    return out
+
+
 def config_digest(obj: Any) -> str:
     """sha256 of a config (dataclasses, dicts, lists, scalars, tensors, BlockIndex): equal iff same content."""
     text = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
@@ -176,7 +205,16 @@ class Coordinator:
         return digest
 
     def check_config(self, config: Any, what: str = "sparsity config") -> str:
-        return self.check_same(what, config_digest(config))
+        """``check_same`` of the config's digest; a mismatch names the keys that differ and each rank's value."""
+        try:
+            return self.check_same(what, config_digest(config))
+        except ParallelMismatchError as e:
+            # every rank saw the same digests and is here: one more collective names the keys
+            keys = _differing_keys(self.gather_object(_plain(config)))
+            if not keys:
+                raise
+            raise ParallelMismatchError(f"{what}: not the same on every rank ({'; '.join(keys)}); every rank must hold "
+                                        "the same one") from e
 
     def check_indices(self, indices: Union[Mapping[Any, BlockIndex], Sequence[BlockIndex]],
                       what: str = "cached block indices") -> str:

@@ -74,7 +74,8 @@ def _worker(rank, world):
                 load=bad_load)
 
     # ---- mismatches are detected on every rank, with one clear message
-    msg = _expect(ParallelMismatchError, r"sparsity config: not the same on every rank \(ranks \[0\]: \w+; ranks \[1\]: \w+\)",
+    msg = _expect(ParallelMismatchError, r"^sparsity config: not the same on every rank \(target differs: ranks \[0\]: "
+                  r"\"0\.8\", ranks \[1\]: \"0\.7\"\); every rank must hold the same one$",
                   co.check_config, _Sparsity(0.8 if rank == 0 else 0.7, (0, 1, 2)))
     out["config mismatch"] = msg
     assert config_digest(_Sparsity(0.8, (0, 1))) != config_digest(_Sparsity(0.8, (0, 2)))
