@@ -15,6 +15,12 @@
 
 Mass files come from :class:`dist_compact.search.capture.MassStore.save` (``CaptureAttention`` during
 a dense run of the model).
+
+Outputs: ``search --out`` replaces the config file it names; a report folder that already holds a
+report, or a capture folder that already holds a ``mass_<i>.pt`` or ``runs/capture-<i>`` of this
+command, is refused before anything runs. Every input is checked first, and a command writes its
+whole output or, on a failure, nothing (what it wrote is removed again). Errors are one line: exit 2
+for a bad input, 1 for a failed run or write.
 """
 
 from __future__ import annotations
@@ -22,15 +28,17 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import sys
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..search.capture import MassStore
 from ..search.config_file import config_format, load_config, save_config
 from ..search.offline import SearchSettings, search_stores
-from ..search.quality import evaluate, write_report
+from ..search.quality import QualityReport, evaluate, report_paths, write_report
+from ..run.report import OutputError
 from ..cmdline import OneLineParser
 
 
@@ -56,7 +64,16 @@ def parse_groups(text: Optional[str]) -> Optional[Tuple[Tuple[int, Optional[int]
 
 
 def _load_stores(paths: List[str]) -> List[MassStore]:
-    return [MassStore.load(p) for p in paths]
+    """The mass files, each holding captured attention mass (a file without any is refused: it would
+    search an all-dense config or report nothing)."""
+    stores = []
+    for path in paths:
+        store = MassStore.load(path)
+        if not bool((store.total[store.captured] > 0).any()):
+            raise ValueError(f"{path}: holds no captured attention mass (no layer recorded a step); capture it "
+                             "again with --capture-steps among the run's steps")
+        stores.append(store)
+    return stores
 
 
 def _sum(stores: List[MassStore]) -> MassStore:
@@ -82,6 +99,14 @@ def _device(name: str) -> torch.device:
     return dev
 
 
+def _name_max(folder: str) -> int:
+    """The longest file name (bytes) the file system of ``folder`` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def _writable_file(option: str, path: str) -> None:
     """``path`` can be written as a file: its folder exists and it is not a folder (checked before the
     search, so no result is lost at the end)."""
@@ -92,6 +117,98 @@ def _writable_file(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: its folder {parent} does not exist; create it or choose another path")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{option} {path}: its folder {parent} is not writable; choose another path")
+    name, limit = os.path.basename(path).encode(), _name_max(parent)
+    if len(name) > limit:
+        raise ValueError(f"{option} {path}: the file name has {len(name)} bytes, more than the {limit} this file "
+                         "system takes; choose a shorter name")
+
+
+def _report_folder(option: str, path: str) -> None:
+    """``path`` can take a new quality report: a folder (or none yet) without report files of its own
+    (checked before the search; an earlier report is never overwritten)."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path} is a file, not a folder; give a folder for quality.csv / quality.png / "
+                         "quality.txt (it is created if missing)")
+    taken = [p.name for p in report_paths(path).values() if os.path.lexists(p)]
+    if taken:
+        raise ValueError(f"{option} {path} already holds {', '.join(taken)} (an earlier report); choose another "
+                         "folder or remove them")
+    # the deepest folder that exists must take new entries
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        if os.path.lexists(folder):
+            raise ValueError(f"{option} {path}: {folder} is a file, not a folder; choose another path")
+        folder = os.path.dirname(folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {folder} is not writable; choose another path")
+    _names_fit(option, path)
+
+
+def _names_fit(option: str, path: str) -> None:
+    """Every name in the folder path ``path`` fits this file system (one ValueError line otherwise)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and folder != os.path.dirname(folder):
+        folder = os.path.dirname(folder)
+    limit = _name_max(folder)
+    for part in os.path.normpath(path).split(os.sep):
+        if len(part.encode()) > limit:
+            raise ValueError(f"{option} {path}: the name {part[:40]}... has {len(part.encode())} bytes, more than "
+                             f"the {limit} this file system takes; choose a shorter name")
+
+
+def _remove(path: str) -> None:
+    """Remove a file or folder this command made (nothing if it is gone)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _missing_folders(path: str) -> List[str]:
+    """``path`` and its parents that do not exist yet, deepest first (removed again on a failure)."""
+    out, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        out.append(folder)
+        folder = os.path.dirname(folder)
+    return out
+
+
+def _remove_empty(folders: List[str]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def _write_outputs(config, path: str, report: Optional[QualityReport] = None,
+                   report_dir: Optional[str] = None) -> Optional[Dict[str, str]]:
+    """Write ``config`` to ``path`` (replaced if it exists) and ``report`` to ``report_dir``: both or, on a
+    failure, neither (the config goes under a temporary name beside ``path`` until the report is out).
+    A failure to write is one :class:`OutputError` naming the output."""
+    folder, name = os.path.split(os.path.abspath(path))
+    stem, ext = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem[:200]}.{os.getpid()}.tmp{ext}")
+    made = _missing_folders(report_dir) if report is not None else []
+    option, target, paths = "--out", path, None
+    try:
+        save_config(config, tmp)
+        if report is not None:
+            option, target = "--report", report_dir
+            paths = write_report(report, report_dir)
+        option, target = "--out", path
+        os.replace(tmp, path)
+    except BaseException as e:
+        for p in [tmp, *(paths or {}).values()]:
+            _remove(p)
+        _remove_empty(made)
+        if isinstance(e, OSError):
+            raise OutputError(f"{option} {target}: cannot write it ({e.strerror or e}); choose another path") from None
+        raise
+    return paths
 
 
 def parse_steps(text: str) -> List[int]:
@@ -105,43 +222,117 @@ def parse_steps(text: str) -> List[int]:
     return steps
 
 
-def capture_run(prompt: str, generate_args: List[str], steps: Optional[List[int]], out_dir: str,
-                index: int) -> Optional[str]:
-    """One dense run of the main job's model on ``prompt`` with :class:`CaptureAttention` in every
-    layer; rank 0 saves the :class:`MassStore` as ``out_dir/mass_<index>.pt`` (returned)."""
+def capture_configs(prompts: List[str], generate_args: List[str], steps: Optional[List[int]], out_dir: str):
+    """The run config of every prompt's dense run, all checked before anything runs or is written: the
+    options, the model, every prompt's words, the capture steps and that ``out_dir`` holds no earlier
+    capture. Returns ``(configs, model)`` (the embedded model, loaded on the CPU)."""
     import dataclasses
-    import os
 
     from .generate import parse_generate_args
     from ..models.embedded import load_embedded, shipped_weights
+
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder; give a folder for mass_<i>.pt (it is "
+                         "created if missing)")
+    _names_fit("--out-dir", out_dir)
+    cfgs = []
+    for i, prompt in enumerate(prompts):
+        cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{i}"])
+        if cfg.model.kind != "embedded":
+            raise ValueError(f"capture from the CLI runs the embedded model, not model.kind {cfg.model.kind!r}; for "
+                             "diffusers models use sparsify(..., attention_factory=...) with CaptureAttention "
+                             "(docs/usage.md)")
+        # the dense run writes its clip like any run, beside the capture (out_dir/runs/capture-<i>); the
+        # capture is what we keep
+        cfgs.append(dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
+                                        run=dataclasses.replace(cfg.run, compare_dense=False,
+                                                                output_dir=os.path.join(out_dir, "runs"))))
+    run_steps = cfgs[0].run.steps
+    beyond = sorted(s for s in steps or () if s >= run_steps)
+    if beyond:
+        raise ValueError(f"--capture-steps {','.join(map(str, beyond))}: the runs have {run_steps} denoising steps "
+                         f"(0..{run_steps - 1}); choose steps in that range")
+    taken = [name for i in range(len(prompts)) for name in (f"mass_{i}.pt", os.path.join("runs", f"capture-{i}"))
+             if os.path.lexists(os.path.join(out_dir, name))]
+    if taken:
+        raise ValueError(f"--out-dir {out_dir} already holds {', '.join(taken)} (an earlier capture); choose another "
+                         "--out-dir or remove them")
+    mc = cfgs[0].model
+    model = load_embedded(mc.path or str(shipped_weights(mc.name)), device="cpu")
+    for cfg in cfgs:
+        model.tokenizer.encode(cfg.run.prompt)
+    model.video_layout(mc.frames, mc.height, mc.width, mc.tile)
+    return cfgs, model
+
+
+def capture_run(cfg, model, steps: Optional[List[int]]) -> Tuple[Optional[str], MassStore]:
+    """One dense run of ``cfg`` (from :func:`capture_configs`) with :class:`CaptureAttention` in every
+    layer; returns the run folder (None off rank 0) and the filled :class:`MassStore`."""
     from ..run.generation import run_generation
     from ..search.capture import CaptureAttention
 
-    cfg, _ = parse_generate_args(list(generate_args) + ["--prompt", prompt, "--name", f"capture-{index}"])
-    if cfg.model.kind != "embedded":
-        raise ValueError(f"capture from the CLI runs the embedded model, not model.kind {cfg.model.kind!r}; for "
-                         "diffusers models use sparsify(..., attention_factory=...) with CaptureAttention "
-                         "(docs/usage.md)")
-    # the dense run writes its clip like any run, beside the capture (out_dir/runs/capture-<i>); the
-    # capture is what we keep
-    cfg = dataclasses.replace(cfg, sparsity=dataclasses.replace(cfg.sparsity, mode="dense"),
-                              run=dataclasses.replace(cfg.run, compare_dense=False,
-                                                      output_dir=os.path.join(out_dir, "runs")))
-    model = load_embedded(cfg.model.path or str(shipped_weights(cfg.model.name)), device="cpu")
-    layout = model.video_layout(cfg.model.frames, cfg.model.height, cfg.model.width, cfg.model.tile)
-    store = MassStore.for_layout(layout, model.config.depth, model.config.heads, model=cfg.model.name)
+    mc = cfg.model
+    layout = model.video_layout(mc.frames, mc.height, mc.width, mc.tile)
+    store = MassStore.for_layout(layout, model.config.depth, model.config.heads, model=mc.name)
 
     def factory(num_layers, sparsity, compact, sp):
         layers = [CaptureAttention(i, store, steps) for i in range(num_layers)]
         return [sp.wrap(a) for a in layers] if sp is not None else layers
 
-    res = run_generation(cfg, attention_factory=factory)
-    if res.folder is None:  # not rank 0
-        return None
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"mass_{index}.pt")
-    store.save(path)
-    return path
+    return run_generation(cfg, attention_factory=factory).folder, store
+
+
+def capture(prompts: List[str], generate_args: List[str], steps: Optional[List[int]], out_dir: str) -> List[str]:
+    """Capture one mass file per prompt into ``out_dir`` (``mass_<i>.pt``, its run in ``runs/capture-<i>``);
+    returns the files written (none off rank 0). All or nothing: on a failure, what this command
+    wrote is removed again."""
+    cfgs, model = capture_configs(prompts, generate_args, steps, out_dir)
+    made = _missing_folders(os.path.join(out_dir, "runs"))
+    written: List[str] = []
+    try:
+        for i, cfg in enumerate(cfgs):
+            folder, store = capture_run(cfg, model, steps)
+            if folder is None:  # not rank 0
+                continue
+            written.append(folder)
+            if not bool((store.total[store.captured] > 0).any()):
+                raise ValueError(f"prompt {cfg.run.prompt!r}: no attention mass was captured; check --capture-steps")
+            path = os.path.join(out_dir, f"mass_{i}.pt")
+            try:
+                store.save(path)
+            except OSError as e:
+                raise OutputError(f"--out-dir {out_dir}: cannot write {path} ({e.strerror or e})") from None
+            written.append(path)
+    except BaseException:
+        for path in reversed(written):
+            _remove(path)
+        _remove_empty(made)
+        raise
+    return [p for p in written if p.endswith(".pt")]
+
+
+def _capture_errors() -> tuple:
+    """The failures of a capture's dense runs that are one line (as ``dist-compact-generate`` prints them)."""
+    from ..models.embedded import WeightsError
+    from ..parallel import ParallelConfigError, ParallelMismatchError
+    from ..parallel.coordinator import ParallelLoadError
+    from ..parallel.watch import RankFailure
+    from ..run.runner import WorldSizeError
+    from ..run.sampler import NonFiniteLatentsError
+
+    return (WeightsError, NonFiniteLatentsError, WorldSizeError, ParallelConfigError, ParallelMismatchError,
+            ParallelLoadError, RankFailure, OutputError, FileExistsError, ImportError)
+
+
+def _load_config(path: str, store: MassStore):
+    """``report --config``: the Compact config, fit to ``store``; a file the parser chokes on is one
+    ValueError naming it."""
+    try:
+        return load_config(path, num_layers=store.num_layers, num_heads=store.num_heads)
+    except (RecursionError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"{path}: not a valid Compact config ({reason}); give a file written by "
+                         "`dist-compact-search search`") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -173,42 +364,54 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--out", required=True, help="folder for quality.csv / quality.png / quality.txt")
     args = ap.parse_args(argv)
 
+    expected: tuple = (OutputError,)
     try:
         if args.cmd == "capture":
-            steps = args.capture_steps
+            expected = _capture_errors()
             extra = [a for a in args.generate_args if a != "--"]
-            for i, prompt in enumerate(args.prompt):
-                path = capture_run(prompt, extra, steps, args.out_dir, i)
-                if path:
-                    print(f"wrote {path}")
+            for path in capture(args.prompt, extra, args.capture_steps, args.out_dir):
+                print(f"wrote {path}")
         elif args.cmd == "search":
             device = _device(args.device)
             config_format(args.out)
             _writable_file("--out", args.out)
+            if args.report:
+                _report_folder("--report", args.report)
             stores = _load_stores(args.mass)
             settings = SearchSettings(tau=args.tau, lam=args.lam, groups=args.groups)
             config, results = search_stores(stores, settings, device=device, model=args.model,
                                             merge=args.merge)
-            save_config(config, args.out)
+            rep = evaluate(config, _sum(stores)) if args.report else None
+            paths = _write_outputs(config, args.out, rep, args.report)
             for path, res in zip(args.mass if args.merge == "union" else ["(sum)"], results):
                 print(f"{path}: {res.summary()}")
             print(f"wrote {args.out}: {config.num_layers} layers x {config.num_heads} heads")
-            if args.report:
-                rep = evaluate(config, _sum(stores))
-                paths = write_report(rep, args.report)
+            if rep is not None:
                 print(rep.summary())
                 print("report: " + ", ".join(paths.values()))
         else:
+            _report_folder("--out", args.out)
             stores = _load_stores(args.mass)
             store = _sum(stores)
-            config = load_config(args.config, num_layers=store.num_layers, num_heads=store.num_heads)
+            config = _load_config(args.config, store)
             rep = evaluate(config, store)
-            paths = write_report(rep, args.out)
+            try:
+                paths = write_report(rep, args.out)
+            except OSError as e:
+                raise OutputError(f"--out {args.out}: cannot write it ({e.strerror or e}); choose another "
+                                  "folder") from None
             print(rep.summary())
             print("report: " + ", ".join(paths.values()))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return 130
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        getattr(e, "end_silent", lambda: None)()  # a rank failure: its silent ranks, after the line
+        return 1
     return 0
 
 

@@ -30,7 +30,9 @@ rank holds the full store and rank 0 can save it::
 
 from __future__ import annotations
 
+import os
 import pathlib
+import re
 from typing import Iterable, Optional, Tuple, Union
 
 import torch
@@ -44,6 +46,63 @@ from ..patterns.compact import real_tile_grid, relative_bins
 __all__ = ["MassStore", "CaptureAttention", "reduce_block_mass", "MASS_FORMAT", "axis_pairs"]
 
 MASS_FORMAT = "dist_compact.block_mass_stats/1"
+_TENSORS = ("rel", "text", "total", "samples")
+_KEYS = ("model", "num_layers", "num_heads", "grid", "tile", "text_tokens") + _TENSORS
+
+
+def _load_failure(e: Exception) -> str:
+    """One line on why ``torch.load`` refused a file (its messages run over several lines)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if "Weights only load failed" in text:
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        return (f"it holds a pickled Python object{f' ({what.group(1)})' if what else ''}, which is not loaded: "
+                "it could run code")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _check_state(path, d: dict) -> None:
+    """The loaded dict of a mass file has every key, of the right type, and finite tensors whose shapes
+    follow from its metadata (so a store is never sized from numbers its tensors do not hold); one
+    ValueError naming ``path`` otherwise."""
+    missing = [k for k in _KEYS if k not in d]
+    if missing:
+        raise ValueError(f"{path}: mass file without {', '.join(map(repr, missing))}; it is damaged or was not "
+                         "written by MassStore.save (capture it again)")
+    for k in ("num_layers", "num_heads"):
+        if not is_int(d[k]) or d[k] < 1:
+            raise ValueError(f"{path}: {k} must be a positive int, got {d[k]!r}")
+    if not is_int(d["text_tokens"]) or d["text_tokens"] < 0:
+        raise ValueError(f"{path}: text_tokens must be an int >= 0, got {d['text_tokens']!r}")
+    for k in ("grid", "tile"):
+        v = d[k]
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(is_int(x) and x >= 1 for x in v)):
+            raise ValueError(f"{path}: {k} must be three positive ints, got {v!r}")
+    if not isinstance(d["model"], str):
+        raise ValueError(f"{path}: model must be a string, got {type(d['model']).__name__}")
+    for k in _TENSORS:
+        if not isinstance(d[k], torch.Tensor):
+            raise ValueError(f"{path}: {k} must be a tensor, got {type(d[k]).__name__}")
+    try:
+        layout = VideoLayout(*d["grid"], tile=tuple(d["tile"]), text_tokens=d["text_tokens"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    L, H = d["num_layers"], d["num_heads"]
+    shapes = {"rel": ((L, H, *real_tile_grid(layout)), torch.float64), "text": ((L, H), torch.float64),
+              "total": ((L, H), torch.float64), "samples": ((L,), torch.int64)}
+    for k, (shape, dtype) in shapes.items():
+        t = d[k]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, expected {shape} (from num_layers {L}, "
+                             f"num_heads {H}, grid {tuple(d['grid'])}, tile {tuple(d['tile'])})")
+        if dtype.is_floating_point and not t.is_floating_point():
+            raise ValueError(f"{path}: {k} must be a float tensor, got {t.dtype}")
+        if not dtype.is_floating_point and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+            raise ValueError(f"{path}: {k} must be an int tensor, got {t.dtype}")
+        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {k} holds NaN or infinite values; it is damaged (capture it again)")
+        if not dtype.is_floating_point and bool((t < 0).any()):
+            raise ValueError(f"{path}: {k} holds negative counts; it is damaged (capture it again)")
 
 
 def axis_pairs(n: int) -> torch.Tensor:
@@ -209,24 +268,36 @@ class MassStore:
         }
 
     def save(self, path: Union[str, pathlib.Path]) -> None:
-        """Write the store (tensors + metadata, loadable with ``weights_only=True``)."""
-        torch.save(self.state_dict(), str(path))
+        """Write the store (tensors + metadata, loadable with ``weights_only=True``): the whole file or,
+        on a failure, nothing (written under a temporary name beside ``path``, then renamed)."""
+        path = str(path)
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".{name[:200]}.{os.getpid()}.tmp")
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path: Union[str, pathlib.Path]) -> "MassStore":
+        """Read a file written by :meth:`save`; anything else (another file, a damaged or edited one) is one
+        ValueError naming the file and what is wrong, before any memory is sized from its metadata."""
         try:
             d = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for a non-torch file
-            raise ValueError(f"{path}: not a dist_compact mass file ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{path}: not a dist_compact mass file ({_load_failure(e)})") from None
         if not isinstance(d, dict) or d.get("format") != MASS_FORMAT:
             got = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{path}: not a dist_compact mass file of format {MASS_FORMAT!r} (got {got!r})")
+        _check_state(path, d)
         out = cls(d["num_layers"], d["num_heads"], tuple(d["grid"]), tuple(d["tile"]), d["text_tokens"], d["model"])
-        for k in ("rel", "text", "total", "samples"):
-            want = getattr(out, k)
-            if tuple(d[k].shape) != tuple(want.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(d[k].shape)}, expected {tuple(want.shape)}")
-            setattr(out, k, d[k].to(want.dtype))
+        for k in _TENSORS:
+            setattr(out, k, d[k].to(getattr(out, k).dtype))
         return out
 
     def __repr__(self) -> str:

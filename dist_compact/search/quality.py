@@ -16,6 +16,7 @@ colour scale from low (left) to high (right).
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 from dataclasses import dataclass
 from typing import Dict, Tuple, Union
@@ -27,7 +28,7 @@ from ..patterns.compact import CompactConfig
 from ..png import colormap, write_png
 from .capture import MassStore
 
-__all__ = ["QualityReport", "evaluate", "heatmap_image", "write_report"]
+__all__ = ["QualityReport", "evaluate", "heatmap_image", "report_paths", "write_report"]
 
 
 NOT_CAPTURED = "no captured layers"
@@ -109,20 +110,47 @@ def heatmap_image(report: QualityReport, cell: int = 8, recall_range: Tuple[floa
     return img
 
 
-def write_report(report: QualityReport, out_dir: Union[str, pathlib.Path], prefix: str = "quality") -> Dict[str, str]:
-    """Write ``<prefix>.csv``, ``<prefix>.png`` and ``<prefix>.txt`` (summary) to ``out_dir``."""
+def report_paths(out_dir: Union[str, pathlib.Path], prefix: str = "quality") -> Dict[str, pathlib.Path]:
+    """The files :func:`write_report` writes: ``{"csv": ..., "png": ..., "txt": ...}`` in ``out_dir``."""
     out = pathlib.Path(out_dir)
+    return {k: out / f"{prefix}.{k}" for k in ("csv", "png", "txt")}
+
+
+def write_report(report: QualityReport, out_dir: Union[str, pathlib.Path], prefix: str = "quality") -> Dict[str, str]:
+    """Write ``<prefix>.csv``, ``<prefix>.png`` and ``<prefix>.txt`` (summary) to ``out_dir`` (created if
+    missing): all three or, on a failure, none (each is written under a temporary name, then renamed;
+    folders made here are removed again)."""
+    out = pathlib.Path(out_dir)
+    paths = report_paths(out, prefix)
+    made = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / f"{prefix}.csv", "png": out / f"{prefix}.png", "txt": out / f"{prefix}.txt"}
-    report.to_csv(paths["csv"])
-    write_png(paths["png"], heatmap_image(report))
-    L, H = report.recall.shape
-    lines = [report.summary(), "", "per layer: mean density, mean recall"]
-    for li in range(L):
-        lines.append(f"layer {li:3d}: density {float(report.density[li].mean()):.4f}  "
-                     f"recall {float(report.recall[li].mean()):.4f}")
-    lines.append("")
-    lines.append(f"{paths['png'].name}: left density (0..1), right recall (0.8..1); rows = layers, "
-                 f"columns = heads; dark = low, yellow = high, white = not captured")
-    paths["txt"].write_text("\n".join(lines) + "\n")
+    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in paths.items()}
+    placed = []
+    try:
+        report.to_csv(tmp["csv"])
+        write_png(tmp["png"], heatmap_image(report))
+        L, H = report.recall.shape
+        lines = [report.summary(), "", "per layer: mean density, mean recall"]
+        for li in range(L):
+            lines.append(f"layer {li:3d}: density {float(report.density[li].mean()):.4f}  "
+                         f"recall {float(report.recall[li].mean()):.4f}")
+        lines.append("")
+        lines.append(f"{paths['png'].name}: left density (0..1), right recall (0.8..1); rows = layers, "
+                     f"columns = heads; dark = low, yellow = high, white = not captured")
+        tmp["txt"].write_text("\n".join(lines) + "\n")
+        for k, p in paths.items():
+            os.replace(tmp[k], p)
+            placed.append(p)
+    except BaseException:
+        for p in (*tmp.values(), *placed):
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        for d in made:  # deepest first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
     return {k: str(v) for k, v in paths.items()}

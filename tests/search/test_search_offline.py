@@ -1,6 +1,8 @@
 """Offline Compact search: capture statistics, greedy search, union merge, quality report, CLI."""
 
 import math
+import os
+import re
 import struct
 import zlib
 
@@ -119,6 +121,68 @@ def test_mass_store_files_and_checks(tmp_path):
     nbv = lay.num_video_blocks
     assert float(s.pairs().sum()) == nbv * nbv and total_pairs == lay.num_blocks ** 2
     assert text_pairs == total_pairs - nbv * nbv
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rel=None), "mass file without 'rel'"),
+    (dict(rel=[0.0]), "rel must be a tensor, got list"),
+    (dict(grid=5), "grid must be three positive ints, got 5"),
+    (dict(num_layers=10 ** 6, num_heads=10 ** 6),
+     r"rel has shape \(2, 3, 4, 2, 2\), expected \(1000000, 1000000, 4, 2, 2\)"),
+    (dict(grid=[4, 8, 8000]), r"rel has shape \(2, 3, 4, 2, 2\), expected \(2, 3, 4, 2, 2000\)"),
+    (dict(text_tokens=-1), "text_tokens must be an int >= 0"),
+    (dict(model=3), "model must be a string"),
+    (dict(samples=torch.ones(2)), "samples must be an int tensor"),
+    (dict(samples=torch.tensor([1, -1])), "samples holds negative counts"),
+    (dict(total=torch.full((2, 3), math.inf)), "total holds NaN or infinite values"),
+], ids=["no-rel", "rel-list", "grid-int", "huge-layers", "huge-grid", "text-negative", "model-int", "samples-float",
+        "samples-negative", "total-inf"])
+def test_mass_store_load_checks_the_file_before_sizing_a_store(tmp_path, change, message):
+    lay = VideoLayout(4, 8, 8, tile=(1, 4, 4), text_tokens=5)
+    d = _random_store(lay, layers=2, heads=3, seed=0).state_dict()
+    for k, v in change.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    torch.save(d, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'bad.pt'))}: {message}"):
+        MassStore.load(tmp_path / "bad.pt")
+
+
+def test_mass_store_save_writes_the_whole_file_or_nothing(tmp_path, monkeypatch):
+    lay = VideoLayout(4, 8, 8, tile=(1, 4, 4), text_tokens=5)
+    s = _random_store(lay, layers=2, heads=3, seed=0)
+    (tmp_path / "m.pt").write_bytes(b"earlier")
+
+    def cut(obj, path):
+        open(path, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(OSError):
+        s.save(tmp_path / "m.pt")
+    assert os.listdir(tmp_path) == ["m.pt"] and (tmp_path / "m.pt").read_bytes() == b"earlier"
+
+
+def test_write_report_writes_all_three_files_or_none(tmp_path, monkeypatch):
+    import dist_compact.search.quality as quality
+
+    lay = VideoLayout(4, 8, 8, tile=(1, 4, 4), text_tokens=5)
+    s = _random_store(lay, layers=2, heads=3, seed=0)
+    rep = evaluate(random_config(7, layers=2, heads=3), s)
+
+    def full(path, image):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(quality, "write_png", full)
+    with pytest.raises(OSError):
+        quality.write_report(rep, tmp_path / "a" / "rep")
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    paths = quality.write_report(rep, tmp_path / "a" / "rep")
+    assert sorted(os.listdir(tmp_path / "a" / "rep")) == ["quality.csv", "quality.png", "quality.txt"]
+    assert paths["csv"] == str(tmp_path / "a" / "rep" / "quality.csv")
 
 
 # ------------------------------------------------------------------------------------------ search
