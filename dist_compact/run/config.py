@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .._util import control_chars, is_int
+from ..cmdline import short_repr
 from ..layout import SUPPORTED_BLOCK_SIZES
 from ..parallel.config import ParallelConfig, ParallelConfigError
 from ..parallel.watch import DEFAULT_TIMEOUT_S
@@ -44,13 +46,13 @@ class ConfigError(ValueError):
 def _choice(obj, name: str, choices: Sequence[str]) -> None:
     val = getattr(obj, name)
     if val not in choices:
-        raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {val!r}")
+        raise ValueError(f"{type(obj).__name__}.{name} must be one of {list(choices)}, got {short_repr(val)}")
 
 
 def _pos_int(obj, name: str, minimum: int = 1) -> None:
     val = getattr(obj, name)
     if not is_int(val) or val < minimum:
-        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {val!r}")
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {minimum}, got {short_repr(val)}")
 
 
 #: ``model.name`` values of ``model.kind: random`` -> their key in dist_compact.models.published.
@@ -95,20 +97,23 @@ class ClusterConfig:
             _pos_int(self, name)
         t = self.timeout_s
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 86400):
-            raise ValueError(f"ClusterConfig.timeout_s must be a number of seconds in (0, 86400], got {t!r}")
+            raise ValueError(f"ClusterConfig.timeout_s must be a number of seconds in (0, 86400], got {short_repr(t)}")
         _choice(self, "device", ("auto", "cpu", "cuda"))
         _choice(self, "backend", ("auto", "gloo", "nccl"))
         if self.device == "cpu" and self.backend == "nccl":
             raise ValueError("ClusterConfig.backend 'nccl' needs CUDA devices; use gloo with device: cpu")
         if self.share_gpus not in (None, True, False):
-            raise ValueError(f"ClusterConfig.share_gpus must be true, false or null, got {self.share_gpus!r}")
+            raise ValueError("ClusterConfig.share_gpus must be true, false or null, got "
+                             f"{short_repr(self.share_gpus)}")
         if self.share_gpus and (self.device == "cpu" or self.backend == "nccl"):
             raise ValueError("ClusterConfig.share_gpus: true runs gloo on CUDA devices (NCCL refuses two ranks on one "
                              f"GPU); it cannot go with device: {self.device}, backend: {self.backend}")
         if not isinstance(self.master_addr, str) or not self.master_addr:
-            raise ValueError(f"ClusterConfig.master_addr must be a non-empty string, got {self.master_addr!r}")
+            raise ValueError("ClusterConfig.master_addr must be a non-empty string, got "
+                             f"{short_repr(self.master_addr)}")
         if not is_int(self.master_port) or not 1 <= self.master_port <= 65535:
-            raise ValueError(f"ClusterConfig.master_port must be an int in [1, 65535], got {self.master_port!r}")
+            raise ValueError("ClusterConfig.master_port must be an int in [1, 65535], got "
+                             f"{short_repr(self.master_port)}")
         try:  # the world-size rule lives in ParallelConfig.check alone
             self.parallel.check(world_size=self.world_size)
         except ParallelConfigError as e:
@@ -166,15 +171,15 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"ModelConfig.name must be a non-empty string, got {self.name!r}")
+            raise ValueError(f"ModelConfig.name must be a non-empty string, got {short_repr(self.name)}")
         _choice(self, "kind", ("embedded", "diffusers", "random"))
         for name, most in (("frames", MAX_FRAMES), ("height", MAX_PIXELS), ("width", MAX_PIXELS)):
             val = getattr(self, name)
             if not is_int(val) or not 1 <= val <= most:
-                raise ValueError(f"ModelConfig.{name} must be an int in [1, {most}], got {val!r}")
+                raise ValueError(f"ModelConfig.{name} must be an int in [1, {most}], got {short_repr(val)}")
         object.__setattr__(self, "tile", tuple(self.tile))
         if len(self.tile) != 3 or not all(is_int(t) and t >= 1 for t in self.tile):
-            raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {self.tile!r}")
+            raise ValueError(f"ModelConfig.tile must be three positive ints (t, h, w), got {short_repr(self.tile)}")
         vol = self.tile[0] * self.tile[1] * self.tile[2]
         if vol not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"ModelConfig.tile {self.tile} has {vol} tokens; the block size must be one of "
@@ -191,10 +196,10 @@ class ModelConfig:
         if self.kind != "random":
             if self.size != "full" or self.layers is not None or self.heads is not None:
                 raise ValueError("ModelConfig.size / layers / heads apply to kind 'random' only "
-                                 f"(kind is {self.kind!r})")
+                                 f"(kind is {short_repr(self.kind)})")
             return
         if self.name not in RANDOM_MODELS:
-            raise ValueError(f"ModelConfig.name {self.name!r} is not a random-weight model; known: "
+            raise ValueError(f"ModelConfig.name {short_repr(self.name)} is not a random-weight model; known: "
                              f"{', '.join(RANDOM_MODELS)}")
         # the published models' VAEs: 4x in time (4k + 1 frames), 8x in space, then a (1, 2, 2) patch
         problems = []
@@ -247,23 +252,28 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
-            raise ValueError(f"RunOptions.prompt must be a string, got {self.prompt!r}")
+            raise ValueError(f"RunOptions.prompt must be a string, got {short_repr(self.prompt)}")
         if not is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"RunOptions.seed must be an int in [0, 2**63 - 1] (a generator seed), got {self.seed!r}")
+            raise ValueError("RunOptions.seed must be an int in [0, 2**63 - 1] (a generator seed), got "
+                             f"{short_repr(self.seed)}")
         if not is_int(self.steps) or not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"RunOptions.steps must be an int in [1, {MAX_STEPS}] (50 is typical), got {self.steps!r}")
+            raise ValueError(f"RunOptions.steps must be an int in [1, {MAX_STEPS}] (50 is typical), got "
+                             f"{short_repr(self.steps)}")
         _pos_int(self, "fps")
         for name, lo in (("guidance", 0.0), ("shift", 0.0)):
             val = getattr(self, name)
             if not math.isfinite(val) or val <= lo:
-                raise ValueError(f"RunOptions.{name} must be a finite number > {lo}, got {val!r}")
+                raise ValueError(f"RunOptions.{name} must be a finite number > {lo}, got {short_repr(val)}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
-            raise ValueError(f"RunOptions.output_dir must be a non-empty path, got {self.output_dir!r}")
+            raise ValueError(f"RunOptions.output_dir must be a non-empty path, got {short_repr(self.output_dir)}")
+        if control_chars(self.output_dir):
+            raise ValueError(f"RunOptions.output_dir must be a path without control characters "
+                             f"({control_chars(self.output_dir)}), got {short_repr(self.output_dir)}")
         if self.name is not None:
             bad = set(self.name) & set('/\\:*?"<>|') or self.name in ("", ".", "..") or self.name.startswith(".")
             if bad or control_chars(self.name):
                 raise ValueError("RunOptions.name must be a plain folder name (no / \\ : * ? \" < > |, no control "
-                                 f"characters, no leading dot), got {self.name!r}")
+                                 f"characters, no leading dot), got {short_repr(self.name)}")
             if len(self.name.encode()) > MAX_NAME_BYTES:
                 raise ValueError(f"RunOptions.name has {len(self.name.encode())} bytes; a run folder name takes at "
                                  f"most {MAX_NAME_BYTES} (choose a shorter --name)")
@@ -323,7 +333,7 @@ class RunConfig:
         new = {}
         for name, val in sections.items():
             if name not in SECTIONS:
-                raise ConfigError(f"RunConfig has no section {name!r}; sections: {list(SECTIONS)}")
+                raise ConfigError(f"RunConfig has no section {short_repr(name)}; sections: {list(SECTIONS)}")
             if isinstance(val, dict):
                 val = build_section(name, {**dataclasses.asdict(getattr(self, name)), **val}, {}, "replace()")
             new[name] = val
@@ -361,15 +371,17 @@ def coerce(value, hint, where: str):
                     return coerce(value, a, where)
                 except ConfigError:
                     pass
-        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {short_repr(value)} ({type(value).__name__})")
     if origin in (tuple, list):
         args = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {short_repr(value)} ({type(value).__name__})"
+                              + _list_hint(value, args))
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {len(value)} values {list(value)!r}")
+            raise ConfigError(f"{where}: expected {_type_name(hint)}, got {len(value)} values "
+                              f"{short_repr(list(value))}")
         return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         ok = isinstance(value, bool)
@@ -384,8 +396,19 @@ def coerce(value, hint, where: str):
     else:
         ok = True
     if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+        raise ConfigError(f"{where}: expected {_type_name(hint)}, got {short_repr(value)} ({type(value).__name__})")
     return value
+
+
+def _list_hint(value, args) -> str:
+    """How to write one number or word as the list a field takes (``[1000]``), when that is a fix."""
+    one = len(args) == 2 and args[1] is Ellipsis
+    if not one or isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return ""
+    text = str(value)
+    if not text or len(text) > 40 or not text.isprintable() or any(c in text for c in ",[]{}:#'\""):
+        return ""
+    return f"; a list is written in brackets: [{text}] (several: [{text}, ...])"
 
 
 @functools.lru_cache(maxsize=None)
@@ -411,6 +434,11 @@ def build_section(name: str, data: Dict[str, Any], origin: Dict[str, str], defau
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        # __post_init__ names the field; say which file(s) set this section
-        srcs = sorted(set(origin.values())) or [default_source]
+        # __post_init__ names the field first ("RunOptions.seed must be ..."): the source that set it;
+        # else (a rule of several fields) every source that set a key of this section
+        m = re.match(rf"{cls.__name__}\.(\w+)", str(e))
+        if m and m.group(1) in origin:
+            srcs = [origin[m.group(1)]]
+        else:
+            srcs = sorted(set(origin.values())) or [default_source]
         raise ConfigError(f"{', '.join(srcs)}: [{name}] {e}") from e

@@ -32,6 +32,7 @@ from functools import lru_cache
 from typing import List, Optional, Tuple
 
 from .._util import is_int
+from ..cmdline import short_repr
 from ..ops import TRITON_DENSE_CROSSOVER
 
 __all__ = [
@@ -127,7 +128,7 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         def bad(name, msg):
-            raise ValueError(f"SparsityConfig.{name} {msg}, got {getattr(self, name)!r}")
+            raise ValueError(f"SparsityConfig.{name} {msg}, got {short_repr(getattr(self, name))}")
 
         if self.mode not in MODES:
             bad("mode", f"must be one of {MODES}")
@@ -191,7 +192,7 @@ class SparsityConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"SparsityConfig: unknown keys {unknown}; known: {sorted(names)}")
+            raise ValueError(f"SparsityConfig: unknown keys {short_repr(unknown)}; known: {sorted(names)}")
         return cls(**d)
 
     # ------------------------------------------------------------------ properties
