@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
+import os
 import reprlib
-from typing import Any, NoReturn
+import stat
+from typing import Any, NoReturn, Optional
 
 from ._util import control_chars
 
@@ -58,10 +60,14 @@ def show_path(path) -> str:
     return text if len(text) <= 300 and not control_chars(text) else short_repr(text, 120)
 
 
+#: what :func:`path_problem` / :func:`file_problem` say for a missing path and a folder
+NOT_FOUND, A_DIRECTORY = "not found", "a directory"
+
+
 def path_problem(e: OSError) -> str:
     """An ``OSError`` of a path as the problem and its fix, in words (no path: the caller names it)."""
     if e.errno == errno.ENOENT:
-        return "not found"
+        return NOT_FOUND
     if e.errno == errno.ENAMETOOLONG:
         return "a name in the path is longer than the file system takes (255 bytes); choose a shorter name"
     if e.errno == errno.ELOOP:
@@ -69,6 +75,23 @@ def path_problem(e: OSError) -> str:
     if e.errno == errno.ENOTDIR:
         return "a part of the path before the last is a file, not a folder"
     return f"cannot read it ({e.strerror or e})"
+
+
+def file_problem(path) -> Optional[str]:
+    """None when ``path`` is a regular file; else what is wrong, in words: ``"not found"``, ``"a
+    directory"``, ``"not a regular file (a device, a pipe or a socket)"``, a NUL character, or
+    :func:`path_problem` of the file system's error."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return path_problem(e)
+    except ValueError:
+        return "a path cannot hold a NUL character"
+    if stat.S_ISDIR(mode):
+        return A_DIRECTORY
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a device, a pipe or a socket)"
+    return None
 
 
 #: how deep the lists and mappings of a YAML file may nest (a config nests a few levels)

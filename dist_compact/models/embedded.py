@@ -32,7 +32,6 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -42,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._util import is_int
+from ..cmdline import A_DIRECTORY, NOT_FOUND, file_problem, show_path
 from ..layout import VideoLayout
 from .data import VOCAB
 
@@ -523,22 +523,6 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_kind(path: Path) -> str:
-    """``"file"``, ``"directory"``, ``"missing"``, or why the path is neither (a device, a name too
-    long, a symlink loop, ...)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or type(e).__name__})"
-    if stat.S_ISDIR(st.st_mode):
-        return "directory"
-    if not stat.S_ISREG(st.st_mode):
-        return "not a regular file (a device, pipe or socket)"
-    return "file"
-
-
 def save_embedded(model: EmbeddedDiT, path: Union[str, os.PathLike], dtype=torch.float32,
                   extra: Optional[dict] = None) -> str:
     """Write ``path`` (safetensors, config in the metadata) and ``path.sha256``; returns the sha256.
@@ -575,20 +559,21 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
     path = Path(path) if path is not None else DEFAULT_WEIGHTS
     st = safetensors_io()
     sum_path = _checksum_path(path)
-    kind = _file_kind(path)
-    if kind == "directory":
+    problem = file_problem(path)
+    if problem == A_DIRECTORY:
         raise WeightsError(f"{path} is a directory; the embedded model's weights are one .safetensors file (e.g. "
                            f"{path / DEFAULT_WEIGHTS.name}, with its .sha256 beside it)")
-    if kind == "missing":
+    if problem == NOT_FOUND:
         raise WeightsError(f"embedded model weights not found: {path} (train them with "
                            f"`python -m dist_compact.models.train`, or reinstall the package)")
-    if kind != "file":
-        raise WeightsError(f"model weights {path}: {kind}; give the .safetensors file of the weights")
-    sum_kind = _file_kind(sum_path)
-    if sum_kind == "missing":
+    if problem is not None:
+        fix = "" if ";" in problem else "; give the .safetensors file of the weights"
+        raise WeightsError(f"model weights {show_path(path)}: {problem}{fix}")
+    sum_problem = file_problem(sum_path)
+    if sum_problem == NOT_FOUND:
         raise WeightsError(f"checksum file missing for {path}: expected {sum_path}")
-    if sum_kind != "file":
-        raise WeightsError(f"checksum file {sum_path}: {sum_kind}; it must be a text file "
+    if sum_problem is not None:
+        raise WeightsError(f"checksum file {sum_path}: {sum_problem}; it must be a text file "
                            f"'<sha256 hex>  {path.name}'")
     try:
         expected = sum_path.read_bytes()[:4096].decode("ascii").split()

@@ -26,14 +26,12 @@ plain arguments.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
-import stat
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..cmdline import YamlInputError, load_yaml_text, path_problem, short_repr, show_path
+from ..cmdline import A_DIRECTORY, NOT_FOUND, YamlInputError, file_problem, load_yaml_text, path_problem, short_repr, show_path
 from .config import DEMO_SPARSITY, SECTIONS, ConfigError, RunConfig, build_section, coerce, field_type
 
 __all__ = ["load_yaml", "load_run_config", "parse_override", "to_yaml", "PATH_FIELDS"]
@@ -55,22 +53,16 @@ def _key(key) -> str:
 def _check_file(p: Path, included_by: Optional[Path]) -> None:
     """A missing path, a folder or anything but a regular file is one :class:`ConfigError` naming it
     (and the file whose ``include`` named it)."""
+    problem = file_problem(p)
+    if problem is None:
+        return
     by = f" (included by {show_path(included_by)})" if included_by is not None else ""
-    try:
-        mode = os.stat(p).st_mode
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            raise ConfigError(f"config file not found: {show_path(p)}{by}") from None
-        raise ConfigError(f"{show_path(p)}{by}: {path_problem(e)}") from None
-    except ValueError:  # a NUL character
-        raise ConfigError(f"{show_path(p)}{by}: a path cannot hold a NUL character; give a config file "
-                          "(.yaml)") from None
-    if stat.S_ISDIR(mode):
+    if problem == NOT_FOUND:
+        raise ConfigError(f"config file not found: {show_path(p)}{by}")
+    if problem == A_DIRECTORY:
         raise ConfigError(f"{show_path(p)} is a directory, not a config file; give a .yaml file (e.g. one of "
                           "configs/cluster/*.yaml)")
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"{show_path(p)}{by} is not a regular file (a device, a pipe or a socket); give a config "
-                          "file (.yaml)")
+    raise ConfigError(f"{show_path(p)}{by}: {problem}{'' if ';' in problem else '; give a config file (.yaml)'}")
 
 
 def _read_mapping(p: Path) -> Dict[str, Any]:

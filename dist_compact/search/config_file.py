@@ -22,17 +22,15 @@ Only launchers / the CLI read files (the library takes :class:`CompactConfig` ob
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pathlib
-import stat
 from typing import Optional, Union
 
 import yaml
 
 from .._util import is_int
-from ..cmdline import YamlInputError, load_yaml_text, path_problem, short_repr, show_path
+from ..cmdline import A_DIRECTORY, YamlInputError, file_problem, load_yaml_text, short_repr, show_path
 from ..sparsity.config import SparsityConfig
 from ..patterns.compact import CompactConfig, HeadPattern
 
@@ -201,18 +199,11 @@ def load_config(path: Union[str, pathlib.Path], *, model: Optional[str] = None, 
     fmt = config_format(path)
     name = show_path(path)
     written = "(.yaml / .json) written by `dist-compact-search search`"
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as e:
-        fix = f"; give a Compact config {written}" if e.errno == errno.ENOENT else ""
-        raise ValueError(f"{name}: {path_problem(e)}{fix}") from None
-    except ValueError:  # a NUL character
-        raise ValueError(f"{name}: a path cannot hold a NUL character") from None
-    if stat.S_ISDIR(mode):
+    problem = file_problem(path)
+    if problem == A_DIRECTORY:
         raise ValueError(f"{name} is a directory; sparsity.compact_config takes a Compact config file {written}")
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"{name} is not a regular file (a device, a pipe or a socket); give a Compact config "
-                         f"{written}")
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}{'' if ';' in problem else f'; give a Compact config {written}'}")
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_COMPACT_BYTES + 1)

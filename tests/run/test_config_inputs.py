@@ -173,10 +173,10 @@ def test_path_errors_are_one_line(tmp_path, capsys):
     assert f"{loop}: a symbolic link loop" in _config_error(capsys, "--config", loop)
     assert f"{loop}: a symbolic link loop" in _raises_one_line(load_config, loop)
     assert _config_error(capsys, "--config", "/dev/zero").endswith(
-        "/dev/zero is not a regular file (a device, a pipe or a socket); give a config file (.yaml)")
+        "/dev/zero: not a regular file (a device, a pipe or a socket); give a config file (.yaml)")
     zero = tmp_path / "zero.yaml"
     os.symlink("/dev/zero", zero)
-    assert "is not a regular file" in _raises_one_line(load_config, zero)
+    assert ": not a regular file" in _raises_one_line(load_config, zero)
     top = _write(tmp_path, "top.yaml", "include: [base.yaml]\n")
     assert _config_error(capsys, "--config", top).endswith(
         f"config file not found: {tmp_path / 'base.yaml'} (included by {top})")
