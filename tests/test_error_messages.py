@@ -257,6 +257,27 @@ def _(d, w):
     return _generate(d, w, WORLD_SIZE="abc")
 
 
+@case("master-port-abc", "`MASTER_PORT=abc` in a hand-made 2-process environment")
+def _(d, w):
+    return _generate(d, w, "--config", str(ROOT / "configs/cluster/cpu-demo.yaml"), WORLD_SIZE="2", RANK="0",
+                     LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="abc", TORCHELASTIC_RUN_ID=None)
+
+
+@case("stale-rank", "`RANK=1 WORLD_SIZE=2` left in a shell, one process, `--seed -1` (nothing was printed)")
+def _(d, w):
+    return _generate(d, w, "--seed", "-1", RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID=None)
+
+
+@case("alias-bomb", "a 9-level YAML alias bomb as `run.prompt` (the line was 1.26 GB)")
+def _(d, w):
+    levels = "abcdefghi"
+    lines = [f"{levels[0]}: &{levels[0]} [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip(levels, levels[1:])]
+    text = "\n".join("  " + ln for ln in lines)
+    (d / "bomb.yaml").write_text(f".anchors:\n{text}\nrun:\n  prompt: *i\n")
+    return _generate(d, w, "--config", str(d / "bomb.yaml"))
+
+
 # ---------------------------------------------------------------------------------------------- other commands
 def _search(*argv) -> str:
     from dist_compact.cli.search import main
