@@ -16,13 +16,18 @@ def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def control_chars(text: str) -> str:
     """The control and line-break characters of ``text`` as a short escaped list ('' when none).
 
     Newlines, tabs, escapes, NUL and the Unicode line / paragraph separators end a line or a shell
-    word where a name or a path is written into a script, a log line or a folder name.
+    word where a name or a path is written into a script, a log line or a folder name; the
+    bidirectional overrides and isolates (U+202A-U+202E, U+2066-U+2069) make a name display as
+    another one.
     """
-    bad = sorted({c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")})
+    bad = sorted({c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI})
     return " ".join(repr(c)[1:-1] for c in bad)
 
 

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from ..run.config import ConfigError, RunConfig
 from ..run.loader import load_run_config, to_yaml
-from ..cmdline import OneLineParser
+from ..cmdline import OneLineParser, short_repr
 
 __all__ = ["PROG", "SHORTCUTS", "build_parser", "parse_generate_args", "main", "console", "summary_lines"]
 
@@ -78,7 +78,7 @@ def parse_generate_args(argv: Sequence[str], prog: str = PROG) -> Tuple[RunConfi
     while i < len(rest):
         tok = rest[i]
         if not tok.startswith("--") or "." not in tok:
-            raise ConfigError(f"command line: unexpected argument {tok!r} (options: see --help; "
+            raise ConfigError(f"command line: unexpected argument {short_repr(tok)} (options: see --help; "
                               "config keys: --section.key value)")
         if "=" in tok:
             key, raw = tok[2:].split("=", 1)

@@ -42,6 +42,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .._util import cdiv, is_int
+from ..cmdline import short_repr
 from ..block_index import BlockIndex
 from ..layout import VideoLayout
 
@@ -106,7 +107,7 @@ class Window:
     def parse(cls, text: str) -> "Window":
         m = re.fullmatch(r"\s*(\*|\d+)\s*x\s*(\*|\d+)\s*", text)
         if not m:
-            raise ValueError(f"bad window {text!r}: expected 'RxC' with ints or '*', e.g. '2x3' or '0x*'")
+            raise ValueError(f"bad window {short_repr(text, 40)}: expected 'RxC' with ints or '*', e.g. '2x3' or '0x*'")
         return cls(*(None if g == "*" else int(g) for g in m.groups()))
 
 
@@ -267,12 +268,13 @@ class HeadPattern:
     def parse(cls, text: str) -> "HeadPattern":
         """Inverse of ``str()``: ``"lo[-hi|+]: RxC [+ RxC] | -; ..."``."""
         if not isinstance(text, str):
-            raise ValueError(f"a head pattern must be a string like '0: 2x2; 1+: 0x0', got {text!r}")
+            raise ValueError(f"a head pattern must be a string like '0: 2x2; 1+: 0x0', got {short_repr(text, 40)}")
         groups = []
         for part in text.split(";"):
             m = re.fullmatch(r"\s*(\d+)\s*(?:(\+)|-\s*(\d+))?\s*:\s*(.*?)\s*", part)
             if not m:
-                raise ValueError(f"bad frame group {part.strip()!r} in {text!r}: expected 'lo[-hi|+]: windows'")
+                raise ValueError(f"bad frame group {short_repr(part.strip(), 40)} in {short_repr(text, 60)}: expected "
+                                 "'lo[-hi|+]: windows'")
             lo = int(m.group(1))
             hi = None if m.group(2) else (int(m.group(3)) if m.group(3) else lo)
             body = m.group(4)

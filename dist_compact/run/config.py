@@ -185,6 +185,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.tile {self.tile} has {vol} tokens; the block size must be one of "
                              f"{SUPPORTED_BLOCK_SIZES}")
         _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+        if isinstance(self.path, str) and control_chars(self.path):
+            raise ValueError(f"ModelConfig.path must be a path without control characters ({control_chars(self.path)}), "
+                             f"got {short_repr(self.path)}")
         # a diffusers model's path is checked when the model loads (configs/models/*.yaml leave it to
         # --model-path, and launchers read those files without one)
         if self.kind == "diffusers" and not self.pipeline:
@@ -270,10 +273,10 @@ class RunOptions:
             raise ValueError(f"RunOptions.output_dir must be a path without control characters "
                              f"({control_chars(self.output_dir)}), got {short_repr(self.output_dir)}")
         if self.name is not None:
-            bad = set(self.name) & set('/\\:*?"<>|') or self.name in ("", ".", "..") or self.name.startswith(".")
-            if bad or control_chars(self.name):
+            bad = set(self.name) & set('/\\:*?"<>|') or not self.name.strip() or self.name.startswith(".")
+            if bad or control_chars(self.name) or self.name != self.name.strip():
                 raise ValueError("RunOptions.name must be a plain folder name (no / \\ : * ? \" < > |, no control "
-                                 f"characters, no leading dot), got {short_repr(self.name)}")
+                                 f"characters, no leading dot or space), got {short_repr(self.name)}")
             if len(self.name.encode()) > MAX_NAME_BYTES:
                 raise ValueError(f"RunOptions.name has {len(self.name.encode())} bytes; a run folder name takes at "
                                  f"most {MAX_NAME_BYTES} (choose a shorter --name)")

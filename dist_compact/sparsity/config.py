@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
-from .._util import is_int
+from .._util import control_chars, is_int
 from ..cmdline import short_repr
 from ..ops import TRITON_DENSE_CROSSOVER
 
@@ -177,6 +177,8 @@ class SparsityConfig:
             bad("batch_index", f"must be one of {BATCH_INDEX}")
         if self.compact_config is not None and (not isinstance(self.compact_config, str) or not self.compact_config):
             bad("compact_config", "must be None or a non-empty path string")
+        if isinstance(self.compact_config, str) and control_chars(self.compact_config):
+            bad("compact_config", f"must be a path without control characters ({control_chars(self.compact_config)})")
         if not (_is_number(self.dense_threshold) and 0.0 < self.dense_threshold <= 1.0):
             bad("dense_threshold", "must be a number in (0, 1]")
         q = self.mass_query_rows

@@ -244,6 +244,30 @@ def test_control_characters_in_output_dir_are_refused(capsys):
                          "(\\x01), got 'a\\x01b'")
 
 
+@pytest.mark.parametrize("key", ["--model.path", "--sparsity.compact_config"])
+def test_control_characters_in_the_other_path_fields_are_refused(capsys, key):
+    line = _config_error(capsys, key, "w\x1b[2Jx.yaml")
+    assert "without control characters (\\x1b)" in line and "\x1b" not in line
+
+
+@pytest.mark.parametrize("name", [" ", "  run", "run ", "evil\u202egpj.mp4", "a\u2066b"])
+def test_run_names_that_display_as_something_else_are_refused(capsys, name):
+    """A blank name, one with leading or trailing spaces, and bidirectional overrides (a name shown
+    reversed) are refused like control characters."""
+    line = _config_error(capsys, "--name", name)
+    assert "RunOptions.name must be a plain folder name" in line, line
+
+
+def test_long_inputs_are_quoted_short(capsys):
+    from dist_compact.patterns.compact import HeadPattern
+
+    line = _config_error(capsys, "x" * 5000)
+    assert "unexpected argument 'xxxx" in line and len(line) < 300
+    text = _raises_one_line(HeadPattern.parse, "0: " + "2x2 + " * 2000)
+    assert len(text) < 300 and "bad window" in text
+    assert len(_raises_one_line(HeadPattern.parse, "zz" * 5000)) < 300
+
+
 def test_a_list_field_given_one_number_says_how_to_write_the_list(tmp_path, capsys):
     line = _config_error(capsys, "--sparsity.search_steps", "1000")
     assert "expected list of int, got 1000 (int); a list is written in brackets: [1000]" in line
