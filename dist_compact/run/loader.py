@@ -60,7 +60,7 @@ def _check_file(p: Path, included_by: Optional[Path]) -> None:
     if problem == NOT_FOUND:
         raise ConfigError(f"config file not found: {show_path(p)}{by}")
     if problem == A_DIRECTORY:
-        raise ConfigError(f"{show_path(p)} is a directory, not a config file; give a .yaml file (e.g. one of "
+        raise ConfigError(f"{show_path(p)}{by} is a directory, not a config file; give a .yaml file (e.g. one of "
                           "configs/cluster/*.yaml)")
     raise ConfigError(f"{show_path(p)}{by}: {problem}{'' if ';' in problem else '; give a config file (.yaml)'}")
 
