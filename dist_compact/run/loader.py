@@ -163,7 +163,8 @@ def parse_override(key: str, raw: str) -> Tuple[str, str, Any]:
         raise ConfigError(f"{where}: unknown section {short_repr(section, 40)}; sections are: {', '.join(SECTIONS)}")
     hint = field_type(section, name, where)
     str_ok = hint is str or (typing.get_origin(hint) is typing.Union and str in typing.get_args(hint))
-    if str_ok and raw.strip().lower() not in ("null", "none", "~"):
+    # a plain text field takes any text, "null" included; an optional one reads null / none / ~ as unset
+    if hint is str or (str_ok and raw.strip().lower() not in ("null", "none", "~")):
         return section, name, raw
     text = raw.strip()
     if typing.get_origin(hint) in (tuple, list) or (

@@ -298,3 +298,9 @@ def test_load_yaml_text_errors_carry_the_position():
     with pytest.raises(YamlInputError, match="'a' is given twice"):
         load_yaml_text("a: 1\na: 2\n")
     assert json.dumps(load_yaml_text("a: 1e300\nb: 10\n")) == '{"a": 1e+300, "b": 10}'
+
+
+@pytest.mark.parametrize("text", ["null", "NULL", "~", "none"])
+def test_a_text_field_takes_null_as_text_and_an_optional_one_as_unset(text):
+    cfg = load_run_config([], [("run.prompt", text), ("run.name", text)])
+    assert cfg.run.prompt == text and cfg.run.name is None
