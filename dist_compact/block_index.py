@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
 
-from ._util import is_int
-
 __all__ = ["BlockIndex"]
 
 HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
+
+
+#: most (batch x heads x query blocks x key blocks) entries :meth:`BlockIndex.full` builds (int32 offsets)
+_MAX_ENTRIES = 1 << 31
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def as_int(x):
+    """``x`` as a Python int if it is an integer (a Python int or a NumPy integer scalar), else None.
+
+    A bool is no int here (``True`` would be a block size of 1), nor is a float or a tensor."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or isinstance(x, torch.Tensor):
+        return None
+    return int(x)
+
+
+def _check_has_values(where: str, t: torch.Tensor) -> None:
+    if t.device.type == "meta":
+        raise ValueError(f"{where}: tensors on the meta device hold no values to check; build the index "
+                         f"from CPU or CUDA tensors (or pass check=False)")
 
 
 #: entries of a mask that :func:`_compact_rows` turns into slots at a time (int64: 128 MiB)
@@ -28,7 +48,8 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
     """
     lead = keep.shape[:-1]
     out = torch.full((*lead, width + 1), -1, dtype=torch.int32, device=keep.device)
-    k2 = keep.reshape(-1, *keep.shape[-2:]) if keep.dim() > 2 else keep.reshape(1, *keep.shape)
+    # explicit leading size: reshape(-1, ...) is ambiguous when a dimension is 0 (no key blocks)
+    k2 = keep.reshape(math.prod(keep.shape[:-2]) if keep.dim() > 2 else 1, *keep.shape[-2:])
     v2 = values.expand_as(keep).reshape(k2.shape)
     o2 = out.view(k2.shape[0], k2.shape[1], width + 1)
     step = max(1, _ROWS_CHUNK // max(k2.shape[1] * k2.shape[2], 1))
@@ -37,6 +58,16 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
         slot = torch.where(k, k.cumsum(-1) - 1, width)
         o2[i:i + step].scatter_(-1, slot, v2[i:i + step].to(torch.int32))
     return out[..., :width]
+
+
+def _check_sizes(where: str, block_size, num_k_blocks):
+    """(block_size, num_k_blocks) as ints, or one error naming the bad one (bool is no int)."""
+    bs, nk = as_int(block_size), as_int(num_k_blocks)
+    if bs is None or bs < 1:
+        raise ValueError(f"{where}: block_size must be a positive int, got {block_size!r}")
+    if nk is None or not 0 <= nk <= _INT32_MAX:
+        raise ValueError(f"{where}: num_k_blocks must be an int in [0, 2**31 - 1], got {num_k_blocks!r}")
+    return bs, nk
 
 
 class BlockIndex:
@@ -81,10 +112,16 @@ class BlockIndex:
                 # a float block number would be truncated silently (2.7 -> block 2)
                 raise TypeError(f"BlockIndex: {name} must be an integer tensor (int32 or int64), got {t.dtype}; "
                                 f"convert whole numbers with {name}.round().int() (fractions are no block)")
-        if not is_int(block_size) or block_size < 1:
-            raise ValueError(f"BlockIndex: block_size must be a positive int, got {block_size!r}")
-        if not is_int(num_k_blocks) or num_k_blocks < 0:
-            raise ValueError(f"BlockIndex: num_k_blocks must be an int >= 0, got {num_k_blocks!r}")
+        block_size, num_k_blocks = _check_sizes("BlockIndex", block_size, num_k_blocks)
+        if check:
+            _check_has_values("BlockIndex", counts)
+            for name, t in (("counts", counts), ("indices", indices)):
+                # values beyond int32 would wrap silently in the cast below (2**32 -> block 0)
+                if t.dtype != torch.int32 and t.numel():
+                    lo, hi = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
+                    if lo < _INT32_MIN or hi > _INT32_MAX:
+                        raise ValueError(f"BlockIndex: {name} holds {lo if lo < _INT32_MIN else hi}, outside "
+                                         f"int32; counts and key blocks must lie in [0, {_INT32_MAX}]")
         if indices.shape[-1] < 1:  # keep one column so kernels always have a valid pointer
             indices = torch.full((*counts.shape, 1), -1, dtype=torch.int32, device=counts.device)
         self.counts = counts.to(torch.int32).contiguous()
@@ -138,6 +175,8 @@ class BlockIndex:
             raise ValueError(
                 f"BlockIndex.from_dense: mask must be [batch, heads, q_blocks, k_blocks], got shape {tuple(mask.shape)}"
             )
+        _check_has_values("BlockIndex.from_dense", mask)
+        block_size = _check_sizes("BlockIndex.from_dense", block_size, 0)[0]
         nk = mask.shape[-1]
         counts = mask.sum(-1, dtype=torch.int32)
         width = max(int(counts.max()) if counts.numel() else 0, 1)
@@ -148,6 +187,19 @@ class BlockIndex:
     def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,
              device=None) -> "BlockIndex":
         """Every query block attends to every key block (dense attention)."""
+        dims = []
+        for name, val, least in (("batch", batch, 1), ("heads", heads, 1), ("num_q_blocks", num_q_blocks, 0),
+                                 ("num_k_blocks", num_k_blocks, 0)):
+            v = as_int(val)
+            if v is None or v < least:
+                raise ValueError(f"BlockIndex.full: {name} must be an int >= {least}, got {val!r}")
+            dims.append(v)
+        batch, heads, num_q_blocks, num_k_blocks = dims
+        block_size = _check_sizes("BlockIndex.full", block_size, num_k_blocks)[0]
+        entries = batch * heads * num_q_blocks * max(num_k_blocks, 1)
+        if entries > _MAX_ENTRIES:
+            raise ValueError(f"BlockIndex.full: {batch} x {heads} x {num_q_blocks} x {num_k_blocks} = {entries} "
+                             f"entries is more than 2**31; use fewer or larger blocks (a larger block_size)")
         counts = torch.full((batch, heads, num_q_blocks), num_k_blocks, dtype=torch.int32, device=device)
         idx = torch.arange(max(num_k_blocks, 1), dtype=torch.int32, device=device)
         if num_k_blocks == 0:
@@ -286,13 +338,48 @@ class BlockIndex:
         return BlockIndex.from_dense(self.to_dense() & other.to(self.device).to_dense(), self.block_size)
 
     def select_heads(self, heads: HeadSelector) -> "BlockIndex":
-        """Keep some heads (an int, slice, list or index tensor), e.g. one Ulysses rank's heads."""
-        if isinstance(heads, int):
-            heads = slice(heads, heads + 1)
+        """Keep some heads (an int, slice, list or index tensor), e.g. one Ulysses rank's heads.
+
+        Ids count from the end when negative, as in Python; an id outside ``[-heads, heads)`` or a
+        selection of no head is an error (checked for ints, slices, lists and CPU tensors; a GPU
+        tensor's values are not read back)."""
+        H = self.num_heads
+        fix = (f"pass a head id in [-{H}, {H}), a slice, or a list / 1-D integer tensor of such ids"
+               if H else "this index has no heads")
+        one = as_int(heads)
+        if one is not None:
+            if not -H <= one < H:
+                raise ValueError(f"select_heads: head {one} is out of range for {H} heads; {fix}")
+            one %= H
+            heads = slice(one, one + 1)
         if isinstance(heads, slice):
             c, i = self.counts[:, heads], self.indices[:, heads]
+            if c.shape[1] == 0:
+                raise ValueError(f"select_heads: {heads} selects none of the {H} heads; {fix}")
         else:
-            sel = torch.as_tensor(heads, dtype=torch.long, device=self.device)
+            if isinstance(heads, torch.Tensor):
+                if heads.dtype.is_floating_point or heads.dtype.is_complex or heads.dtype == torch.bool:
+                    raise TypeError(f"select_heads: heads must be integer head ids, got a {heads.dtype} tensor; {fix}")
+                sel = heads.to(self.device, torch.long)
+            elif isinstance(heads, (list, tuple, range)) or type(heads).__module__ == "numpy":
+                ids = list(heads.tolist() if hasattr(heads, "tolist") else heads)
+                if not all(as_int(h) is not None for h in ids):
+                    raise TypeError(f"select_heads: heads must be integer head ids, got {ids[:8]!r}; {fix}")
+                bad = [int(h) for h in ids if not -H <= int(h) < H]
+                if bad:  # checked here, so a list needs no read-back on GPUs
+                    raise ValueError(f"select_heads: head {bad[0]} is out of range for {H} heads; {fix}")
+                sel = torch.tensor([int(h) % H for h in ids], dtype=torch.long, device=self.device)
+            else:
+                raise TypeError(f"select_heads: heads must be an int, slice, list or tensor, got "
+                                f"{type(heads).__name__}; {fix}")
+            if sel.dim() != 1:
+                raise ValueError(f"select_heads: head ids must be 1-D, got shape {tuple(sel.shape)}; {fix}")
+            if sel.device.type == "cpu" and sel.numel():  # on GPUs the value check would sync every call
+                lo, hi = int(sel.min()), int(sel.max())
+                if lo < -H or hi >= H:
+                    raise ValueError(f"select_heads: head {lo if lo < -H else hi} is out of range for {H} "
+                                     f"heads; {fix}")
+                sel = sel % H
             c, i = self.counts.index_select(1, sel), self.indices.index_select(1, sel)
         return BlockIndex(c, i, self.block_size, self.num_k_blocks, check=False)
 
@@ -329,14 +416,28 @@ class BlockIndex:
         ``key_map`` (int ``[self.num_k_blocks]``) must be strictly increasing on the kept keys (so
         rows stay strictly increasing) and map into ``[0, num_k_blocks)``; the result is checked.
         """
-        km = torch.as_tensor(key_map).to(self.device, torch.long)
+        num_k_blocks = _check_sizes("remap_keys", self.block_size, num_k_blocks)[1]
+        km = torch.as_tensor(key_map)
+        if km.dtype.is_floating_point or km.dtype.is_complex or km.dtype == torch.bool:
+            # a float key block would be truncated silently (1.9 -> block 1), as the constructor says
+            raise TypeError(f"remap_keys: key_map must be an integer tensor (int32 or int64), got {km.dtype}; "
+                            f"convert whole numbers with key_map.round().long()")
+        km = km.to(self.device, torch.long)
         if km.shape != (self.num_k_blocks,):
             raise ValueError(f"remap_keys: key_map must have shape ({self.num_k_blocks},), got {tuple(km.shape)}")
         used = self.entry_mask()
         new = torch.where(used, km[self.indices.clamp(min=0).long()], torch.full_like(self.indices, -1, dtype=torch.long))
         keep = new >= 0
         cnt = keep.sum(-1, dtype=torch.int32)
-        width = max(int(cnt.max()) if cnt.numel() else 0, 1)
+        # one read-back for the row width and the range of the map (-1 or [0, num_k_blocks): larger values
+        # would wrap in the int32 rows)
+        bad = ((km < -1) | (km >= num_k_blocks)).any() if km.numel() else torch.zeros((), dtype=torch.bool)
+        top = cnt.max().to(torch.long) if cnt.numel() else torch.zeros((), dtype=torch.long, device=self.device)
+        width, is_bad = torch.stack([top, bad.to(top.device, torch.long)]).tolist()
+        if is_bad:
+            raise ValueError(f"remap_keys: key_map values must be -1 (drop) or in [0, {num_k_blocks}), got "
+                             f"{km.tolist()[:8]}{'...' if km.numel() > 8 else ''}")
+        width = max(width, 1)
         return BlockIndex(cnt, _compact_rows(keep, new, width), self.block_size, num_k_blocks)
 
     def cat_rows(self, other: "BlockIndex") -> "BlockIndex":

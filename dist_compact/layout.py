@@ -28,12 +28,16 @@ from typing import Dict, Tuple
 
 import torch
 
-from ._util import cdiv, is_int
+from ._util import cdiv
+from .block_index import as_int
 
 __all__ = ["VideoLayout", "SUPPORTED_BLOCK_SIZES"]
 
 #: Block sizes the kernels accept: tl.dot needs at least 16 rows; 64 and 128 are the ones used on GPUs.
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+#: most block-order positions a layout may have (its maps and the kernels' offsets are int32-sized)
+MAX_TOKENS = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,19 @@ class VideoLayout:
     _device_cache: Dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        for name in ("frames", "height", "width"):
+        # ints (NumPy integer scalars are converted; a bool is no int), checked before anything is built
+        for name, least in (("frames", 1), ("height", 1), ("width", 1), ("text_tokens", 0), ("slab_multiple", 1)):
             val = getattr(self, name)
-            if not is_int(val) or val < 1:
-                raise ValueError(f"VideoLayout.{name} must be a positive int, got {val!r}")
-        tile = tuple(self.tile)
-        if len(tile) != 3 or not all(isinstance(t, int) and t >= 1 for t in tile):
+            v = as_int(val)
+            if v is None or v < least:
+                what = "a positive int" if least else "an int >= 0"
+                raise ValueError(f"VideoLayout.{name} must be {what}, got {val!r}")
+            object.__setattr__(self, name, v)
+        try:
+            tile = tuple(as_int(t) for t in self.tile)
+        except TypeError:
+            tile = ()
+        if len(tile) != 3 or not all(t is not None and t >= 1 for t in tile):
             raise ValueError(f"VideoLayout.tile must be three positive ints (t, h, w), got {self.tile!r}")
         object.__setattr__(self, "tile", tile)
         bs = tile[0] * tile[1] * tile[2]
@@ -78,14 +89,16 @@ class VideoLayout:
                 f"VideoLayout.tile {tile} has volume {bs}; the block size must be one of "
                 f"{SUPPORTED_BLOCK_SIZES}"
             )
-        if not isinstance(self.text_tokens, int) or self.text_tokens < 0:
-            raise ValueError(f"VideoLayout.text_tokens must be an int >= 0, got {self.text_tokens!r}")
-        if self.text_position not in ("before", "after"):
+        if not isinstance(self.text_position, str) or self.text_position not in ("before", "after"):
             raise ValueError(
                 f"VideoLayout.text_position must be 'before' or 'after', got {self.text_position!r}"
             )
-        if not isinstance(self.slab_multiple, int) or self.slab_multiple < 1:
-            raise ValueError(f"VideoLayout.slab_multiple must be an int >= 1, got {self.slab_multiple!r}")
+        if self.padded_len > MAX_TOKENS:
+            raise ValueError(
+                f"VideoLayout: {self.frames}x{self.height}x{self.width} video + {self.text_tokens} text tokens in "
+                f"tiles {tile} give {self.padded_len} block-order positions, more than 2**31 - 1; use a smaller "
+                f"grid (or fewer text tokens)"
+            )
 
     # ------------------------------------------------------------------ sizes
     @property

@@ -13,6 +13,7 @@ PyTorch otherwise). These ops are forward-only: the methods are training-free.
 from __future__ import annotations
 
 import importlib.util
+import math
 import weakref
 from typing import Optional, Tuple, Union
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._util import cdiv, softmax_scale
-from .block_index import BlockIndex
+from .block_index import BlockIndex, as_int
 from .reference import reference_block_mass, token_mask, token_valid_mask, torch_block_sparse_attention
 
 __all__ = [
@@ -81,6 +82,49 @@ def _check_qk(q, k, v=None) -> None:
             "dist_compact attention ops are forward-only (training-free inference); "
             "call them under torch.no_grad() / torch.inference_mode()"
         )
+
+
+#: a block may be longer than the sequences (one short block), but at most this many times the longest
+#: one, and always up to the largest kernel block: a larger block only pads with nothing
+_BLOCK_OVER_SEQ = 2
+_BLOCK_SIZE_FLOOR = 128
+
+
+def _check_block_size(block_size, seq_q: int, seq_k: int, name: str = "block_size") -> int:
+    """block_size as an int, checked before anything is allocated: a positive int (a NumPy integer
+    scalar is one, a bool is not), at most ``max(128, 2 * max(seq_q, seq_k))``."""
+    bs = as_int(block_size)
+    if bs is None or bs < 1:
+        raise ValueError(f"{name} must be a positive int, got {block_size!r}")
+    limit = max(_BLOCK_SIZE_FLOOR, _BLOCK_OVER_SEQ * max(seq_q, seq_k))
+    if bs > limit:
+        raise ValueError(f"{name} {bs} is far longer than the sequences (seq_q={seq_q}, seq_k={seq_k}): pass a "
+                         f"{name} <= {limit} (one block of {max(seq_q, seq_k)} tokens already covers them)")
+    return bs
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_dense_threshold(value) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        val = math.nan if isinstance(value, (bool, str, bytes)) else float(value)
+    except (TypeError, ValueError):
+        val = math.nan
+    if not (0.0 < val <= 1.0):  # NaN fails too
+        raise ValueError(f"dense_threshold must be None (no dense dispatch) or a number in (0, 1], got {value!r}")
+    return val
 
 
 def _check_valid(name: str, valid, nblocks: int, block_size: int, device) -> Optional[torch.Tensor]:
@@ -234,8 +278,7 @@ def _masked_sdpa(q, k, v, index: BlockIndex, scale, q_valid, kv_valid):
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    _check_backend(backend)
     if backend == "torch":
         return False
     if backend == "auto" and device.type == "cpu" and importlib.util.find_spec("triton") is None:
@@ -306,6 +349,10 @@ def block_sparse_attention(
         )
     if index.device != q.device:
         raise ValueError(f"index is on {index.device} but q is on {q.device}; use index.to(q.device)")
+    _check_block_size(bs, SQ, SK, "index.block_size")
+    _check_flag("return_lse", return_lse)
+    _check_backend(backend)
+    dense_threshold = _check_dense_threshold(dense_threshold)
     q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, bs, q.device)
     scale = softmax_scale(scale, D)
 
@@ -350,12 +397,14 @@ def block_attention_mass(
     ``query_rows`` (a power of two, 16 <= query_rows <= block_size) averages over that many query rows
     per block, spread evenly over its valid rows (see ``reference.sampled_query_rows``) instead of all
     of them: an unbiased estimate at ``query_rows / block_size`` of the cost. None = exact.
+
+    ``block_size`` may exceed the sequences (one short block) up to ``max(128, 2 * max(seq_q, seq_k))``.
     """
     _check_qk(q, k)
     B, SQ, H, D = q.shape
     SK = k.shape[1]
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    block_size = _check_block_size(block_size, SQ, SK)
+    _check_backend(backend)
     if not isinstance(lse, torch.Tensor) or lse.shape != (B, H, SQ):
         got = tuple(lse.shape) if isinstance(lse, torch.Tensor) else type(lse).__name__
         raise ValueError(f"lse must be [batch, heads, seq_q] = {(B, H, SQ)}, got {got}")
@@ -364,10 +413,10 @@ def block_attention_mass(
     q_valid, kv_valid = _valid_counts(block_valid, q_valid, kv_valid, SQ, SK, block_size, q.device)
     scale = softmax_scale(scale, D)
     if query_rows is not None:
-        if not isinstance(query_rows, int) or query_rows < 16 or query_rows > block_size or (
-            query_rows & (query_rows - 1)
-        ):
+        qr = as_int(query_rows)
+        if qr is None or qr < 16 or qr > block_size or (qr & (qr - 1)):
             raise ValueError(f"query_rows must be a power of two in [16, {block_size}] or None, got {query_rows!r}")
+        query_rows = qr
         if query_rows == block_size:
             query_rows = None
     if _use_triton(backend, q.device):
@@ -379,7 +428,7 @@ def block_attention_mass(
 
 def _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend):
     """Dense attention with LSE as the block-sparse op with a full index (blocks of 64 unless given)."""
-    bs = block_size or 64
+    bs = 64 if block_size is None else block_size
     index = BlockIndex.full(1, q.shape[2], cdiv(q.shape[1], bs), cdiv(k.shape[1], bs), bs, device=q.device)
     return block_sparse_attention(q, k, v, index, scale=scale, return_lse=True, q_valid=q_valid, kv_valid=kv_valid,
                                   backend=backend, dense_threshold=None)
@@ -408,6 +457,10 @@ def dense_attention(
     _check_qk(q, k, v)
     B, SQ, H, D = q.shape
     SK = k.shape[1]
+    if block_size is not None:
+        block_size = _check_block_size(block_size, SQ, SK)
+    _check_flag("return_lse", return_lse)
+    _check_backend(backend)
     q_valid, kv_valid = _resolve_valid(block_valid, q_valid, kv_valid, SQ == SK)
     if (q_valid is not None or kv_valid is not None) and block_size is None:
         raise ValueError("dense_attention: block_size is required with valid-token counts")

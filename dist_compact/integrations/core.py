@@ -442,6 +442,9 @@ def denoising_state(transformer) -> DenoisingState:
 
 def unsparsify(transformer):
     """Remove whatever install put our attention on ``transformer`` (stock processors back); returns it."""
+    if not isinstance(transformer, torch.nn.Module) and ATTR not in getattr(transformer, "__dict__", {}):
+        raise TypeError(f"unsparsify: transformer must be the model (a torch.nn.Module) that sparsify / "
+                        f"set_sparse_backend / sparsify_xfuser installed on, got {type(transformer).__name__}")
     h = installed(transformer)
     if h is not None:
         h.remove()
