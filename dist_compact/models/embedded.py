@@ -74,6 +74,8 @@ def shipped_weights(name: str = "embedded") -> Path:
         raise ValueError(f"embedded model name must be a plain name such as 'embedded', got {name!r}")
     return WEIGHTS_DIR / f"{name}.safetensors"
 _FORMAT = "dist_compact.embedded/1"
+#: the "format" value in the metadata of an embedded-model weights file
+WEIGHTS_FORMAT = _FORMAT
 
 
 class WeightsError(RuntimeError):

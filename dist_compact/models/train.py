@@ -24,7 +24,10 @@ import json
 import math
 import os
 import re
+import signal
+import stat
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
@@ -32,17 +35,202 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..cmdline import OneLineParser
+from .._util import control_chars
+from ..cmdline import OneLineParser, path_problem, show_path
 from .data import make_batch
 from .motion import direction_probe
-from .embedded import (EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io, save_embedded,
+from .embedded import (WEIGHTS_FORMAT, EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io,
                        sha256_of)
 
-__all__ = ["train", "main", "model_config", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
+__all__ = ["train", "main", "cli", "TrainingFailed", "Interrupted", "model_config", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
            "DEFAULT_OUT"]
 
 #: where a training run writes unless told otherwise: never inside the installed package
 DEFAULT_OUT = Path("outputs") / "train" / "embedded.safetensors"
+
+
+class TrainingFailed(SystemExit):
+    """The run itself failed (e.g. its loss became NaN): one line, exit status 1 from :func:`cli`; nothing
+    non-finite is saved and the last complete save is kept."""
+
+
+class Interrupted(SystemExit):
+    """Ctrl-C or SIGTERM: one line, exit status 130 from :func:`cli`; the last complete save is kept."""
+
+
+#: the bounds :func:`main` checks before any work (a clip, a batch and a model that fit a machine)
+MAX_FRAMES, MAX_SIDE, MAX_CLIP_PIXELS, MAX_TOKENS = 1024, 4096, 1 << 24, 1 << 16
+MAX_BATCH, MAX_DIM, MAX_DEPTH, MAX_MLP_RATIO = 4096, 8192, 256, 16
+MAX_BATCH_BYTES = 8 << 30
+#: file names longer than this many bytes are refused by the usual file systems
+NAME_MAX = 255
+
+# SIGINT / SIGTERM while the saved set is being renamed into place wait until the set is complete
+_SIGNALS = {"defer": 0, "pending": None}
+
+
+def _on_signal(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    if _SIGNALS["defer"]:
+        _SIGNALS["pending"] = signum
+        return
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+class _DeferSignals:
+    """Within: SIGINT / SIGTERM are held and raised (as KeyboardInterrupt) on leaving."""
+
+    def __enter__(self):
+        _SIGNALS["defer"] += 1
+
+    def __exit__(self, *exc):
+        _SIGNALS["defer"] -= 1
+        if not _SIGNALS["defer"] and _SIGNALS["pending"] is not None:
+            signum, _SIGNALS["pending"] = _SIGNALS["pending"], None
+            if exc[0] is None:
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+        return False
+
+
+def sidecar_paths(out: Path) -> dict:
+    """The files a run writes beside its weights ``out``: ``{role: path}``."""
+    return {"sha256": out.with_name(out.name + ".sha256"), "checkpoint": checkpoint_path(out),
+            "log": out.with_name(out.stem + ".train.json"), "preview": out.with_name(out.stem + ".preview.png")}
+
+
+def temp_paths(out: Path) -> dict:
+    """The temporaries the saved set is written to before it is renamed into place: ``{role: path}``."""
+    side = sidecar_paths(out)
+    return {"weights": out.with_name(f".{out.name}.tmp"), "sha256": out.with_name(f".{out.name}.sha256.tmp"),
+            "checkpoint": side["checkpoint"].with_name(f".{side['checkpoint'].name}.tmp"),
+            "log": side["log"].with_name(f".{side['log'].name}.tmp")}
+
+
+def _finite(name: str, val: float, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    ok = math.isfinite(val) and (val > low if low_open else val >= low) and val <= high
+    if not ok:
+        rng = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
+        raise SystemExit(f"--{name.replace('_', '-')} must be a finite number {rng}, got {val}")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Every number of the command line in its range (one line naming the option and the fix)."""
+    for name in ("minutes", "save_every"):
+        _finite(name, getattr(args, name), 0, low_open=True)
+    _finite("lr", args.lr, 0, 1.0, low_open=True)
+    _finite("weight_decay", args.weight_decay, 0, 1.0)
+    _finite("save_margin", args.save_margin, 0)
+    if args.save_margin >= args.minutes * 60.0:
+        raise SystemExit(f"--save-margin {args.save_margin:g} s must be less than the --minutes budget "
+                         f"({args.minutes * 60.0:g} s); give a smaller --save-margin")
+    _finite("time_shift", args.time_shift, 0, 1e6, low_open=True)
+    _finite("rope_theta", args.rope_theta, 1, 1e12, low_open=True)
+    for name in ("batch_size", "log_every", "val_every", "val_batch", "preview_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("batch_size", "val_batch"):
+        if getattr(args, name) is not None and getattr(args, name) > MAX_BATCH:
+            raise SystemExit(f"--{name.replace('_', '-')} {getattr(args, name)} is too large; give at most {MAX_BATCH}")
+    if args.preview_steps > 1000:
+        raise SystemExit(f"--preview-steps {args.preview_steps} is too many; give at most 1000")
+    if not 0 <= args.cond_drop < 1 or not 0 < args.ema < 1:
+        raise SystemExit("--cond-drop must be in [0, 1) and --ema in (0, 1)")
+    if args.max_steps < 0 or args.stop_after < 0:
+        raise SystemExit("--max-steps and --stop-after must be >= 0")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup {args.warmup} must be >= 0 (steps)")
+    if not 0 <= args.seed < 2 ** 32:
+        raise SystemExit(f"--seed {show_path(args.seed)} must be an integer in [0, {2 ** 32 - 1}]")
+    if args.depth < 1 or args.depth > MAX_DEPTH or args.dim > MAX_DIM:
+        raise SystemExit(f"--depth must be in [1, {MAX_DEPTH}] and --dim at most {MAX_DIM}, got --depth {args.depth} "
+                         f"--dim {args.dim}")
+    if not 1 <= args.mlp_ratio <= MAX_MLP_RATIO:
+        raise SystemExit(f"--mlp-ratio {args.mlp_ratio} must be in [1, {MAX_MLP_RATIO}]")
+    if args.frames is not None and not 1 <= args.frames <= MAX_FRAMES:
+        raise SystemExit(f"--frames {args.frames} must be in [1, {MAX_FRAMES}]")
+    for name in ("height", "width"):
+        val = getattr(args, name)
+        if val is not None and not 16 <= val <= MAX_SIDE:
+            raise SystemExit(f"--{name} {val} must be in [16, {MAX_SIDE}] pixels (the procedural scenes need 16)")
+
+
+def _check_sizes(cfg: EmbeddedConfig, batch: int, val_batch: int) -> None:
+    """The clip and batch of the run fit (one line naming the options, before any memory is taken)."""
+    f, h, w = cfg.frames, cfg.height, cfg.width
+    where = f"--frames {f} --height {h} --width {w}"
+    if h < 16 or w < 16:
+        raise SystemExit(f"{where}: --height and --width must be >= 16 (the procedural scenes need 16)")
+    pixels = f * h * w
+    tokens = pixels // max(1, cfg.patch[0] * cfg.patch[1] * cfg.patch[2])
+    if pixels > MAX_CLIP_PIXELS or tokens > MAX_TOKENS:
+        raise SystemExit(f"{where}: a clip of {pixels} pixels ({tokens} tokens) is too large (at most "
+                         f"{MAX_CLIP_PIXELS} pixels and {MAX_TOKENS} tokens); give smaller --frames/--height/--width")
+    need = max(batch, val_batch) * cfg.in_channels * pixels * 4
+    if need > MAX_BATCH_BYTES:
+        raise SystemExit(f"{where} with a batch of {max(batch, val_batch)}: one batch of clips takes "
+                         f"{need / 2 ** 30:.1f} GiB (at most {MAX_BATCH_BYTES / 2 ** 30:.0f}); give a smaller "
+                         "--batch-size / --val-batch or clip")
+
+
+def _check_device(text: str) -> torch.device:
+    """``--device`` as a device this machine has, or one line."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise SystemExit(f"--device {show_path(text)} is not a device to train on; give auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {text}: CUDA is not available on this machine; give --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s); give "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def _check_out(arg: str) -> tuple:
+    """``--out``: a writable file name whose set (weights, sidecars, temporaries) can be written and
+    replaces nothing but regular files."""
+    bad = control_chars(arg)
+    if bad:
+        raise SystemExit(f"--out {show_path(arg)}: the name holds control characters ({bad}); give a plain file name")
+    if not arg:
+        raise SystemExit("--out is empty; give a file name, e.g. " + str(DEFAULT_OUT))
+    try:
+        out = Path(arg).resolve()
+        for part in out.parts:
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise SystemExit(f"--out {show_path(arg)}: a name in the path is longer than {NAME_MAX} bytes; "
+                                 "choose a shorter name")
+        names = [out, *sidecar_paths(out).values(), *temp_paths(out).values()]
+        longest = max(names, key=lambda q: len(os.fsencode(q.name)))
+        if len(os.fsencode(longest.name)) > NAME_MAX:
+            raise SystemExit(f"--out {show_path(arg)}: the file name is too long: the run also writes "
+                             f"{short(longest.name)} ({len(os.fsencode(longest.name))} bytes, at most {NAME_MAX}); "
+                             f"give a name of at most {len(os.fsencode(out.name)) - (len(os.fsencode(longest.name)) - NAME_MAX)} bytes")
+        package = Path(__file__).resolve().parents[1]
+        return out, package, names
+    except OSError as e:
+        raise SystemExit(f"--out {show_path(arg)}: {path_problem(e)}") from None
+
+
+def _check_existing(arg: str, names) -> None:
+    """Every file of the set that exists is a regular file (never replace a device, a pipe or a socket)."""
+    for q in names:
+        try:
+            mode = os.stat(q).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise SystemExit(f"--out {show_path(arg)}: {show_path(q)}: {path_problem(e)}") from None
+        if q == names[0] and stat.S_ISDIR(mode):
+            continue  # said below, with its fix
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a device, a pipe or a socket)"
+            raise SystemExit(f"--out {show_path(arg)}: {show_path(q)} exists and is {what}, which a run never "
+                             "replaces; give another --out")
 
 
 def default_rope_split(head_dim: int) -> tuple:
@@ -106,11 +294,22 @@ _CKPT_KEYS = ("step", "weights", "sha256", "log", "model", "opt")
 def _read_checkpoint(ckpt: Path) -> dict:
     """The checkpoint at ``ckpt`` (tensors and plain data only: ``weights_only``), or one line saying
     it is not one."""
-    if not ckpt.is_file():
-        raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
-    with open(ckpt, "rb") as f:
-        magic = f.read(4)
     try:
+        mode = os.stat(ckpt).st_mode
+    except FileNotFoundError:
+        raise SystemExit(f"--resume {show_path(ckpt)}: no such checkpoint (written beside the weights as *.ckpt.pt)") from None
+    except (OSError, ValueError) as e:
+        why = path_problem(e) if isinstance(e, OSError) else "a path cannot hold a NUL character"
+        raise SystemExit(f"--resume {show_path(ckpt)}: {why}; give the *.ckpt.pt written beside the weights") from None
+    if stat.S_ISDIR(mode):
+        raise SystemExit(f"--resume {show_path(ckpt)} is a directory, not a checkpoint; give the *.ckpt.pt file "
+                         "written beside the weights")
+    if not stat.S_ISREG(mode):
+        raise SystemExit(f"--resume {show_path(ckpt)} is not a regular file (a device, a pipe or a socket); give the "
+                         "*.ckpt.pt file written beside the weights")
+    try:
+        with open(ckpt, "rb") as f:
+            magic = f.read(4)
         if magic != b"PK\x03\x04":  # torch.save writes a zip archive
             raise ValueError("not a file written by torch.save")
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -122,7 +321,48 @@ def _read_checkpoint(ckpt: Path) -> dict:
     if lacks:
         raise SystemExit(f"--resume {ckpt}: not a training checkpoint (it lacks {', '.join(lacks)}); give the "
                          "*.ckpt.pt written beside the weights")
+    _check_checkpoint_fields(ckpt, state)
     return state
+
+
+def _check_checkpoint_fields(ckpt: Path, state: dict) -> None:
+    """The types and ranges of a checkpoint's fields (shapes are checked against the model later)."""
+    def bad(field: str, why: str) -> SystemExit:
+        return SystemExit(f"--resume {show_path(ckpt)}: its field {field} {why}; the checkpoint is damaged, resume "
+                          "from another one or start afresh")
+
+    step = state["step"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2 ** 62:
+        raise bad("step", f"is {short(step)}, not a step count >= 0")
+    if not isinstance(state["weights"], str) or not state["weights"] or "\x00" in state["weights"]:
+        raise bad("weights", f"is {short(state['weights'])}, not the path of the weights file")
+    if not isinstance(state["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", state["sha256"]):
+        raise bad("sha256", f"is {short(state['sha256'])}, not a sha256 in hex")
+    log = state["log"]
+    if not isinstance(log, dict) or not isinstance(log.get("train"), list) or not isinstance(log.get("val"), list) \
+            or not isinstance(log.get("resumed", []), list):
+        raise bad("log", "is not a training log (a mapping with the lists train and val)")
+    model = state["model"]
+    if not isinstance(model, dict) or not model or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                           and v.is_floating_point() for k, v in model.items()):
+        raise bad("model", "is not a mapping of parameter names to tensors")
+    if not all(bool(torch.isfinite(v).all()) for v in model.values()):
+        raise bad("model", "holds non-finite values (NaN or infinity)")
+    opt = state["opt"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list) \
+            or len(opt["param_groups"]) != 2 or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                        for g in opt["param_groups"]):
+        raise bad("opt", "is not the optimizer state of a training run (two parameter groups)")
+    for st in opt["state"].values():
+        if not isinstance(st, dict) or not all(not torch.is_tensor(v) or bool(torch.isfinite(v).all())
+                                               for v in st.values()):
+            raise bad("opt", "holds a malformed or non-finite optimizer state")
+
+
+def short(value) -> str:
+    from ..cmdline import short_repr
+
+    return short_repr(value, 40)
 
 
 def _as_options(build):
@@ -162,8 +402,60 @@ def _load_weights(option: str, path, device) -> EmbeddedDiT:
         raise SystemExit(f"{option} {path}: {e}") from None
 
 
+def _load_checked(ckpt: Path, path: Path, device) -> EmbeddedDiT:
+    """The weights ``path`` whose sha256 the checkpoint ``ckpt`` names (checked by the caller); read
+    without the ``.sha256`` sidecar, which an interrupted save may not have renamed yet."""
+    st = safetensors_io()
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != WEIGHTS_FORMAT or "config" not in meta:
+            raise ValueError("not an embedded-model weights file")
+        model = EmbeddedDiT(EmbeddedConfig.from_json(meta["config"]))
+        model.load_state_dict(st.load_file(str(path)), strict=True)
+    except Exception as e:  # noqa: BLE001 - a file with the checkpoint's sha256 should load; say which if not
+        why = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"--resume {show_path(ckpt)}: its EMA weights {show_path(path)} cannot be read ({why})") from None
+    return model.to(device=device).eval()
+
+
+#: the options that describe the model (and its clip): with --resume / --init, given ones must match it
+_MODEL_OPTIONS = ("dim", "depth", "heads", "mlp_ratio", "rope_theta", "rope_split", "frames", "height", "width")
+
+
+def _check_given(option: str, source, cfg: EmbeddedConfig, args: argparse.Namespace, given, names) -> None:
+    for name in names:
+        if name not in given:
+            continue
+        want = getattr(cfg, name)
+        have = getattr(args, name)
+        if name == "rope_split":
+            want, have = list(want), list(have)
+        if have != want:
+            shown = " ".join(map(str, want)) if isinstance(want, list) else f"{want:g}" if isinstance(want, float) else want
+            raise SystemExit(f"--{name.replace('_', '-')} {' '.join(map(str, have)) if isinstance(have, list) else have} "
+                             f"differs from the {option} model's ({shown}, {show_path(source)}); drop the option or "
+                             f"give --{name.replace('_', '-')} {shown}")
+
+
+def _resume_weights(ckpt: Path, state: dict) -> Path:
+    """The EMA weights saved with the checkpoint: the file it names (or its namesake beside the
+    checkpoint), or the temporary of a save interrupted between its renames."""
+    named = Path(state["weights"])
+    for cand in (named, ckpt.with_name(named.name), ckpt.with_name(f".{named.name}.tmp")):
+        try:
+            if cand.is_file() and sha256_of(cand) == state["sha256"]:
+                return cand
+        except (OSError, ValueError):
+            continue
+    raise SystemExit(f"--resume {show_path(ckpt)}: its EMA weights {show_path(named)} are missing or not the ones "
+                     f"saved with it (sha256 {state['sha256'][:16]}...)")
+
+
 def train(args: argparse.Namespace, start: Optional[float] = None, *,
-          clock: Callable[[], float] = time.time) -> dict:
+          clock: Callable[[], float] = time.time, given=()) -> dict:
     """Run the training loop described by the parsed command-line ``args``; returns the log dict.
 
     ``start``: the ``clock()`` the budget counts from (default: now). The loop stops when the next
@@ -185,10 +477,7 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
     def left() -> float:
         return budget - (clock() - _T0)
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    device = _check_device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -199,19 +488,26 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
     state = None
     if args.resume:
         ckpt = Path(args.resume)
-        if not ckpt.is_file():
-            raise SystemExit(f"--resume {ckpt}: no such checkpoint (written beside the weights as *.ckpt.pt)")
         state = _read_checkpoint(ckpt)
-        weights = Path(state["weights"]) if Path(state["weights"]).is_file() else ckpt.with_name(Path(state["weights"]).name)
-        if not weights.is_file() or sha256_of(weights) != state["sha256"]:
-            raise SystemExit(f"--resume {ckpt}: its EMA weights {weights} are missing or not the ones saved with it "
-                             f"(sha256 {state['sha256'][:16]}...)")
-        ema = _load_weights("--resume", weights, device)
+        weights = _resume_weights(ckpt, state)
+        ema = _load_checked(ckpt, weights, device)
+        _check_given("--resume", ckpt, ema.config, args, given, _MODEL_OPTIONS)
+        _check_sizes(ema.config, batch, val_batch)
+        if not all(bool(torch.isfinite(p).all()) for p in ema.parameters()):
+            raise SystemExit(f"--resume {show_path(ckpt)}: its EMA weights {show_path(weights)} hold non-finite "
+                             "values (NaN or infinity); resume from another checkpoint or start afresh")
         model = copy.deepcopy(ema)
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        have = {k: tuple(v.shape) for k, v in state["model"].items()}
+        if want != have:
+            diff = sorted(set(want) ^ set(have)) or [k for k in want if want[k] != have[k]]
+            raise SystemExit(f"--resume {show_path(ckpt)}: its field model does not match its weights' model "
+                             f"({short(diff[:3])}); the checkpoint is damaged, resume from another one")
         model.load_state_dict({k: v.float() for k, v in state["model"].items()})
         _log(f"resumed from {ckpt} at step {state['step']} (EMA from {weights})")
     elif args.init:
         model = _load_weights("--init", args.init, device)
+        _check_given("--init", args.init, model.config, args, given, _MODEL_OPTIONS[:6])
         # progressive resolution: the same weights, trained on from here at another clip size
         size = {k: getattr(args, k) for k in ("frames", "height", "width") if getattr(args, k) is not None}
         if size:
@@ -221,6 +517,7 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         model = EmbeddedDiT(model_config(args)).to(device)
     model.train()
     cfg = model.config
+    _check_sizes(cfg, batch, val_batch)
     if state is None:
         ema = copy.deepcopy(model)
     ema.eval().requires_grad_(False)
@@ -238,7 +535,21 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
             for k, v in st.items():
                 if torch.is_tensor(v) and v.is_floating_point() and k != "step":
                     st[k] = v.float()
-        opt.load_state_dict(opt_state)
+        sizes = [len(g["params"]) for g in opt.param_groups]
+        ids = [g["params"] for g in opt_state["param_groups"]]
+        shapes = {i: tuple(p.shape) for i, p in enumerate(decay + no_decay)}
+        ok = [len(x) for x in ids] == sizes and sorted(i for x in ids for i in x) == list(range(sum(sizes)))
+        for i, st in opt_state["state"].items():
+            ok = ok and i in shapes and all(not torch.is_tensor(v) or k == "step" or tuple(v.shape) == shapes[i]
+                                            for k, v in st.items())
+        if not ok:
+            raise SystemExit(f"--resume {show_path(ckpt)}: its field opt does not match the model (parameter groups "
+                             "or state shapes); the checkpoint is damaged, resume from another one")
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise SystemExit(f"--resume {show_path(ckpt)}: its field opt cannot be loaded ({short(str(e))}); the "
+                             "checkpoint is damaged, resume from another one") from None
     step_fn = model.forward_plain
     if args.compile:
         try:
@@ -278,6 +589,7 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
             probe = direction_probe(ema.forward_plain, ema.tokenizer, frames, height, width, seeds=(0,),
                                     device=device) if probe_on else None
         cost["eval"] = clock() - t0
+        finite_or_fail("validation loss (EMA)", val)
         out = {"step": step, "loss": val, "time": clock() - _T0}
         if probe is not None:
             out.update(direction_pct=probe["right_way_pct"], axis_pct=probe["axis_pct"])
@@ -289,27 +601,70 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
             line += f", direction probe {v['direction_pct']:.0f}% right way, {v['axis_pct']:.0f}% on the axis"
         return line
 
+    def finite_or_fail(what: str, value: float) -> None:
+        if not math.isfinite(value):
+            raise TrainingFailed(f"train: the {what} is {value} at step {step}: training diverged (try a smaller --lr); "
+                                 f"nothing of this state is saved, {out} keeps its last complete save")
+
+    def write_weights(path: Path, sum_path: Path, extra: dict) -> str:
+        """The EMA weights as :func:`save_embedded` writes them, to ``path`` and its sidecar ``sum_path``."""
+        dtype = torch.bfloat16 if args.save_dtype == "bf16" else torch.float32
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in ema.state_dict().items()}
+        meta = {"format": WEIGHTS_FORMAT, "config": ema.config.to_json(), "training": json.dumps(extra, sort_keys=True)}
+        safetensors_io().save_file(tensors, str(path), metadata=meta)
+        digest = sha256_of(path)
+        sum_path.write_text(f"{digest}  {out.name}\n")
+        for f in (path, sum_path):  # safetensors creates 0600 files; weights are for everyone to read
+            os.chmod(f, 0o644)
+        return digest
+
     def save(final: bool) -> None:
+        """Write the set (weights, .sha256, log, checkpoint) to temporaries, then rename them into place
+        with Ctrl-C / SIGTERM held: the checkpoint first (its weights are then the temporary, which
+        --resume also takes), then the weights and their checksum, then the log. Interrupted before the
+        renames, the previous set stays whole and the temporaries are removed."""
         t0 = clock()
+        if not all(bool(torch.isfinite(p).all()) for p in ema_params):
+            raise TrainingFailed(f"train: the EMA weights hold NaN or infinity at step {step}: training diverged "
+                                 f"(try a smaller --lr); nothing is saved, {out} keeps its last complete save")
         extra = {"steps": step, "minutes": (clock() - _T0) / 60.0, "device": str(device),
                  "batch_size": batch, "seed": args.seed, "time_shift": args.time_shift,
                  "val_loss": log["val"][-1]["loss"] if log["val"] else None}
-        digest = save_embedded(ema, out, dtype=torch.bfloat16 if args.save_dtype == "bf16" else torch.float32,
-                               extra=extra)
-        log["sha256"] = digest
-        log_path = out.with_name(out.stem + ".train.json")
-        log_path.write_text(json.dumps(log, indent=1, default=str))
-        if args.checkpoint:
-            dt = torch.bfloat16 if args.ckpt_dtype == "bf16" else torch.float32
-            opt_sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never mutate
-            opt_sd["state"] = {i: {k: v.detach().to("cpu", dt) if torch.is_tensor(v) and v.is_floating_point()
-                                   and k != "step" else v for k, v in st.items()}
-                               for i, st in opt_sd["state"].items()}
-            tmp = ckpt_out.with_name(f".{ckpt_out.name}.tmp")
-            torch.save({"step": step, "weights": str(out), "sha256": digest, "log": log,
-                        "model": {k: v.detach().to("cpu", dt) for k, v in model.state_dict().items()},
-                        "opt": opt_sd}, tmp)
-            tmp.replace(ckpt_out)
+        tmp = temp_paths(out)
+        side = sidecar_paths(out)
+        renaming = False
+        try:
+            digest = write_weights(tmp["weights"], tmp["sha256"], extra)
+            log["sha256"] = digest
+            tmp["log"].write_text(json.dumps(log, indent=1, default=str))
+            if args.checkpoint:
+                dt = torch.bfloat16 if args.ckpt_dtype == "bf16" else torch.float32
+                opt_sd = opt.state_dict()  # its per-parameter dicts are the optimizer's own: copy, never mutate
+                opt_sd["state"] = {i: {k: v.detach().to("cpu", dt) if torch.is_tensor(v) and v.is_floating_point()
+                                       and k != "step" else v for k, v in st.items()}
+                                   for i, st in opt_sd["state"].items()}
+                torch.save({"step": step, "weights": str(out), "sha256": digest, "log": log,
+                            "model": {k: v.detach().to("cpu", dt) for k, v in model.state_dict().items()},
+                            "opt": opt_sd}, tmp["checkpoint"])
+            with _DeferSignals():
+                renaming = True
+                if args.checkpoint:
+                    os.replace(tmp["checkpoint"], side["checkpoint"])
+                os.replace(tmp["weights"], out)
+                os.replace(tmp["sha256"], side["sha256"])
+                os.replace(tmp["log"], side["log"])
+        finally:
+            # an interrupted write leaves no temporaries; an interrupted rename (a failing disk) keeps the
+            # weights' temporary, which the renamed checkpoint names by its sha256
+            keep = ("weights", "sha256") if renaming and args.checkpoint else ()
+            for role, f in tmp.items():
+                if role not in keep:
+                    try:
+                        f.unlink()
+                    except FileNotFoundError:
+                        pass
+                    except OSError:
+                        pass
         cost["save"] = max(cost["save"], clock() - t0)
         _log(f"{'final' if final else 'periodic'} save: {out} sha256 {digest[:16]}... (step {step})")
 
@@ -378,6 +733,7 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         step_cost = dt if done == 1 else max(0.9 * step_cost + 0.1 * dt, (clock() - t_loop) / done)
         if step % args.log_every == 0:
             mean = float(loss_sum) / loss_count
+            finite_or_fail("training loss", mean)
             loss_sum.zero_()
             loss_count = 0
             rate = done / (clock() - t_loop)
@@ -389,6 +745,8 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         if clock() - last_save > args.save_every * 60.0 and left() > cost["save"] + reserve():
             save(final=False)
             last_save = clock()
+    if loss_count:
+        finite_or_fail("training loss", float(loss_sum) / loss_count)
     log["val"].append(evaluate())
     _log(f"done: {step} steps ({step - first_step} in this run), final {val_line(log['val'][-1])}")
     save(final=True)
@@ -495,36 +853,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _given_options(argv: Optional[List[str]]) -> set:
+    """The destinations of the options written on the command line (not left at their defaults)."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv: Optional[List[str]] = None, *, clock: Callable[[], float] = time.time) -> int:
     """The command line (``--help``); every bad option ends it with one line before any work.
 
-    ``clock``: the time source the ``--minutes`` budget is measured with (see :func:`train`)."""
+    ``clock``: the time source the ``--minutes`` budget is measured with (see :func:`train`).
+
+    Raises:
+        SystemExit: one line for a bad option (exit status 2 from :func:`cli`); :class:`TrainingFailed`
+            when the run diverges (1); :class:`Interrupted` on Ctrl-C / SIGTERM (130).
+    """
     start = clock()
     args = build_parser().parse_args(argv)
-    for name in ("minutes", "lr", "save_every"):
-        val = getattr(args, name)
-        if not (math.isfinite(val) and val > 0):
-            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number > 0, got {val}")
-    for name in ("batch_size", "log_every", "val_every", "val_batch", "preview_steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1")
-    if not 0 <= args.cond_drop < 1 or not 0 < args.ema < 1:
-        raise SystemExit("--cond-drop must be in [0, 1) and --ema in (0, 1)")
-    if args.max_steps < 0 or args.stop_after < 0:
-        raise SystemExit("--max-steps and --stop-after must be >= 0")
-    if not args.time_shift > 0:
-        raise SystemExit("--time-shift must be > 0")
+    given = _given_options(argv)
+    _check_options(args)
+    _check_device(args.device)
     if args.init and args.resume:
         raise SystemExit("--init and --resume exclude each other (--resume restores the weights too)")
+    for name in ("init", "resume"):
+        val = getattr(args, name)
+        if val is not None and (not val or control_chars(val)):
+            raise SystemExit(f"--{name} {show_path(val)}: not a file name (empty or holding control characters)")
     if not (args.init or args.resume):
-        model_config(args)  # a model that cannot be built fails now, not after loading anything
-    out = Path(args.out).resolve()
-    package = Path(__file__).resolve().parents[1]
+        cfg = model_config(args)  # a model that cannot be built fails now, not after loading anything
+        cpu = _check_device(args.device).type == "cpu"
+        _check_sizes(cfg, args.batch_size or (4 if cpu else 32), args.val_batch or (4 if cpu else 16))
+    out, package, names = _check_out(args.out)
     if not args.replace_shipped and (out == package or package in out.parents):
         raise SystemExit(f"--out {args.out} is inside the installed package ({package}); write elsewhere "
                          f"(default {DEFAULT_OUT}) or pass --replace-shipped to replace the shipped weights")
-    if out.is_dir():
+    try:
+        is_dir = out.is_dir()
+    except OSError as e:
+        raise SystemExit(f"--out {show_path(args.out)}: {path_problem(e)}") from None
+    if is_dir:
         raise SystemExit(f"--out {args.out} is a directory; give a file name, e.g. {Path(args.out) / DEFAULT_OUT.name}")
+    _check_existing(args.out, names)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -532,9 +903,37 @@ def main(argv: Optional[List[str]] = None, *, clock: Callable[[], float] = time.
     if not os.access(out.parent, os.W_OK):
         raise SystemExit(f"--out {args.out}: its folder {out.parent} is not writable; choose a writable place")
     safetensors_io()  # fail now, not after the time budget, when the weights cannot be written
-    train(args, start=start, clock=clock)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, _on_signal)
+    try:
+        train(args, start=start, clock=clock, given=given)
+    except KeyboardInterrupt as e:
+        why = str(e) or "SIGINT"
+        kept = f"{args.out} keeps its last complete save" + (
+            f" (continue with --resume {checkpoint_path(Path(args.out))})" if args.checkpoint else "")
+        raise Interrupted(f"train: interrupted ({why}); {kept}") from None
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     return 0
 
 
+def cli(argv: Optional[List[str]] = None) -> int:
+    """:func:`main` as a process: its one-line refusal on stderr and the exit status (2: a bad option,
+    1: the run failed, 130: interrupted), never a traceback."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr, flush=True)
+            return 130 if isinstance(e, Interrupted) else 1 if isinstance(e, TrainingFailed) else 2
+        raise
+    except KeyboardInterrupt:  # before the handlers are in place or after they are restored
+        print("train: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -180,5 +180,5 @@ def test_bad_training_option_as_a_process_prints_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels")]))
     out = subprocess.run([sys.executable, "-m", "dist_compact.models.train", "--heads", "5"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and out.stdout == "" and out.stderr.startswith("--heads 5 with --dim 192")
+    assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith("--heads 5 with --dim 192")
     assert len(out.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
