@@ -1,9 +1,10 @@
 """Small helpers shared across dist_compact (no torch, no package imports)."""
 
 import math
+import numbers
 import unicodedata
 
-__all__ = ["cdiv", "is_int", "control_chars", "softmax_scale"]
+__all__ = ["cdiv", "is_int", "as_int", "control_chars", "softmax_scale"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -14,6 +15,15 @@ def cdiv(a: int, b: int) -> int:
 def is_int(x) -> bool:
     """x is an int and not a bool (``True`` is an ``int`` to isinstance, never a valid count here)."""
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def as_int(x):
+    """``x`` as a Python int if it is an integer (a Python int or a NumPy integer scalar), else None.
+
+    A bool is no int here (``True`` would be a block size of 1), nor is a float or a tensor."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+        return None
+    return int(x)
 
 
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from typing import Any, Callable, Hashable, Optional, Sequence, Union
 
 import torch
+
+from ._util import as_int
 
 __all__ = ["BlockIndex"]
 
@@ -17,15 +18,6 @@ HeadSelector = Union[int, slice, Sequence[int], torch.Tensor]
 #: most (batch x heads x query blocks x key blocks) entries :meth:`BlockIndex.full` builds (int32 offsets)
 _MAX_ENTRIES = 1 << 31
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
-
-
-def as_int(x):
-    """``x`` as a Python int if it is an integer (a Python int or a NumPy integer scalar), else None.
-
-    A bool is no int here (``True`` would be a block size of 1), nor is a float or a tensor."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or isinstance(x, torch.Tensor):
-        return None
-    return int(x)
 
 
 def _check_has_values(where: str, t: torch.Tensor) -> None:

@@ -60,6 +60,9 @@ def show_path(path) -> str:
     return text if len(text) <= 300 and not control_chars(text) else short_repr(text, 120)
 
 
+#: the longest file name the usual file systems take, in bytes
+NAME_MAX = 255
+
 #: what :func:`path_problem` / :func:`file_problem` say for a missing path and a folder
 NOT_FOUND, A_DIRECTORY = "not found", "a directory"
 
@@ -69,7 +72,7 @@ def path_problem(e: OSError) -> str:
     if e.errno == errno.ENOENT:
         return NOT_FOUND
     if e.errno == errno.ENAMETOOLONG:
-        return "a name in the path is longer than the file system takes (255 bytes); choose a shorter name"
+        return f"a name in the path is longer than the file system takes ({NAME_MAX} bytes); choose a shorter name"
     if e.errno == errno.ELOOP:
         return "a symbolic link loop (a link that points back to itself); point the link at a real file"
     if e.errno == errno.ENOTDIR:

@@ -28,8 +28,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ._util import cdiv
-from .block_index import as_int
+from ._util import as_int, cdiv
 
 __all__ = ["VideoLayout", "SUPPORTED_BLOCK_SIZES"]
 

@@ -20,8 +20,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._util import cdiv, softmax_scale
-from .block_index import BlockIndex, as_int
+from ._util import as_int, cdiv, softmax_scale
+from .block_index import BlockIndex
 from .reference import reference_block_mass, token_mask, token_valid_mask, torch_block_sparse_attention
 
 __all__ = [

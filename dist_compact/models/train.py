@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .._util import control_chars
-from ..cmdline import OneLineParser, path_problem, show_path
+from ..cmdline import NAME_MAX, OneLineParser, path_problem, show_path
 from .data import make_batch
 from .motion import direction_probe
 from .embedded import (WEIGHTS_FORMAT, EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io,
@@ -62,8 +62,6 @@ class Interrupted(SystemExit):
 MAX_FRAMES, MAX_SIDE, MAX_CLIP_PIXELS, MAX_TOKENS = 1024, 4096, 1 << 24, 1 << 16
 MAX_BATCH, MAX_DIM, MAX_DEPTH, MAX_MLP_RATIO = 4096, 8192, 256, 16
 MAX_BATCH_BYTES = 8 << 30
-#: file names longer than this many bytes are refused by the usual file systems
-NAME_MAX = 255
 
 # SIGINT / SIGTERM while the saved set is being renamed into place wait until the set is complete
 _SIGNALS = {"defer": 0, "pending": None}

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cmdline import NAME_MAX
+
 __all__ = [
     "RunFolder",
     "OutputError",
@@ -96,8 +98,6 @@ class OutputError(RuntimeError):
     """The run folder cannot be made or written (one line: the path, the reason, what to do)."""
 
 
-#: the longest file name most file systems take (NAME_MAX), in bytes
-NAME_MAX = 255
 #: how often :meth:`RunFolder.discard` retries a step an interrupt cut short
 _DISCARD_TRIES = 4
 _TMP = re.compile(r"^\.tmp-(?P<name>.+)-(?P<host>[^-]+)-(?P<pid>\d+)$")
