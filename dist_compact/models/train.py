@@ -571,6 +571,11 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         log["train"], log["val"] = state["log"]["train"], state["log"]["val"]
         log["resumed"] = state["log"].get("resumed", []) + [{"step": step, "from": str(args.resume)}]
     first_step = step
+    if args.max_steps and step >= args.max_steps:
+        # nothing to train: a save now would rewrite a finished set with the same weights
+        _log(f"--resume {show_path(args.resume)} is at step {step}, already at or past --max-steps "
+             f"{args.max_steps}: nothing to train, {out} is left as it is (give a larger --max-steps to go on)")
+        return log
     autocast = device.type == "cuda" and args.dtype == "bf16"
     loss_sum, loss_count = torch.zeros((), device=device), 0
     cost = {"save": 0.0}  # measured seconds of each kind of work, for the budget

@@ -265,3 +265,12 @@ def test_bad_option_as_a_process_exits_2_with_one_line(tmp_path):
     assert res.returncode == 2 and res.stdout == "", res
     assert len(res.stderr.splitlines()) == 1 and "not a regular file" in res.stderr
     assert fifo.is_fifo()
+
+
+def test_resume_at_max_steps_trains_nothing_and_leaves_the_set(good_run, tmp_path, capsys):
+    out = _copy(good_run, tmp_path)
+    before = _set(out)
+    for steps in ("2", "1"):  # the finished run's --max-steps, and one below it
+        assert main([*TINY, "--max-steps", steps, "--resume", str(checkpoint_path(out)), "--out", str(out)]) == 0
+        assert _set(out) == before
+        assert "nothing to train" in capsys.readouterr().out
