@@ -182,3 +182,48 @@ def test_bad_training_option_as_a_process_prints_one_line(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith("--heads 5 with --dim 192")
     assert len(out.stderr.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def _fake_compile(monkeypatch, first_call):
+    """torch.compile as train.py sees it: a wrapper that runs ``first_call()`` at its first call."""
+    import dist_compact.models.train as tr
+
+    def compile_(fn, **_):
+        calls = []
+
+        def wrapped(*a, **k):
+            if not calls:
+                calls.append(1)
+                first_call()
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(tr.torch, "compile", compile_)
+
+
+def test_compile_time_counts_in_the_budget(tmp_path, monkeypatch):
+    clock = WorkClock(0.01)
+    clock.install(monkeypatch)
+
+    def slow_compile():
+        clock.now += 40.0  # more than the 36 s budget
+
+    _fake_compile(monkeypatch, slow_compile)
+    out = tmp_path / "b.safetensors"
+    with pytest.raises(SystemExit, match=r"^--minutes 0.6 leaves no time for one training step after compiling "
+                                         r"\(40\.\d s\); give a larger --minutes or leave out --compile$"):
+        main([*TINY, "--minutes", "0.6", "--compile", "--out", str(out)], clock=clock)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_compile_that_fails_trains_eager(tmp_path, monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    _fake_compile(monkeypatch, broken)
+    out = tmp_path / "b.safetensors"
+    assert main([*TINY, "--compile", "--max-steps", "2", "--no-preview", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "compiled model failed (RuntimeError: 'no compiler here'); training eager" in text
+    assert "done: 2 steps" in text
+    load_embedded(out)
