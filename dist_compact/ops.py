@@ -172,13 +172,16 @@ _VALIDATED = _TensorMemo()
 _POSITIONS = _TensorMemo()
 
 
-def _valid_positions(valid: torch.Tensor, seqlen: int, block_size: int) -> torch.Tensor:
-    """int64 positions of the real tokens (``nonzero`` syncs on GPUs: computed once per tensor)."""
+def _valid_positions(valid: torch.Tensor, seqlen: int, block_size: int) -> Tuple[torch.Tensor, Optional[int]]:
+    """int64 positions of the real tokens, and their count when they are the first ones (a prefix:
+    only the sequence's tail is padding), else None. ``nonzero`` syncs on GPUs: computed once per tensor."""
     key = (valid._version, seqlen, block_size)
     hit = _POSITIONS.get(valid)
     if hit is None or hit[0] != key:
         pos = token_valid_mask(seqlen, block_size, valid, valid.device).nonzero().squeeze(1)
-        hit = (key, pos)
+        n = pos.numel()
+        prefix = n if n == 0 or int(pos[-1]) == n - 1 else None  # sorted and distinct: a prefix iff it ends at n-1
+        hit = (key, (pos, prefix))
         _POSITIONS.put(valid, hit)
     return hit[1]
 
@@ -469,11 +472,15 @@ def dense_attention(
         return _full_index_attention(q, k, v, block_size, scale, q_valid, kv_valid, backend)
     if block_size is not None:
         q_valid, kv_valid = _valid_counts(None, q_valid, kv_valid, SQ, SK, block_size, q.device)
-    q_pos = None if q_valid is None else _valid_positions(q_valid, SQ, block_size)
-    kv_pos = None if kv_valid is None else _valid_positions(kv_valid, SK, block_size)
-    qq = q if q_pos is None else q.index_select(1, q_pos)
-    kk = k if kv_pos is None else k.index_select(1, kv_pos)
-    vv = v if kv_pos is None else v.index_select(1, kv_pos)
+    q_pos, q_n = (None, None) if q_valid is None else _valid_positions(q_valid, SQ, block_size)
+    kv_pos, kv_n = (None, None) if kv_valid is None else _valid_positions(kv_valid, SK, block_size)
+    # Padding only at the tail (the usual case: a partial last block) needs no gather: the keys are a
+    # slice (a view), and the queries are taken whole when their padding fits in one block (its rows
+    # cost at most one block of work and are zeroed after), else sliced too
+    q_whole = q_n is not None and 0 < q_n and kv_n != 0 and SQ - q_n <= block_size
+    qq = q if q_pos is None or q_whole else q[:, :q_n] if q_n is not None else q.index_select(1, q_pos)
+    kk = k if kv_pos is None else k[:, :kv_n] if kv_n is not None else k.index_select(1, kv_pos)
+    vv = v if kv_pos is None else v[:, :kv_n] if kv_n is not None else v.index_select(1, kv_pos)
     lse = None
     if return_lse:
         res = _cudnn_dense_with_lse(qq, kk, vv, scale)
@@ -492,10 +499,23 @@ def dense_attention(
                                                scale=scale).transpose(1, 2)
     if q_pos is None:
         return (o.contiguous(), lse_c) if return_lse else o.contiguous()
+    if q_whole:
+        o = o.contiguous()
+        o[:, q_n:] = 0
+        if not return_lse:
+            return o
+        lse_c[:, :, q_n:] = float("-inf")
+        return o, lse_c
     out = torch.zeros_like(q)
-    out.index_copy_(1, q_pos, o)
+    if q_n is not None:
+        out[:, :q_n] = o
+    else:
+        out.index_copy_(1, q_pos, o)
     if not return_lse:
         return out
     lse = torch.full((B, H, SQ), float("-inf"), dtype=torch.float32, device=q.device)
-    lse.index_copy_(2, q_pos, lse_c)
+    if q_n is not None:
+        lse[:, :, :q_n] = lse_c
+    else:
+        lse.index_copy_(2, q_pos, lse_c)
     return out, lse

@@ -178,3 +178,19 @@ def test_share_gpu_summary(runs):
     assert (runs[1] / "share-both" / "share_gpu_check.csv").read_text().count("\n") == 3
     proc = runs[0]["share unknown model"]
     assert proc.returncode == 2 and "unknown models" in proc.stderr
+
+
+def test_step_profile_kernel_kinds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "benchmarks/step_profile.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    assert sp.kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert sp.kernel_kind("_block_sparse_ws_kernel") == "attention"
+    assert sp.kernel_kind("lse_combine") == "attention" and sp.kernel_kind("merge_lse_kernel") == "attention"
+    # "false" in a template argument is not an LSE
+    assert sp.kernel_kind("void at::native::_scatter_gather_elementwise_kernel<128, 8, at::native::_cuda_scatter_"
+                          "gather_internal_kernel<false>") == "copy / layout"
+    assert sp.kernel_kind("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float, false>(int)") \
+        == "elementwise / reduce"

@@ -12,6 +12,7 @@ from dist_compact.reference import (
     reference_block_mass,
     reference_block_sparse_attention,
     token_mask,
+    token_valid_mask,
 )
 from helpers import assert_close_to_golden
 
@@ -208,6 +209,62 @@ def test_dense_attention_drops_padding():
     fin = torch.isfinite(rlse)
     assert torch.allclose(lse2[fin].double(), rlse[fin], atol=2e-5)
 
+
+
+# (q_valid, kv_valid) per-block counts of 16-token blocks: a partial last block (queries taken whole),
+# padding over more than a block at the tail (sliced), padding inside (gathered), other key lengths
+PADDINGS = {
+    "tail-partial": ([16, 16, 16, 5], [16, 16, 16, 5]),
+    "tail-blocks": ([16, 16, 9, 0], [16, 3, 0, 0]),
+    "inside": ([16, 7, 16, 16], [4, 16, 16, 16]),
+    "cross-lengths": ([16, 16, 16, 5], [16, 16, 11, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("pad", list(PADDINGS), ids=list(PADDINGS))
+def test_dense_attention_padding_patterns(pad):
+    qv, kvv = (torch.tensor(c, dtype=torch.int32) for c in PADDINGS[pad])
+    SQ, SK, bs = 16 * len(qv), 16 * len(kvv), 16
+    dtype = torch.float32 if DEV.type == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, SQ, 3, 32, generator=g)
+    k, v = (torch.randn(2, SK, 3, 32, generator=g) for _ in range(2))
+    full = BlockIndex.full(1, 3, len(qv), len(kvv), bs)
+    ref, rlse = reference_block_sparse_attention(q.double(), k.double(), v.double(), full, q_valid=qv, kv_valid=kvv)
+    dq, dk, dv, dqv, dkv = _on(q.to(dtype), k.to(dtype), v.to(dtype), qv, kvv)
+    atol = 2e-5 if dtype == torch.float32 else 2e-2
+    out = dense_attention(dq, dk, dv, block_size=bs, q_valid=dqv, kv_valid=dkv).float().cpu()
+    assert_close_to_golden(out, ref, atol=atol)
+    pad_rows = ~token_valid_mask(SQ, bs, qv)
+    assert torch.equal(out[:, pad_rows], torch.zeros_like(out[:, pad_rows]))
+    out2, lse2 = dense_attention(dq, dk, dv, block_size=bs, q_valid=dqv, kv_valid=dkv, return_lse=True)
+    assert_close_to_golden(out2.float().cpu(), ref, atol=atol)
+    lse2 = lse2.cpu()
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse2), fin)
+    assert torch.allclose(lse2[fin].double(), rlse[fin], atol=2e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("pad,gathers", [("tail-partial", False), ("tail-blocks", False), ("inside", True)])
+def test_dense_attention_gathers_only_for_padding_inside(pad, gathers):
+    """Padding at the tail is sliced off (views), not gathered and scattered back."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qv, kvv = (torch.tensor(c, dtype=torch.int32) for c in PADDINGS[pad])
+    q, k, v = (torch.randn(1, 64, 2, 16) for _ in range(3))
+    dense_attention(q, k, v, block_size=16, q_valid=qv, kv_valid=kvv)  # the positions are cached per tensor
+    with Ops() as ops:
+        dense_attention(q, k, v, block_size=16, q_valid=qv, kv_valid=kvv)
+    assert bool(ops.seen & {"index_select", "index_copy", "index_copy_"}) == gathers, ops.seen
 
 
 VARIANTS = [
