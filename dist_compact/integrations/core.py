@@ -20,13 +20,15 @@ diffusers is imported only when a diffusers model is passed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .._util import cdiv, is_int
+from .._util import as_int, cdiv
 from ..layout import VideoLayout
 from ..models.adapters import ModelAdapter
 from ..models.embedded import WEIGHTS_DIR
@@ -45,6 +47,7 @@ __all__ = [
     "IntegrationHandle",
     "default_tile",
     "lru",
+    "check_model",
     "install",
     "installed",
     "denoising_state",
@@ -66,12 +69,34 @@ def default_tile(grid: Sequence[int]) -> Tuple[int, int, int]:
     Ties go to the first of ``(2, 8, 8), (1, 8, 16), (1, 16, 8), (4, 4, 8), (4, 8, 4)``. Examples:
     Wan 480p 21x30x52 -> (1, 16, 8) (15% padding); HunyuanVideo 720p 33x45x80 -> (1, 8, 16) (7%).
     """
-    T, H, W = grid
+    T, H, W = _grid3(grid, "default_tile")
 
     def padded(t):
         return (cdiv(T, t[0]) * t[0]) * (cdiv(H, t[1]) * t[1]) * (cdiv(W, t[2]) * t[2])
 
     return min(DEFAULT_TILES, key=padded)
+
+
+def _grid3(grid, who: str) -> Tuple[int, int, int]:
+    """``grid`` as three positive ints (NumPy integers accepted), else one clear error."""
+    vals = None
+    if not isinstance(grid, (str, bytes)):
+        try:
+            vals = tuple(as_int(g) for g in grid)
+        except TypeError:
+            vals = None
+    if vals is None or len(vals) != 3 or not all(v is not None and v >= 1 for v in vals):
+        raise ValueError(f"{who}: grid must be three positive ints (frames, height, width) of latent tokens, "
+                         f"e.g. (21, 30, 52), got {grid!r}")
+    return vals
+
+
+def _state_int(value, name: str, least: int, hint: str) -> int:
+    """``value`` as an int >= ``least`` (NumPy integers accepted; a bool, float or str is none)."""
+    v = as_int(value)
+    if v is None or v < least:
+        raise ValueError(f"{name} must be an int >= {least} ({hint}), got {value!r}")
+    return v
 
 
 @dataclass
@@ -90,20 +115,43 @@ class DenoisingState:
     step: int = 0
     num_steps: int = 50
 
+    def __post_init__(self) -> None:
+        self.step = _state_int(self.step, "DenoisingState.step", 0, "the 0-based step of the next forward")
+        self.num_steps = _state_int(self.num_steps, "DenoisingState.num_steps", 1, "the steps of the run")
+
     def begin(self, num_steps: int) -> "DenoisingState":
-        """Start a run of ``num_steps`` steps at step 0."""
-        if not is_int(num_steps) or num_steps < 1:
+        """Start a run of ``num_steps`` steps at step 0 (an int; NumPy integers accepted)."""
+        n = as_int(num_steps)
+        if n is None or n < 1:
             raise ValueError(f"DenoisingState.begin: num_steps must be an int >= 1, got {num_steps!r}")
         self.step = 0
-        self.num_steps = num_steps
+        self.num_steps = n
         return self
 
     def on_step_end(self, pipe, step_index: int, timestep, callback_kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """diffusers' ``callback_on_step_end``: step ``step_index`` is done, the next is ``+1``."""
-        self.step = int(step_index) + 1
+        i = as_int(step_index)
+        if (i is None and isinstance(step_index, torch.Tensor) and step_index.dim() == 0
+                and not (step_index.dtype.is_floating_point or step_index.dtype.is_complex
+                         or step_index.dtype == torch.bool)):
+            i = int(step_index)
+        if i is None or i < 0:
+            raise ValueError(f"DenoisingState.on_step_end: step_index must be an int >= 0 (the step just done, as "
+                             f"diffusers passes it to callback_on_step_end), got {step_index!r}")
+        self.step = i + 1
         return callback_kwargs
 
+    def checked_fields(self, who: str) -> None:
+        """Refuse a ``step`` / ``num_steps`` that is no int (e.g. set by hand to a float or a string)."""
+        for name, least, hint in (("step", 0, "the 0-based step of the next forward"),
+                                  ("num_steps", 1, "set it with state.begin(num_steps)")):
+            _state_int(getattr(self, name), f"{who}: state.{name}", least, hint)
+
     def check(self) -> None:
+        if as_int(self.step) is None or as_int(self.num_steps) is None:
+            raise ValueError(f"DenoisingState: step and num_steps must be ints, got step={self.step!r}, "
+                             f"num_steps={self.num_steps!r}; set them with state.begin(num_steps) and "
+                             "callback_on_step_end=state.on_step_end")
         if not (0 <= self.step < self.num_steps):
             raise ValueError(
                 f"DenoisingState: step {self.step} is outside [0, num_steps={self.num_steps}); call "
@@ -188,25 +236,38 @@ class IntegrationHandle:
 
     # ------------------------------------------------------------------ the checks of every install
     @staticmethod
-    def checked(who: str, adapter: ModelAdapter, sparsity_config, backend: str, state, compact, tile, stats):
+    def checked(who: str, adapter: ModelAdapter, sparsity_config, backend: str, state, compact, tile, stats, *,
+                attention_factory=None):
         """The checks and defaults every install shares (``who`` prefixes the errors): returns ``(sparsity,
         state, compact, tile, stats)`` with the Compact pattern resolved (Compact modes), the tile from it
-        unless given, a bad tile refused now, fresh state / stats."""
+        unless given, a bad tile refused now, fresh state / stats. Every argument is checked whatever the
+        mode (a ``compact`` of the wrong type is refused under ``mode="dense"`` too)."""
         sparsity = sparsity_config if sparsity_config is not None else SparsityConfig()
         if not isinstance(sparsity, SparsityConfig):
             raise TypeError(f"{who}: sparsity_config must be a SparsityConfig, got {type(sparsity).__name__}")
-        if backend not in ("auto", "triton", "torch"):
+        if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
             raise ValueError(f"{who}: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         if state is None:
             state = DenoisingState()
         if not isinstance(state, DenoisingState):
             raise TypeError(f"{who}: state must be a DenoisingState, got {type(state).__name__}")
+        state.checked_fields(who)
+        if stats is not None and not all(callable(getattr(stats, m, None)) for m in ("call", "phase")):
+            raise TypeError(f"{who}: stats must be a dist_compact.stats.AttentionStats (or None for a new one), "
+                            f"got {type(stats).__name__}")
+        if attention_factory is not None and not callable(attention_factory):
+            raise TypeError(f"{who}: attention_factory must be callable as factory(num_layers, sparsity, compact, sp) "
+                            f"-> [attn, ...] (or None), got {type(attention_factory).__name__}")
+        compact = _checked_compact(who, compact)
+        if tile is not None and (isinstance(tile, (str, bytes)) or not _iterable(tile)):
+            raise ValueError(f"{who}: tile must be three positive ints (t, h, w) with t * h * w in (16, 32, 64, 128), "
+                             f"e.g. (1, 4, 4), got {tile!r}")
         adapter.check(who)
         if adapter.head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"{who}: head_dim {adapter.head_dim} of {type(adapter.model).__name__} is not supported "
                              f"by the kernels ({SUPPORTED_HEAD_DIMS})")
         if sparsity.uses_compact:
-            compact = _resolve_compact(sparsity, compact, adapter.num_layers, adapter.num_heads)
+            compact = _resolve_compact(who, sparsity, compact, adapter.num_layers, adapter.num_heads)
         if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
             tile = tuple(compact.tile)  # the tile a Compact config was searched with (optional in the protocol)
         if tile is not None:
@@ -339,8 +400,16 @@ class IntegrationHandle:
         """The transformer's pre-hook (the forward's layouts, from the adapter's view of its
         arguments) and post-hook; with ``stream`` the adapter's stream hooks too."""
         model, adapter = self.model, self.adapter
+        try:
+            params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            params = []
+        masked = "encoder_attention_mask" in params  # the prompt joins the attention, its valid tokens masked
 
         def pre_forward(module, args, kwargs):
+            if masked:
+                self._check_prompt_inputs(params, args, kwargs)
             hs, grid, lengths = adapter.forward_inputs(args, kwargs, self.WHO)
             self.check_forward(grid)
             self.begin(grid, lengths, hs.device)
@@ -357,6 +426,33 @@ class IntegrationHandle:
 
     def check_forward(self, grid: Tuple[int, int, int]) -> None:
         """A forward's grid refused before any work (default: every grid runs)."""
+
+    def _check_prompt_inputs(self, params: List[str], args: tuple, kwargs: dict) -> None:
+        """A forward whose prompt joins the attention (HunyuanVideo: ``encoder_hidden_states`` and its
+        ``encoder_attention_mask``): the prompt a tensor ``[batch, text_len, channels]``, the mask
+        ``[batch, text_len]`` of 0 / 1 (valid tokens first), refused before any work."""
+        def arg(name):
+            i = params.index(name)
+            return args[i] if len(args) > i else kwargs.get(name)
+
+        hs = arg("hidden_states") if "hidden_states" in params else None
+        if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
+            return  # the adapter refuses it with its own line
+        enc, mask = arg("encoder_hidden_states"), arg("encoder_attention_mask")
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3:
+            got = tuple(enc.shape) if isinstance(enc, torch.Tensor) else type(enc).__name__
+            raise ValueError(f"{self.WHO}: encoder_hidden_states must be the prompt tokens "
+                             f"[batch, text_len, channels], got {got}")
+        if mask is None:
+            return
+        want = (hs.shape[0], enc.shape[1])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f"{self.WHO}: encoder_attention_mask must be [batch, text_len] = [{want[0]}, {want[1]}] "
+                             f"(that of encoder_hidden_states), got {got}")
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{self.WHO}: encoder_attention_mask must hold 0 or 1 per prompt token (1 = valid, "
+                             f"valid tokens first), got values in [{mask.min().item():g}, {mask.max().item():g}]")
 
     def set_processors(self, make: Callable[[int], Any]) -> List[Any]:
         """Replace the adapter's attention modules' processors with ``make(layer)``; returns them."""
@@ -395,24 +491,68 @@ def new_attentions(h, sp=None) -> List[Callable]:
     """
     factory = h.attention_factory or build_attention
     compact = h.compact if h.sparsity.uses_compact else None
-    attns = list(factory(h.num_layers, h.sparsity, compact, sp))
+    made = factory(h.num_layers, h.sparsity, compact, sp)
+    if isinstance(made, (str, bytes, torch.Tensor)) or not _iterable(made):
+        raise TypeError(f"{h.WHO}: attention_factory returned {type(made).__name__}; it must return a list of "
+                        f"{h.num_layers} attention callables attn(q, k, v, ctx), one per layer")
+    attns = list(made)
     if len(attns) != h.num_layers:
-        raise ValueError(f"attention factory gave {len(attns)} callables for {h.num_layers} layers")
+        raise ValueError(f"{h.WHO}: attention factory gave {len(attns)} callables for {h.num_layers} layers; "
+                         "return one attention callable per layer")
+    bad = next((i for i, a in enumerate(attns) if not callable(a)), None)
+    if bad is not None:
+        raise TypeError(f"{h.WHO}: attention_factory's entry {bad} is {type(attns[bad]).__name__}, not a callable "
+                        "attn(q, k, v, ctx); return one attention callable per layer")
     return attns
 
 
-def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
+def _iterable(x) -> bool:
+    try:
+        iter(x)
+    except TypeError:
+        return False
+    return True
+
+
+def _checked_compact(who: str, compact):
+    """``compact`` as given (a path-like as a str), or one clear error for a value that is neither a
+    pattern object nor a config file path."""
+    if compact is None or callable(getattr(compact, "index_for", None)):
+        return compact
+    if isinstance(compact, os.PathLike):
+        compact = os.fspath(compact)
+    if isinstance(compact, str) and compact:
+        return compact
+    raise TypeError(f"{who}: compact must be a Compact pattern object with index_for(layer, layout, num_heads) "
+                    f"(e.g. a CompactConfig) or a config file path (.yaml / .json), got {compact!r}")
+
+
+def _resolve_compact(who: str, sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
+    compact = _checked_compact(who, compact)
     if compact is None or isinstance(compact, str):
         cfg = sparsity if compact is None else dataclasses.replace(sparsity, compact_config=compact)
         return load_compact(cfg, num_layers=num_layers, num_heads=num_heads, shipped_dir=WEIGHTS_DIR)
-    if not callable(getattr(compact, "index_for", None)):
-        raise TypeError("sparsify: compact must have index_for(layer, layout, num_heads) or be a config file path")
     if hasattr(compact, "check_compatible"):
         compact.check_compatible(num_layers=num_layers, num_heads=num_heads)
     return compact
 
 
 # ---------------------------------------------------------------------------------------------- attach
+def check_model(who: str, transformer) -> None:
+    """Refuse, with the fix, the objects that wrap a transformer (a diffusers pipeline, ``torch.compile``'s
+    module): the install goes on the transformer itself. Anything else goes to the adapters' check."""
+    if isinstance(transformer, torch.nn.Module):
+        inner = getattr(transformer, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            raise TypeError(f"{who}: got a torch.compile'd {type(inner).__name__} ({type(transformer).__name__}); "
+                            f"install on the model itself ({who}(compiled._orig_mod)), then compile")
+        return
+    inner = getattr(transformer, "transformer", None)
+    if isinstance(inner, torch.nn.Module):
+        raise TypeError(f"{who}: got the pipeline {type(transformer).__name__}, not a transformer; pass "
+                        f"pipe.transformer (and pipe.transformer_2 where the pipeline has two)")
+
+
 def install(transformer, handle: IntegrationHandle):
     """Attach ``handle`` to ``transformer`` after removing a handle of the same install; a handle of
     another install is an error (remove it first with :func:`unsparsify`). Returns ``transformer``."""
@@ -426,14 +566,22 @@ def install(transformer, handle: IntegrationHandle):
     return transformer
 
 
+def _attrs(transformer, who: str) -> dict:
+    d = getattr(transformer, "__dict__", None)
+    if not isinstance(d, dict):
+        raise TypeError(f"{who}: transformer must be the model (a torch.nn.Module) that sparsify / set_sparse_backend "
+                        f"/ sparsify_xfuser installed on, got {type(transformer).__name__}")
+    return d
+
+
 def installed(transformer) -> Optional[IntegrationHandle]:
     """The handle of whatever install put our attention on ``transformer``, or None."""
-    return transformer.__dict__.get(ATTR)
+    return _attrs(transformer, "installed").get(ATTR)
 
 
 def denoising_state(transformer) -> DenoisingState:
     """The :class:`DenoisingState` an installed transformer reads its step from."""
-    h = installed(transformer)
+    h = _attrs(transformer, "denoising_state").get(ATTR)
     if h is None:
         raise ValueError(f"{type(transformer).__name__} has no dist_compact attention installed (call sparsify, "
                          "set_sparse_backend or sparsify_xfuser first)")

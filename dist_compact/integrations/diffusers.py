@@ -65,7 +65,7 @@ from typing import Callable, Optional, Sequence
 from ..models.adapters import adapter_for
 from ..parallel.plan import SequenceParallel
 from ..sparsity.config import SparsityConfig
-from .core import DenoisingState, IntegrationHandle, install
+from .core import DenoisingState, IntegrationHandle, check_model, install
 
 __all__ = ["sparsify", "SparsifyHandle"]
 
@@ -76,6 +76,18 @@ class SparsifyHandle(IntegrationHandle):
     output) and our processors. Attributes: :class:`~dist_compact.integrations.core.IntegrationHandle`'s."""
 
     WHO = "sparsify"
+
+    def check_forward(self, grid) -> None:
+        _refuse_diffusers_parallelism(self.model)
+
+
+def _refuse_diffusers_parallelism(transformer) -> None:
+    """sparsify shards the tokens itself: diffusers' own parallelism on the same model would split them
+    a second time (``enable_parallelism`` before or after the install)."""
+    if getattr(transformer, "_parallel_config", None) is not None:
+        raise ValueError(f"sparsify: {type(transformer).__name__} has diffusers' parallelism enabled "
+                         "(enable_parallelism); sparsify shards the tokens itself (sequence_parallel=...): use "
+                         "dist_compact.integrations.diffusers_backend.set_sparse_backend with diffusers' parallelism")
 
 
 def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, compact=None,
@@ -107,9 +119,12 @@ def sparsify(transformer, sparsity_config: Optional[SparsityConfig] = None, *, c
 
     Calling it again replaces the previous installation; :func:`dist_compact.unsparsify` removes it.
     """
+    check_model("sparsify", transformer)
     adapter = adapter_for(transformer, "sparsify")
     sparsity, state, compact, tile, stats = SparsifyHandle.checked(
-        "sparsify", adapter, sparsity_config, backend, state, compact, tile, stats)
+        "sparsify", adapter, sparsity_config, backend, state, compact, tile, stats,
+        attention_factory=attention_factory)
+    _refuse_diffusers_parallelism(transformer)
     if sequence_parallel is not None:
         if not isinstance(sequence_parallel, SequenceParallel):
             raise TypeError("sparsify: sequence_parallel must be a SequenceParallel plan, got "

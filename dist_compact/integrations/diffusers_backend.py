@@ -92,7 +92,8 @@ from ..ops import block_attention_mass, block_sparse_attention
 from ..parallel.config import ParallelConfig, ParallelGroups
 from ..parallel.ulysses import HeadShardedOps, UlyssesOps, all_gather_cat, heads_to_seq, seq_to_heads
 from ..models.adapters import adapter_for
-from .core import MAX_LAYOUTS, DenoisingState, IntegrationHandle, install, lru, new_attentions
+from .._util import as_int
+from .core import MAX_LAYOUTS, DenoisingState, IntegrationHandle, check_model, install, lru, new_attentions
 
 __all__ = [
     "set_sparse_backend",
@@ -120,6 +121,7 @@ def _ring_attention_class():
 def cp_plan(transformer) -> Optional[Dict]:
     """The ``_cp_plan`` to pass to ``transformer.enable_parallelism(config=..., cp_plan=...)``: its
     adapter's (HunyuanVideo ships none in diffusers 0.42.1), or None where the model has its own."""
+    check_model("cp_plan", transformer)
     return adapter_for(transformer, "cp_plan").cp_plan()
 
 
@@ -198,6 +200,15 @@ class ChunkGeometry:
 
     @classmethod
     def build(cls, layout: VideoLayout, ring: int, rank: int) -> "ChunkGeometry":
+        if not isinstance(layout, VideoLayout):
+            raise TypeError(f"ChunkGeometry.build: layout must be a VideoLayout, got {type(layout).__name__}")
+        R, r = as_int(ring), as_int(rank)
+        if R is None or R < 1:
+            raise ValueError(f"ChunkGeometry.build: ring must be an int >= 1 (the ring degree), got {ring!r}")
+        if r is None or not 0 <= r < R:
+            raise ValueError(f"ChunkGeometry.build: rank must be an int in [0, ring - 1 = {R - 1}] (this rank's ring "
+                             f"position), got {rank!r}")
+        ring, rank = R, r
         V, bs = layout.video_tokens, layout.block_size
         if V % ring:
             raise ValueError(f"dist_compact backend: {V} video tokens do not split into {ring} ring chunks")
@@ -515,11 +526,13 @@ def set_sparse_backend(transformer, sparsity_config: Optional[SparsityConfig] = 
     The outputs equal :func:`~dist_compact.integrations.diffusers.sparsify`'s for the same config
     (the same per-layer state), on one process and under diffusers' context parallelism.
     """
+    check_model("set_sparse_backend", transformer)
     adapter = adapter_for(transformer, "set_sparse_backend")
     if adapter.name == "embedded":
         raise TypeError("set_sparse_backend: the embedded model has no diffusers attention processors; use sparsify")
     sparsity, state, compact, tile, stats = BackendHandle.checked(
-        "set_sparse_backend", adapter, sparsity_config, backend, state, compact, tile, stats)
+        "set_sparse_backend", adapter, sparsity_config, backend, state, compact, tile, stats,
+        attention_factory=attention_factory)
     h = BackendHandle(transformer, adapter, sparsity=sparsity, compact=compact, tile=tile, state=state, stats=stats,
                       backend=backend, attention_factory=attention_factory)
     install(transformer, h)
