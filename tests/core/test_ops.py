@@ -296,3 +296,22 @@ def test_kernel_variants_match_golden(case, variant, dtype):
     fin = torch.isfinite(rlse)
     assert torch.equal(torch.isfinite(lse), fin)
     assert (lse[fin] - rlse[fin]).abs().max() < (2e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="cuDNN attention needs a GPU")
+def test_cudnn_takes_the_sliced_keys_of_tail_padding():
+    """dense_attention slices tail padding off K / V (strided views): cuDNN must run them, not refuse them
+    (a refusal would fall back to a slower kernel without a word)."""
+    from dist_compact import ops
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(2, 640, 4, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    res = ops._cudnn_dense_with_lse(q, k[:, :523], v[:, :523], 128 ** -0.5)
+    if res is None and ops._cudnn_dense_with_lse(q, k[:, :523].contiguous(), v[:, :523].contiguous(),
+                                                 128 ** -0.5) is None:
+        pytest.skip("no cuDNN attention on this GPU / build")
+    assert res is not None, "cuDNN refused strided K / V that it takes when contiguous"
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k[:, :523].transpose(1, 2).float(), v[:, :523].transpose(1, 2).float(),
+        scale=128 ** -0.5).transpose(1, 2)
+    assert (res[0].float() - ref).abs().max().item() < 2e-2
