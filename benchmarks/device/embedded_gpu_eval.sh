@@ -10,13 +10,19 @@
 #   profile where a step's time goes (benchmarks/step_profile.py: attention, the rest of the forward, the
 #           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), then the online
 #           search's cost at this shape (benchmarks/search_overhead.py)
-# Writes under $OUT: eval.tar.gz (logs, CSVs, JSON, searched configs, demo report), pareto.png.
+# Writes under $OUT: eval.tar.gz (logs, CSVs, JSON, searched configs, demo report), pareto.png; live.tar.gz, the same
+# taken every 20 s. MODES=compact,adaspa limits the bench to those modes (dense always runs).
 set -u
 export PYTHONPATH=$PWD:$PWD/kernels PYTHONUNBUFFERED=1
 STAGES=${1:-search bench demo share}
 B=/tmp/eval; mkdir -p $B
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a $B/steps.log; tar czf $OUT/eval.tar.gz -C /tmp eval; }
+# a copy every 20 s besides, so a call cut off by its time limit still returns what each stage wrote so far
+# (quality_speed.py writes its CSV / JSON / PNG after every mode)
+( while sleep 20; do tar czf $OUT/live.tar.gz -C /tmp eval; done ) >/dev/null 2>&1 &
+LIVE=$!
+trap 'kill $LIVE 2>/dev/null' EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee $B/gpu.txt
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a $B/gpu.txt
 W=dist_compact/models/weights
@@ -40,7 +46,7 @@ for S in $STAGES; do
   bench)
     timeout ${BENCH_S:-330} python3 benchmarks/quality_speed.py --config $M \
       --compact 0.9=$W/embedded-gpu-compact-0.9.yaml --compact 0.8=$W/embedded-gpu-compact-0.8.yaml \
-      --densities from-compact --limit ${LIMIT:-96} --csv $B/quality_speed.csv --clips-csv $B/quality_speed_clips.csv \
+      --densities from-compact ${MODES:+--modes $MODES} --limit ${LIMIT:-96} --csv $B/quality_speed.csv --clips-csv $B/quality_speed_clips.csv \
       --json $B/quality_speed.json --png $OUT/pareto.png > $B/bench.log 2>&1; tail -16 $B/bench.log ;;
   demo)  # the demo sparsity chosen from the benchmark by quality_speed.py's rule, then the README's command
     python3 benchmarks/quality_speed.py --choose $B/quality_speed.json \
