@@ -50,7 +50,7 @@ FIELDS = ["case", "step_kind", "steps", "step_ms", "forward_ms", "attention_ms",
 
 #: kernel kinds by name (first match wins)
 KERNEL_KINDS = [
-    # "lse" only at a name's start or after "_" ("false" in template arguments is not attention)
+    # "lse" not after a letter ("false" in template arguments is not attention)
     ("attention", re.compile(r"fmha|flash|cudnn|attn|attention|sparse|block_mass|(?<![a-z])lse", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|xmma|nvjet|matmul|sm90_|sm80_|ampere|hopper", re.I)),
     ("fused pointwise (compiled)", re.compile(r"^triton_", re.I)),

@@ -186,6 +186,24 @@ def _valid_positions(valid: torch.Tensor, seqlen: int, block_size: int) -> Tuple
     return hit[1]
 
 
+def _real_tokens(x: torch.Tensor, pos: Optional[torch.Tensor], n: Optional[int], dim: int) -> torch.Tensor:
+    """The real tokens of ``x`` along ``dim`` (:func:`_valid_positions`' ``pos, n``): a view when they are
+    the first ``n``, else a gather; ``x`` itself without padding (``pos`` None)."""
+    if pos is None:
+        return x
+    return x.narrow(dim, 0, n) if n is not None else x.index_select(dim, pos)
+
+
+def _place_real_tokens(full: torch.Tensor, part: torch.Tensor, pos: torch.Tensor, n: Optional[int],
+                       dim: int) -> torch.Tensor:
+    """Write ``part`` (the real tokens) into ``full`` along ``dim``, the inverse of :func:`_real_tokens`."""
+    if n is not None:
+        full.narrow(dim, 0, n).copy_(part)
+    else:
+        full.index_copy_(dim, pos, part)
+    return full
+
+
 def _resolve_valid(block_valid, q_valid, kv_valid, same_len: bool):
     if block_valid is not None:
         if not same_len and (q_valid is None or kv_valid is None):
@@ -478,10 +496,8 @@ def dense_attention(
     # slice (a view), and the queries are taken whole when their padding fits in one block (its rows
     # cost at most one block of work and are zeroed after), else sliced too
     q_whole = q_n is not None and 0 < q_n and kv_n != 0 and SQ - q_n <= block_size
-    qq = q if q_pos is None or q_whole else q[:, :q_n] if q_n is not None else q.index_select(1, q_pos)
-    kk = k if kv_pos is None else k[:, :kv_n] if kv_n is not None else k.index_select(1, kv_pos)
-    vv = v if kv_pos is None else v[:, :kv_n] if kv_n is not None else v.index_select(1, kv_pos)
-    lse = None
+    qq = q if q_whole else _real_tokens(q, q_pos, q_n, 1)
+    kk, vv = _real_tokens(k, kv_pos, kv_n, 1), _real_tokens(v, kv_pos, kv_n, 1)
     if return_lse:
         res = _cudnn_dense_with_lse(qq, kk, vv, scale)
         if res is None:  # no cuDNN: our kernel with a full index returns the LSE
@@ -506,16 +522,8 @@ def dense_attention(
             return o
         lse_c[:, :, q_n:] = float("-inf")
         return o, lse_c
-    out = torch.zeros_like(q)
-    if q_n is not None:
-        out[:, :q_n] = o
-    else:
-        out.index_copy_(1, q_pos, o)
+    out = _place_real_tokens(torch.zeros_like(q), o, q_pos, q_n, 1)
     if not return_lse:
         return out
     lse = torch.full((B, H, SQ), float("-inf"), dtype=torch.float32, device=q.device)
-    if q_n is not None:
-        lse[:, :, :q_n] = lse_c
-    else:
-        lse.index_copy_(2, q_pos, lse_c)
-    return out, lse
+    return out, _place_real_tokens(lse, lse_c, q_pos, q_n, 2)

@@ -20,7 +20,6 @@ diffusers is imported only when a diffusers model is passed.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -400,16 +399,8 @@ class IntegrationHandle:
         """The transformer's pre-hook (the forward's layouts, from the adapter's view of its
         arguments) and post-hook; with ``stream`` the adapter's stream hooks too."""
         model, adapter = self.model, self.adapter
-        try:
-            params = [p.name for p in inspect.signature(model.forward).parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        except (TypeError, ValueError):
-            params = []
-        masked = "encoder_attention_mask" in params  # the prompt joins the attention, its valid tokens masked
 
         def pre_forward(module, args, kwargs):
-            if masked:
-                self._check_prompt_inputs(params, args, kwargs)
             hs, grid, lengths = adapter.forward_inputs(args, kwargs, self.WHO)
             self.check_forward(grid)
             self.begin(grid, lengths, hs.device)
@@ -426,33 +417,6 @@ class IntegrationHandle:
 
     def check_forward(self, grid: Tuple[int, int, int]) -> None:
         """A forward's grid refused before any work (default: every grid runs)."""
-
-    def _check_prompt_inputs(self, params: List[str], args: tuple, kwargs: dict) -> None:
-        """A forward whose prompt joins the attention (HunyuanVideo: ``encoder_hidden_states`` and its
-        ``encoder_attention_mask``): the prompt a tensor ``[batch, text_len, channels]``, the mask
-        ``[batch, text_len]`` of 0 / 1 (valid tokens first), refused before any work."""
-        def arg(name):
-            i = params.index(name)
-            return args[i] if len(args) > i else kwargs.get(name)
-
-        hs = arg("hidden_states") if "hidden_states" in params else None
-        if not isinstance(hs, torch.Tensor) or hs.dim() != 5:
-            return  # the adapter refuses it with its own line
-        enc, mask = arg("encoder_hidden_states"), arg("encoder_attention_mask")
-        if not isinstance(enc, torch.Tensor) or enc.dim() != 3:
-            got = tuple(enc.shape) if isinstance(enc, torch.Tensor) else type(enc).__name__
-            raise ValueError(f"{self.WHO}: encoder_hidden_states must be the prompt tokens "
-                             f"[batch, text_len, channels], got {got}")
-        if mask is None:
-            return
-        want = (hs.shape[0], enc.shape[1])
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
-            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"{self.WHO}: encoder_attention_mask must be [batch, text_len] = [{want[0]}, {want[1]}] "
-                             f"(that of encoder_hidden_states), got {got}")
-        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError(f"{self.WHO}: encoder_attention_mask must hold 0 or 1 per prompt token (1 = valid, "
-                             f"valid tokens first), got values in [{mask.min().item():g}, {mask.max().item():g}]")
 
     def set_processors(self, make: Callable[[int], Any]) -> List[Any]:
         """Replace the adapter's attention modules' processors with ``make(layer)``; returns them."""

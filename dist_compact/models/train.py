@@ -682,25 +682,31 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         """Seconds the end needs: final validation and save (+ margin); the preview is optional."""
         return cost["eval"] + max(cost["save"], 0.5) + args.save_margin
 
+    def batch_loss(fn, at: int) -> torch.Tensor:
+        """The flow-matching loss of step ``at``'s batch (the same batch however the run is split)."""
+        gen, dgen = _step_generators(args.seed, at, device)
+        x0, prompts = make_batch(batch, gen, frames, height, width, device=device)
+        drop = torch.rand(batch, generator=gen) < args.cond_drop
+        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
+        text = model.tokenizer.batch(prompts).to(device)
+        t = sample_times(batch, args.time_shift, dgen, device)
+        noise = torch.randn(x0.shape, generator=dgen, device=device)
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            return flow_matching_loss(fn, x0, text, t, noise)
+
     if step_fn != model.forward_plain:
         # torch.compile compiles at the first call: pay that here, on the first step's batch, so the
         # budget checks below see the time it took and a compile that fails falls back before any step
         # (the gradients are dropped; the optimizer does not step)
         t_c = clock()
         try:
-            gen, dgen = _step_generators(args.seed, step, device)
-            x0, prompts = make_batch(batch, gen, frames, height, width, device=device)
-            text = model.tokenizer.batch(prompts).to(device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                loss = flow_matching_loss(step_fn, x0, text, sample_times(batch, args.time_shift, dgen, device),
-                                          torch.randn(x0.shape, generator=dgen, device=device))
-            loss.backward()
+            batch_loss(step_fn, step).backward()
             _log(f"compiled the training step in {clock() - t_c:.1f} s (counted in --minutes)")
         except Exception as e:
             _log(f"compiled model failed ({type(e).__name__}: {short(str(e))}); training eager")
             step_fn = model.forward_plain
         opt.zero_grad(set_to_none=True)
-        if step == first_step and left() < step_cost + reserve():
+        if left() < step_cost + reserve():
             raise SystemExit(f"--minutes {args.minutes:g} leaves no time for one training step after compiling "
                              f"({clock() - t_c:.1f} s); give a larger --minutes or leave out --compile")
 
@@ -724,16 +730,8 @@ def train(args: argparse.Namespace, start: Optional[float] = None, *,
         for g in opt.param_groups:
             g["lr"] = lr
         t_step = clock()
-        gen, dgen = _step_generators(args.seed, step, device)
-        x0, prompts = make_batch(batch, gen, frames, height, width, device=device)
-        drop = torch.rand(batch, generator=gen) < args.cond_drop
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist())]
-        text = model.tokenizer.batch(prompts).to(device)
-        t = sample_times(batch, args.time_shift, dgen, device)
-        noise = torch.randn(x0.shape, generator=dgen, device=device)
         try:
-            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-                loss = flow_matching_loss(step_fn, x0, text, t, noise)
+            loss = batch_loss(step_fn, step)
         except Exception as e:
             if not args.compile or step_fn == model.forward_plain:
                 raise

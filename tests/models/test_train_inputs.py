@@ -48,7 +48,7 @@ def _refused(argv, match, capsys=None):
     return e.value.code
 
 
-# 1 ----------------------------------------------------------------------------------------------------
+# files that are not regular ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["", ".sha256", "ckpt", "json"])
 def test_out_or_a_sidecar_that_is_a_fifo_is_refused(tmp_path, which):
     out = tmp_path / "w.safetensors"
@@ -64,7 +64,7 @@ def test_out_or_a_sidecar_that_is_a_fifo_is_refused(tmp_path, which):
     assert [p.name for p in tmp_path.iterdir()] == [target.name] and target.is_fifo()
 
 
-# 2 ----------------------------------------------------------------------------------------------------
+# the saved set under interrupts -----------------------------------------------------------------------------
 def _resumes(out: Path, steps: int = 3) -> None:
     assert main([*TINY, "--max-steps", str(steps), "--resume", str(checkpoint_path(out)), "--out", str(out)]) == 0
     assert load_embedded(out) is not None
@@ -133,7 +133,7 @@ def test_a_save_cut_between_its_renames_still_resumes(good_run, tmp_path, monkey
     assert torch.load(checkpoint_path(out), weights_only=True)["sha256"] == sha256_of(out)
 
 
-# 3, 6, 7 ------------------------------------------------------------------------------------------------
+# bad options and numbers ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra,match", [
     (["--save-margin", "nan"], r"^--save-margin must be a finite number >= 0, got nan$"),
     (["--save-margin", "-1"], r"^--save-margin must be a finite number >= 0"),
@@ -167,7 +167,7 @@ def test_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# 4 ----------------------------------------------------------------------------------------------------
+# diverging runs ---------------------------------------------------------------------------------------------
 def test_a_diverging_run_fails_and_keeps_the_good_weights(good_run, tmp_path, monkeypatch):
     out = _copy(good_run, tmp_path)
     before = _set(out)
@@ -184,18 +184,7 @@ def test_a_diverging_run_fails_and_keeps_the_good_weights(good_run, tmp_path, mo
     assert _set(out) == before
 
 
-def test_a_checkpoint_with_nan_tensors_is_refused(good_run, tmp_path):
-    out = _copy(good_run, tmp_path)
-    state = torch.load(checkpoint_path(out), weights_only=True)
-    next(iter(state["model"].values())).fill_(float("nan"))
-    torch.save(state, checkpoint_path(out))
-    before = _set(out)
-    _refused([*TINY, "--resume", str(checkpoint_path(out)), "--out", str(out)],
-             r"^--resume .*w\.ckpt\.pt: its field model holds non-finite values")
-    assert _set(out) == before
-
-
-# 5, 10 --------------------------------------------------------------------------------------------------
+# names of --out ---------------------------------------------------------------------------------------------
 def test_out_names_too_long_or_with_control_characters(tmp_path):
     long = tmp_path / ("w" * 240 + ".safetensors")
     _refused([*TINY, "--out", str(long)], r"^--out .*: the file name is too long: the run also writes .* \(264 bytes, at most "
@@ -208,10 +197,14 @@ def test_out_names_too_long_or_with_control_characters(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# 8 ----------------------------------------------------------------------------------------------------
+# malformed checkpoints --------------------------------------------------------------------------------------
 def _bad_weights_shape(s):
     k = next(iter(s["model"]))
     s["model"][k] = torch.zeros(3, 3)
+
+
+def _nan_weights(s):
+    next(iter(s["model"].values())).fill_(float("nan"))
 
 
 @pytest.mark.parametrize("field,change", [
@@ -220,9 +213,11 @@ def _bad_weights_shape(s):
     ("step", lambda s: s.update(step="abc")),
     ("step", lambda s: s.update(step=-100)),
     ("model", _bad_weights_shape),
+    ("model holds non-finite values", _nan_weights),
     ("opt", lambda s: s["opt"].update(param_groups=[])),
     ("log", lambda s: s.update(log={})),
-], ids=["weights-5", "sha256-none", "step-abc", "step-negative", "model-shape", "opt-no-groups", "log-empty"])
+], ids=["weights-5", "sha256-none", "step-abc", "step-negative", "model-shape", "model-nan", "opt-no-groups",
+        "log-empty"])
 def test_malformed_checkpoints_are_one_line_naming_the_field(good_run, tmp_path, field, change):
     out = _copy(good_run, tmp_path)
     state = torch.load(checkpoint_path(out), weights_only=True)
@@ -239,7 +234,7 @@ def test_resume_of_a_directory_says_so(tmp_path):
              r"^--resume .* is a directory, not a checkpoint; give the \*\.ckpt\.pt file")
 
 
-# 9 ----------------------------------------------------------------------------------------------------
+# resume -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("option,value,have", [("--frames", "4", "2"), ("--dim", "64", "32"), ("--heads", "1", "2")])
 def test_resume_refuses_model_options_that_differ(good_run, tmp_path, option, value, have):
     out = _copy(good_run, tmp_path)

@@ -57,15 +57,23 @@ def hunyuan_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: Option
     return query, key, value
 
 
-def text_lengths(mask: Optional[torch.Tensor], batch: int, text_len: int) -> List[int]:
-    """Valid prompt tokens per sample from ``encoder_attention_mask [batch, text_len]`` (None: all)."""
+def text_lengths(mask: Optional[torch.Tensor], batch: int, text_len: int, who: str = "sparsify") -> List[int]:
+    """Valid prompt tokens per sample from ``encoder_attention_mask [batch, text_len]`` of 0 / 1 (None: all);
+    ``who`` names the install in errors."""
     if mask is None:
         return [text_len] * batch
-    if mask.dim() != 2 or mask.shape != (batch, text_len):
-        raise ValueError(f"sparsify: encoder_attention_mask must be [batch, text_len] = [{batch}, {text_len}], "
-                         f"got {tuple(mask.shape)}")
-    # the stock model keeps the first sum(mask) prompt tokens of each sample (valid tokens first)
-    return [int(n) for n in mask.sum(dim=1, dtype=torch.int64).tolist()]
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, text_len):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{who}: encoder_attention_mask must be [batch, text_len] = [{batch}, {text_len}] (that of "
+                         f"encoder_hidden_states), got {got}")
+    # the stock model keeps the first sum(mask) prompt tokens of each sample (valid tokens first); one read
+    # back gives the lengths and the count of entries that are neither 0 nor 1
+    *lengths, bad = torch.cat([mask.sum(dim=1, dtype=torch.int64),
+                               ((mask != 0) & (mask != 1)).sum(dtype=torch.int64).view(1)]).tolist()
+    if bad:
+        raise ValueError(f"{who}: encoder_attention_mask must hold 0 or 1 per prompt token (1 = valid, valid tokens "
+                         f"first), got values in [{mask.min().item():g}, {mask.max().item():g}]")
+    return [int(n) for n in lengths]
 
 
 def hunyuan_video_cp_plan() -> Dict:
@@ -154,8 +162,12 @@ class HunyuanVideoAdapter(ModelAdapter):
         hs = get_arg(args, kwargs, 0, "hidden_states")
         grid = self.grid(hs, who)
         enc = get_arg(args, kwargs, 2, "encoder_hidden_states")
+        if not isinstance(enc, torch.Tensor) or enc.dim() != 3:
+            got = tuple(enc.shape) if isinstance(enc, torch.Tensor) else type(enc).__name__
+            raise ValueError(f"{who}: encoder_hidden_states must be the prompt tokens [batch, text_len, channels], "
+                             f"got {got}")
         mask = get_arg(args, kwargs, 3, "encoder_attention_mask")
-        return hs, grid, text_lengths(mask, hs.shape[0], enc.shape[1])
+        return hs, grid, text_lengths(mask, hs.shape[0], enc.shape[1], who)
 
     def attention_modules(self) -> List:
         m = self.model
