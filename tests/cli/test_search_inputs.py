@@ -77,22 +77,18 @@ def test_capture_with_missing_weights_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_capture_checks_every_prompt_before_running(tmp_path, capture, capsys, monkeypatch):
+@pytest.mark.parametrize("extra,expect,exact", [
+    (["--prompt", "a dragon"], "prompt 'a dragon': the embedded model does not know the word(s) ['dragon']", False),
+    (["--capture-steps", "1,5"], "error: --capture-steps 5: the runs have 2 denoising steps (0..1); choose steps in "
+                                 "that range", True),
+], ids=["every-prompt", "steps-beyond-the-run"])
+def test_capture_refuses_bad_prompts_and_steps_before_running(tmp_path, capture, capsys, monkeypatch, extra, expect,
+                                                              exact):
     out = tmp_path / "cap"
-    monkeypatch.setattr(cli, "capture_run", lambda *a: pytest.fail("ran before checking every prompt"))
-    rc, _, err = _run(capsys, "capture", "--out-dir", out, "--prompt", PROMPT, "--prompt", "a dragon",
-                      "--", *capture[0])
-    assert rc == 2 and "prompt 'a dragon': the embedded model does not know the word(s) ['dragon']" in err
+    monkeypatch.setattr(cli, "capture_run", lambda *a: pytest.fail("ran before checking its inputs"))
+    rc, _, err = _run(capsys, "capture", "--out-dir", out, "--prompt", PROMPT, *extra, "--", *capture[0])
+    assert rc == 2 and (err == expect if exact else expect in err)
     assert not out.exists()
-
-
-def test_capture_steps_beyond_the_run_are_refused(tmp_path, capture, capsys, monkeypatch):
-    out = tmp_path / "cap"
-    monkeypatch.setattr(cli, "capture_run", lambda *a: pytest.fail("ran with steps it never reaches"))
-    rc, _, err = _run(capsys, "capture", "--out-dir", out, "--prompt", PROMPT, "--capture-steps", "1,5",
-                      "--", *capture[0])
-    assert rc == 2 and err == ("error: --capture-steps 5: the runs have 2 denoising steps (0..1); choose steps in "
-                               "that range")
     assert not out.exists()
 
 
