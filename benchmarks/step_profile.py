@@ -27,6 +27,9 @@ median ``step_ms``, ``forward_ms``, ``attention_ms`` (sum over layers), ``other_
 attention) and ``outside_forward_ms`` (step minus forward: guidance, the Euler update, the NaN check).
 With ``--kernels``: ``torch.profiler`` over one whole run of the dense, no-attention and (all steps sparse)
 first Compact case: each kernel's total time per step, top ``--top`` by time, grouped by kind.
+With ``--syncs``: no timing; one run per case under ``torch.cuda.set_sync_debug_mode("warn")``, and per case
+the host synchronisations per step and the source lines that made them (a sync drains the launch queue, so
+the GPU then waits for the host to launch what follows).
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--orders", default="natural",
                    help="comma list of Hopper-kernel tile orders (natural, longest); each order past the first "
                         "repeats the Compact cases with it")
+    p.add_argument("--syncs", default=None, metavar="PATH",
+                   help="instead of timing, count the host synchronisations of every case (GPU) and write them here")
     p.add_argument("--small", action="store_true", help="CPU smoke run: a tiny random model, 4 steps")
     args = p.parse_args(argv)
     orders = args.orders.split(",")
@@ -220,6 +225,16 @@ def run(args) -> int:
             return sample(model, text, noise, steps=ro.steps, guidance=ro.guidance, shift=ro.shift, state=state)
 
     dev_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    if args.syncs:
+        lines = [f"# host synchronisations per case, {dev_name}, torch {torch.__version__}, {layout}, {ro.steps} steps "
+                 f"(torch.cuda.set_sync_debug_mode('warn'); one run after a warm-up)"]
+        for name, sparsity, compact in cases:
+            one(name, sparsity, compact)
+            lines += sync_report(name, ro.steps, lambda: one(name, sparsity, compact), cuda)
+        with open(args.syncs, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     rows = []
     for name, sparsity, compact in cases:
         one(name, sparsity, compact)  # warm-up: compile, autotune, index caches
@@ -285,6 +300,43 @@ def run(args) -> int:
             f.write("\n".join(lines) + "\n")
         print("\n".join(lines))
     return 0
+
+
+def sync_report(name, steps, fn, cuda, top=12):
+    """Lines: the host synchronisations of ``fn()`` (a whole run), per step and by the project line that made
+    each one (the innermost frame under dist_compact/, benchmarks/ or generate.py; else the caller's line)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    if not cuda:
+        return [f"\n## {name}: no GPU, no device synchronisations to count"]
+    where = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def note(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+        f = frames[-1] if frames else None
+        key = f"{os.path.relpath(f.filename, root)}:{f.lineno} {f.name}" if f else f"{filename}:{lineno}"
+        where[key] = where.get(key, 0) + 1
+
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    total = sum(where.values())
+    lines = [f"\n## {name}: {total} synchronisations, {total / steps:.1f} per step"]
+    for k, n in sorted(where.items(), key=lambda x: -x[1])[:top]:
+        lines.append(f"  {n:6d}  {k}")
+    return lines
 
 
 def kernel_table(prof, name, steps, top, cuda, step_ms):
