@@ -107,10 +107,12 @@ class BlockIndex:
         block_size, num_k_blocks = _check_sizes("BlockIndex", block_size, num_k_blocks)
         if check:
             _check_has_values("BlockIndex", counts)
-            for name, t in (("counts", counts), ("indices", indices)):
-                # values beyond int32 would wrap silently in the cast below (2**32 -> block 0)
-                if t.dtype != torch.int32 and t.numel():
-                    lo, hi = (int(x) for x in torch.stack([t.min(), t.max()]).tolist())
+            # values beyond int32 would wrap silently in the cast below (2**32 -> block 0); one host read
+            wide = [(name, t) for name, t in (("counts", counts), ("indices", indices))
+                    if t.dtype != torch.int32 and t.numel()]
+            if wide:
+                ends = torch.stack([torch.stack([t.min(), t.max()]).to(torch.int64) for _, t in wide]).tolist()
+                for (name, _), (lo, hi) in zip(wide, ends):
                     if lo < _INT32_MIN or hi > _INT32_MAX:
                         raise ValueError(f"BlockIndex: {name} holds {lo if lo < _INT32_MIN else hi}, outside "
                                          f"int32; counts and key blocks must lie in [0, {_INT32_MAX}]")
@@ -133,10 +135,13 @@ class BlockIndex:
         used = torch.arange(self.max_count, device=c.device).view(1, 1, 1, -1) < c.unsqueeze(-1)
         bad_range = (used & ((i < 0) | (i >= nk))).any(-1)
         bad_order = (used[..., 1:] & (i[..., 1:] <= i[..., :-1])).any(-1)
-        for bad, what in ((bad_count, f"count outside [0, {self.max_count}] (the row width)"),
-                          (bad_range, f"key block outside [0, {nk})"),
-                          (bad_order, "key blocks not strictly increasing")):
-            if bool(bad.any()):
+        checks = ((bad_count, f"count outside [0, {self.max_count}] (the row width)"),
+                  (bad_range, f"key block outside [0, {nk})"),
+                  (bad_order, "key blocks not strictly increasing"))
+        # one host read for all three verdicts (each read of a CUDA tensor waits for the device)
+        found = torch.stack([bad.any() for bad, _ in checks]).tolist()
+        for (bad, what), hit in zip(checks, found):
+            if hit:
                 b, h, r = (int(x) for x in bad.nonzero()[0])
                 raise ValueError(
                     f"BlockIndex: row (batch {b}, head {h}, query block {r}) has a {what}: count "
