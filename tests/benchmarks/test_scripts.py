@@ -194,3 +194,27 @@ def test_step_profile_kernel_kinds():
                           "gather_internal_kernel<false>") == "copy / layout"
     assert sp.kernel_kind("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float, false>(int)") \
         == "elementwise / reduce"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="host synchronisations exist on a GPU only")
+def test_step_profile_counts_host_syncs():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("step_profile", ROOT / "benchmarks/step_profile.py")
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    x = torch.ones(4, device="cuda")
+
+    def two_reads():
+        x.sum().item()
+        bool((x > 0).all())
+        return x * 2  # no read
+
+    lines = sp.sync_report("case", 2, two_reads, True)
+    assert lines[0].endswith("case: 2 synchronisations, 1.0 per step"), lines
+    # one line per source line that read, each naming it
+    assert len(lines) == 3 and all("tests/benchmarks/test_scripts.py:" in ln and ln.endswith(" two_reads")
+                                   for ln in lines[1:]), lines
+    assert torch.cuda.get_sync_debug_mode() == 0  # restored
