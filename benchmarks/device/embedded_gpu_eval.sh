@@ -8,8 +8,9 @@
 #           generate.py --config configs/models/embedded-gpu.yaml --compare-dense (its printed lines)
 #   share   ranks sharing the GPU (Ulysses 2/4, ring 2/4, hybrid 2x2) equal one process on this model
 #   profile where a step's time goes (benchmarks/step_profile.py: attention, the rest of the forward, the
-#           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), then the online
-#           search's cost at this shape (benchmarks/search_overhead.py)
+#           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), the host
+#           synchronisations of every case (--syncs), then the online search's cost at this shape
+#           (benchmarks/search_overhead.py)
 # Writes under $OUT: eval.tar.gz (logs, CSVs, JSON, searched configs, demo report), pareto.png; live.tar.gz, the same
 # taken every 20 s. MODES=compact,adaspa limits the bench to those modes (dense always runs).
 set -u
@@ -59,6 +60,8 @@ for S in $STAGES; do
   profile)
     timeout ${PROFILE_S:-240} python3 benchmarks/step_profile.py --repeats 2 --orders natural,longest \
       --csv $B/step_profile.csv --kernels $B/step_kernels.txt > $B/profile.log 2>&1; grep -v "^#" $B/profile.log | head -24
+    timeout ${SYNCS_S:-100} python3 benchmarks/step_profile.py --syncs $B/step_syncs.txt > $B/syncs.log 2>&1
+    grep "^## " $B/step_syncs.txt
     timeout ${OVERHEAD_S:-90} python3 benchmarks/search_overhead.py --grid 16 32 32 --tile 2 8 8 --text 12 \
       --text-position after --heads 4 --batch 2 --query-rows 32 --steps 20 --dense-threshold 1 \
       --csv $B/search_overhead.csv > $B/search_overhead.log 2>&1; tail -12 $B/search_overhead.log ;;
