@@ -52,6 +52,18 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
     return out[..., :width]
 
 
+def _index_of_mask(mask: torch.Tensor, block_size: int, width: Optional[int]) -> "BlockIndex":
+    """:meth:`BlockIndex.from_dense` of a checked mask. ``width``: the most key blocks a row keeps where the
+    caller knows it (it must be at least every row's count), else None: read from the mask, which on a
+    GPU waits for the device's queue."""
+    nk = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    if width is None:
+        width = int(counts.max()) if counts.numel() else 0
+    cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
+    return BlockIndex(counts, _compact_rows(mask, cols, max(width, 1)), block_size, nk, check=False)
+
+
 def _check_sizes(where: str, block_size, num_k_blocks):
     """(block_size, num_k_blocks) as ints, or one error naming the bad one (bool is no int)."""
     bs, nk = as_int(block_size), as_int(num_k_blocks)
@@ -174,11 +186,7 @@ class BlockIndex:
             )
         _check_has_values("BlockIndex.from_dense", mask)
         block_size = _check_sizes("BlockIndex.from_dense", block_size, 0)[0]
-        nk = mask.shape[-1]
-        counts = mask.sum(-1, dtype=torch.int32)
-        width = max(int(counts.max()) if counts.numel() else 0, 1)
-        cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
-        return cls(counts, _compact_rows(mask, cols, width), block_size, nk, check=False)
+        return _index_of_mask(mask, block_size, None)
 
     @classmethod
     def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,

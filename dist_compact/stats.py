@@ -7,6 +7,10 @@ Point ``AttentionContext.stats`` at an :class:`AttentionStats` and every
 attention mass), and its wall time. :meth:`AttentionStats.summary` adds them up for the run report:
 time in searches vs sparse attention vs dense steps, and the search overhead.
 
+Densities and recalls are recorded as the device tensors the search produced (:class:`PerHead`) and
+read back to the host only when first asked for: a read waits for the device's queue, so a search in
+the middle of a forward would otherwise leave the GPU idle while the host launches what follows.
+
 Timing costs nothing when no recorder is set. With one: on CUDA each timed span records a pair of
 CUDA events (no synchronisation in the loop; :meth:`summary` synchronises once and reads them); on
 CPU it uses ``time.perf_counter``. ``AttentionStats(timing=False)`` records kinds and densities only.
@@ -17,11 +21,11 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
-__all__ = ["AttentionStats", "CallRecord", "CALL_KINDS", "PHASES"]
+__all__ = ["AttentionStats", "CallRecord", "PerHead", "CALL_KINDS", "PHASES"]
 
 #: kinds of attention calls (one per call)
 CALL_KINDS = ("dense", "fused_search", "cached_search", "sparse")
@@ -59,6 +63,32 @@ class _Timer:
         return self._seconds
 
 
+class PerHead:
+    """Per-head figures held as a 1-D tensor until first read, then as a list of floats (read once).
+
+    Recording keeps the tensor on its device; :meth:`values` reads it back (on a GPU that waits for
+    the device's queue, which is why it is left to whoever reads the statistics)."""
+
+    __slots__ = ("_tensor", "_values")
+
+    def __init__(self, tensor: torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
+            raise ValueError(f"PerHead: needs a 1-D tensor of per-head values, got "
+                             f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+        self._tensor: Optional[torch.Tensor] = tensor.detach()
+        self._values: Optional[List[float]] = None
+
+    def values(self) -> List[float]:
+        if self._values is None:
+            self._values = [float(x) for x in self._tensor.tolist()]
+            self._tensor = None
+        return self._values
+
+
+def _host(v: Union[None, List[float], PerHead]) -> Optional[List[float]]:
+    return v.values() if isinstance(v, PerHead) else v
+
+
 @dataclass
 class CallRecord:
     """One attention call of one layer at one step.
@@ -71,15 +101,33 @@ class CallRecord:
         recall: per-head kept mass share (searches, and reuse of a searched index: the share at
             the search), or None.
         phases: timed phases of the call (name -> timer); ``seconds`` gives the call's total.
+
+    ``density`` and ``recall`` are set as lists or as :class:`PerHead` (read when first got).
     """
 
     layer: int
     step: int
     kind: str
-    density: Optional[List[float]] = None
-    recall: Optional[List[float]] = None
+    _density: Union[None, List[float], PerHead] = field(default=None, repr=False)
+    _recall: Union[None, List[float], PerHead] = field(default=None, repr=False)
     _timer: Optional[_Timer] = field(default=None, repr=False)
     _phases: Dict[str, List[_Timer]] = field(default_factory=dict, repr=False)
+
+    @property
+    def density(self) -> Optional[List[float]]:
+        return _host(self._density)
+
+    @density.setter
+    def density(self, value: Union[None, List[float], PerHead]) -> None:
+        self._density = value
+
+    @property
+    def recall(self) -> Optional[List[float]]:
+        return _host(self._recall)
+
+    @recall.setter
+    def recall(self, value: Union[None, List[float], PerHead]) -> None:
+        self._recall = value
 
     @property
     def seconds(self) -> Optional[float]:

@@ -48,6 +48,7 @@ import torch
 
 from .._util import is_int
 from ..block_index import BlockIndex
+from ..stats import PerHead
 from .attention_ops import global_head_stats
 from .config import CACHED, DENSE, FUSED, REUSE, SparsityConfig
 from .context import AttentionContext, AttentionLayer, DenseAttention, OnlineState
@@ -67,8 +68,8 @@ class _Entry:
     search: Optional[OnlineSearchResult] = None
     lse: Optional[torch.Tensor] = None
     last_step: int = -1
-    _density_list: Optional[List[float]] = None
-    _recall_list: Optional[List[float]] = None
+    _density_list: Optional[PerHead] = None
+    _recall_list: Optional[PerHead] = None
 
     def set_search(self, res: OnlineSearchResult) -> None:
         self.search = res
@@ -297,17 +298,18 @@ class SparseAttention(AttentionLayer):
 
     # ------------------------------------------------------------------ stats
     @staticmethod
-    def _model_order(t: torch.Tensor, ops) -> List[float]:
-        """Per-head figures of all heads (held in the plan's head order) in model head order."""
-        return [float(x) for x in ops.to_model_order(t).tolist()]
+    def _model_order(t: torch.Tensor, ops) -> PerHead:
+        """Per-head figures of all heads (held in the plan's head order) in model head order, left on the
+        device until the statistics are read (no host read inside the forward)."""
+        return PerHead(ops.to_model_order(t))
 
-    def _densities(self, entry: _Entry, ops) -> List[float]:
+    def _densities(self, entry: _Entry, ops) -> PerHead:
         if entry._density_list is None:
             d = entry.search.density if entry.search is not None else entry.static_density
             entry._density_list = self._model_order(d, ops)
         return entry._density_list
 
-    def _recalls(self, entry: _Entry, ops) -> Optional[List[float]]:
+    def _recalls(self, entry: _Entry, ops) -> Optional[PerHead]:
         if entry.search is None:
             return None
         if entry._recall_list is None:

@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..block_index import BlockIndex
+from ..block_index import BlockIndex, _index_of_mask
 from .attention_ops import global_head_stats
 
 __all__ = [
@@ -335,6 +335,8 @@ class _SelectConstants:
     full_rows: Optional[torch.Tensor]
     counted_rows: torch.Tensor
     nkv: int
+    # the row width of every selection: nkv where a full (text) row keeps every real key block, else None
+    width: Optional[int]
 
 
 def _select_constants(ops, layout, device, text_sink: bool) -> _SelectConstants:
@@ -354,9 +356,12 @@ def _select_constants(ops, layout, device, text_sink: bool) -> _SelectConstants:
         def on(t):
             return None if t is None else t.to(device)
 
+        nkv = int(key_valid.sum())
+        # a selection keeps only real key blocks, so no row holds more than nkv; a full row holds exactly nkv
+        width = nkv if full_rows is not None and bool(full_rows.any()) else None
         return _SelectConstants(rows=on(ids), row_w=on(w), key_valid=on(key_valid), forced_keys=on(forced_keys),
                                 row_valid=on(row_valid), full_rows=on(full_rows), counted_rows=on(counted_rows),
-                                nkv=int(key_valid.sum()))
+                                nkv=nkv, width=width)
 
     key = ("online_select", tuple(ids.tolist()), tuple(w.tolist()), str(torch.device(device)), bool(text_sink))
     return layout.cached(key, build)
@@ -441,7 +446,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
         dense_layer = bool(density.mean() > config.dense_threshold)
     else:
         dense_layer = False
-    index = BlockIndex.from_dense(mask, layout.block_size)
+    index = _index_of_mask(mask, layout.block_size, c.width)
     budget = budget_all
     if budget is None and isinstance(top_k, int):
         budget = torch.full((H,), top_k, dtype=torch.long, device=dev)

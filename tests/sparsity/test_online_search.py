@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from dist_compact import VideoLayout
+from dist_compact import BlockIndex, VideoLayout
 from dist_compact.sparsity.attention_ops import AttentionOps
 from dist_compact.sparsity.config import SparsityConfig
 from dist_compact.sparsity.online import (budget_for_density, head_budgets, head_statistics, kept_mass_share, online_select, paper_head_budgets, rank_blocks, recall_head_budgets, select_blocks)
@@ -212,25 +212,35 @@ def test_dense_threshold_full_heads_and_dense_layer():
     assert res.dense_layer and torch.all(res.density == 1.0)
 
 
-def test_selection_reads_back_only_the_index_width(monkeypatch):
-    """On a GPU every value read back to the host waits for the device's queue. The selection at the
-    Hopper kernel's threshold (1) reads none, except the index width inside BlockIndex.from_dense: on
-    the meta device (which holds no values, so any read fails) it runs to that point."""
+def test_selection_reads_nothing_back(monkeypatch):
+    """On a GPU every value read back to the host waits for the device's queue. At the Hopper kernel's
+    threshold (1) with the text sink the selection reads none: a text row keeps every real key block, so
+    the index width is known. It runs whole on the meta device, which holds no values (any read fails)."""
     import dist_compact.sparsity.online as online
 
     lay = VideoLayout(4, 8, 8, tile=(1, 4, 4), text_tokens=5, text_position="after")
     nb = lay.num_blocks
-    got = {}
-
-    def from_dense(mask, block_size):
-        got["mask"] = mask
-        return "index"
-
-    monkeypatch.setattr(online.BlockIndex, "from_dense", staticmethod(from_dense))
+    nkv = int((lay.block_valid() > 0).sum())
     for rule in ("paper", "recall"):
         cfg = SparsityConfig(sparsity=0.6, head_rule=rule, dense_threshold=1.0)
         res = online_select(torch.rand(2, 4, nb, nb, device="meta"), lay, AttentionOps(backend="torch"), cfg)
-        assert res.index == "index" and got["mask"].shape == (1, 4, nb, nb) and not res.dense_layer
+        assert res.index.indices.device.type == "meta" and res.index.indices.shape == (1, 4, nb, nkv)
+        assert not res.dense_layer
+        # the known width is the one a read gives: the same index as from the mask
+        res = online_select(torch.rand(2, 4, nb, nb), lay, AttentionOps(backend="torch"), cfg)
+        again = BlockIndex.from_dense(res.index.to_dense(), lay.block_size)
+        assert torch.equal(res.index.counts, again.counts) and torch.equal(res.index.indices, again.indices)
+    # without the text sink no row need keep every block: the width is read from the mask (the one read)
+    got = {}
+
+    def index_of_mask(mask, block_size, width):
+        got["width"] = width
+        return "index"
+
+    monkeypatch.setattr(online, "_index_of_mask", index_of_mask)
+    cfg = SparsityConfig(sparsity=0.6, text_sink=False, dense_threshold=1.0)
+    res = online_select(torch.rand(2, 4, nb, nb, device="meta"), lay, AttentionOps(backend="torch"), cfg)
+    assert res.index == "index" and got["width"] is None
     # the paper rule's budgets alone, on the device
     assert paper_head_budgets(torch.rand(6, device="meta"), k0=10, num_keys=40).device.type == "meta"
 

@@ -91,6 +91,13 @@ def test_schedule_drives_the_ops_and_outputs_match_the_oracle():
     assert [r.kind for r in stats.records] == ["dense", "dense", "fused_search", "sparse", "sparse",
                                                "cached_search", "sparse", "sparse"]
     assert 0.25 < attn.index.density() < 0.45  # 0.3 target + the text sink's rows and columns
+    # densities and recalls stay device tensors until read (a read inside the forward stalls a GPU);
+    # each search's figures are read once, shared by the calls that use its index
+    searched = stats.records[2:]
+    assert all(r._density._values is None and r._recall._values is None for r in searched)
+    assert searched[0].density is searched[1].density and searched[3].recall is searched[4].recall
+    expect = [float(x) for x in attn._entry.search.density.tolist()]
+    assert stats.records[-1].density == expect and stats.records[0].density is None
 
 
 def test_low_precision_output_within_eager_error():
@@ -527,3 +534,19 @@ def test_sequence_parallel_equals_one_process(tmp_path):
     assert all(len(r) == 2 * len(SP_CONFIGS) for r in res)
     budgets = res[0][(2, 1, "paper")][1]
     assert len(set(budgets)) > 1, f"the paper rule should move some heads here: {budgets}"
+
+
+def test_per_head_figures_are_read_once_and_only_when_asked():
+    from dist_compact.stats import CallRecord, PerHead
+
+    rec = CallRecord(layer=0, step=3, kind="sparse")
+    rec.density = PerHead(torch.empty(4, device="meta"))  # holds no values: a read would fail
+    rec.recall = [0.5, 1.0]
+    assert rec.recall == [0.5, 1.0] and rec.seconds is None
+    with pytest.raises(NotImplementedError):
+        rec.mean_density()
+    per = PerHead(torch.tensor([0.25, 0.75]))
+    rec.density = per
+    assert rec.mean_density() == 0.5 and rec.density is per.values() and per._tensor is None
+    with pytest.raises(ValueError, match=r"^PerHead: needs a 1-D tensor of per-head values, got \(2, 2\)$"):
+        PerHead(torch.zeros(2, 2))
