@@ -52,18 +52,6 @@ def _compact_rows(keep: torch.Tensor, values: torch.Tensor, width: int) -> torch
     return out[..., :width]
 
 
-def _index_of_mask(mask: torch.Tensor, block_size: int, width: Optional[int]) -> "BlockIndex":
-    """:meth:`BlockIndex.from_dense` of a checked mask. ``width``: the most key blocks a row keeps where the
-    caller knows it (it must be at least every row's count), else None: read from the mask, which on a
-    GPU waits for the device's queue."""
-    nk = mask.shape[-1]
-    counts = mask.sum(-1, dtype=torch.int32)
-    if width is None:
-        width = int(counts.max()) if counts.numel() else 0
-    cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
-    return BlockIndex(counts, _compact_rows(mask, cols, max(width, 1)), block_size, nk, check=False)
-
-
 def _check_sizes(where: str, block_size, num_k_blocks):
     """(block_size, num_k_blocks) as ints, or one error naming the bad one (bool is no int)."""
     bs, nk = as_int(block_size), as_int(num_k_blocks)
@@ -174,8 +162,12 @@ class BlockIndex:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_dense(cls, mask: torch.Tensor, block_size: int) -> "BlockIndex":
-        """From a bool block mask ``[batch or 1, heads, q_blocks, k_blocks]`` (True = computed)."""
+    def from_dense(cls, mask: torch.Tensor, block_size: int, *, max_count: Optional[int] = None) -> "BlockIndex":
+        """From a bool block mask ``[batch or 1, heads, q_blocks, k_blocks]`` (True = computed).
+
+        ``max_count``: the row width, where the caller knows the most key blocks any row keeps (it must be
+        at least every row's count; more pads every row with -1). By default it is read from the mask,
+        which on a GPU waits for the device's queue."""
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"BlockIndex.from_dense: mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
@@ -184,9 +176,20 @@ class BlockIndex:
             raise ValueError(
                 f"BlockIndex.from_dense: mask must be [batch, heads, q_blocks, k_blocks], got shape {tuple(mask.shape)}"
             )
-        _check_has_values("BlockIndex.from_dense", mask)
+        if max_count is None:  # it reads the width from the mask
+            _check_has_values("BlockIndex.from_dense", mask)
         block_size = _check_sizes("BlockIndex.from_dense", block_size, 0)[0]
-        return _index_of_mask(mask, block_size, None)
+        nk = mask.shape[-1]
+        if max_count is not None and (as_int(max_count) is None or not 0 <= as_int(max_count) <= nk):
+            raise ValueError(f"BlockIndex.from_dense: max_count must be an int in [0, {nk}] (the key blocks) or None, "
+                             f"got {max_count!r}")
+        counts = mask.sum(-1, dtype=torch.int32)
+        if max_count is None:
+            width = int(counts.max()) if counts.numel() else 0
+        else:
+            width = as_int(max_count)
+        cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
+        return cls(counts, _compact_rows(mask, cols, max(width, 1)), block_size, nk, check=False)
 
     @classmethod
     def full(cls, batch: int, heads: int, num_q_blocks: int, num_k_blocks: int, block_size: int,

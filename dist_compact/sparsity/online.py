@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from ..block_index import BlockIndex, _index_of_mask
+from ..block_index import BlockIndex
 from .attention_ops import global_head_stats
 
 __all__ = [
@@ -446,7 +446,7 @@ def online_select(mass: torch.Tensor, layout, ops, config, *,
         dense_layer = bool(density.mean() > config.dense_threshold)
     else:
         dense_layer = False
-    index = _index_of_mask(mask, layout.block_size, c.width)
+    index = BlockIndex.from_dense(mask, layout.block_size, max_count=c.width)
     budget = budget_all
     if budget is None and isinstance(top_k, int):
         budget = torch.full((H,), top_k, dtype=torch.long, device=dev)

@@ -149,6 +149,24 @@ def test_dense_attention_bad_backend_and_return_lse():
 
 
 # ------------------------------------------------------------------ 6. the rest
+def test_from_dense_with_a_known_row_width():
+    m = torch.zeros(1, 2, 3, 5, dtype=torch.bool)
+    m[0, 0, 0, [1, 3]] = True
+    m[0, 1, 2, [0, 2, 4]] = True
+    read = BlockIndex.from_dense(m, 64)
+    same = BlockIndex.from_dense(m, 64, max_count=3)
+    assert read.max_count == same.max_count == 3 and torch.equal(read.indices, same.indices)
+    wide = BlockIndex.from_dense(m, 64, max_count=5)  # wider than needed: rows padded with -1
+    assert wide.max_count == 5 and torch.equal(wide.indices[..., :3], read.indices) and (wide.indices[..., 3:] == -1).all()
+    assert torch.equal(wide.to_dense(), m)
+    # known width, nothing to read: builds on the meta device too
+    assert BlockIndex.from_dense(m.to("meta"), 64, max_count=3).indices.shape == (1, 2, 3, 3)
+    for bad in (-1, 6, 2.5, True, "3"):
+        with pytest.raises(ValueError, match=r"^BlockIndex\.from_dense: max_count must be an int in \[0, 5\] \(the key "
+                                             r"blocks\) or None, got "):
+            BlockIndex.from_dense(m, 64, max_count=bad)
+
+
 def test_from_dense_with_no_key_blocks():
     idx = BlockIndex.from_dense(torch.ones(1, 1, 2, 0, dtype=torch.bool), 64)
     assert idx.shape == (1, 1, 2, 0) and idx.counts.tolist() == [[[0, 0]]]

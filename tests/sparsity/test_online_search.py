@@ -233,11 +233,11 @@ def test_selection_reads_nothing_back(monkeypatch):
     # without the text sink no row need keep every block: the width is read from the mask (the one read)
     got = {}
 
-    def index_of_mask(mask, block_size, width):
-        got["width"] = width
+    def from_dense(mask, block_size, max_count=None):
+        got["width"] = max_count
         return "index"
 
-    monkeypatch.setattr(online, "_index_of_mask", index_of_mask)
+    monkeypatch.setattr(online.BlockIndex, "from_dense", staticmethod(from_dense))
     cfg = SparsityConfig(sparsity=0.6, text_sink=False, dense_threshold=1.0)
     res = online_select(torch.rand(2, 4, nb, nb, device="meta"), lay, AttentionOps(backend="torch"), cfg)
     assert res.index == "index" and got["width"] is None
