@@ -6,6 +6,8 @@
 #   bench   benchmarks/quality_speed.py: every mode, 96 held-out clips (seeds 1000+), CSV + JSON + PNG
 #   demo    the demo sparsity chosen from the benchmark (configs/sparsity/embedded-gpu-demo.yaml), then
 #           generate.py --config configs/models/embedded-gpu.yaml --compare-dense (its printed lines)
+#   tests   the GPU runs of the op, search and sparse-attention tests (cuDNN on sliced tail padding, the sync
+#           report); their log comes back in eval.tar.gz
 #   share   ranks sharing the GPU (Ulysses 2/4, ring 2/4, hybrid 2x2) equal one process on this model
 #   profile where a step's time goes (benchmarks/step_profile.py: attention, the rest of the forward, the
 #           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), the host
@@ -65,6 +67,11 @@ for S in $STAGES; do
     timeout ${OVERHEAD_S:-90} python3 benchmarks/search_overhead.py --grid 16 32 32 --tile 2 8 8 --text 12 \
       --text-position after --heads 4 --batch 2 --query-rows 32 --steps 20 --dense-threshold 1 \
       --csv $B/search_overhead.csv > $B/search_overhead.log 2>&1; tail -12 $B/search_overhead.log ;;
+  tests)
+    timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py \
+      tests/sparsity/test_online_search.py tests/sparsity/test_sparse_attention.py \
+      "tests/benchmarks/test_scripts.py::test_step_profile_counts_host_syncs" > $B/tests.log 2>&1
+    tail -3 $B/tests.log ;;
   share)
     # about 150 s for the one-process references alone on an H100, then one launch per rank count
     ONLY_MODELS=embedded-gpu OUT=$B timeout ${SHARE_S:-480} bash benchmarks/device/share_gpu_check.sh > $B/share.log 2>&1
