@@ -94,10 +94,14 @@ class AttentionOps:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: BlockIndex,
                   layout: VideoLayout, *, return_lse: bool = False, scale: Optional[float] = None):
-        """Block-sparse attention of the local queries with a localized index."""
+        """Block-sparse attention of the local queries with a localized index.
+
+        The index runs as given: the schedule has already sent dense layers to :meth:`dense`
+        (``SparsityConfig.dense_threshold``), so the op's own dense dispatch, which reads the density of
+        every new index back to the host (mid-forward, after each search), is off."""
         bv = self._valid(layout, q.device)
         return block_sparse_attention(q, k, v, index, scale=scale, return_lse=return_lse, block_valid=bv,
-                                      backend=self.backend)
+                                      backend=self.backend, dense_threshold=None)
 
     def dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VideoLayout, *,
               return_lse: bool = False, scale: Optional[float] = None):

@@ -550,3 +550,23 @@ def test_per_head_figures_are_read_once_and_only_when_asked():
     assert rec.mean_density() == 0.5 and rec.density is per.values() and per._tensor is None
     with pytest.raises(ValueError, match=r"^PerHead: needs a 1-D tensor of per-head values, got \(2, 2\)$"):
         PerHead(torch.zeros(2, 2))
+
+
+def test_sparse_steps_run_the_index_as_given(monkeypatch):
+    """The schedule decides dense layers; the op's own dispatch would read each new index's density back
+    to the host (on a GPU, mid-forward after every search), so the ops turn it off."""
+    import dist_compact.sparsity.attention_ops as attention_ops
+
+    seen = []
+    real = attention_ops.block_sparse_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("dense_threshold", "default"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_ops, "block_sparse_attention", spy)
+    q, k, v = _qkv(LAYOUT)
+    attn, ops = SparseAttention(0, CFG), AttentionOps(backend="torch")
+    for step in range(4):
+        attn(q, k, v, _ctx(LAYOUT, step, 8, ops))
+    assert seen == [None]  # step 3, the first sparse step
