@@ -57,6 +57,7 @@ __all__ = [
     "shipped_weights",
     "load_embedded",
     "save_embedded",
+    "pending_checksum_path",
     "sha256_of",
     "rope_tables",
 ]
@@ -525,6 +526,22 @@ def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
+def pending_checksum_path(path: Union[str, os.PathLike]) -> Path:
+    """Where a training save (:mod:`dist_compact.models.train`) writes the new checksum of ``path`` before
+    renaming it beside the weights: what a save killed between those two renames leaves behind."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.sha256.tmp")
+
+
+def _digest_in(path: Path) -> Optional[str]:
+    """The sha256 a checksum file names (lower case), or None when it is absent or not one."""
+    try:
+        words = path.read_bytes()[:4096].decode("ascii").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return words[0].lower() if words and re.fullmatch(r"[0-9a-fA-F]{64}", words[0]) else None
+
+
 def save_embedded(model: EmbeddedDiT, path: Union[str, os.PathLike], dtype=torch.float32,
                   extra: Optional[dict] = None) -> str:
     """Write ``path`` (safetensors, config in the metadata) and ``path.sha256``; returns the sha256.
@@ -588,6 +605,13 @@ def load_embedded(path: Union[str, os.PathLike, None] = None, device="cpu",
     except OSError as e:
         raise WeightsError(f"cannot read model weights {path}: {e.strerror or e}") from None
     if actual != expected[0].lower():
+        pending = pending_checksum_path(path)
+        if _digest_in(pending) == actual:  # the weights were renamed into place, their checksum not yet
+            raise WeightsError(
+                f"checksum mismatch for {path}: a training save stopped between renaming the weights and their "
+                f"checksum, which is still {pending.name}; finish it: mv {show_path(pending)} {show_path(sum_path)} "
+                "(or continue the training with --resume)"
+            )
         raise WeightsError(
             f"checksum mismatch for {path}: sha256 {actual} but {sum_path.name} says {expected[0]}; "
             "the file is corrupt or was replaced without its checksum (re-download / re-train it)"

@@ -39,8 +39,8 @@ from .._util import control_chars
 from ..cmdline import NAME_MAX, OneLineParser, path_problem, show_path
 from .data import make_batch
 from .motion import direction_probe
-from .embedded import (WEIGHTS_FORMAT, EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded, safetensors_io,
-                       sha256_of)
+from .embedded import (WEIGHTS_FORMAT, EmbeddedConfig, EmbeddedDiT, WeightsError, load_embedded,
+                       pending_checksum_path, safetensors_io, sha256_of)
 
 __all__ = ["train", "main", "cli", "TrainingFailed", "Interrupted", "model_config", "flow_matching_loss", "sample_times", "checkpoint_path", "default_rope_split",
            "DEFAULT_OUT"]
@@ -98,7 +98,7 @@ def sidecar_paths(out: Path) -> dict:
 def temp_paths(out: Path) -> dict:
     """The temporaries the saved set is written to before it is renamed into place: ``{role: path}``."""
     side = sidecar_paths(out)
-    return {"weights": out.with_name(f".{out.name}.tmp"), "sha256": out.with_name(f".{out.name}.sha256.tmp"),
+    return {"weights": out.with_name(f".{out.name}.tmp"), "sha256": pending_checksum_path(out),
             "checkpoint": side["checkpoint"].with_name(f".{side['checkpoint'].name}.tmp"),
             "log": side["log"].with_name(f".{side['log'].name}.tmp")}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dist_compact.models.train as tr
-from dist_compact.models.embedded import load_embedded, sha256_of
+from dist_compact.models.embedded import WeightsError, load_embedded, sha256_of
 from dist_compact.models.train import Interrupted, TrainingFailed, checkpoint_path, main
 
 TINY = ["--device", "cpu", "--dim", "32", "--heads", "2", "--depth", "1", "--frames", "2", "--height", "16",
@@ -131,6 +131,32 @@ def test_a_save_cut_between_its_renames_still_resumes(good_run, tmp_path, monkey
     assert torch.load(checkpoint_path(out), weights_only=True)["sha256"] != sha256_of(out)
     _resumes(out, 4)
     assert torch.load(checkpoint_path(out), weights_only=True)["sha256"] == sha256_of(out)
+
+
+def test_weights_renamed_without_their_checksum_say_how_to_finish(good_run, tmp_path, monkeypatch):
+    """Killed between the weights' rename and their checksum's: loading names the pending checksum and the
+    one command that finishes the save; resuming works as well."""
+    out = _copy(good_run, tmp_path)
+    real_replace = os.replace
+
+    def replace(a, b):
+        if Path(b).name == "w.safetensors.sha256":
+            raise KeyboardInterrupt  # as if the process ended here
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Interrupted):
+        main([*TINY, "--max-steps", "3", "--resume", str(checkpoint_path(out)), "--out", str(out)])
+    monkeypatch.setattr(os, "replace", real_replace)
+    pending = tmp_path / ".w.safetensors.sha256.tmp"
+    with pytest.raises(WeightsError, match=r"^checksum mismatch for .*w\.safetensors: a training save stopped between "
+                                           r"renaming the weights and their checksum, which is still "
+                                           r"\.w\.safetensors\.sha256\.tmp; finish it: mv .*\.w\.safetensors\.sha256\.tmp "
+                                           r".*w\.safetensors\.sha256 \(or continue the training with --resume\)$"):
+        load_embedded(out)
+    os.replace(pending, tmp_path / "w.safetensors.sha256")
+    assert load_embedded(out) is not None and torch.load(checkpoint_path(out), weights_only=True)["step"] == 3
+    _resumes(out, 4)
 
 
 # bad options and numbers ------------------------------------------------------------------------------------
