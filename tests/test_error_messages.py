@@ -228,6 +228,17 @@ def _(d, w):
     return _generate(d, w, "--model-path", str(_weights_with(d, "shape", shape=(3, 3))))
 
 
+@case("weights-pending-checksum", "weights renamed into place, their checksum not (a training save killed between "
+                                  "its renames)")
+def _(d, w):
+    from dist_compact.models.embedded import pending_checksum_path, sha256_of
+
+    path = _weights_with(d, "pending", shape=(3, 3))  # new weights (their content does not matter here)
+    pending_checksum_path(path).write_text(f"{sha256_of(path)}  {path.name}\n")
+    (d / "pending.safetensors.sha256").write_text(f"{'0' * 64}  {path.name}\n")  # the previous save's
+    return _generate(d, w, "--model-path", str(path))
+
+
 @case("compact-config-binary", "`--sparsity.compact_config` a file of binary bytes (the message named no file)")
 def _(d, w):
     (d / "cc.yaml").write_bytes(bytes(range(256)))
