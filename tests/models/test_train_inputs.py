@@ -113,14 +113,12 @@ def test_signal_while_renaming_the_set_waits_for_the_whole_set(good_run, tmp_pat
     _resumes(out, 4)
 
 
-def test_a_save_cut_between_its_renames_still_resumes(good_run, tmp_path, monkeypatch):
-    """The checkpoint was renamed, the weights not (the process died): resume takes the weights'
-    temporary that the checkpoint names by its sha256."""
-    out = _copy(good_run, tmp_path)
+def _save_cut_at(name: str, out: Path, monkeypatch) -> None:
+    """Resume ``out`` for one step whose save ends (as if the process died) at the rename onto ``name``."""
     real_replace = os.replace
 
     def replace(a, b):
-        if Path(b).name == "w.safetensors":
+        if Path(b).name == name:
             raise KeyboardInterrupt  # as if the process ended here
         return real_replace(a, b)
 
@@ -128,6 +126,13 @@ def test_a_save_cut_between_its_renames_still_resumes(good_run, tmp_path, monkey
     with pytest.raises(Interrupted):
         main([*TINY, "--max-steps", "3", "--resume", str(checkpoint_path(out)), "--out", str(out)])
     monkeypatch.setattr(os, "replace", real_replace)
+
+
+def test_a_save_cut_between_its_renames_still_resumes(good_run, tmp_path, monkeypatch):
+    """The checkpoint was renamed, the weights not (the process died): resume takes the weights'
+    temporary that the checkpoint names by its sha256."""
+    out = _copy(good_run, tmp_path)
+    _save_cut_at("w.safetensors", out, monkeypatch)
     assert torch.load(checkpoint_path(out), weights_only=True)["sha256"] != sha256_of(out)
     _resumes(out, 4)
     assert torch.load(checkpoint_path(out), weights_only=True)["sha256"] == sha256_of(out)
@@ -137,17 +142,7 @@ def test_weights_renamed_without_their_checksum_say_how_to_finish(good_run, tmp_
     """Killed between the weights' rename and their checksum's: loading names the pending checksum and the
     one command that finishes the save; resuming works as well."""
     out = _copy(good_run, tmp_path)
-    real_replace = os.replace
-
-    def replace(a, b):
-        if Path(b).name == "w.safetensors.sha256":
-            raise KeyboardInterrupt  # as if the process ended here
-        return real_replace(a, b)
-
-    monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(Interrupted):
-        main([*TINY, "--max-steps", "3", "--resume", str(checkpoint_path(out)), "--out", str(out)])
-    monkeypatch.setattr(os, "replace", real_replace)
+    _save_cut_at("w.safetensors.sha256", out, monkeypatch)
     pending = tmp_path / ".w.safetensors.sha256.tmp"
     with pytest.raises(WeightsError, match=r"^checksum mismatch for .*w\.safetensors: a training save stopped between "
                                            r"renaming the weights and their checksum, which is still "
