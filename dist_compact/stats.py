@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -67,20 +67,26 @@ class PerHead:
     """Per-head figures held as a 1-D tensor until first read, then as a list of floats (read once).
 
     Recording keeps the tensor on its device; :meth:`values` reads it back (on a GPU that waits for
-    the device's queue, which is why it is left to whoever reads the statistics)."""
+    the device's queue, which is why it is left to whoever reads the statistics). ``order``: the
+    tensor's positions in the order to report (``values()[i] = tensor[order[i]]``), e.g. model head
+    order for figures held in a balanced plan's order; None keeps the tensor's order."""
 
-    __slots__ = ("_tensor", "_values")
+    __slots__ = ("_tensor", "_order", "_values")
 
-    def __init__(self, tensor: torch.Tensor):
+    def __init__(self, tensor: torch.Tensor, order: Optional[Sequence[int]] = None):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1:
             raise ValueError(f"PerHead: needs a 1-D tensor of per-head values, got "
                              f"{tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+        if order is not None and sorted(int(i) for i in order) != list(range(tensor.shape[0])):
+            raise ValueError(f"PerHead: order must be a permutation of the {tensor.shape[0]} heads, got {list(order)}")
         self._tensor: Optional[torch.Tensor] = tensor.detach()
+        self._order = None if order is None else [int(i) for i in order]
         self._values: Optional[List[float]] = None
 
     def values(self) -> List[float]:
         if self._values is None:
-            self._values = [float(x) for x in self._tensor.tolist()]
+            raw = [float(x) for x in self._tensor.tolist()]
+            self._values = raw if self._order is None else [raw[i] for i in self._order]
             self._tensor = None
         return self._values
 

@@ -550,6 +550,25 @@ def test_per_head_figures_are_read_once_and_only_when_asked():
     assert rec.mean_density() == 0.5 and rec.density is per.values() and per._tensor is None
     with pytest.raises(ValueError, match=r"^PerHead: needs a 1-D tensor of per-head values, got \(2, 2\)$"):
         PerHead(torch.zeros(2, 2))
+    # figures held in a plan's head order, reported in model order (the order applied on the host)
+    assert PerHead(torch.tensor([10.0, 11.0, 12.0]), order=[2, 0, 1]).values() == [12.0, 10.0, 11.0]
+    with pytest.raises(ValueError, match=r"^PerHead: order must be a permutation of the 3 heads, got \[0, 0, 1\]$"):
+        PerHead(torch.zeros(3), order=[0, 0, 1])
+
+
+def test_statistics_follow_a_balanced_head_order():
+    """A head-balanced plan holds per-head figures in its own order; the statistics give model order."""
+    q, k, v = _qkv(LAYOUT)
+    plain, stats = AttentionOps(backend="torch"), AttentionStats(timing=False)
+    attn = SparseAttention(0, CFG)
+    for step in range(3):  # up to the fused search
+        attn(q, k, v, _ctx(LAYOUT, step, 8, plain, stats))
+    held = attn._entry.search.density  # plan order = model order here
+    ops = AttentionOps(backend="torch")
+    ops.head_order = torch.tensor([2, 0, 1])  # plan position i holds model head head_order[i]
+    rec = SparseAttention._model_order(held, ops)
+    want = ops.to_model_order(held).tolist()
+    assert rec.values() == pytest.approx(want) and stats.records[2].density == pytest.approx(held.tolist())
 
 
 def test_sparse_steps_run_the_index_as_given(monkeypatch):
