@@ -33,6 +33,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
+from .._util import as_int
 from ..block_index import BlockIndex
 from .attention_ops import global_head_stats
 
@@ -127,7 +128,12 @@ def rank_blocks(mass: torch.Tensor, key_valid: Optional[torch.Tensor] = None,
 
 
 def _per_head(x: Union[int, torch.Tensor], H: int, device) -> torch.Tensor:
-    t = torch.as_tensor(x, device=device).long()
+    if not isinstance(x, torch.Tensor):  # a fill on the device: a host number copied there would wait for its queue
+        k = as_int(x)
+        if k is None:
+            raise ValueError(f"top_k must be an int or a tensor [heads={H}], got {x!r}")
+        return torch.full((H,), k, dtype=torch.long, device=device)
+    t = x.to(device).long()
     if t.dim() == 0:
         return t.expand(H)
     if t.shape != (H,):

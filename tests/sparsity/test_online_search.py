@@ -130,6 +130,9 @@ def test_bad_inputs():
         select_blocks(m)
     with pytest.raises(ValueError, match="top_k must be an int or a tensor \\[heads=2\\]"):
         select_blocks(m, top_k=torch.tensor([1, 2, 3]))
+    for bad in (2.5, True, "2"):
+        with pytest.raises(ValueError, match=r"^top_k must be an int or a tensor \[heads=2\], got "):
+            select_blocks(m, top_k=bad)
     with pytest.raises(ValueError, match="key_valid must be a bool tensor \\[4\\]"):
         select_blocks(m, top_k=1, key_valid=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="top_p must be in"):

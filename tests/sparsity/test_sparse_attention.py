@@ -589,3 +589,26 @@ def test_sparse_steps_run_the_index_as_given(monkeypatch):
     for step in range(4):
         attn(q, k, v, _ctx(LAYOUT, step, 8, ops))
     assert seen == [None]  # step 3, the first sparse step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations exist on a GPU only")
+@pytest.mark.parametrize("head_adaptive", [True, False], ids=["head budgets", "one budget"])
+def test_searches_and_sparse_steps_never_wait_for_the_gpu(head_adaptive):
+    """After a first run has filled the caches, a whole schedule (dense steps, a fused and a cached search,
+    sparse steps) at the GPU configs' dense threshold (1) reads nothing back: every read would leave the
+    GPU idle while the host launches what follows."""
+    layout = VideoLayout(4, 16, 16, tile=(1, 8, 8), text_tokens=20)
+    q, k, v = (t.cuda() for t in _qkv(layout, B=2, H=4, D=64, dtype=torch.bfloat16))
+    cfg = SparsityConfig(**{**CFG.__dict__, "dense_threshold": 1.0, "head_adaptive": head_adaptive})
+    attn, ops, stats = SparseAttention(0, cfg), AttentionOps(), AttentionStats()
+    for step in range(8):
+        attn(q, k, v, _ctx(layout, step, 8, ops, stats))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(8):  # a new run: the searches run again
+            attn(q, k, v, _ctx(layout, step, 8, ops, stats))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r.kind for r in stats.records[8:]] == ["dense", "dense", "fused_search", "sparse", "sparse",
+                                                  "cached_search", "sparse", "sparse"]
