@@ -7,7 +7,7 @@
 #   demo    the demo sparsity chosen from the benchmark (configs/sparsity/embedded-gpu-demo.yaml), then
 #           generate.py --config configs/models/embedded-gpu.yaml --compare-dense (its printed lines)
 #   tests   the GPU runs of the op, search and sparse-attention tests (cuDNN on sliced tail padding, the sync
-#           report); their log comes back in eval.tar.gz
+#           report, forwards and searches that never wait for the GPU); their log comes back in eval.tar.gz
 #   share   ranks sharing the GPU (Ulysses 2/4, ring 2/4, hybrid 2x2) equal one process on this model
 #   profile where a step's time goes (benchmarks/step_profile.py: attention, the rest of the forward, the
 #           sampler; the Compact cases in both Hopper-kernel tile orders; a kernel table), the host
@@ -70,6 +70,7 @@ for S in $STAGES; do
   tests)
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py \
       tests/sparsity/test_online_search.py tests/sparsity/test_sparse_attention.py \
+      "tests/models/test_embedded_model.py::test_denoising_forwards_never_wait_for_the_gpu" \
       "tests/benchmarks/test_scripts.py::test_step_profile_counts_host_syncs" > $B/tests.log 2>&1
     tail -3 $B/tests.log ;;
   share)

@@ -252,3 +252,39 @@ def test_hostile_weights_metadata_and_shapes_are_one_clear_error(tmp_path, monke
     assert set(built) <= {"meta"}  # no model was built with real memory
     with pytest.raises(WeightsError, match=rf"^{tmp_path} is a directory; the embedded model's weights are one "):
         load_embedded(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisations exist on a GPU only")
+@pytest.mark.parametrize("mode", ["dense", "compact", "adaspa", "compact+adaspa"])
+def test_denoising_forwards_never_wait_for_the_gpu(mode):
+    """The installed forward of a whole 8-step schedule reads nothing back to the host once a first run has
+    filled the caches (the sampler's own per-step check aside): any read would leave the GPU idle while the
+    host launches the rest of the forward. On a failure the error names the line that read."""
+    from dist_compact.integrations import DenoisingState
+    from dist_compact.patterns.baselines import window_for_density
+
+    m = _model(dim=128, heads=2, rope_split=(16, 24, 24), frames=4, height=32, width=32).cuda().to(torch.bfloat16)
+    x, t, text = (a.cuda() for a in _inputs(m, frames=4, height=32, width=32))
+    x = x.to(torch.bfloat16)
+    tile = (1, 4, 4)
+    layout = m.video_layout(4, 32, 32, tile)
+    compact = window_for_density(layout, m.config.depth, m.config.heads, 0.5, model="test")[0]
+    cfg = SparsityConfig(mode=mode, reference_steps=8, dense_steps=2, search_steps=(2, 5),
+                         search_kinds=("fused", "cached"), dense_threshold=1.0, head_adaptive=True)
+    state = DenoisingState()
+    sparsify(m, cfg, compact=compact if cfg.uses_compact else None, tile=tile, state=state)
+
+    def run():
+        state.begin(8)
+        for step in range(8):
+            state.step = step
+            m(x, t, text)
+
+    with torch.no_grad():
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
