@@ -71,7 +71,8 @@ for S in $STAGES; do
     timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/core/test_ops.py \
       tests/sparsity/test_online_search.py tests/sparsity/test_sparse_attention.py \
       "tests/models/test_embedded_model.py::test_denoising_forwards_never_wait_for_the_gpu" \
-      "tests/benchmarks/test_scripts.py::test_step_profile_counts_host_syncs" > $B/tests.log 2>&1
+      "tests/benchmarks/test_scripts.py::test_step_profile_counts_host_syncs" \
+      -k "not sequence_parallel" > $B/tests.log 2>&1  # the spawned-rank equality runs on the CPU anyway
     tail -3 $B/tests.log ;;
   share)
     # about 150 s for the one-process references alone on an H100, then one launch per rank count
