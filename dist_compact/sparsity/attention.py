@@ -294,7 +294,9 @@ class SparseAttention(AttentionLayer):
         g = global_head_stats(local_stats, ops)
         density = g[:, 0] / g[:, 1].clamp(min=1)
         entry.static_density = density.float()
-        entry.static_dense = bool(density.mean() > self.config.dense_threshold)
+        # a full index runs dense at any threshold (the op no longer dispatches on its own; one read, once)
+        mean = density.mean()
+        entry.static_dense = bool((mean > self.config.dense_threshold) | (mean >= 1.0))
 
     # ------------------------------------------------------------------ stats
     @staticmethod

@@ -612,3 +612,24 @@ def test_searches_and_sparse_steps_never_wait_for_the_gpu(head_adaptive):
         torch.cuda.set_sync_debug_mode(0)
     assert [r.kind for r in stats.records[8:]] == ["dense", "dense", "fused_search", "sparse", "sparse",
                                                   "cached_search", "sparse", "sparse"]
+
+
+def test_a_full_static_index_runs_dense_at_any_threshold():
+    """With the op's own dispatch off, the schedule sends a full static layer to the dense kernel itself,
+    also at a threshold of 1 (the GPU configs'), where 'above the threshold' would never hold."""
+
+    class Full:
+        def index_for(self, layer, layout, num_heads):
+            return BlockIndex.full(1, num_heads, layout.num_blocks, layout.num_blocks, layout.block_size)
+
+    q, k, v = _qkv(LAYOUT, seed=9)
+    for threshold in (1.0, 0.75):
+        ops = CountingOps()
+        attn = SparseAttention(0, SparsityConfig(mode="compact", dense_steps=2, dense_threshold=threshold),
+                               compact=Full())
+        attn(q, k, v, _ctx(LAYOUT, 4, 8, ops))
+        assert ops.log == ["dense"], threshold
+    ops = CountingOps()  # a sparse static index runs as given
+    attn = SparseAttention(0, SparsityConfig(mode="compact", dense_steps=2, dense_threshold=1.0), compact=StubCompact())
+    attn(q, k, v, _ctx(LAYOUT, 4, 8, ops))
+    assert ops.log == ["attention"]
