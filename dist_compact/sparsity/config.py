@@ -98,7 +98,7 @@ class SparsityConfig:
             the loaded pattern object to ``SparseAttention``); informational for the library.
         dense_threshold: a head whose density ends above this runs with full rows, and a layer whose
             mean density ends above it runs the dense kernel (faster than block-sparse there).
-            ``1.0`` disables both. The default is ``ops.TRITON_DENSE_CROSSOVER`` (0.75), where the
+            ``1.0`` disables both (a full static layer still runs dense). The default is ``ops.TRITON_DENSE_CROSSOVER`` (0.75), where the
             Triton kernel and cuDNN cross on an H100; the device's own crossover is
             ``ops.measured_dense_threshold`` (1.0 for the Hopper warp-specialized kernel: set 1.0 there
             for speed). The default stays 0.75 so the published quality figures stay reproducible.
