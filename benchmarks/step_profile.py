@@ -304,7 +304,7 @@ def run(args) -> int:
 
 def sync_report(name, steps, fn, cuda, top=12):
     """Lines: the host synchronisations of ``fn()`` (a whole run), per step and by the project line that made
-    each one (the innermost frame under dist_compact/, benchmarks/ or generate.py; else the caller's line)."""
+    each one (the innermost frame in this repository; else the line the warning names)."""
     import traceback
     import warnings
 

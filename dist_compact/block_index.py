@@ -180,14 +180,13 @@ class BlockIndex:
             _check_has_values("BlockIndex.from_dense", mask)
         block_size = _check_sizes("BlockIndex.from_dense", block_size, 0)[0]
         nk = mask.shape[-1]
-        if max_count is not None and (as_int(max_count) is None or not 0 <= as_int(max_count) <= nk):
+        width = None if max_count is None else as_int(max_count)
+        if max_count is not None and (width is None or not 0 <= width <= nk):
             raise ValueError(f"BlockIndex.from_dense: max_count must be an int in [0, {nk}] (the key blocks) or None, "
                              f"got {max_count!r}")
         counts = mask.sum(-1, dtype=torch.int32)
-        if max_count is None:
+        if width is None:
             width = int(counts.max()) if counts.numel() else 0
-        else:
-            width = as_int(max_count)
         cols = torch.arange(nk, dtype=torch.int32, device=mask.device)
         return cls(counts, _compact_rows(mask, cols, max(width, 1)), block_size, nk, check=False)
 

@@ -91,8 +91,14 @@ class PerHead:
         return self._values
 
 
-def _host(v: Union[None, List[float], PerHead]) -> Optional[List[float]]:
-    return v.values() if isinstance(v, PerHead) else v
+def _per_head_field(name: str, doc: str) -> property:
+    """A property over the attribute ``name`` that holds a list, None or a :class:`PerHead` (read when got)."""
+
+    def get(self) -> Optional[List[float]]:
+        v = getattr(self, name)
+        return v.values() if isinstance(v, PerHead) else v
+
+    return property(get, lambda self, value: setattr(self, name, value), doc=doc)
 
 
 @dataclass
@@ -119,21 +125,8 @@ class CallRecord:
     _timer: Optional[_Timer] = field(default=None, repr=False)
     _phases: Dict[str, List[_Timer]] = field(default_factory=dict, repr=False)
 
-    @property
-    def density(self) -> Optional[List[float]]:
-        return _host(self._density)
-
-    @density.setter
-    def density(self, value: Union[None, List[float], PerHead]) -> None:
-        self._density = value
-
-    @property
-    def recall(self) -> Optional[List[float]]:
-        return _host(self._recall)
-
-    @recall.setter
-    def recall(self, value: Union[None, List[float], PerHead]) -> None:
-        self._recall = value
+    density = _per_head_field("_density", "per-head density (a list of floats), or None")
+    recall = _per_head_field("_recall", "per-head recall (a list of floats), or None")
 
     @property
     def seconds(self) -> Optional[float]:

@@ -266,7 +266,7 @@ class IntegrationHandle:
             raise ValueError(f"{who}: head_dim {adapter.head_dim} of {type(adapter.model).__name__} is not supported "
                              f"by the kernels ({SUPPORTED_HEAD_DIMS})")
         if sparsity.uses_compact:
-            compact = _resolve_compact(who, sparsity, compact, adapter.num_layers, adapter.num_heads)
+            compact = _resolve_compact(sparsity, compact, adapter.num_layers, adapter.num_heads)
         if tile is None and compact is not None and getattr(compact, "tile", None) is not None:
             tile = tuple(compact.tile)  # the tile a Compact config was searched with (optional in the protocol)
         if tile is not None:
@@ -491,8 +491,9 @@ def _checked_compact(who: str, compact):
                     f"(e.g. a CompactConfig) or a config file path (.yaml / .json), got {compact!r}")
 
 
-def _resolve_compact(who: str, sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
-    compact = _checked_compact(who, compact)
+def _resolve_compact(sparsity: SparsityConfig, compact, num_layers: int, num_heads: int):
+    """The pattern object of a checked ``compact`` (:func:`_checked_compact`): loaded from its file (or from
+    the config's ``compact_config``) where it is a path or None."""
     if compact is None or isinstance(compact, str):
         cfg = sparsity if compact is None else dataclasses.replace(sparsity, compact_config=compact)
         return load_compact(cfg, num_layers=num_layers, num_heads=num_heads, shipped_dir=WEIGHTS_DIR)

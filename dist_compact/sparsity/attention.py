@@ -302,10 +302,8 @@ class SparseAttention(AttentionLayer):
     @staticmethod
     def _model_order(t: torch.Tensor, ops) -> PerHead:
         """Per-head figures of all heads (held in the plan's head order) in model head order, left on the
-        device until the statistics are read: no host read inside the forward, and the plan's order (on the
-        host) is applied to the values when read, not by a copy to the device."""
-        order = None if ops.head_order is None else torch.argsort(ops.head_order.cpu()).tolist()
-        return PerHead(t, order)
+        device until the statistics are read (no host read inside the forward)."""
+        return PerHead(t, ops.model_order())
 
     def _densities(self, entry: _Entry, ops) -> PerHead:
         if entry._density_list is None:

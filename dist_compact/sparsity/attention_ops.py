@@ -23,12 +23,12 @@ Contract, for every implementation:
   rank decides the same thing from global statistics.
 * :attr:`~AttentionOps.head_order`: where this rank's heads come from when a balanced
   sequence-parallel plan permuted them (None: model order); per-head figures of all heads are held
-  in that order, and :meth:`AttentionOps.to_model_order` puts them back.
+  in that order, and :meth:`AttentionOps.model_order` says where each model head's figure is.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -120,11 +120,11 @@ class AttentionOps:
         return block_attention_mass(q, k, lse, layout.block_size, scale=scale, block_valid=bv,
                                     query_rows=query_rows, backend=self.backend)
 
-    def to_model_order(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """A per-head tensor of all heads, held in :attr:`head_order`, in model head order."""
-        if self.head_order is None:
-            return t
-        return t.index_select(dim, torch.argsort(self.head_order).to(t.device))
+    def model_order(self) -> Optional[List[int]]:
+        """Where model head ``i``'s figure sits among per-head figures held in :attr:`head_order`
+        (``figures[order[i]]``), or None when they are in model order. Host ints: applied to the values
+        when they are read, so nothing is copied to the device."""
+        return None if self.head_order is None else torch.argsort(self.head_order.cpu()).tolist()
 
     # ------------------------------------------------------------------ global statistics
     def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:
